@@ -1,0 +1,231 @@
+//! What a process learns from its launcher.
+//!
+//! `dsmwrap` starts every rank with these environment variables (documented
+//! in `docs/ARCHITECTURE.md`; the names are the constants below):
+//!
+//! | variable | meaning |
+//! | --- | --- |
+//! | `DSM_RANK`, `DSM_SIZE` | this process's rank and the number of ranks |
+//! | `DSM_PEERS` | comma-separated `ip:port` of every rank's DSM listener, in rank order |
+//! | `DSM_HOSTS` | comma-separated host name of every rank, in rank order |
+//! | `DSM_LISTEN_FD` | inherited descriptor of this rank's already-listening TCP socket |
+//! | `DSM_SECRET_FD` | inherited pipe holding the job secret (64 hex digits); read once, then closed |
+//! | `DSM_JOB_ID` | short job identifier for logs |
+//!
+//! The secret travels through a pipe, never through argv or the environment,
+//! so `ps` and `/proc/PID/environ` never show it.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::stat::{fstat, SFlag};
+
+pub use crate::auth::JobSecret;
+use crate::transport::Rank;
+
+pub const ENV_RANK: &str = "DSM_RANK";
+pub const ENV_SIZE: &str = "DSM_SIZE";
+pub const ENV_PEERS: &str = "DSM_PEERS";
+pub const ENV_HOSTS: &str = "DSM_HOSTS";
+pub const ENV_LISTEN_FD: &str = "DSM_LISTEN_FD";
+pub const ENV_SECRET_FD: &str = "DSM_SECRET_FD";
+pub const ENV_JOB_ID: &str = "DSM_JOB_ID";
+
+/// The launcher's hand-over can be taken once per process: the descriptors
+/// become owned objects and must not be wrapped twice.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("{ENV_RANK} is not set: this program must be started by the launcher, e.g. `dsmexec -n 4 PROGRAM` or `dsmexec MACHINEFILE PROGRAM`")]
+    NotLaunched,
+    #[error("{name}={value:?} is invalid: {why}")]
+    BadVariable {
+        name: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("{0} is required but not set (was the program started by dsmwrap?)")]
+    Missing(&'static str),
+    #[error("the launcher hand-over was already taken by an earlier Bootstrap::from_env in this process")]
+    AlreadyTaken,
+    #[error("reading the job secret from descriptor {fd}: {source}")]
+    Secret { fd: RawFd, source: io::Error },
+    #[error("cannot create a loopback listener: {0}")]
+    Listener(io::Error),
+}
+
+/// One rank as the peer table lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub host: String,
+    pub addr: SocketAddr,
+}
+
+/// Everything a rank needs to join its job.
+#[derive(Debug)]
+pub struct Bootstrap {
+    pub rank: Rank,
+    pub size: usize,
+    pub peers: Vec<PeerInfo>,
+    /// This rank's listener, bound and listening before the program started.
+    pub listener: TcpListener,
+    pub secret: JobSecret,
+    pub job_id: String,
+}
+
+fn var(name: &'static str) -> Result<String, BootstrapError> {
+    std::env::var(name).map_err(|_| BootstrapError::Missing(name))
+}
+
+fn bad(name: &'static str, value: &str, why: impl Into<String>) -> BootstrapError {
+    BootstrapError::BadVariable {
+        name,
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+fn parse_number(name: &'static str) -> Result<usize, BootstrapError> {
+    let value = var(name)?;
+    value
+        .trim()
+        .parse()
+        .map_err(|_| bad(name, &value, "expected a non-negative integer"))
+}
+
+/// Takes ownership of an inherited descriptor after checking that it is
+/// open and of the expected file type, and marks it close-on-exec so it does
+/// not leak into the program's own children. Callers hold `TAKEN`.
+fn take_inherited_fd(name: &'static str, expect: SFlag) -> Result<OwnedFd, BootstrapError> {
+    let value = var(name)?;
+    let fd: RawFd = value
+        .trim()
+        .parse()
+        .map_err(|_| bad(name, &value, "expected a file descriptor number"))?;
+    if fd < 3 {
+        return Err(bad(name, &value, "descriptors 0-2 are stdio"));
+    }
+    // SAFETY: F_GETFD only queries the descriptor table; any integer is valid input.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad(name, &value, "descriptor is not open"));
+    }
+    // SAFETY: the descriptor is open (checked above), dsmwrap handed it to this
+    // process for this sole purpose, and `TAKEN` ensures it is wrapped once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let stat = fstat(&owned).map_err(|e| bad(name, &value, format!("fstat: {e}")))?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != expect {
+        return Err(bad(name, &value, "descriptor has the wrong file type"));
+    }
+    fcntl(&owned, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| bad(name, &value, format!("fcntl: {e}")))?;
+    Ok(owned)
+}
+
+impl Bootstrap {
+    /// True when this process was started by the launcher.
+    pub fn launched() -> bool {
+        std::env::var_os(ENV_RANK).is_some()
+    }
+
+    /// Reads the launcher's hand-over (see the module documentation).
+    pub fn from_env() -> Result<Self, BootstrapError> {
+        if !Self::launched() {
+            return Err(BootstrapError::NotLaunched);
+        }
+        let rank = parse_number(ENV_RANK)?;
+        let size = parse_number(ENV_SIZE)?;
+        if size == 0 || rank >= size {
+            return Err(bad(ENV_RANK, &rank.to_string(), format!("must be below {ENV_SIZE}={size}")));
+        }
+        let peers_text = var(ENV_PEERS)?;
+        let addrs: Vec<SocketAddr> = peers_text
+            .split(',')
+            .map(|a| a.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(ENV_PEERS, &peers_text, format!("{e}")))?;
+        let hosts_text = var(ENV_HOSTS)?;
+        let hosts: Vec<&str> = hosts_text.split(',').collect();
+        if addrs.len() != size || hosts.len() != size {
+            return Err(bad(
+                ENV_PEERS,
+                &peers_text,
+                format!("{} addresses and {} hosts for {size} ranks", addrs.len(), hosts.len()),
+            ));
+        }
+        let peers = hosts
+            .iter()
+            .zip(addrs)
+            .map(|(host, addr)| PeerInfo {
+                host: host.to_string(),
+                addr,
+            })
+            .collect();
+        let job_id = std::env::var(ENV_JOB_ID).unwrap_or_default();
+
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(BootstrapError::AlreadyTaken);
+        }
+        let listener = TcpListener::from(take_inherited_fd(ENV_LISTEN_FD, SFlag::S_IFSOCK)?);
+        let secret_fd = take_inherited_fd(ENV_SECRET_FD, SFlag::S_IFIFO)?;
+        let secret_fd_number = secret_fd.as_raw_fd();
+        let mut secret_pipe = File::from(secret_fd);
+        let mut text = String::new();
+        secret_pipe
+            .read_to_string(&mut text)
+            .map_err(|source| BootstrapError::Secret { fd: secret_fd_number, source })?;
+        let secret = JobSecret::from_hex(&text).ok_or_else(|| BootstrapError::Secret {
+            fd: secret_fd_number,
+            source: io::Error::new(io::ErrorKind::InvalidData, "not a 64-digit hex secret"),
+        })?;
+        Ok(Bootstrap {
+            rank,
+            size,
+            peers,
+            listener,
+            secret,
+            job_id,
+        })
+    }
+
+    /// A whole job inside one process, on loopback: for tests and benchmarks
+    /// of transports without a launcher.
+    pub fn loopback_group(size: usize) -> Result<Vec<Bootstrap>, BootstrapError> {
+        let secret = JobSecret::generate().map_err(|e| BootstrapError::Listener(io::Error::other(e.to_string())))?;
+        let listeners = (0..size)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(BootstrapError::Listener)?;
+        let peers = listeners
+            .iter()
+            .map(|l| {
+                Ok(PeerInfo {
+                    host: "localhost".to_string(),
+                    addr: l.local_addr()?,
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(BootstrapError::Listener)?;
+        Ok(listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| Bootstrap {
+                rank,
+                size,
+                peers: peers.clone(),
+                listener,
+                secret: secret.clone(),
+                job_id: "loopback".to_string(),
+            })
+            .collect())
+    }
+
+    /// Host name of `rank`, for messages.
+    pub fn host_of(&self, rank: Rank) -> &str {
+        self.peers.get(rank).map(|p| p.host.as_str()).unwrap_or("?")
+    }
+}

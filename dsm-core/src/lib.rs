@@ -1,0 +1,15 @@
+//! Core of the dsm distributed shared memory system.
+//!
+//! This crate owns what every layer shares: the launcher-to-process
+//! [`bootstrap`] contract, the [`transport`] trait that `transport-tcp` and
+//! `transport-rdma` implement, the versioned [`wire`] frame format and the
+//! job-secret [`auth`] handshake.
+
+pub mod auth;
+pub mod bootstrap;
+pub mod logging;
+pub mod transport;
+pub mod wire;
+
+pub use bootstrap::{Bootstrap, BootstrapError, JobSecret};
+pub use transport::{Message, Rank, Transport, TransportError};

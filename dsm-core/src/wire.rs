@@ -1,0 +1,174 @@
+//! Length-prefixed frames with a versioned header, shared by the launcher's
+//! control channel and the TCP transport.
+//!
+//! Header (8 bytes): magic `b"DS"`, protocol version, frame kind, payload
+//! length (u32, little endian). The decoder rejects anything that does not
+//! start with the magic and version, and any length above the caller's bound,
+//! before allocating, so garbage on a port costs at most one header read.
+
+use std::io::{self, Read, Write};
+
+pub const MAGIC: [u8; 2] = *b"DS";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("not a dsm frame (bad magic {0:02x?})")]
+    BadMagic([u8; 2]),
+    #[error("unsupported dsm protocol version {0} (this build speaks {VERSION})")]
+    BadVersion(u8),
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLong { len: u32, max: u32 },
+    #[error("unexpected frame kind {got} (expected {expected})")]
+    UnexpectedKind { got: u8, expected: u8 },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl WireError {
+    /// True when the error is a read timeout rather than bad data.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, WireError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub len: u32,
+}
+
+impl FrameHeader {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let l = self.len.to_le_bytes();
+        [MAGIC[0], MAGIC[1], VERSION, self.kind, l[0], l[1], l[2], l[3]]
+    }
+
+    pub fn decode(buf: &[u8; HEADER_LEN], max_len: u32) -> Result<Self, WireError> {
+        if buf[0..2] != MAGIC {
+            return Err(WireError::BadMagic([buf[0], buf[1]]));
+        }
+        if buf[2] != VERSION {
+            return Err(WireError::BadVersion(buf[2]));
+        }
+        let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if len > max_len {
+            return Err(WireError::TooLong { len, max: max_len });
+        }
+        Ok(FrameHeader { kind: buf[3], len })
+    }
+}
+
+/// Header for a frame whose payload is the concatenation of `parts`.
+pub fn header_for(kind: u8, parts: &[&[u8]]) -> io::Result<FrameHeader> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(total)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload exceeds 4 GiB"))?;
+    Ok(FrameHeader { kind, len })
+}
+
+/// Writes one frame; the caller flushes when it wants the bytes on the wire.
+pub fn write_frame_parts(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> io::Result<()> {
+    let header = header_for(kind, parts)?;
+    w.write_all(&header.encode())?;
+    for part in parts {
+        w.write_all(part)?;
+    }
+    Ok(())
+}
+
+pub fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
+    write_frame_parts(w, kind, &[payload])
+}
+
+/// Reads one header. A clean end of stream before the first byte is `Closed`.
+pub fn read_header(r: &mut impl Read, max_len: u32) -> Result<FrameHeader, WireError> {
+    let mut buf = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Err(WireError::Closed),
+            Ok(0) => return Err(WireError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    FrameHeader::decode(&buf, max_len)
+}
+
+/// Reads exactly `buf.len()` payload bytes; a short stream is `Truncated`.
+pub fn read_payload(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Truncated
+        } else {
+            WireError::Io(e)
+        }
+    })
+}
+
+/// Reads one whole frame: its kind and payload.
+pub fn read_frame(r: &mut impl Read, max_len: u32) -> Result<(u8, Vec<u8>), WireError> {
+    let header = read_header(r, max_len)?;
+    let mut payload = vec![0u8; header.len as usize];
+    read_payload(r, &mut payload)?;
+    Ok((header.kind, payload))
+}
+
+/// Reads one frame and insists on its kind.
+pub fn read_frame_of(r: &mut impl Read, kind: u8, max_len: u32) -> Result<Vec<u8>, WireError> {
+    let (got, payload) = read_frame(r, max_len)?;
+    if got != kind {
+        return Err(WireError::UnexpectedKind {
+            got,
+            expected: kind,
+        });
+    }
+    Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        write_frame_parts(&mut buf, 7, &[b"hello ", b"world"]).unwrap();
+        write_frame(&mut buf, 9, b"").unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r, 100).unwrap(), (7, b"hello world".to_vec()));
+        assert_eq!(read_frame(&mut r, 100).unwrap(), (9, Vec::new()));
+        assert!(matches!(read_frame(&mut r, 100), Err(WireError::Closed)));
+    }
+
+    #[test]
+    fn rejects_garbage_before_allocating() {
+        let mut r = &b"GET / HTTP/1.1\r\n"[..];
+        assert!(matches!(read_frame(&mut r, 100), Err(WireError::BadMagic(_))));
+        let huge = FrameHeader { kind: 1, len: u32::MAX }.encode();
+        assert!(matches!(
+            read_frame(&mut &huge[..], 1 << 20),
+            Err(WireError::TooLong { .. })
+        ));
+        let mut old = FrameHeader { kind: 1, len: 0 }.encode();
+        old[2] = 0;
+        assert!(matches!(read_frame(&mut &old[..], 10), Err(WireError::BadVersion(0))));
+    }
+
+    #[test]
+    fn truncated_frames_are_reported() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, 1, b"0123456789").unwrap();
+        for cut in 1..buf.len() {
+            let err = read_frame(&mut &buf[..cut], 100).unwrap_err();
+            assert!(matches!(err, WireError::Truncated), "cut at {cut}: {err}");
+        }
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): installs system packages, builds
+# every binary the multi-process tests launch, then runs the whole test suite.
+# Tests that need root (the network-namespace SSH cluster) run when this is
+# run as root and are required then; otherwise they say they were skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+if [ "$(id -u)" -eq 0 ]; then
+  export DSM_TEST_REQUIRE_NETNS=1
+fi
+cargo build --workspace --bins --quiet
+cargo test --workspace --quiet "$@"

@@ -1,0 +1,471 @@
+//! TCP transport: every pair of ranks is connected once (the higher rank
+//! connects to the lower one's listener), each connection authenticated by
+//! the job-secret handshake of [`dsm_core::auth`], TCP_NODELAY, frames in the
+//! [`dsm_core::wire`] format.
+//!
+//! One reader thread per peer decodes frames and queues them for `recv`;
+//! senders write whole frames under a per-peer lock, so any number of
+//! threads may send at once. A peer that closes without its goodbye frame is
+//! reported as lost, with its rank and host.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dsm_core::auth::{self, JobSecret};
+use dsm_core::bootstrap::{Bootstrap, PeerInfo};
+use dsm_core::wire::{self, WireError};
+use dsm_core::{Message, Rank, Transport, TransportError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+const KIND_DATA: u8 = 1;
+const KIND_GOODBYE: u8 = 2;
+/// At most this many unauthenticated connections are handled at once; more
+/// are closed immediately, so a port scan cannot exhaust threads.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+const IDENT_PREFIX: &str = "dsm-tcp rank ";
+
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long connecting the whole job may take.
+    pub connect_timeout: Duration,
+    /// How long one connection may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// Largest message accepted from a peer (bytes).
+    pub max_message: usize,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            connect_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            max_message: 256 << 20,
+        }
+    }
+}
+
+type Inbox = (Sender<Result<Message, TransportError>>, Receiver<Result<Message, TransportError>>);
+
+struct Peer {
+    writer: Mutex<BufWriter<TcpStream>>,
+}
+
+/// Counts goodbyes received so `shutdown` can wait for every peer's.
+struct Goodbyes {
+    count: Mutex<usize>,
+    arrived: Condvar,
+}
+
+pub struct TcpTransport {
+    rank: Rank,
+    peers_info: Vec<PeerInfo>,
+    peers: Vec<Option<Peer>>,
+    inbox: Inbox,
+    goodbyes: Arc<Goodbyes>,
+    max_message: usize,
+    shut_down: AtomicBool,
+}
+
+fn setup_err(msg: impl Into<String>) -> TransportError {
+    TransportError::Setup(msg.into())
+}
+
+fn ident_for(rank: Rank) -> Vec<u8> {
+    format!("{IDENT_PREFIX}{rank}").into_bytes()
+}
+
+fn rank_from_ident(ident: &[u8]) -> Option<Rank> {
+    std::str::from_utf8(ident).ok()?.strip_prefix(IDENT_PREFIX)?.parse().ok()
+}
+
+impl TcpTransport {
+    /// Connects this rank to every other rank of the job described by `boot`.
+    pub fn connect(boot: Bootstrap, opts: &TcpOptions) -> Result<Arc<Self>, TransportError> {
+        let Bootstrap {
+            rank,
+            size,
+            peers: peers_info,
+            listener,
+            secret,
+            ..
+        } = boot;
+        let deadline = Instant::now() + opts.connect_timeout;
+
+        // Higher ranks connect to us; accept them in the background while we
+        // connect to the lower ones.
+        let expected_higher = size - rank - 1;
+        let (acc_tx, acc_rx) = crossbeam_channel::unbounded();
+        let acceptor = {
+            let secret = secret.clone();
+            let handshake_timeout = opts.handshake_timeout;
+            thread::Builder::new()
+                .name("dsm-tcp-accept".into())
+                .spawn(move || {
+                    accept_loop(listener, rank, size, expected_higher, &secret, handshake_timeout, deadline, acc_tx)
+                })
+                .map_err(|e| setup_err(format!("spawning the acceptor: {e}")))?
+        };
+
+        let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
+        for (lower, info) in peers_info.iter().enumerate().take(rank) {
+            let stream = connect_to(lower, info, rank, &secret, opts.handshake_timeout, deadline)?;
+            streams[lower] = Some(stream);
+        }
+        let accepted = acceptor
+            .join()
+            .map_err(|_| setup_err("the acceptor thread panicked"))?;
+        accepted?;
+        for (higher, stream) in acc_rx.try_iter() {
+            streams[higher] = Some(stream);
+        }
+
+        let inbox: Inbox = crossbeam_channel::unbounded();
+        let goodbyes = Arc::new(Goodbyes {
+            count: Mutex::new(0),
+            arrived: Condvar::new(),
+        });
+        let max_frame = u32::try_from(opts.max_message).unwrap_or(u32::MAX);
+        let mut peers = Vec::with_capacity(size);
+        for (peer_rank, stream) in streams.into_iter().enumerate() {
+            let Some(stream) = stream else {
+                peers.push(None);
+                continue;
+            };
+            let io = |e: std::io::Error| setup_err(format!("configuring the connection to rank {peer_rank}: {e}"));
+            stream.set_nodelay(true).map_err(io)?;
+            stream.set_read_timeout(None).map_err(io)?;
+            stream.set_write_timeout(None).map_err(io)?;
+            let read_half = stream.try_clone().map_err(io)?;
+            let host = peers_info[peer_rank].host.clone();
+            let tx = inbox.0.clone();
+            let goodbyes = Arc::clone(&goodbyes);
+            thread::Builder::new()
+                .name(format!("dsm-tcp-rx{peer_rank}"))
+                .spawn(move || read_loop(read_half, peer_rank, host, max_frame, tx, goodbyes))
+                .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
+            peers.push(Some(Peer {
+                writer: Mutex::new(BufWriter::with_capacity(64 << 10, stream)),
+            }));
+        }
+        Ok(Arc::new(TcpTransport {
+            rank,
+            peers_info,
+            peers,
+            inbox,
+            goodbyes,
+            max_message: opts.max_message,
+            shut_down: AtomicBool::new(false),
+        }))
+    }
+
+    fn lost(&self, rank: Rank, reason: impl ToString) -> TransportError {
+        TransportError::PeerLost {
+            rank,
+            host: self.peers_info[rank].host.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn write_to(&self, to: Rank, kind: u8, parts: &[&[u8]]) -> Result<(), TransportError> {
+        let size = self.size();
+        let peer = self
+            .peers
+            .get(to)
+            .ok_or(TransportError::NoSuchRank { rank: to, size })?
+            .as_ref()
+            .ok_or(TransportError::NoSuchRank { rank: to, size })?;
+        // A poisoned lock means another sender panicked mid-frame: the stream
+        // may hold half a frame, so the connection cannot be used any more.
+        let mut w = peer.writer.lock().map_err(|_| self.lost(to, "a sender panicked mid-frame"))?;
+        wire::write_frame_parts(&mut *w, kind, parts)
+            .and_then(|_| w.flush())
+            .map_err(|e| self.lost(to, format!("send failed: {e}")))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accept_loop(
+    listener: TcpListener,
+    my_rank: Rank,
+    size: usize,
+    expected: usize,
+    secret: &JobSecret,
+    handshake_timeout: Duration,
+    deadline: Instant,
+    out: Sender<(Rank, TcpStream)>,
+) -> Result<(), TransportError> {
+    if expected == 0 {
+        return Ok(());
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| setup_err(format!("listener: {e}")))?;
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(SocketAddr, Result<(Rank, TcpStream), String>)>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let mut connected = vec![false; size];
+    let mut count = 0;
+    while count < expected {
+        let now = Instant::now();
+        if now >= deadline {
+            let missing: Vec<String> = (my_rank + 1..size)
+                .filter(|r| !connected[*r])
+                .map(|r| r.to_string())
+                .collect();
+            return Err(setup_err(format!(
+                "rank(s) {} did not connect to rank {my_rank} in time",
+                missing.join(", ")
+            )));
+        }
+        // Wait for a new connection or a finished handshake, in short steps.
+        let step = (deadline - now).min(Duration::from_millis(50));
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::try_from(step).unwrap_or(PollTimeout::MAX));
+        loop {
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    if pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+                        tracing::warn!("refused connection from {addr}: too many pending handshakes");
+                        continue;
+                    }
+                    pending.fetch_add(1, Ordering::SeqCst);
+                    let secret = secret.clone();
+                    let done = done_tx.clone();
+                    let pending = Arc::clone(&pending);
+                    let spawned = thread::Builder::new().name("dsm-tcp-auth".into()).spawn(move || {
+                        let result = authenticate_incoming(stream, &secret, my_rank, size, handshake_timeout);
+                        pending.fetch_sub(1, Ordering::SeqCst);
+                        let _ = done.send((addr, result));
+                    });
+                    if spawned.is_err() {
+                        tracing::warn!("refused connection from {addr}: cannot spawn a thread");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    break;
+                }
+            }
+        }
+        for (addr, result) in done_rx.try_iter() {
+            match result {
+                Ok((rank, stream)) if !connected[rank] => {
+                    connected[rank] = true;
+                    count += 1;
+                    let _ = out.send((rank, stream));
+                }
+                Ok((rank, _)) => {
+                    tracing::warn!("refused connection from {addr}: rank {rank} is already connected")
+                }
+                Err(why) => tracing::warn!("refused connection from {addr}: {why}"),
+            }
+        }
+    }
+    // Dropping the listener here closes the port: later connection attempts
+    // are refused by the kernel.
+    Ok(())
+}
+
+fn authenticate_incoming(
+    mut stream: TcpStream,
+    secret: &JobSecret,
+    my_rank: Rank,
+    size: usize,
+    timeout: Duration,
+) -> Result<(Rank, TcpStream), String> {
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let ident = auth::accept(&mut stream, secret).map_err(|e| e.to_string())?;
+    match rank_from_ident(&ident) {
+        Some(rank) if rank > my_rank && rank < size => Ok((rank, stream)),
+        _ => Err(format!("authenticated peer announced an unexpected identity {:?}", String::from_utf8_lossy(&ident))),
+    }
+}
+
+fn connect_to(
+    peer: Rank,
+    info: &PeerInfo,
+    my_rank: Rank,
+    secret: &JobSecret,
+    handshake_timeout: Duration,
+    deadline: Instant,
+) -> Result<TcpStream, TransportError> {
+    let fail = |why: String| setup_err(format!("rank {my_rank} cannot connect to rank {peer} on {} ({}): {why}", info.host, info.addr));
+    let mut stream = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail("timed out".into()));
+        }
+        match TcpStream::connect_timeout(&info.addr, left) {
+            Ok(s) => break s,
+            // The listener exists before any rank starts, but be lenient with
+            // transient refusals (e.g. a SYN backlog overflow at large scale).
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                thread::sleep(Duration::from_millis(20).min(left));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    };
+    let io = |e: std::io::Error| fail(e.to_string());
+    stream.set_read_timeout(Some(handshake_timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(handshake_timeout)).map_err(io)?;
+    auth::connect(&mut stream, secret, &ident_for(my_rank)).map_err(|e| fail(e.to_string()))?;
+    Ok(stream)
+}
+
+fn read_loop(
+    stream: TcpStream,
+    from: Rank,
+    host: String,
+    max_frame: u32,
+    inbox: Sender<Result<Message, TransportError>>,
+    goodbyes: Arc<Goodbyes>,
+) {
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut said_goodbye = false;
+    let lost = |reason: String| TransportError::PeerLost {
+        rank: from,
+        host: host.clone(),
+        reason,
+    };
+    loop {
+        let header = match wire::read_header(&mut reader, max_frame) {
+            Ok(h) => h,
+            Err(WireError::Closed) if said_goodbye => return,
+            Err(WireError::Closed) => {
+                let _ = inbox.send(Err(lost("connection closed without goodbye (process died?)".into())));
+                return;
+            }
+            Err(e) => {
+                let _ = inbox.send(Err(lost(e.to_string())));
+                return;
+            }
+        };
+        let mut payload = vec![0u8; header.len as usize];
+        if let Err(e) = wire::read_payload(&mut reader, &mut payload) {
+            let _ = inbox.send(Err(lost(e.to_string())));
+            return;
+        }
+        match header.kind {
+            KIND_DATA if !said_goodbye => {
+                if inbox.send(Ok(Message { from, payload })).is_err() {
+                    return;
+                }
+            }
+            KIND_GOODBYE if !said_goodbye => {
+                said_goodbye = true;
+                let mut count = goodbyes.count.lock().unwrap_or_else(|p| p.into_inner());
+                *count += 1;
+                goodbyes.arrived.notify_all();
+            }
+            kind => {
+                let _ = inbox.send(Err(lost(format!("protocol violation: frame kind {kind} after goodbye={said_goodbye}"))));
+                return;
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.peers_info.len()
+    }
+
+    fn send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<(), TransportError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.max_message {
+            return Err(TransportError::TooLarge {
+                len,
+                max: self.max_message,
+            });
+        }
+        if self.shut_down.load(Ordering::SeqCst) {
+            return Err(TransportError::Shutdown);
+        }
+        if to == self.rank {
+            let payload = parts.concat();
+            return self
+                .inbox
+                .0
+                .send(Ok(Message { from: to, payload }))
+                .map_err(|_| TransportError::Shutdown);
+        }
+        self.write_to(to, KIND_DATA, parts)
+    }
+
+    fn recv(&self) -> Result<Message, TransportError> {
+        self.inbox.1.recv().map_err(|_| TransportError::Shutdown)?
+    }
+
+    fn recv_timeout(&self, timeout: Duration) -> Result<Option<Message>, TransportError> {
+        match self.inbox.1.recv_timeout(timeout) {
+            Ok(m) => m.map(Some),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Shutdown),
+        }
+    }
+
+    fn shutdown(&self, timeout: Duration) -> Result<(), TransportError> {
+        if self.shut_down.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut first_error = None;
+        for (rank, peer) in self.peers.iter().enumerate() {
+            let Some(peer) = peer else { continue };
+            let sent = self.write_to(rank, KIND_GOODBYE, &[]);
+            if let Ok(w) = peer.writer.lock() {
+                let _ = w.get_ref().shutdown(Shutdown::Write);
+            }
+            if let Err(e) = sent {
+                first_error.get_or_insert(e);
+            }
+        }
+        let others = self.size() - 1;
+        let deadline = Instant::now() + timeout;
+        let mut count = self.goodbyes.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *count < others {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                first_error.get_or_insert(TransportError::Setup(format!(
+                    "only {} of {others} peers said goodbye within {timeout:?}",
+                    *count
+                )));
+                break;
+            }
+            count = self
+                .goodbyes
+                .arrived
+                .wait_timeout(count, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TcpTransport {
+    /// Closing both directions wakes the reader threads, and peers see the
+    /// connection end (as a loss unless `shutdown` said goodbye first).
+    fn drop(&mut self) {
+        for peer in self.peers.iter().flatten() {
+            if let Ok(w) = peer.writer.lock() {
+                let _ = w.get_ref().shutdown(Shutdown::Both);
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The TCP transport inside one process: a whole job on loopback.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use dsm_core::auth::{self, JobSecret};
+use dsm_core::bootstrap::Bootstrap;
+use dsm_core::{Transport, TransportError};
+use transport_tcp::{TcpOptions, TcpTransport};
+
+const RECV_LIMIT: Duration = Duration::from_secs(30);
+
+fn job(size: usize) -> Vec<Arc<TcpTransport>> {
+    let boots = Bootstrap::loopback_group(size).unwrap();
+    connect_all(boots)
+}
+
+fn connect_all(boots: Vec<Bootstrap>) -> Vec<Arc<TcpTransport>> {
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_secs(20),
+        ..TcpOptions::default()
+    };
+    let handles: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            let opts = opts.clone();
+            thread::spawn(move || TcpTransport::connect(b, &opts).unwrap())
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn recv(t: &TcpTransport) -> dsm_core::Message {
+    t.recv_timeout(RECV_LIMIT)
+        .unwrap()
+        .expect("no message within the time limit")
+}
+
+#[test]
+fn many_small_messages_arrive_in_order_between_all_pairs() {
+    const N: usize = 4;
+    const PER_PEER: u32 = 2000;
+    let ranks = job(N);
+    let workers: Vec<_> = ranks
+        .iter()
+        .cloned()
+        .map(|t| {
+            thread::spawn(move || {
+                for seq in 0..PER_PEER {
+                    for to in 0..N {
+                        let msg = [t.rank() as u32, to as u32, seq];
+                        let bytes: Vec<u8> = msg.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        t.send(to, &bytes).unwrap();
+                    }
+                }
+                let mut next = [0u32; N];
+                for _ in 0..N as u32 * PER_PEER {
+                    let m = recv(&t);
+                    let word = |i: usize| u32::from_le_bytes(m.payload[4 * i..4 * i + 4].try_into().unwrap());
+                    assert_eq!(word(0) as usize, m.from);
+                    assert_eq!(word(1) as usize, t.rank());
+                    assert_eq!(word(2), next[m.from], "out of order from {}", m.from);
+                    next[m.from] += 1;
+                }
+                assert_eq!(next, [PER_PEER; N]);
+                t.shutdown(RECV_LIMIT).unwrap();
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+#[test]
+fn large_payload_arrives_intact() {
+    let ranks = job(2);
+    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let sender = {
+        let t = Arc::clone(&ranks[1]);
+        let big = big.clone();
+        thread::spawn(move || t.send_parts(0, &[&big[..100], &big[100..]]).unwrap())
+    };
+    let m = recv(&ranks[0]);
+    sender.join().unwrap();
+    assert_eq!(m.from, 1);
+    assert!(m.payload == big, "payload corrupted");
+}
+
+#[test]
+fn concurrent_senders_never_interleave_frames() {
+    const THREADS: u32 = 4;
+    const EACH: u32 = 1000;
+    let ranks = job(2);
+    let senders: Vec<_> = (0..THREADS)
+        .map(|tid| {
+            let t = Arc::clone(&ranks[1]);
+            thread::spawn(move || {
+                for seq in 0..EACH {
+                    // Different lengths per thread so an interleaving would corrupt framing.
+                    let mut msg = vec![tid as u8; 16 + tid as usize * 300];
+                    msg[..4].copy_from_slice(&seq.to_le_bytes());
+                    t.send(0, &msg).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut next = vec![0u32; THREADS as usize];
+    for _ in 0..THREADS * EACH {
+        let m = recv(&ranks[0]);
+        let tid = m.payload[4] as usize;
+        assert_eq!(m.payload.len(), 16 + tid * 300);
+        assert!(m.payload[4..].iter().all(|b| *b as usize == tid));
+        assert_eq!(u32::from_le_bytes(m.payload[..4].try_into().unwrap()), next[tid]);
+        next[tid] += 1;
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn intruders_are_refused_and_the_job_still_connects() {
+    let boots = Bootstrap::loopback_group(3).unwrap();
+    let target = boots[0].peers[0].addr;
+    // Before the real ranks connect: a wrong secret, garbage, and a silent socket.
+    let mut wrong = TcpStream::connect(target).unwrap();
+    wrong.set_read_timeout(Some(RECV_LIMIT)).unwrap();
+    let intruder = thread::spawn(move || auth::connect(&mut wrong, &JobSecret::generate().unwrap(), b"dsm-tcp rank 2"));
+    let mut garbage = TcpStream::connect(target).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let _silent = TcpStream::connect(target).unwrap();
+
+    let ranks = connect_all(boots);
+    assert!(intruder.join().unwrap().is_err(), "a wrong secret was accepted");
+    ranks[2].send(0, b"still fine").unwrap();
+    let m = recv(&ranks[0]);
+    assert_eq!((m.from, &m.payload[..]), (2, &b"still fine"[..]));
+}
+
+#[test]
+fn a_vanished_peer_is_reported_with_its_rank() {
+    let mut ranks = job(2);
+    let gone = ranks.pop().unwrap();
+    drop(gone);
+    match ranks[0].recv_timeout(RECV_LIMIT) {
+        Err(TransportError::PeerLost { rank: 1, host, .. }) => assert_eq!(host, "localhost"),
+        other => panic!("expected PeerLost for rank 1, got {other:?}"),
+    }
+}
+
+#[test]
+fn sending_to_self_loops_back_and_bad_ranks_are_refused() {
+    let ranks = job(1);
+    ranks[0].send(0, b"me").unwrap();
+    assert_eq!(recv(&ranks[0]).payload, b"me");
+    assert!(matches!(ranks[0].send(5, b"x"), Err(TransportError::NoSuchRank { rank: 5, size: 1 })));
+}
