@@ -103,31 +103,57 @@ prefix_namespaces() {
     ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${p}[0-9]+\$" || true
 }
 
+# True if PID exists and is not a zombie (zombies may linger if PID 1 is slow
+# to reap them).
+alive() {
+    local st
+    st=$(sed -e 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $st && ${st:0:1} != Z ]]
+}
+
 # kill_pids PID... : TERM, wait up to ~2 s, then KILL.
 kill_pids() {
-    local pids=() p i
+    local pids=() left=() p i
     for p in "$@"; do
         [[ $p =~ ^[0-9]+$ ]] && [[ $p -ne $$ ]] && pids+=("$p")
     done
     ((${#pids[@]})) || return 0
     kill -TERM "${pids[@]}" 2>/dev/null || true
     for ((i = 0; i < 20; i++)); do
-        local alive=()
+        left=()
         for p in "${pids[@]}"; do
-            kill -0 "$p" 2>/dev/null && alive+=("$p")
+            if alive "$p"; then left+=("$p"); fi
         done
-        ((${#alive[@]})) || return 0
+        ((${#left[@]})) || break
         sleep 0.1
     done
-    kill -KILL "${alive[@]}" 2>/dev/null || true
+    ((${#left[@]} == 0)) || kill -KILL "${left[@]}" 2>/dev/null || true
+    # Give PID 1 up to ~2 s to reap the zombies, so "pgrep sshd" is clean
+    # right after "down" (instant on a normal init; never fails).
+    for ((i = 0; i < 20; i++)); do
+        left=()
+        for p in "${pids[@]}"; do
+            if [[ -e /proc/$p ]]; then left+=("$p"); fi
+        done
+        ((${#left[@]})) || return 0
+        sleep 0.1
+    done
 }
 
-# Remove everything belonging to a prefix. Never fails.
+# cleanup_prefix PREFIX [EXTRA_PID...]: kill EXTRA_PIDs and every process in
+# the PREFIX<n> namespaces, delete those namespaces, stray veths and the bridge.
+# Never fails.
 cleanup_prefix() {
     local p=$1 ns link
-    for ns in $(prefix_namespaces "$p"); do
-        # shellcheck disable=SC2046
-        kill_pids $(ip netns pids "$ns" 2>/dev/null || true)
+    shift
+    local pids=("$@") nss=()
+    mapfile -t nss < <(prefix_namespaces "$p")
+    for ns in "${nss[@]}"; do
+        # shellcheck disable=SC2207
+        pids+=($(ip netns pids "$ns" 2>/dev/null || true))
+    done
+    kill_pids "${pids[@]}"
+    for ns in "${nss[@]}"; do
         ip netns del "$ns" 2>/dev/null || true
     done
     # Stray root-namespace links from a half-finished "up".
@@ -141,7 +167,7 @@ cleanup_prefix() {
 # Kill sshds recorded in DIR's pid files and clean up DIR's prefix (from
 # DIR/prefix, else the current PREFIX). Never fails.
 cleanup_dir() {
-    local dir=$1 p=$PREFIX pidf pid
+    local dir=$1 p=$PREFIX pidf pid pids=()
     if [[ -s $dir/prefix ]]; then
         p=$(head -n1 "$dir/prefix")
         [[ $p =~ ^[A-Za-z][A-Za-z0-9_-]*$ ]] || p=$PREFIX
@@ -150,11 +176,11 @@ cleanup_dir() {
         [[ -f $pidf ]] || continue
         pid=$(head -n1 "$pidf" 2>/dev/null || true)
         if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null || true) == sshd ]]; then
-            kill_pids "$pid"
+            pids+=("$pid")
         fi
         rm -f "$pidf"
     done
-    cleanup_prefix "$p"
+    cleanup_prefix "$p" "${pids[@]}"
     return 0
 }
 
@@ -310,7 +336,7 @@ EOF
         nd="$dir/node$i"
         until "${sshcmd[@]}" -o ConnectTimeout=2 "root@${hosts[i - 1]}" true </dev/null 2>/dev/null; do
             pid=$(head -n1 "$nd/sshd.pid" 2>/dev/null || true)
-            if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            if [[ -n $pid ]] && ! alive "$pid"; then
                 dump_sshd_log "$nd"
                 die "sshd for ${names[i - 1]} (pid $pid) died"
             fi

@@ -1,0 +1,722 @@
+//! dsmexec's job runner: start every slot's dsmwrap, collect their hellos,
+//! hand out ranks and the peer table, forward output and signals, and turn
+//! the ranks' fates into one exit status.
+//!
+//! Everything that happens (a connection, a control message, a process
+//! exit, a signal) becomes an [`Event`] on one channel, handled by one loop:
+//! no shared mutable state between threads.
+
+use std::io::{BufWriter, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use dsm_core::auth::{self, JobSecret};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::control::{self, signal_name, ExecToWrap, ExitCause, WrapToExec};
+use crate::machinefile::{self, Slot};
+use crate::output::{self, LastLine, Stream};
+use crate::EXIT_USAGE;
+
+/// Time a wrapper's control connection gets to deliver its last message
+/// after its process ended.
+const LINGER: Duration = Duration::from_secs(2);
+/// Time given to output pipes to drain after every process ended.
+const DRAIN: Duration = Duration::from_secs(3);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything dsmexec was asked to do.
+pub struct JobSpec {
+    pub slots: Vec<Slot>,
+    pub program: String,
+    pub args: Vec<String>,
+    /// The ssh command and its options, already split into words.
+    pub ssh: Vec<String>,
+    /// Path of dsmwrap, on this machine and on every remote host.
+    pub wrap: PathBuf,
+    pub cwd: PathBuf,
+    pub prefix: bool,
+    pub grace: Duration,
+    pub startup_timeout: Duration,
+    /// Variables exported to every rank.
+    pub env: Vec<(String, String)>,
+    pub bind: Option<IpAddr>,
+    /// Display name of local slots when no machine file named them.
+    pub local_name: Option<String>,
+}
+
+enum Event {
+    Connected {
+        slot: usize,
+        stream: TcpStream,
+        first: WrapToExec,
+    },
+    FromWrap {
+        slot: usize,
+        msg: WrapToExec,
+    },
+    WrapGone {
+        slot: usize,
+        reason: String,
+    },
+    ProcessExited {
+        slot: usize,
+        status: ExitStatus,
+    },
+    Signal(i32),
+}
+
+/// Why the job ends unsuccessfully: the first of these wins.
+#[derive(Debug, Clone)]
+enum Outcome {
+    RankFailed { cause: ExitCause },
+    RankLost { code: i32 },
+    Interrupted(i32),
+    StartFailed,
+}
+
+struct Proc {
+    host: String,
+    local: bool,
+    /// The local process: dsmwrap itself, or the ssh running it remotely.
+    pid: Pid,
+    process_status: Option<ExitStatus>,
+    process_exited_at: Option<Instant>,
+    control: Option<BufWriter<TcpStream>>,
+    control_gone: bool,
+    listen: Option<SocketAddr>,
+    program_pid: Option<Pid>,
+    result: Option<ExitCause>,
+    last_stderr: LastLine,
+}
+
+impl Proc {
+    fn finished(&self) -> bool {
+        self.process_status.is_some() && (self.control_gone || self.control.is_none())
+    }
+
+    fn send(&mut self, msg: &ExecToWrap) {
+        if let Some(w) = &mut self.control {
+            if control::send(w, msg).is_err() {
+                self.close_control();
+            }
+        }
+    }
+
+    fn close_control(&mut self) {
+        if let Some(w) = self.control.take() {
+            let _ = w.get_ref().shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Last resort: kill what we can reach from here.
+    fn kill_hard(&mut self) {
+        if self.process_status.is_some() {
+            return;
+        }
+        if self.local {
+            if let Some(pid) = self.program_pid {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            let _ = killpg(self.pid, Signal::SIGKILL);
+        } else {
+            // Killing ssh closes the control connection; the remote dsmwrap
+            // then kills its program (it already got Stop with no grace).
+            let _ = kill(self.pid, Signal::SIGKILL);
+        }
+    }
+}
+
+struct Runner {
+    spec: JobSpec,
+    procs: Vec<Proc>,
+    events: Receiver<Event>,
+    events_tx: Sender<Event>,
+    /// Cleared when start-up ends: the acceptor then closes the port.
+    accepting: Arc<AtomicBool>,
+    outputs: Vec<JoinHandle<()>>,
+    outcome: Option<Outcome>,
+    job_id: String,
+}
+
+fn say(msg: impl AsRef<str>) {
+    let _ = writeln!(std::io::stderr().lock(), "dsmexec: {}", msg.as_ref());
+}
+
+/// Runs the job; returns dsmexec's exit code.
+pub fn run(spec: JobSpec) -> i32 {
+    match start(spec) {
+        Ok(mut runner) => runner.drive(),
+        Err(message) => {
+            say(message);
+            EXIT_USAGE
+        }
+    }
+}
+
+/// The address dsmexec listens on and the address each slot connects to.
+struct AddressPlan {
+    bind: IpAddr,
+    connect: Vec<String>,
+}
+
+fn host_without_user(host: &str) -> &str {
+    let host = host.rsplit('@').next().unwrap_or(host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The local address the kernel would use to reach `host`, if it resolves here.
+fn local_ip_towards(host: &str) -> Option<IpAddr> {
+    let target = (host_without_user(host), 22).to_socket_addrs().ok()?.next()?;
+    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
+    let probe = UdpSocket::bind(any).ok()?;
+    probe.connect(target).ok()?;
+    Some(probe.local_addr().ok()?.ip())
+}
+
+fn plan_addresses(slots: &[Slot], locals: &[bool], bind: Option<IpAddr>) -> AddressPlan {
+    let remote_ips: Vec<Option<IpAddr>> = slots
+        .iter()
+        .zip(locals)
+        .filter(|(_, local)| !**local)
+        .map(|(s, _)| local_ip_towards(&s.host))
+        .collect();
+    let first_known = remote_ips.iter().flatten().next().copied();
+    let all_same = remote_ips.iter().all(|ip| *ip == first_known);
+    let bind = bind.unwrap_or(match (remote_ips.is_empty(), first_known) {
+        (true, _) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        (false, Some(ip)) if all_same => ip,
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    });
+    let connect = slots
+        .iter()
+        .zip(locals)
+        .map(|(slot, local)| {
+            let ip = if bind.is_unspecified() {
+                if *local {
+                    Some(first_known.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+                } else {
+                    local_ip_towards(&slot.host)
+                }
+            } else {
+                Some(bind)
+            };
+            // None: the remote dsmwrap takes our address from SSH_CLIENT.
+            ip.map(|ip| ip.to_string()).unwrap_or_else(|| "ssh-client".into())
+        })
+        .collect();
+    AddressPlan { bind, connect }
+}
+
+fn connect_arg(host_part: &str, port: u16) -> String {
+    match host_part.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host_part}:{port}"),
+    }
+}
+
+fn start(spec: JobSpec) -> Result<Runner, String> {
+    let this_host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let locals: Vec<bool> = spec
+        .slots
+        .iter()
+        .map(|s| machinefile::is_local(&s.host, &this_host))
+        .collect();
+    let plan = plan_addresses(&spec.slots, &locals, spec.bind);
+    let listener = TcpListener::bind((plan.bind, 0))
+        .map_err(|e| format!("cannot listen on {}: {e} (choose another address with --bind)", plan.bind))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let secret = JobSecret::generate().map_err(|e| format!("no randomness for the job secret: {e}"))?;
+    // A label for logs, drawn separately from the secret.
+    let job_id = JobSecret::generate()
+        .map(|s| s.to_hex()[..8].to_string())
+        .unwrap_or_else(|_| format!("{:08x}", std::process::id()));
+
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let accepting = Arc::new(AtomicBool::new(true));
+    spawn_acceptor(listener, secret.clone(), spec.slots.len(), tx.clone(), Arc::clone(&accepting))?;
+    spawn_signal_listener(tx.clone())?;
+
+    let mut runner = Runner {
+        procs: Vec::new(),
+        events: rx,
+        events_tx: tx.clone(),
+        accepting: Arc::clone(&accepting),
+        outputs: Vec::new(),
+        outcome: None,
+        job_id,
+        spec,
+    };
+    for slot in 0..runner.spec.slots.len() {
+        let connect = connect_arg(&plan.connect[slot], port);
+        if let Err(message) = runner.spawn_slot(slot, locals[slot], &connect, &secret, &tx) {
+            runner.outcome = Some(Outcome::StartFailed);
+            say(message);
+            runner.stop_all(Duration::ZERO);
+            runner.wait_all(Instant::now() + runner.spec.grace + LINGER);
+            return Err("start-up aborted".into());
+        }
+    }
+    Ok(runner)
+}
+
+fn spawn_acceptor(
+    listener: TcpListener,
+    secret: JobSecret,
+    slots: usize,
+    events: Sender<Event>,
+    accepting: Arc<AtomicBool>,
+) -> Result<(), String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    thread::Builder::new()
+        .name("dsmexec-accept".into())
+        .spawn(move || {
+            while accepting.load(Ordering::SeqCst) {
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(200u16));
+                while let Ok((stream, peer)) = listener.accept() {
+                    let secret = secret.clone();
+                    let events = events.clone();
+                    thread::spawn(move || match greet(stream, &secret, slots) {
+                        Ok((slot, stream, first)) => {
+                            let _ = events.send(Event::Connected { slot, stream, first });
+                        }
+                        Err(why) => tracing::warn!("refused control connection from {peer}: {why}"),
+                    });
+                }
+            }
+        })
+        .map_err(|e| format!("cannot spawn the acceptor: {e}"))?;
+    Ok(())
+}
+
+/// Authenticates one incoming control connection and reads its first message.
+fn greet(mut stream: TcpStream, secret: &JobSecret, slots: usize) -> Result<(usize, TcpStream, WrapToExec), String> {
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    let ident = auth::accept(&mut stream, secret).map_err(|e| e.to_string())?;
+    let slot = control::slot_from_ident(&ident)
+        .filter(|s| *s < slots)
+        .ok_or_else(|| format!("unexpected identity {:?}", String::from_utf8_lossy(&ident)))?;
+    let first = control::recv::<WrapToExec>(&mut stream).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    Ok((slot, stream, first))
+}
+
+fn spawn_signal_listener(events: Sender<Event>) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    thread::Builder::new()
+        .name("dsmexec-signals".into())
+        .spawn(move || {
+            for signo in signals.forever() {
+                if events.send(Event::Signal(signo)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot spawn the signal thread: {e}"))?;
+    Ok(())
+}
+
+impl Runner {
+    fn name(&self, slot: usize) -> String {
+        format!("rank {slot} (host {})", self.procs[slot].host)
+    }
+
+    fn spawn_slot(
+        &mut self,
+        slot: usize,
+        local: bool,
+        connect: &str,
+        secret: &JobSecret,
+        events: &Sender<Event>,
+    ) -> Result<(), String> {
+        let spec = &self.spec;
+        let host = match (&spec.local_name, local) {
+            (Some(name), true) => name.clone(),
+            _ => spec.slots[slot].host.clone(),
+        };
+        let mut wrap_args: Vec<String> = vec![
+            "--connect".into(),
+            connect.into(),
+            "--slot".into(),
+            slot.to_string(),
+            "--cwd".into(),
+            spec.cwd.display().to_string(),
+            "--".into(),
+            spec.program.clone(),
+        ];
+        wrap_args.extend(spec.args.iter().cloned());
+        let mut command = if local {
+            let mut c = Command::new(&spec.wrap);
+            c.args(&wrap_args);
+            c
+        } else {
+            let mut words = vec![spec.wrap.display().to_string()];
+            words.extend(wrap_args);
+            let quoted: Vec<String> = words
+                .iter()
+                .map(|w| shlex::try_quote(w).map(|q| q.into_owned()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("cannot quote the remote command: {e}"))?;
+            let mut c = Command::new(&spec.ssh[0]);
+            c.args(&spec.ssh[1..])
+                .args(["-o", "BatchMode=yes"])
+                .arg("-o")
+                .arg(format!("ConnectTimeout={}", spec.startup_timeout.as_secs().max(1)))
+                .arg(&spec.slots[slot].host)
+                .arg(format!("exec {}", quoted.join(" ")));
+            c
+        };
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let what = if local { "dsmwrap" } else { "ssh" };
+        let mut child: Child = command.spawn().map_err(|e| {
+            let path = if local { spec.wrap.display().to_string() } else { spec.ssh[0].clone() };
+            format!("cannot start {what} ({path}) for rank {slot} on {host}: {e}")
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A wrapper that died at once shows up as an exit event below.
+            let _ = writeln!(stdin, "{}", secret.to_hex());
+        }
+        let last_stderr = LastLine::default();
+        let prefix = |stream: Stream| spec.prefix.then(|| format!("[{slot} {host} {}] ", stream.name()));
+        if let Some(out) = child.stdout.take() {
+            let p = prefix(Stream::Stdout);
+            self.outputs
+                .push(thread::spawn(move || output::forward(out, Stream::Stdout, p, LastLine::default())));
+        }
+        if let Some(err) = child.stderr.take() {
+            let p = prefix(Stream::Stderr);
+            let last = Arc::clone(&last_stderr);
+            self.outputs
+                .push(thread::spawn(move || output::forward(err, Stream::Stderr, p, last)));
+        }
+        let pid = Pid::from_raw(child.id() as i32);
+        let events = events.clone();
+        thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = events.send(Event::ProcessExited { slot, status });
+            }
+        });
+        self.procs.push(Proc {
+            host,
+            local,
+            pid,
+            process_status: None,
+            process_exited_at: None,
+            control: None,
+            control_gone: false,
+            listen: None,
+            program_pid: None,
+            result: None,
+            last_stderr,
+        });
+        Ok(())
+    }
+
+    fn drive(&mut self) -> i32 {
+        let started = self.startup();
+        self.accepting.store(false, Ordering::SeqCst);
+        if started {
+            self.launch();
+        }
+        self.run_to_end();
+        self.drain_outputs();
+        match &self.outcome {
+            None => 0,
+            Some(Outcome::StartFailed) => EXIT_USAGE,
+            Some(Outcome::Interrupted(sig)) => 128 + sig,
+            Some(Outcome::RankFailed { cause, .. }) => cause.shell_code(),
+            Some(Outcome::RankLost { code, .. }) => *code,
+        }
+    }
+
+    fn fail(&mut self, outcome: Outcome, message: String) {
+        if self.outcome.is_none() {
+            say(message);
+            self.outcome = Some(outcome);
+        }
+    }
+
+    /// Waits until every slot connected back and said hello.
+    fn startup(&mut self) -> bool {
+        let deadline = Instant::now() + self.spec.startup_timeout;
+        loop {
+            if self.procs.iter().all(|p| p.listen.is_some()) {
+                return true;
+            }
+            if self.outcome.is_some() {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = match self.events.recv_timeout(left) {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    let late: Vec<String> = (0..self.procs.len())
+                        .filter(|s| self.procs[*s].listen.is_none())
+                        .map(|s| self.name(s))
+                        .collect();
+                    self.fail(
+                        Outcome::StartFailed,
+                        format!(
+                            "{} did not connect back within {:?}; check that the host is reachable, that {} exists there, and that it can reach this machine",
+                            late.join(", "),
+                            self.spec.startup_timeout,
+                            self.spec.wrap.display()
+                        ),
+                    );
+                    return false;
+                }
+            };
+            match event {
+                Event::Connected { slot, stream, first } => self.connected(slot, stream, first),
+                Event::ProcessExited { slot, status } => {
+                    self.process_exited(slot, status);
+                    if self.procs[slot].listen.is_none() {
+                        let what = if self.procs[slot].local { "dsmwrap" } else { "ssh" };
+                        let last = self.procs[slot].last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
+                        let detail = if last.is_empty() { String::new() } else { format!(": {last}") };
+                        let cause = ExitCause::from_status(status).describe();
+                        self.fail(
+                            Outcome::StartFailed,
+                            format!("cannot start {}: {what} {cause}{detail}", self.name(slot)),
+                        );
+                    }
+                }
+                Event::WrapGone { slot, reason } => {
+                    self.procs[slot].control_gone = true;
+                    self.fail(
+                        Outcome::StartFailed,
+                        format!("{} dropped its control connection during start-up: {reason}", self.name(slot)),
+                    );
+                }
+                Event::FromWrap { .. } => {}
+                Event::Signal(signo) => self.fail(
+                    Outcome::Interrupted(signo),
+                    format!("interrupted by {} during start-up", signal_name(signo)),
+                ),
+            }
+        }
+    }
+
+    fn connected(&mut self, slot: usize, stream: TcpStream, first: WrapToExec) {
+        if self.procs[slot].control.is_some() || self.procs[slot].control_gone {
+            tracing::warn!("second control connection for slot {slot} refused");
+            return;
+        }
+        let reader = match stream.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(Outcome::StartFailed, format!("{}: {e}", self.name(slot)));
+                return;
+            }
+        };
+        self.procs[slot].control = Some(BufWriter::new(stream));
+        spawn_control_reader(slot, reader, self.events_tx.clone());
+        match first {
+            WrapToExec::Hello { listen, hostname, .. } => {
+                tracing::debug!("slot {slot} on {hostname} listens on {listen}");
+                self.procs[slot].listen = Some(listen);
+            }
+            WrapToExec::ProgramError { hostname, message, .. } => self.fail(
+                Outcome::StartFailed,
+                format!("cannot run the program for {} (on {hostname}): {message}", self.name(slot)),
+            ),
+            other => self.fail(
+                Outcome::StartFailed,
+                format!("{} sent {other:?} before its hello", self.name(slot)),
+            ),
+        }
+    }
+
+    fn launch(&mut self) {
+        let peers: Vec<SocketAddr> = self.procs.iter().filter_map(|p| p.listen).collect();
+        let hosts: Vec<String> = self.procs.iter().map(|p| p.host.clone()).collect();
+        let size = self.procs.len();
+        for rank in 0..size {
+            let msg = ExecToWrap::Launch {
+                rank,
+                size,
+                peers: peers.clone(),
+                hosts: hosts.clone(),
+                env: self.spec.env.clone(),
+                job_id: self.job_id.clone(),
+            };
+            self.procs[rank].send(&msg);
+        }
+    }
+
+    fn process_exited(&mut self, slot: usize, status: ExitStatus) {
+        let p = &mut self.procs[slot];
+        p.process_status = Some(status);
+        p.process_exited_at = Some(Instant::now());
+    }
+
+    fn stop_all(&mut self, grace: Duration) {
+        let grace_ms = grace.as_millis() as u64;
+        for p in &mut self.procs {
+            if p.process_status.is_none() {
+                p.send(&ExecToWrap::Stop { grace_ms });
+                if p.control.is_none() && p.listen.is_none() {
+                    // Never connected: nothing to ask, stop the process itself.
+                    p.kill_hard();
+                }
+            }
+        }
+    }
+
+    /// Handles events until every process ended, escalating to SIGKILL when
+    /// the ranks do not stop in time.
+    fn run_to_end(&mut self) {
+        let mut kill_at: Option<Instant> = None;
+        let mut give_up_at: Option<Instant> = None;
+        if self.outcome.is_some() {
+            self.stop_all(Duration::ZERO);
+            kill_at = Some(Instant::now() + LINGER);
+        }
+        while !self.procs.iter().all(Proc::finished) {
+            let now = Instant::now();
+            if let Some(t) = kill_at {
+                if now >= t {
+                    kill_at = None;
+                    give_up_at = Some(now + self.spec.grace + LINGER);
+                    for p in &mut self.procs {
+                        p.send(&ExecToWrap::Stop { grace_ms: 0 });
+                        p.kill_hard();
+                    }
+                }
+            }
+            if give_up_at.is_some_and(|t| now >= t) {
+                let left: Vec<String> = (0..self.procs.len())
+                    .filter(|s| !self.procs[*s].finished())
+                    .map(|s| self.name(s))
+                    .collect();
+                say(format!("giving up waiting for {}", left.join(", ")));
+                return;
+            }
+            for p in &mut self.procs {
+                if p.process_exited_at.is_some_and(|t| now >= t + LINGER) && !p.control_gone {
+                    p.close_control();
+                    p.control_gone = true;
+                }
+            }
+            let event = match self.events.recv_timeout(Duration::from_millis(100)) {
+                Ok(e) => e,
+                Err(_) => continue,
+            };
+            let failed_before = self.outcome.is_some();
+            match event {
+                Event::Connected { slot, stream, first } => self.connected(slot, stream, first),
+                Event::FromWrap { slot, msg } => match msg {
+                    WrapToExec::Started { pid } => self.procs[slot].program_pid = Some(Pid::from_raw(pid)),
+                    WrapToExec::Exited { status } => {
+                        self.procs[slot].result = Some(status);
+                        if !status.success() {
+                            let message = format!("{} {}", self.name(slot), status.describe());
+                            self.fail(Outcome::RankFailed { cause: status }, message);
+                        }
+                    }
+                    WrapToExec::Hello { .. } | WrapToExec::ProgramError { .. } => {}
+                },
+                Event::WrapGone { slot, reason } => {
+                    self.procs[slot].control_gone = true;
+                    self.procs[slot].control = None;
+                    if self.procs[slot].result.is_none() && self.procs[slot].listen.is_some() {
+                        let code = self.procs[slot]
+                            .process_status
+                            .map(|s| ExitCause::from_status(s).shell_code())
+                            .filter(|c| *c != 0)
+                            .unwrap_or(255);
+                        let message = format!("lost contact with {}: {reason}", self.name(slot));
+                        self.fail(Outcome::RankLost { code }, message);
+                    }
+                }
+                Event::ProcessExited { slot, status } => self.process_exited(slot, status),
+                Event::Signal(signo) => {
+                    if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
+                        say(format!("second {}: killing every rank now", signal_name(signo)));
+                        kill_at = Some(Instant::now());
+                        continue;
+                    }
+                    let message = format!("received {}, forwarding it to every rank", signal_name(signo));
+                    self.fail(Outcome::Interrupted(signo), message);
+                    for p in &mut self.procs {
+                        p.send(&ExecToWrap::Signal { signo });
+                    }
+                    kill_at.get_or_insert(Instant::now() + self.spec.grace);
+                }
+            }
+            if !failed_before && self.outcome.is_some() && !matches!(self.outcome, Some(Outcome::Interrupted(_))) {
+                let grace = self.spec.grace;
+                self.stop_all(grace);
+                kill_at = Some(Instant::now() + grace + LINGER);
+            }
+        }
+    }
+
+    fn wait_all(&mut self, until: Instant) {
+        while !self.procs.iter().all(|p| p.process_status.is_some()) {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Event::ProcessExited { slot, status }) => self.process_exited(slot, status),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Lets the output threads reach end of file, within a bound: a stray
+    /// grandchild holding a pipe open must not keep dsmexec alive.
+    fn drain_outputs(&mut self) {
+        let deadline = Instant::now() + DRAIN;
+        for handle in self.outputs.drain(..) {
+            while !handle.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn spawn_control_reader(slot: usize, mut stream: TcpStream, events: Sender<Event>) {
+    thread::spawn(move || loop {
+        match control::recv::<WrapToExec>(&mut stream) {
+            Ok(msg) => {
+                if events.send(Event::FromWrap { slot, msg }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = events.send(Event::WrapGone {
+                    slot,
+                    reason: e.to_string(),
+                });
+                return;
+            }
+        }
+    });
+}
+
