@@ -169,7 +169,10 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::thread;
 
-    fn run(client_secret: JobSecret, server_secret: JobSecret) -> (Result<(), AuthError>, Result<Vec<u8>, AuthError>) {
+    fn run(
+        client_secret: JobSecret,
+        server_secret: JobSecret,
+    ) -> (Result<(), AuthError>, Result<Vec<u8>, AuthError>) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let server = thread::spawn(move || accept(&mut b, &server_secret));
         let client = connect(&mut a, &client_secret, b"rank 3");
@@ -187,7 +190,10 @@ mod tests {
 
     #[test]
     fn wrong_secret_is_refused_on_both_sides() {
-        let (c, a) = run(JobSecret::generate().unwrap(), JobSecret::generate().unwrap());
+        let (c, a) = run(
+            JobSecret::generate().unwrap(),
+            JobSecret::generate().unwrap(),
+        );
         assert!(matches!(c, Err(AuthError::BadProof)));
         // The connector hangs up after the failed check: the acceptor sees it gone.
         assert!(a.is_err());

@@ -140,7 +140,11 @@ impl Bootstrap {
         let rank = parse_number(ENV_RANK)?;
         let size = parse_number(ENV_SIZE)?;
         if size == 0 || rank >= size {
-            return Err(bad(ENV_RANK, &rank.to_string(), format!("must be below {ENV_SIZE}={size}")));
+            return Err(bad(
+                ENV_RANK,
+                &rank.to_string(),
+                format!("must be below {ENV_SIZE}={size}"),
+            ));
         }
         let peers_text = var(ENV_PEERS)?;
         let addrs: Vec<SocketAddr> = peers_text
@@ -154,7 +158,11 @@ impl Bootstrap {
             return Err(bad(
                 ENV_PEERS,
                 &peers_text,
-                format!("{} addresses and {} hosts for {size} ranks", addrs.len(), hosts.len()),
+                format!(
+                    "{} addresses and {} hosts for {size} ranks",
+                    addrs.len(),
+                    hosts.len()
+                ),
             ));
         }
         let peers = hosts
@@ -177,7 +185,10 @@ impl Bootstrap {
         let mut text = String::new();
         secret_pipe
             .read_to_string(&mut text)
-            .map_err(|source| BootstrapError::Secret { fd: secret_fd_number, source })?;
+            .map_err(|source| BootstrapError::Secret {
+                fd: secret_fd_number,
+                source,
+            })?;
         let secret = JobSecret::from_hex(&text).ok_or_else(|| BootstrapError::Secret {
             fd: secret_fd_number,
             source: io::Error::new(io::ErrorKind::InvalidData, "not a 64-digit hex secret"),
@@ -195,7 +206,8 @@ impl Bootstrap {
     /// A whole job inside one process, on loopback: for tests and benchmarks
     /// of transports without a launcher.
     pub fn loopback_group(size: usize) -> Result<Vec<Bootstrap>, BootstrapError> {
-        let secret = JobSecret::generate().map_err(|e| BootstrapError::Listener(io::Error::other(e.to_string())))?;
+        let secret = JobSecret::generate()
+            .map_err(|e| BootstrapError::Listener(io::Error::other(e.to_string())))?;
         let listeners = (0..size)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<Vec<_>>>()

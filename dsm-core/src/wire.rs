@@ -46,7 +46,9 @@ pub struct FrameHeader {
 impl FrameHeader {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let l = self.len.to_le_bytes();
-        [MAGIC[0], MAGIC[1], VERSION, self.kind, l[0], l[1], l[2], l[3]]
+        [
+            MAGIC[0], MAGIC[1], VERSION, self.kind, l[0], l[1], l[2], l[3],
+        ]
     }
 
     pub fn decode(buf: &[u8; HEADER_LEN], max_len: u32) -> Result<Self, WireError> {
@@ -143,7 +145,10 @@ mod tests {
         write_frame_parts(&mut buf, 7, &[b"hello ", b"world"]).unwrap();
         write_frame(&mut buf, 9, b"").unwrap();
         let mut r = &buf[..];
-        assert_eq!(read_frame(&mut r, 100).unwrap(), (7, b"hello world".to_vec()));
+        assert_eq!(
+            read_frame(&mut r, 100).unwrap(),
+            (7, b"hello world".to_vec())
+        );
         assert_eq!(read_frame(&mut r, 100).unwrap(), (9, Vec::new()));
         assert!(matches!(read_frame(&mut r, 100), Err(WireError::Closed)));
     }
@@ -151,15 +156,25 @@ mod tests {
     #[test]
     fn rejects_garbage_before_allocating() {
         let mut r = &b"GET / HTTP/1.1\r\n"[..];
-        assert!(matches!(read_frame(&mut r, 100), Err(WireError::BadMagic(_))));
-        let huge = FrameHeader { kind: 1, len: u32::MAX }.encode();
+        assert!(matches!(
+            read_frame(&mut r, 100),
+            Err(WireError::BadMagic(_))
+        ));
+        let huge = FrameHeader {
+            kind: 1,
+            len: u32::MAX,
+        }
+        .encode();
         assert!(matches!(
             read_frame(&mut &huge[..], 1 << 20),
             Err(WireError::TooLong { .. })
         ));
         let mut old = FrameHeader { kind: 1, len: 0 }.encode();
         old[2] = 0;
-        assert!(matches!(read_frame(&mut &old[..], 10), Err(WireError::BadVersion(0))));
+        assert!(matches!(
+            read_frame(&mut &old[..], 10),
+            Err(WireError::BadVersion(0))
+        ));
     }
 
     #[test]

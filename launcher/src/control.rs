@@ -32,9 +32,17 @@ pub enum WrapToExec {
         listen: SocketAddr,
     },
     /// The program cannot be run on this host (missing, not executable...).
-    ProgramError { slot: usize, hostname: String, message: String },
-    Started { pid: i32 },
-    Exited { status: ExitCause },
+    ProgramError {
+        slot: usize,
+        hostname: String,
+        message: String,
+    },
+    Started {
+        pid: i32,
+    },
+    Exited {
+        status: ExitCause,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -110,7 +118,9 @@ pub fn send<T: Serialize>(stream: &mut BufWriter<TcpStream>, msg: &T) -> Result<
     Ok(())
 }
 
-pub fn recv<T: for<'de> Deserialize<'de>>(stream: &mut impl std::io::Read) -> Result<T, ControlError> {
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    stream: &mut impl std::io::Read,
+) -> Result<T, ControlError> {
     let payload = wire::read_frame_of(stream, KIND_CONTROL, MAX_CONTROL_FRAME)?;
     Ok(serde_json::from_slice(&payload)?)
 }
@@ -120,5 +130,9 @@ pub fn wrap_ident(slot: usize) -> Vec<u8> {
 }
 
 pub fn slot_from_ident(ident: &[u8]) -> Option<usize> {
-    std::str::from_utf8(ident).ok()?.strip_prefix(WRAP_IDENT_PREFIX)?.parse().ok()
+    std::str::from_utf8(ident)
+        .ok()?
+        .strip_prefix(WRAP_IDENT_PREFIX)?
+        .parse()
+        .ok()
 }

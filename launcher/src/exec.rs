@@ -7,7 +7,9 @@
 //! no shared mutable state between threads.
 
 use std::io::{BufWriter, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
+};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -34,6 +36,10 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Time given to output pipes to drain after every process ended.
 const DRAIN: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A wrapper that exits during start-up may have sent its reason just
+/// before; the message travels a different path than the exit, so wait
+/// this long for it before reporting the bare exit.
+const LAST_WORDS: Duration = Duration::from_millis(500);
 
 /// Everything dsmexec was asked to do.
 pub struct JobSpec {
@@ -177,8 +183,17 @@ fn host_without_user(host: &str) -> &str {
 
 /// The local address the kernel would use to reach `host`, if it resolves here.
 fn local_ip_towards(host: &str) -> Option<IpAddr> {
-    let target = (host_without_user(host), 22).to_socket_addrs().ok()?.next()?;
-    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
+    let target = (host_without_user(host), 22)
+        .to_socket_addrs()
+        .ok()?
+        .next()?;
+    let any: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .ok()?;
     let probe = UdpSocket::bind(any).ok()?;
     probe.connect(target).ok()?;
     Some(probe.local_addr().ok()?.ip())
@@ -212,7 +227,8 @@ fn plan_addresses(slots: &[Slot], locals: &[bool], bind: Option<IpAddr>) -> Addr
                 Some(bind)
             };
             // None: the remote dsmwrap takes our address from SSH_CLIENT.
-            ip.map(|ip| ip.to_string()).unwrap_or_else(|| "ssh-client".into())
+            ip.map(|ip| ip.to_string())
+                .unwrap_or_else(|| "ssh-client".into())
         })
         .collect();
     AddressPlan { bind, connect }
@@ -235,10 +251,15 @@ fn start(spec: JobSpec) -> Result<Runner, String> {
         .map(|s| machinefile::is_local(&s.host, &this_host))
         .collect();
     let plan = plan_addresses(&spec.slots, &locals, spec.bind);
-    let listener = TcpListener::bind((plan.bind, 0))
-        .map_err(|e| format!("cannot listen on {}: {e} (choose another address with --bind)", plan.bind))?;
+    let listener = TcpListener::bind((plan.bind, 0)).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e} (choose another address with --bind)",
+            plan.bind
+        )
+    })?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let secret = JobSecret::generate().map_err(|e| format!("no randomness for the job secret: {e}"))?;
+    let secret =
+        JobSecret::generate().map_err(|e| format!("no randomness for the job secret: {e}"))?;
     // A label for logs, drawn separately from the secret.
     let job_id = JobSecret::generate()
         .map(|s| s.to_hex()[..8].to_string())
@@ -246,7 +267,13 @@ fn start(spec: JobSpec) -> Result<Runner, String> {
 
     let (tx, rx) = crossbeam_channel::unbounded();
     let accepting = Arc::new(AtomicBool::new(true));
-    spawn_acceptor(listener, secret.clone(), spec.slots.len(), tx.clone(), Arc::clone(&accepting))?;
+    spawn_acceptor(
+        listener,
+        secret.clone(),
+        spec.slots.len(),
+        tx.clone(),
+        Arc::clone(&accepting),
+    )?;
     spawn_signal_listener(tx.clone())?;
 
     let mut runner = Runner {
@@ -289,11 +316,20 @@ fn spawn_acceptor(
                 while let Ok((stream, peer)) = listener.accept() {
                     let secret = secret.clone();
                     let events = events.clone();
+                    let accepting = Arc::clone(&accepting);
                     thread::spawn(move || match greet(stream, &secret, slots) {
                         Ok((slot, stream, first)) => {
-                            let _ = events.send(Event::Connected { slot, stream, first });
+                            let _ = events.send(Event::Connected {
+                                slot,
+                                stream,
+                                first,
+                            });
                         }
-                        Err(why) => tracing::warn!("refused control connection from {peer}: {why}"),
+                        // Once start-up is over (or aborted), late wrappers being cut off is expected.
+                        Err(why) if accepting.load(Ordering::SeqCst) => {
+                            tracing::warn!("refused control connection from {peer}: {why}")
+                        }
+                        Err(_) => {}
                     });
                 }
             }
@@ -303,17 +339,27 @@ fn spawn_acceptor(
 }
 
 /// Authenticates one incoming control connection and reads its first message.
-fn greet(mut stream: TcpStream, secret: &JobSecret, slots: usize) -> Result<(usize, TcpStream, WrapToExec), String> {
+fn greet(
+    mut stream: TcpStream,
+    secret: &JobSecret,
+    slots: usize,
+) -> Result<(usize, TcpStream, WrapToExec), String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let ident = auth::accept(&mut stream, secret).map_err(|e| e.to_string())?;
     let slot = control::slot_from_ident(&ident)
         .filter(|s| *s < slots)
         .ok_or_else(|| format!("unexpected identity {:?}", String::from_utf8_lossy(&ident)))?;
     let first = control::recv::<WrapToExec>(&mut stream).map_err(|e| e.to_string())?;
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     Ok((slot, stream, first))
 }
@@ -380,7 +426,10 @@ impl Runner {
             c.args(&spec.ssh[1..])
                 .args(["-o", "BatchMode=yes"])
                 .arg("-o")
-                .arg(format!("ConnectTimeout={}", spec.startup_timeout.as_secs().max(1)))
+                .arg(format!(
+                    "ConnectTimeout={}",
+                    spec.startup_timeout.as_secs().max(1)
+                ))
                 .arg(&spec.slots[slot].host)
                 .arg(format!("exec {}", quoted.join(" ")));
             c
@@ -392,7 +441,11 @@ impl Runner {
             .process_group(0);
         let what = if local { "dsmwrap" } else { "ssh" };
         let mut child: Child = command.spawn().map_err(|e| {
-            let path = if local { spec.wrap.display().to_string() } else { spec.ssh[0].clone() };
+            let path = if local {
+                spec.wrap.display().to_string()
+            } else {
+                spec.ssh[0].clone()
+            };
             format!("cannot start {what} ({path}) for rank {slot} on {host}: {e}")
         })?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -400,17 +453,22 @@ impl Runner {
             let _ = writeln!(stdin, "{}", secret.to_hex());
         }
         let last_stderr = LastLine::default();
-        let prefix = |stream: Stream| spec.prefix.then(|| format!("[{slot} {host} {}] ", stream.name()));
+        let prefix = |stream: Stream| {
+            spec.prefix
+                .then(|| format!("[{slot} {host} {}] ", stream.name()))
+        };
         if let Some(out) = child.stdout.take() {
             let p = prefix(Stream::Stdout);
-            self.outputs
-                .push(thread::spawn(move || output::forward(out, Stream::Stdout, p, LastLine::default())));
+            self.outputs.push(thread::spawn(move || {
+                output::forward(out, Stream::Stdout, p, LastLine::default())
+            }));
         }
         if let Some(err) = child.stderr.take() {
             let p = prefix(Stream::Stderr);
             let last = Arc::clone(&last_stderr);
-            self.outputs
-                .push(thread::spawn(move || output::forward(err, Stream::Stderr, p, last)));
+            self.outputs.push(thread::spawn(move || {
+                output::forward(err, Stream::Stderr, p, last)
+            }));
         }
         let pid = Pid::from_raw(child.id() as i32);
         let events = events.clone();
@@ -456,6 +514,7 @@ impl Runner {
         if self.outcome.is_none() {
             say(message);
             self.outcome = Some(outcome);
+            self.accepting.store(false, Ordering::SeqCst);
         }
     }
 
@@ -469,46 +528,50 @@ impl Runner {
             if self.outcome.is_some() {
                 return false;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(slot) = self.silently_exited() {
+                let p = &self.procs[slot];
+                let what = if p.local { "dsmwrap" } else { "ssh" };
+                let last = p.last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
+                let detail = if last.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {last}")
+                };
+                let cause = p
+                    .process_status
+                    .map(ExitCause::from_status)
+                    .map(ExitCause::describe)
+                    .unwrap_or_default();
+                let message = format!("cannot start {}: {what} {cause}{detail}", self.name(slot));
+                self.fail(Outcome::StartFailed, message);
+                return false;
+            }
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            if left.is_zero() {
+                self.report_late_slots();
+                return false;
+            }
             let event = match self.events.recv_timeout(left) {
                 Ok(e) => e,
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    let late: Vec<String> = (0..self.procs.len())
-                        .filter(|s| self.procs[*s].listen.is_none())
-                        .map(|s| self.name(s))
-                        .collect();
-                    self.fail(
-                        Outcome::StartFailed,
-                        format!(
-                            "{} did not connect back within {:?}; check that the host is reachable, that {} exists there, and that it can reach this machine",
-                            late.join(", "),
-                            self.spec.startup_timeout,
-                            self.spec.wrap.display()
-                        ),
-                    );
-                    return false;
-                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => continue,
             };
             match event {
-                Event::Connected { slot, stream, first } => self.connected(slot, stream, first),
-                Event::ProcessExited { slot, status } => {
-                    self.process_exited(slot, status);
-                    if self.procs[slot].listen.is_none() {
-                        let what = if self.procs[slot].local { "dsmwrap" } else { "ssh" };
-                        let last = self.procs[slot].last_stderr.lock().map(|l| l.clone()).unwrap_or_default();
-                        let detail = if last.is_empty() { String::new() } else { format!(": {last}") };
-                        let cause = ExitCause::from_status(status).describe();
-                        self.fail(
-                            Outcome::StartFailed,
-                            format!("cannot start {}: {what} {cause}{detail}", self.name(slot)),
-                        );
-                    }
-                }
+                Event::Connected {
+                    slot,
+                    stream,
+                    first,
+                } => self.connected(slot, stream, first),
+                Event::ProcessExited { slot, status } => self.process_exited(slot, status),
                 Event::WrapGone { slot, reason } => {
                     self.procs[slot].control_gone = true;
                     self.fail(
                         Outcome::StartFailed,
-                        format!("{} dropped its control connection during start-up: {reason}", self.name(slot)),
+                        format!(
+                            "{} dropped its control connection during start-up: {reason}",
+                            self.name(slot)
+                        ),
                     );
                 }
                 Event::FromWrap { .. } => {}
@@ -518,6 +581,30 @@ impl Runner {
                 ),
             }
         }
+    }
+
+    /// A slot whose process ended before it said hello, long enough ago
+    /// that its last message (if any) would have arrived.
+    fn silently_exited(&self) -> Option<usize> {
+        self.procs.iter().position(|p| {
+            p.listen.is_none()
+                && p.process_exited_at
+                    .is_some_and(|t| t.elapsed() >= LAST_WORDS)
+        })
+    }
+
+    fn report_late_slots(&mut self) {
+        let late: Vec<String> = (0..self.procs.len())
+            .filter(|s| self.procs[*s].listen.is_none())
+            .map(|s| self.name(s))
+            .collect();
+        let message = format!(
+            "{} did not connect back within {:?}; check that the host is reachable, that {} exists there, and that it can reach this machine",
+            late.join(", "),
+            self.spec.startup_timeout,
+            self.spec.wrap.display()
+        );
+        self.fail(Outcome::StartFailed, message);
     }
 
     fn connected(&mut self, slot: usize, stream: TcpStream, first: WrapToExec) {
@@ -535,13 +622,15 @@ impl Runner {
         self.procs[slot].control = Some(BufWriter::new(stream));
         spawn_control_reader(slot, reader, self.events_tx.clone());
         match first {
-            WrapToExec::Hello { listen, hostname, .. } => {
+            WrapToExec::Hello {
+                listen, hostname, ..
+            } => {
                 tracing::debug!("slot {slot} on {hostname} listens on {listen}");
                 self.procs[slot].listen = Some(listen);
             }
-            WrapToExec::ProgramError { hostname, message, .. } => self.fail(
+            WrapToExec::ProgramError { message, .. } => self.fail(
                 Outcome::StartFailed,
-                format!("cannot run the program for {} (on {hostname}): {message}", self.name(slot)),
+                format!("cannot run the program for {}: {message}", self.name(slot)),
             ),
             other => self.fail(
                 Outcome::StartFailed,
@@ -627,9 +716,15 @@ impl Runner {
             };
             let failed_before = self.outcome.is_some();
             match event {
-                Event::Connected { slot, stream, first } => self.connected(slot, stream, first),
+                Event::Connected {
+                    slot,
+                    stream,
+                    first,
+                } => self.connected(slot, stream, first),
                 Event::FromWrap { slot, msg } => match msg {
-                    WrapToExec::Started { pid } => self.procs[slot].program_pid = Some(Pid::from_raw(pid)),
+                    WrapToExec::Started { pid } => {
+                        self.procs[slot].program_pid = Some(Pid::from_raw(pid))
+                    }
                     WrapToExec::Exited { status } => {
                         self.procs[slot].result = Some(status);
                         if !status.success() {
@@ -655,11 +750,17 @@ impl Runner {
                 Event::ProcessExited { slot, status } => self.process_exited(slot, status),
                 Event::Signal(signo) => {
                     if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
-                        say(format!("second {}: killing every rank now", signal_name(signo)));
+                        say(format!(
+                            "second {}: killing every rank now",
+                            signal_name(signo)
+                        ));
                         kill_at = Some(Instant::now());
                         continue;
                     }
-                    let message = format!("received {}, forwarding it to every rank", signal_name(signo));
+                    let message = format!(
+                        "received {}, forwarding it to every rank",
+                        signal_name(signo)
+                    );
                     self.fail(Outcome::Interrupted(signo), message);
                     for p in &mut self.procs {
                         p.send(&ExecToWrap::Signal { signo });
@@ -667,7 +768,10 @@ impl Runner {
                     kill_at.get_or_insert(Instant::now() + self.spec.grace);
                 }
             }
-            if !failed_before && self.outcome.is_some() && !matches!(self.outcome, Some(Outcome::Interrupted(_))) {
+            if !failed_before
+                && self.outcome.is_some()
+                && !matches!(self.outcome, Some(Outcome::Interrupted(_)))
+            {
                 let grace = self.spec.grace;
                 self.stop_all(grace);
                 kill_at = Some(Instant::now() + grace + LINGER);
@@ -719,4 +823,3 @@ fn spawn_control_reader(slot: usize, mut stream: TcpStream, events: Sender<Event
         }
     });
 }
-

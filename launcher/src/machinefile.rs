@@ -60,7 +60,9 @@ pub fn parse(text: &str, name: &str) -> Result<Vec<Slot>, MachineFileError> {
         let mut count = 1;
         for word in words {
             let Some(value) = word.strip_prefix("slots=") else {
-                return Err(bad(format!("unknown attribute {word:?} (expected slots=K)")));
+                return Err(bad(format!(
+                    "unknown attribute {word:?} (expected slots=K)"
+                )));
             };
             count = match value.parse::<usize>() {
                 Ok(k) if k > 0 => k,
@@ -82,8 +84,10 @@ pub fn parse(text: &str, name: &str) -> Result<Vec<Slot>, MachineFileError> {
 /// Hosts that mean "this machine": started without SSH.
 pub fn is_local(host: &str, this_host: &str) -> bool {
     let short = this_host.split('.').next().unwrap_or(this_host);
-    matches!(host, "localhost" | "127.0.0.1" | "::1" | "[::1]" | "localhost.localdomain")
-        || host == this_host
+    matches!(
+        host,
+        "localhost" | "127.0.0.1" | "::1" | "[::1]" | "localhost.localdomain"
+    ) || host == this_host
         || host == short
 }
 
@@ -92,7 +96,11 @@ mod tests {
     use super::*;
 
     fn hosts(text: &str) -> Vec<String> {
-        parse(text, "m").unwrap().into_iter().map(|s| s.host).collect()
+        parse(text, "m")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.host)
+            .collect()
     }
 
     #[test]
@@ -104,15 +112,30 @@ mod tests {
     #[test]
     fn bad_lines_name_the_line() {
         let err = parse("node1\nnode2 cpus=3\n", "m").unwrap_err();
-        assert_eq!(err.to_string(), "machine file m, line 2: unknown attribute \"cpus=3\" (expected slots=K)");
-        assert!(matches!(parse("a slots=0", "m"), Err(MachineFileError::BadLine { line: 1, .. })));
-        assert!(matches!(parse("a slots=x", "m"), Err(MachineFileError::BadLine { line: 1, .. })));
-        assert!(matches!(parse("a;rm -rf /", "m"), Err(MachineFileError::BadLine { line: 1, .. })));
+        assert_eq!(
+            err.to_string(),
+            "machine file m, line 2: unknown attribute \"cpus=3\" (expected slots=K)"
+        );
+        assert!(matches!(
+            parse("a slots=0", "m"),
+            Err(MachineFileError::BadLine { line: 1, .. })
+        ));
+        assert!(matches!(
+            parse("a slots=x", "m"),
+            Err(MachineFileError::BadLine { line: 1, .. })
+        ));
+        assert!(matches!(
+            parse("a;rm -rf /", "m"),
+            Err(MachineFileError::BadLine { line: 1, .. })
+        ));
     }
 
     #[test]
     fn empty_files_are_refused() {
-        assert!(matches!(parse("# nothing\n\n", "m"), Err(MachineFileError::Empty { .. })));
+        assert!(matches!(
+            parse("# nothing\n\n", "m"),
+            Err(MachineFileError::Empty { .. })
+        ));
     }
 
     #[test]

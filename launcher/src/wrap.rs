@@ -61,7 +61,9 @@ pub fn run(args: WrapArgs) -> Result<i32> {
             eprintln!(
                 "dsmwrap: cannot enter {} on {hostname} ({e}); running in {}",
                 dir.display(),
-                std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default()
+                std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
             );
         }
     }
@@ -78,7 +80,8 @@ pub fn run(args: WrapArgs) -> Result<i32> {
         }
     };
 
-    let listener = TcpListener::bind((stream.local_addr()?.ip(), 0)).context("binding the DSM listener")?;
+    let listener =
+        TcpListener::bind((stream.local_addr()?.ip(), 0)).context("binding the DSM listener")?;
     control::send(
         &mut writer,
         &WrapToExec::Hello {
@@ -92,7 +95,7 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     stream.set_read_timeout(None)?;
     let launch = match control::recv::<ExecToWrap>(&mut reader) {
         Ok(launch @ ExecToWrap::Launch { .. }) => launch,
-        Ok(_) => return Ok(0), // stopped during start-up
+        Ok(_) => return Ok(0),  // stopped during start-up
         Err(_) => return Ok(1), // dsmexec went away during start-up
     };
     let ExecToWrap::Launch {
@@ -109,7 +112,8 @@ pub fn run(args: WrapArgs) -> Result<i32> {
 
     // The secret goes to the program through a pipe it inherits.
     let (secret_read, secret_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("pipe")?;
-    nix::unistd::write(&secret_write, secret.to_hex().as_bytes()).context("writing the secret pipe")?;
+    nix::unistd::write(&secret_write, secret.to_hex().as_bytes())
+        .context("writing the secret pipe")?;
     drop(secret_write);
     for fd in [secret_read.as_fd(), listener.as_fd()] {
         fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).context("fcntl")?;
@@ -122,7 +126,10 @@ pub fn run(args: WrapArgs) -> Result<i32> {
         .envs(extra_env)
         .env(env::ENV_RANK, rank.to_string())
         .env(env::ENV_SIZE, size.to_string())
-        .env(env::ENV_PEERS, join(peers.iter().map(|p| p.to_string()).collect()))
+        .env(
+            env::ENV_PEERS,
+            join(peers.iter().map(|p| p.to_string()).collect()),
+        )
         .env(env::ENV_HOSTS, join(hosts))
         .env(env::ENV_LISTEN_FD, listener.as_raw_fd().to_string())
         .env(env::ENV_SECRET_FD, secret_read.as_raw_fd().to_string())
@@ -154,8 +161,9 @@ fn read_secret() -> Result<JobSecret> {
         .lock()
         .take_line(&mut line)
         .context("reading the job secret from stdin")?;
-    JobSecret::from_hex(&line)
-        .ok_or_else(|| anyhow!("no job secret on stdin: dsmwrap is started by dsmexec, not by hand"))
+    JobSecret::from_hex(&line).ok_or_else(|| {
+        anyhow!("no job secret on stdin: dsmwrap is started by dsmexec, not by hand")
+    })
 }
 
 trait TakeLine {
@@ -175,14 +183,17 @@ fn resolve_connect(spec: &str) -> Result<SocketAddr> {
     if let Some(port) = spec.strip_prefix("ssh-client:") {
         // SSH_CLIENT = "client-ip client-port server-port": the address this
         // host saw dsmexec's ssh come from, hence one that routes back.
-        let client = std::env::var("SSH_CLIENT").context("--connect ssh-client: needs SSH_CLIENT (set by sshd)")?;
+        let client = std::env::var("SSH_CLIENT")
+            .context("--connect ssh-client: needs SSH_CLIENT (set by sshd)")?;
         let ip: IpAddr = client
             .split_whitespace()
             .next()
             .unwrap_or_default()
             .parse()
             .with_context(|| format!("SSH_CLIENT={client:?} has no address"))?;
-        let port: u16 = port.parse().with_context(|| format!("bad port in --connect {spec}"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("bad port in --connect {spec}"))?;
         return Ok(SocketAddr::new(ip, port));
     }
     spec.to_socket_addrs()
@@ -260,4 +271,3 @@ fn spawn_signal_forwarder(pgid: Pid) -> Result<()> {
     });
     Ok(())
 }
-

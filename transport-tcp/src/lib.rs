@@ -50,7 +50,10 @@ impl Default for TcpOptions {
     }
 }
 
-type Inbox = (Sender<Result<Message, TransportError>>, Receiver<Result<Message, TransportError>>);
+type Inbox = (
+    Sender<Result<Message, TransportError>>,
+    Receiver<Result<Message, TransportError>>,
+);
 
 struct Peer {
     writer: Mutex<BufWriter<TcpStream>>,
@@ -81,7 +84,11 @@ fn ident_for(rank: Rank) -> Vec<u8> {
 }
 
 fn rank_from_ident(ident: &[u8]) -> Option<Rank> {
-    std::str::from_utf8(ident).ok()?.strip_prefix(IDENT_PREFIX)?.parse().ok()
+    std::str::from_utf8(ident)
+        .ok()?
+        .strip_prefix(IDENT_PREFIX)?
+        .parse()
+        .ok()
 }
 
 impl TcpTransport {
@@ -107,7 +114,16 @@ impl TcpTransport {
             thread::Builder::new()
                 .name("dsm-tcp-accept".into())
                 .spawn(move || {
-                    accept_loop(listener, rank, size, expected_higher, &secret, handshake_timeout, deadline, acc_tx)
+                    accept_loop(
+                        listener,
+                        rank,
+                        size,
+                        expected_higher,
+                        &secret,
+                        handshake_timeout,
+                        deadline,
+                        acc_tx,
+                    )
                 })
                 .map_err(|e| setup_err(format!("spawning the acceptor: {e}")))?
         };
@@ -137,7 +153,11 @@ impl TcpTransport {
                 peers.push(None);
                 continue;
             };
-            let io = |e: std::io::Error| setup_err(format!("configuring the connection to rank {peer_rank}: {e}"));
+            let io = |e: std::io::Error| {
+                setup_err(format!(
+                    "configuring the connection to rank {peer_rank}: {e}"
+                ))
+            };
             stream.set_nodelay(true).map_err(io)?;
             stream.set_read_timeout(None).map_err(io)?;
             stream.set_write_timeout(None).map_err(io)?;
@@ -182,7 +202,10 @@ impl TcpTransport {
             .ok_or(TransportError::NoSuchRank { rank: to, size })?;
         // A poisoned lock means another sender panicked mid-frame: the stream
         // may hold half a frame, so the connection cannot be used any more.
-        let mut w = peer.writer.lock().map_err(|_| self.lost(to, "a sender panicked mid-frame"))?;
+        let mut w = peer
+            .writer
+            .lock()
+            .map_err(|_| self.lost(to, "a sender panicked mid-frame"))?;
         wire::write_frame_parts(&mut *w, kind, parts)
             .and_then(|_| w.flush())
             .map_err(|e| self.lost(to, format!("send failed: {e}")))
@@ -206,7 +229,8 @@ fn accept_loop(
     listener
         .set_nonblocking(true)
         .map_err(|e| setup_err(format!("listener: {e}")))?;
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(SocketAddr, Result<(Rank, TcpStream), String>)>();
+    let (done_tx, done_rx) =
+        crossbeam_channel::unbounded::<(SocketAddr, Result<(Rank, TcpStream), String>)>();
     let pending = Arc::new(AtomicUsize::new(0));
     let mut connected = vec![false; size];
     let mut count = 0;
@@ -225,23 +249,37 @@ fn accept_loop(
         // Wait for a new connection or a finished handshake, in short steps.
         let step = (deadline - now).min(Duration::from_millis(50));
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::try_from(step).unwrap_or(PollTimeout::MAX));
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(step).unwrap_or(PollTimeout::MAX),
+        );
         loop {
             match listener.accept() {
                 Ok((stream, addr)) => {
                     if pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
-                        tracing::warn!("refused connection from {addr}: too many pending handshakes");
+                        tracing::warn!(
+                            "refused connection from {addr}: too many pending handshakes"
+                        );
                         continue;
                     }
                     pending.fetch_add(1, Ordering::SeqCst);
                     let secret = secret.clone();
                     let done = done_tx.clone();
                     let pending = Arc::clone(&pending);
-                    let spawned = thread::Builder::new().name("dsm-tcp-auth".into()).spawn(move || {
-                        let result = authenticate_incoming(stream, &secret, my_rank, size, handshake_timeout);
-                        pending.fetch_sub(1, Ordering::SeqCst);
-                        let _ = done.send((addr, result));
-                    });
+                    let spawned =
+                        thread::Builder::new()
+                            .name("dsm-tcp-auth".into())
+                            .spawn(move || {
+                                let result = authenticate_incoming(
+                                    stream,
+                                    &secret,
+                                    my_rank,
+                                    size,
+                                    handshake_timeout,
+                                );
+                                pending.fetch_sub(1, Ordering::SeqCst);
+                                let _ = done.send((addr, result));
+                            });
                     if spawned.is_err() {
                         tracing::warn!("refused connection from {addr}: cannot spawn a thread");
                     }
@@ -262,7 +300,9 @@ fn accept_loop(
                     let _ = out.send((rank, stream));
                 }
                 Ok((rank, _)) => {
-                    tracing::warn!("refused connection from {addr}: rank {rank} is already connected")
+                    tracing::warn!(
+                        "refused connection from {addr}: rank {rank} is already connected"
+                    )
                 }
                 Err(why) => tracing::warn!("refused connection from {addr}: {why}"),
             }
@@ -281,12 +321,19 @@ fn authenticate_incoming(
     timeout: Duration,
 ) -> Result<(Rank, TcpStream), String> {
     stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let ident = auth::accept(&mut stream, secret).map_err(|e| e.to_string())?;
     match rank_from_ident(&ident) {
         Some(rank) if rank > my_rank && rank < size => Ok((rank, stream)),
-        _ => Err(format!("authenticated peer announced an unexpected identity {:?}", String::from_utf8_lossy(&ident))),
+        _ => Err(format!(
+            "authenticated peer announced an unexpected identity {:?}",
+            String::from_utf8_lossy(&ident)
+        )),
     }
 }
 
@@ -298,7 +345,12 @@ fn connect_to(
     handshake_timeout: Duration,
     deadline: Instant,
 ) -> Result<TcpStream, TransportError> {
-    let fail = |why: String| setup_err(format!("rank {my_rank} cannot connect to rank {peer} on {} ({}): {why}", info.host, info.addr));
+    let fail = |why: String| {
+        setup_err(format!(
+            "rank {my_rank} cannot connect to rank {peer} on {} ({}): {why}",
+            info.host, info.addr
+        ))
+    };
     let mut stream = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -315,8 +367,12 @@ fn connect_to(
         }
     };
     let io = |e: std::io::Error| fail(e.to_string());
-    stream.set_read_timeout(Some(handshake_timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(handshake_timeout)).map_err(io)?;
+    stream
+        .set_read_timeout(Some(handshake_timeout))
+        .map_err(io)?;
+    stream
+        .set_write_timeout(Some(handshake_timeout))
+        .map_err(io)?;
     auth::connect(&mut stream, secret, &ident_for(my_rank)).map_err(|e| fail(e.to_string()))?;
     Ok(stream)
 }
@@ -341,7 +397,9 @@ fn read_loop(
             Ok(h) => h,
             Err(WireError::Closed) if said_goodbye => return,
             Err(WireError::Closed) => {
-                let _ = inbox.send(Err(lost("connection closed without goodbye (process died?)".into())));
+                let _ = inbox.send(Err(lost(
+                    "connection closed without goodbye (process died?)".into(),
+                )));
                 return;
             }
             Err(e) => {
@@ -367,7 +425,9 @@ fn read_loop(
                 goodbyes.arrived.notify_all();
             }
             kind => {
-                let _ = inbox.send(Err(lost(format!("protocol violation: frame kind {kind} after goodbye={said_goodbye}"))));
+                let _ = inbox.send(Err(lost(format!(
+                    "protocol violation: frame kind {kind} after goodbye={said_goodbye}"
+                ))));
                 return;
             }
         }
@@ -434,7 +494,11 @@ impl Transport for TcpTransport {
         }
         let others = self.size() - 1;
         let deadline = Instant::now() + timeout;
-        let mut count = self.goodbyes.count.lock().unwrap_or_else(|p| p.into_inner());
+        let mut count = self
+            .goodbyes
+            .count
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         while *count < others {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -59,7 +59,9 @@ fn many_small_messages_arrive_in_order_between_all_pairs() {
                 let mut next = [0u32; N];
                 for _ in 0..N as u32 * PER_PEER {
                     let m = recv(&t);
-                    let word = |i: usize| u32::from_le_bytes(m.payload[4 * i..4 * i + 4].try_into().unwrap());
+                    let word = |i: usize| {
+                        u32::from_le_bytes(m.payload[4 * i..4 * i + 4].try_into().unwrap())
+                    };
                     assert_eq!(word(0) as usize, m.from);
                     assert_eq!(word(1) as usize, t.rank());
                     assert_eq!(word(2), next[m.from], "out of order from {}", m.from);
@@ -78,7 +80,9 @@ fn many_small_messages_arrive_in_order_between_all_pairs() {
 #[test]
 fn large_payload_arrives_intact() {
     let ranks = job(2);
-    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..8 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let sender = {
         let t = Arc::clone(&ranks[1]);
         let big = big.clone();
@@ -114,7 +118,10 @@ fn concurrent_senders_never_interleave_frames() {
         let tid = m.payload[4] as usize;
         assert_eq!(m.payload.len(), 16 + tid * 300);
         assert!(m.payload[4..].iter().all(|b| *b as usize == tid));
-        assert_eq!(u32::from_le_bytes(m.payload[..4].try_into().unwrap()), next[tid]);
+        assert_eq!(
+            u32::from_le_bytes(m.payload[..4].try_into().unwrap()),
+            next[tid]
+        );
         next[tid] += 1;
     }
     for s in senders {
@@ -129,13 +136,22 @@ fn intruders_are_refused_and_the_job_still_connects() {
     // Before the real ranks connect: a wrong secret, garbage, and a silent socket.
     let mut wrong = TcpStream::connect(target).unwrap();
     wrong.set_read_timeout(Some(RECV_LIMIT)).unwrap();
-    let intruder = thread::spawn(move || auth::connect(&mut wrong, &JobSecret::generate().unwrap(), b"dsm-tcp rank 2"));
+    let intruder = thread::spawn(move || {
+        auth::connect(
+            &mut wrong,
+            &JobSecret::generate().unwrap(),
+            b"dsm-tcp rank 2",
+        )
+    });
     let mut garbage = TcpStream::connect(target).unwrap();
     garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let _silent = TcpStream::connect(target).unwrap();
 
     let ranks = connect_all(boots);
-    assert!(intruder.join().unwrap().is_err(), "a wrong secret was accepted");
+    assert!(
+        intruder.join().unwrap().is_err(),
+        "a wrong secret was accepted"
+    );
     ranks[2].send(0, b"still fine").unwrap();
     let m = recv(&ranks[0]);
     assert_eq!((m.from, &m.payload[..]), (2, &b"still fine"[..]));
@@ -157,5 +173,8 @@ fn sending_to_self_loops_back_and_bad_ranks_are_refused() {
     let ranks = job(1);
     ranks[0].send(0, b"me").unwrap();
     assert_eq!(recv(&ranks[0]).payload, b"me");
-    assert!(matches!(ranks[0].send(5, b"x"), Err(TransportError::NoSuchRank { rank: 5, size: 1 })));
+    assert!(matches!(
+        ranks[0].send(5, b"x"),
+        Err(TransportError::NoSuchRank { rank: 5, size: 1 })
+    ));
 }

@@ -15,7 +15,12 @@ fn expected(from: usize, to: usize, max: usize) -> Vec<u8> {
     let len = 8 + (from * 7919 + to * 104_729) % max.max(1);
     let seed = (from as u64) << 32 | to as u64;
     (0..len as u64)
-        .map(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add(i.wrapping_mul(1442695040888963407)) >> 56) as u8)
+        .map(|i| {
+            (seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(i.wrapping_mul(1442695040888963407))
+                >> 56) as u8
+        })
         .collect()
 }
 
@@ -41,11 +46,18 @@ fn main() -> Result<()> {
             bail!("unexpected second message from rank {}", msg.from);
         }
         if msg.payload != expected(msg.from, rank, max) {
-            bail!("message from rank {} is corrupted ({} bytes)", msg.from, msg.payload.len());
+            bail!(
+                "message from rank {} is corrupted ({} bytes)",
+                msg.from,
+                msg.payload.len()
+            );
         }
         seen[msg.from] = true;
     }
     transport.shutdown(Duration::from_secs(30))?;
-    println!("rank {rank} on {host}: {} messages from every other rank verified", size - 1);
+    println!(
+        "rank {rank} on {host}: {} messages from every other rank verified",
+        size - 1
+    );
     Ok(())
 }

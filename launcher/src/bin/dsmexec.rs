@@ -79,8 +79,11 @@ fn usage_error(message: impl AsRef<str>) -> ! {
 }
 
 fn seconds(name: &str, value: f64) -> Duration {
-    Duration::try_from_secs_f64(value)
-        .unwrap_or_else(|_| usage_error(format!("--{name} {value}: expected a non-negative number of seconds")))
+    Duration::try_from_secs_f64(value).unwrap_or_else(|_| {
+        usage_error(format!(
+            "--{name} {value}: expected a non-negative number of seconds"
+        ))
+    })
 }
 
 fn exported_env(export: &[String]) -> Vec<(String, String)> {
@@ -94,7 +97,9 @@ fn exported_env(export: &[String]) -> Vec<(String, String)> {
             Some((n, v)) => (n.to_string(), v.to_string()),
             None => match std::env::var(item) {
                 Ok(v) => (item.clone(), v),
-                Err(_) => usage_error(format!("-x {item}: no such variable in dsmexec's environment")),
+                Err(_) => usage_error(format!(
+                    "-x {item}: no such variable in dsmexec's environment"
+                )),
             },
         };
         if name.is_empty() {
@@ -110,6 +115,9 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) if e.kind() == ErrorKind::MissingRequiredArgument => {
+            usage_error("missing PROGRAM: dsmexec [OPTIONS] MACHINEFILE PROGRAM [ARGS]... or dsmexec [OPTIONS] -n N PROGRAM [ARGS]...")
+        }
         Err(e) => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("bad arguments");
@@ -122,32 +130,52 @@ fn main() {
         Some(0) => usage_error("-n 0: a job needs at least one process"),
         Some(n) => {
             let name = nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().split('.').next().unwrap_or("localhost").to_string())
+                .map(|h| {
+                    h.to_string_lossy()
+                        .split('.')
+                        .next()
+                        .unwrap_or("localhost")
+                        .to_string()
+                })
                 .unwrap_or_else(|_| "localhost".into());
-            let slots = (0..n).map(|_| Slot { host: "localhost".into() }).collect();
+            let slots = (0..n)
+                .map(|_| Slot {
+                    host: "localhost".into(),
+                })
+                .collect();
             (slots, Some(name))
         }
         None => {
-            let file = rest.next().unwrap_or_else(|| usage_error("missing MACHINEFILE (or use -n N)"));
-            let slots = machinefile::read(std::path::Path::new(&file)).unwrap_or_else(|e| usage_error(e.to_string()));
+            let file = rest
+                .next()
+                .unwrap_or_else(|| usage_error("missing MACHINEFILE (or use -n N)"));
+            let slots = machinefile::read(std::path::Path::new(&file))
+                .unwrap_or_else(|e| usage_error(e.to_string()));
             (slots, None)
         }
     };
-    let program = rest.next().unwrap_or_else(|| usage_error("missing PROGRAM"));
+    let program = rest
+        .next()
+        .unwrap_or_else(|| usage_error("missing PROGRAM"));
     let args: Vec<String> = rest.collect();
 
     let ssh = shlex::split(&cli.ssh)
         .filter(|words| !words.is_empty())
-        .unwrap_or_else(|| usage_error(format!("--ssh {:?}: cannot split into a command", cli.ssh)));
+        .unwrap_or_else(|| {
+            usage_error(format!("--ssh {:?}: cannot split into a command", cli.ssh))
+        });
     let wrap = match cli.wrap {
         Some(path) => path,
         None => std::env::current_exe()
             .ok()
             .and_then(|exe| exe.parent().map(|dir| dir.join("dsmwrap")))
             .filter(|p| p.exists())
-            .unwrap_or_else(|| usage_error("cannot find dsmwrap beside dsmexec; give its path with --wrap")),
+            .unwrap_or_else(|| {
+                usage_error("cannot find dsmwrap beside dsmexec; give its path with --wrap")
+            }),
     };
-    let cwd = std::env::current_dir().unwrap_or_else(|e| usage_error(format!("current directory: {e}")));
+    let cwd =
+        std::env::current_dir().unwrap_or_else(|e| usage_error(format!("current directory: {e}")));
 
     let spec = JobSpec {
         slots,

@@ -1,0 +1,241 @@
+//! Helpers for the multi-process tests: find the built binaries, run
+//! dsmexec with a hard time limit, read its prefixed output, and check that
+//! no process of a test survived.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A binary of the workspace, built by `cargo build --workspace --bins`
+/// (scripts/test.sh does that before `cargo test`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn short_hostname() -> String {
+    let name = nix::unistd::gethostname().expect("hostname");
+    name.to_string_lossy()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A token unique to one test run, passed to test programs so leftovers can
+/// be found in /proc.
+pub fn unique_token(label: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "dsmtest-{label}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    /// Lines of stdout (or stderr) carrying `[rank host stream] ` prefixes.
+    pub fn lines_of(&self, rank: usize, host: &str, stream: &str) -> Vec<String> {
+        let prefix = format!("[{rank} {host} {stream}] ");
+        let text = if stream == "stdout" {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// dsmexec's own messages (lines starting with `dsmexec:`).
+    pub fn launcher_messages(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| l.starts_with("dsmexec:"))
+            .collect()
+    }
+}
+
+/// A running dsmexec whose stdout lines can be awaited one by one.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    stdout: Vec<String>,
+    stderr: thread::JoinHandle<String>,
+    started: Instant,
+    limit: Duration,
+}
+
+pub fn dsmexec(args: &[&str], cwd: &Path) -> Command {
+    let mut c = Command::new(bin("dsmexec"));
+    c.args(args).current_dir(cwd);
+    c
+}
+
+impl Running {
+    pub fn start(mut command: Command, limit: Duration) -> Running {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start dsmexec");
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Running {
+            child,
+            lines: rx,
+            stdout: Vec::new(),
+            stderr,
+            started: Instant::now(),
+            limit,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.started + self.limit
+    }
+
+    /// Waits until `count` stdout lines satisfy `pred`, failing loudly at the time limit.
+    pub fn await_lines(&mut self, count: usize, pred: impl Fn(&str) -> bool) {
+        let mut seen = self.stdout.iter().filter(|l| pred(l)).count();
+        while seen < count {
+            let left = self.deadline().saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if pred(&line) {
+                        seen += 1;
+                    }
+                    self.stdout.push(line);
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "only {seen} of {count} expected lines within {:?}; stdout so far:\n{}",
+                        self.limit,
+                        self.stdout.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for dsmexec to exit; kills it and fails the test at the time limit.
+    pub fn finish(mut self) -> Finished {
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut stdout = std::mem::take(&mut self.stdout);
+                stdout.extend(self.lines.iter());
+                let stderr = self.stderr.join().unwrap_or_default();
+                return Finished {
+                    code: status.code(),
+                    stdout: stdout.join("\n") + "\n",
+                    stderr,
+                    elapsed: self.started.elapsed(),
+                };
+            }
+            if Instant::now() >= self.deadline() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "dsmexec did not finish within {:?}; stdout so far:\n{}",
+                    self.limit,
+                    self.stdout.join("\n")
+                );
+            }
+            // Drain stdout while waiting so a chatty job never blocks on a full pipe.
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => self.stdout.push(line),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Runs dsmexec to completion within `limit`.
+pub fn run(command: Command, limit: Duration) -> Finished {
+    Running::start(command, limit).finish()
+}
+
+/// Live (non-zombie) processes whose command line contains `token`.
+pub fn processes_with(token: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(token) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        if !matches!(state, Some("Z") | Some("X") | None) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Asserts that no process carrying `token` remains, allowing `within` for
+/// SIGKILLed processes to finish dying.
+pub fn assert_no_leftovers(token: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = processes_with(token);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("processes of the test are still running: {left:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
