@@ -286,14 +286,14 @@ fn start(spec: JobSpec) -> Result<Runner, String> {
         job_id,
         spec,
     };
-    for slot in 0..runner.spec.slots.len() {
-        let connect = connect_arg(&plan.connect[slot], port);
-        if let Err(message) = runner.spawn_slot(slot, locals[slot], &connect, &secret, &tx) {
+    for (slot, (local, connect)) in locals.iter().zip(&plan.connect).enumerate() {
+        let connect = connect_arg(connect, port);
+        if let Err(message) = runner.spawn_slot(slot, *local, &connect, &secret, &tx) {
+            // Reported once by `run`; stop the slots already started.
             runner.outcome = Some(Outcome::StartFailed);
-            say(message);
             runner.stop_all(Duration::ZERO);
             runner.wait_all(Instant::now() + runner.spec.grace + LINGER);
-            return Err("start-up aborted".into());
+            return Err(message);
         }
     }
     Ok(runner)

@@ -181,9 +181,8 @@ impl Running {
                 );
             }
             // Drain stdout while waiting so a chatty job never blocks on a full pipe.
-            match self.lines.recv_timeout(Duration::from_millis(20)) {
-                Ok(line) => self.stdout.push(line),
-                Err(_) => {}
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(20)) {
+                self.stdout.push(line);
             }
         }
     }

@@ -7,6 +7,7 @@
 //! * `fail R CODE` — rank R exits with CODE; the others `wait`.
 //! * `raise R SIG` — rank R kills itself with signal SIG; the others `wait`.
 //! * `spew LINES` — print LINES numbered lines on stdout and stderr, exit at once.
+//! * `hostname` — print `host NAME listen ADDR` (this rank's entry in DSM_PEERS) and exit.
 //! * `orphan` — start a grandchild (`testprog TOKEN ignore`), print `ready`, then `wait`.
 
 use std::io::Write;
@@ -70,6 +71,12 @@ fn main() {
                 writeln!(err, "rank {r} err {i}").unwrap();
             }
             // Exit straight after writing: nothing may be lost.
+        }
+        "hostname" => {
+            let host = nix::unistd::gethostname().expect("hostname");
+            let peers = std::env::var("DSM_PEERS").unwrap_or_default();
+            let listen = peers.split(',').nth(rank()).unwrap_or("?").to_string();
+            println!("host {} listen {listen}", host.to_string_lossy());
         }
         "orphan" => {
             let me = std::env::current_exe().expect("own path");
