@@ -80,11 +80,14 @@ fn main() {
         }
         "orphan" => {
             let me = std::env::current_exe().expect("own path");
-            std::process::Command::new(me)
+            // Deliberately never waited for: the test checks that the
+            // launcher cleans up what a rank leaves behind.
+            let grandchild = std::process::Command::new(me)
                 .args([&args[1], "ignore"])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("grandchild");
+            std::mem::forget(grandchild);
             wait_for_signal(false)
         }
         other => {
