@@ -99,10 +99,10 @@ fn jobs_across_three_ssh_hosts() {
         LIMIT,
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    for rank in 0..4 {
-        let lines = out.lines_of(rank, rank_host[rank], "stdout");
+    for (rank, host) in rank_host.into_iter().enumerate() {
+        let lines = out.lines_of(rank, host, "stdout");
         assert_eq!(lines.len(), 1, "rank {rank}: {out:?}");
-        let expected_prefix = format!("host {} listen {}:", node_name[rank], rank_host[rank]);
+        let expected_prefix = format!("host {} listen {}:", node_name[rank], host);
         assert!(
             lines[0].starts_with(&expected_prefix),
             "rank {rank}: {:?}",
@@ -121,9 +121,9 @@ fn jobs_across_three_ssh_hosts() {
         LIMIT,
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    for rank in 0..4 {
+    for (rank, host) in rank_host.into_iter().enumerate() {
         assert_eq!(
-            out.lines_of(rank, rank_host[rank], "stdout"),
+            out.lines_of(rank, host, "stdout"),
             [
                 format!("cwd: {}", cluster.dir.display()),
                 "argc: 3".into(),
@@ -131,7 +131,7 @@ fn jobs_across_three_ssh_hosts() {
             ]
         );
         assert_eq!(
-            out.lines_of(rank, rank_host[rank], "stderr"),
+            out.lines_of(rank, host, "stderr"),
             [
                 format!("argv[0]: {truc}"),
                 "argv[1]: x y".into(),
@@ -150,12 +150,12 @@ fn jobs_across_three_ssh_hosts() {
         LIMIT,
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    for rank in 0..4 {
+    for (rank, host) in rank_host.into_iter().enumerate() {
         assert_eq!(
-            out.lines_of(rank, rank_host[rank], "stdout"),
+            out.lines_of(rank, host, "stdout"),
             [format!(
                 "rank {rank} on {}: 3 messages from every other rank verified",
-                rank_host[rank]
+                host
             )]
         );
     }
