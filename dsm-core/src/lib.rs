@@ -7,7 +7,11 @@
 
 pub mod auth;
 pub mod bootstrap;
+pub mod coherence;
+pub mod config;
+pub mod fault;
 pub mod logging;
+pub mod proto;
 pub mod transport;
 pub mod wire;
 

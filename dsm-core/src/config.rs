@@ -1,0 +1,224 @@
+//! Run-time configuration of the shared space, read from `DSM_*`
+//! environment variables (exported by dsmexec to every rank) or built in code.
+
+use std::time::Duration;
+
+pub const PAGE_SIZE: usize = 4096;
+/// The seed's base address of the shared space.
+pub const DEFAULT_BASE: usize = 0x4000_0000;
+/// The seed's 100 pages.
+pub const DEFAULT_PAGES: usize = 100;
+
+/// Coherence protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The seed's protocol: one owner per page, the page moves to whoever
+    /// touches it (read or write); requests follow probable-owner hints.
+    Migratory,
+}
+
+/// Which CPU the fault engine runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineCpu {
+    /// `rank % number of CPUs`, spreading co-located ranks.
+    Auto,
+    /// Not pinned.
+    Unpinned,
+    Fixed(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the shared space, the same on every rank.
+    pub base: usize,
+    /// Size in bytes (rounded up to whole pages).
+    pub size: usize,
+    pub protocol: Protocol,
+    pub engine_cpu: EngineCpu,
+    /// A page that arrived for a local fault stays at least this long before
+    /// it is handed on, so the faulting thread always gets to use it (the
+    /// Mirage time window); without it, pages can ping-pong forever.
+    pub min_hold: Duration,
+    /// Print the statistics at finalize (`DSM_STATS=1`).
+    pub print_stats: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            base: DEFAULT_BASE,
+            size: DEFAULT_PAGES * PAGE_SIZE,
+            protocol: Protocol::Migratory,
+            engine_cpu: EngineCpu::Auto,
+            min_hold: Duration::from_micros(500),
+            print_stats: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{name}={value:?}: {why}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: String,
+    pub why: String,
+}
+
+fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text
+        .char_indices()
+        .find(|(_, c)| !c.is_ascii_digit() && *c != 'x')
+    {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let number: usize = digits.parse().ok()?;
+    let factor: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        "t" | "tib" | "tb" => 1 << 40,
+        "p" | "pages" => PAGE_SIZE,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+fn parse_address(text: &str) -> Option<usize> {
+    let text = text.trim();
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => usize::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+impl Config {
+    /// Defaults overridden by the environment:
+    ///
+    /// | variable | meaning | default |
+    /// | --- | --- | --- |
+    /// | `DSM_BASE` | base address (hex `0x...` or decimal) | `0x40000000` |
+    /// | `DSM_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
+    /// | `DSM_PROTOCOL` | `migratory` | `migratory` |
+    /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
+    /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
+    /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::default().with_env()
+    }
+
+    /// This configuration with the environment's overrides applied.
+    pub fn with_env(mut self) -> Result<Config, ConfigError> {
+        let get = |name: &'static str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let err = |name: &'static str, value: &str, why: &str| ConfigError {
+            name,
+            value: value.to_string(),
+            why: why.to_string(),
+        };
+        if let Some(v) = get("DSM_BASE") {
+            self.base = parse_address(&v)
+                .ok_or_else(|| err("DSM_BASE", &v, "expected an address like 0x40000000"))?;
+        }
+        if let Some(v) = get("DSM_SIZE") {
+            self.size = parse_size(&v).ok_or_else(|| {
+                err(
+                    "DSM_SIZE",
+                    &v,
+                    "expected a size like 4096, 256M, 2G or 100p",
+                )
+            })?;
+        }
+        if let Some(v) = get("DSM_PROTOCOL") {
+            self.protocol = match v.trim().to_ascii_lowercase().as_str() {
+                "migratory" => Protocol::Migratory,
+                _ => return Err(err("DSM_PROTOCOL", &v, "expected migratory")),
+            };
+        }
+        if let Some(v) = get("DSM_ENGINE_CPU") {
+            self.engine_cpu = match v.trim() {
+                "auto" => EngineCpu::Auto,
+                "none" => EngineCpu::Unpinned,
+                n => EngineCpu::Fixed(n.parse().map_err(|_| {
+                    err("DSM_ENGINE_CPU", &v, "expected auto, none or a CPU number")
+                })?),
+            };
+        }
+        if let Some(v) = get("DSM_MIN_HOLD_US") {
+            let us: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| err("DSM_MIN_HOLD_US", &v, "expected microseconds"))?;
+            self.min_hold = Duration::from_micros(us);
+        }
+        if let Some(v) = get("DSM_STATS") {
+            self.print_stats = !matches!(v.trim(), "0" | "no" | "false" | "off");
+        }
+        self.validate()
+    }
+
+    /// Checks alignment and rounds the size up to whole pages.
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
+        if self.base % PAGE_SIZE != 0 || self.base == 0 {
+            return Err(ConfigError {
+                name: "DSM_BASE",
+                value: format!("{:#x}", self.base),
+                why: format!("must be a non-zero multiple of the page size ({PAGE_SIZE})"),
+            });
+        }
+        if self.size == 0 {
+            return Err(ConfigError {
+                name: "DSM_SIZE",
+                value: "0".into(),
+                why: "the shared space needs at least one page".into(),
+            });
+        }
+        self.size = self.size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        Ok(self)
+    }
+
+    pub fn pages(&self) -> usize {
+        self.size / PAGE_SIZE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_addresses() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("256M"), Some(256 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("100p"), Some(100 * PAGE_SIZE));
+        assert_eq!(parse_size("12 KiB"), Some(12 << 10));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_address("0x40000000"), Some(0x4000_0000));
+        assert_eq!(parse_address("4096"), Some(4096));
+    }
+
+    #[test]
+    fn validation_rounds_and_rejects() {
+        let c = Config {
+            size: 5000,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.size, 2 * PAGE_SIZE);
+        assert!(Config {
+            base: 0x1001,
+            ..Config::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Config {
+            size: 0,
+            ..Config::default()
+        }
+        .validate()
+        .is_err());
+    }
+}

@@ -1,0 +1,408 @@
+//! The shared mapping and its userfaultfd: the only place that touches the
+//! kernel's memory interfaces. Everything `unsafe` about pages lives here.
+//!
+//! * [`Region`]: the shared space, mapped at its fixed address with
+//!   `MAP_FIXED_NOREPLACE` (never over an existing mapping), private
+//!   anonymous memory with transparent huge pages off (pages move one by one).
+//! * [`FaultHandler`]: a userfaultfd registered for missing and
+//!   write-protect faults on the region; installs pages (UFFDIO_COPY),
+//!   takes them away (write-protect, copy out, `MADV_DONTNEED`), wakes
+//!   waiting threads, and reads fault events.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+
+use userfaultfd::{Event, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
+
+use crate::config::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error("the shared space {start:#x}-{end:#x} overlaps an existing mapping{what}; move it with DSM_BASE (e.g. DSM_BASE=0x{suggest:x})")]
+    RangeTaken {
+        start: usize,
+        end: usize,
+        what: String,
+        suggest: usize,
+    },
+    #[error("cannot map the shared space {start:#x}-{end:#x} ({size} bytes): {errno}; {hint}")]
+    MapFailed {
+        start: usize,
+        end: usize,
+        size: usize,
+        errno: nix::errno::Errno,
+        hint: &'static str,
+    },
+    #[error("userfaultfd is not permitted for this user ({detail}): allow it with `sysctl vm.unprivileged_userfaultfd=1`, or give read-write access to /dev/userfaultfd (e.g. `setfacl -m u:$USER:rw /dev/userfaultfd`), or run as root")]
+    UffdForbidden { detail: String },
+    #[error("this kernel has no userfaultfd (ENOSYS): dsm needs Linux >= 5.7 built with CONFIG_USERFAULTFD")]
+    UffdMissing,
+    #[error("userfaultfd setup failed: {0}")]
+    Uffd(String),
+    #[error("registering the shared space with userfaultfd (missing + write-protect) failed: {0}; dsm needs Linux >= 5.7 (write-protect on anonymous memory)")]
+    Register(String),
+    #[error("installing page at {addr:#x} failed: {detail}")]
+    Install { addr: usize, detail: String },
+    #[error("{op} on page at {addr:#x} failed: {errno}")]
+    PageOp {
+        op: &'static str,
+        addr: usize,
+        errno: nix::errno::Errno,
+    },
+}
+
+/// The shared space's virtual memory.
+#[derive(Debug)]
+pub struct Region {
+    base: usize,
+    len: usize,
+}
+
+/// Describes whatever already lives in `[start, end)`, from /proc/self/maps.
+fn occupant(start: usize, end: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(range) = fields.next() else { continue };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if a < end && b > start {
+            let name = fields.nth(4).unwrap_or("[anonymous]");
+            return format!(" ({a:#x}-{b:#x} {name})");
+        }
+    }
+    String::new()
+}
+
+impl Region {
+    /// Maps `len` bytes at exactly `base`, failing if anything is there.
+    pub fn map(base: usize, len: usize) -> Result<Region, FaultError> {
+        use nix::sys::mman::{MapFlags, ProtFlags};
+        let end = base.saturating_add(len);
+        let Some(length) = std::num::NonZeroUsize::new(len) else {
+            return Err(FaultError::MapFailed {
+                start: base,
+                end,
+                size: len,
+                errno: nix::errno::Errno::EINVAL,
+                hint: "the size must be at least one page",
+            });
+        };
+        let flags = MapFlags::MAP_PRIVATE
+            | MapFlags::MAP_ANONYMOUS
+            | MapFlags::MAP_NORESERVE
+            | MapFlags::MAP_FIXED_NOREPLACE;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so
+        // no memory the program uses can be affected; the result is checked.
+        let mapped = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                std::num::NonZeroUsize::new(base),
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                flags,
+            )
+        };
+        let ptr = match mapped {
+            Ok(p) => p.as_ptr() as usize,
+            Err(nix::errno::Errno::EEXIST) => {
+                return Err(FaultError::RangeTaken {
+                    start: base,
+                    end,
+                    what: occupant(base, end),
+                    suggest: (end + (1 << 30)) & !((1 << 30) - 1),
+                })
+            }
+            Err(errno) => {
+                let hint = match errno {
+                    nix::errno::Errno::ENOMEM => "the size is larger than this machine or its address-space limits allow (check DSM_SIZE and `ulimit -v`)",
+                    nix::errno::Errno::EINVAL => "the address or size is not valid here (check DSM_BASE and DSM_SIZE)",
+                    _ => "check DSM_BASE and DSM_SIZE",
+                };
+                return Err(FaultError::MapFailed {
+                    start: base,
+                    end,
+                    size: len,
+                    errno,
+                    hint,
+                });
+            }
+        };
+        let region = Region { base: ptr, len };
+        if ptr != base {
+            // A kernel without MAP_FIXED_NOREPLACE treats the address as a hint.
+            drop(region);
+            return Err(FaultError::RangeTaken {
+                start: base,
+                end,
+                what: occupant(base, end),
+                suggest: (end + (1 << 30)) & !((1 << 30) - 1),
+            });
+        }
+        // Pages move one by one: a transparent huge page would make a 4 KiB
+        // transfer drop 2 MiB. Failure only costs performance.
+        // SAFETY: the range is the mapping created above.
+        let _ = unsafe {
+            nix::sys::mman::madvise(
+                std::ptr::NonNull::new_unchecked(base as *mut _),
+                len,
+                nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE,
+            )
+        };
+        Ok(region)
+    }
+
+    pub fn base(&self) -> usize {
+        self.base
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pages(&self) -> usize {
+        self.len / PAGE_SIZE
+    }
+
+    pub fn page_addr(&self, page: usize) -> usize {
+        self.base + page * PAGE_SIZE
+    }
+
+    /// The page holding `addr`, if it is inside the region.
+    pub fn page_of(&self, addr: usize) -> Option<usize> {
+        (addr >= self.base && addr < self.base + self.len).then(|| (addr - self.base) / PAGE_SIZE)
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if let Some(ptr) = std::ptr::NonNull::new(self.base as *mut std::ffi::c_void) {
+            // SAFETY: the region owns this mapping; references into it borrow
+            // the owner (Dsm), so none outlive it.
+            let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
+        }
+    }
+}
+
+/// A page fault reported by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub page: usize,
+    pub write: bool,
+    /// A store to a write-protected page (rather than an access to a missing one).
+    pub write_protect: bool,
+}
+
+/// Whether an install found the page already present (a benign race).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    Fresh,
+    AlreadyPresent,
+}
+
+pub struct FaultHandler {
+    uffd: Uffd,
+    base: usize,
+    len: usize,
+}
+
+fn create_uffd() -> Result<Uffd, FaultError> {
+    let mut builder = UffdBuilder::new();
+    builder
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true);
+    match builder.create() {
+        Ok(uffd) => Ok(uffd),
+        // The crate does not fall back to the system call when the device
+        // exists but is not accessible: do it here.
+        Err(userfaultfd::Error::OpenDevUserfaultfd(e)) => {
+            uffd_by_syscall().map_err(|errno| match errno {
+                nix::errno::Errno::EPERM => FaultError::UffdForbidden {
+                    detail: format!("/dev/userfaultfd: {e}; userfaultfd(2): EPERM"),
+                },
+                nix::errno::Errno::ENOSYS => FaultError::UffdMissing,
+                other => {
+                    FaultError::Uffd(format!("/dev/userfaultfd: {e}; userfaultfd(2): {other}"))
+                }
+            })
+        }
+        Err(userfaultfd::Error::SystemError(errno)) if errno as i32 == libc::EPERM => {
+            Err(FaultError::UffdForbidden {
+                detail: "userfaultfd(2): EPERM".into(),
+            })
+        }
+        Err(userfaultfd::Error::SystemError(errno)) if errno as i32 == libc::ENOSYS => {
+            Err(FaultError::UffdMissing)
+        }
+        Err(e) => Err(FaultError::Uffd(e.to_string())),
+    }
+}
+
+fn uffd_by_syscall() -> Result<Uffd, nix::errno::Errno> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | userfaultfd_sys::UFFD_USER_MODE_ONLY as i32;
+    // SAFETY: the userfaultfd system call takes flags only and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: the system call just returned this descriptor; we own it.
+    let uffd = unsafe { Uffd::from_raw_fd(fd as i32) };
+    let mut api = userfaultfd_sys::uffdio_api {
+        api: userfaultfd_sys::UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API takes a pointer to a uffdio_api that lives across the call.
+    let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), userfaultfd_sys::UFFDIO_API as _, &mut api) };
+    if rc < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(uffd)
+}
+
+impl FaultHandler {
+    /// Registers the whole region for missing and write-protect faults.
+    pub fn register(region: &Region) -> Result<FaultHandler, FaultError> {
+        let uffd = create_uffd()?;
+        uffd.register_with_mode(
+            region.base as *mut _,
+            region.len,
+            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+        )
+        .map_err(|e| FaultError::Register(format!("{e} ({:?})", std::error::Error::source(&e))))?;
+        Ok(FaultHandler {
+            uffd,
+            base: region.base,
+            len: region.len,
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor is owned by `self.uffd`, which outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.uffd.as_raw_fd()) }
+    }
+
+    fn addr(&self, page: usize) -> usize {
+        debug_assert!(page * PAGE_SIZE < self.len);
+        self.base + page * PAGE_SIZE
+    }
+
+    /// Next pending fault, `None` when there is none right now.
+    pub fn next_fault(&self) -> Result<Option<Fault>, FaultError> {
+        loop {
+            match self.uffd.read_event() {
+                Ok(None) => return Ok(None),
+                Ok(Some(Event::Pagefault { kind, rw, addr, .. })) => {
+                    let addr = addr as usize;
+                    if addr < self.base || addr >= self.base + self.len {
+                        continue;
+                    }
+                    let write_protect = matches!(kind, FaultKind::WriteProtected);
+                    return Ok(Some(Fault {
+                        page: (addr - self.base) / PAGE_SIZE,
+                        write: rw == ReadWrite::Write || write_protect,
+                        write_protect,
+                    }));
+                }
+                // Fork/remap/remove/unmap events are not requested.
+                Ok(Some(_)) => continue,
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(FaultError::Uffd(format!("reading fault events: {e}"))),
+            }
+        }
+    }
+
+    /// Maps `data` at `page` (writable) and wakes the threads waiting on it.
+    pub fn install(&self, page: usize, data: &[u8; PAGE_SIZE]) -> Result<Installed, FaultError> {
+        let addr = self.addr(page);
+        loop {
+            // SAFETY: `data` is a live page-sized buffer and `addr` a page of
+            // the registered region; UFFDIO_COPY only fills a missing page.
+            let result = unsafe {
+                self.uffd
+                    .copy(data.as_ptr() as *const _, addr as *mut _, PAGE_SIZE, true)
+            };
+            match result {
+                Ok(_) => return Ok(Installed::Fresh),
+                Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
+                    // Already present (a stale fault): make sure nobody sleeps on it.
+                    self.wake(page)?;
+                    return Ok(Installed::AlreadyPresent);
+                }
+                // EAGAIN: the address space changed under the copy; retry.
+                Err(userfaultfd::Error::PartiallyCopied(_)) => continue,
+                Err(e) => {
+                    return Err(FaultError::Install {
+                        addr,
+                        detail: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Takes the page away from this process: writes are stopped first
+    /// (write-protect), then the contents are copied into `out`, then the
+    /// page is dropped so the next access faults again.
+    ///
+    /// The caller guarantees the page is present (it tracks this).
+    pub fn take(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> Result<(), FaultError> {
+        let addr = self.addr(page);
+        self.uffd
+            .write_protect(addr as *mut _, PAGE_SIZE)
+            .map_err(|e| FaultError::Install {
+                addr,
+                detail: format!("write-protect: {e}"),
+            })?;
+        // SAFETY: the page is present (caller's invariant) so reading it
+        // cannot fault; it is write-protected, so no thread changes it while
+        // it is copied (writers block in a fault this engine resolves later).
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), PAGE_SIZE) };
+        self.drop_page(page)
+    }
+
+    /// Drops the page: the next access raises a missing fault.
+    pub fn drop_page(&self, page: usize) -> Result<(), FaultError> {
+        let addr = self.addr(page);
+        // SAFETY: the range is one page of the region; dropping it only
+        // discards contents this process no longer owns.
+        unsafe {
+            nix::sys::mman::madvise(
+                std::ptr::NonNull::new_unchecked(addr as *mut _),
+                PAGE_SIZE,
+                nix::sys::mman::MmapAdvise::MADV_DONTNEED,
+            )
+        }
+        .map_err(|errno| FaultError::PageOp {
+            op: "MADV_DONTNEED",
+            addr,
+            errno,
+        })
+    }
+
+    /// Wakes threads waiting on `page` (after a race made their fault moot).
+    pub fn wake(&self, page: usize) -> Result<(), FaultError> {
+        let addr = self.addr(page);
+        self.uffd
+            .wake(addr as *mut _, PAGE_SIZE)
+            .map_err(|e| FaultError::Install {
+                addr,
+                detail: format!("wake: {e}"),
+            })
+    }
+}
+
+impl AsFd for FaultHandler {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd()
+    }
+}
