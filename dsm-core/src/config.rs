@@ -100,7 +100,7 @@ impl Config {
     /// | variable | meaning | default |
     /// | --- | --- | --- |
     /// | `DSM_BASE` | base address (hex `0x...` or decimal) | `0x40000000` |
-    /// | `DSM_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
+    /// | `DSM_SPACE_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
     /// | `DSM_PROTOCOL` | `migratory` | `migratory` |
     /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
@@ -121,10 +121,10 @@ impl Config {
             self.base = parse_address(&v)
                 .ok_or_else(|| err("DSM_BASE", &v, "expected an address like 0x40000000"))?;
         }
-        if let Some(v) = get("DSM_SIZE") {
+        if let Some(v) = get("DSM_SPACE_SIZE") {
             self.size = parse_size(&v).ok_or_else(|| {
                 err(
-                    "DSM_SIZE",
+                    "DSM_SPACE_SIZE",
                     &v,
                     "expected a size like 4096, 256M, 2G or 100p",
                 )
@@ -169,7 +169,7 @@ impl Config {
         }
         if self.size == 0 {
             return Err(ConfigError {
-                name: "DSM_SIZE",
+                name: "DSM_SPACE_SIZE",
                 value: "0".into(),
                 why: "the shared space needs at least one page".into(),
             });

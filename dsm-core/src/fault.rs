@@ -117,9 +117,9 @@ impl Region {
             }
             Err(errno) => {
                 let hint = match errno {
-                    nix::errno::Errno::ENOMEM => "the size is larger than this machine or its address-space limits allow (check DSM_SIZE and `ulimit -v`)",
-                    nix::errno::Errno::EINVAL => "the address or size is not valid here (check DSM_BASE and DSM_SIZE)",
-                    _ => "check DSM_BASE and DSM_SIZE",
+                    nix::errno::Errno::ENOMEM => "the size is larger than this machine or its address-space limits allow (check DSM_SPACE_SIZE and `ulimit -v`)",
+                    nix::errno::Errno::EINVAL => "the address or size is not valid here (check DSM_BASE and DSM_SPACE_SIZE)",
+                    _ => "check DSM_BASE and DSM_SPACE_SIZE",
                 };
                 return Err(FaultError::MapFailed {
                     start: base,

@@ -9,11 +9,17 @@ pub mod auth;
 pub mod bootstrap;
 pub mod coherence;
 pub mod config;
+pub mod dsm;
+mod engine;
 pub mod fault;
 pub mod logging;
 pub mod proto;
+pub mod stats;
 pub mod transport;
 pub mod wire;
 
 pub use bootstrap::{Bootstrap, BootstrapError, JobSecret};
+pub use config::{Config, Protocol, PAGE_SIZE};
+pub use dsm::{Dsm, DsmError};
+pub use stats::StatsSnapshot;
 pub use transport::{Message, Rank, Transport, TransportError};

@@ -69,6 +69,14 @@ impl Msg {
         }
     }
 
+    /// Header of a grant whose page bytes (if `with_data`) follow as a second part.
+    pub fn grant_header(page: usize, with_data: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        out.push(if with_data { GRANT } else { GRANT_ZERO });
+        out.extend_from_slice(&(page as u64).to_le_bytes());
+        out
+    }
+
     /// The message's fixed header; a grant's page bytes follow it as a second
     /// part (so the page is never copied into a message buffer).
     pub fn header(&self) -> Vec<u8> {
@@ -85,8 +93,7 @@ impl Msg {
                 out.push(*write as u8);
             }
             Msg::PageGrant { page, data } => {
-                out.push(if data.is_some() { GRANT } else { GRANT_ZERO });
-                out.extend_from_slice(&page.to_le_bytes());
+                return Msg::grant_header(*page as usize, data.is_some())
             }
             Msg::BarrierEnter { epoch } => {
                 out.push(BARRIER_ENTER);

@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+use crossbeam_channel::Receiver;
+
+/// What a transport delivers: a message, or the news that a peer is gone.
+pub type Incoming = Result<Message, TransportError>;
+
 /// Index of a process in the job, `0..size`.
 pub type Rank = usize;
 
@@ -50,6 +55,10 @@ pub trait Transport: Send + Sync {
     fn send(&self, to: Rank, payload: &[u8]) -> Result<(), TransportError> {
         self.send_parts(to, &[payload])
     }
+
+    /// The queue of incoming messages, for consumers that wait on several
+    /// sources at once (`crossbeam_channel::select!`). `recv` reads the same queue.
+    fn inbox(&self) -> Receiver<Incoming>;
 
     /// Blocks until a message from any rank arrives. A peer that disappears
     /// without saying goodbye is reported as `PeerLost`.

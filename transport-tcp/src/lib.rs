@@ -465,6 +465,10 @@ impl Transport for TcpTransport {
         self.write_to(to, KIND_DATA, parts)
     }
 
+    fn inbox(&self) -> Receiver<dsm_core::transport::Incoming> {
+        self.inbox.1.clone()
+    }
+
     fn recv(&self) -> Result<Message, TransportError> {
         self.inbox.1.recv().map_err(|_| TransportError::Shutdown)?
     }

@@ -1,0 +1,285 @@
+//! The shared space as a program sees it: [`Dsm`].
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use crate::bootstrap::BootstrapError;
+use crate::coherence::{CoherenceError, Migratory};
+use crate::config::{Config, ConfigError, EngineCpu, Protocol, PAGE_SIZE};
+use crate::engine::{self, Engine, Input};
+use crate::fault::{FaultError, FaultHandler, Region};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::{Rank, Transport, TransportError};
+
+/// Exit status of a rank whose DSM cannot go on (a peer died, the kernel
+/// refused an operation): its threads may be parked in page faults that
+/// can never be served, so the process ends rather than hang.
+pub const EXIT_FATAL: i32 = 70;
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DsmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("coherence: {0}")]
+    Coherence(#[from] CoherenceError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("the shared space ({size} bytes) is larger than this machine's memory ({ram} bytes RAM + {swap} bytes swap), and any rank may end up holding every page; lower DSM_SPACE_SIZE")]
+    TooLarge { size: usize, ram: u64, swap: u64 },
+    #[error("the fault reader failed: {0}")]
+    FaultReader(String),
+    #[error("the DSM engine has stopped")]
+    Stopped,
+}
+
+/// Checks the configuration against this machine before mapping anything.
+pub fn check_size(config: &Config) -> Result<(), DsmError> {
+    if let Ok(info) = nix::sys::sysinfo::sysinfo() {
+        let (ram, swap) = (info.ram_total(), info.swap_total());
+        if config.size as u64 > ram.saturating_add(swap) {
+            return Err(DsmError::TooLarge {
+                size: config.size,
+                ram,
+                swap,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A rank's view of the job's shared space.
+///
+/// The space is mapped at the same address on every rank; plain loads and
+/// stores through [`Dsm::base`] (or the safe atomic views) reach the same
+/// memory everywhere. Pages move between ranks on page faults.
+pub struct Dsm {
+    rank: Rank,
+    size: usize,
+    hosts: Vec<String>,
+    config: Config,
+    inputs: Sender<Input>,
+    engine: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    stop_reader: Option<OwnedFd>,
+    transport: Arc<dyn Transport>,
+    stats: Arc<Stats>,
+    barrier_lock: Mutex<()>,
+    faults: Option<Arc<FaultHandler>>,
+    region: Option<Region>,
+}
+
+fn pin_to(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        if let Some(core) =
+            core_affinity::get_core_ids().and_then(|ids| ids.into_iter().find(|c| c.id == cpu))
+        {
+            core_affinity::set_for_current(core);
+        }
+    }
+}
+
+impl Dsm {
+    /// Maps the shared space and registers it for faults: done before
+    /// connecting to the other ranks, so a bad configuration fails fast.
+    pub fn prepare(config: &Config) -> Result<(Region, FaultHandler), DsmError> {
+        check_size(config)?;
+        let region = Region::map(config.base, config.size)?;
+        let faults = FaultHandler::register(&region)?;
+        Ok((region, faults))
+    }
+
+    /// Starts the fault engine over a connected transport.
+    pub fn start(
+        (region, faults): (Region, FaultHandler),
+        transport: Arc<dyn Transport>,
+        hosts: Vec<String>,
+        config: Config,
+    ) -> Result<Dsm, DsmError> {
+        let (rank, size) = (transport.rank(), transport.size());
+        let faults = Arc::new(faults);
+        let stats = Arc::new(Stats::default());
+        let node = match config.protocol {
+            Protocol::Migratory => Migratory::new(rank, size, region.pages(), config.min_hold),
+        };
+        let cpu = match config.engine_cpu {
+            EngineCpu::Unpinned => None,
+            EngineCpu::Fixed(n) => Some(n),
+            EngineCpu::Auto => {
+                let cpus = core_affinity::get_core_ids()
+                    .map(|c| c.len())
+                    .unwrap_or(1)
+                    .max(1);
+                Some(rank % cpus)
+            }
+        };
+        let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded();
+        let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| DsmError::FaultReader(format!("pipe: {e}")))?;
+        let reader = {
+            let faults = Arc::clone(&faults);
+            let tx = inputs_tx.clone();
+            thread::Builder::new()
+                .name("dsm-faults".into())
+                .spawn(move || {
+                    pin_to(cpu);
+                    engine::read_faults(faults, stop_read, tx)
+                })
+                .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?
+        };
+        let engine = {
+            let host = hosts.get(rank).cloned().unwrap_or_default();
+            let engine = Engine::new(
+                rank,
+                size,
+                Arc::clone(&transport),
+                Arc::clone(&faults),
+                node,
+                Arc::clone(&stats),
+            );
+            thread::Builder::new()
+                .name("dsm-engine".into())
+                .spawn(move || {
+                    pin_to(cpu);
+                    if let Err(e) = engine.run(inputs_rx) {
+                        // Application threads may be parked in faults this
+                        // engine can no longer serve: end the process.
+                        eprintln!("dsm: rank {rank} on {host}: {e}; aborting");
+                        std::process::exit(EXIT_FATAL);
+                    }
+                })
+                .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?
+        };
+        Ok(Dsm {
+            rank,
+            size,
+            hosts,
+            config,
+            inputs: inputs_tx,
+            engine: Some(engine),
+            reader: Some(reader),
+            stop_reader: Some(stop_write),
+            transport,
+            stats,
+            barrier_lock: Mutex::new(()),
+            faults: Some(faults),
+            region: Some(region),
+        })
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn host(&self, rank: Rank) -> &str {
+        self.hosts.get(rank).map(String::as_str).unwrap_or("?")
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn region(&self) -> &Region {
+        self.region
+            .as_ref()
+            .expect("the region lives as long as the Dsm")
+    }
+
+    /// Start of the shared space (the same on every rank).
+    pub fn base(&self) -> *mut u8 {
+        self.region().base() as *mut u8
+    }
+
+    /// Size of the shared space in bytes.
+    pub fn len(&self) -> usize {
+        self.region().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn page_size(&self) -> usize {
+        PAGE_SIZE
+    }
+
+    /// The whole shared space as 64-bit atomics: safe shared access from any
+    /// thread of any rank.
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the region is mapped, page-aligned and readable/writable
+        // for as long as `self` lives (the borrow ties the slice to it);
+        // atomics permit shared mutation from any thread.
+        unsafe { std::slice::from_raw_parts(self.base() as *const AtomicU64, self.len() / 8) }
+    }
+
+    /// The whole shared space as bytes (atomics, for safe shared access).
+    pub fn bytes(&self) -> &[AtomicU8] {
+        // SAFETY: as for `words`.
+        unsafe { std::slice::from_raw_parts(self.base() as *const AtomicU8, self.len()) }
+    }
+
+    /// Waits until every rank reached its barrier; the engine keeps serving
+    /// other ranks meanwhile. One barrier at a time per process.
+    pub fn barrier(&self) -> Result<(), DsmError> {
+        let _one_at_a_time = self.barrier_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.inputs
+            .send(Input::Barrier(tx))
+            .map_err(|_| DsmError::Stopped)?;
+        rx.recv().map_err(|_| DsmError::Stopped)?
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot(self.rank)
+    }
+
+    /// Ends this rank's part in the job: waits for every rank to get here
+    /// (so no rank leaves while another may still need a page it holds),
+    /// then closes the connections. Prints the statistics with `DSM_STATS=1`.
+    pub fn finalize(mut self) -> Result<StatsSnapshot, DsmError> {
+        self.barrier()?;
+        self.stop_engine();
+        self.transport.shutdown(SHUTDOWN_TIMEOUT)?;
+        let stats = self.stats();
+        if self.config.print_stats {
+            eprintln!("{stats}");
+        }
+        Ok(stats)
+    }
+
+    fn stop_engine(&mut self) {
+        let _ = self.inputs.send(Input::Stop);
+        if let Some(engine) = self.engine.take() {
+            let _ = engine.join();
+        }
+        // Closing the pipe's write end wakes the reader's poll.
+        drop(self.stop_reader.take());
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for Dsm {
+    fn drop(&mut self) {
+        self.stop_engine();
+        // The userfaultfd goes before the mapping it watches.
+        drop(self.faults.take());
+        drop(self.region.take());
+    }
+}

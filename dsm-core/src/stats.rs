@@ -1,0 +1,123 @@
+//! Per-rank statistics: fault counts, page traffic, fault latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Latency samples kept for percentiles; beyond this, every other sample is kept.
+const MAX_SAMPLES: usize = 1 << 20;
+
+#[derive(Default)]
+pub struct Stats {
+    pub read_faults: AtomicU64,
+    pub write_faults: AtomicU64,
+    pub pages_sent: AtomicU64,
+    pub pages_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub requests_forwarded: AtomicU64,
+    pub requests_deferred: AtomicU64,
+    latencies_ns: Mutex<Samples>,
+}
+
+#[derive(Default)]
+struct Samples {
+    values: Vec<u64>,
+    seen: u64,
+}
+
+/// A copy of the counters at one moment, with latency percentiles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub rank: usize,
+    pub read_faults: u64,
+    pub write_faults: u64,
+    pub pages_sent: u64,
+    pub pages_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub requests_forwarded: u64,
+    pub requests_deferred: u64,
+    /// Remote fault latency (fault seen by the engine -> page installed).
+    pub fault_latency_p50: Duration,
+    pub fault_latency_p90: Duration,
+    pub fault_latency_p99: Duration,
+    pub fault_latency_max: Duration,
+    pub fault_latency_samples: u64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn record_latency(&self, d: Duration) {
+        let mut s = self.latencies_ns.lock().unwrap_or_else(|p| p.into_inner());
+        s.seen += 1;
+        if s.values.len() < MAX_SAMPLES {
+            s.values.push(d.as_nanos() as u64);
+        } else if s.seen % 2 == 0 {
+            let i = (s.seen as usize / 2) % MAX_SAMPLES;
+            s.values[i] = d.as_nanos() as u64;
+        }
+    }
+
+    pub fn snapshot(&self, rank: usize) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (mut values, seen) = {
+            let s = self.latencies_ns.lock().unwrap_or_else(|p| p.into_inner());
+            (s.values.clone(), s.seen)
+        };
+        values.sort_unstable();
+        let pct = |p: f64| -> Duration {
+            if values.is_empty() {
+                return Duration::ZERO;
+            }
+            let i = ((values.len() - 1) as f64 * p).round() as usize;
+            Duration::from_nanos(values[i])
+        };
+        StatsSnapshot {
+            rank,
+            read_faults: get(&self.read_faults),
+            write_faults: get(&self.write_faults),
+            pages_sent: get(&self.pages_sent),
+            pages_received: get(&self.pages_received),
+            bytes_sent: get(&self.bytes_sent),
+            bytes_received: get(&self.bytes_received),
+            requests_forwarded: get(&self.requests_forwarded),
+            requests_deferred: get(&self.requests_deferred),
+            fault_latency_p50: pct(0.5),
+            fault_latency_p90: pct(0.9),
+            fault_latency_p99: pct(0.99),
+            fault_latency_max: values
+                .last()
+                .map(|v| Duration::from_nanos(*v))
+                .unwrap_or_default(),
+            fault_latency_samples: seen,
+        }
+    }
+}
+
+impl std::fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        write!(
+            f,
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            self.rank,
+            self.read_faults,
+            self.write_faults,
+            self.pages_sent,
+            self.bytes_sent,
+            self.pages_received,
+            self.bytes_received,
+            self.requests_forwarded,
+            self.requests_deferred,
+            us(self.fault_latency_p50),
+            us(self.fault_latency_p90),
+            us(self.fault_latency_p99),
+            us(self.fault_latency_max),
+            self.fault_latency_samples
+        )
+    }
+}

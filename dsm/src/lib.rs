@@ -1,0 +1,43 @@
+//! dsm: processes started by `dsmexec` share one address space.
+//!
+//! ```no_run
+//! let dsm = dsm::init(dsm::Config::from_env()?)?;      // joins the job
+//! let words = dsm.words();                             // the shared space, as atomics
+//! if dsm.rank() == 0 {
+//!     words[0].store(42, std::sync::atomic::Ordering::Relaxed);
+//! }
+//! dsm.barrier()?;
+//! assert_eq!(words[0].load(std::sync::atomic::Ordering::Relaxed), 42);
+//! dsm.finalize()?;                                     // termination sync
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! From C, `include/dsm.h` gives the seed's API (`dsm_init`, `dsm_finalize`,
+//! `dsm_rank`, `dsm_size`, `dsm_barrier`); link with `-ldsm`.
+
+use std::sync::Arc;
+
+pub use dsm_core::config::EngineCpu;
+use dsm_core::{Bootstrap, Transport};
+pub use dsm_core::{Config, Dsm, DsmError, Protocol, StatsSnapshot, PAGE_SIZE};
+use transport_tcp::{TcpOptions, TcpTransport};
+
+mod capi;
+
+/// Joins the job this process was started in (by dsmexec): maps the shared
+/// space, connects to every other rank and starts the fault engine.
+pub fn init(config: Config) -> Result<Dsm, DsmError> {
+    dsm_core::logging::init();
+    let config = config.validate()?;
+    let boot = Bootstrap::from_env()?;
+    let hosts: Vec<String> = boot.peers.iter().map(|p| p.host.clone()).collect();
+    // Map first: a bad base or size fails before anyone waits for us.
+    let space = Dsm::prepare(&config)?;
+    let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &TcpOptions::default())?;
+    Dsm::start(space, transport, hosts, config)
+}
+
+/// [`init`] with [`Config::from_env`] (the `DSM_*` variables).
+pub fn init_from_env() -> Result<Dsm, DsmError> {
+    init(Config::from_env()?)
+}

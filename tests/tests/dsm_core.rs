@@ -1,0 +1,205 @@
+//! The DSM core through dsmexec on loopback: the seed's example (Rust and
+//! C), round robin, contention with exact counters, a 256 MiB space, 16
+//! ranks, statistics, and start-up errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use dsm_tests::{bin, dsmexec, run, short_hostname, unique_token, Finished};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique_token(label));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn job(env: &[(&str, &str)], args: &[&str]) -> Finished {
+    let dir = temp_dir("dsm");
+    let mut command = dsmexec(args, &dir);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run(command, LIMIT)
+}
+
+fn check_seed_example(program: &Path) {
+    let host = short_hostname();
+    let prog = program.display().to_string();
+    for n in ["2", "4"] {
+        let out = job(&[("DSM_STATS", "1")], &["-n", n, &prog]);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let n: usize = n.parse().unwrap();
+        for rank in 0..n {
+            let lines = out.lines_of(rank, &host, "stdout");
+            assert_eq!(
+                lines[0],
+                format!("[{rank}] base address of the shared space: 0x40000000"),
+                "{out:?}"
+            );
+            if rank == 1 {
+                assert_eq!(lines[1], "[1] read 4242 from page 0");
+            }
+            let stats = out.lines_of(rank, &host, "stderr");
+            assert!(
+                stats
+                    .iter()
+                    .any(|l| l.starts_with(&format!("dsm stats rank {rank}: "))),
+                "{out:?}"
+            );
+        }
+        // Rank 1's read fault fetched page 0 from rank 0.
+        let stats1 = out.lines_of(1, &host, "stderr").join("\n");
+        assert!(
+            stats1.contains("faults read 1 ") && stats1.contains("received 1 (4105 B)"),
+            "{stats1}"
+        );
+    }
+}
+
+#[test]
+fn seed_example_in_rust() {
+    check_seed_example(&bin("exemple"));
+}
+
+#[test]
+fn seed_example_in_c() {
+    let out_dir = bin("dsmexec").parent().unwrap().to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let exe = out_dir.join("exemple_c");
+    let status = Command::new("cc")
+        .arg("-O1")
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join("examples/c/exemple.c"))
+        .arg("-L")
+        .arg(&out_dir)
+        .arg("-ldsm")
+        .arg(format!("-Wl,-rpath,{}", out_dir.display()))
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .expect("run the C compiler (cc)");
+    assert!(
+        status.success(),
+        "compiling examples/c/exemple.c against libdsm failed"
+    );
+    check_seed_example(&exe);
+}
+
+fn check_all_ranks(out: &Finished, n: usize, expect: impl Fn(usize) -> String) {
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let host = short_hostname();
+    for rank in 0..n {
+        let lines = out.lines_of(rank, &host, "stdout");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&expect(rank))),
+            "rank {rank}: {lines:?}\n{out:?}"
+        );
+    }
+}
+
+#[test]
+fn round_robin_at_4_ranks() {
+    let out = job(&[], &["-n", "4", &bin("roundrobin").display().to_string()]);
+    check_all_ranks(&out, 4, |r| {
+        format!("rank {r}: 4 rounds over 100 pages verified")
+    });
+}
+
+#[test]
+fn round_robin_at_16_ranks() {
+    let out = job(&[], &["-n", "16", &bin("roundrobin").display().to_string()]);
+    check_all_ranks(&out, 16, |r| {
+        format!("rank {r}: 16 rounds over 100 pages verified")
+    });
+}
+
+#[test]
+fn a_256_mib_space_touched_by_all_ranks() {
+    let out = job(
+        &[("DSM_SPACE_SIZE", "256M")],
+        &["-n", "4", &bin("roundrobin").display().to_string(), "64"],
+    );
+    check_all_ranks(&out, 4, |r| {
+        format!("rank {r}: 4 rounds over 65536 pages verified")
+    });
+}
+
+#[test]
+fn contention_4_ranks_4_threads_10000_increments_exact() {
+    let out = job(
+        &[],
+        &[
+            "-n",
+            "4",
+            &bin("contention").display().to_string(),
+            "4",
+            "10000",
+        ],
+    );
+    check_all_ranks(&out, 4, |r| {
+        format!("rank {r}: all 16 counters are exactly 10000")
+    });
+}
+
+#[test]
+fn contention_with_pages_moving_mid_loop_is_exact() {
+    // No hold time and frequent yields: pages are taken away while threads
+    // are between their load and their store.
+    let out = job(
+        &[("DSM_MIN_HOLD_US", "0")],
+        &[
+            "-n",
+            "4",
+            &bin("contention").display().to_string(),
+            "4",
+            "30000",
+            "10",
+        ],
+    );
+    check_all_ranks(&out, 4, |r| {
+        format!("rank {r}: all 16 counters are exactly 30000")
+    });
+}
+
+fn assert_start_error(env: &[(&str, &str)], args: &[&str], rank_message: &str) {
+    let out = job(env, args);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains(rank_message),
+        "expected {rank_message:?} in:\n{}",
+        out.stderr
+    );
+    let launcher = out.launcher_messages();
+    assert_eq!(launcher.len(), 1, "{out:?}");
+    assert!(launcher[0].contains("exited with status 1"), "{launcher:?}");
+}
+
+#[test]
+fn an_occupied_base_address_is_named_with_the_option_to_move_it() {
+    let probe = bin("dsmprobe").display().to_string();
+    assert_start_error(
+        &[],
+        &["-n", "2", &probe, "occupied"],
+        "the shared space 0x40000000-0x40064000 overlaps an existing mapping (0x40000000-0x40001000",
+    );
+    let out = job(&[], &["-n", "2", &probe, "occupied"]);
+    assert!(
+        out.stderr.contains("move it with DSM_BASE"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_space_larger_than_the_machine_is_refused() {
+    let probe = bin("dsmprobe").display().to_string();
+    assert_start_error(
+        &[("DSM_SPACE_SIZE", "64T")],
+        &["-n", "2", &probe, "join"],
+        "is larger than this machine's memory",
+    );
+}
