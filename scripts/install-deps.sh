@@ -6,7 +6,7 @@
 # Idempotent and quiet when everything is present; uses sudo when not root.
 set -euo pipefail
 
-packages=(libclang-dev libibverbs-dev librdmacm-dev pkg-config
+packages=(libclang-dev libibverbs-dev librdmacm-dev pkg-config gcc libc6-dev
           openssh-client openssh-server iproute2 procps)
 missing=()
 for p in "${packages[@]}"; do

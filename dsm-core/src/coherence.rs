@@ -345,6 +345,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // ranks and pages index several tables
     fn a_write_by_every_rank_to_every_page_loses_nothing() {
         // Each rank increments each page's version once, all at the same
         // time; at the end the owner of each page holds version n.

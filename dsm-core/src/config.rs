@@ -160,7 +160,7 @@ impl Config {
 
     /// Checks alignment and rounds the size up to whole pages.
     pub fn validate(mut self) -> Result<Config, ConfigError> {
-        if self.base % PAGE_SIZE != 0 || self.base == 0 {
+        if !self.base.is_multiple_of(PAGE_SIZE) || self.base == 0 {
             return Err(ConfigError {
                 name: "DSM_BASE",
                 value: format!("{:#x}", self.base),

@@ -56,7 +56,7 @@ impl Stats {
         s.seen += 1;
         if s.values.len() < MAX_SAMPLES {
             s.values.push(d.as_nanos() as u64);
-        } else if s.seen % 2 == 0 {
+        } else if s.seen.is_multiple_of(2) {
             let i = (s.seen as usize / 2) % MAX_SAMPLES;
             s.values[i] = d.as_nanos() as u64;
         }
