@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI): installs system packages, builds
-# every binary the multi-process tests launch, then runs the whole test suite.
+# every binary (and libdsm for the C example) the multi-process tests use,
+# then runs the whole test suite.
 # Tests that need root (the network-namespace SSH cluster) run when this is
 # run as root and are required then; otherwise they say they were skipped.
 set -euo pipefail
@@ -9,5 +10,5 @@ scripts/install-deps.sh
 if [ "$(id -u)" -eq 0 ]; then
   export DSM_TEST_REQUIRE_NETNS=1
 fi
-cargo build --workspace --bins --quiet
+cargo build --workspace --lib --bins --quiet
 cargo test --workspace --quiet "$@"

@@ -21,7 +21,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --lib --bins`, as scripts/test.sh does)",
         path.display()
     );
     path

@@ -69,6 +69,10 @@ fn seed_example_in_c() {
     let out_dir = bin("dsmexec").parent().unwrap().to_path_buf();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let exe = out_dir.join("exemple_c");
+    assert!(
+        out_dir.join("libdsm.so").exists(),
+        "libdsm.so is missing: build it first (`cargo build --workspace --lib --bins`, as scripts/test.sh does)"
+    );
     let status = Command::new("cc")
         .arg("-O1")
         .arg("-I")
