@@ -12,6 +12,9 @@ pub const DEFAULT_PAGES: usize = 100;
 /// Coherence protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// Sequentially consistent multi-reader / single-writer with a directory
+    /// at each page's home (the default).
+    Mrsw,
     /// The seed's protocol: one owner per page, the page moves to whoever
     /// touches it (read or write); requests follow probable-owner hints.
     Migratory,
@@ -48,7 +51,7 @@ impl Default for Config {
         Config {
             base: DEFAULT_BASE,
             size: DEFAULT_PAGES * PAGE_SIZE,
-            protocol: Protocol::Migratory,
+            protocol: Protocol::Mrsw,
             engine_cpu: EngineCpu::Auto,
             min_hold: Duration::from_micros(500),
             print_stats: false,
@@ -101,7 +104,7 @@ impl Config {
     /// | --- | --- | --- |
     /// | `DSM_BASE` | base address (hex `0x...` or decimal) | `0x40000000` |
     /// | `DSM_SPACE_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
-    /// | `DSM_PROTOCOL` | `migratory` | `migratory` |
+    /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent) or `migratory` (the seed's) | `mrsw` |
     /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
@@ -132,8 +135,15 @@ impl Config {
         }
         if let Some(v) = get("DSM_PROTOCOL") {
             self.protocol = match v.trim().to_ascii_lowercase().as_str() {
-                "migratory" => Protocol::Migratory,
-                _ => return Err(err("DSM_PROTOCOL", &v, "expected migratory")),
+                "mrsw" | "sc" => Protocol::Mrsw,
+                "migratory" | "seed" => Protocol::Migratory,
+                _ => {
+                    return Err(err(
+                        "DSM_PROTOCOL",
+                        &v,
+                        "expected mrsw (the default) or migratory",
+                    ))
+                }
             };
         }
         if let Some(v) = get("DSM_ENGINE_CPU") {

@@ -9,9 +9,9 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use crate::bootstrap::BootstrapError;
-use crate::coherence::{CoherenceError, Migratory};
+use crate::coherence::{CoherenceError, Migratory, Mrsw};
 use crate::config::{Config, ConfigError, EngineCpu, Protocol, PAGE_SIZE};
-use crate::engine::{self, Engine, Input};
+use crate::engine::{self, Engine, Input, Node};
 use crate::fault::{FaultError, FaultHandler, Region};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Rank, Transport, TransportError};
@@ -111,7 +111,15 @@ impl Dsm {
         let faults = Arc::new(faults);
         let stats = Arc::new(Stats::default());
         let node = match config.protocol {
-            Protocol::Migratory => Migratory::new(rank, size, region.pages(), config.min_hold),
+            Protocol::Migratory => {
+                Node::Migratory(Migratory::new(rank, size, region.pages(), config.min_hold))
+            }
+            Protocol::Mrsw => Node::Mrsw(Mrsw::new(
+                rank,
+                size,
+                region.pages(),
+                config.min_hold.as_nanos() as u64,
+            )),
         };
         let cpu = match config.engine_cpu {
             EngineCpu::Unpinned => None,

@@ -350,12 +350,66 @@ impl FaultHandler {
         }
     }
 
-    /// Takes the page away from this process: writes are stopped first
-    /// (write-protect), then the contents are copied into `out`, then the
-    /// page is dropped so the next access faults again.
-    ///
-    /// The caller guarantees the page is present (it tracks this).
-    pub fn take(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> Result<(), FaultError> {
+    /// Maps `data` at `page` write-protected (a read-only copy): one
+    /// UFFDIO_COPY with MODE_WP, so no thread ever sees it writable.
+    pub fn install_readonly(
+        &self,
+        page: usize,
+        data: &[u8; PAGE_SIZE],
+    ) -> Result<Installed, FaultError> {
+        let addr = self.addr(page);
+        loop {
+            let mut copy = userfaultfd_sys::uffdio_copy {
+                dst: addr as u64,
+                src: data.as_ptr() as u64,
+                len: PAGE_SIZE as u64,
+                mode: userfaultfd_sys::UFFDIO_COPY_MODE_WP,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads PAGE_SIZE bytes from `data` (a live
+            // page-sized buffer) into a page of the registered region, and
+            // writes the result into `copy`, which lives across the call.
+            let rc = unsafe {
+                libc::ioctl(
+                    self.uffd.as_raw_fd(),
+                    userfaultfd_sys::UFFDIO_COPY as _,
+                    &mut copy,
+                )
+            };
+            if rc == 0 {
+                return Ok(Installed::Fresh);
+            }
+            match nix::errno::Errno::last() {
+                nix::errno::Errno::EEXIST => {
+                    self.wake(page)?;
+                    return Ok(Installed::AlreadyPresent);
+                }
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => continue,
+                errno => {
+                    return Err(FaultError::PageOp {
+                        op: "UFFDIO_COPY (write-protected)",
+                        addr,
+                        errno,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Lifts the write protection of a read-only copy and wakes the writers.
+    pub fn make_writable(&self, page: usize) -> Result<(), FaultError> {
+        let addr = self.addr(page);
+        self.uffd
+            .remove_write_protection(addr as *mut _, PAGE_SIZE, true)
+            .map_err(|e| FaultError::Install {
+                addr,
+                detail: format!("remove write protection: {e}"),
+            })
+    }
+
+    /// Turns our writable copy into a read-only one and copies it into
+    /// `out` (the page stays mapped, read-only).
+    pub fn downgrade(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> Result<(), FaultError> {
         let addr = self.addr(page);
         self.uffd
             .write_protect(addr as *mut _, PAGE_SIZE)
@@ -367,6 +421,16 @@ impl FaultHandler {
         // cannot fault; it is write-protected, so no thread changes it while
         // it is copied (writers block in a fault this engine resolves later).
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Takes the page away from this process: writes are stopped first
+    /// (write-protect), then the contents are copied into `out`, then the
+    /// page is dropped so the next access faults again.
+    ///
+    /// The caller guarantees the page is present (it tracks this).
+    pub fn take(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> Result<(), FaultError> {
+        self.downgrade(page, out)?;
         self.drop_page(page)
     }
 

@@ -12,6 +12,29 @@ const GRANT: u8 = 2;
 const GRANT_ZERO: u8 = 3;
 const BARRIER_ENTER: u8 = 4;
 const BARRIER_RELEASE: u8 = 5;
+const READ_REQ: u8 = 6;
+const WRITE_REQ: u8 = 7;
+const INVALIDATE: u8 = 8;
+const INVALIDATE_ACK: u8 = 9;
+const RECALL: u8 = 10;
+/// Grants of the multi-reader protocol: access (read/write) x payload.
+const GRANT_READ: u8 = 11;
+const GRANT_READ_ZERO: u8 = 12;
+const GRANT_WRITE: u8 = 13;
+const GRANT_WRITE_ZERO: u8 = 14;
+const GRANT_UPGRADE: u8 = 15;
+const WRITE_BACK: u8 = 16;
+
+/// What a multi-reader grant carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// The page's bytes.
+    Data(Box<[u8; PAGE_SIZE]>),
+    /// All zeros (never written anywhere).
+    Zero,
+    /// No bytes: the requester already holds a valid read-only copy.
+    Upgrade,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
@@ -31,6 +54,36 @@ pub enum Msg {
     },
     BarrierRelease {
         epoch: u64,
+    },
+    /// Multi-reader protocol, requester -> home.
+    ReadReq {
+        page: u64,
+    },
+    WriteReq {
+        page: u64,
+    },
+    /// Home -> sharer: drop your read-only copy and acknowledge.
+    Invalidate {
+        page: u64,
+    },
+    InvalidateAck {
+        page: u64,
+    },
+    /// Home -> exclusive owner: send the page back; keep a read-only copy if `keep_shared`.
+    Recall {
+        page: u64,
+        keep_shared: bool,
+    },
+    /// Owner -> home, answering a recall.
+    WriteBack {
+        page: u64,
+        data: Box<[u8; PAGE_SIZE]>,
+    },
+    /// Home -> requester.
+    Grant {
+        page: u64,
+        write: bool,
+        payload: Payload,
     },
 }
 
@@ -103,6 +156,74 @@ impl Msg {
                 out.push(BARRIER_RELEASE);
                 out.extend_from_slice(&epoch.to_le_bytes());
             }
+            Msg::ReadReq { page } => Msg::page_only(&mut out, READ_REQ, *page),
+            Msg::WriteReq { page } => Msg::page_only(&mut out, WRITE_REQ, *page),
+            Msg::Invalidate { page } => Msg::page_only(&mut out, INVALIDATE, *page),
+            Msg::InvalidateAck { page } => Msg::page_only(&mut out, INVALIDATE_ACK, *page),
+            Msg::Recall { page, keep_shared } => {
+                Msg::page_only(&mut out, RECALL, *page);
+                out.push(*keep_shared as u8);
+            }
+            Msg::WriteBack { page, .. } => Msg::page_only(&mut out, WRITE_BACK, *page),
+            Msg::Grant {
+                page,
+                write,
+                payload,
+            } => {
+                let kind = match (write, payload) {
+                    (false, Payload::Data(_)) => GRANT_READ,
+                    (false, _) => GRANT_READ_ZERO,
+                    (true, Payload::Data(_)) => GRANT_WRITE,
+                    (true, Payload::Zero) => GRANT_WRITE_ZERO,
+                    (true, Payload::Upgrade) => GRANT_UPGRADE,
+                };
+                Msg::page_only(&mut out, kind, *page)
+            }
+        }
+        out
+    }
+
+    fn page_only(out: &mut Vec<u8>, kind: u8, page: u64) {
+        out.push(kind);
+        out.extend_from_slice(&page.to_le_bytes());
+    }
+
+    /// Header of a multi-reader grant whose page bytes follow as a second part.
+    pub fn grant_data_header(page: usize, write: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        Msg::page_only(
+            &mut out,
+            if write { GRANT_WRITE } else { GRANT_READ },
+            page as u64,
+        );
+        out
+    }
+
+    /// Header of a write-back whose page bytes follow as a second part.
+    pub fn write_back_header(page: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        Msg::page_only(&mut out, WRITE_BACK, page as u64);
+        out
+    }
+
+    /// The page bytes that follow the header on the wire, if any.
+    pub fn page_data(&self) -> Option<&[u8; PAGE_SIZE]> {
+        match self {
+            Msg::PageGrant { data: Some(d), .. } => Some(d),
+            Msg::WriteBack { data, .. } => Some(data),
+            Msg::Grant {
+                payload: Payload::Data(d),
+                ..
+            } => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Header and page bytes concatenated: the whole message as sent.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.header();
+        if let Some(d) = self.page_data() {
+            out.extend_from_slice(&d[..]);
         }
         out
     }
@@ -154,6 +275,49 @@ impl Msg {
                     Msg::BarrierRelease { epoch }
                 })
             }
+            READ_REQ | WRITE_REQ | INVALIDATE | INVALIDATE_ACK => {
+                expect(9)?;
+                let page = u64_at(bytes, 1);
+                Ok(match kind {
+                    READ_REQ => Msg::ReadReq { page },
+                    WRITE_REQ => Msg::WriteReq { page },
+                    INVALIDATE => Msg::Invalidate { page },
+                    _ => Msg::InvalidateAck { page },
+                })
+            }
+            RECALL => {
+                expect(10)?;
+                Ok(Msg::Recall {
+                    page: u64_at(bytes, 1),
+                    keep_shared: bytes[9] != 0,
+                })
+            }
+            WRITE_BACK | GRANT_READ | GRANT_WRITE => {
+                expect(9 + PAGE_SIZE)?;
+                let page = u64_at(bytes, 1);
+                let mut data = Box::new([0u8; PAGE_SIZE]);
+                data.copy_from_slice(&bytes[9..]);
+                Ok(match kind {
+                    WRITE_BACK => Msg::WriteBack { page, data },
+                    _ => Msg::Grant {
+                        page,
+                        write: kind == GRANT_WRITE,
+                        payload: Payload::Data(data),
+                    },
+                })
+            }
+            GRANT_READ_ZERO | GRANT_WRITE_ZERO | GRANT_UPGRADE => {
+                expect(9)?;
+                Ok(Msg::Grant {
+                    page: u64_at(bytes, 1),
+                    write: kind != GRANT_READ_ZERO,
+                    payload: if kind == GRANT_UPGRADE {
+                        Payload::Upgrade
+                    } else {
+                        Payload::Zero
+                    },
+                })
+            }
             other => Err(ProtoError::UnknownKind(other)),
         }
     }
@@ -164,10 +328,7 @@ mod tests {
     use super::*;
 
     fn round_trip(msg: Msg) {
-        let mut bytes = msg.header();
-        if let Msg::PageGrant { data: Some(d), .. } = &msg {
-            bytes.extend_from_slice(&d[..]);
-        }
+        let bytes = msg.encode();
         assert_eq!(Msg::decode(&bytes).unwrap(), msg);
         // Every truncation is an error, never a panic.
         for cut in 0..bytes.len() {
@@ -190,6 +351,48 @@ mod tests {
         });
         round_trip(Msg::BarrierEnter { epoch: 5 });
         round_trip(Msg::BarrierRelease { epoch: 6 });
+        let page = Box::new([7u8; PAGE_SIZE]);
+        for m in [
+            Msg::ReadReq { page: 1 },
+            Msg::WriteReq { page: 2 },
+            Msg::Invalidate { page: 3 },
+            Msg::InvalidateAck { page: 4 },
+            Msg::Recall {
+                page: 5,
+                keep_shared: true,
+            },
+            Msg::WriteBack {
+                page: 6,
+                data: page.clone(),
+            },
+            Msg::Grant {
+                page: 7,
+                write: false,
+                payload: Payload::Data(page.clone()),
+            },
+            Msg::Grant {
+                page: 7,
+                write: false,
+                payload: Payload::Zero,
+            },
+            Msg::Grant {
+                page: 7,
+                write: true,
+                payload: Payload::Data(page),
+            },
+            Msg::Grant {
+                page: 7,
+                write: true,
+                payload: Payload::Zero,
+            },
+            Msg::Grant {
+                page: 7,
+                write: true,
+                payload: Payload::Upgrade,
+            },
+        ] {
+            round_trip(m);
+        }
         assert_eq!(Msg::decode(&[99]), Err(ProtoError::UnknownKind(99)));
     }
 }

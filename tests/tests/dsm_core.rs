@@ -169,6 +169,29 @@ fn contention_with_pages_moving_mid_loop_is_exact() {
     });
 }
 
+#[test]
+fn the_seed_protocol_stays_selectable() {
+    let env = [("DSM_PROTOCOL", "migratory")];
+    let out = job(&env, &["-n", "4", &bin("roundrobin").display().to_string()]);
+    check_all_ranks(&out, 4, |r| {
+        format!("rank {r}: 4 rounds over 100 pages verified")
+    });
+    let out = job(
+        &[("DSM_PROTOCOL", "migratory"), ("DSM_MIN_HOLD_US", "0")],
+        &[
+            "-n",
+            "4",
+            &bin("contention").display().to_string(),
+            "4",
+            "30000",
+            "10",
+        ],
+    );
+    check_all_ranks(&out, 4, |r| {
+        format!("rank {r}: all 16 counters are exactly 30000")
+    });
+}
+
 fn assert_start_error(env: &[(&str, &str)], args: &[&str], rank_message: &str) {
     let out = job(env, args);
     assert_ne!(out.code, Some(0), "{out:?}");

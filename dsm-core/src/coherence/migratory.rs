@@ -1,8 +1,4 @@
-//! Coherence state machines: pure logic, no sockets, no kernel. The engine
-//! feeds them events (local faults, requests, grants, timer ticks) and
-//! carries out the [`Action`]s they return.
-//!
-//! ## Migratory (the seed's protocol, after IVY's dynamic distributed manager)
+//! Migratory: the seed's protocol, after IVY's dynamic distributed manager.
 //!
 //! One owner per page; the page moves to whoever touches it. Each rank keeps
 //! a probable-owner hint per page (initially the page's home, `page mod N`).
@@ -25,27 +21,9 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use super::{Action, CoherenceError, ProtocolCounters};
 use crate::proto::Msg;
 use crate::Rank;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Send a control message.
-    Send { to: Rank, msg: Msg },
-    /// Give `page` to `to`: copy it out of memory and drop it if `present`,
-    /// else send it as all zeros (it was never touched here).
-    GivePage {
-        to: Rank,
-        page: usize,
-        present: bool,
-    },
-    /// Map the page that just arrived (the grant being handled).
-    InstallGranted { page: usize },
-    /// Map a zero page: first touch of a page we own that was never written.
-    InstallZero { page: usize },
-    /// Wake threads whose fault turned out to be moot.
-    Wake { page: usize },
-}
 
 #[derive(Debug, Clone)]
 struct PageState {
@@ -57,23 +35,6 @@ struct PageState {
     fetching: bool,
     held_until: Option<Instant>,
     deferred: VecDeque<Rank>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum CoherenceError {
-    #[error("page {page} is outside the shared space ({pages} pages)")]
-    NoSuchPage { page: usize, pages: usize },
-    #[error("rank {from} granted page {page}, which this rank did not request")]
-    UnexpectedGrant { page: usize, from: Rank },
-    #[error("request for page {page} from rank {requester}, outside the job")]
-    BadRequester { page: usize, requester: Rank },
-}
-
-/// Counters the state machine keeps itself.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ProtocolCounters {
-    pub forwarded: u64,
-    pub deferred: u64,
 }
 
 pub struct Migratory {

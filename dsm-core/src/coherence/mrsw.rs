@@ -1,0 +1,559 @@
+//! Multi-reader / single-writer, sequentially consistent, with a directory
+//! at each page's home (the default protocol).
+//!
+//! Every page has a home rank that keeps its directory entry (uncached,
+//! shared by a set of readers, or exclusive at one writer) and, unless a
+//! writer holds it, the authoritative copy of its bytes ("backing").
+//!
+//! Requester side (per page: Invalid, Shared = read-only copy, Modified =
+//! writable copy; at most one request in flight):
+//! * read fault on an invalid page: `ReadReq` to the home; the grant is
+//!   installed write-protected;
+//! * write fault (missing page, or store to a read-only copy): `WriteReq`;
+//!   the grant carries the bytes, or is an upgrade of the copy we hold;
+//! * `Invalidate`: drop the read-only copy, acknowledge;
+//! * `Recall`: send the writable copy back, keeping it read-only
+//!   (`keep_shared`, for a reader) or dropping it (for a writer).
+//!
+//! Home side: one transaction per page at a time, later requests queue.
+//! * read: grant from the backing copy, or first recall the writer's copy;
+//! * write: invalidate every other reader and wait for all their
+//!   acknowledgements (or recall the writer's copy), then grant.
+//!
+//! Messages between two ranks arrive in order, and every message to a rank
+//! about a page comes from that page's home, so a rank always sees its
+//! grant before any later invalidation or recall of the same page.
+//! A write is granted only once no other copy exists, so every read returns
+//! the latest write: sequential consistency at page granularity.
+//!
+//! Progress: a page that arrives is kept at least `min_hold` before an
+//! invalidation or recall takes it, so the faulting thread gets to use it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::{Action, CoherenceError, ProtocolCounters};
+use crate::proto::{Msg, Payload};
+use crate::Rank;
+
+/// Abstract time (nanoseconds since the engine started; ticks in the model).
+pub type Time = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// A rank's own copy of a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Copy {
+    Invalid,
+    Shared,
+    Modified,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Command {
+    Invalidate,
+    Recall { keep_shared: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct LocalPage {
+    copy: Copy,
+    pending: Option<Access>,
+    held_until: Time,
+    deferred: VecDeque<Command>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Directory {
+    #[default]
+    Uncached,
+    Shared(BTreeSet<Rank>),
+    Exclusive(Rank),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Transaction {
+    /// Waiting for invalidation acknowledgements before granting a write.
+    Acks {
+        requester: Rank,
+        remaining: usize,
+        upgrade: bool,
+    },
+    /// Waiting for the exclusive copy to come back.
+    WriteBack { requester: Rank, want: Access },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+struct HomePage {
+    dir: Directory,
+    txn: Option<Transaction>,
+    queue: VecDeque<(Rank, Access)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mrsw {
+    rank: Rank,
+    size: usize,
+    min_hold: Time,
+    local: Vec<LocalPage>,
+    /// Directory entries of the pages this rank is home of, created on first use.
+    homes: BTreeMap<usize, HomePage>,
+    /// Pages with deferred invalidations or recalls.
+    waiting: BTreeSet<usize>,
+    pub counters: ProtocolCounters,
+}
+
+type Actions = Result<Vec<Action>, CoherenceError>;
+
+impl Mrsw {
+    pub fn new(rank: Rank, size: usize, pages: usize, min_hold: Time) -> Self {
+        let local = LocalPage {
+            copy: Copy::Invalid,
+            pending: None,
+            held_until: 0,
+            deferred: VecDeque::new(),
+        };
+        Mrsw {
+            rank,
+            size,
+            min_hold,
+            local: vec![local; pages],
+            homes: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            counters: ProtocolCounters::default(),
+        }
+    }
+
+    pub fn home_of(&self, page: usize) -> Rank {
+        page % self.size
+    }
+
+    /// This rank's copy of `page`.
+    pub fn copy_of(&self, page: usize) -> Option<Copy> {
+        self.local.get(page).map(|l| l.copy)
+    }
+
+    /// The directory entry, if this rank is the page's home.
+    pub fn directory(&self, page: usize) -> Option<&Directory> {
+        self.homes.get(&page).map(|h| &h.dir)
+    }
+
+    /// True when nothing is in flight for any page at this rank.
+    pub fn quiescent(&self) -> bool {
+        self.waiting.is_empty()
+            && self.local.iter().all(|l| l.pending.is_none())
+            && self
+                .homes
+                .values()
+                .all(|h| h.txn.is_none() && h.queue.is_empty())
+    }
+
+    fn local(&mut self, page: usize) -> Result<&mut LocalPage, CoherenceError> {
+        let pages = self.local.len();
+        self.local
+            .get_mut(page)
+            .ok_or(CoherenceError::NoSuchPage { page, pages })
+    }
+
+    fn unexpected(page: usize, from: Rank, what: &'static str) -> CoherenceError {
+        CoherenceError::Unexpected { page, from, what }
+    }
+
+    /// A thread of this process faulted on `page` (`write`: a store).
+    pub fn on_fault(&mut self, page: usize, write: bool) -> Actions {
+        let home = self.home_of(page);
+        let lp = self.local(page)?;
+        match lp.copy {
+            Copy::Modified => return Ok(vec![Action::Wake { page }]),
+            Copy::Shared if !write => return Ok(vec![Action::Wake { page }]),
+            _ => {}
+        }
+        if lp.pending.is_some() {
+            // The answer to the request in flight wakes this thread too; a
+            // store that finds a read-only copy then faults again.
+            return Ok(Vec::new());
+        }
+        let (want, msg) = if write {
+            (Access::Write, Msg::WriteReq { page: page as u64 })
+        } else {
+            (Access::Read, Msg::ReadReq { page: page as u64 })
+        };
+        lp.pending = Some(want);
+        Ok(vec![Action::Send { to: home, msg }])
+    }
+
+    /// A message from `from` arrived.
+    pub fn on_message(&mut self, from: Rank, msg: &Msg, now: Time) -> Actions {
+        if from >= self.size {
+            return Err(CoherenceError::BadRequester {
+                page: 0,
+                requester: from,
+            });
+        }
+        match msg {
+            Msg::ReadReq { page } => self.home_request(*page as usize, from, Access::Read),
+            Msg::WriteReq { page } => self.home_request(*page as usize, from, Access::Write),
+            Msg::InvalidateAck { page } => self.home_ack(*page as usize, from),
+            Msg::WriteBack { page, .. } => self.home_write_back(*page as usize, from),
+            Msg::Invalidate { page } => {
+                self.local_command(*page as usize, from, Command::Invalidate, now)
+            }
+            Msg::Recall { page, keep_shared } => self.local_command(
+                *page as usize,
+                from,
+                Command::Recall {
+                    keep_shared: *keep_shared,
+                },
+                now,
+            ),
+            Msg::Grant {
+                page,
+                write,
+                payload,
+            } => self.local_grant(*page as usize, from, *write, payload, now),
+            _ => Err(Self::unexpected(0, from, "a message of another protocol")),
+        }
+    }
+
+    // ---- home side ----
+
+    fn home_page(
+        &mut self,
+        page: usize,
+        from: Rank,
+        what: &'static str,
+    ) -> Result<&mut HomePage, CoherenceError> {
+        if page >= self.local.len() {
+            return Err(CoherenceError::NoSuchPage {
+                page,
+                pages: self.local.len(),
+            });
+        }
+        if self.home_of(page) != self.rank {
+            return Err(Self::unexpected(page, from, what));
+        }
+        Ok(self.homes.entry(page).or_default())
+    }
+
+    fn home_request(&mut self, page: usize, requester: Rank, want: Access) -> Actions {
+        let hp = self.home_page(page, requester, "a request")?;
+        if hp.txn.is_some() {
+            hp.queue.push_back((requester, want));
+            self.counters.deferred += 1;
+            return Ok(Vec::new());
+        }
+        self.start_transaction(page, requester, want)
+    }
+
+    fn grant_write(page: usize, to: Rank, upgrade: bool) -> Action {
+        if upgrade {
+            Action::Send {
+                to,
+                msg: Msg::Grant {
+                    page: page as u64,
+                    write: true,
+                    payload: Payload::Upgrade,
+                },
+            }
+        } else {
+            Action::GrantFromBacking {
+                to,
+                page,
+                write: true,
+            }
+        }
+    }
+
+    fn start_transaction(&mut self, page: usize, requester: Rank, want: Access) -> Actions {
+        let hp = self.homes.entry(page).or_default();
+        let page_id = page as u64;
+        match (want, &mut hp.dir) {
+            (Access::Read, Directory::Uncached) => {
+                hp.dir = Directory::Shared(BTreeSet::from([requester]));
+                Ok(vec![Action::GrantFromBacking {
+                    to: requester,
+                    page,
+                    write: false,
+                }])
+            }
+            (Access::Read, Directory::Shared(readers)) => {
+                readers.insert(requester);
+                Ok(vec![Action::GrantFromBacking {
+                    to: requester,
+                    page,
+                    write: false,
+                }])
+            }
+            (_, Directory::Exclusive(owner)) if *owner == requester => Err(Self::unexpected(
+                page,
+                requester,
+                "a request for a page it holds exclusively",
+            )),
+            (_, Directory::Exclusive(owner)) => {
+                let owner = *owner;
+                hp.txn = Some(Transaction::WriteBack { requester, want });
+                Ok(vec![Action::Send {
+                    to: owner,
+                    msg: Msg::Recall {
+                        page: page_id,
+                        keep_shared: want == Access::Read,
+                    },
+                }])
+            }
+            (Access::Write, Directory::Uncached) => {
+                hp.dir = Directory::Exclusive(requester);
+                Ok(vec![Self::grant_write(page, requester, false)])
+            }
+            (Access::Write, Directory::Shared(readers)) => {
+                let upgrade = readers.contains(&requester);
+                let others: Vec<Rank> = readers
+                    .iter()
+                    .copied()
+                    .filter(|r| *r != requester)
+                    .collect();
+                if others.is_empty() {
+                    hp.dir = Directory::Exclusive(requester);
+                    return Ok(vec![Self::grant_write(page, requester, upgrade)]);
+                }
+                hp.txn = Some(Transaction::Acks {
+                    requester,
+                    remaining: others.len(),
+                    upgrade,
+                });
+                Ok(others
+                    .into_iter()
+                    .map(|to| Action::Send {
+                        to,
+                        msg: Msg::Invalidate { page: page_id },
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// Starts queued requests until one has to wait.
+    fn next_transactions(&mut self, page: usize, mut actions: Vec<Action>) -> Actions {
+        loop {
+            let hp = self.homes.entry(page).or_default();
+            if hp.txn.is_some() {
+                return Ok(actions);
+            }
+            let Some((requester, want)) = hp.queue.pop_front() else {
+                return Ok(actions);
+            };
+            actions.extend(self.start_transaction(page, requester, want)?);
+        }
+    }
+
+    fn home_ack(&mut self, page: usize, from: Rank) -> Actions {
+        let hp = self.home_page(page, from, "an invalidation ack")?;
+        let Some(Transaction::Acks {
+            requester,
+            remaining,
+            upgrade,
+        }) = hp.txn.as_mut()
+        else {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "an unexpected invalidation ack",
+            ));
+        };
+        let removed = match &mut hp.dir {
+            Directory::Shared(readers) => readers.remove(&from),
+            _ => false,
+        };
+        if !removed {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "an invalidation ack from a non-reader",
+            ));
+        }
+        *remaining -= 1;
+        if *remaining > 0 {
+            return Ok(Vec::new());
+        }
+        let (requester, upgrade) = (*requester, *upgrade);
+        hp.txn = None;
+        hp.dir = Directory::Exclusive(requester);
+        self.next_transactions(page, vec![Self::grant_write(page, requester, upgrade)])
+    }
+
+    fn home_write_back(&mut self, page: usize, from: Rank) -> Actions {
+        let hp = self.home_page(page, from, "a write-back")?;
+        let (Some(Transaction::WriteBack { requester, want }), Directory::Exclusive(owner)) =
+            (hp.txn, &hp.dir)
+        else {
+            return Err(Self::unexpected(page, from, "an unexpected write-back"));
+        };
+        if *owner != from {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "a write-back from a non-owner",
+            ));
+        }
+        hp.txn = None;
+        hp.dir = match want {
+            Access::Read => Directory::Shared(BTreeSet::from([from, requester])),
+            Access::Write => Directory::Exclusive(requester),
+        };
+        let actions = vec![
+            Action::StoreBacking { page },
+            Action::GrantFromBacking {
+                to: requester,
+                page,
+                write: want == Access::Write,
+            },
+        ];
+        self.next_transactions(page, actions)
+    }
+
+    // ---- requester side ----
+
+    fn local_command(&mut self, page: usize, from: Rank, command: Command, now: Time) -> Actions {
+        if self.home_of(page) != from {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "a command from a rank that is not the page's home",
+            ));
+        }
+        let lp = self.local(page)?;
+        if lp.held_until > now || !lp.deferred.is_empty() {
+            lp.deferred.push_back(command);
+            self.waiting.insert(page);
+            return Ok(Vec::new());
+        }
+        self.execute(page, command)
+    }
+
+    fn execute(&mut self, page: usize, command: Command) -> Actions {
+        let home = self.home_of(page);
+        let lp = self.local(page)?;
+        let page_id = page as u64;
+        match (command, lp.copy) {
+            (Command::Invalidate, Copy::Shared) => {
+                lp.copy = Copy::Invalid;
+                Ok(vec![
+                    Action::DropPage { page },
+                    Action::Send {
+                        to: home,
+                        msg: Msg::InvalidateAck { page: page_id },
+                    },
+                ])
+            }
+            (Command::Recall { keep_shared }, Copy::Modified) => {
+                lp.copy = if keep_shared {
+                    Copy::Shared
+                } else {
+                    Copy::Invalid
+                };
+                Ok(vec![Action::WriteBack {
+                    to: home,
+                    page,
+                    keep_shared,
+                }])
+            }
+            (Command::Invalidate, _) => Err(Self::unexpected(
+                page,
+                home,
+                "an invalidation of a copy not shared here",
+            )),
+            (Command::Recall { .. }, _) => Err(Self::unexpected(
+                page,
+                home,
+                "a recall of a copy not held exclusively here",
+            )),
+        }
+    }
+
+    fn local_grant(
+        &mut self,
+        page: usize,
+        from: Rank,
+        write: bool,
+        payload: &Payload,
+        now: Time,
+    ) -> Actions {
+        if self.home_of(page) != from {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "a grant from a rank that is not the page's home",
+            ));
+        }
+        let hold = self.min_hold;
+        let lp = self.local(page)?;
+        let expected = if write { Access::Write } else { Access::Read };
+        if lp.pending != Some(expected) {
+            return Err(Self::unexpected(page, from, "a grant it did not ask for"));
+        }
+        lp.pending = None;
+        lp.held_until = now.saturating_add(hold);
+        match (write, payload, lp.copy) {
+            (false, Payload::Data(_) | Payload::Zero, Copy::Invalid) => {
+                lp.copy = Copy::Shared;
+                Ok(vec![Action::Install {
+                    page,
+                    writable: false,
+                }])
+            }
+            (true, Payload::Upgrade, Copy::Shared) => {
+                lp.copy = Copy::Modified;
+                Ok(vec![Action::MakeWritable { page }])
+            }
+            (true, Payload::Data(_) | Payload::Zero, Copy::Invalid) => {
+                lp.copy = Copy::Modified;
+                Ok(vec![Action::Install {
+                    page,
+                    writable: true,
+                }])
+            }
+            _ => Err(Self::unexpected(
+                page,
+                from,
+                "a grant that does not fit this rank's copy",
+            )),
+        }
+    }
+
+    // ---- timers ----
+
+    /// When the next deferred command becomes due, if any.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.waiting.iter().map(|p| self.local[*p].held_until).min()
+    }
+
+    /// Moves the clock's origin to `now`: hold deadlines become relative to
+    /// it. Only differences of times matter to the protocol, so this changes
+    /// nothing in its behaviour (the model checker uses it to fold states
+    /// that differ only by the absolute time).
+    pub fn rebase_clock(&mut self, now: Time) {
+        for page in &mut self.local {
+            page.held_until = page.held_until.saturating_sub(now);
+        }
+    }
+
+    /// Executes deferred commands whose page is no longer held.
+    pub fn on_tick(&mut self, now: Time) -> Actions {
+        let due: Vec<usize> = self
+            .waiting
+            .iter()
+            .copied()
+            .filter(|p| self.local[*p].held_until <= now)
+            .collect();
+        let mut actions = Vec::new();
+        for page in due {
+            self.waiting.remove(&page);
+            while let Some(command) = self.local[page].deferred.pop_front() {
+                actions.extend(self.execute(page, command)?);
+            }
+        }
+        Ok(actions)
+    }
+}

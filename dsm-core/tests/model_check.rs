@@ -1,0 +1,372 @@
+//! Exhaustive model checking of the multi-reader coherence state machine
+//! (the production code in `coherence::mrsw`), without sockets or kernel.
+//!
+//! A world of N ranks runs small programs of reads and writes on P pages.
+//! Every reachable state is explored (breadth first, states deduplicated):
+//! any order of message deliveries between different pairs of ranks
+//! (in order within a pair, as the transports guarantee), of program steps
+//! and of hold-timer expiries. Checked in every state:
+//! * at most one writer per page, and no reader while there is a writer;
+//! * every read returns the value of the last completed write;
+//! * the state machine never reports a protocol error;
+//! * no deadlock and no lost request: a state with nothing left to do has
+//!   every program finished, every rank quiescent and no message in flight.
+
+use std::collections::{HashSet, VecDeque};
+
+use dsm_core::coherence::mrsw::{Copy, Mrsw};
+use dsm_core::coherence::{Action, ProtocolCounters};
+use dsm_core::proto::{Msg, Payload};
+use dsm_core::PAGE_SIZE;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    Read(usize),
+    Write(usize),
+}
+
+/// A message in flight, with the page value it carries (the model of its bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum M {
+    ReadReq(usize),
+    WriteReq(usize),
+    Invalidate(usize),
+    InvalidateAck(usize),
+    Recall(usize, bool),
+    WriteBack(usize, u64),
+    /// page, write, value (`None`: an upgrade, no bytes)
+    Grant(usize, bool, Option<u64>),
+}
+
+impl M {
+    fn from_msg(msg: &Msg, value: Option<u64>) -> M {
+        match msg {
+            Msg::ReadReq { page } => M::ReadReq(*page as usize),
+            Msg::WriteReq { page } => M::WriteReq(*page as usize),
+            Msg::Invalidate { page } => M::Invalidate(*page as usize),
+            Msg::InvalidateAck { page } => M::InvalidateAck(*page as usize),
+            Msg::Recall { page, keep_shared } => M::Recall(*page as usize, *keep_shared),
+            Msg::Grant {
+                page,
+                write,
+                payload,
+            } => M::Grant(
+                *page as usize,
+                *write,
+                (!matches!(payload, Payload::Upgrade)).then(|| value.expect("grant value")),
+            ),
+            other => panic!("unexpected message in the model: {other:?}"),
+        }
+    }
+
+    fn to_msg(&self) -> (Msg, Option<u64>) {
+        match *self {
+            M::ReadReq(p) => (Msg::ReadReq { page: p as u64 }, None),
+            M::WriteReq(p) => (Msg::WriteReq { page: p as u64 }, None),
+            M::Invalidate(p) => (Msg::Invalidate { page: p as u64 }, None),
+            M::InvalidateAck(p) => (Msg::InvalidateAck { page: p as u64 }, None),
+            M::Recall(p, k) => (
+                Msg::Recall {
+                    page: p as u64,
+                    keep_shared: k,
+                },
+                None,
+            ),
+            M::WriteBack(p, v) => (
+                Msg::WriteBack {
+                    page: p as u64,
+                    data: Box::new([0u8; PAGE_SIZE]),
+                },
+                Some(v),
+            ),
+            M::Grant(p, w, v) => (
+                Msg::Grant {
+                    page: p as u64,
+                    write: w,
+                    payload: if v.is_some() {
+                        Payload::Zero
+                    } else {
+                        Payload::Upgrade
+                    },
+                },
+                v,
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct World {
+    nodes: Vec<Mrsw>,
+    /// Index `from * n + to`.
+    links: Vec<VecDeque<M>>,
+    /// What each rank has mapped for each page.
+    mem: Vec<Vec<Option<u64>>>,
+    /// The homes' copies.
+    backing: Vec<u64>,
+    pc: Vec<usize>,
+    time: Vec<u64>,
+    last_write: Vec<u64>,
+}
+
+struct Model {
+    n: usize,
+    pages: usize,
+    programs: Vec<Vec<Op>>,
+}
+
+impl Model {
+    fn initial(&self, hold: u64) -> World {
+        World {
+            nodes: (0..self.n)
+                .map(|r| Mrsw::new(r, self.n, self.pages, hold))
+                .collect(),
+            links: vec![VecDeque::new(); self.n * self.n],
+            mem: vec![vec![None; self.pages]; self.n],
+            backing: vec![0; self.pages],
+            pc: vec![0; self.n],
+            time: vec![0; self.n],
+            last_write: vec![0; self.pages],
+        }
+    }
+
+    /// Carries out `actions` of `rank`; `value` is the page value of the
+    /// message being handled.
+    fn apply(
+        &self,
+        w: &mut World,
+        rank: usize,
+        actions: Vec<Action>,
+        value: Option<u64>,
+    ) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => {
+                    w.links[rank * self.n + to].push_back(M::from_msg(&msg, value))
+                }
+                Action::Install { page, .. } => {
+                    if w.mem[rank][page].is_some() {
+                        return Err(format!(
+                            "rank {rank} installs page {page} over a present copy"
+                        ));
+                    }
+                    w.mem[rank][page] = Some(value.ok_or("install without a value")?);
+                }
+                Action::MakeWritable { page } => {
+                    if w.mem[rank][page].is_none() {
+                        return Err(format!("rank {rank} upgrades page {page} it does not hold"));
+                    }
+                }
+                Action::DropPage { page } => w.mem[rank][page] = None,
+                Action::WriteBack {
+                    to,
+                    page,
+                    keep_shared,
+                } => {
+                    let v = w.mem[rank][page].ok_or(format!(
+                        "rank {rank} writes back page {page} it does not hold"
+                    ))?;
+                    if !keep_shared {
+                        w.mem[rank][page] = None;
+                    }
+                    w.links[rank * self.n + to].push_back(M::WriteBack(page, v));
+                }
+                Action::StoreBacking { page } => {
+                    w.backing[page] = value.ok_or("write-back without a value")?
+                }
+                Action::GrantFromBacking { to, page, write } => {
+                    let v = w.backing[page];
+                    w.links[rank * self.n + to].push_back(M::Grant(page, write, Some(v)));
+                }
+                Action::Wake { .. } => {}
+                other => return Err(format!("multi-reader protocol emitted {other:?}")),
+            }
+        }
+        // Counters only grow and change nothing, and only time differences
+        // matter: keep both out of the state.
+        for (node, time) in w.nodes.iter_mut().zip(&mut w.time) {
+            node.counters = ProtocolCounters::default();
+            node.rebase_clock(*time);
+            *time = 0;
+        }
+        Ok(())
+    }
+
+    fn check(&self, w: &World) -> Result<(), String> {
+        for page in 0..self.pages {
+            let copies: Vec<Copy> = w.nodes.iter().map(|n| n.copy_of(page).unwrap()).collect();
+            let writers = copies.iter().filter(|c| **c == Copy::Modified).count();
+            let readers = copies.iter().filter(|c| **c == Copy::Shared).count();
+            if writers > 1 || (writers == 1 && readers > 0) {
+                return Err(format!(
+                    "page {page}: {writers} writers and {readers} readers: {copies:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every successor of `w`, or the first error found.
+    fn successors(&self, w: &World) -> Result<Vec<World>, String> {
+        let mut next = Vec::new();
+        for rank in 0..self.n {
+            // A program step: perform the op if the copy allows it, else fault.
+            if let Some(op) = self.programs[rank].get(w.pc[rank]).copied() {
+                let mut s = w.clone();
+                let (page, write) = match op {
+                    Op::Read(p) => (p, false),
+                    Op::Write(p) => (p, true),
+                };
+                let copy = s.nodes[rank].copy_of(page).unwrap();
+                let allowed = if write {
+                    copy == Copy::Modified
+                } else {
+                    copy != Copy::Invalid
+                };
+                if allowed {
+                    let current = s.mem[rank][page].ok_or("a valid copy is not mapped")?;
+                    if write {
+                        let v = (rank as u64 + 1) * 100 + s.pc[rank] as u64;
+                        s.mem[rank][page] = Some(v);
+                        s.last_write[page] = v;
+                    } else if current != s.last_write[page] {
+                        return Err(format!(
+                            "rank {rank} read {current} from page {page}, but the last write was {}",
+                            s.last_write[page]
+                        ));
+                    }
+                    s.pc[rank] += 1;
+                    next.push(s);
+                } else {
+                    let actions = s.nodes[rank]
+                        .on_fault(page, write)
+                        .map_err(|e| e.to_string())?;
+                    if !actions.is_empty() {
+                        self.apply(&mut s, rank, actions, None)?;
+                        next.push(s);
+                    }
+                }
+            }
+            // A hold timer expires.
+            if let Some(deadline) = w.nodes[rank].next_deadline() {
+                let mut s = w.clone();
+                s.time[rank] = s.time[rank].max(deadline);
+                let now = s.time[rank];
+                let actions = s.nodes[rank].on_tick(now).map_err(|e| e.to_string())?;
+                self.apply(&mut s, rank, actions, None)?;
+                next.push(s);
+            }
+        }
+        // A delivery on any pair of ranks (in order within the pair).
+        for link in 0..w.links.len() {
+            if w.links[link].is_empty() {
+                continue;
+            }
+            let (from, to) = (link / self.n, link % self.n);
+            let mut s = w.clone();
+            let m = s.links[link].pop_front().ok_or("empty link")?;
+            let (msg, value) = m.to_msg();
+            let now = s.time[to];
+            let actions = s.nodes[to]
+                .on_message(from, &msg, now)
+                .map_err(|e| format!("rank {to} handling {m:?} from rank {from}: {e}"))?;
+            self.apply(&mut s, to, actions, value)?;
+            next.push(s);
+        }
+        Ok(next)
+    }
+
+    fn explore(&self, hold: u64) -> usize {
+        let start = self.initial(hold);
+        let mut seen: HashSet<World> = HashSet::from([start.clone()]);
+        let mut frontier = VecDeque::from([start]);
+        while let Some(w) = frontier.pop_front() {
+            if let Err(e) = self.check(&w) {
+                panic!("invariant violated: {e}\nstate: {w:#?}");
+            }
+            let next = self
+                .successors(&w)
+                .unwrap_or_else(|e| panic!("{e}\nstate: {w:#?}"));
+            if next.is_empty() {
+                let done = (0..self.n).all(|r| w.pc[r] == self.programs[r].len());
+                let quiet =
+                    w.nodes.iter().all(Mrsw::quiescent) && w.links.iter().all(VecDeque::is_empty);
+                assert!(done && quiet, "deadlock or lost request: {w:#?}");
+            }
+            for s in next {
+                if seen.insert(s.clone()) {
+                    frontier.push_back(s);
+                }
+            }
+            assert!(seen.len() < 5_000_000, "state space too large for the test");
+        }
+        seen.len()
+    }
+}
+
+fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
+    let model = Model {
+        n: programs.len(),
+        pages,
+        programs,
+    };
+    for hold in [0, 1] {
+        let states = model.explore(hold);
+        eprintln!(
+            "{} ranks, {pages} pages, hold {hold}: {states} states explored",
+            model.n
+        );
+    }
+}
+
+use Op::{Read, Write};
+
+#[test]
+fn three_ranks_two_pages_writers_and_readers_cross() {
+    check_programs(
+        vec![
+            vec![Write(0), Read(1)],
+            vec![Write(1), Read(0)],
+            vec![Read(0), Write(0), Read(1)],
+        ],
+        2,
+    );
+}
+
+#[test]
+fn three_ranks_writing_the_same_page() {
+    check_programs(
+        vec![
+            vec![Write(0), Write(1)],
+            vec![Write(0), Read(1)],
+            vec![Write(0), Read(0)],
+        ],
+        2,
+    );
+}
+
+#[test]
+fn concurrent_upgrades_of_shared_copies() {
+    // Every rank first reads (becomes a sharer), then writes: upgrades race.
+    check_programs(
+        vec![
+            vec![Read(0), Write(0)],
+            vec![Read(0), Write(0)],
+            vec![Read(0), Write(0), Read(1)],
+        ],
+        2,
+    );
+}
+
+#[test]
+fn four_ranks_readers_and_writers_on_two_pages() {
+    check_programs(
+        vec![
+            vec![Write(0), Read(1)],
+            vec![Write(1), Read(0)],
+            vec![Read(0), Read(1)],
+            vec![Read(1), Write(0)],
+        ],
+        2,
+    );
+}

@@ -1,0 +1,118 @@
+//! The default multi-reader protocol through dsmexec: litmus tests for
+//! sequential consistency across processes, cross-rank atomics, random
+//! stress with exact final values, producer/consumer and false sharing.
+//! (The exhaustive model check of the same state machine is
+//! `dsm-core/tests/model_check.rs`.)
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dsm_tests::{bin, dsmexec, run, short_hostname, unique_token, Finished};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn job(env: &[(&str, &str)], n: usize, program: &str, args: &[&str]) -> Finished {
+    let dir: PathBuf = std::env::temp_dir().join(unique_token("coherence"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = n.to_string();
+    let prog = bin(program).display().to_string();
+    let mut all = vec!["-n", &n, &prog];
+    all.extend_from_slice(args);
+    let mut command = dsmexec(&all, &dir);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run(command, LIMIT)
+}
+
+fn litmus(test: &str, ranks: usize, protocol: &str) {
+    const ITERATIONS: &str = "2000";
+    let out = job(
+        &[("DSM_SPACE_SIZE", "4M"), ("DSM_PROTOCOL", protocol)],
+        ranks,
+        "litmus",
+        &[test, ITERATIONS],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+    assert!(
+        line.starts_with(&format!("{test}: 2000 iterations; outcomes "))
+            && line.ends_with("; forbidden 0"),
+        "{line}\n{out:?}"
+    );
+    eprintln!("{protocol} {line}");
+}
+
+#[test]
+fn litmus_message_passing() {
+    litmus("mp", 2, "mrsw");
+}
+
+#[test]
+fn litmus_store_buffering() {
+    litmus("sb", 2, "mrsw");
+}
+
+#[test]
+fn litmus_load_buffering() {
+    litmus("lb", 2, "mrsw");
+}
+
+#[test]
+fn litmus_independent_reads_of_independent_writes() {
+    litmus("iriw", 4, "mrsw");
+}
+
+#[test]
+fn litmus_two_plus_two_writes() {
+    litmus("2+2w", 2, "mrsw");
+}
+
+#[test]
+fn litmus_store_buffering_under_the_seed_protocol() {
+    litmus("sb", 2, "migratory");
+}
+
+fn expect_all(out: &Finished, n: usize, text: &str) {
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let host = short_hostname();
+    for rank in 0..n {
+        let lines = out.lines_of(rank, &host, "stdout");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("rank {rank}: {text}"))),
+            "rank {rank}: {lines:?}\n{out:?}"
+        );
+    }
+}
+
+#[test]
+fn hardware_atomics_are_atomic_across_4_and_8_ranks() {
+    let out = job(&[], 4, "stress", &["atomics", "4", "5000"]);
+    expect_all(&out, 4, "atomics exact: A=80000 B=200000");
+    let out = job(&[], 8, "stress", &["atomics", "2", "2000"]);
+    expect_all(&out, 8, "atomics exact: A=32000 B=144000");
+}
+
+#[test]
+fn random_reads_writes_and_atomics_end_exact_at_4_and_8_ranks() {
+    let out = job(&[], 4, "stress", &["random", "4", "6000"]);
+    expect_all(&out, 4, "random exact: 16 slots");
+    let out = job(&[], 8, "stress", &["random", "2", "3000"]);
+    expect_all(&out, 8, "random exact: 16 slots");
+}
+
+#[test]
+fn producer_consumer_through_shared_memory() {
+    let out = job(&[], 2, "stress", &["prodcons", "20000"]);
+    expect_all(&out, 2, "prodcons exact: 20000 items in order");
+}
+
+#[test]
+fn false_sharing_every_rank_writes_its_own_word_of_one_page() {
+    let out = job(&[], 4, "stress", &["falseshare", "5000"]);
+    expect_all(&out, 4, "falseshare exact: 4 words of one page, 5000 each");
+    let out = job(&[], 8, "stress", &["falseshare", "2000"]);
+    expect_all(&out, 8, "falseshare exact: 8 words of one page, 2000 each");
+}
