@@ -264,6 +264,7 @@ mod tests {
                         self.held[rank][page] = grant_version;
                     }
                     Action::InstallZero { .. } | Action::Wake { .. } => {}
+                    other => panic!("the migratory protocol emitted {other:?}"),
                 }
             }
         }
