@@ -2,8 +2,9 @@
 # The project's test command (README, CI): installs system packages, builds
 # every binary (and libdsm for the C example) the multi-process tests use,
 # then runs the whole test suite.
-# Tests that need root (the network-namespace SSH cluster) run when this is
-# run as root and are required then; otherwise they say they were skipped.
+# Tests that need root (the network-namespace SSH cluster, the RDMA VM) run
+# when this is run as root and are required then; otherwise they say they
+# were skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -12,3 +13,8 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 cargo build --workspace --lib --bins --quiet
 cargo test --workspace --quiet "$@"
+# Real RDMA verbs: the transport's tests inside a QEMU VM with soft-RoCE
+# (this kernel has no RDMA); needs root for QEMU.
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/rdma-vm-test.sh
+fi

@@ -1,2 +1,21 @@
-//! RDMA verbs transport for dsm: not built yet (issue 5). Until it lands the
-//! TCP transport is the only one; see `docs/ARCHITECTURE.md`.
+//! RDMA verbs transport for dsm (issue 5).
+//!
+//! * [`verbs`]: small safe wrappers over `rdma-sys` (device list, context,
+//!   protection domain, memory region, completion queue, RC queue pair).
+//! * [`RdmaTransport`]: implements [`dsm_core::Transport`] over one RC queue
+//!   pair per peer (SEND/RECV), plus synchronous one-sided RDMA READ / WRITE
+//!   of regions registered before connecting. Connection data travels over a
+//!   bootstrap transport (e.g. `transport_tcp::TcpTransport`).
+//! * [`mod@select`]: choosing the transport from `DSM_TRANSPORT` (rdma, tcp
+//!   or auto).
+//!
+//! Without an RDMA device every entry point returns a typed error
+//! ([`verbs::VerbsError::NoDevice`]); nothing panics.
+
+pub mod select;
+mod transport;
+pub mod verbs;
+
+pub use select::{rdma_available, select, select_from_env, SelectError, Selected, TransportChoice};
+pub use transport::{RdmaDevice, RdmaError, RdmaOptions, RdmaTransport, RemoteRegion};
+pub use verbs::{MemoryRegion, VerbsError};

@@ -1,0 +1,1144 @@
+//! `RdmaTransport`: one RC queue pair per peer, messages over SEND/RECV into
+//! pre-posted receive buffers, one-sided RDMA READ/WRITE of registered
+//! regions. Connection data travels over an already-connected bootstrap
+//! transport (e.g. `TcpTransport`).
+//!
+//! * Messages are cut into fragments of at most `slot_size - 1` bytes, each
+//!   with a one-byte header (more / last / goodbye). A per-peer lock keeps the
+//!   fragments of one message together; RC delivers them in order.
+//! * Receive buffers (`recv_depth` per peer) are reposted as soon as their
+//!   bytes are copied out. A receiver out of buffers answers RNR and the
+//!   sender's queue pair retries (rnr_retry = infinite): back-pressure, no loss.
+//! * Every queue is bounded: send buffers (a pool), send-queue slots per peer
+//!   (a semaphore), the inbox (`inbox_capacity` messages).
+//! * Two completion threads sleep on completion channels: one for receives,
+//!   one for sends / READs / WRITEs (which wake the waiting caller).
+//! * A peer is reported lost when a work request to it fails or when the
+//!   bootstrap transport reports it lost, unless it said goodbye.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use dsm_core::transport::Incoming;
+use dsm_core::{Message, Rank, Transport, TransportError};
+
+use crate::verbs::{
+    self, choose_gid_index, CompletionQueue, Context, MemoryRegion, PortConfig, ProtectionDomain,
+    QpCaps, QpEndpoint, QueuePair, Segment, SendOp, VerbsError,
+};
+
+const FRAG_MORE: u8 = 1;
+const FRAG_LAST: u8 = 2;
+const FRAG_GOODBYE: u8 = 3;
+const SETUP_MAGIC: &[u8; 8] = b"DSMRDMA1";
+const SETUP_ENDPOINT: u8 = 1;
+const SETUP_READY: u8 = 2;
+/// Send-queue work request ids have the top bit set, receive ids never do.
+const SEND_ID_BIT: u64 = 1 << 63;
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RdmaError {
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("connection setup: {0}")]
+    Setup(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("RDMA {op} with rank {rank} did not complete within {timeout:?}")]
+    Timeout {
+        op: &'static str,
+        rank: Rank,
+        timeout: Duration,
+    },
+}
+
+impl From<RdmaError> for TransportError {
+    fn from(e: RdmaError) -> Self {
+        match e {
+            RdmaError::Transport(t) => t,
+            other => TransportError::Setup(other.to_string()),
+        }
+    }
+}
+
+/// Tuning and device choice.
+#[derive(Debug, Clone)]
+pub struct RdmaOptions {
+    /// Device name (default: first with an active port; `DSM_RDMA_DEVICE`).
+    pub device: Option<String>,
+    /// Port number (default: the device's first active port; `DSM_RDMA_PORT`).
+    pub port: Option<u8>,
+    /// GID index (default: first IPv4-mapped GID on RoCE; `DSM_RDMA_GID_INDEX`).
+    pub gid_index: Option<u8>,
+    /// Bytes per receive / send buffer (one fragment, header included).
+    pub slot_size: usize,
+    /// Receive buffers posted per peer.
+    pub recv_depth: usize,
+    /// Registered send buffers shared by all peers.
+    pub send_buffers: usize,
+    /// Largest message (bytes).
+    pub max_message: usize,
+    /// Messages queued for `recv` before the receive thread stops reposting.
+    pub inbox_capacity: usize,
+    /// How long connecting may take.
+    pub setup_timeout: Duration,
+    /// How long one READ / WRITE / buffer wait may take.
+    pub op_timeout: Duration,
+    /// How long the completion threads poll before sleeping on the
+    /// completion channel (`DSM_RDMA_SPIN_US`): lower latency, more CPU.
+    pub poll_spin: Duration,
+    /// Host names per rank, for error messages (optional).
+    pub hosts: Vec<String>,
+}
+
+impl Default for RdmaOptions {
+    fn default() -> Self {
+        RdmaOptions {
+            device: None,
+            port: None,
+            gid_index: None,
+            slot_size: 16 << 10,
+            recv_depth: 64,
+            send_buffers: 64,
+            max_message: 256 << 20,
+            inbox_capacity: 1 << 16,
+            setup_timeout: Duration::from_secs(60),
+            op_timeout: Duration::from_secs(30),
+            poll_spin: Duration::from_micros(50),
+            hosts: Vec::new(),
+        }
+    }
+}
+
+impl RdmaOptions {
+    /// Defaults with `DSM_RDMA_DEVICE`, `DSM_RDMA_PORT`, `DSM_RDMA_GID_INDEX`.
+    pub fn from_env() -> Result<Self, RdmaError> {
+        let mut o = RdmaOptions::default();
+        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        o.device = var(crate::select::ENV_DEVICE);
+        let num = |n: &str| -> Result<Option<u8>, RdmaError> {
+            var(n)
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .map_err(|_| RdmaError::Invalid(format!("{n}={v:?} is not a number 0-255")))
+                })
+                .transpose()
+        };
+        o.port = num("DSM_RDMA_PORT")?;
+        o.gid_index = num("DSM_RDMA_GID_INDEX")?;
+        if let Some(v) = var("DSM_RDMA_SPIN_US") {
+            let us: u64 = v.trim().parse().map_err(|_| {
+                RdmaError::Invalid(format!("DSM_RDMA_SPIN_US={v:?} is not a number"))
+            })?;
+            o.poll_spin = Duration::from_micros(us);
+        }
+        Ok(o)
+    }
+}
+
+/// An opened device with its protection domain: register memory here before
+/// connecting, so its keys are sent to the peers.
+pub struct RdmaDevice {
+    ctx: Arc<Context>,
+    pd: Arc<ProtectionDomain>,
+    port: PortConfig,
+}
+
+impl RdmaDevice {
+    pub fn open(opts: &RdmaOptions) -> Result<Arc<Self>, RdmaError> {
+        let first = verbs::first_active_port(opts.device.as_deref())?;
+        let ctx = Context::open(Some(&first.device))?;
+        let port = opts.port.unwrap_or(first.port);
+        let gid_index = choose_gid_index(&ctx, port, opts.gid_index)?;
+        let pd = ProtectionDomain::new(&ctx)?;
+        Ok(Arc::new(RdmaDevice {
+            ctx,
+            pd,
+            port: PortConfig { port, gid_index },
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        self.ctx.name()
+    }
+
+    pub fn port(&self) -> PortConfig {
+        self.port
+    }
+
+    /// A new zeroed, registered buffer.
+    pub fn alloc(&self, len: usize) -> Result<Arc<MemoryRegion>, RdmaError> {
+        Ok(MemoryRegion::alloc(&self.pd, len)?)
+    }
+
+    /// Registers memory the caller owns (e.g. the DSM's shared space).
+    ///
+    /// # Safety
+    /// See [`MemoryRegion::register`]: the range must stay mapped while the
+    /// region (and the transport it is given to) is alive.
+    pub unsafe fn register(
+        &self,
+        addr: *mut u8,
+        len: usize,
+    ) -> Result<Arc<MemoryRegion>, RdmaError> {
+        // SAFETY: the caller's contract is the same as `register`'s.
+        Ok(unsafe { MemoryRegion::register(&self.pd, addr, len) }?)
+    }
+}
+
+/// A region registered by a peer: enough to READ or WRITE it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+}
+
+/// A counting semaphore (send-queue slots).
+struct Slots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Slots {
+    fn new(n: usize) -> Self {
+        Slots {
+            free: Mutex::new(n),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self, until: Instant) -> bool {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            free = self
+                .cv
+                .wait_timeout(free, left.min(TICK))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *free -= 1;
+        true
+    }
+
+    fn release(&self) {
+        *self.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.cv.notify_one();
+    }
+}
+
+struct Peer {
+    qp: Arc<QueuePair>,
+    recv_mr: Arc<MemoryRegion>,
+    send_lock: Mutex<()>,
+    sq: Slots,
+    lost: AtomicBool,
+    said_goodbye: AtomicBool,
+    regions: Vec<RemoteRegion>,
+}
+
+enum Pending {
+    /// A SEND from the pool buffer `slot`.
+    Buffer { peer: Rank, slot: usize },
+    /// A READ / WRITE whose caller waits on `tx`.
+    Waiter {
+        peer: Rank,
+        tx: Sender<Result<(), VerbsError>>,
+    },
+}
+
+struct Shared {
+    rank: Rank,
+    size: usize,
+    hosts: Vec<String>,
+    opts: RdmaOptions,
+    device: Arc<RdmaDevice>,
+    peers: Vec<Option<Peer>>,
+    local_regions: Vec<Arc<MemoryRegion>>,
+    send_cq: Arc<CompletionQueue>,
+    recv_cq: Arc<CompletionQueue>,
+    send_mr: Arc<MemoryRegion>,
+    pool: (Sender<usize>, Receiver<usize>),
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    inbox: (Sender<Incoming>, Receiver<Incoming>),
+    goodbyes: Mutex<usize>,
+    goodbye_cv: Condvar,
+    stop: AtomicBool,
+    shut_down: AtomicBool,
+    boot: Arc<dyn Transport>,
+}
+
+/// The RDMA transport. See the module documentation.
+pub struct RdmaTransport {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Our queue pair for one peer, its receive buffers and what we told the peer.
+type LocalQp = (Arc<QueuePair>, Arc<MemoryRegion>, QpEndpoint);
+/// What one peer told us: its endpoint and its regions.
+type RemoteInfo = Option<(QpEndpoint, Vec<RemoteRegion>)>;
+
+fn setup(msg: impl Into<String>) -> RdmaError {
+    RdmaError::Setup(msg.into())
+}
+
+fn psn_seed(rank: Rank, peer: Rank) -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ (std::process::id() << 8) ^ ((rank as u32) << 12) ^ (peer as u32).rotate_left(20))
+        & 0x00ff_ffff
+}
+
+fn encode_endpoint(ep: &QpEndpoint, regions: &[Arc<MemoryRegion>]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + regions.len() * 20);
+    v.extend_from_slice(SETUP_MAGIC);
+    v.push(SETUP_ENDPOINT);
+    v.extend_from_slice(&ep.qpn.to_le_bytes());
+    v.extend_from_slice(&ep.psn.to_le_bytes());
+    v.extend_from_slice(&ep.lid.to_le_bytes());
+    v.extend_from_slice(&ep.gid);
+    v.extend_from_slice(&ep.mtu.to_le_bytes());
+    v.push(u8::from(ep.ethernet));
+    v.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    for r in regions {
+        v.extend_from_slice(&r.addr().to_le_bytes());
+        v.extend_from_slice(&(r.len() as u64).to_le_bytes());
+        v.extend_from_slice(&r.rkey().to_le_bytes());
+    }
+    v
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+}
+
+fn decode_endpoint(bytes: &[u8]) -> RemoteInfo {
+    let mut c = Cursor(bytes.get(SETUP_MAGIC.len() + 1..)?);
+    let qpn = u32::from_le_bytes(c.take()?);
+    let psn = u32::from_le_bytes(c.take()?);
+    let lid = u16::from_le_bytes(c.take()?);
+    let gid = c.take::<16>()?;
+    let mtu = u32::from_le_bytes(c.take()?);
+    let ethernet = c.take::<1>()?[0] != 0;
+    let n = u32::from_le_bytes(c.take()?) as usize;
+    if n > c.0.len() / 20 {
+        return None;
+    }
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        regions.push(RemoteRegion {
+            addr: u64::from_le_bytes(c.take()?),
+            len: u64::from_le_bytes(c.take()?),
+            rkey: u32::from_le_bytes(c.take()?),
+        });
+    }
+    if !c.0.is_empty() {
+        return None;
+    }
+    Some((
+        QpEndpoint {
+            qpn,
+            psn,
+            lid,
+            gid,
+            mtu,
+            ethernet,
+        },
+        regions,
+    ))
+}
+
+fn ready_message() -> Vec<u8> {
+    let mut v = SETUP_MAGIC.to_vec();
+    v.push(SETUP_READY);
+    v
+}
+
+impl RdmaTransport {
+    /// Connects every pair of ranks of the job `boot` belongs to. `regions`
+    /// (registered on `device`) are announced to every peer, which can then
+    /// READ and WRITE them ([`RdmaTransport::remote_regions`]).
+    ///
+    /// `boot` must not be used by anyone else meanwhile; afterwards the
+    /// transport keeps it to learn about lost peers and closes it in `shutdown`.
+    pub fn connect(
+        boot: Arc<dyn Transport>,
+        device: Arc<RdmaDevice>,
+        regions: Vec<Arc<MemoryRegion>>,
+        opts: &RdmaOptions,
+    ) -> Result<Arc<Self>, RdmaError> {
+        let rank = boot.rank();
+        let size = boot.size();
+        let deadline = Instant::now() + opts.setup_timeout;
+        if opts.slot_size < 64 || opts.recv_depth == 0 || opts.send_buffers == 0 {
+            return Err(RdmaError::Invalid(
+                "slot_size >= 64, recv_depth and send_buffers > 0 are required".into(),
+            ));
+        }
+        let peer_count = size.saturating_sub(1).max(1);
+        let sq_depth = (opts.send_buffers + 16) as u32;
+        let send_cq = CompletionQueue::new(&device.ctx, peer_count * sq_depth as usize)?;
+        let recv_cq = CompletionQueue::new(&device.ctx, peer_count * opts.recv_depth)?;
+        let send_mr = device.alloc(opts.send_buffers * opts.slot_size)?;
+
+        // Queue pairs with their receive buffers posted, and our endpoints.
+        let mut qps: Vec<Option<LocalQp>> = (0..size).map(|_| None).collect();
+        for (peer, slot) in qps.iter_mut().enumerate() {
+            if peer == rank {
+                continue;
+            }
+            let qp = QueuePair::new_rc(
+                &device.pd,
+                &send_cq,
+                &recv_cq,
+                QpCaps {
+                    max_send_wr: sq_depth,
+                    max_recv_wr: opts.recv_depth as u32,
+                },
+                device.port,
+            )?;
+            let recv_mr = device.alloc(opts.recv_depth * opts.slot_size)?;
+            for s in 0..opts.recv_depth {
+                qp.post_recv(
+                    recv_id(peer, s),
+                    &Segment {
+                        region: Arc::clone(&recv_mr),
+                        offset: s * opts.slot_size,
+                        len: opts.slot_size,
+                    },
+                )?;
+            }
+            let ep = verbs::local_endpoint(&device.ctx, &qp, psn_seed(rank, peer))?;
+            boot.send(peer, &encode_endpoint(&ep, &regions))?;
+            *slot = Some((qp, recv_mr, ep));
+        }
+
+        // Collect the peers' endpoints (and early READY messages).
+        let mut remote: Vec<RemoteInfo> = (0..size).map(|_| None).collect();
+        let mut ready = vec![false; size];
+        let wait_for = |remote: &mut Vec<RemoteInfo>,
+                        ready: &mut Vec<bool>,
+                        done: &dyn Fn(&[RemoteInfo], &[bool]) -> bool|
+         -> Result<(), RdmaError> {
+            while !done(remote, ready) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(setup(format!(
+                        "rank {rank}: peers did not send their RDMA connection data within {:?}",
+                        opts.setup_timeout
+                    )));
+                }
+                let Some(msg) = boot.recv_timeout(left)? else {
+                    continue;
+                };
+                let bad = || {
+                    setup(format!(
+                        "rank {rank}: unexpected bootstrap message from rank {} ({} bytes)",
+                        msg.from,
+                        msg.payload.len()
+                    ))
+                };
+                if msg.from >= size || msg.from == rank || !msg.payload.starts_with(SETUP_MAGIC) {
+                    return Err(bad());
+                }
+                match msg.payload.get(SETUP_MAGIC.len()) {
+                    Some(&SETUP_ENDPOINT) if remote[msg.from].is_none() => {
+                        remote[msg.from] = Some(decode_endpoint(&msg.payload).ok_or_else(bad)?);
+                    }
+                    Some(&SETUP_READY) if remote[msg.from].is_some() => ready[msg.from] = true,
+                    _ => return Err(bad()),
+                }
+            }
+            Ok(())
+        };
+        let all_endpoints =
+            |r: &[RemoteInfo], _: &[bool]| (0..size).all(|p| p == rank || r[p].is_some());
+        wait_for(&mut remote, &mut ready, &all_endpoints)?;
+
+        for (peer, slot) in qps.iter().enumerate() {
+            if let (Some((qp, _, ep)), Some((rep, _))) = (slot, &remote[peer]) {
+                qp.connect(ep, rep).map_err(|e| {
+                    setup(format!(
+                        "rank {rank}: connecting the queue pair to rank {peer}: {e}"
+                    ))
+                })?;
+            }
+        }
+        // Nobody sends before every queue pair of the job is ready to receive.
+        for peer in (0..size).filter(|p| *p != rank) {
+            boot.send(peer, &ready_message())?;
+        }
+        let all_ready = |_: &[RemoteInfo], r: &[bool]| (0..size).all(|p| p == rank || r[p]);
+        wait_for(&mut remote, &mut ready, &all_ready)?;
+
+        let peers = qps
+            .into_iter()
+            .zip(remote)
+            .map(|(q, r)| {
+                let (qp, recv_mr, _) = q?;
+                let (_, regions) = r?;
+                Some(Peer {
+                    qp,
+                    recv_mr,
+                    send_lock: Mutex::new(()),
+                    sq: Slots::new(sq_depth as usize),
+                    lost: AtomicBool::new(false),
+                    said_goodbye: AtomicBool::new(false),
+                    regions,
+                })
+            })
+            .collect();
+        let pool = crossbeam_channel::bounded(opts.send_buffers);
+        for s in 0..opts.send_buffers {
+            let _ = pool.0.send(s);
+        }
+        let hosts = (0..size)
+            .map(|r| {
+                opts.hosts
+                    .get(r)
+                    .cloned()
+                    .unwrap_or_else(|| "?".to_string())
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            rank,
+            size,
+            hosts,
+            opts: opts.clone(),
+            device,
+            peers,
+            local_regions: regions,
+            send_cq,
+            recv_cq,
+            send_mr,
+            pool,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            inbox: crossbeam_channel::bounded(opts.inbox_capacity.max(1)),
+            goodbyes: Mutex::new(0),
+            goodbye_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            shut_down: AtomicBool::new(false),
+            boot,
+        });
+        let mut threads = Vec::new();
+        let spawn = |name: &str, f: fn(Arc<Shared>), s: &Arc<Shared>| {
+            let s = Arc::clone(s);
+            thread::Builder::new()
+                .name(name.to_string())
+                .spawn(move || f(s))
+                .map_err(|e| setup(format!("spawning {name}: {e}")))
+        };
+        let started = (|| -> Result<(), RdmaError> {
+            threads.push(spawn("dsm-rdma-recv", recv_loop, &shared)?);
+            threads.push(spawn("dsm-rdma-send", send_completion_loop, &shared)?);
+            threads.push(spawn("dsm-rdma-boot", boot_watch_loop, &shared)?);
+            Ok(())
+        })();
+        let out = Arc::new(RdmaTransport {
+            shared,
+            threads: Mutex::new(threads),
+        });
+        started?;
+        Ok(out)
+    }
+
+    pub fn device(&self) -> &Arc<RdmaDevice> {
+        &self.shared.device
+    }
+
+    /// The regions `rank` announced at connection time (ours for our rank).
+    pub fn remote_regions(&self, rank: Rank) -> Vec<RemoteRegion> {
+        let s = &self.shared;
+        if rank == s.rank {
+            return s
+                .local_regions
+                .iter()
+                .map(|r| RemoteRegion {
+                    addr: r.addr(),
+                    len: r.len() as u64,
+                    rkey: r.rkey(),
+                })
+                .collect();
+        }
+        s.peers
+            .get(rank)
+            .and_then(|p| p.as_ref())
+            .map(|p| p.regions.clone())
+            .unwrap_or_default()
+    }
+
+    /// RDMA READ: `len` bytes at `remote_offset` of `rank`'s `remote` region
+    /// into `local` at `local_offset`; returns once the data is there.
+    pub fn read(
+        &self,
+        rank: Rank,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        local: &Arc<MemoryRegion>,
+        local_offset: usize,
+        len: usize,
+    ) -> Result<(), RdmaError> {
+        self.one_sided(rank, remote, remote_offset, local, local_offset, len, false)
+    }
+
+    /// RDMA WRITE: `len` bytes of `local` at `local_offset` into `rank`'s
+    /// `remote` region at `remote_offset`; returns once the peer's adapter
+    /// acknowledged them.
+    pub fn write(
+        &self,
+        rank: Rank,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        local: &Arc<MemoryRegion>,
+        local_offset: usize,
+        len: usize,
+    ) -> Result<(), RdmaError> {
+        self.one_sided(rank, remote, remote_offset, local, local_offset, len, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn one_sided(
+        &self,
+        rank: Rank,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        local: &Arc<MemoryRegion>,
+        local_offset: usize,
+        len: usize,
+        write: bool,
+    ) -> Result<(), RdmaError> {
+        let s = &self.shared;
+        let op_name = if write { "WRITE" } else { "READ" };
+        local.check(local_offset, len)?;
+        match remote_offset.checked_add(len as u64) {
+            Some(end) if end <= remote.len => {}
+            _ => {
+                return Err(RdmaError::Invalid(format!(
+                    "remote range {remote_offset}+{len} is outside the region of {} bytes",
+                    remote.len
+                )))
+            }
+        }
+        if rank == s.rank {
+            // Our own region: a local copy.
+            let target = s
+                .local_regions
+                .iter()
+                .find(|r| r.rkey() == remote.rkey && r.addr() == remote.addr)
+                .ok_or_else(|| RdmaError::Invalid("no such local region".into()))?;
+            let mut buf = vec![0; len];
+            let (from, from_off, to, to_off) = if write {
+                (local, local_offset, target, remote_offset as usize)
+            } else {
+                (target, remote_offset as usize, local, local_offset)
+            };
+            from.read_bytes(from_off, &mut buf)?;
+            to.write_bytes(to_off, &buf)?;
+            return Ok(());
+        }
+        let peer = s.peer(rank)?;
+        s.check_usable(rank, peer)?;
+        let deadline = Instant::now() + s.opts.op_timeout;
+        if !peer.sq.acquire(deadline) {
+            return Err(RdmaError::Timeout {
+                op: op_name,
+                rank,
+                timeout: s.opts.op_timeout,
+            });
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let id = s.new_id();
+        s.pending_lock()
+            .insert(id, Pending::Waiter { peer: rank, tx });
+        let remote_addr = remote.addr + remote_offset;
+        let op = if write {
+            SendOp::RdmaWrite {
+                remote_addr,
+                rkey: remote.rkey,
+            }
+        } else {
+            SendOp::RdmaRead {
+                remote_addr,
+                rkey: remote.rkey,
+            }
+        };
+        let seg = Segment {
+            region: Arc::clone(local),
+            offset: local_offset,
+            len,
+        };
+        if let Err(e) = peer.qp.post_send(id, op, &[seg]) {
+            s.pending_lock().remove(&id);
+            peer.sq.release();
+            return Err(e.into());
+        }
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(s.lose(rank, format!("RDMA {op_name} failed: {e}")).into()),
+            // The request stays in `pending` (and its region in the queue
+            // pair) until the device completes or flushes it.
+            Err(_) => Err(RdmaError::Timeout {
+                op: op_name,
+                rank,
+                timeout: s.opts.op_timeout,
+            }),
+        }
+    }
+}
+
+fn recv_id(peer: Rank, slot: usize) -> u64 {
+    ((peer as u64) << 32) | slot as u64
+}
+
+impl Shared {
+    fn pending_lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn new_id(&self) -> u64 {
+        SEND_ID_BIT | self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn peer(&self, rank: Rank) -> Result<&Peer, TransportError> {
+        self.peers
+            .get(rank)
+            .and_then(|p| p.as_ref())
+            .ok_or(TransportError::NoSuchRank {
+                rank,
+                size: self.size,
+            })
+    }
+
+    fn lost_error(&self, rank: Rank, reason: impl Into<String>) -> TransportError {
+        TransportError::PeerLost {
+            rank,
+            host: self.hosts.get(rank).cloned().unwrap_or_default(),
+            reason: reason.into(),
+        }
+    }
+
+    fn check_usable(&self, rank: Rank, peer: &Peer) -> Result<(), TransportError> {
+        if self.shut_down.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+            return Err(TransportError::Shutdown);
+        }
+        if peer.lost.load(Ordering::SeqCst) {
+            return Err(self.lost_error(rank, "the RDMA connection failed earlier"));
+        }
+        Ok(())
+    }
+
+    /// Marks `rank` lost (once, reported in the inbox unless it said goodbye
+    /// or we are stopping) and returns the error for the caller.
+    fn lose(&self, rank: Rank, reason: String) -> TransportError {
+        let err = self.lost_error(rank, reason.clone());
+        if let Ok(peer) = self.peer(rank) {
+            if !peer.lost.swap(true, Ordering::SeqCst)
+                && !peer.said_goodbye.load(Ordering::SeqCst)
+                && !self.stop.load(Ordering::SeqCst)
+            {
+                tracing::warn!("rank {}: lost rank {rank}: {reason}", self.rank);
+                let _ = self.inbox.0.try_send(Err(self.lost_error(rank, reason)));
+                peer.qp.set_error();
+            }
+        }
+        err
+    }
+
+    /// Queues for `recv`, waiting while the inbox is full (back-pressure).
+    fn deliver(&self, item: Incoming) {
+        let mut item = item;
+        loop {
+            match self.inbox.0.send_timeout(item, TICK) {
+                Ok(()) => return,
+                Err(SendTimeoutError::Timeout(back)) => {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    item = back;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return,
+            }
+        }
+    }
+
+    fn send_frame(&self, to: Rank, kind_last: u8, parts: &[&[u8]]) -> Result<(), TransportError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total > self.opts.max_message {
+            return Err(TransportError::TooLarge {
+                len: total,
+                max: self.opts.max_message,
+            });
+        }
+        if to == self.rank {
+            if kind_last == FRAG_GOODBYE {
+                return Ok(());
+            }
+            if self.shut_down.load(Ordering::SeqCst) {
+                return Err(TransportError::Shutdown);
+            }
+            self.deliver(Ok(Message {
+                from: to,
+                payload: parts.concat(),
+            }));
+            return Ok(());
+        }
+        let peer = self.peer(to)?;
+        if kind_last != FRAG_GOODBYE {
+            self.check_usable(to, peer)?;
+        } else if peer.lost.load(Ordering::SeqCst) {
+            return Err(self.lost_error(to, "the RDMA connection failed earlier"));
+        }
+        let chunk = self.opts.slot_size - 1;
+        let _order = peer.send_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut part = 0;
+        let mut off = 0;
+        let mut left = total;
+        loop {
+            let n = left.min(chunk);
+            left -= n;
+            let header = if left > 0 { FRAG_MORE } else { kind_last };
+            let timeout =
+                || self.lost_error(to, "no send buffer became free (peer not receiving?)");
+            let slot = match self.pool.1.recv_timeout(self.opts.op_timeout) {
+                Ok(s) => s,
+                Err(RecvTimeoutError::Timeout) => return Err(timeout()),
+                Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Shutdown),
+            };
+            let base = slot * self.opts.slot_size;
+            // Gather `n` bytes of the parts into the buffer after the header.
+            let mut filled = 0;
+            let mut res = self.send_mr.write_bytes(base, &[header]);
+            while res.is_ok() && filled < n {
+                let p = parts[part];
+                let take = (p.len() - off).min(n - filled);
+                res = self
+                    .send_mr
+                    .write_bytes(base + 1 + filled, &p[off..off + take]);
+                filled += take;
+                off += take;
+                if off == p.len() {
+                    part += 1;
+                    off = 0;
+                }
+            }
+            // Skip empty parts so the cursor is on the next byte to send.
+            while part < parts.len() && parts[part].len() == off {
+                part += 1;
+                off = 0;
+            }
+            let posted = res.and_then(|_| {
+                if !peer.sq.acquire(Instant::now() + self.opts.op_timeout) {
+                    return Err(VerbsError::Invalid("the send queue stayed full".into()));
+                }
+                let id = self.new_id();
+                self.pending_lock()
+                    .insert(id, Pending::Buffer { peer: to, slot });
+                let seg = Segment {
+                    region: Arc::clone(&self.send_mr),
+                    offset: base,
+                    len: n + 1,
+                };
+                peer.qp
+                    .post_send(id, SendOp::Send, &[seg])
+                    .inspect_err(|_| {
+                        self.pending_lock().remove(&id);
+                        peer.sq.release();
+                    })
+            });
+            if let Err(e) = posted {
+                let _ = self.pool.0.try_send(slot);
+                return Err(self.lose(to, format!("send failed: {e}")));
+            }
+            if left == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn recv_loop(s: Arc<Shared>) {
+    let mut partial: Vec<Vec<u8>> = vec![Vec::new(); s.size];
+    let mut wcs = Vec::with_capacity(64);
+    while !s.stop.load(Ordering::SeqCst) {
+        wcs.clear();
+        if let Err(e) = s.recv_cq.wait(&mut wcs, 64, s.opts.poll_spin, TICK) {
+            tracing::error!("rank {}: receive completion queue: {e}", s.rank);
+            return;
+        }
+        for wc in &wcs {
+            let peer_rank = (wc.wr_id >> 32) as usize;
+            let slot = (wc.wr_id & 0xffff_ffff) as usize;
+            let Ok(peer) = s.peer(peer_rank) else {
+                continue;
+            };
+            peer.qp.complete(wc.wr_id);
+            if !wc.ok() {
+                if !peer.said_goodbye.load(Ordering::SeqCst) {
+                    s.lose(peer_rank, format!("receive failed: {}", wc.error()));
+                }
+                continue;
+            }
+            let base = slot * s.opts.slot_size;
+            let len = (wc.byte_len as usize).min(s.opts.slot_size);
+            let data = match peer.recv_mr.to_vec(base, len) {
+                Ok(d) => d,
+                Err(e) => {
+                    s.lose(peer_rank, format!("receive buffer: {e}"));
+                    continue;
+                }
+            };
+            let repost = peer.qp.post_recv(
+                wc.wr_id,
+                &Segment {
+                    region: Arc::clone(&peer.recv_mr),
+                    offset: base,
+                    len: s.opts.slot_size,
+                },
+            );
+            if let Err(e) = repost {
+                s.lose(peer_rank, format!("reposting a receive buffer: {e}"));
+                continue;
+            }
+            let Some((&kind, body)) = data.split_first() else {
+                s.lose(peer_rank, "empty RDMA message".into());
+                continue;
+            };
+            let buf = &mut partial[peer_rank];
+            if buf.len() + body.len() > s.opts.max_message {
+                buf.clear();
+                s.lose(peer_rank, "message exceeds the size limit".into());
+                continue;
+            }
+            match kind {
+                FRAG_MORE => buf.extend_from_slice(body),
+                FRAG_LAST => {
+                    buf.extend_from_slice(body);
+                    let payload = std::mem::take(buf);
+                    s.deliver(Ok(Message {
+                        from: peer_rank,
+                        payload,
+                    }));
+                }
+                FRAG_GOODBYE => {
+                    peer.said_goodbye.store(true, Ordering::SeqCst);
+                    *s.goodbyes.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                    s.goodbye_cv.notify_all();
+                }
+                other => {
+                    s.lose(peer_rank, format!("unknown fragment kind {other}"));
+                }
+            }
+        }
+    }
+}
+
+fn send_completion_loop(s: Arc<Shared>) {
+    let mut wcs = Vec::with_capacity(64);
+    while !s.stop.load(Ordering::SeqCst) {
+        wcs.clear();
+        if let Err(e) = s.send_cq.wait(&mut wcs, 64, s.opts.poll_spin, TICK) {
+            tracing::error!("rank {}: send completion queue: {e}", s.rank);
+            return;
+        }
+        for wc in &wcs {
+            let Some(p) = s.pending_lock().remove(&wc.wr_id) else {
+                continue;
+            };
+            let rank = match &p {
+                Pending::Buffer { peer, .. } | Pending::Waiter { peer, .. } => *peer,
+            };
+            if let Ok(peer) = s.peer(rank) {
+                peer.qp.complete(wc.wr_id);
+                peer.sq.release();
+            }
+            match p {
+                Pending::Buffer { slot, .. } => {
+                    let _ = s.pool.0.try_send(slot);
+                    if !wc.ok() {
+                        s.lose(rank, format!("send failed: {}", wc.error()));
+                    }
+                }
+                Pending::Waiter { tx, .. } => {
+                    let _ = tx.send(if wc.ok() { Ok(()) } else { Err(wc.error()) });
+                }
+            }
+        }
+    }
+}
+
+/// Forwards the bootstrap transport's news of lost peers.
+fn boot_watch_loop(s: Arc<Shared>) {
+    while !s.stop.load(Ordering::SeqCst) {
+        match s.boot.recv_timeout(TICK) {
+            Ok(_) => {}
+            Err(TransportError::PeerLost { rank, reason, .. }) => {
+                let gone = s
+                    .peer(rank)
+                    .map(|p| p.said_goodbye.load(Ordering::SeqCst))
+                    .unwrap_or(true);
+                if !gone && !s.shut_down.load(Ordering::SeqCst) {
+                    s.lose(rank, format!("its bootstrap connection ended: {reason}"));
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+impl Transport for RdmaTransport {
+    fn rank(&self) -> Rank {
+        self.shared.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<(), TransportError> {
+        self.shared.send_frame(to, FRAG_LAST, parts)
+    }
+
+    fn inbox(&self) -> Receiver<Incoming> {
+        self.shared.inbox.1.clone()
+    }
+
+    fn recv(&self) -> Result<Message, TransportError> {
+        self.shared
+            .inbox
+            .1
+            .recv()
+            .map_err(|_| TransportError::Shutdown)?
+    }
+
+    fn recv_timeout(&self, timeout: Duration) -> Result<Option<Message>, TransportError> {
+        match self.shared.inbox.1.recv_timeout(timeout) {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) => Err(e),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(TransportError::Shutdown),
+        }
+    }
+
+    fn shutdown(&self, timeout: Duration) -> Result<(), TransportError> {
+        let s = &self.shared;
+        if s.shut_down.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut first_error = None;
+        let others: Vec<Rank> = (0..s.size).filter(|r| *r != s.rank).collect();
+        for &peer in &others {
+            if let Err(e) = s.send_frame(peer, FRAG_GOODBYE, &[]) {
+                first_error.get_or_insert(e);
+            }
+        }
+        // Wait for the peers' goodbyes, then for our own sends to be acknowledged.
+        let mut count = s.goodbyes.lock().unwrap_or_else(|p| p.into_inner());
+        while *count < others.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                first_error.get_or_insert(TransportError::Setup(format!(
+                    "only {} of {} peers said goodbye within {timeout:?}",
+                    *count,
+                    others.len()
+                )));
+                break;
+            }
+            count = s
+                .goodbye_cv
+                .wait_timeout(count, left.min(TICK))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(count);
+        while !s.pending_lock().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = s.boot.shutdown(left.max(Duration::from_millis(100))) {
+            first_error.get_or_insert(e);
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RdmaTransport {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        // Queue pairs, regions, queues and the device go when `shared` does;
+        // queue pairs first (they hold everything else).
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_round_trip_and_garbage() {
+        let ep = QpEndpoint {
+            qpn: 0x11,
+            psn: 0xabcdef,
+            lid: 7,
+            gid: [3; 16],
+            mtu: 3,
+            ethernet: true,
+        };
+        let bytes = encode_endpoint(&ep, &[]);
+        let (back, regions) = decode_endpoint(&bytes).unwrap();
+        assert_eq!(back, ep);
+        assert!(regions.is_empty());
+        assert!(decode_endpoint(&bytes[..bytes.len() - 1]).is_none());
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_endpoint(&long).is_none());
+        // A region count larger than the bytes that follow is refused.
+        let mut lying = bytes.clone();
+        let n = lying.len() - 4;
+        lying[n..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_endpoint(&lying).is_none());
+    }
+
+    #[test]
+    fn opening_a_device_without_rdma_is_a_clean_error() {
+        if std::env::var("RXE_IN_VM").is_ok() || crate::rdma_available() {
+            return;
+        }
+        let err = RdmaDevice::open(&RdmaOptions::default()).err().unwrap();
+        assert!(
+            matches!(err, RdmaError::Verbs(VerbsError::NoDevice(_))),
+            "{err}"
+        );
+        eprintln!("as expected: {err}");
+    }
+}
