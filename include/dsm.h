@@ -10,6 +10,8 @@
 #ifndef DSM_H
 #define DSM_H
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -22,6 +24,15 @@ int dsm_rank(void);
 int dsm_size(void);
 /* Waits until every rank reached the barrier. */
 void dsm_barrier(void);
+/* Allocates shared memory from any rank, no collective call needed; the
+ * address is the same on every rank. dsm_malloc spreads the pages over the
+ * ranks; dsm_remote_malloc keeps them at `rank`. The heap is the upper half
+ * of the shared space (DSM_SPACE_SIZE). */
+void *dsm_malloc(size_t size);
+void *dsm_remote_malloc(size_t size, int rank);
+/* Distributed locks, FIFO, held at rank id mod size. */
+void dsm_lock(int id);
+void dsm_unlock(int id);
 
 #ifdef __cplusplus
 }

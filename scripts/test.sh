@@ -2,7 +2,8 @@
 # The project's test command (README, CI): installs system packages, builds
 # every binary (and libdsm for the C example) the multi-process tests use,
 # then runs the whole test suite.
-# Tests that need root (the network-namespace SSH cluster, the RDMA VM) run
+# Tests that need root (the network-namespace SSH cluster, Slurm and Open
+# MPI, the RDMA VM) run
 # when this is run as root and are required then; otherwise they say they
 # were skipped.
 set -euo pipefail
@@ -10,6 +11,9 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 if [ "$(id -u)" -eq 0 ]; then
   export DSM_TEST_REQUIRE_NETNS=1
+  # A one-node Slurm cluster and Open MPI for the scheduler tests.
+  scripts/slurm-cluster.sh install
+  export DSM_TEST_REQUIRE_SLURM=1
 fi
 cargo build --workspace --lib --bins --quiet
 cargo test --workspace --quiet "$@"

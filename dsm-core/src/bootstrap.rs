@@ -14,6 +14,11 @@
 //!
 //! The secret travels through a pipe, never through argv or the environment,
 //! so `ps` and `/proc/PID/environ` never show it.
+//!
+//! Without `DSM_RANK`, a process started by Slurm's `srun` (`SLURM_PROCID`,
+//! `SLURM_STEP_ID`, ...) or Open MPI's `mpirun` (`OMPI_COMM_WORLD_RANK`, ...)
+//! builds the same [`Bootstrap`] through a rendezvous with rank 0: see
+//! [`crate::rendezvous`].
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -25,6 +30,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{fstat, SFlag};
 
 pub use crate::auth::JobSecret;
+use crate::rendezvous::{self, RendezvousError};
 use crate::transport::Rank;
 
 pub const ENV_RANK: &str = "DSM_RANK";
@@ -41,8 +47,10 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("{ENV_RANK} is not set: this program must be started by the launcher, e.g. `dsmexec -n 4 PROGRAM` or `dsmexec MACHINEFILE PROGRAM`")]
+    #[error("no launcher started this program ({ENV_RANK}, SLURM_PROCID and OMPI_COMM_WORLD_RANK are unset): start it with e.g. `dsmexec -n 4 PROGRAM`, `dsmexec MACHINEFILE PROGRAM`, `srun -n 4 PROGRAM` or `mpirun -np 4 PROGRAM`")]
     NotLaunched,
+    #[error("joining the job: {0}")]
+    Rendezvous(#[from] RendezvousError),
     #[error("{name}={value:?} is invalid: {why}")]
     BadVariable {
         name: &'static str,
@@ -127,16 +135,36 @@ fn take_inherited_fd(name: &'static str, expect: SFlag) -> Result<OwnedFd, Boots
 }
 
 impl Bootstrap {
-    /// True when this process was started by the launcher.
+    /// True when this process was started by a launcher: dsmexec, or a
+    /// scheduler this crate can meet through (srun, mpirun).
     pub fn launched() -> bool {
         std::env::var_os(ENV_RANK).is_some()
+            || ["OMPI_COMM_WORLD_RANK", "SLURM_PROCID"]
+                .iter()
+                .any(|v| std::env::var_os(v).is_some())
     }
 
-    /// Reads the launcher's hand-over (see the module documentation).
+    /// Joins the job: reads dsmexec's hand-over when `DSM_RANK` is set (see
+    /// the module documentation), or meets the other ranks through rank 0
+    /// when `srun` or `mpirun` started this process ([`crate::rendezvous`];
+    /// this blocks until every rank has arrived, at most
+    /// `DSM_RENDEZVOUS_TIMEOUT`).
     pub fn from_env() -> Result<Self, BootstrapError> {
-        if !Self::launched() {
-            return Err(BootstrapError::NotLaunched);
+        if std::env::var_os(ENV_RANK).is_some() {
+            return Self::from_launcher_env();
         }
+        let Some(job) = rendezvous::detect()? else {
+            return Err(BootstrapError::NotLaunched);
+        };
+        if TAKEN.swap(true, Ordering::SeqCst) {
+            return Err(BootstrapError::AlreadyTaken);
+        }
+        let settings = rendezvous::Settings::from_env()?;
+        Ok(rendezvous::join(&job, &settings)?)
+    }
+
+    /// dsmexec's hand-over (see the module documentation).
+    fn from_launcher_env() -> Result<Self, BootstrapError> {
         let rank = parse_number(ENV_RANK)?;
         let size = parse_number(ENV_SIZE)?;
         if size == 0 || rank >= size {

@@ -11,8 +11,9 @@ use crossbeam_channel::Sender;
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
 use crate::config::{Config, ConfigError, EngineCpu, Protocol, PAGE_SIZE};
-use crate::engine::{self, Engine, Input, Node};
+use crate::engine::{self, Engine, Input, Node, Reply};
 use crate::fault::{FaultError, FaultHandler, Region};
+use crate::segment::{Placement, Segment};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Rank, Transport, TransportError};
 
@@ -42,6 +43,12 @@ pub enum DsmError {
     FaultReader(String),
     #[error("the DSM engine has stopped")]
     Stopped,
+    #[error("store to sealed replicated segment {segment} at {addr:#x}: the segment is read-only after seal()")]
+    SealedWrite { segment: u32, addr: usize },
+    #[error("access to unallocated shared memory at {addr:#x} (the upper half of the space is the heap: allocate with dsm.alloc / dsm_malloc first)")]
+    Unallocated { addr: usize },
+    #[error("{0}")]
+    Segment(String),
 }
 
 /// Checks the configuration against this machine before mapping anything.
@@ -151,6 +158,8 @@ impl Dsm {
             let engine = Engine::new(
                 rank,
                 size,
+                region.base(),
+                region.pages(),
                 Arc::clone(&transport),
                 Arc::clone(&faults),
                 node,
@@ -245,11 +254,103 @@ impl Dsm {
     /// other ranks meanwhile. One barrier at a time per process.
     pub fn barrier(&self) -> Result<(), DsmError> {
         let _one_at_a_time = self.barrier_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.ask(Input::Barrier)
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, DsmError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.inputs
-            .send(Input::Barrier(tx))
-            .map_err(|_| DsmError::Stopped)?;
+        self.inputs.send(make(tx)).map_err(|_| DsmError::Stopped)?;
         rx.recv().map_err(|_| DsmError::Stopped)?
+    }
+
+    /// Takes distributed lock `id` (held at rank `id mod N`); waits in FIFO
+    /// order without spinning. Released when the guard is dropped.
+    pub fn lock(&self, id: u64) -> Result<LockGuard<'_>, DsmError> {
+        let ticket = self.ask(|reply| Input::Lock { lock: id, reply })?;
+        Ok(LockGuard {
+            dsm: self,
+            id,
+            ticket,
+        })
+    }
+
+    /// Releases a lock taken with [`LockGuard::into_ticket`].
+    pub fn unlock_ticket(&self, id: u64, ticket: u64) -> Result<(), DsmError> {
+        self.inputs
+            .send(Input::Unlock { lock: id, ticket })
+            .map_err(|_| DsmError::Stopped)
+    }
+
+    /// Allocates a segment of `bytes` bytes with the given placement, from
+    /// any rank, without a collective call (see [`crate::segment`]). Its
+    /// address is the same on every rank.
+    pub fn alloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
+        if let Placement::Localized(r) = placement {
+            if r >= self.size {
+                return Err(DsmError::Segment(format!(
+                    "cannot place a segment at rank {r}: the job has {} ranks",
+                    self.size
+                )));
+            }
+        }
+        let contents = match &placement {
+            Placement::File(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| DsmError::Segment(format!("reading {}: {e}", path.display())))?,
+            ),
+            _ => None,
+        };
+        let bytes = contents
+            .as_ref()
+            .map(|c| c.len().max(bytes))
+            .unwrap_or(bytes);
+        if bytes == 0 {
+            return Err(DsmError::Segment("cannot allocate an empty segment".into()));
+        }
+        let pages = bytes.div_ceil(PAGE_SIZE) as u64;
+        let (kind, rank) = placement.code(self.rank);
+        let info = self.ask(|reply| Input::Alloc {
+            pages,
+            kind,
+            rank,
+            contents,
+            reply,
+        })?;
+        Ok(Segment {
+            info,
+            base: self.base() as usize,
+            len: bytes,
+        })
+    }
+
+    /// The segment's memory as 64-bit atomics.
+    pub fn segment_words(&self, segment: &Segment) -> &[AtomicU64] {
+        let start = segment.info.first_page as usize * PAGE_SIZE / 8;
+        let len = segment.info.pages as usize * PAGE_SIZE / 8;
+        &self.words()[start..start + len]
+    }
+
+    /// Seals a replicated segment (its creator only): read-only copies may
+    /// then live everywhere and are never invalidated; a store to it from
+    /// any rank is a fatal error naming the segment.
+    pub fn seal(&self, segment: &Segment) -> Result<(), DsmError> {
+        let info = segment.info;
+        self.ask(|reply| Input::Seal {
+            segment: info,
+            reply,
+        })
+    }
+
+    /// Writes a file segment's pages back to `path` (its creator only).
+    pub fn sync(&self, segment: &Segment, path: &std::path::Path) -> Result<(), DsmError> {
+        let info = segment.info;
+        let (path, len) = (path.to_path_buf(), segment.len);
+        self.ask(|reply| Input::Sync {
+            segment: info,
+            path,
+            len,
+            reply,
+        })
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -280,6 +381,40 @@ impl Dsm {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+    }
+}
+
+/// A held distributed lock; dropping it releases the lock.
+pub struct LockGuard<'a> {
+    dsm: &'a Dsm,
+    id: u64,
+    ticket: u64,
+}
+
+impl LockGuard<'_> {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Releases the lock, reporting a stopped engine.
+    pub fn unlock(self) -> Result<(), DsmError> {
+        let (dsm, id, ticket) = (self.dsm, self.id, self.ticket);
+        std::mem::forget(self);
+        dsm.unlock_ticket(id, ticket)
+    }
+
+    /// Keeps the lock held past the guard, for APIs (C) that release by
+    /// lock id: release it with [`Dsm::unlock_ticket`].
+    pub fn into_ticket(self) -> u64 {
+        let ticket = self.ticket;
+        std::mem::forget(self);
+        ticket
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.dsm.unlock_ticket(self.id, self.ticket);
     }
 }
 

@@ -1,11 +1,17 @@
 //! The fault engine: one thread that owns the coherence state and reacts
 //! to local page faults (read from the userfaultfd by a reader thread),
-//! messages from other ranks, API commands (barrier, stop) and timers.
-//! It serves other ranks' requests at all times, whatever the application
-//! threads are doing.
+//! messages from other ranks, API commands (barrier, locks, allocation,
+//! seal, sync, stop) and timers. It serves other ranks' requests at all
+//! times, whatever the application threads are doing.
+//!
+//! Heap pages (segments, see [`crate::segment`]) are registered on demand:
+//! a fault or a message about a page of a segment this rank does not know
+//! yet is parked, the reference rank (0) is asked, and the parked events
+//! are replayed in their order of arrival once the segment is registered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,14 +22,45 @@ use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
 use crate::fault::{Fault, FaultHandler};
-use crate::proto::{Msg, Payload};
+use crate::proto::{Msg, Payload, SegmentInfo};
+use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
+use crate::sync::{BarrierCounter, LockTable};
 use crate::{Message, Rank, Transport};
+
+pub(crate) type Reply<T> = Sender<Result<T, DsmError>>;
 
 pub(crate) enum Input {
     Fault(Fault),
     FaultReaderFailed(String),
-    Barrier(Sender<Result<(), DsmError>>),
+    Barrier(Reply<()>),
+    /// Acquire a lock; the reply carries the ticket to release it with.
+    Lock {
+        lock: u64,
+        reply: Reply<u64>,
+    },
+    Unlock {
+        lock: u64,
+        ticket: u64,
+    },
+    Alloc {
+        pages: u64,
+        kind: u8,
+        rank: u32,
+        /// Initial contents (file segments), loaded at this rank, their home.
+        contents: Option<Vec<u8>>,
+        reply: Reply<SegmentInfo>,
+    },
+    Seal {
+        segment: SegmentInfo,
+        reply: Reply<()>,
+    },
+    Sync {
+        segment: SegmentInfo,
+        path: PathBuf,
+        len: usize,
+        reply: Reply<()>,
+    },
     Stop,
 }
 
@@ -42,9 +79,25 @@ impl Node {
     }
 }
 
+/// An event waiting for its segment to be registered.
+enum Parked {
+    Fault(Fault),
+    Message(Message),
+}
+
+/// A seal or sync waiting for its pages to settle at this home.
+struct Settling {
+    pages: HashSet<usize>,
+    reply: Reply<()>,
+    /// For a sync: the file to write once every page is current.
+    write_to: Option<(PathBuf, usize, std::ops::Range<usize>)>,
+}
+
 pub(crate) struct Engine {
     pub rank: Rank,
     pub size: usize,
+    /// Address of the shared space (for messages naming addresses).
+    pub base: usize,
     pub transport: Arc<dyn Transport>,
     pub faults: Arc<FaultHandler>,
     pub node: Node,
@@ -56,16 +109,42 @@ pub(crate) struct Engine {
     backing: HashMap<usize, Box<[u8; PAGE_SIZE]>>,
     fetch_started: HashMap<usize, Instant>,
     barrier_epoch: u64,
-    barrier_waiter: Option<Sender<Result<(), DsmError>>>,
-    barrier_arrivals: HashMap<u64, usize>,
+    barrier_waiter: Option<Reply<()>>,
+    barrier_arrivals: BarrierCounter,
+    registry: Registry,
+    /// Events per looked-up page, in arrival order.
+    parked: BTreeMap<usize, Vec<Parked>>,
+    next_ticket: u64,
+    lock_waiters: HashMap<u64, Reply<u64>>,
+    locks: LockTable,
+    alloc_waiters: HashMap<u64, (Reply<SegmentInfo>, Option<Vec<u8>>)>,
+    settling: Vec<Settling>,
     page_buf: Box<[u8; PAGE_SIZE]>,
     zero_page: Box<[u8; PAGE_SIZE]>,
 }
 
+/// The page a multi-reader message is about.
+fn page_of(msg: &Msg) -> Option<usize> {
+    match msg {
+        Msg::ReadReq { page }
+        | Msg::WriteReq { page }
+        | Msg::Invalidate { page }
+        | Msg::InvalidateAck { page }
+        | Msg::Recall { page, .. }
+        | Msg::WriteBack { page, .. }
+        | Msg::Grant { page, .. }
+        | Msg::Denied { page } => Some(*page as usize),
+        _ => None,
+    }
+}
+
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rank: Rank,
         size: usize,
+        base: usize,
+        pages: usize,
         transport: Arc<dyn Transport>,
         faults: Arc<FaultHandler>,
         node: Node,
@@ -74,6 +153,7 @@ impl Engine {
         Engine {
             rank,
             size,
+            base,
             transport,
             faults,
             node,
@@ -83,14 +163,22 @@ impl Engine {
             fetch_started: HashMap::new(),
             barrier_epoch: 0,
             barrier_waiter: None,
-            barrier_arrivals: HashMap::new(),
+            barrier_arrivals: BarrierCounter::default(),
+            registry: Registry::new(pages),
+            parked: BTreeMap::new(),
+            next_ticket: 1,
+            lock_waiters: HashMap::new(),
+            locks: LockTable::default(),
+            alloc_waiters: HashMap::new(),
+            settling: Vec::new(),
             page_buf: Box::new([0u8; PAGE_SIZE]),
             zero_page: Box::new([0u8; PAGE_SIZE]),
         }
     }
 
     /// Runs until `Stop`; an error is fatal for the job (a peer is gone, a
-    /// protocol violation, the kernel refused an operation).
+    /// protocol violation, the kernel refused an operation, a store to a
+    /// sealed segment).
     pub fn run(mut self, inputs: Receiver<Input>) -> Result<(), DsmError> {
         let inbox = self.transport.inbox();
         loop {
@@ -105,10 +193,8 @@ impl Engine {
                     Err(_) => return Err(DsmError::Stopped),
                 },
                 recv(inputs) -> input => match input {
-                    Ok(Input::Fault(f)) => self.on_fault(f)?,
-                    Ok(Input::FaultReaderFailed(why)) => return Err(DsmError::FaultReader(why)),
-                    Ok(Input::Barrier(reply)) => self.start_barrier(reply)?,
                     Ok(Input::Stop) | Err(_) => return Ok(()),
+                    Ok(input) => self.on_input(input)?,
                 },
                 default(timeout) => {}
             }
@@ -121,6 +207,93 @@ impl Engine {
                 self.apply(actions, None)?;
             }
         }
+    }
+
+    fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
+        match input {
+            Input::Fault(f) => self.on_fault(f),
+            Input::FaultReaderFailed(why) => Err(DsmError::FaultReader(why)),
+            Input::Barrier(reply) => self.start_barrier(reply),
+            Input::Lock { lock, reply } => {
+                let ticket = self.ticket();
+                self.lock_waiters.insert(ticket, reply);
+                let home = (lock % self.size as u64) as Rank;
+                self.transport
+                    .send(home, &Msg::LockAcquire { lock, ticket }.header())?;
+                Ok(())
+            }
+            Input::Unlock { lock, ticket } => {
+                let home = (lock % self.size as u64) as Rank;
+                self.transport
+                    .send(home, &Msg::LockRelease { lock, ticket }.header())?;
+                Ok(())
+            }
+            Input::Alloc {
+                pages,
+                kind,
+                rank,
+                contents,
+                reply,
+            } => {
+                if !matches!(self.node, Node::Mrsw(_)) {
+                    let _ = reply.send(Err(DsmError::Segment(
+                        "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
+                            .into(),
+                    )));
+                    return Ok(());
+                }
+                let ticket = self.ticket();
+                self.alloc_waiters.insert(ticket, (reply, contents));
+                self.transport.send(
+                    0,
+                    &Msg::AllocReq {
+                        ticket,
+                        pages,
+                        kind,
+                        rank,
+                    }
+                    .header(),
+                )?;
+                Ok(())
+            }
+            Input::Seal { segment, reply } => {
+                if segment.kind != 2 || segment.rank as Rank != self.rank {
+                    let _ = reply.send(Err(DsmError::Segment(format!(
+                        "segment {} is {} and was created by rank {}: only a replicated segment's creator can seal it",
+                        segment.id,
+                        kind_name(segment.kind),
+                        segment.rank
+                    ))));
+                    return Ok(());
+                }
+                self.settle_segment(segment, reply, None, true)
+            }
+            Input::Sync {
+                segment,
+                path,
+                len,
+                reply,
+            } => {
+                if segment.kind != 4 || segment.rank as Rank != self.rank {
+                    let _ = reply.send(Err(DsmError::Segment(format!(
+                        "segment {} is {} and was created by rank {}: only a file segment's creator (which holds the file) can sync it",
+                        segment.id,
+                        kind_name(segment.kind),
+                        segment.rank
+                    ))));
+                    return Ok(());
+                }
+                let range =
+                    segment.first_page as usize..(segment.first_page + segment.pages) as usize;
+                self.settle_segment(segment, reply, Some((path, len, range)), false)
+            }
+            Input::Stop => Ok(()),
+        }
+    }
+
+    fn ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.next_ticket
     }
 
     /// The multi-reader protocol's clock.
@@ -153,7 +326,29 @@ impl Engine {
         result
     }
 
+    /// True (and the event parked, the segment looked up) when `page` is in
+    /// a heap segment this rank does not know yet.
+    fn park_if_unknown(&mut self, page: usize, event: Parked) -> Result<Option<Parked>, DsmError> {
+        if !matches!(self.node, Node::Mrsw(_))
+            || !self.registry.in_heap(page)
+            || self.registry.find(page).is_some()
+        {
+            return Ok(Some(event));
+        }
+        let first = !self.parked.contains_key(&page);
+        self.parked.entry(page).or_default().push(event);
+        if first {
+            self.transport
+                .send(0, &Msg::Lookup { page: page as u64 }.header())?;
+        }
+        Ok(None)
+    }
+
     fn on_fault(&mut self, fault: Fault) -> Result<(), DsmError> {
+        let Some(Parked::Fault(fault)) = self.park_if_unknown(fault.page, Parked::Fault(fault))?
+        else {
+            return Ok(());
+        };
         let counter = if fault.write {
             &self.stats.write_faults
         } else {
@@ -174,10 +369,91 @@ impl Engine {
         let from = message.from;
         let msg = Msg::decode(&message.payload)
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
+        if let Some(page) = page_of(&msg) {
+            if self
+                .park_if_unknown(page, Parked::Message(message.clone()))?
+                .is_none()
+            {
+                return Ok(());
+            }
+        }
+        self.handle(from, msg, message.payload.len())
+    }
+
+    fn handle(&mut self, from: Rank, msg: Msg, wire_len: usize) -> Result<(), DsmError> {
         match msg {
             Msg::BarrierEnter { .. } | Msg::BarrierRelease { .. } => {
                 self.on_barrier_message(from, msg)
             }
+            Msg::LockAcquire { lock, ticket } => {
+                if let Some((rank, ticket)) = self.locks.acquire(lock, (from, ticket)) {
+                    self.transport
+                        .send(rank, &Msg::LockGrant { lock, ticket }.header())?;
+                }
+                Ok(())
+            }
+            Msg::LockRelease { lock, ticket } => {
+                let next = self
+                    .locks
+                    .release(lock, (from, ticket))
+                    .map_err(|e| DsmError::Protocol(e.to_string()))?;
+                if let Some((rank, ticket)) = next {
+                    self.transport
+                        .send(rank, &Msg::LockGrant { lock, ticket }.header())?;
+                }
+                Ok(())
+            }
+            Msg::LockGrant { ticket, .. } => {
+                if let Some(waiter) = self.lock_waiters.remove(&ticket) {
+                    let _ = waiter.send(Ok(ticket));
+                }
+                Ok(())
+            }
+            Msg::AllocReq {
+                ticket,
+                pages,
+                kind,
+                rank,
+            } => {
+                let segment = if self.rank == 0 {
+                    self.registry.allocate(pages, kind, rank)
+                } else {
+                    None
+                };
+                if let Some(info) = segment {
+                    self.register(info);
+                }
+                self.transport
+                    .send(from, &Msg::AllocReply { ticket, segment }.header())?;
+                Ok(())
+            }
+            Msg::AllocReply { ticket, segment } => {
+                let Some((reply, contents)) = self.alloc_waiters.remove(&ticket) else {
+                    return Err(DsmError::Protocol(format!(
+                        "rank {from} answered an allocation nobody asked for"
+                    )));
+                };
+                let Some(info) = segment else {
+                    let _ = reply.send(Err(DsmError::Segment(
+                        "the shared heap is full: allocate less, or enlarge the space (DSM_SPACE_SIZE; the heap is its upper half)"
+                            .into(),
+                    )));
+                    return Ok(());
+                };
+                self.register(info);
+                if let Some(contents) = contents {
+                    self.load_contents(info, &contents);
+                }
+                let _ = reply.send(Ok(info));
+                Ok(())
+            }
+            Msg::Lookup { page } => {
+                let segment = self.registry.lookup(page as usize);
+                self.transport
+                    .send(from, &Msg::LookupReply { page, segment }.header())?;
+                Ok(())
+            }
+            Msg::LookupReply { page, segment } => self.on_lookup_reply(page as usize, segment),
             Msg::PageRequest {
                 page, requester, ..
             } => {
@@ -194,7 +470,7 @@ impl Engine {
                     Node::Migratory(n) => n.on_grant(page, from, Instant::now())?,
                     Node::Mrsw(_) => Vec::new(),
                 };
-                self.received_page(page, message.payload.len());
+                self.received_page(page, wire_len);
                 self.apply(actions, Some(&msg))
             }
             msg => {
@@ -204,11 +480,119 @@ impl Engine {
                     Node::Migratory(_) => Ok(Vec::new()),
                 })?;
                 if let Msg::Grant { page, .. } = msg {
-                    self.received_page(page as usize, message.payload.len());
+                    self.received_page(page as usize, wire_len);
                 }
                 self.apply(actions, Some(&msg))
             }
         }
+    }
+
+    /// Makes a segment known to this rank's state machine.
+    fn register(&mut self, info: SegmentInfo) {
+        self.registry.insert(info);
+        let range = info.first_page as usize..(info.first_page + info.pages) as usize;
+        if let Node::Mrsw(node) = &mut self.node {
+            match info.kind {
+                1 | 2 | 4 => node.set_home(range, info.rank as Rank),
+                3 => node.set_private(range),
+                _ => {}
+            }
+        }
+    }
+
+    /// Puts a file's bytes into this home's copies of the segment's pages.
+    fn load_contents(&mut self, info: SegmentInfo, contents: &[u8]) {
+        for (i, chunk) in contents
+            .chunks(PAGE_SIZE)
+            .enumerate()
+            .take(info.pages as usize)
+        {
+            if chunk.iter().all(|b| *b == 0) {
+                continue;
+            }
+            let mut page = Box::new([0u8; PAGE_SIZE]);
+            page[..chunk.len()].copy_from_slice(chunk);
+            self.backing.insert(info.first_page as usize + i, page);
+        }
+    }
+
+    fn on_lookup_reply(
+        &mut self,
+        page: usize,
+        segment: Option<SegmentInfo>,
+    ) -> Result<(), DsmError> {
+        let Some(info) = segment else {
+            let addr = self.base + page * PAGE_SIZE;
+            return Err(DsmError::Unallocated { addr });
+        };
+        self.register(info);
+        let range = info.first_page as usize..(info.first_page + info.pages) as usize;
+        let pages: Vec<usize> = self.parked.range(range).map(|(p, _)| *p).collect();
+        for p in pages {
+            for event in self.parked.remove(&p).unwrap_or_default() {
+                match event {
+                    Parked::Fault(f) => self.on_fault(f)?,
+                    Parked::Message(m) => self.on_message(m)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Seal (`seal`) or flush every page of a segment homed here; replies
+    /// (after writing the file, for a sync) once all are settled.
+    fn settle_segment(
+        &mut self,
+        segment: SegmentInfo,
+        reply: Reply<()>,
+        write_to: Option<(PathBuf, usize, std::ops::Range<usize>)>,
+        seal: bool,
+    ) -> Result<(), DsmError> {
+        let range = segment.first_page as usize..(segment.first_page + segment.pages) as usize;
+        self.settling.push(Settling {
+            pages: range.clone().collect(),
+            reply,
+            write_to,
+        });
+        for page in range {
+            let actions = match &mut self.node {
+                Node::Mrsw(n) if seal => n.seal(page)?,
+                Node::Mrsw(n) => n.settle(page)?,
+                Node::Migratory(_) => vec![Action::Settled { page }],
+            };
+            self.apply(actions, None)?;
+        }
+        Ok(())
+    }
+
+    fn settled(&mut self, page: usize) -> Result<(), DsmError> {
+        let Some(i) = self.settling.iter().position(|s| s.pages.contains(&page)) else {
+            return Ok(());
+        };
+        self.settling[i].pages.remove(&page);
+        if !self.settling[i].pages.is_empty() {
+            return Ok(());
+        }
+        let done = self.settling.remove(i);
+        let result = match done.write_to {
+            Some((path, len, range)) => {
+                let mut bytes = Vec::with_capacity(range.len() * PAGE_SIZE);
+                for p in range {
+                    bytes.extend_from_slice(
+                        self.backing
+                            .get(&p)
+                            .map(|b| &b[..])
+                            .unwrap_or(&self.zero_page[..]),
+                    );
+                }
+                bytes.truncate(len);
+                std::fs::write(&path, &bytes)
+                    .map_err(|e| DsmError::Segment(format!("writing {} back: {e}", path.display())))
+            }
+            None => Ok(()),
+        };
+        let _ = done.reply.send(result);
+        Ok(())
     }
 
     fn received_page(&mut self, page: usize, bytes: usize) {
@@ -228,10 +612,7 @@ impl Engine {
                         self.rank
                     )));
                 }
-                let arrived = self.barrier_arrivals.entry(epoch).or_insert(0);
-                *arrived += 1;
-                if *arrived == self.size {
-                    self.barrier_arrivals.remove(&epoch);
+                if self.barrier_arrivals.arrive(epoch, self.size) {
                     let release = Msg::BarrierRelease { epoch }.header();
                     for rank in 0..self.size {
                         self.transport.send(rank, &release)?;
@@ -253,7 +634,7 @@ impl Engine {
         }
     }
 
-    fn start_barrier(&mut self, reply: Sender<Result<(), DsmError>>) -> Result<(), DsmError> {
+    fn start_barrier(&mut self, reply: Reply<()>) -> Result<(), DsmError> {
         self.barrier_epoch += 1;
         self.barrier_waiter = Some(reply);
         self.transport.send(
@@ -357,8 +738,17 @@ impl Engine {
                         }
                     }
                     Stats::add(&self.stats.pages_sent, 1);
+                    Stats::add(&self.stats.grants_served, 1);
                 }
                 Action::Wake { page } => self.faults.wake(page)?,
+                Action::SealedWrite { page } => {
+                    let segment = self.registry.find(page).map(|s| s.id).unwrap_or(0);
+                    return Err(DsmError::SealedWrite {
+                        segment,
+                        addr: self.base + page * PAGE_SIZE,
+                    });
+                }
+                Action::Settled { page } => self.settled(page)?,
             }
         }
         Ok(())

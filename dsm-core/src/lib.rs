@@ -14,12 +14,16 @@ mod engine;
 pub mod fault;
 pub mod logging;
 pub mod proto;
+pub mod rendezvous;
+pub mod segment;
 pub mod stats;
+pub mod sync;
 pub mod transport;
 pub mod wire;
 
 pub use bootstrap::{Bootstrap, BootstrapError, JobSecret};
 pub use config::{Config, Protocol, PAGE_SIZE};
 pub use dsm::{Dsm, DsmError};
+pub use segment::{Placement, Segment};
 pub use stats::StatsSnapshot;
 pub use transport::{Message, Rank, Transport, TransportError};

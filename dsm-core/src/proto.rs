@@ -24,6 +24,48 @@ const GRANT_WRITE: u8 = 13;
 const GRANT_WRITE_ZERO: u8 = 14;
 const GRANT_UPGRADE: u8 = 15;
 const WRITE_BACK: u8 = 16;
+const DENIED: u8 = 17;
+const LOCK_ACQUIRE: u8 = 20;
+const LOCK_GRANT: u8 = 21;
+const LOCK_RELEASE: u8 = 22;
+const ALLOC_REQ: u8 = 23;
+const ALLOC_REPLY: u8 = 24;
+const LOOKUP: u8 = 25;
+const LOOKUP_REPLY: u8 = 26;
+
+/// A segment as the registry describes it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SegmentInfo {
+    pub id: u32,
+    pub first_page: u64,
+    pub pages: u64,
+    /// 0 distributed, 1 localized, 2 replicated, 3 private, 4 file
+    pub kind: u8,
+    /// The localized rank, or the creator (replicated, file).
+    pub rank: u32,
+}
+
+impl SegmentInfo {
+    const LEN: usize = 4 + 8 + 8 + 1 + 4;
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.to_le_bytes());
+        out.extend_from_slice(&self.first_page.to_le_bytes());
+        out.extend_from_slice(&self.pages.to_le_bytes());
+        out.push(self.kind);
+        out.extend_from_slice(&self.rank.to_le_bytes());
+    }
+
+    fn get(b: &[u8]) -> SegmentInfo {
+        SegmentInfo {
+            id: u32_at(b, 0),
+            first_page: u64_at(b, 4),
+            pages: u64_at(b, 12),
+            kind: b[20],
+            rank: u32_at(b, 21),
+        }
+    }
+}
 
 /// What a multi-reader grant carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +126,42 @@ pub enum Msg {
         page: u64,
         write: bool,
         payload: Payload,
+    },
+    /// Home -> requester: no writes to this page (a sealed segment).
+    Denied {
+        page: u64,
+    },
+    /// Locks, held at the lock's home rank; `ticket` tells apart the
+    /// requests of one process.
+    LockAcquire {
+        lock: u64,
+        ticket: u64,
+    },
+    LockGrant {
+        lock: u64,
+        ticket: u64,
+    },
+    LockRelease {
+        lock: u64,
+        ticket: u64,
+    },
+    /// Segment registry at the reference rank (0).
+    AllocReq {
+        ticket: u64,
+        pages: u64,
+        kind: u8,
+        rank: u32,
+    },
+    AllocReply {
+        ticket: u64,
+        segment: Option<SegmentInfo>,
+    },
+    Lookup {
+        page: u64,
+    },
+    LookupReply {
+        page: u64,
+        segment: Option<SegmentInfo>,
     },
 }
 
@@ -165,6 +243,50 @@ impl Msg {
                 out.push(*keep_shared as u8);
             }
             Msg::WriteBack { page, .. } => Msg::page_only(&mut out, WRITE_BACK, *page),
+            Msg::Denied { page } => Msg::page_only(&mut out, DENIED, *page),
+            Msg::LockAcquire { lock, ticket }
+            | Msg::LockGrant { lock, ticket }
+            | Msg::LockRelease { lock, ticket } => {
+                out.push(match self {
+                    Msg::LockAcquire { .. } => LOCK_ACQUIRE,
+                    Msg::LockGrant { .. } => LOCK_GRANT,
+                    _ => LOCK_RELEASE,
+                });
+                out.extend_from_slice(&lock.to_le_bytes());
+                out.extend_from_slice(&ticket.to_le_bytes());
+            }
+            Msg::AllocReq {
+                ticket,
+                pages,
+                kind,
+                rank,
+            } => {
+                out.push(ALLOC_REQ);
+                out.extend_from_slice(&ticket.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+                out.push(*kind);
+                out.extend_from_slice(&rank.to_le_bytes());
+            }
+            Msg::AllocReply {
+                ticket: key,
+                segment,
+            }
+            | Msg::LookupReply { page: key, segment } => {
+                out.push(if matches!(self, Msg::AllocReply { .. }) {
+                    ALLOC_REPLY
+                } else {
+                    LOOKUP_REPLY
+                });
+                out.extend_from_slice(&key.to_le_bytes());
+                match segment {
+                    Some(seg) => {
+                        out.push(1);
+                        seg.put(&mut out);
+                    }
+                    None => out.push(0),
+                }
+            }
+            Msg::Lookup { page } => Msg::page_only(&mut out, LOOKUP, *page),
             Msg::Grant {
                 page,
                 write,
@@ -318,6 +440,61 @@ impl Msg {
                     },
                 })
             }
+            DENIED | LOOKUP => {
+                expect(9)?;
+                let page = u64_at(bytes, 1);
+                Ok(if kind == DENIED {
+                    Msg::Denied { page }
+                } else {
+                    Msg::Lookup { page }
+                })
+            }
+            LOCK_ACQUIRE | LOCK_GRANT | LOCK_RELEASE => {
+                expect(17)?;
+                let (lock, ticket) = (u64_at(bytes, 1), u64_at(bytes, 9));
+                Ok(match kind {
+                    LOCK_ACQUIRE => Msg::LockAcquire { lock, ticket },
+                    LOCK_GRANT => Msg::LockGrant { lock, ticket },
+                    _ => Msg::LockRelease { lock, ticket },
+                })
+            }
+            ALLOC_REQ => {
+                expect(22)?;
+                Ok(Msg::AllocReq {
+                    ticket: u64_at(bytes, 1),
+                    pages: u64_at(bytes, 9),
+                    kind: bytes[17],
+                    rank: u32_at(bytes, 18),
+                })
+            }
+            ALLOC_REPLY | LOOKUP_REPLY => {
+                if bytes.len() < 10 {
+                    return Err(ProtoError::BadLength {
+                        kind,
+                        len: bytes.len(),
+                        expected: 10,
+                    });
+                }
+                let key = u64_at(bytes, 1);
+                let segment = match bytes[9] {
+                    0 => {
+                        expect(10)?;
+                        None
+                    }
+                    _ => {
+                        expect(10 + SegmentInfo::LEN)?;
+                        Some(SegmentInfo::get(&bytes[10..]))
+                    }
+                };
+                Ok(if kind == ALLOC_REPLY {
+                    Msg::AllocReply {
+                        ticket: key,
+                        segment,
+                    }
+                } else {
+                    Msg::LookupReply { page: key, segment }
+                })
+            }
             other => Err(ProtoError::UnknownKind(other)),
         }
     }
@@ -389,6 +566,45 @@ mod tests {
                 page: 7,
                 write: true,
                 payload: Payload::Upgrade,
+            },
+            Msg::Denied { page: 8 },
+            Msg::LockAcquire { lock: 1, ticket: 2 },
+            Msg::LockGrant { lock: 3, ticket: 4 },
+            Msg::LockRelease { lock: 5, ticket: 6 },
+            Msg::AllocReq {
+                ticket: 1,
+                pages: 10,
+                kind: 1,
+                rank: 3,
+            },
+            Msg::AllocReply {
+                ticket: 1,
+                segment: None,
+            },
+            Msg::AllocReply {
+                ticket: 2,
+                segment: Some(SegmentInfo {
+                    id: 3,
+                    first_page: 50,
+                    pages: 4,
+                    kind: 2,
+                    rank: 1,
+                }),
+            },
+            Msg::Lookup { page: 9 },
+            Msg::LookupReply {
+                page: 9,
+                segment: Some(SegmentInfo {
+                    id: 1,
+                    first_page: 9,
+                    pages: 1,
+                    kind: 4,
+                    rank: 0,
+                }),
+            },
+            Msg::LookupReply {
+                page: 9,
+                segment: None,
             },
         ] {
             round_trip(m);

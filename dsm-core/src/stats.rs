@@ -17,6 +17,8 @@ pub struct Stats {
     pub bytes_received: AtomicU64,
     pub requests_forwarded: AtomicU64,
     pub requests_deferred: AtomicU64,
+    /// Pages this rank granted as their home (multi-reader protocol).
+    pub grants_served: AtomicU64,
     latencies_ns: Mutex<Samples>,
 }
 
@@ -38,6 +40,7 @@ pub struct StatsSnapshot {
     pub bytes_received: u64,
     pub requests_forwarded: u64,
     pub requests_deferred: u64,
+    pub grants_served: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
     pub fault_latency_p50: Duration,
     pub fault_latency_p90: Duration,
@@ -86,6 +89,7 @@ impl Stats {
             bytes_received: get(&self.bytes_received),
             requests_forwarded: get(&self.requests_forwarded),
             requests_deferred: get(&self.requests_deferred),
+            grants_served: get(&self.grants_served),
             fault_latency_p50: pct(0.5),
             fault_latency_p90: pct(0.9),
             fault_latency_p99: pct(0.99),
@@ -103,7 +107,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -113,6 +117,7 @@ impl std::fmt::Display for StatsSnapshot {
             self.bytes_received,
             self.requests_forwarded,
             self.requests_deferred,
+            self.grants_served,
             us(self.fault_latency_p50),
             us(self.fault_latency_p90),
             us(self.fault_latency_p99),

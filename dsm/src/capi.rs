@@ -1,12 +1,15 @@
 //! The C API of `include/dsm.h`. One shared space per process, kept in a
 //! global between `dsm_init` and `dsm_finalize`.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
-use crate::Dsm;
+use crate::{Dsm, Placement};
 
 static DSM: RwLock<Option<Dsm>> = RwLock::new(None);
+/// Tickets of the locks this process holds, by lock id (C releases by id).
+static HELD: Mutex<Option<HashMap<u64, u64>>> = Mutex::new(None);
 
 fn fail(what: &str, err: impl std::fmt::Display) -> ! {
     eprintln!("{what}: {err}");
@@ -67,6 +70,67 @@ pub extern "C" fn dsm_barrier() {
     with_dsm("dsm_barrier", |d| {
         if let Err(e) = d.barrier() {
             fail("dsm_barrier", e)
+        }
+    })
+}
+
+fn allocate(what: &str, size: usize, placement: Placement) -> *mut c_void {
+    with_dsm(what, |d| match d.alloc(size, placement) {
+        Ok(segment) => segment.addr() as *mut c_void,
+        Err(e) => fail(what, e),
+    })
+}
+
+/// Allocates `size` bytes of shared memory, pages spread over the ranks
+/// (distributed placement). Any rank may call it alone; the address is
+/// valid on every rank.
+#[no_mangle]
+pub extern "C" fn dsm_malloc(size: usize) -> *mut c_void {
+    allocate("dsm_malloc", size, Placement::Distributed)
+}
+
+/// Allocates `size` bytes of shared memory whose pages live at `rank`
+/// (localized placement, ALMOS-MKH's remote_malloc).
+#[no_mangle]
+pub extern "C" fn dsm_remote_malloc(size: usize, rank: c_int) -> *mut c_void {
+    let Ok(rank) = usize::try_from(rank) else {
+        fail("dsm_remote_malloc", format!("rank {rank} is negative"))
+    };
+    allocate("dsm_remote_malloc", size, Placement::Localized(rank))
+}
+
+/// Takes distributed lock `id` (FIFO; blocks without spinning).
+#[no_mangle]
+pub extern "C" fn dsm_lock(id: c_int) {
+    let id = id as u64;
+    let ticket = with_dsm("dsm_lock", |d| match d.lock(id) {
+        Ok(guard) => guard.into_ticket(),
+        Err(e) => fail("dsm_lock", e),
+    });
+    HELD.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(id, ticket);
+}
+
+/// Releases distributed lock `id`, held by this process.
+#[no_mangle]
+pub extern "C" fn dsm_unlock(id: c_int) {
+    let id = id as u64;
+    let ticket = HELD
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .remove(&id);
+    let Some(ticket) = ticket else {
+        fail(
+            "dsm_unlock",
+            format!("lock {id} is not held by this process"),
+        )
+    };
+    with_dsm("dsm_unlock", |d| {
+        if let Err(e) = d.unlock_ticket(id, ticket) {
+            fail("dsm_unlock", e)
         }
     })
 }

@@ -1,4 +1,4 @@
-//! dsm: processes started by `dsmexec` share one address space.
+//! dsm: processes started by `dsmexec` (or `srun`, `mpirun`) share one address space.
 //!
 //! ```no_run
 //! let dsm = dsm::init(dsm::Config::from_env()?)?;      // joins the job
@@ -18,21 +18,27 @@
 use std::sync::Arc;
 
 pub use dsm_core::config::EngineCpu;
+pub use dsm_core::dsm::LockGuard;
 use dsm_core::{Bootstrap, Transport};
-pub use dsm_core::{Config, Dsm, DsmError, Protocol, StatsSnapshot, PAGE_SIZE};
+pub use dsm_core::{Config, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE};
 use transport_tcp::{TcpOptions, TcpTransport};
 
 mod capi;
 
-/// Joins the job this process was started in (by dsmexec): maps the shared
-/// space, connects to every other rank and starts the fault engine.
+/// Joins the job this process was started in (by dsmexec, Slurm's `srun` or
+/// Open MPI's `mpirun`): maps the shared space, connects to every other rank
+/// and starts the fault engine.
 pub fn init(config: Config) -> Result<Dsm, DsmError> {
     dsm_core::logging::init();
     let config = config.validate()?;
+    if !Bootstrap::launched() {
+        return Err(dsm_core::BootstrapError::NotLaunched.into());
+    }
+    // Map first: a bad base or size fails before anyone waits for us (under
+    // srun or mpirun, before this rank registers with rank 0).
+    let space = Dsm::prepare(&config)?;
     let boot = Bootstrap::from_env()?;
     let hosts: Vec<String> = boot.peers.iter().map(|p| p.host.clone()).collect();
-    // Map first: a bad base or size fails before anyone waits for us.
-    let space = Dsm::prepare(&config)?;
     let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &TcpOptions::default())?;
     Dsm::start(space, transport, hosts, config)
 }

@@ -52,6 +52,11 @@ pub enum Action {
     StoreBacking { page: usize },
     /// Home: grant `to` the page from the home's copy (zeros if never written).
     GrantFromBacking { to: Rank, page: usize, write: bool },
+    /// A store hit a sealed page: the application made an error.
+    SealedWrite { page: usize },
+    /// The home finished sealing or flushing `page`: no writable copy is
+    /// left and the home's copy is current.
+    Settled { page: usize },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -75,6 +75,13 @@ pub enum Directory {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Queued {
+    Request(Rank, Access),
+    /// Seal or flush: bring the home's copy up to date.
+    Settle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Transaction {
     /// Waiting for invalidation acknowledgements before granting a write.
     Acks {
@@ -84,13 +91,17 @@ enum Transaction {
     },
     /// Waiting for the exclusive copy to come back.
     WriteBack { requester: Rank, want: Access },
+    /// Waiting for the exclusive copy to come back, for a seal or flush.
+    Settle,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 struct HomePage {
     dir: Directory,
     txn: Option<Transaction>,
-    queue: VecDeque<(Rank, Access)>,
+    queue: VecDeque<Queued>,
+    /// Sealed (replicated segment): writes are denied.
+    sealed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +110,10 @@ pub struct Mrsw {
     size: usize,
     min_hold: Time,
     local: Vec<LocalPage>,
+    /// Home rank of every page (segment placement); `page mod size` by default.
+    home: Vec<u32>,
+    /// Pages of private segments: local to each rank, no directory.
+    private: Vec<bool>,
     /// Directory entries of the pages this rank is home of, created on first use.
     homes: BTreeMap<usize, HomePage>,
     /// Pages with deferred invalidations or recalls.
@@ -121,6 +136,8 @@ impl Mrsw {
             size,
             min_hold,
             local: vec![local; pages],
+            home: (0..pages).map(|p| (p % size) as u32).collect(),
+            private: vec![false; pages],
             homes: BTreeMap::new(),
             waiting: BTreeSet::new(),
             counters: ProtocolCounters::default(),
@@ -128,7 +145,29 @@ impl Mrsw {
     }
 
     pub fn home_of(&self, page: usize) -> Rank {
-        page % self.size
+        self.home
+            .get(page)
+            .map(|h| *h as Rank)
+            .unwrap_or(page % self.size)
+    }
+
+    /// Places `pages` at `home` (a segment's placement). Must happen before
+    /// any traffic about those pages, on every rank that takes part.
+    pub fn set_home(&mut self, pages: std::ops::Range<usize>, home: Rank) {
+        for p in pages {
+            if let Some(h) = self.home.get_mut(p) {
+                *h = home as u32;
+            }
+        }
+    }
+
+    /// Makes `pages` private: each rank has its own, no traffic.
+    pub fn set_private(&mut self, pages: std::ops::Range<usize>) {
+        for p in pages {
+            if let Some(v) = self.private.get_mut(p) {
+                *v = true;
+            }
+        }
     }
 
     /// This rank's copy of `page`.
@@ -165,7 +204,15 @@ impl Mrsw {
     /// A thread of this process faulted on `page` (`write`: a store).
     pub fn on_fault(&mut self, page: usize, write: bool) -> Actions {
         let home = self.home_of(page);
+        let private = self.private.get(page).copied().unwrap_or(false);
         let lp = self.local(page)?;
+        if private {
+            if lp.copy == Copy::Invalid {
+                lp.copy = Copy::Modified;
+                return Ok(vec![Action::InstallZero { page }]);
+            }
+            return Ok(vec![Action::Wake { page }]);
+        }
         match lp.copy {
             Copy::Modified => return Ok(vec![Action::Wake { page }]),
             Copy::Shared if !write => return Ok(vec![Action::Wake { page }]),
@@ -214,6 +261,7 @@ impl Mrsw {
                 write,
                 payload,
             } => self.local_grant(*page as usize, from, *write, payload, now),
+            Msg::Denied { page } => self.local_denied(*page as usize, from),
             _ => Err(Self::unexpected(0, from, "a message of another protocol")),
         }
     }
@@ -241,7 +289,7 @@ impl Mrsw {
     fn home_request(&mut self, page: usize, requester: Rank, want: Access) -> Actions {
         let hp = self.home_page(page, requester, "a request")?;
         if hp.txn.is_some() {
-            hp.queue.push_back((requester, want));
+            hp.queue.push_back(Queued::Request(requester, want));
             self.counters.deferred += 1;
             return Ok(Vec::new());
         }
@@ -270,6 +318,12 @@ impl Mrsw {
     fn start_transaction(&mut self, page: usize, requester: Rank, want: Access) -> Actions {
         let hp = self.homes.entry(page).or_default();
         let page_id = page as u64;
+        if hp.sealed && want == Access::Write {
+            return Ok(vec![Action::Send {
+                to: requester,
+                msg: Msg::Denied { page: page_id },
+            }]);
+        }
         match (want, &mut hp.dir) {
             (Access::Read, Directory::Uncached) => {
                 hp.dir = Directory::Shared(BTreeSet::from([requester]));
@@ -341,10 +395,15 @@ impl Mrsw {
             if hp.txn.is_some() {
                 return Ok(actions);
             }
-            let Some((requester, want)) = hp.queue.pop_front() else {
+            let Some(next) = hp.queue.pop_front() else {
                 return Ok(actions);
             };
-            actions.extend(self.start_transaction(page, requester, want)?);
+            actions.extend(match next {
+                Queued::Request(requester, want) => {
+                    self.start_transaction(page, requester, want)?
+                }
+                Queued::Settle => self.start_settle(page),
+            });
         }
     }
 
@@ -383,8 +442,60 @@ impl Mrsw {
         self.next_transactions(page, vec![Self::grant_write(page, requester, upgrade)])
     }
 
+    /// Seals `page` (this rank is its home): from now on writes are denied,
+    /// and any writable copy is recalled. `Settled` says when it is done.
+    pub fn seal(&mut self, page: usize) -> Actions {
+        let me = self.rank;
+        self.home_page(page, me, "a seal")?.sealed = true;
+        self.settle(page)
+    }
+
+    /// Brings the home's copy of `page` up to date (recalling a writable
+    /// copy, which stays readable at its holder). `Settled` says when.
+    pub fn settle(&mut self, page: usize) -> Actions {
+        let me = self.rank;
+        let hp = self.home_page(page, me, "a flush")?;
+        if hp.txn.is_some() {
+            hp.queue.push_back(Queued::Settle);
+            return Ok(Vec::new());
+        }
+        Ok(self.start_settle(page))
+    }
+
+    fn start_settle(&mut self, page: usize) -> Vec<Action> {
+        let hp = self.homes.entry(page).or_default();
+        match hp.dir {
+            Directory::Exclusive(owner) => {
+                hp.txn = Some(Transaction::Settle);
+                vec![Action::Send {
+                    to: owner,
+                    msg: Msg::Recall {
+                        page: page as u64,
+                        keep_shared: true,
+                    },
+                }]
+            }
+            _ => vec![Action::Settled { page }],
+        }
+    }
+
     fn home_write_back(&mut self, page: usize, from: Rank) -> Actions {
         let hp = self.home_page(page, from, "a write-back")?;
+        if let (Some(Transaction::Settle), Directory::Exclusive(owner)) = (hp.txn, &hp.dir) {
+            if *owner != from {
+                return Err(Self::unexpected(
+                    page,
+                    from,
+                    "a write-back from a non-owner",
+                ));
+            }
+            hp.txn = None;
+            hp.dir = Directory::Shared(BTreeSet::from([from]));
+            return self.next_transactions(
+                page,
+                vec![Action::StoreBacking { page }, Action::Settled { page }],
+            );
+        }
         let (Some(Transaction::WriteBack { requester, want }), Directory::Exclusive(owner)) =
             (hp.txn, &hp.dir)
         else {
@@ -520,6 +631,26 @@ impl Mrsw {
                 "a grant that does not fit this rank's copy",
             )),
         }
+    }
+
+    fn local_denied(&mut self, page: usize, from: Rank) -> Actions {
+        if self.home_of(page) != from {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "a denial from a rank that is not the page's home",
+            ));
+        }
+        let lp = self.local(page)?;
+        if lp.pending != Some(Access::Write) {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "a denial of a write it did not ask for",
+            ));
+        }
+        lp.pending = None;
+        Ok(vec![Action::SealedWrite { page }])
     }
 
     // ---- timers ----

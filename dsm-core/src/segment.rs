@@ -1,0 +1,253 @@
+//! Segments of the shared space, after the ALMOS-MKH placement policy.
+//!
+//! The space is split in two halves. The lower half is the seed's fixed
+//! space: page i's home is rank `i mod N`, no registration. The upper half
+//! is the heap, carved into segments by [`crate::Dsm::alloc`] from any rank:
+//! the reference rank (0) keeps the full segment list and hands out address
+//! ranges (top down); other ranks learn a segment on their first fault or
+//! message in it (on-demand registration). Every segment sits at the same
+//! address on every rank, so pointers stored in shared memory work anywhere.
+//!
+//! | placement | home of its pages | behaviour |
+//! | --- | --- | --- |
+//! | `Distributed` | rank `page mod N` | coherent |
+//! | `Localized(r)` | rank r | coherent |
+//! | `Replicated` | its creator | coherent until `seal()`; then read-only copies everywhere, never invalidated; a store is an error naming the segment |
+//! | `Private` | each rank | node-local: every rank has its own pages, no directory traffic |
+//! | `File(path)` | its creator (which holds the file) | initial contents from the file; `sync()` writes the pages back |
+//!
+//! Heap pages may also be used directly, as the seed's programs use the
+//! whole space: a lookup of a page outside every segment makes its chunk of
+//! [`RAW_CHUNK`] pages "raw" (homes `page mod N`, like the lower half), and
+//! the allocator never hands out a raw chunk afterwards.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::proto::SegmentInfo;
+use crate::Rank;
+
+/// Where a segment's pages live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Distributed,
+    Localized(Rank),
+    Replicated,
+    Private,
+    File(PathBuf),
+}
+
+impl Placement {
+    /// Wire code and rank argument (`creator` for the kinds homed at it).
+    pub(crate) fn code(&self, creator: Rank) -> (u8, u32) {
+        match self {
+            Placement::Distributed => (0, 0),
+            Placement::Localized(r) => (1, *r as u32),
+            Placement::Replicated => (2, creator as u32),
+            Placement::Private => (3, 0),
+            Placement::File(_) => (4, creator as u32),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Placement::Distributed => "distributed",
+            Placement::Localized(_) => "localized",
+            Placement::Replicated => "replicated",
+            Placement::Private => "private",
+            Placement::File(_) => "file",
+        }
+    }
+}
+
+/// A segment as a program sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub(crate) info: SegmentInfo,
+    pub(crate) base: usize,
+    /// The size asked for (the segment spans whole pages).
+    pub(crate) len: usize,
+}
+
+impl Segment {
+    pub fn id(&self) -> u32 {
+        self.info.id
+    }
+
+    /// Address of the segment, the same on every rank.
+    pub fn addr(&self) -> *mut u8 {
+        (self.base + self.info.first_page as usize * crate::PAGE_SIZE) as *mut u8
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pages(&self) -> std::ops::Range<usize> {
+        let first = self.info.first_page as usize;
+        first..first + self.info.pages as usize
+    }
+
+    /// The rank that created it (the home of replicated and file segments).
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.info.kind)
+    }
+}
+
+/// Pages per raw chunk (see the module documentation).
+pub const RAW_CHUNK: usize = 64;
+/// Wire kind of a raw chunk.
+pub(crate) const KIND_RAW: u8 = 5;
+
+pub(crate) fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        0 => "distributed",
+        1 => "localized",
+        2 => "replicated",
+        3 => "private",
+        4 => "file",
+        KIND_RAW => "raw",
+        _ => "unknown",
+    }
+}
+
+/// The segments a rank knows, by first page.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    segments: BTreeMap<usize, SegmentInfo>,
+    /// First page of the heap (the upper half of the space).
+    pub heap_start: usize,
+    /// Reference rank only: the lowest page handed out so far (top-down).
+    heap_low: usize,
+    next_id: u32,
+    /// Reference rank only: chunks used directly, never to be allocated.
+    raw_chunks: std::collections::BTreeSet<usize>,
+}
+
+impl Registry {
+    pub fn new(pages: usize) -> Registry {
+        Registry {
+            segments: BTreeMap::new(),
+            heap_start: pages / 2,
+            heap_low: pages,
+            next_id: 1,
+            raw_chunks: std::collections::BTreeSet::new(),
+        }
+    }
+
+    pub fn in_heap(&self, page: usize) -> bool {
+        page >= self.heap_start
+    }
+
+    pub fn find(&self, page: usize) -> Option<&SegmentInfo> {
+        self.segments
+            .range(..=page)
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(|s| page < (s.first_page + s.pages) as usize)
+    }
+
+    pub fn insert(&mut self, info: SegmentInfo) {
+        self.segments.insert(info.first_page as usize, info);
+    }
+
+    /// Reference rank: carves `pages` pages off the top of the free heap.
+    pub fn allocate(&mut self, pages: u64, kind: u8, rank: u32) -> Option<SegmentInfo> {
+        let pages_usize = usize::try_from(pages).ok().filter(|p| *p > 0)?;
+        let first = self
+            .heap_low
+            .checked_sub(pages_usize)
+            .filter(|f| *f >= self.heap_start)?;
+        if self
+            .raw_chunks
+            .range(first / RAW_CHUNK..=(self.heap_low - 1) / RAW_CHUNK)
+            .next()
+            .is_some()
+        {
+            return None;
+        }
+        self.heap_low = first;
+        let info = SegmentInfo {
+            id: self.next_id,
+            first_page: first as u64,
+            pages,
+            kind,
+            rank,
+        };
+        self.next_id += 1;
+        self.insert(info);
+        Some(info)
+    }
+
+    /// Reference rank: the segment holding `page`, or else the raw chunk
+    /// around it (which from now on is never allocated).
+    pub fn lookup(&mut self, page: usize) -> Option<SegmentInfo> {
+        if let Some(found) = self.find(page) {
+            return Some(*found);
+        }
+        if !self.in_heap(page) || page >= self.heap_low {
+            return None;
+        }
+        let chunk = page / RAW_CHUNK;
+        let first = (chunk * RAW_CHUNK).max(self.heap_start);
+        let end = ((chunk + 1) * RAW_CHUNK).min(self.heap_low);
+        self.raw_chunks.insert(chunk);
+        let info = SegmentInfo {
+            id: 0,
+            first_page: first as u64,
+            pages: (end - first) as u64,
+            kind: KIND_RAW,
+            rank: 0,
+        };
+        self.insert(info);
+        Some(info)
+    }
+
+    /// Free heap pages left (reference rank).
+    #[cfg(test)]
+    pub fn free_pages(&self) -> usize {
+        self.heap_low - self.heap_start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_down_allocation_and_lookup() {
+        let mut r = Registry::new(100);
+        let a = r.allocate(10, 0, 0).unwrap();
+        let b = r.allocate(5, 1, 2).unwrap();
+        assert_eq!((a.first_page, b.first_page), (90, 85));
+        assert_eq!(r.find(92).map(|s| s.id), Some(a.id));
+        assert_eq!(r.find(85).map(|s| s.id), Some(b.id));
+        assert_eq!(r.find(84), None);
+        assert!(
+            r.allocate(36, 0, 0).is_none(),
+            "only 35 heap pages are left"
+        );
+        assert!(r.allocate(0, 0, 0).is_none());
+        assert_eq!(r.free_pages(), 35);
+        assert!(r.in_heap(50) && !r.in_heap(49));
+    }
+
+    #[test]
+    fn raw_use_of_heap_pages_blocks_allocation_there() {
+        let mut r = Registry::new(1000); // heap: pages 500..1000
+        let raw = r.lookup(600).unwrap();
+        assert_eq!((raw.kind, raw.first_page, raw.pages), (KIND_RAW, 576, 64));
+        assert_eq!(r.lookup(601), Some(raw));
+        assert!(r.lookup(10).is_none(), "the lower half needs no lookup");
+        assert!(r.allocate(300, 0, 0).is_some(), "pages 700..1000 are free");
+        assert!(
+            r.allocate(100, 0, 0).is_none(),
+            "pages 600..700 overlap the raw chunk"
+        );
+        assert!(r.allocate(60, 0, 0).is_some(), "pages 640..700 are free");
+    }
+}
