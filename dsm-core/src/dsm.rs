@@ -22,6 +22,8 @@ use crate::{Rank, Transport, TransportError};
 /// can never be served, so the process ends rather than hang.
 pub const EXIT_FATAL: i32 = 70;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a rank that lost a peer waits before exiting (see its use).
+const SECONDARY_FAILURE_DELAY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DsmError {
@@ -173,6 +175,12 @@ impl Dsm {
                         // Application threads may be parked in faults this
                         // engine can no longer serve: end the process.
                         eprintln!("dsm: rank {rank} on {host}: {e}; aborting");
+                        if matches!(e, DsmError::Transport(TransportError::PeerLost { .. })) {
+                            // The lost peer's own end (a crash, a kill) is the
+                            // cause: let the launcher hear of it before this
+                            // consequence, so it names the right rank.
+                            thread::sleep(SECONDARY_FAILURE_DELAY);
+                        }
                         std::process::exit(EXIT_FATAL);
                     }
                 })
