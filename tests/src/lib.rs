@@ -238,3 +238,56 @@ pub fn assert_no_leftovers(token: &str, within: Duration) {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Compiles `examples/c/NAME.c` against the built libdsm (`cc`, rpath to
+/// the target directory); returns the executable.
+pub fn compile_c_example(name: &str) -> PathBuf {
+    let out_dir = bin("dsmexec")
+        .parent()
+        .expect("target directory")
+        .to_path_buf();
+    assert!(
+        out_dir.join("libdsm.so").exists(),
+        "libdsm.so is missing: build it first (`cargo build --workspace --lib --bins`, as scripts/test.sh does)"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root");
+    let exe = out_dir.join(format!("{name}_c"));
+    let status = Command::new("cc")
+        .arg("-O1")
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(root.join(format!("examples/c/{name}.c")))
+        .arg("-L")
+        .arg(&out_dir)
+        .arg("-ldsm")
+        .arg(format!("-Wl,-rpath,{}", out_dir.display()))
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .expect("run the C compiler (cc)");
+    assert!(
+        status.success(),
+        "compiling examples/c/{name}.c against libdsm failed"
+    );
+    exe
+}
+
+impl Finished {
+    /// Asserts a clean exit and that every rank printed a line starting
+    /// with `rank R: {text}` on stdout.
+    pub fn expect_each_rank(&self, ranks: usize, text: &str) {
+        assert_eq!(self.code, Some(0), "{self:?}");
+        let host = short_hostname();
+        for rank in 0..ranks {
+            let lines = self.lines_of(rank, &host, "stdout");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with(&format!("rank {rank}: {text}"))),
+                "rank {rank}: {lines:?}\n{self:?}"
+            );
+        }
+    }
+}

@@ -73,46 +73,32 @@ fn litmus_store_buffering_under_the_seed_protocol() {
     litmus("sb", 2, "migratory");
 }
 
-fn expect_all(out: &Finished, n: usize, text: &str) {
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let host = short_hostname();
-    for rank in 0..n {
-        let lines = out.lines_of(rank, &host, "stdout");
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.starts_with(&format!("rank {rank}: {text}"))),
-            "rank {rank}: {lines:?}\n{out:?}"
-        );
-    }
-}
-
 #[test]
 fn hardware_atomics_are_atomic_across_4_and_8_ranks() {
     let out = job(&[], 4, "stress", &["atomics", "4", "5000"]);
-    expect_all(&out, 4, "atomics exact: A=80000 B=200000");
+    out.expect_each_rank(4, "atomics exact: A=80000 B=200000");
     let out = job(&[], 8, "stress", &["atomics", "2", "2000"]);
-    expect_all(&out, 8, "atomics exact: A=32000 B=144000");
+    out.expect_each_rank(8, "atomics exact: A=32000 B=144000");
 }
 
 #[test]
 fn random_reads_writes_and_atomics_end_exact_at_4_and_8_ranks() {
     let out = job(&[], 4, "stress", &["random", "4", "6000"]);
-    expect_all(&out, 4, "random exact: 16 slots");
+    out.expect_each_rank(4, "random exact: 16 slots");
     let out = job(&[], 8, "stress", &["random", "2", "3000"]);
-    expect_all(&out, 8, "random exact: 16 slots");
+    out.expect_each_rank(8, "random exact: 16 slots");
 }
 
 #[test]
 fn producer_consumer_through_shared_memory() {
     let out = job(&[], 2, "stress", &["prodcons", "20000"]);
-    expect_all(&out, 2, "prodcons exact: 20000 items in order");
+    out.expect_each_rank(2, "prodcons exact: 20000 items in order");
 }
 
 #[test]
 fn false_sharing_every_rank_writes_its_own_word_of_one_page() {
     let out = job(&[], 4, "stress", &["falseshare", "5000"]);
-    expect_all(&out, 4, "falseshare exact: 4 words of one page, 5000 each");
+    out.expect_each_rank(4, "falseshare exact: 4 words of one page, 5000 each");
     let out = job(&[], 8, "stress", &["falseshare", "2000"]);
-    expect_all(&out, 8, "falseshare exact: 8 words of one page, 2000 each");
+    out.expect_each_rank(8, "falseshare exact: 8 words of one page, 2000 each");
 }

@@ -3,10 +3,9 @@
 //! ranks, statistics, and start-up errors.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use dsm_tests::{bin, dsmexec, run, short_hostname, unique_token, Finished};
+use dsm_tests::{bin, compile_c_example, dsmexec, run, short_hostname, unique_token, Finished};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -66,59 +65,20 @@ fn seed_example_in_rust() {
 
 #[test]
 fn seed_example_in_c() {
-    let out_dir = bin("dsmexec").parent().unwrap().to_path_buf();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let exe = out_dir.join("exemple_c");
-    assert!(
-        out_dir.join("libdsm.so").exists(),
-        "libdsm.so is missing: build it first (`cargo build --workspace --lib --bins`, as scripts/test.sh does)"
-    );
-    let status = Command::new("cc")
-        .arg("-O1")
-        .arg("-I")
-        .arg(root.join("include"))
-        .arg(root.join("examples/c/exemple.c"))
-        .arg("-L")
-        .arg(&out_dir)
-        .arg("-ldsm")
-        .arg(format!("-Wl,-rpath,{}", out_dir.display()))
-        .arg("-o")
-        .arg(&exe)
-        .status()
-        .expect("run the C compiler (cc)");
-    assert!(
-        status.success(),
-        "compiling examples/c/exemple.c against libdsm failed"
-    );
+    let exe = compile_c_example("exemple");
     check_seed_example(&exe);
-}
-
-fn check_all_ranks(out: &Finished, n: usize, expect: impl Fn(usize) -> String) {
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let host = short_hostname();
-    for rank in 0..n {
-        let lines = out.lines_of(rank, &host, "stdout");
-        assert!(
-            lines.iter().any(|l| l.starts_with(&expect(rank))),
-            "rank {rank}: {lines:?}\n{out:?}"
-        );
-    }
 }
 
 #[test]
 fn round_robin_at_4_ranks() {
     let out = job(&[], &["-n", "4", &bin("roundrobin").display().to_string()]);
-    check_all_ranks(&out, 4, |r| {
-        format!("rank {r}: 4 rounds over 100 pages verified")
-    });
+    out.expect_each_rank(4, "4 rounds over 100 pages verified");
 }
 
 #[test]
 fn round_robin_at_16_ranks() {
     let out = job(&[], &["-n", "16", &bin("roundrobin").display().to_string()]);
-    check_all_ranks(&out, 16, |r| {
-        format!("rank {r}: 16 rounds over 100 pages verified")
-    });
+    out.expect_each_rank(16, "16 rounds over 100 pages verified");
 }
 
 #[test]
@@ -127,9 +87,7 @@ fn a_256_mib_space_touched_by_all_ranks() {
         &[("DSM_SPACE_SIZE", "256M")],
         &["-n", "4", &bin("roundrobin").display().to_string(), "64"],
     );
-    check_all_ranks(&out, 4, |r| {
-        format!("rank {r}: 4 rounds over 65536 pages verified")
-    });
+    out.expect_each_rank(4, "4 rounds over 65536 pages verified");
 }
 
 #[test]
@@ -144,9 +102,7 @@ fn contention_4_ranks_4_threads_10000_increments_exact() {
             "10000",
         ],
     );
-    check_all_ranks(&out, 4, |r| {
-        format!("rank {r}: all 16 counters are exactly 10000")
-    });
+    out.expect_each_rank(4, "all 16 counters are exactly 10000");
 }
 
 #[test]
@@ -164,18 +120,14 @@ fn contention_with_pages_moving_mid_loop_is_exact() {
             "10",
         ],
     );
-    check_all_ranks(&out, 4, |r| {
-        format!("rank {r}: all 16 counters are exactly 30000")
-    });
+    out.expect_each_rank(4, "all 16 counters are exactly 30000");
 }
 
 #[test]
 fn the_seed_protocol_stays_selectable() {
     let env = [("DSM_PROTOCOL", "migratory")];
     let out = job(&env, &["-n", "4", &bin("roundrobin").display().to_string()]);
-    check_all_ranks(&out, 4, |r| {
-        format!("rank {r}: 4 rounds over 100 pages verified")
-    });
+    out.expect_each_rank(4, "4 rounds over 100 pages verified");
     let out = job(
         &[("DSM_PROTOCOL", "migratory"), ("DSM_MIN_HOLD_US", "0")],
         &[
@@ -187,9 +139,7 @@ fn the_seed_protocol_stays_selectable() {
             "10",
         ],
     );
-    check_all_ranks(&out, 4, |r| {
-        format!("rank {r}: all 16 counters are exactly 30000")
-    });
+    out.expect_each_rank(4, "all 16 counters are exactly 30000");
 }
 
 fn assert_start_error(env: &[(&str, &str)], args: &[&str], rank_message: &str) {

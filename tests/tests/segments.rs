@@ -4,10 +4,9 @@
 //! locks, and the C API (dsm_malloc, dsm_remote_malloc, dsm_lock).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use dsm_tests::{bin, dsmexec, run, short_hostname, unique_token, Finished};
+use dsm_tests::{bin, compile_c_example, dsmexec, run, short_hostname, unique_token, Finished};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -25,28 +24,11 @@ fn job(n: usize, program: &Path, args: &[&str]) -> Finished {
     run(dsmexec(&all, &temp_dir()), LIMIT)
 }
 
-fn expect_all(out: &Finished, n: usize, text: &str) {
-    assert_eq!(out.code, Some(0), "{out:?}");
-    let host = short_hostname();
-    for rank in 0..n {
-        let lines = out.lines_of(rank, &host, "stdout");
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.starts_with(&format!("rank {rank}: {text}"))),
-            "rank {rank}: {lines:?}\n{out:?}"
-        );
-    }
-}
-
 #[test]
 fn placements_are_honoured_and_pointers_work_across_ranks() {
     for n in [3, 4] {
         let out = job(n, &bin("segments"), &["placement"]);
-        expect_all(
-            &out,
-            n,
-            "placement verified: localized pages served by rank 1, sealed re-reads free, private pages own, list of 200 nodes walked",
+        out.expect_each_rank(n, "placement verified: localized pages served by rank 1, sealed re-reads free, private pages own, list of 200 nodes walked",
         );
     }
 }
@@ -74,7 +56,7 @@ fn a_file_segment_loads_the_file_and_sync_writes_it_back() {
     let original: Vec<u8> = (0..len).map(|i| ((i * 7) % 251) as u8).collect();
     std::fs::write(&path, &original).unwrap();
     let out = job(3, &bin("segments"), &["file", &path.display().to_string()]);
-    expect_all(&out, 3, "file contents verified");
+    out.expect_each_rank(3, "file contents verified");
     let synced = std::fs::read(&path).unwrap();
     assert_eq!(synced.len(), len);
     let mut expected = original;
@@ -88,31 +70,12 @@ fn a_file_segment_loads_the_file_and_sync_writes_it_back() {
 #[test]
 fn distributed_locks_give_mutual_exclusion() {
     let out = job(4, &bin("segments"), &["locks", "3", "300"]);
-    expect_all(&out, 4, "locks exact: 3600 increments");
+    out.expect_each_rank(4, "locks exact: 3600 increments");
 }
 
 #[test]
 fn c_api_allocation_and_locks() {
-    let out_dir = bin("dsmexec").parent().unwrap().to_path_buf();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let exe = out_dir.join("locks_c");
-    let status = Command::new("cc")
-        .arg("-O1")
-        .arg("-I")
-        .arg(root.join("include"))
-        .arg(root.join("examples/c/locks.c"))
-        .arg("-L")
-        .arg(&out_dir)
-        .arg("-ldsm")
-        .arg(format!("-Wl,-rpath,{}", out_dir.display()))
-        .arg("-o")
-        .arg(&exe)
-        .status()
-        .expect("run the C compiler (cc)");
-    assert!(
-        status.success(),
-        "compiling examples/c/locks.c against libdsm failed"
-    );
+    let exe = compile_c_example("locks");
     let out = job(4, &exe, &[]);
     assert_eq!(out.code, Some(0), "{out:?}");
     let host = short_hostname();

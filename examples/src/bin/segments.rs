@@ -76,8 +76,9 @@ fn run() -> Result<()> {
                 let seg = dsm.alloc(0, Placement::File(path.clone()))?;
                 raw(&dsm, 5).store(seg.addr() as u64, Relaxed);
                 raw(&dsm, 6).store(seg.len() as u64, Relaxed);
-                dsm.barrier()?;
-                dsm.barrier()?;
+                dsm.barrier()?; // addresses published
+                dsm.barrier()?; // every rank checked the contents
+                dsm.barrier()?; // the last rank changed a word
                 dsm.sync(&seg, &path)?;
             } else {
                 dsm.barrier()?;
@@ -95,6 +96,7 @@ fn run() -> Result<()> {
                         format!("file word {i} is {got:#x}, expected {expected:#x}")
                     })?;
                 }
+                dsm.barrier()?;
                 if rank == size - 1 {
                     words[per_page].store(0xD5_D5_D5_D5, Relaxed); // first word of the second page
                 }
@@ -185,9 +187,12 @@ fn placement(dsm: &Dsm) -> Result<String> {
     }
     dsm.barrier()?;
     let local = raw(dsm, 1).load(Relaxed);
-    // Only the localized reads happen between these two barriers.
+    // Every rank has read the address (its traffic is over) before anyone
+    // takes the snapshot, and every snapshot is taken before anyone reads
+    // the segment: only the localized reads fall between the snapshots.
     dsm.barrier()?;
     let before = dsm.stats();
+    dsm.barrier()?;
     for p in 0..LOCAL_PAGES {
         let got = word_at(dsm, local + (p * 4096) as u64).load(Relaxed);
         check(got == 1000 + p as u64, || {
@@ -196,6 +201,9 @@ fn placement(dsm: &Dsm) -> Result<String> {
     }
     dsm.barrier()?;
     let served = dsm.stats().grants_served - before.grants_served;
+    // Nobody moves on (to pages this rank may serve) before every rank
+    // took its closing snapshot.
+    dsm.barrier()?;
     raw(dsm, 32 + rank).store(served, Relaxed);
 
     // Replicated: the first pass fetches read-only copies, the second is free.
