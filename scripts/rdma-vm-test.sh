@@ -39,6 +39,10 @@ trap 'rm -f "$build_log"' EXIT
 cargo test -p transport-rdma --no-run 2>&1 | tee "$build_log" >&2
 mapfile -t bins < <(sed -n 's/^ *Executable .*(\(.*\))$/\1/p' "$build_log")
 [ ${#bins[@]} -gt 0 ] || { echo "rdma-vm-test: no test binaries found" >&2; exit 1; }
+# cargo prints paths relative to the workspace; the guest runs them from the crate dir.
+for i in "${!bins[@]}"; do
+  case ${bins[$i]} in /*) ;; *) bins[$i]="$ROOT/${bins[$i]}" ;; esac
+done
 bench_bin=
 if [ "$BENCH" = 1 ]; then
   cargo build --release -p transport-rdma --example read_lat --quiet
