@@ -246,16 +246,12 @@ impl Dsm {
     /// The whole shared space as 64-bit atomics: safe shared access from any
     /// thread of any rank.
     pub fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the region is mapped, page-aligned and readable/writable
-        // for as long as `self` lives (the borrow ties the slice to it);
-        // atomics permit shared mutation from any thread.
-        unsafe { std::slice::from_raw_parts(self.base() as *const AtomicU64, self.len() / 8) }
+        self.region().words()
     }
 
     /// The whole shared space as bytes (atomics, for safe shared access).
     pub fn bytes(&self) -> &[AtomicU8] {
-        // SAFETY: as for `words`.
-        unsafe { std::slice::from_raw_parts(self.base() as *const AtomicU8, self.len()) }
+        self.region().bytes()
     }
 
     /// Waits until every rank reached its barrier; the engine keeps serving

@@ -10,6 +10,7 @@
 //!   waiting threads, and reads fault events.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::sync::atomic::{AtomicU64, AtomicU8};
 
 use userfaultfd::{Event, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
@@ -172,6 +173,21 @@ impl Region {
 
     pub fn page_addr(&self, page: usize) -> usize {
         self.base + page * PAGE_SIZE
+    }
+
+    /// The whole region as 64-bit atomics, for safe shared access.
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the region is mapped, page-aligned, readable and writable
+        // for as long as `self` lives (the borrow ties the slice to it); the
+        // fault engine makes every access succeed; atomics permit shared
+        // mutation from any thread.
+        unsafe { std::slice::from_raw_parts(self.base as *const AtomicU64, self.len / 8) }
+    }
+
+    /// The whole region as bytes (atomics, for safe shared access).
+    pub fn bytes(&self) -> &[AtomicU8] {
+        // SAFETY: as for `words`.
+        unsafe { std::slice::from_raw_parts(self.base as *const AtomicU8, self.len) }
     }
 
     /// The page holding `addr`, if it is inside the region.
