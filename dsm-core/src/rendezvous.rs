@@ -4,9 +4,10 @@
 //! A scheduler gives each process its rank and the job size, but no
 //! listening socket and no secret. The ranks meet through rank 0:
 //!
-//! 1. Rank 0 creates the job secret, binds a rendezvous listener and its DSM
-//!    listener (both on every IPv4 address), and publishes the rendezvous
-//!    addresses and the secret in `DIR/KEY.rv`: DIR is `DSM_RENDEZVOUS_DIR`
+//! 1. Rank 0 creates the job secret, binds one rendezvous listener on each
+//!    address it publishes (never on every interface unless
+//!    `DSM_RENDEZVOUS_BIND=any`), and publishes those addresses and the
+//!    secret in `DIR/KEY.rv`: DIR is `DSM_RENDEZVOUS_DIR`
 //!    (default `$HOME/.dsm/rendezvous`), a directory private to the user
 //!    (mode 0700) on a file system every node sees; the file is written
 //!    under a temporary name with mode 0600 and renamed into place. KEY
@@ -17,8 +18,10 @@
 //!    [`crate::auth`]), binds its DSM listener on the local address of that
 //!    connection (the address facing rank 0) and registers: rank, size,
 //!    host, port.
-//! 3. When every rank has registered, rank 0 removes the file and sends each
-//!    rank the peer table; rank 0's entry carries the address that rank
+//! 3. When every rank has registered, rank 0 removes the file, binds its DSM
+//!    listener on the address the others reached it on (every interface only
+//!    when they reached it on different addresses, or when asked), and sends
+//!    each rank the peer table; rank 0's entry carries the address that rank
 //!    reached it on. Any failure (a rank missing at the deadline, sizes that
 //!    disagree) is sent to every registered rank, so they all report it.
 //!    A rank 0 killed during the rendezvous leaves its file behind; the file
@@ -51,6 +54,9 @@ use crate::wire;
 pub const ENV_DIR: &str = "DSM_RENDEZVOUS_DIR";
 pub const ENV_TIMEOUT: &str = "DSM_RENDEZVOUS_TIMEOUT";
 pub const ENV_ADDR: &str = "DSM_RENDEZVOUS_ADDR";
+/// `any`: rank 0 binds its rendezvous and DSM listeners on every interface
+/// (for addresses that are not local, e.g. behind NAT); default `published`.
+pub const ENV_BIND: &str = "DSM_RENDEZVOUS_BIND";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 const FILE_MAGIC: &str = "dsm-rendezvous 1";
@@ -291,6 +297,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// Addresses rank 0 publishes; empty: found from the host name and interfaces.
     pub addrs: Vec<IpAddr>,
+    /// Rank 0 listens on every interface instead of the published addresses.
+    pub bind_any: bool,
 }
 
 impl Settings {
@@ -335,10 +343,19 @@ impl Settings {
                 .map_err(|_| bad(ENV_ADDR, &text, "expected comma-separated IP addresses"))?,
             _ => Vec::new(),
         };
+        let bind_any = match std::env::var(ENV_BIND) {
+            Ok(text) => match text.trim() {
+                "any" => true,
+                "" | "published" => false,
+                _ => return Err(bad(ENV_BIND, &text, "expected `any` or `published`")),
+            },
+            Err(_) => false,
+        };
         Ok(Settings {
             dir,
             timeout,
             addrs,
+            bind_any,
         })
     }
 }
@@ -692,33 +709,47 @@ fn serve(
         what: "generating the job secret".into(),
         source: io::Error::other(e.to_string()),
     })?;
-    let any = Ipv4Addr::UNSPECIFIED;
-    let meeting = TcpListener::bind((any, 0)).map_err(io_err("binding the rendezvous listener"))?;
-    let listener = TcpListener::bind((any, 0)).map_err(io_err("binding the DSM listener"))?;
-    let meeting_port = meeting
-        .local_addr()
-        .map_err(io_err("reading the rendezvous listener's address"))?
-        .port();
-    let dsm_port = listener
-        .local_addr()
-        .map_err(io_err("reading the DSM listener's address"))?
-        .port();
     let ips = candidate_addrs(settings);
+    // One listener per published address (none on the wildcard address
+    // unless asked): the rendezvous port is reachable only where it is published.
+    let mut meetings: Vec<TcpListener> = Vec::new();
+    let mut published_addrs: Vec<SocketAddr> = Vec::new();
+    if settings.bind_any {
+        let meeting = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .map_err(io_err("binding the rendezvous listener"))?;
+        let port = meeting
+            .local_addr()
+            .map_err(io_err("reading the rendezvous listener's address"))?
+            .port();
+        published_addrs.extend(ips.iter().map(|ip| SocketAddr::new(*ip, port)));
+        meetings.push(meeting);
+    } else {
+        for ip in &ips {
+            let meeting = TcpListener::bind((*ip, 0)).map_err(io_err(format!(
+                "binding the rendezvous listener on {ip} (an address that is not local to rank 0's host needs {ENV_BIND}=any)"
+            )))?;
+            published_addrs.push(
+                meeting
+                    .local_addr()
+                    .map_err(io_err("reading the rendezvous listener's address"))?,
+            );
+            meetings.push(meeting);
+        }
+    }
     let published = Published {
         key: job.key.clone(),
         size: job.size,
         host: job.host.clone(),
         secret: secret.clone(),
-        addrs: ips
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, meeting_port))
-            .collect(),
+        addrs: published_addrs,
         expires: unix_now() + settings.timeout.as_secs() + 1,
     };
     let guard = publish(&settings.dir, path, &published.render())?;
-    meeting
-        .set_nonblocking(true)
-        .map_err(io_err("configuring the rendezvous listener"))?;
+    for meeting in &meetings {
+        meeting
+            .set_nonblocking(true)
+            .map_err(io_err("configuring the rendezvous listener"))?;
+    }
 
     let (tx, rx): (Sender<Registration>, Receiver<Registration>) = crossbeam_channel::unbounded();
     let pending = Arc::new(AtomicUsize::new(0));
@@ -745,42 +776,8 @@ fn serve(
                 waited: started.elapsed(),
             });
         }
-        loop {
-            match meeting.accept() {
-                Ok((stream, from)) => {
-                    if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
-                        pending.fetch_sub(1, Ordering::SeqCst);
-                        continue;
-                    }
-                    let (tx, in_flight, secret) =
-                        (tx.clone(), Arc::clone(&pending), secret.clone());
-                    let spawned =
-                        thread::Builder::new()
-                            .name("dsm-rendezvous".into())
-                            .spawn(move || {
-                                match handshake(stream, &secret, deadline) {
-                                    Ok(reg) => {
-                                        let _ = tx.send(reg);
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(
-                                            "rendezvous: rejected a connection from {from}: {e}"
-                                        )
-                                    }
-                                }
-                                in_flight.fetch_sub(1, Ordering::SeqCst);
-                            });
-                    if spawned.is_err() {
-                        pending.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!("rendezvous: accept: {e}");
-                    break;
-                }
-            }
+        for meeting in &meetings {
+            accept_pending(meeting, &tx, &pending, &secret, deadline);
         }
         match rx.recv_timeout(POLL) {
             Ok(reg) => {
@@ -817,22 +814,36 @@ fn serve(
     };
     // Every rank has read the file (or never will): the secret leaves the disk.
     drop(guard);
-    drop(meeting);
+    drop(meetings);
 
-    if let Some(err) = failure {
-        let message = err.to_string();
-        for reg in ranks.iter_mut().flatten() {
-            let _ = wire::write_frame(&mut reg.stream, KIND_ERROR, message.as_bytes());
+    let bound = match failure {
+        Some(err) => Err(err),
+        None => bind_dsm_listener(&ranks, settings.bind_any),
+    };
+    let listener = match bound {
+        Ok(listener) => listener,
+        Err(err) => {
+            let message = err.to_string();
+            for reg in ranks.iter_mut().flatten() {
+                let _ = wire::write_frame(&mut reg.stream, KIND_ERROR, message.as_bytes());
+            }
+            return Err(err);
         }
-        return Err(err);
-    }
+    };
+    let dsm_port = listener
+        .local_addr()
+        .map_err(io_err("reading the DSM listener's address"))?
+        .port();
 
     // Each rank's table, rank 0's entry holding the address that rank reached us on.
     let mut peers: Vec<PeerInfo> = Vec::with_capacity(job.size);
-    let own_ip = ips
-        .first()
-        .copied()
-        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let own_ip = match listener.local_addr() {
+        Ok(a) if !a.ip().is_unspecified() => a.ip(),
+        _ => ips
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    };
     peers.push(PeerInfo {
         host: job.host.clone(),
         addr: SocketAddr::new(own_ip, dsm_port),
@@ -876,6 +887,85 @@ fn serve(
         secret,
         job_id: job.job_id.clone(),
     })
+}
+
+/// Accepts every connection waiting on `meeting` and authenticates each in
+/// its own thread (at most `MAX_PENDING` at once; more are closed at once).
+fn accept_pending(
+    meeting: &TcpListener,
+    tx: &Sender<Registration>,
+    pending: &Arc<AtomicUsize>,
+    secret: &JobSecret,
+    deadline: Instant,
+) {
+    loop {
+        match meeting.accept() {
+            Ok((stream, from)) => {
+                if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+                    pending.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!(
+                        "rendezvous: refused a connection from {from}: too many pending handshakes"
+                    );
+                    continue;
+                }
+                let (tx, in_flight, secret) = (tx.clone(), Arc::clone(pending), secret.clone());
+                let spawned =
+                    thread::Builder::new()
+                        .name("dsm-rendezvous".into())
+                        .spawn(move || {
+                            match handshake(stream, &secret, deadline) {
+                                Ok(reg) => {
+                                    let _ = tx.send(reg);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(
+                                        "rendezvous: rejected a connection from {from}: {e}"
+                                    )
+                                }
+                            }
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                if spawned.is_err() {
+                    pending.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("rendezvous: accept: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Rank 0's DSM listener: on the one address every other rank reached it
+/// on; on every interface only when they used different ones (a
+/// multi-homed host) or `bind_any` asks for it.
+fn bind_dsm_listener(
+    ranks: &[Option<Registration>],
+    bind_any: bool,
+) -> Result<TcpListener, RendezvousError> {
+    let mut reached: Vec<IpAddr> = Vec::new();
+    for reg in ranks.iter().flatten() {
+        if let Ok(local) = reg.stream.local_addr() {
+            if !reached.contains(&local.ip()) {
+                reached.push(local.ip());
+            }
+        }
+    }
+    let ip = match reached.as_slice() {
+        [one] if !bind_any => *one,
+        _ => {
+            if reached.len() > 1 {
+                tracing::info!(
+                    "rendezvous: ranks reached rank 0 on several addresses ({reached:?}): its DSM listener binds every interface"
+                );
+            }
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        }
+    };
+    TcpListener::bind((ip, 0)).map_err(io_err(format!("binding the DSM listener on {ip}")))
 }
 
 fn register(
@@ -1049,6 +1139,7 @@ mod tests {
             dir: dir.to_path_buf(),
             timeout: Duration::from_secs_f64(secs),
             addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            bind_any: false,
         }
     }
 

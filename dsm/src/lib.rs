@@ -21,6 +21,7 @@ pub use dsm_core::config::EngineCpu;
 pub use dsm_core::dsm::LockGuard;
 use dsm_core::{Bootstrap, Transport};
 pub use dsm_core::{Config, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE};
+use transport_rdma::Selected;
 use transport_tcp::{TcpOptions, TcpTransport};
 
 mod capi;
@@ -37,9 +38,20 @@ pub fn init(config: Config) -> Result<Dsm, DsmError> {
     // Map first: a bad base or size fails before anyone waits for us (under
     // srun or mpirun, before this rank registers with rank 0).
     let space = Dsm::prepare(&config)?;
+    // DSM_TRANSPORT (tcp, rdma, auto): decided here, so `rdma` without a
+    // device fails before anyone waits for us.
+    let selected = transport_rdma::select_from_env()
+        .map_err(|e| dsm_core::TransportError::Setup(e.to_string()))?;
     let boot = Bootstrap::from_env()?;
     let hosts: Vec<String> = boot.peers.iter().map(|p| p.host.clone()).collect();
     let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &TcpOptions::default())?;
+    // RDMA: the TCP transport becomes the bootstrap channel of the queue
+    // pairs; DSM messages (page data included) go over SEND/RECV.
+    let transport: Arc<dyn Transport> = match selected {
+        Selected::Tcp => transport,
+        Selected::Rdma(port) => transport_rdma::connect_job(transport, &port, hosts.clone())
+            .map_err(dsm_core::TransportError::from)?,
+    };
     Dsm::start(space, transport, hosts, config)
 }
 

@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -36,6 +36,9 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Time given to output pipes to drain after every process ended.
 const DRAIN: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many control connections authenticate at once; more are
+/// closed at once.
+const MAX_PENDING_HANDSHAKES: usize = 64;
 /// A wrapper that exits during start-up may have sent its reason just
 /// before; the message travels a different path than the exit, so wait
 /// this long for it before reporting the bare exit.
@@ -310,27 +313,47 @@ fn spawn_acceptor(
     thread::Builder::new()
         .name("dsmexec-accept".into())
         .spawn(move || {
+            let pending = Arc::new(AtomicUsize::new(0));
             while accepting.load(Ordering::SeqCst) {
                 let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
                 let _ = poll(&mut fds, PollTimeout::from(200u16));
                 while let Ok((stream, peer)) = listener.accept() {
+                    // Bounded: a flood of silent connections cannot pile up threads.
+                    if pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+                        tracing::warn!(
+                            "refused control connection from {peer}: too many pending handshakes"
+                        );
+                        continue;
+                    }
+                    pending.fetch_add(1, Ordering::SeqCst);
                     let secret = secret.clone();
                     let events = events.clone();
                     let accepting = Arc::clone(&accepting);
-                    thread::spawn(move || match greet(stream, &secret, slots) {
-                        Ok((slot, stream, first)) => {
-                            let _ = events.send(Event::Connected {
-                                slot,
-                                stream,
-                                first,
-                            });
+                    let in_flight = Arc::clone(&pending);
+                    let spawned = thread::Builder::new().spawn(move || {
+                        let greeted = greet(stream, &secret, slots);
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        match greeted {
+                            Ok((slot, stream, first)) => {
+                                let _ = events.send(Event::Connected {
+                                    slot,
+                                    stream,
+                                    first,
+                                });
+                            }
+                            // Once start-up is over (or aborted), late wrappers being cut off is expected.
+                            Err(why) if accepting.load(Ordering::SeqCst) => {
+                                tracing::warn!("refused control connection from {peer}: {why}")
+                            }
+                            Err(_) => {}
                         }
-                        // Once start-up is over (or aborted), late wrappers being cut off is expected.
-                        Err(why) if accepting.load(Ordering::SeqCst) => {
-                            tracing::warn!("refused control connection from {peer}: {why}")
-                        }
-                        Err(_) => {}
                     });
+                    if spawned.is_err() {
+                        pending.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(
+                            "refused control connection from {peer}: cannot spawn a thread"
+                        );
+                    }
                 }
             }
         })

@@ -30,6 +30,14 @@ const KIND_GOODBYE: u8 = 2;
 const MAX_PENDING_HANDSHAKES: usize = 64;
 const IDENT_PREFIX: &str = "dsm-tcp rank ";
 
+/// Environment variable: seconds after which a silent peer (dead link, host
+/// gone without closing its connections) is reported as lost.
+pub const ENV_PEER_TIMEOUT: &str = "DSM_PEER_TIMEOUT";
+/// Default for [`TcpOptions::peer_timeout`].
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bounds accepted for `DSM_PEER_TIMEOUT` (keepalive works in whole seconds).
+const PEER_TIMEOUT_RANGE: (f64, f64) = (1.0, 3600.0);
+
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
     /// How long connecting the whole job may take.
@@ -38,16 +46,92 @@ pub struct TcpOptions {
     pub handshake_timeout: Duration,
     /// Largest message accepted from a peer (bytes).
     pub max_message: usize,
+    /// A connection on which nothing was acknowledged for this long (data
+    /// unacknowledged, or keepalive probes unanswered) is reported as
+    /// `PeerLost`: TCP keepalive plus TCP_USER_TIMEOUT, so a cut link or a
+    /// vanished host is detected even when neither side has anything to send.
+    pub peer_timeout: Duration,
 }
 
-impl Default for TcpOptions {
-    fn default() -> Self {
+/// A bad value in the transport's environment settings.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}={value:?}: {why}")]
+pub struct OptionsError {
+    pub name: &'static str,
+    pub value: String,
+    pub why: String,
+}
+
+/// Parses a `DSM_PEER_TIMEOUT` value (seconds, fractions allowed).
+pub fn parse_peer_timeout(text: &str) -> Result<Duration, OptionsError> {
+    let bad = |why: String| OptionsError {
+        name: ENV_PEER_TIMEOUT,
+        value: text.to_string(),
+        why,
+    };
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| bad("expected a number of seconds".into()))?;
+    let (lo, hi) = PEER_TIMEOUT_RANGE;
+    if !(lo..=hi).contains(&secs) {
+        return Err(bad(format!("must be between {lo} and {hi} seconds")));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl TcpOptions {
+    /// The defaults, with `DSM_PEER_TIMEOUT` applied when set.
+    pub fn from_env() -> Result<Self, OptionsError> {
+        let mut opts = TcpOptions::builtin();
+        if let Ok(text) = std::env::var(ENV_PEER_TIMEOUT) {
+            if !text.trim().is_empty() {
+                opts.peer_timeout = parse_peer_timeout(&text)?;
+            }
+        }
+        Ok(opts)
+    }
+
+    /// The defaults, ignoring the environment.
+    pub fn builtin() -> Self {
         TcpOptions {
             connect_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             max_message: 256 << 20,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
     }
+}
+
+impl Default for TcpOptions {
+    /// [`TcpOptions::from_env`]; a bad `DSM_PEER_TIMEOUT` is reported on
+    /// stderr and the default timeout used instead.
+    fn default() -> Self {
+        TcpOptions::from_env().unwrap_or_else(|e| {
+            eprintln!(
+                "dsm: ignoring {e}; using the default of {} s",
+                DEFAULT_PEER_TIMEOUT.as_secs()
+            );
+            TcpOptions::builtin()
+        })
+    }
+}
+
+/// Keepalive and user timeout so that a silent peer fails within `timeout`:
+/// the first probe after half of it idle, three more spread over the rest;
+/// TCP_USER_TIMEOUT ends the connection once nothing was acknowledged for
+/// `timeout`, whether data or probes are outstanding.
+fn set_peer_timeout(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    let secs = timeout.as_secs_f64();
+    let idle = Duration::from_secs_f64((secs / 2.0).max(1.0));
+    let interval = Duration::from_secs_f64((secs / 6.0).max(1.0));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(3);
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(timeout))
 }
 
 type Inbox = (
@@ -159,6 +243,7 @@ impl TcpTransport {
                 ))
             };
             stream.set_nodelay(true).map_err(io)?;
+            set_peer_timeout(&stream, opts.peer_timeout).map_err(io)?;
             stream.set_read_timeout(None).map_err(io)?;
             stream.set_write_timeout(None).map_err(io)?;
             let read_half = stream.try_clone().map_err(io)?;

@@ -1,0 +1,313 @@
+//! Remote read fault of one 4 KiB page (no prefetch) beside a raw 4 KiB
+//! request/response round trip over the same transport, measured in the same
+//! run; the ratio of the medians is printed at the end.
+//!
+//! The transport follows `DSM_TRANSPORT` like `dsm::init` (`auto`: RDMA when
+//! an active device exists, else TCP):
+//!
+//! * `fault_latency_tcp/raw_round_trip_16B_4KiB` and
+//!   `fault_latency_tcp/dsm_remote_read_fault_4KiB` on loopback TCP;
+//! * with RDMA, `fault_latency_rdma/...` for the same two figures (the DSM
+//!   over `transport_rdma::connect_job`, as `dsm::init` does it) plus
+//!   `fault_latency_rdma/raw_rdma_read_4KiB`, a one-sided READ.
+//!
+//! Both ranks live in this process: two `Dsm` instances, each with its own
+//! mapping (at a different address), userfaultfd, fault engine and transport
+//! endpoint, connected over loopback like the ranks of a one-machine job.
+//! Rank 1 reads the first word of a page homed at rank 0 that it does not
+//! hold: one request and one 4 KiB grant. When every such page has been
+//! read, rank 0 writes them all (invalidating rank 1's copies) outside the
+//! timed part, and the reads start over.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use dsm_core::bootstrap::Bootstrap;
+use dsm_core::{Config, Dsm, Transport, PAGE_SIZE};
+use transport_rdma::verbs::PortSummary;
+use transport_rdma::{RdmaDevice, RdmaOptions, RdmaTransport, Selected};
+use transport_tcp::{TcpOptions, TcpTransport};
+
+/// 32 MiB: the lower half (not the heap) holds 4096 pages, 2048 homed at rank 0.
+const SPACE_PAGES: usize = 8192;
+const BASES: [usize; 2] = [0x2000_0000_0000, 0x2100_0000_0000];
+const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
+
+/// Per-operation samples (µs) of one figure, for the printed summary.
+#[derive(Default)]
+struct Samples(Mutex<Vec<f64>>);
+
+impl Samples {
+    fn push(&self, d: Duration) {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < 4_000_000 {
+            v.push(d.as_secs_f64() * 1e6);
+        }
+    }
+
+    /// (median, p99, count)
+    fn summary(&self) -> Option<(f64, f64, usize)> {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        Some((at(0.5), at(0.99), v.len()))
+    }
+}
+
+fn selected() -> Selected {
+    match transport_rdma::select_from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fault_latency: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Two connected endpoints of `kind`, rank 0 first.
+fn pair(kind: &Selected) -> Vec<Arc<dyn Transport>> {
+    let boots = Bootstrap::loopback_group(2).expect("loopback job");
+    let handles: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            let kind = kind.clone();
+            thread::spawn(move || -> Arc<dyn Transport> {
+                let tcp = TcpTransport::connect(b, &TcpOptions::default()).expect("TCP connects");
+                match kind {
+                    Selected::Tcp => tcp,
+                    Selected::Rdma(port) => {
+                        let hosts = vec!["localhost".to_string(); 2];
+                        transport_rdma::connect_job(tcp, &port, hosts).expect("RDMA connects")
+                    }
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("connecting thread"))
+        .collect()
+}
+
+/// Two raw RDMA endpoints with a registered 1 MiB region each (for READ).
+fn rdma_pair(port: &PortSummary) -> Vec<Arc<RdmaTransport>> {
+    let boots = Bootstrap::loopback_group(2).expect("loopback job");
+    let handles: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            let device = port.device.clone();
+            thread::spawn(move || {
+                let tcp = TcpTransport::connect(b, &TcpOptions::default()).expect("TCP connects");
+                let mut opts = RdmaOptions::from_env().expect("DSM_RDMA_* settings");
+                opts.device.get_or_insert(device);
+                let dev = RdmaDevice::open(&opts).expect("RDMA device");
+                let region = dev.alloc(1 << 20).expect("registered region");
+                RdmaTransport::connect(tcp, dev, vec![region], &opts).expect("RDMA connects")
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("connecting thread"))
+        .collect()
+}
+
+/// 16-byte request, 4 KiB reply: the shape of a page fetch.
+fn raw_round_trip(c: &mut Criterion, group: &str, t: &[Arc<dyn Transport>], out: &Samples) {
+    let (client, server) = (Arc::clone(&t[0]), Arc::clone(&t[1]));
+    let echo = thread::spawn(move || {
+        let page = vec![7u8; PAGE_SIZE];
+        while let Ok(m) = server.recv() {
+            if m.payload == b"stop" {
+                return;
+            }
+            server.send(m.from, &page).expect("reply");
+        }
+    });
+    let request = [1u8; 16];
+    let mut g = c.benchmark_group(group);
+    g.bench_function("raw_round_trip_16B_4KiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t0 = Instant::now();
+                client.send(1, &request).expect("request");
+                let reply = client.recv().expect("reply");
+                let d = t0.elapsed();
+                assert_eq!(reply.payload.len(), PAGE_SIZE);
+                total += d;
+                out.push(d);
+            }
+            total
+        })
+    });
+    g.finish();
+    client.send(1, b"stop").expect("stop");
+    echo.join().expect("echo thread");
+}
+
+fn rdma_read(c: &mut Criterion, group: &str, port: &PortSummary, out: &Samples) {
+    let t = rdma_pair(port);
+    let remote = t[0].remote_regions(1)[0];
+    let local = t[0].device().alloc(PAGE_SIZE).expect("local buffer");
+    let mut g = c.benchmark_group(group);
+    let mut i = 0u64;
+    g.bench_function("raw_rdma_read_4KiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let off = (i * PAGE_SIZE as u64) % remote.len;
+                i += 1;
+                let t0 = Instant::now();
+                t[0].read(1, &remote, off, &local, 0, PAGE_SIZE)
+                    .expect("RDMA READ");
+                let d = t0.elapsed();
+                total += d;
+                out.push(d);
+            }
+            total
+        })
+    });
+    g.finish();
+    let ends: Vec<_> = t
+        .into_iter()
+        .map(|t| thread::spawn(move || t.shutdown(Duration::from_secs(20))))
+        .collect();
+    for e in ends {
+        let _ = e.join();
+    }
+}
+
+/// Rank 1 reads pages homed at rank 0, one remote read fault each.
+fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, out: &Samples) {
+    let hosts = vec!["localhost".to_string(); 2];
+    let dsms: Vec<Dsm> = t
+        .into_iter()
+        .zip(BASES)
+        .map(|(t, base)| {
+            let config = Config {
+                base,
+                size: SPACE_PAGES * PAGE_SIZE,
+                ..Config::default()
+            }
+            .validate()
+            .expect("bench configuration");
+            let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+            Dsm::start(space, t, hosts.clone(), config).expect("starting the DSM")
+        })
+        .collect();
+    let (owner, reader) = (&dsms[0], &dsms[1]);
+    // Pages homed at rank 0 (page p starts at rank p mod 2), lower half only.
+    let pages: Vec<usize> = (0..SPACE_PAGES / 2).step_by(2).collect();
+    let word = |d: &Dsm, p: usize| -> *const AtomicU64 { &d.words()[p * WORDS_PER_PAGE] };
+    let (owner_words, reader_words): (Vec<_>, Vec<_>) = pages
+        .iter()
+        .map(|&p| (word(owner, p), word(reader, p)))
+        .unzip();
+    let mut next = 0;
+    let mut generation = 0u64;
+    let mut g = c.benchmark_group(group);
+    g.bench_function("dsm_remote_read_fault_4KiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next == pages.len() {
+                    // Every page read: rank 0 writes them all (not timed),
+                    // which takes rank 1's copies away.
+                    generation += 1;
+                    for &w in &owner_words {
+                        // SAFETY: the pointer is into `owner`'s mapped space,
+                        // which lives until `dsms` is dropped after the group.
+                        unsafe { &*w }.store(generation, Relaxed);
+                    }
+                    next = 0;
+                }
+                let w = reader_words[next];
+                next += 1;
+                let t0 = Instant::now();
+                // SAFETY: as above, into `reader`'s mapped space.
+                let v = black_box(unsafe { &*w }.load(Relaxed));
+                let d = t0.elapsed();
+                assert_eq!(v, generation, "rank 1 read stale page data");
+                total += d;
+                out.push(d);
+            }
+            total
+        })
+    });
+    g.finish();
+    let engine = reader.stats();
+    println!(
+        "{group}: rank 1 engine: {} read faults, {} pages received; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
+        engine.read_faults,
+        engine.pages_received,
+        engine.fault_latency_p50.as_secs_f64() * 1e6,
+        engine.fault_latency_p99.as_secs_f64() * 1e6
+    );
+    thread::scope(|s| {
+        for d in dsms {
+            s.spawn(move || d.finalize().expect("finalize"));
+        }
+    });
+}
+
+fn print_summary(group: &str, rows: &[(&str, &Samples)]) {
+    let mut fault = None;
+    let mut base = None;
+    for (name, samples) in rows {
+        if let Some((p50, p99, n)) = samples.summary() {
+            println!("{group}: {name:<34} median {p50:8.1} µs  p99 {p99:8.1} µs  ({n} samples)");
+            if name.starts_with("dsm_") {
+                fault = Some(p50);
+            } else if base.is_none() {
+                base = Some(p50);
+            }
+        }
+    }
+    if let (Some(f), Some(b)) = (fault, base) {
+        println!(
+            "{group}: ratio DSM remote read fault / raw 4 KiB round trip = {:.2}x",
+            f / b
+        );
+    }
+}
+
+fn fault_latency(c: &mut Criterion) {
+    let kind = selected();
+    let group = match kind {
+        Selected::Tcp => "fault_latency_tcp",
+        Selected::Rdma(_) => "fault_latency_rdma",
+    };
+    let (raw, fault, read) = (Samples::default(), Samples::default(), Samples::default());
+    let transports = pair(&kind);
+    raw_round_trip(c, group, &transports, &raw);
+    dsm_read_fault(c, group, transports, &fault);
+    if let Selected::Rdma(port) = &kind {
+        rdma_read(c, group, port, &read);
+    }
+    print_summary(
+        group,
+        &[
+            ("raw_round_trip_16B_4KiB", &raw),
+            ("dsm_remote_read_fault_4KiB", &fault),
+            ("raw_rdma_read_4KiB", &read),
+        ],
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = fault_latency
+}
+criterion_main!(benches);

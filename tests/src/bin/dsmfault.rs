@@ -1,0 +1,100 @@
+//! Test helper for a rank killed from outside while the others work:
+//! `dsmfault MODE VICTIM GO_FILE`. Every rank ignores SIGTERM, so a survivor
+//! ends only by noticing the loss itself (the engine's status 70) or by the
+//! launcher's SIGKILL after its grace period.
+//!
+//! * `compute`: every rank prints `rank R pid P ready`, then increments
+//!   counters spread over 8 pages forever (constant page traffic).
+//! * `fault`: the victim writes page VICTIM (its home: it holds the only
+//!   copy); after a barrier every rank prints `ready`. The waiter (rank
+//!   VICTIM+1 mod N) waits for GO_FILE, prints `rank R touching`, and reads
+//!   that page: with the victim stopped (SIGSTOP) it waits in the fault.
+//! * `barrier`: the victim prints `ready` and idles; the others print
+//!   `rank R entering barrier` and wait in a barrier it never joins.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+fn say(line: String) {
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn idle() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+fn fail(why: String) -> ! {
+    eprintln!("dsmfault: {why}");
+    std::process::exit(1)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().cloned().unwrap_or_default();
+    let victim: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let go = args.get(2).cloned().unwrap_or_default();
+    // SAFETY: installing SIG_IGN touches no Rust state.
+    if let Err(e) = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    } {
+        fail(format!("ignoring SIGTERM: {e}"));
+    }
+    let dsm = dsm::init_from_env().unwrap_or_else(|e| fail(e.to_string()));
+    let (rank, size) = (dsm.rank(), dsm.size());
+    let words = dsm.words();
+    let per_page = dsm.page_size() / 8;
+    let pid = std::process::id();
+    match mode.as_str() {
+        "compute" => {
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            say(format!("rank {rank} pid {pid} ready"));
+            let mut i = 0usize;
+            loop {
+                words[(i % 8) * per_page + rank].fetch_add(1, Relaxed);
+                i = i.wrapping_add(1);
+            }
+        }
+        "fault" => {
+            let word = &words[(victim % size) * per_page];
+            if rank == victim {
+                word.store(1, Relaxed);
+            }
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            say(format!("rank {rank} pid {pid} ready"));
+            if rank != (victim + 1) % size {
+                idle();
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !Path::new(&go).exists() {
+                if Instant::now() >= deadline {
+                    fail(format!("{go} never appeared"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            say(format!("rank {rank} touching"));
+            let value = word.load(Relaxed);
+            say(format!("rank {rank} read {value}"));
+            idle();
+        }
+        "barrier" => {
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            say(format!("rank {rank} pid {pid} ready"));
+            if rank == victim {
+                idle();
+            }
+            say(format!("rank {rank} entering barrier"));
+            let result = dsm.barrier();
+            say(format!("rank {rank} left the barrier: {result:?}"));
+            idle();
+        }
+        other => fail(format!("unknown mode {other:?}")),
+    }
+}
