@@ -17,6 +17,8 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 cargo build --workspace --lib --bins --quiet
 cargo test --workspace --quiet "$@"
+# Benchmarks are never timed tests: each criterion benchmark runs once.
+cargo bench -p dsm-bench --quiet -- --test
 # Real RDMA verbs: the transport's tests inside a QEMU VM with soft-RoCE
 # (this kernel has no RDMA); needs root for QEMU.
 if [ "$(id -u)" -eq 0 ]; then

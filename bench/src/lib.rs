@@ -1,1 +1,211 @@
-//! Benchmarks live in `benches/`; see `bench/README.md`.
+//! Helpers shared by the criterion suites in `benches/`; see `bench/README.md`.
+//!
+//! The multi-rank suites run every rank inside the bench process: one `Dsm`
+//! per rank, each with its own mapping (at its own address), userfaultfd,
+//! fault engine and TCP transport endpoint, connected over loopback like
+//! the ranks of a one-machine job.
+
+use std::hint::black_box;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::BenchmarkGroup;
+use dsm_core::bootstrap::Bootstrap;
+use dsm_core::{Config, Dsm, Transport, PAGE_SIZE};
+use transport_tcp::{TcpOptions, TcpTransport};
+
+pub const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
+
+/// Where rank r maps its space: 1 TiB apart, so ranks never overlap.
+pub fn base_of(rank: usize) -> usize {
+    0x2000_0000_0000 + rank * 0x100_0000_0000
+}
+
+/// True under `cargo bench -- --test` (each benchmark runs once).
+pub fn test_mode() -> bool {
+    std::env::args().any(|a| a == "--test")
+}
+
+/// Per-operation samples (µs) of one figure, for the printed summary.
+#[derive(Default)]
+pub struct Samples(Mutex<Vec<f64>>);
+
+/// Median and 99th percentile (µs) of a figure.
+#[derive(Clone, Copy, Debug)]
+pub struct Summary {
+    pub median: f64,
+    pub p99: f64,
+    pub count: usize,
+}
+
+impl Samples {
+    pub fn push(&self, d: Duration) {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < 4_000_000 {
+            v.push(d.as_secs_f64() * 1e6);
+        }
+    }
+
+    pub fn summary(&self) -> Option<Summary> {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        Some(Summary {
+            median: at(0.5),
+            p99: at(0.99),
+            count: v.len(),
+        })
+    }
+
+    /// Times `op` once, records it and returns its duration.
+    pub fn time<T>(&self, op: impl FnOnce() -> T) -> (Duration, T) {
+        let t0 = Instant::now();
+        let out = black_box(op());
+        let d = t0.elapsed();
+        self.push(d);
+        (d, out)
+    }
+}
+
+/// Prints median and p99 of each figure that has samples.
+pub fn print_figures(suite: &str, rows: &[(&str, &Samples)]) {
+    for (name, samples) in rows {
+        if let Some(s) = samples.summary() {
+            println!(
+                "{suite}: {name:<40} median {:9.1} µs  p99 {:9.1} µs  ({} samples)",
+                s.median, s.p99, s.count
+            );
+        }
+    }
+}
+
+/// Prints `figure / baseline` of the medians.
+pub fn print_ratio(suite: &str, figure: (&str, &Samples), baseline: (&str, &Samples)) {
+    if let (Some(f), Some(b)) = (figure.1.summary(), baseline.1.summary()) {
+        println!(
+            "{suite}: ratio {} / {} = {:.2}x ({:.1} / {:.1} µs)",
+            figure.0,
+            baseline.0,
+            f.median / b.median,
+            f.median,
+            b.median
+        );
+    }
+}
+
+/// `n` TCP transport endpoints of one job on loopback, rank order.
+pub fn tcp_group(n: usize) -> Vec<Arc<TcpTransport>> {
+    let boots = Bootstrap::loopback_group(n).expect("loopback job");
+    let handles: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            thread::spawn(move || {
+                TcpTransport::connect(b, &TcpOptions::default()).expect("TCP connects")
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("connecting thread"))
+        .collect()
+}
+
+/// [`tcp_group`] as trait objects, as the DSM takes them.
+pub fn transports(n: usize) -> Vec<Arc<dyn Transport>> {
+    tcp_group(n)
+        .into_iter()
+        .map(|t| t as Arc<dyn Transport>)
+        .collect()
+}
+
+/// The configuration of rank `rank`'s space of `pages` pages (defaults
+/// otherwise: multi-reader protocol, engine pinned to `rank mod CPUs`,
+/// 500 µs minimum hold).
+pub fn config(rank: usize, pages: usize) -> Config {
+    Config {
+        base: base_of(rank),
+        size: pages * PAGE_SIZE,
+        ..Config::default()
+    }
+    .validate()
+    .expect("bench configuration")
+}
+
+/// One `Dsm` per transport, each with a space of `pages` pages.
+pub fn start_dsms(transports: Vec<Arc<dyn Transport>>, pages: usize) -> Vec<Dsm> {
+    let hosts = vec!["localhost".to_string(); transports.len()];
+    transports
+        .into_iter()
+        .enumerate()
+        .map(|(rank, t)| {
+            let config = config(rank, pages);
+            let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+            Dsm::start(space, t, hosts.clone(), config).expect("starting the DSM")
+        })
+        .collect()
+}
+
+/// Ends every rank together (finalize is a barrier).
+pub fn finalize(dsms: Vec<Dsm>) {
+    thread::scope(|s| {
+        for d in dsms {
+            s.spawn(move || d.finalize().expect("finalize"));
+        }
+    });
+}
+
+/// The first word of page `page` of `dsm`'s space.
+pub fn page_word(dsm: &Dsm, page: usize) -> &AtomicU64 {
+    &dsm.words()[page * WORDS_PER_PAGE]
+}
+
+/// Answers every message to `server` with `reply_len` bytes until a
+/// message `stop` arrives.
+pub fn echo(server: Arc<dyn Transport>, reply_len: usize) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let reply = vec![7u8; reply_len];
+        while let Ok(m) = server.recv() {
+            if m.payload == b"stop" {
+                return;
+            }
+            server.send(m.from, &reply).expect("reply");
+        }
+    })
+}
+
+/// Benchmark `name`: `client` sends `request_len` bytes to rank `server`,
+/// which answers with `reply_len` bytes (the raw transport, no DSM).
+pub fn raw_round_trip(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    client: &Arc<dyn Transport>,
+    server: &Arc<dyn Transport>,
+    (request_len, reply_len): (usize, usize),
+    out: &Samples,
+) {
+    let to = server.rank();
+    let echo = echo(Arc::clone(server), reply_len);
+    let request = vec![1u8; request_len];
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (d, reply) = out.time(|| {
+                    client.send(to, &request).expect("request");
+                    client.recv().expect("reply")
+                });
+                assert_eq!(reply.payload.len(), reply_len);
+                total += d;
+            }
+            total
+        })
+    });
+    client.send(to, b"stop").expect("stop");
+    echo.join().expect("echo thread");
+}

@@ -1,0 +1,347 @@
+//! A local page fault with no network, three ways, measured in the same run:
+//!
+//! * `local_fault/sigsegv_mprotect_4KiB`: the seed's mechanism. The region
+//!   is `PROT_NONE`; the SIGSEGV handler makes the faulting page readable
+//!   and writable with `mprotect` and copies 4 KiB into it (the seed copies
+//!   the page it fetched), all in the faulting thread.
+//! * `local_fault/uffd_copy_4KiB` and `.../uffd_copy_4KiB_same_cpu`: a
+//!   missing fault on a userfaultfd-registered region, resolved by a handler
+//!   thread blocked in `read()` on the userfaultfd with one `UFFDIO_COPY`
+//!   of 4 KiB (which wakes the faulting thread). First unpinned, then with
+//!   the faulting thread and the handler pinned to the same CPU.
+//! * `local_fault/dsm_1_rank_read_fault` and `..._same_cpu`: the same
+//!   through the DSM with a single rank (fault reader thread -> engine ->
+//!   the rank's own directory -> install), the application thread unpinned,
+//!   then pinned to the engine's CPU. The page was never written, so the
+//!   install is a zero page.
+//!
+//! Every timed figure is one load from a page not yet present. Making the
+//! pages absent again is not timed: `MADV_DONTNEED` (+ `PROT_NONE` for the
+//! SIGSEGV region), or a new one-rank DSM once all its pages were read.
+
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use dsm_bench::{config, print_figures, print_ratio, transports, Samples, WORDS_PER_PAGE};
+use dsm_core::{Dsm, PAGE_SIZE};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sys::mman::{madvise, mmap_anonymous, mprotect, munmap, MapFlags, MmapAdvise, ProtFlags};
+use nix::unistd::Pid;
+use userfaultfd::{Event, RegisterMode, UffdBuilder};
+
+/// Pages touched before the region is reset (16 MiB).
+const PAGES: usize = 4096;
+/// Pages of the one-rank DSM's space (64 MiB) before it is started anew.
+const DSM_PAGES: usize = 16384;
+
+/// An anonymous private mapping, unmapped on drop.
+struct Mapping {
+    addr: NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; threads only
+// reach it through raw addresses, and it outlives every thread using it.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; no Rust references into it are handed out.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(len: usize, prot: ProtFlags) -> Mapping {
+        let size = std::num::NonZeroUsize::new(len).expect("non-empty mapping");
+        // SAFETY: a new anonymous mapping at an address the kernel picks:
+        // it cannot alias anything.
+        let addr =
+            unsafe { mmap_anonymous(None, size, prot, MapFlags::MAP_PRIVATE) }.expect("mmap");
+        Mapping { addr, len }
+    }
+
+    fn start(&self) -> usize {
+        self.addr.as_ptr() as usize
+    }
+
+    /// Loads the first word of page `i` (faulting if it is absent).
+    fn load(&self, i: usize) -> u64 {
+        let p = (self.start() + i * PAGE_SIZE) as *const u64;
+        // SAFETY: page i lies inside the mapping; whatever handler serves its
+        // fault makes it readable before the load completes.
+        unsafe { ptr::read_volatile(p) }
+    }
+
+    /// Drops every page's contents: the next access faults again.
+    fn discard(&self) {
+        // SAFETY: MADV_DONTNEED on our own private anonymous mapping, which
+        // no Rust reference points into.
+        unsafe { madvise(self.addr, self.len, MmapAdvise::MADV_DONTNEED) }.expect("madvise");
+    }
+
+    fn protect(&self, prot: ProtFlags) {
+        // SAFETY: changes the protection of our own mapping, which no Rust
+        // reference points into.
+        unsafe { mprotect(self.addr, self.len, prot) }.expect("mprotect");
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours and no thread uses it any more.
+        let _ = unsafe { munmap(self.addr, self.len) };
+    }
+}
+
+// ---- the seed's mechanism: SIGSEGV + mprotect ----
+
+/// The region the SIGSEGV handler serves (0, 0 when none).
+static SEGV_START: AtomicUsize = AtomicUsize::new(0);
+static SEGV_END: AtomicUsize = AtomicUsize::new(0);
+/// The 4 KiB the handler copies into each page.
+static SEGV_SOURCE: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let (start, end) = (SEGV_START.load(SeqCst), SEGV_END.load(SeqCst));
+    if addr < start || addr >= end {
+        // Not ours: restore the default action; returning re-executes the
+        // access, which then ends the process as it would have.
+        // SAFETY: signal() is async-signal-safe.
+        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        return;
+    }
+    let page = addr & !(PAGE_SIZE - 1);
+    // SAFETY: `page` is a page of the bench's PROT_NONE region (checked
+    // above), which only the bench thread touches; mprotect is
+    // async-signal-safe; the source buffer is 4 KiB that lives until the
+    // handler is removed, and does not overlap the region.
+    unsafe {
+        libc::mprotect(
+            page as *mut libc::c_void,
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+        );
+        ptr::copy_nonoverlapping(
+            SEGV_SOURCE.load(SeqCst) as *const u8,
+            page as *mut u8,
+            PAGE_SIZE,
+        );
+    }
+}
+
+fn sigsegv_mprotect(g: &mut BenchmarkGroup<'_, WallTime>, out: &Samples) {
+    let source = vec![5u8; PAGE_SIZE];
+    let region = Mapping::new(PAGES * PAGE_SIZE, ProtFlags::PROT_NONE);
+    SEGV_SOURCE.store(source.as_ptr() as usize, SeqCst);
+    SEGV_START.store(region.start(), SeqCst);
+    SEGV_END.store(region.start() + region.len, SeqCst);
+    // SAFETY: zeroed sigaction structs are valid (empty mask, no flags).
+    let (mut action, mut previous): (libc::sigaction, libc::sigaction) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_segv;
+    action.sa_sigaction = handler as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installs a handler that only uses async-signal-safe calls and
+    // touches only the region set above; the previous one is restored below.
+    let rc = unsafe { libc::sigaction(libc::SIGSEGV, &action, &mut previous) };
+    assert_eq!(rc, 0, "sigaction");
+    let mut next = 0;
+    g.bench_function("sigsegv_mprotect_4KiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next == PAGES {
+                    region.discard();
+                    region.protect(ProtFlags::PROT_NONE);
+                    next = 0;
+                }
+                let (d, v) = out.time(|| region.load(next));
+                assert_eq!(v, 0x0505_0505_0505_0505);
+                next += 1;
+                total += d;
+            }
+            total
+        })
+    });
+    // SAFETY: puts back the handler found at the start (Rust's own).
+    unsafe { libc::sigaction(libc::SIGSEGV, &previous, ptr::null_mut()) };
+    SEGV_START.store(0, SeqCst);
+    SEGV_END.store(0, SeqCst);
+    drop(region);
+    drop(source);
+}
+
+// ---- userfaultfd: missing fault, UFFDIO_COPY by a handler thread ----
+
+fn current_affinity() -> CpuSet {
+    sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity")
+}
+
+fn pin(cpu: usize) {
+    let mut set = CpuSet::new();
+    set.set(cpu).expect("CPU number");
+    sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize>, out: &Samples) {
+    let uffd = match UffdBuilder::new()
+        .close_on_exec(true)
+        .user_mode_only(true)
+        .create()
+    {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            eprintln!("local_fault: no userfaultfd ({e}); {name} skipped");
+            return;
+        }
+    };
+    // PAGES pages, then one page whose fault tells the handler to stop.
+    let region = Arc::new(Mapping::new(
+        (PAGES + 1) * PAGE_SIZE,
+        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+    ));
+    uffd.register_with_mode(region.addr.as_ptr(), region.len, RegisterMode::MISSING)
+        .expect("UFFDIO_REGISTER");
+    let stop_page = region.start() + PAGES * PAGE_SIZE;
+    let handler = {
+        let uffd = Arc::clone(&uffd);
+        thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                pin(cpu);
+            }
+            let source = vec![5u8; PAGE_SIZE];
+            loop {
+                let addr = match uffd.read_event() {
+                    Ok(Some(Event::Pagefault { addr, .. })) => addr,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        eprintln!("local_fault: reading the userfaultfd: {e}");
+                        return;
+                    }
+                };
+                let page = addr as usize & !(PAGE_SIZE - 1);
+                // SAFETY: `page` is a page of the registered region (only its
+                // faults reach this uffd), absent since it faulted; the
+                // source is 4 KiB of our own.
+                let copied = unsafe {
+                    uffd.copy(
+                        source.as_ptr().cast(),
+                        page as *mut libc::c_void,
+                        PAGE_SIZE,
+                        true,
+                    )
+                };
+                if copied.is_err() {
+                    // EEXIST: another fault on the same page was served first.
+                    let _ = uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
+                }
+                if page == stop_page {
+                    return;
+                }
+            }
+        })
+    };
+    let saved = current_affinity();
+    if let Some(cpu) = cpu {
+        pin(cpu);
+    }
+    let mut next = 0;
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next == PAGES {
+                    region.discard();
+                    next = 0;
+                }
+                let (d, v) = out.time(|| region.load(next));
+                assert_eq!(v, 0x0505_0505_0505_0505);
+                next += 1;
+                total += d;
+            }
+            total
+        })
+    });
+    sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
+    region.load(PAGES);
+    handler.join().expect("uffd handler");
+}
+
+// ---- the DSM with one rank ----
+
+fn dsm_one_rank(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, same_cpu: bool, out: &Samples) {
+    let start = || {
+        let t = transports(1).pop().expect("one transport");
+        let config = config(0, DSM_PAGES);
+        let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+        Dsm::start(space, t, vec!["localhost".into()], config).expect("starting the DSM")
+    };
+    let saved = current_affinity();
+    if same_cpu {
+        // The engine of rank 0 runs on CPU 0 (`rank mod CPUs`).
+        pin(0);
+    }
+    let mut dsm = Some(start());
+    let mut next = 0;
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next == DSM_PAGES {
+                    if let Some(old) = dsm.take() {
+                        old.finalize().expect("finalize");
+                    }
+                    dsm = Some(start());
+                    next = 0;
+                }
+                let words = dsm.as_ref().expect("a DSM").words();
+                let w = &words[next * WORDS_PER_PAGE];
+                let (d, v) = out.time(|| w.load(Relaxed));
+                assert_eq!(v, 0);
+                next += 1;
+                total += d;
+            }
+            total
+        })
+    });
+    if let Some(d) = dsm.take() {
+        d.finalize().expect("finalize");
+    }
+    sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
+}
+
+fn local_fault(c: &mut Criterion) {
+    let suite = "local_fault";
+    let [segv, uffd, uffd_pinned, dsm, dsm_pinned] = std::array::from_fn(|_| Samples::default());
+    let mut g = c.benchmark_group(suite);
+    sigsegv_mprotect(&mut g, &segv);
+    uffd_copy(&mut g, "uffd_copy_4KiB", None, &uffd);
+    uffd_copy(&mut g, "uffd_copy_4KiB_same_cpu", Some(0), &uffd_pinned);
+    dsm_one_rank(&mut g, "dsm_1_rank_read_fault", false, &dsm);
+    dsm_one_rank(&mut g, "dsm_1_rank_read_fault_same_cpu", true, &dsm_pinned);
+    g.finish();
+    let rows = [
+        ("sigsegv_mprotect_4KiB", &segv),
+        ("uffd_copy_4KiB", &uffd),
+        ("uffd_copy_4KiB_same_cpu", &uffd_pinned),
+        ("dsm_1_rank_read_fault", &dsm),
+        ("dsm_1_rank_read_fault_same_cpu", &dsm_pinned),
+    ];
+    print_figures(suite, &rows);
+    for row in &rows[1..] {
+        print_ratio(suite, *row, rows[0]);
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = local_fault
+}
+criterion_main!(benches);
