@@ -144,34 +144,34 @@ impl Dsm {
         let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded();
         let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| DsmError::FaultReader(format!("pipe: {e}")))?;
+        let host = hosts.get(rank).cloned().unwrap_or_default();
+        let engine = Arc::new(Mutex::new(Engine::new(
+            rank,
+            size,
+            region.base(),
+            region.pages(),
+            Arc::clone(&transport),
+            Arc::clone(&faults),
+            node,
+            Arc::clone(&stats),
+        )));
         let reader = {
-            let faults = Arc::clone(&faults);
-            let tx = inputs_tx.clone();
+            let (engine, faults, tx) =
+                (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
             thread::Builder::new()
                 .name("dsm-faults".into())
                 .spawn(move || {
                     pin_to(cpu);
-                    engine::read_faults(faults, stop_read, tx)
+                    engine::read_faults(engine, faults, stop_read, tx)
                 })
                 .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?
         };
         let engine = {
-            let host = hosts.get(rank).cloned().unwrap_or_default();
-            let engine = Engine::new(
-                rank,
-                size,
-                region.base(),
-                region.pages(),
-                Arc::clone(&transport),
-                Arc::clone(&faults),
-                node,
-                Arc::clone(&stats),
-            );
             thread::Builder::new()
                 .name("dsm-engine".into())
                 .spawn(move || {
                     pin_to(cpu);
-                    if let Err(e) = engine.run(inputs_rx) {
+                    if let Err(e) = Engine::run(&engine, inputs_rx) {
                         // Application threads may be parked in faults this
                         // engine can no longer serve: end the process.
                         eprintln!("dsm: rank {rank} on {host}: {e}; aborting");

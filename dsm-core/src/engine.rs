@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
@@ -31,8 +31,8 @@ use crate::{Message, Rank, Transport};
 pub(crate) type Reply<T> = Sender<Result<T, DsmError>>;
 
 pub(crate) enum Input {
-    Fault(Fault),
-    FaultReaderFailed(String),
+    /// The fault thread hit an error handling a fault: fatal.
+    Failed(DsmError),
     Barrier(Reply<()>),
     /// Acquire a lock; the reply carries the ticket to release it with.
     Lock {
@@ -176,43 +176,45 @@ impl Engine {
         }
     }
 
-    /// Runs until `Stop`; an error is fatal for the job (a peer is gone, a
-    /// protocol violation, the kernel refused an operation, a store to a
-    /// sealed segment).
-    pub fn run(mut self, inputs: Receiver<Input>) -> Result<(), DsmError> {
-        let inbox = self.transport.inbox();
+    /// Serves messages, API commands and timers until `Stop`; faults are
+    /// served by the fault thread ([`read_faults`]) on the same state. An
+    /// error is fatal for the job (a peer is gone, a protocol violation, the
+    /// kernel refused an operation, a store to a sealed segment).
+    pub fn run(engine: &Mutex<Engine>, inputs: Receiver<Input>) -> Result<(), DsmError> {
+        let inbox = lock(engine).transport.inbox();
         loop {
-            let timeout = self
+            let timeout = lock(engine)
                 .next_deadline()
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(3600));
             select! {
                 recv(inbox) -> incoming => match incoming {
-                    Ok(Ok(msg)) => self.on_message(msg)?,
+                    Ok(Ok(msg)) => lock(engine).on_message(msg)?,
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_) => return Err(DsmError::Stopped),
                 },
                 recv(inputs) -> input => match input {
                     Ok(Input::Stop) | Err(_) => return Ok(()),
-                    Ok(input) => self.on_input(input)?,
+                    Ok(Input::Failed(e)) => return Err(e),
+                    Ok(input) => lock(engine).on_input(input)?,
                 },
                 default(timeout) => {}
             }
-            if self.next_deadline().is_some_and(|t| t <= Instant::now()) {
-                let now = self.now();
-                let actions = match &mut self.node {
+            let mut this = lock(engine);
+            if this.next_deadline().is_some_and(|t| t <= Instant::now()) {
+                let now = this.now();
+                let actions = match &mut this.node {
                     Node::Migratory(n) => n.on_tick(Instant::now())?,
                     Node::Mrsw(n) => n.on_tick(now)?,
                 };
-                self.apply(actions, None)?;
+                this.apply(actions, None)?;
             }
         }
     }
 
     fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
         match input {
-            Input::Fault(f) => self.on_fault(f),
-            Input::FaultReaderFailed(why) => Err(DsmError::FaultReader(why)),
+            Input::Failed(e) => Err(e),
             Input::Barrier(reply) => self.start_barrier(reply),
             Input::Lock { lock, reply } => {
                 let ticket = self.ticket();
@@ -649,10 +651,14 @@ impl Engine {
 
     /// Carries out the state machine's actions. `current` is the message
     /// being handled: its page bytes are what `Install*` maps and what
-    /// `StoreBacking` keeps.
+    /// `StoreBacking` keeps. Messages to this rank itself (it is the home
+    /// of the page, or of the barrier or lock) are handled at once instead
+    /// of looping through the transport: the same order as a loop-back
+    /// (in order among themselves), without a thread hand-off.
     fn apply(&mut self, actions: Vec<Action>, current: Option<&Msg>) -> Result<(), DsmError> {
         for action in actions {
             match action {
+                Action::Send { to, msg } if to == self.rank => self.handle(to, msg, 0)?,
                 Action::Send { to, msg } => self.transport.send(to, &msg.header())?,
                 Action::GivePage { to, page, present } => {
                     if present {
@@ -697,6 +703,15 @@ impl Engine {
                     } else {
                         self.faults.take(page, &mut self.page_buf)?;
                     }
+                    if to == self.rank {
+                        let data = Box::new(*self.page_buf);
+                        let msg = Msg::WriteBack {
+                            page: page as u64,
+                            data,
+                        };
+                        self.handle(to, msg, 0)?;
+                        continue;
+                    }
                     self.transport
                         .send_parts(to, &[&Msg::write_back_header(page), &self.page_buf[..]])?;
                     Stats::add(&self.stats.pages_sent, 1);
@@ -720,6 +735,17 @@ impl Engine {
                     } else {
                         self.backing.get(&page).cloned()
                     };
+                    Stats::add(&self.stats.grants_served, 1);
+                    if to == self.rank {
+                        let payload = data.map(Payload::Data).unwrap_or(Payload::Zero);
+                        let msg = Msg::Grant {
+                            page: page as u64,
+                            write,
+                            payload,
+                        };
+                        self.handle(to, msg, 0)?;
+                        continue;
+                    }
                     match data {
                         Some(data) => {
                             self.transport.send_parts(
@@ -738,7 +764,6 @@ impl Engine {
                         }
                     }
                     Stats::add(&self.stats.pages_sent, 1);
-                    Stats::add(&self.stats.grants_served, 1);
                 }
                 Action::Wake { page } => self.faults.wake(page)?,
                 Action::SealedWrite { page } => {
@@ -777,8 +802,23 @@ impl Engine {
     }
 }
 
-/// Reads fault events until `stop` becomes readable (or is closed).
-pub(crate) fn read_faults(faults: Arc<FaultHandler>, stop: OwnedFd, events: Sender<Input>) {
+/// The engine's state, shared by the engine thread and the fault thread.
+/// A poisoned lock means a handler panicked; the process is about to end.
+pub(crate) fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    engine.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The fault thread: reads fault events until `stop` becomes readable (or
+/// is closed) and serves each at once, on the engine's state, so a fault
+/// needs no hand-off to the engine thread (on this kind of machine a thread
+/// wake-up costs more than the fault itself). Errors go to the engine
+/// thread, which ends the job.
+pub(crate) fn read_faults(
+    engine: Arc<Mutex<Engine>>,
+    faults: Arc<FaultHandler>,
+    stop: OwnedFd,
+    events: Sender<Input>,
+) {
     loop {
         let mut fds = [
             PollFd::new(faults.as_fd(), PollFlags::POLLIN),
@@ -788,7 +828,7 @@ pub(crate) fn read_faults(faults: Arc<FaultHandler>, stop: OwnedFd, events: Send
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                let _ = events.send(Input::FaultReaderFailed(format!("poll: {e}")));
+                let _ = events.send(Input::Failed(DsmError::FaultReader(format!("poll: {e}"))));
                 return;
             }
         }
@@ -798,13 +838,14 @@ pub(crate) fn read_faults(faults: Arc<FaultHandler>, stop: OwnedFd, events: Send
         loop {
             match faults.next_fault() {
                 Ok(Some(fault)) => {
-                    if events.send(Input::Fault(fault)).is_err() {
+                    if let Err(e) = lock(&engine).on_fault(fault) {
+                        let _ = events.send(Input::Failed(e));
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = events.send(Input::FaultReaderFailed(e.to_string()));
+                    let _ = events.send(Input::Failed(e.into()));
                     return;
                 }
             }
