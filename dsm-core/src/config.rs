@@ -44,6 +44,8 @@ pub struct Config {
     pub min_hold: Duration,
     /// Print the statistics at finalize (`DSM_STATS=1`).
     pub print_stats: bool,
+    /// Most pages requested ahead of a sequential read stream (0: off).
+    pub prefetch: usize,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             engine_cpu: EngineCpu::Auto,
             min_hold: Duration::from_micros(500),
             print_stats: false,
+            prefetch: 16,
         }
     }
 }
@@ -107,6 +110,7 @@ impl Config {
     /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent) or `migratory` (the seed's) | `mrsw` |
     /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
+    /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `16` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -161,6 +165,15 @@ impl Config {
                 .parse()
                 .map_err(|_| err("DSM_MIN_HOLD_US", &v, "expected microseconds"))?;
             self.min_hold = Duration::from_micros(us);
+        }
+        if let Some(v) = get("DSM_PREFETCH") {
+            self.prefetch = v.trim().parse().map_err(|_| {
+                err(
+                    "DSM_PREFETCH",
+                    &v,
+                    "expected a number of pages (0 turns prefetch off)",
+                )
+            })?;
         }
         if let Some(v) = get("DSM_STATS") {
             self.print_stats = !matches!(v.trim(), "0" | "no" | "false" | "off");

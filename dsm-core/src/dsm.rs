@@ -145,16 +145,19 @@ impl Dsm {
         let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| DsmError::FaultReader(format!("pipe: {e}")))?;
         let host = hosts.get(rank).cloned().unwrap_or_default();
-        let engine = Arc::new(Mutex::new(Engine::new(
-            rank,
-            size,
-            region.base(),
-            region.pages(),
-            Arc::clone(&transport),
-            Arc::clone(&faults),
-            node,
-            Arc::clone(&stats),
-        )));
+        let engine = Arc::new(Mutex::new(
+            Engine::new(
+                rank,
+                size,
+                region.base(),
+                region.pages(),
+                Arc::clone(&transport),
+                Arc::clone(&faults),
+                node,
+                Arc::clone(&stats),
+            )
+            .with_prefetch(config.prefetch),
+        ));
         let reader = {
             let (engine, faults, tx) =
                 (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());

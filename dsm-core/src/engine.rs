@@ -121,6 +121,40 @@ pub(crate) struct Engine {
     settling: Vec<Settling>,
     page_buf: Box<[u8; PAGE_SIZE]>,
     zero_page: Box<[u8; PAGE_SIZE]>,
+    stream: Stream,
+}
+
+/// Sequential read-stream detection for prefetch.
+#[derive(Default)]
+struct Stream {
+    /// Most pages to request ahead (0: prefetch off).
+    max_depth: usize,
+    last_page: Option<usize>,
+    /// Consecutive read faults on consecutive pages.
+    run: usize,
+    /// Pages up to here (exclusive) were already requested ahead.
+    requested_to: usize,
+}
+
+impl Stream {
+    /// Records a read fault; returns the pages to request ahead.
+    fn on_read_fault(&mut self, page: usize) -> std::ops::Range<usize> {
+        let sequential = self.last_page.is_some_and(|last| page == last + 1);
+        self.run = if sequential { self.run + 1 } else { 0 };
+        self.last_page = Some(page);
+        if !sequential {
+            self.requested_to = page + 1;
+        }
+        if self.max_depth == 0 || self.run < 2 {
+            return page + 1..page + 1;
+        }
+        // The window doubles as the stream goes on, up to max_depth.
+        let depth = (1usize << self.run.min(10)).min(self.max_depth);
+        let from = self.requested_to.max(page + 1);
+        let to = page + 1 + depth;
+        self.requested_to = self.requested_to.max(to);
+        from..to.max(from)
+    }
 }
 
 /// The page a multi-reader message is about.
@@ -173,7 +207,14 @@ impl Engine {
             settling: Vec::new(),
             page_buf: Box::new([0u8; PAGE_SIZE]),
             zero_page: Box::new([0u8; PAGE_SIZE]),
+            stream: Stream::default(),
         }
+    }
+
+    /// Requests up to `depth` pages ahead of sequential read streams.
+    pub fn with_prefetch(mut self, depth: usize) -> Engine {
+        self.stream.max_depth = depth;
+        self
     }
 
     /// Serves messages, API commands and timers until `Stop`; faults are
@@ -364,7 +405,30 @@ impl Engine {
         if actions.iter().any(|a| matches!(a, Action::Send { .. })) {
             self.fetch_started.insert(fault.page, Instant::now());
         }
-        self.apply(actions, None)
+        self.apply(actions, None)?;
+        if !fault.write {
+            self.prefetch_after(fault.page)?;
+        }
+        Ok(())
+    }
+
+    /// Requests read-only copies ahead of a sequential read stream, within
+    /// the space and within pages whose segment is known here.
+    fn prefetch_after(&mut self, page: usize) -> Result<(), DsmError> {
+        let ahead = self.stream.on_read_fault(page);
+        for next in ahead {
+            let known = !self.registry.in_heap(next) || self.registry.find(next).is_some();
+            let Node::Mrsw(node) = &mut self.node else {
+                return Ok(());
+            };
+            if !known || node.copy_of(next).is_none() {
+                break;
+            }
+            let actions = node.prefetch(next)?;
+            Stats::add(&self.stats.pages_prefetched, actions.len() as u64);
+            self.apply(actions, None)?;
+        }
+        Ok(())
     }
 
     fn on_message(&mut self, message: Message) -> Result<(), DsmError> {
@@ -849,6 +913,43 @@ pub(crate) fn read_faults(
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stream;
+
+    #[test]
+    fn a_sequential_stream_is_read_ahead_in_growing_windows() {
+        let mut s = Stream {
+            max_depth: 16,
+            ..Stream::default()
+        };
+        assert!(
+            s.on_read_fault(10).is_empty(),
+            "a first fault is not a stream"
+        );
+        assert!(
+            s.on_read_fault(11).is_empty(),
+            "two faults are not yet a stream"
+        );
+        assert_eq!(s.on_read_fault(12), 13..17);
+        assert_eq!(
+            s.on_read_fault(13),
+            17..22,
+            "nothing requested twice, window 8"
+        );
+        assert_eq!(s.on_read_fault(14), 22..31, "window 16");
+        assert_eq!(s.on_read_fault(15), 31..32, "capped at 16 ahead");
+        assert!(s.on_read_fault(100).is_empty(), "a jump ends the stream");
+        let mut off = Stream::default();
+        for p in 0..10 {
+            assert!(
+                off.on_read_fault(p).is_empty(),
+                "depth 0 turns prefetch off"
+            );
         }
     }
 }

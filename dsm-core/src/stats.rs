@@ -19,6 +19,8 @@ pub struct Stats {
     pub requests_deferred: AtomicU64,
     /// Pages this rank granted as their home (multi-reader protocol).
     pub grants_served: AtomicU64,
+    /// Read-only copies requested ahead of a sequential read stream.
+    pub pages_prefetched: AtomicU64,
     latencies_ns: Mutex<Samples>,
 }
 
@@ -41,6 +43,7 @@ pub struct StatsSnapshot {
     pub requests_forwarded: u64,
     pub requests_deferred: u64,
     pub grants_served: u64,
+    pub pages_prefetched: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
     pub fault_latency_p50: Duration,
     pub fault_latency_p90: Duration,
@@ -90,6 +93,7 @@ impl Stats {
             requests_forwarded: get(&self.requests_forwarded),
             requests_deferred: get(&self.requests_deferred),
             grants_served: get(&self.grants_served),
+            pages_prefetched: get(&self.pages_prefetched),
             fault_latency_p50: pct(0.5),
             fault_latency_p90: pct(0.9),
             fault_latency_p99: pct(0.99),
@@ -107,7 +111,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -118,6 +122,7 @@ impl std::fmt::Display for StatsSnapshot {
             self.requests_forwarded,
             self.requests_deferred,
             self.grants_served,
+            self.pages_prefetched,
             us(self.fault_latency_p50),
             us(self.fault_latency_p90),
             us(self.fault_latency_p99),

@@ -232,6 +232,25 @@ impl Mrsw {
         Ok(vec![Action::Send { to: home, msg }])
     }
 
+    /// Asks for a read-only copy of `page` before any thread faults on it
+    /// (sequential prefetch). Does nothing unless the page is shared,
+    /// invalid here and not already requested.
+    pub fn prefetch(&mut self, page: usize) -> Actions {
+        if self.private.get(page).copied().unwrap_or(true) {
+            return Ok(Vec::new());
+        }
+        let home = self.home_of(page);
+        let lp = self.local(page)?;
+        if lp.copy != Copy::Invalid || lp.pending.is_some() {
+            return Ok(Vec::new());
+        }
+        lp.pending = Some(Access::Read);
+        Ok(vec![Action::Send {
+            to: home,
+            msg: Msg::ReadReq { page: page as u64 },
+        }])
+    }
+
     /// A message from `from` arrived.
     pub fn on_message(&mut self, from: Rank, msg: &Msg, now: Time) -> Actions {
         if from >= self.size {
