@@ -727,9 +727,11 @@ impl Engine {
                 Action::GivePage { to, page, present } => {
                     if present {
                         self.faults.take(page, &mut self.page_buf)?;
-                        self.transport.send_parts(
+                        self.transport.send_page(
                             to,
-                            &[&Msg::grant_header(page, true), &self.page_buf[..]],
+                            &Msg::grant_header(page, true),
+                            page,
+                            &self.page_buf[..],
                         )?;
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                     } else {
@@ -776,8 +778,12 @@ impl Engine {
                         self.handle(to, msg, 0)?;
                         continue;
                     }
-                    self.transport
-                        .send_parts(to, &[&Msg::write_back_header(page), &self.page_buf[..]])?;
+                    self.transport.send_page(
+                        to,
+                        &Msg::write_back_header(page),
+                        page,
+                        &self.page_buf[..],
+                    )?;
                     Stats::add(&self.stats.pages_sent, 1);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }
@@ -812,9 +818,11 @@ impl Engine {
                     }
                     match data {
                         Some(data) => {
-                            self.transport.send_parts(
+                            self.transport.send_page(
                                 to,
-                                &[&Msg::grant_data_header(page, write), &data[..]],
+                                &Msg::grant_data_header(page, write),
+                                page,
+                                &data[..],
                             )?;
                             Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                         }

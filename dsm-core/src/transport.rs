@@ -56,6 +56,22 @@ pub trait Transport: Send + Sync {
         self.send_parts(to, &[payload])
     }
 
+    /// Sends `header` followed by the contents of shared page `page`. The
+    /// receiver gets the same message as from `send_parts(to, &[header,
+    /// data])`; a transport with one-sided writes may move `data` straight
+    /// into the receiver's registered memory for that page instead of
+    /// through a message buffer.
+    fn send_page(
+        &self,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        let _ = page;
+        self.send_parts(to, &[header, data])
+    }
+
     /// The queue of incoming messages, for consumers that wait on several
     /// sources at once (`crossbeam_channel::select!`). `recv` reads the same queue.
     fn inbox(&self) -> Receiver<Incoming>;
