@@ -124,14 +124,15 @@ pub fn transports(n: usize) -> Vec<Arc<dyn Transport>> {
         .collect()
 }
 
-/// The configuration of rank `rank`'s space of `pages` pages (defaults
-/// otherwise: multi-reader protocol, engine pinned to `rank mod CPUs`,
-/// 500 µs minimum hold).
+/// The configuration of rank `rank`'s space of `pages` pages: the `DSM_*`
+/// variables (e.g. `DSM_PREFETCH`, `DSM_ENGINE_CPU`) apply, else the
+/// defaults (multi-reader protocol, engine pinned to `rank mod CPUs`, 500 µs
+/// minimum hold).
 pub fn config(rank: usize, pages: usize) -> Config {
     Config {
         base: base_of(rank),
         size: pages * PAGE_SIZE,
-        ..Config::default()
+        ..Config::from_env().expect("DSM_* variables")
     }
     .validate()
     .expect("bench configuration")

@@ -22,11 +22,15 @@ use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
 use crate::fault::{Fault, FaultHandler};
-use crate::proto::{Msg, Payload, SegmentInfo};
+use crate::outbox::Outbox;
+use crate::proto::{self, Msg, Payload, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
 use crate::sync::{BarrierCounter, LockTable};
 use crate::{Message, Rank, Transport};
+
+/// Most messages handled before the replies of the first leave.
+const DRAIN_AT_ONCE: usize = 64;
 
 pub(crate) type Reply<T> = Sender<Result<T, DsmError>>;
 
@@ -122,6 +126,8 @@ pub(crate) struct Engine {
     page_buf: Box<[u8; PAGE_SIZE]>,
     zero_page: Box<[u8; PAGE_SIZE]>,
     stream: Stream,
+    /// Messages of the event being handled, sent when it is done.
+    out: Outbox,
 }
 
 /// Sequential read-stream detection for prefetch.
@@ -139,7 +145,11 @@ struct Stream {
 impl Stream {
     /// Records a read fault; returns the pages to request ahead.
     fn on_read_fault(&mut self, page: usize) -> std::ops::Range<usize> {
-        let sequential = self.last_page.is_some_and(|last| page == last + 1);
+        // The next page, or a page of the window requested ahead (those
+        // before it arrived in time and never faulted): the stream goes on.
+        let sequential = self
+            .last_page
+            .is_some_and(|last| page > last && page <= self.requested_to.max(last + 1));
         self.run = if sequential { self.run + 1 } else { 0 };
         self.last_page = Some(page);
         if !sequential {
@@ -208,6 +218,7 @@ impl Engine {
             page_buf: Box::new([0u8; PAGE_SIZE]),
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
+            out: Outbox::default(),
         }
     }
 
@@ -230,14 +241,32 @@ impl Engine {
                 .unwrap_or(Duration::from_secs(3600));
             select! {
                 recv(inbox) -> incoming => match incoming {
-                    Ok(Ok(msg)) => lock(engine).on_message(msg)?,
+                    Ok(Ok(msg)) => {
+                        let mut this = lock(engine);
+                        this.on_message(msg)?;
+                        // What else has arrived is handled before the replies
+                        // leave, so they leave together (bounded: the fault
+                        // thread waits for the lock meanwhile).
+                        for _ in 0..DRAIN_AT_ONCE {
+                            match inbox.try_recv() {
+                                Ok(Ok(msg)) => this.on_message(msg)?,
+                                Ok(Err(e)) => return Err(e.into()),
+                                Err(_) => break,
+                            }
+                        }
+                        this.flush()?;
+                    }
                     Ok(Err(e)) => return Err(e.into()),
                     Err(_) => return Err(DsmError::Stopped),
                 },
                 recv(inputs) -> input => match input {
                     Ok(Input::Stop) | Err(_) => return Ok(()),
                     Ok(Input::Failed(e)) => return Err(e),
-                    Ok(input) => lock(engine).on_input(input)?,
+                    Ok(input) => {
+                        let mut this = lock(engine);
+                        this.on_input(input)?;
+                        this.flush()?;
+                    }
                 },
                 default(timeout) => {}
             }
@@ -250,7 +279,16 @@ impl Engine {
                 };
                 this.apply(actions, None)?;
             }
+            this.flush()?;
         }
+    }
+
+    /// Sends the messages the handling of the last events produced.
+    fn flush(&mut self) -> Result<(), DsmError> {
+        let batches = self.out.batches;
+        self.out.flush(&*self.transport)?;
+        Stats::add(&self.stats.batches_sent, self.out.batches - batches);
+        Ok(())
     }
 
     fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
@@ -261,14 +299,14 @@ impl Engine {
                 let ticket = self.ticket();
                 self.lock_waiters.insert(ticket, reply);
                 let home = (lock % self.size as u64) as Rank;
-                self.transport
-                    .send(home, &Msg::LockAcquire { lock, ticket }.header())?;
+                self.out
+                    .send(home, Msg::LockAcquire { lock, ticket }.header());
                 Ok(())
             }
             Input::Unlock { lock, ticket } => {
                 let home = (lock % self.size as u64) as Rank;
-                self.transport
-                    .send(home, &Msg::LockRelease { lock, ticket }.header())?;
+                self.out
+                    .send(home, Msg::LockRelease { lock, ticket }.header());
                 Ok(())
             }
             Input::Alloc {
@@ -287,16 +325,16 @@ impl Engine {
                 }
                 let ticket = self.ticket();
                 self.alloc_waiters.insert(ticket, (reply, contents));
-                self.transport.send(
+                self.out.send(
                     0,
-                    &Msg::AllocReq {
+                    Msg::AllocReq {
                         ticket,
                         pages,
                         kind,
                         rank,
                     }
                     .header(),
-                )?;
+                );
                 Ok(())
             }
             Input::Seal { segment, reply } => {
@@ -381,8 +419,7 @@ impl Engine {
         let first = !self.parked.contains_key(&page);
         self.parked.entry(page).or_default().push(event);
         if first {
-            self.transport
-                .send(0, &Msg::Lookup { page: page as u64 }.header())?;
+            self.out.send(0, Msg::Lookup { page: page as u64 }.header());
         }
         Ok(None)
     }
@@ -407,6 +444,8 @@ impl Engine {
         }
         self.apply(actions, None)?;
         if !fault.write {
+            // The demand request leaves alone, ahead of the read-ahead batch.
+            self.flush()?;
             self.prefetch_after(fault.page)?;
         }
         Ok(())
@@ -433,6 +472,17 @@ impl Engine {
 
     fn on_message(&mut self, message: Message) -> Result<(), DsmError> {
         let from = message.from;
+        if message.payload.first() == Some(&proto::BATCH) {
+            let parts = proto::batch_parts(&message.payload)
+                .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
+            for part in parts {
+                self.on_message(Message {
+                    from,
+                    payload: part.to_vec(),
+                })?;
+            }
+            return Ok(());
+        }
         let msg = Msg::decode(&message.payload)
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
         if let Some(page) = page_of(&msg) {
@@ -453,8 +503,8 @@ impl Engine {
             }
             Msg::LockAcquire { lock, ticket } => {
                 if let Some((rank, ticket)) = self.locks.acquire(lock, (from, ticket)) {
-                    self.transport
-                        .send(rank, &Msg::LockGrant { lock, ticket }.header())?;
+                    self.out
+                        .send(rank, Msg::LockGrant { lock, ticket }.header());
                 }
                 Ok(())
             }
@@ -464,8 +514,8 @@ impl Engine {
                     .release(lock, (from, ticket))
                     .map_err(|e| DsmError::Protocol(e.to_string()))?;
                 if let Some((rank, ticket)) = next {
-                    self.transport
-                        .send(rank, &Msg::LockGrant { lock, ticket }.header())?;
+                    self.out
+                        .send(rank, Msg::LockGrant { lock, ticket }.header());
                 }
                 Ok(())
             }
@@ -489,8 +539,8 @@ impl Engine {
                 if let Some(info) = segment {
                     self.register(info);
                 }
-                self.transport
-                    .send(from, &Msg::AllocReply { ticket, segment }.header())?;
+                self.out
+                    .send(from, Msg::AllocReply { ticket, segment }.header());
                 Ok(())
             }
             Msg::AllocReply { ticket, segment } => {
@@ -515,8 +565,8 @@ impl Engine {
             }
             Msg::Lookup { page } => {
                 let segment = self.registry.lookup(page as usize);
-                self.transport
-                    .send(from, &Msg::LookupReply { page, segment }.header())?;
+                self.out
+                    .send(from, Msg::LookupReply { page, segment }.header());
                 Ok(())
             }
             Msg::LookupReply { page, segment } => self.on_lookup_reply(page as usize, segment),
@@ -681,7 +731,7 @@ impl Engine {
                 if self.barrier_arrivals.arrive(epoch, self.size) {
                     let release = Msg::BarrierRelease { epoch }.header();
                     for rank in 0..self.size {
-                        self.transport.send(rank, &release)?;
+                        self.out.send(rank, release.clone());
                     }
                 }
                 Ok(())
@@ -703,13 +753,13 @@ impl Engine {
     fn start_barrier(&mut self, reply: Reply<()>) -> Result<(), DsmError> {
         self.barrier_epoch += 1;
         self.barrier_waiter = Some(reply);
-        self.transport.send(
+        self.out.send(
             0,
-            &Msg::BarrierEnter {
+            Msg::BarrierEnter {
                 epoch: self.barrier_epoch,
             }
             .header(),
-        )?;
+        );
         Ok(())
     }
 
@@ -723,19 +773,15 @@ impl Engine {
         for action in actions {
             match action {
                 Action::Send { to, msg } if to == self.rank => self.handle(to, msg, 0)?,
-                Action::Send { to, msg } => self.transport.send(to, &msg.header())?,
+                Action::Send { to, msg } => self.out.send(to, msg.header()),
                 Action::GivePage { to, page, present } => {
                     if present {
                         self.faults.take(page, &mut self.page_buf)?;
-                        self.transport.send_page(
-                            to,
-                            &Msg::grant_header(page, true),
-                            page,
-                            &self.page_buf[..],
-                        )?;
+                        self.out
+                            .send_page(to, Msg::grant_header(page, true), page, &self.page_buf);
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                     } else {
-                        self.transport.send(to, &Msg::grant_header(page, false))?;
+                        self.out.send(to, Msg::grant_header(page, false));
                     }
                     Stats::add(&self.stats.pages_sent, 1);
                 }
@@ -778,12 +824,8 @@ impl Engine {
                         self.handle(to, msg, 0)?;
                         continue;
                     }
-                    self.transport.send_page(
-                        to,
-                        &Msg::write_back_header(page),
-                        page,
-                        &self.page_buf[..],
-                    )?;
+                    self.out
+                        .send_page(to, Msg::write_back_header(page), page, &self.page_buf);
                     Stats::add(&self.stats.pages_sent, 1);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }
@@ -818,12 +860,12 @@ impl Engine {
                     }
                     match data {
                         Some(data) => {
-                            self.transport.send_page(
+                            self.out.send_page(
                                 to,
-                                &Msg::grant_data_header(page, write),
+                                Msg::grant_data_header(page, write),
                                 page,
-                                &data[..],
-                            )?;
+                                &data,
+                            );
                             Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                         }
                         None => {
@@ -832,7 +874,7 @@ impl Engine {
                                 write,
                                 payload: Payload::Zero,
                             };
-                            self.transport.send(to, &msg.header())?;
+                            self.out.send(to, msg.header());
                         }
                     }
                     Stats::add(&self.stats.pages_sent, 1);
@@ -910,7 +952,8 @@ pub(crate) fn read_faults(
         loop {
             match faults.next_fault() {
                 Ok(Some(fault)) => {
-                    if let Err(e) = lock(&engine).on_fault(fault) {
+                    let mut this = lock(&engine);
+                    if let Err(e) = this.on_fault(fault).and_then(|()| this.flush()) {
                         let _ = events.send(Input::Failed(e));
                         return;
                     }
@@ -951,6 +994,11 @@ mod tests {
         );
         assert_eq!(s.on_read_fault(14), 22..31, "window 16");
         assert_eq!(s.on_read_fault(15), 31..32, "capped at 16 ahead");
+        assert_eq!(
+            s.on_read_fault(25),
+            32..42,
+            "a fault inside the window requested ahead continues the stream"
+        );
         assert!(s.on_read_fault(100).is_empty(), "a jump ends the stream");
         let mut off = Stream::default();
         for p in 0..10 {

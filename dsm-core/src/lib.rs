@@ -13,6 +13,7 @@ pub mod dsm;
 mod engine;
 pub mod fault;
 pub mod logging;
+mod outbox;
 pub mod proto;
 pub mod rendezvous;
 pub mod segment;

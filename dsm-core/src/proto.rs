@@ -32,6 +32,10 @@ const ALLOC_REQ: u8 = 23;
 const ALLOC_REPLY: u8 = 24;
 const LOOKUP: u8 = 25;
 const LOOKUP_REPLY: u8 = 26;
+/// Several messages to one rank in one transport message (see [`batch_parts`]).
+pub const BATCH: u8 = 27;
+/// Largest batch a sender builds (bytes); bigger sets go as several batches.
+pub const BATCH_MAX_BYTES: usize = 256 << 10;
 
 /// A segment as the registry describes it on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -177,6 +181,60 @@ pub enum ProtoError {
         len: usize,
         expected: usize,
     },
+    #[error("malformed batch: {0}")]
+    BadBatch(&'static str),
+}
+
+/// A batch on the wire: the kind byte [`BATCH`], then for every message its
+/// length (4 bytes, little-endian) and its bytes. The messages are handled
+/// in order, exactly as if they had arrived one by one.
+///
+/// The wire pieces of a batch of `messages` (each given as its parts), in
+/// order, for `Transport::send_parts`; `lengths` holds the length prefixes
+/// the pieces borrow.
+pub fn batch_pieces<'a>(messages: &[&[&'a [u8]]], lengths: &'a mut Vec<[u8; 4]>) -> Vec<&'a [u8]> {
+    lengths.clear();
+    lengths.extend(messages.iter().map(|parts| {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        (len as u32).to_le_bytes()
+    }));
+    let lengths: &'a [[u8; 4]] = lengths;
+    let mut pieces: Vec<&'a [u8]> = Vec::with_capacity(1 + messages.len() * 3);
+    pieces.push(&[BATCH]);
+    for (parts, len) in messages.iter().zip(lengths) {
+        pieces.push(len);
+        pieces.extend_from_slice(parts);
+    }
+    pieces
+}
+
+/// The messages of a batch, in order. A batch inside a batch, an empty
+/// batch or a length running past the end is an error.
+pub fn batch_parts(bytes: &[u8]) -> Result<Vec<&[u8]>, ProtoError> {
+    if bytes.first() != Some(&BATCH) {
+        return Err(ProtoError::BadBatch("not a batch"));
+    }
+    let mut rest = &bytes[1..];
+    let mut parts = Vec::new();
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(ProtoError::BadBatch("truncated length"));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len == 0 || len > tail.len() {
+            return Err(ProtoError::BadBatch("a message length runs past the end"));
+        }
+        let (part, tail) = tail.split_at(len);
+        if part[0] == BATCH {
+            return Err(ProtoError::BadBatch("a batch inside a batch"));
+        }
+        parts.push(part);
+        rest = tail;
+    }
+    if parts.is_empty() {
+        return Err(ProtoError::BadBatch("no messages"));
+    }
+    Ok(parts)
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -610,5 +668,39 @@ mod tests {
             round_trip(m);
         }
         assert_eq!(Msg::decode(&[99]), Err(ProtoError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn batches_split_into_their_messages_in_order() {
+        let page = [5u8; PAGE_SIZE];
+        let read = Msg::ReadReq { page: 3 }.header();
+        let grant = Msg::grant_data_header(4, false);
+        let mut lengths = Vec::new();
+        let pieces = batch_pieces(&[&[&read], &[&grant, &page]], &mut lengths);
+        let wire: Vec<u8> = pieces.concat();
+        let parts = batch_parts(&wire).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(Msg::decode(parts[0]).unwrap(), Msg::ReadReq { page: 3 });
+        assert_eq!(
+            Msg::decode(parts[1]).unwrap(),
+            Msg::Grant {
+                page: 4,
+                write: false,
+                payload: Payload::Data(Box::new(page)),
+            }
+        );
+        for cut in 1..wire.len() {
+            let _ = batch_parts(&wire[..cut]);
+        }
+        assert!(batch_parts(&[BATCH]).is_err(), "empty");
+        assert!(batch_parts(&[BATCH, 0, 0, 0, 0]).is_err(), "zero length");
+        assert!(
+            batch_parts(&[BATCH, 5, 0, 0, 0, BATCH, 1, 0, 0, 0]).is_err(),
+            "nested"
+        );
+        assert!(
+            batch_parts(&[BATCH, 9, 0, 0, 0, 1]).is_err(),
+            "past the end"
+        );
     }
 }

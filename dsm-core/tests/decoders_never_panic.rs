@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 
 use dsm_core::auth::{self, JobSecret};
-use dsm_core::proto::{Msg, Payload, SegmentInfo};
+use dsm_core::proto::{self, Msg, Payload, SegmentInfo};
 use dsm_core::wire::{self, WireError};
 use dsm_core::PAGE_SIZE;
 use proptest::prelude::*;
@@ -201,6 +201,26 @@ proptest! {
         bytes.extend(rest);
         let _ = Msg::decode(&bytes);
         let _ = Msg::decode(&bytes[1..]);
+        let _ = proto::batch_parts(&bytes);
+    }
+
+    #[test]
+    fn batch_split_of_valid_truncated_and_mutated_batches(
+        msgs in proptest::collection::vec(arb_msg(), 1..5),
+        cut in any::<usize>(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+    ) {
+        let encoded: Vec<Vec<u8>> = msgs.iter().map(Msg::encode).collect();
+        let as_parts: Vec<[&[u8]; 1]> = encoded.iter().map(|e| [&e[..]]).collect();
+        let refs: Vec<&[&[u8]]> = as_parts.iter().map(|p| &p[..]).collect();
+        let mut lengths = Vec::new();
+        let bytes: Vec<u8> = proto::batch_pieces(&refs, &mut lengths).concat();
+        let parts = proto::batch_parts(&bytes).expect("a valid batch splits");
+        let decoded: Vec<Msg> = parts.iter().map(|p| Msg::decode(p).expect("decodes")).collect();
+        prop_assert_eq!(decoded, msgs);
+        let cut = cut % bytes.len();
+        let _ = proto::batch_parts(&bytes[..cut]);
+        let _ = proto::batch_parts(&mutate(bytes, &edits));
     }
 
     #[test]
