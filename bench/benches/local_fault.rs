@@ -9,6 +9,12 @@
 //!   thread blocked in `read()` on the userfaultfd with one `UFFDIO_COPY`
 //!   of 4 KiB (which wakes the faulting thread). First unpinned, then with
 //!   the faulting thread and the handler pinned to the same CPU.
+//! * `local_fault/uffd_continue_4KiB_same_cpu`: the zero-copy alternative
+//!   for pages that arrive in registered memory: a memfd mapped twice, the
+//!   bytes already written through the second mapping (as a one-sided RDMA
+//!   WRITE into a landing arena would place them), and a minor fault on the
+//!   registered mapping resolved with `UFFDIO_CONTINUE` (no copy). Its ratio
+//!   to `uffd_copy_4KiB_same_cpu` says which install is cheaper.
 //! * `local_fault/dsm_1_rank_read_fault` and `..._same_cpu`: the same
 //!   through the DSM with a single rank (fault reader thread -> engine ->
 //!   the rank's own directory -> install), the application thread unpinned,
@@ -28,7 +34,7 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use dsm_bench::{config, print_figures, print_ratio, transports, Samples, WORDS_PER_PAGE};
-use dsm_core::{Dsm, PAGE_SIZE};
+use dsm_core::{Config, Dsm, PAGE_SIZE};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::mman::{madvise, mmap_anonymous, mprotect, munmap, MapFlags, MmapAdvise, ProtFlags};
 use nix::unistd::Pid;
@@ -270,12 +276,162 @@ fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize
     handler.join().expect("uffd handler");
 }
 
+// ---- userfaultfd: minor fault on a memfd, UFFDIO_CONTINUE ----
+
+/// A memfd mapped twice (shared): `view` is registered for minor faults,
+/// `alias` is where page bytes are written (as an RDMA WRITE into a
+/// registered landing arena would place them). Unmapped and closed on drop.
+struct TwiceMapped {
+    view: Mapping,
+    alias: Mapping,
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl TwiceMapped {
+    fn new(len: usize) -> std::io::Result<TwiceMapped> {
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        // SAFETY: memfd_create takes a NUL-terminated name and flags and
+        // returns a new descriptor (checked), which we then own.
+        let fd = unsafe { libc::memfd_create(c"dsm-bench".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::unistd::ftruncate(fd.as_fd(), len as i64)?;
+        let map = || -> std::io::Result<Mapping> {
+            let size = std::num::NonZeroUsize::new(len).expect("non-empty mapping");
+            // SAFETY: a new shared mapping of our memfd at an address the
+            // kernel picks: it cannot alias anything but the other view.
+            let addr = unsafe {
+                nix::sys::mman::mmap(
+                    None,
+                    size,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED,
+                    fd.as_fd(),
+                    0,
+                )
+            }?;
+            Ok(Mapping { addr, len })
+        };
+        let (view, alias) = (map()?, map()?);
+        Ok(TwiceMapped {
+            view,
+            alias,
+            _fd: fd,
+        })
+    }
+}
+
+fn uffd_continue(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    cpu: Option<usize>,
+    out: &Samples,
+) {
+    let uffd = match UffdBuilder::new()
+        .close_on_exec(true)
+        .user_mode_only(true)
+        .create()
+    {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            eprintln!("local_fault: no userfaultfd ({e}); {name} skipped");
+            return;
+        }
+    };
+    let memory = match TwiceMapped::new((PAGES + 1) * PAGE_SIZE) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("local_fault: no memfd ({e}); {name} skipped");
+            return;
+        }
+    };
+    // The bytes are in place before any fault (written through the alias,
+    // so they sit in the page cache): the fault only maps them.
+    for i in 0..=PAGES {
+        let p = (memory.alias.start() + i * PAGE_SIZE) as *mut u8;
+        // SAFETY: page i of the alias mapping, which nothing else references.
+        unsafe { ptr::write_bytes(p, 5, PAGE_SIZE) };
+    }
+    if let Err(e) = uffd.register_with_mode(
+        memory.view.addr.as_ptr(),
+        memory.view.len,
+        RegisterMode::MINOR,
+    ) {
+        eprintln!("local_fault: no minor faults on shmem ({e}); {name} skipped");
+        return;
+    }
+    let stop_page = memory.view.start() + PAGES * PAGE_SIZE;
+    let handler = {
+        let uffd = Arc::clone(&uffd);
+        thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                pin(cpu);
+            }
+            loop {
+                let addr = match uffd.read_event() {
+                    Ok(Some(Event::Pagefault { addr, .. })) => addr,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        eprintln!("local_fault: reading the userfaultfd: {e}");
+                        return;
+                    }
+                };
+                let page = addr as usize & !(PAGE_SIZE - 1);
+                if uffd
+                    .r#continue(page as *mut libc::c_void, PAGE_SIZE, true)
+                    .is_err()
+                {
+                    // EEXIST: another fault on the same page was served first.
+                    let _ = uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
+                }
+                if page == stop_page {
+                    return;
+                }
+            }
+        })
+    };
+    let saved = current_affinity();
+    if let Some(cpu) = cpu {
+        pin(cpu);
+    }
+    let mut next = 0;
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                if next == PAGES {
+                    // Unmaps the view's pages; the page cache keeps them,
+                    // so the next access is a minor fault again.
+                    memory.view.discard();
+                    next = 0;
+                }
+                let (d, v) = out.time(|| memory.view.load(next));
+                assert_eq!(v, 0x0505_0505_0505_0505);
+                next += 1;
+                total += d;
+            }
+            total
+        })
+    });
+    sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
+    memory.view.load(PAGES);
+    handler.join().expect("uffd handler");
+}
+
 // ---- the DSM with one rank ----
 
 fn dsm_one_rank(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, same_cpu: bool, out: &Samples) {
     let start = || {
         let t = transports(1).pop().expect("one transport");
-        let config = config(0, DSM_PAGES);
+        // One fault per page: no read-ahead (a sequential walk would
+        // otherwise find most pages already there).
+        let config = Config {
+            prefetch: 0,
+            ..config(0, DSM_PAGES)
+        };
         let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
         Dsm::start(space, t, vec!["localhost".into()], config).expect("starting the DSM")
     };
@@ -315,11 +471,13 @@ fn dsm_one_rank(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, same_cpu: bool
 
 fn local_fault(c: &mut Criterion) {
     let suite = "local_fault";
-    let [segv, uffd, uffd_pinned, dsm, dsm_pinned] = std::array::from_fn(|_| Samples::default());
+    let [segv, uffd, uffd_pinned, cont_pinned, dsm, dsm_pinned] =
+        std::array::from_fn(|_| Samples::default());
     let mut g = c.benchmark_group(suite);
     sigsegv_mprotect(&mut g, &segv);
     uffd_copy(&mut g, "uffd_copy_4KiB", None, &uffd);
     uffd_copy(&mut g, "uffd_copy_4KiB_same_cpu", Some(0), &uffd_pinned);
+    uffd_continue(&mut g, "uffd_continue_4KiB_same_cpu", Some(0), &cont_pinned);
     dsm_one_rank(&mut g, "dsm_1_rank_read_fault", false, &dsm);
     dsm_one_rank(&mut g, "dsm_1_rank_read_fault_same_cpu", true, &dsm_pinned);
     g.finish();
@@ -327,6 +485,7 @@ fn local_fault(c: &mut Criterion) {
         ("sigsegv_mprotect_4KiB", &segv),
         ("uffd_copy_4KiB", &uffd),
         ("uffd_copy_4KiB_same_cpu", &uffd_pinned),
+        ("uffd_continue_4KiB_same_cpu", &cont_pinned),
         ("dsm_1_rank_read_fault", &dsm),
         ("dsm_1_rank_read_fault_same_cpu", &dsm_pinned),
     ];
@@ -334,6 +493,8 @@ fn local_fault(c: &mut Criterion) {
     for row in &rows[1..] {
         print_ratio(suite, *row, rows[0]);
     }
+    // How a page that arrived in a landing buffer is best installed.
+    print_ratio(suite, rows[3], rows[2]);
 }
 
 criterion_group! {
