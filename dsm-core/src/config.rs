@@ -30,6 +30,15 @@ pub enum EngineCpu {
     Fixed(usize),
 }
 
+/// What the shared space's memory is made of (see [`crate::fault::Backing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpaceBacking {
+    /// A memfd where the kernel supports it, else anonymous memory.
+    Auto,
+    Anonymous,
+    Memfd,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address of the shared space, the same on every rank.
@@ -46,6 +55,7 @@ pub struct Config {
     pub print_stats: bool,
     /// Most pages requested ahead of a sequential read stream (0: off).
     pub prefetch: usize,
+    pub backing: SpaceBacking,
 }
 
 impl Default for Config {
@@ -58,6 +68,7 @@ impl Default for Config {
             min_hold: Duration::from_micros(500),
             print_stats: false,
             prefetch: 16,
+            backing: SpaceBacking::Anonymous,
         }
     }
 }
@@ -111,6 +122,7 @@ impl Config {
     /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `16` |
+    /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -174,6 +186,14 @@ impl Config {
                     "expected a number of pages (0 turns prefetch off)",
                 )
             })?;
+        }
+        if let Some(v) = get("DSM_BACKING") {
+            self.backing = match v.trim().to_ascii_lowercase().as_str() {
+                "auto" => SpaceBacking::Auto,
+                "anon" | "anonymous" => SpaceBacking::Anonymous,
+                "memfd" => SpaceBacking::Memfd,
+                _ => return Err(err("DSM_BACKING", &v, "expected anon, memfd or auto")),
+            };
         }
         if let Some(v) = get("DSM_STATS") {
             self.print_stats = !matches!(v.trim(), "0" | "no" | "false" | "off");

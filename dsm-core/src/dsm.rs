@@ -10,9 +10,9 @@ use crossbeam_channel::Sender;
 
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
-use crate::config::{Config, ConfigError, EngineCpu, Protocol, PAGE_SIZE};
+use crate::config::{Config, ConfigError, EngineCpu, Protocol, SpaceBacking, PAGE_SIZE};
 use crate::engine::{self, Engine, Input, Node, Reply};
-use crate::fault::{FaultError, FaultHandler, Region};
+use crate::fault::{Backing, FaultError, FaultHandler, Region};
 use crate::segment::{Placement, Segment};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Rank, Transport, TransportError};
@@ -104,7 +104,31 @@ impl Dsm {
     /// connecting to the other ranks, so a bad configuration fails fast.
     pub fn prepare(config: &Config) -> Result<(Region, FaultHandler), DsmError> {
         check_size(config)?;
-        let region = Region::map(config.base, config.size)?;
+        let backing = match config.backing {
+            SpaceBacking::Anonymous => Backing::Anonymous,
+            SpaceBacking::Memfd => {
+                crate::fault::memfd_supported()?;
+                Backing::Memfd
+            }
+            SpaceBacking::Auto => match crate::fault::memfd_supported() {
+                Ok(()) => Backing::Memfd,
+                Err(e) => {
+                    tracing::debug!("shared space in anonymous memory: {e}");
+                    Backing::Anonymous
+                }
+            },
+        };
+        let region = Region::map(config.base, config.size, backing)?;
+        tracing::debug!(
+            "shared space {:#x}-{:#x} in {}",
+            region.base(),
+            region.base() + region.len(),
+            match backing {
+                Backing::Anonymous => "anonymous memory (pages installed with UFFDIO_COPY)",
+                Backing::Memfd =>
+                    "a memfd (pages written through an alias, mapped with UFFDIO_CONTINUE)",
+            }
+        );
         let faults = FaultHandler::register(&region)?;
         Ok((region, faults))
     }

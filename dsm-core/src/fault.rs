@@ -2,14 +2,19 @@
 //! kernel's memory interfaces. Everything `unsafe` about pages lives here.
 //!
 //! * [`Region`]: the shared space, mapped at its fixed address with
-//!   `MAP_FIXED_NOREPLACE` (never over an existing mapping), private
-//!   anonymous memory with transparent huge pages off (pages move one by one).
+//!   `MAP_FIXED_NOREPLACE` (never over an existing mapping), with
+//!   transparent huge pages off (pages move one by one). Its memory is
+//!   either private anonymous memory ([`Backing::Anonymous`]) or a memfd
+//!   mapped twice ([`Backing::Memfd`]): the shared space, and an alias no
+//!   fault is ever reported on, where page bytes are written before the
+//!   page is mapped (and where a one-sided transport can land them).
 //! * [`FaultHandler`]: a userfaultfd registered for missing and
-//!   write-protect faults on the region; installs pages (UFFDIO_COPY),
-//!   takes them away (write-protect, copy out, `MADV_DONTNEED`), wakes
-//!   waiting threads, and reads fault events.
+//!   write-protect faults on the region (and minor faults with a memfd);
+//!   installs pages (UFFDIO_COPY, or a write to the alias and
+//!   UFFDIO_CONTINUE), takes them away (write-protect, copy out,
+//!   `MADV_DONTNEED`), wakes waiting threads, and reads fault events.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8};
 
 use userfaultfd::{Event, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
@@ -43,6 +48,8 @@ pub enum FaultError {
     Register(String),
     #[error("installing page at {addr:#x} failed: {detail}")]
     Install { addr: usize, detail: String },
+    #[error("a memfd-backed shared space (DSM_BACKING=memfd) is not available here: {0}; use DSM_BACKING=anon (or auto)")]
+    MemfdUnsupported(String),
     #[error("{op} on page at {addr:#x} failed: {errno}")]
     PageOp {
         op: &'static str,
@@ -51,11 +58,26 @@ pub enum FaultError {
     },
 }
 
+/// What the shared space's pages are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory; pages installed with UFFDIO_COPY.
+    Anonymous,
+    /// A memfd mapped at the space and again at an alias; pages are
+    /// written through the alias and mapped with UFFDIO_CONTINUE.
+    Memfd,
+}
+
+/// `UFFDIO_CONTINUE_MODE_WP` (Linux 6.4+): map the page write-protected.
+const CONTINUE_MODE_WP: u64 = 1 << 1;
+
 /// The shared space's virtual memory.
 #[derive(Debug)]
 pub struct Region {
     base: usize,
     len: usize,
+    /// With a memfd: the second mapping of the same pages, and the memfd.
+    alias: Option<(usize, OwnedFd)>,
 }
 
 /// Describes whatever already lives in `[start, end)`, from /proc/self/maps.
@@ -80,7 +102,7 @@ fn occupant(start: usize, end: usize) -> String {
 
 impl Region {
     /// Maps `len` bytes at exactly `base`, failing if anything is there.
-    pub fn map(base: usize, len: usize) -> Result<Region, FaultError> {
+    pub fn map(base: usize, len: usize, backing: Backing) -> Result<Region, FaultError> {
         use nix::sys::mman::{MapFlags, ProtFlags};
         let end = base.saturating_add(len);
         let Some(length) = std::num::NonZeroUsize::new(len) else {
@@ -92,19 +114,42 @@ impl Region {
                 hint: "the size must be at least one page",
             });
         };
-        let flags = MapFlags::MAP_PRIVATE
-            | MapFlags::MAP_ANONYMOUS
-            | MapFlags::MAP_NORESERVE
-            | MapFlags::MAP_FIXED_NOREPLACE;
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so
-        // no memory the program uses can be affected; the result is checked.
-        let mapped = unsafe {
-            nix::sys::mman::mmap_anonymous(
-                std::num::NonZeroUsize::new(base),
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                flags,
-            )
+        let memfd = match backing {
+            Backing::Anonymous => None,
+            Backing::Memfd => Some(sized_memfd(len)?),
+        };
+        let mapped = match &memfd {
+            None => {
+                let flags = MapFlags::MAP_PRIVATE
+                    | MapFlags::MAP_ANONYMOUS
+                    | MapFlags::MAP_NORESERVE
+                    | MapFlags::MAP_FIXED_NOREPLACE;
+                // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing
+                // mapping, so no memory the program uses can be affected; the
+                // result is checked.
+                unsafe {
+                    nix::sys::mman::mmap_anonymous(
+                        std::num::NonZeroUsize::new(base),
+                        length,
+                        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                        flags,
+                    )
+                }
+            }
+            Some(fd) => {
+                let flags = MapFlags::MAP_SHARED | MapFlags::MAP_FIXED_NOREPLACE;
+                // SAFETY: as above, over our own memfd of `len` bytes.
+                unsafe {
+                    nix::sys::mman::mmap(
+                        std::num::NonZeroUsize::new(base),
+                        length,
+                        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                        flags,
+                        fd,
+                        0,
+                    )
+                }
+            }
         };
         let ptr = match mapped {
             Ok(p) => p.as_ptr() as usize,
@@ -131,7 +176,11 @@ impl Region {
                 });
             }
         };
-        let region = Region { base: ptr, len };
+        let mut region = Region {
+            base: ptr,
+            len,
+            alias: None,
+        };
         if ptr != base {
             // A kernel without MAP_FIXED_NOREPLACE treats the address as a hint.
             drop(region);
@@ -141,6 +190,28 @@ impl Region {
                 what: occupant(base, end),
                 suggest: (end + (1 << 30)) & !((1 << 30) - 1),
             });
+        }
+        if let Some(fd) = memfd {
+            // SAFETY: a new shared mapping of our memfd at an address the
+            // kernel picks: it cannot replace anything.
+            let alias = unsafe {
+                nix::sys::mman::mmap(
+                    None,
+                    length,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED,
+                    &fd,
+                    0,
+                )
+            }
+            .map_err(|errno| FaultError::MapFailed {
+                start: 0,
+                end: len,
+                size: len,
+                errno,
+                hint: "mapping the memfd's second view failed (address space limits? check `ulimit -v`)",
+            })?;
+            region.alias = Some((alias.as_ptr() as usize, fd));
         }
         // Pages move one by one: a transparent huge page would make a 4 KiB
         // transfer drop 2 MiB. Failure only costs performance.
@@ -157,6 +228,21 @@ impl Region {
 
     pub fn base(&self) -> usize {
         self.base
+    }
+
+    pub fn backing(&self) -> Backing {
+        if self.alias.is_some() {
+            Backing::Memfd
+        } else {
+            Backing::Anonymous
+        }
+    }
+
+    /// With a memfd: the address of the alias mapping (same length as the
+    /// space), where page bytes are written before they are mapped. A
+    /// transport may register it to land pages there.
+    pub fn alias(&self) -> Option<usize> {
+        self.alias.as_ref().map(|(addr, _)| *addr)
     }
 
     pub fn len(&self) -> usize {
@@ -198,11 +284,99 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        if let Some(ptr) = std::ptr::NonNull::new(self.base as *mut std::ffi::c_void) {
-            // SAFETY: the region owns this mapping; references into it borrow
-            // the owner (Dsm), so none outlive it.
-            let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
+        let alias = self.alias.as_ref().map(|(addr, _)| *addr);
+        for start in std::iter::once(self.base).chain(alias) {
+            if let Some(ptr) = std::ptr::NonNull::new(start as *mut std::ffi::c_void) {
+                // SAFETY: the region owns these mappings; references into
+                // them borrow the owner (Dsm), so none outlive it.
+                let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
+            }
         }
+    }
+}
+
+/// A new memfd of `len` bytes (its pages exist once written).
+fn sized_memfd(len: usize) -> Result<OwnedFd, FaultError> {
+    let fd = nix::sys::memfd::memfd_create(c"dsm-space", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| FaultError::MemfdUnsupported(format!("memfd_create: {e}")))?;
+    nix::unistd::ftruncate(&fd, len as i64).map_err(|e| {
+        FaultError::MemfdUnsupported(format!("sizing the memfd to {len} bytes: {e}"))
+    })?;
+    Ok(fd)
+}
+
+/// Whether this kernel supports everything a memfd-backed space needs:
+/// missing, minor and write-protect faults on shared memory, and
+/// UFFDIO_CONTINUE mapping a page write-protected (Linux 6.4+). Tried on
+/// a scratch one-page mapping.
+pub fn memfd_supported() -> Result<(), FaultError> {
+    let region = Region::map_scratch()?;
+    let handler = FaultHandler::register(&region)?;
+    let mut cont = userfaultfd_sys::uffdio_continue {
+        range: userfaultfd_sys::uffdio_range {
+            start: region.base as u64,
+            len: PAGE_SIZE as u64,
+        },
+        mode: CONTINUE_MODE_WP,
+        mapped: 0,
+    };
+    // SAFETY: UFFDIO_CONTINUE on a page of a registered scratch mapping that
+    // nothing uses; the page is not in the memfd yet, so a kernel that knows
+    // the mode fails with EFAULT and one that does not with EINVAL.
+    let rc = unsafe {
+        libc::ioctl(
+            handler.uffd.as_raw_fd(),
+            userfaultfd_sys::UFFDIO_CONTINUE as _,
+            &mut cont,
+        )
+    };
+    match (rc, nix::errno::Errno::last()) {
+        (0, _) => Ok(()),
+        (_, nix::errno::Errno::EINVAL) => Err(FaultError::MemfdUnsupported(
+            "this kernel's UFFDIO_CONTINUE cannot map pages write-protected (needs Linux 6.4 or later)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl Region {
+    /// One memfd-backed page anywhere, for [`memfd_supported`].
+    fn map_scratch() -> Result<Region, FaultError> {
+        use nix::sys::mman::{MapFlags, ProtFlags};
+        let fd = sized_memfd(PAGE_SIZE)?;
+        let one = std::num::NonZeroUsize::new(PAGE_SIZE)
+            .ok_or(FaultError::MemfdUnsupported("page size".into()))?;
+        // SAFETY: a new shared mapping of our memfd where the kernel picks.
+        let view = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                one,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| FaultError::MemfdUnsupported(format!("mapping a memfd: {e}")))?;
+        let mut region = Region {
+            base: view.as_ptr() as usize,
+            len: PAGE_SIZE,
+            alias: None,
+        };
+        // SAFETY: as above.
+        let alias = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                one,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| FaultError::MemfdUnsupported(format!("mapping a memfd: {e}")))?;
+        region.alias = Some((alias.as_ptr() as usize, fd));
+        Ok(region)
     }
 }
 
@@ -226,6 +400,8 @@ pub struct FaultHandler {
     uffd: Uffd,
     base: usize,
     len: usize,
+    /// With a memfd: the alias where page bytes are written before mapping.
+    alias: Option<usize>,
 }
 
 fn create_uffd() -> Result<Uffd, FaultError> {
@@ -284,20 +460,92 @@ fn uffd_by_syscall() -> Result<Uffd, nix::errno::Errno> {
 }
 
 impl FaultHandler {
-    /// Registers the whole region for missing and write-protect faults.
+    /// Registers the whole region for missing and write-protect faults
+    /// (and minor faults: a memfd page that exists but is not mapped).
     pub fn register(region: &Region) -> Result<FaultHandler, FaultError> {
         let uffd = create_uffd()?;
-        uffd.register_with_mode(
-            region.base as *mut _,
-            region.len,
-            RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
-        )
-        .map_err(|e| FaultError::Register(format!("{e} ({:?})", std::error::Error::source(&e))))?;
+        let alias = region.alias();
+        let mut mode = RegisterMode::MISSING | RegisterMode::WRITE_PROTECT;
+        if alias.is_some() {
+            mode |= RegisterMode::MINOR;
+        }
+        uffd.register_with_mode(region.base as *mut _, region.len, mode)
+            .map_err(|e| {
+                let detail = format!("{e} ({:?})", std::error::Error::source(&e));
+                if alias.is_some() {
+                    FaultError::MemfdUnsupported(format!(
+                        "registering shared memory for missing, minor and write-protect faults: {detail}"
+                    ))
+                } else {
+                    FaultError::Register(detail)
+                }
+            })?;
         Ok(FaultHandler {
             uffd,
             base: region.base,
             len: region.len,
+            alias,
         })
+    }
+
+    /// Writes `data` into the memfd's page through the alias, then maps it
+    /// (write-protected unless `writable`) and wakes the waiting threads.
+    fn continue_page(
+        &self,
+        alias: usize,
+        page: usize,
+        data: &[u8; PAGE_SIZE],
+        writable: bool,
+    ) -> Result<Installed, FaultError> {
+        let addr = self.addr(page);
+        // SAFETY: the alias page is memory of the region's memfd, which no
+        // Rust reference points into. The space's view of the page is not
+        // mapped (the protocol installs only pages this rank does not hold),
+        // except for a stale install, where it already holds these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (alias + page * PAGE_SIZE) as *mut u8,
+                PAGE_SIZE,
+            )
+        };
+        loop {
+            let mut cont = userfaultfd_sys::uffdio_continue {
+                range: userfaultfd_sys::uffdio_range {
+                    start: addr as u64,
+                    len: PAGE_SIZE as u64,
+                },
+                mode: if writable { 0 } else { CONTINUE_MODE_WP },
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE maps the memfd's existing page at a page
+            // of the registered region and writes the result into `cont`,
+            // which lives across the call.
+            let rc = unsafe {
+                libc::ioctl(
+                    self.uffd.as_raw_fd(),
+                    userfaultfd_sys::UFFDIO_CONTINUE as _,
+                    &mut cont,
+                )
+            };
+            if rc == 0 {
+                return Ok(Installed::Fresh);
+            }
+            match nix::errno::Errno::last() {
+                nix::errno::Errno::EEXIST => {
+                    self.wake(page)?;
+                    return Ok(Installed::AlreadyPresent);
+                }
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => continue,
+                errno => {
+                    return Err(FaultError::PageOp {
+                        op: "UFFDIO_CONTINUE",
+                        addr,
+                        errno,
+                    })
+                }
+            }
+        }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -339,6 +587,9 @@ impl FaultHandler {
 
     /// Maps `data` at `page` (writable) and wakes the threads waiting on it.
     pub fn install(&self, page: usize, data: &[u8; PAGE_SIZE]) -> Result<Installed, FaultError> {
+        if let Some(alias) = self.alias {
+            return self.continue_page(alias, page, data, true);
+        }
         let addr = self.addr(page);
         loop {
             // SAFETY: `data` is a live page-sized buffer and `addr` a page of
@@ -373,6 +624,9 @@ impl FaultHandler {
         page: usize,
         data: &[u8; PAGE_SIZE],
     ) -> Result<Installed, FaultError> {
+        if let Some(alias) = self.alias {
+            return self.continue_page(alias, page, data, false);
+        }
         let addr = self.addr(page);
         loop {
             let mut copy = userfaultfd_sys::uffdio_copy {

@@ -102,3 +102,22 @@ fn false_sharing_every_rank_writes_its_own_word_of_one_page() {
     let out = job(&[], 8, "stress", &["falseshare", "2000"]);
     out.expect_each_rank(8, "falseshare exact: 8 words of one page, 2000 each");
 }
+
+/// The memfd-backed space (pages written through an alias and mapped with
+/// UFFDIO_CONTINUE) keeps sequential consistency and exact counts.
+#[test]
+fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
+    let memfd = [("DSM_BACKING", "memfd"), ("DSM_SPACE_SIZE", "4M")];
+    let out = job(&memfd, 2, "litmus", &["sb", "2000"]);
+    if out.code != Some(0) && out.stderr.contains("is not available here") {
+        eprintln!("memfd backing not supported by this kernel, skipped: {out:?}");
+        return;
+    }
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+    assert!(line.ends_with("; forbidden 0"), "{line}\n{out:?}");
+    let out = job(&memfd, 4, "stress", &["random", "4", "6000"]);
+    out.expect_each_rank(4, "random exact: 16 slots");
+    let out = job(&memfd, 4, "stress", &["atomics", "4", "5000"]);
+    out.expect_each_rank(4, "atomics exact: A=80000 B=200000");
+}
