@@ -158,8 +158,11 @@ impl Stream {
         if self.max_depth == 0 || self.run < 2 {
             return page + 1..page + 1;
         }
-        // The window doubles as the stream goes on, up to max_depth.
-        let depth = (1usize << self.run.min(10)).min(self.max_depth);
+        // The window starts at one page and doubles as the stream goes on,
+        // up to max_depth: a short run (a stencil reading a neighbour's
+        // 4-page row) fetches little it will not use, and each page fetched
+        // for nothing costs its writer an invalidation later.
+        let depth = (1usize << (self.run - 2).min(10)).min(self.max_depth);
         let from = self.requested_to.max(page + 1);
         let to = page + 1 + depth;
         self.requested_to = self.requested_to.max(to);
@@ -986,17 +989,19 @@ mod tests {
             s.on_read_fault(11).is_empty(),
             "two faults are not yet a stream"
         );
-        assert_eq!(s.on_read_fault(12), 13..17);
+        assert_eq!(s.on_read_fault(12), 13..14, "window 1");
         assert_eq!(
             s.on_read_fault(13),
-            17..22,
-            "nothing requested twice, window 8"
+            14..16,
+            "nothing requested twice, window 2"
         );
-        assert_eq!(s.on_read_fault(14), 22..31, "window 16");
-        assert_eq!(s.on_read_fault(15), 31..32, "capped at 16 ahead");
+        assert_eq!(s.on_read_fault(14), 16..19, "window 4");
+        assert_eq!(s.on_read_fault(15), 19..24, "window 8");
+        assert_eq!(s.on_read_fault(16), 24..33, "window 16");
+        assert_eq!(s.on_read_fault(17), 33..34, "capped at 16 ahead");
         assert_eq!(
             s.on_read_fault(25),
-            32..42,
+            34..42,
             "a fault inside the window requested ahead continues the stream"
         );
         assert!(s.on_read_fault(100).is_empty(), "a jump ends the stream");

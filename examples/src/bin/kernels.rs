@@ -76,20 +76,28 @@ fn initial(i: usize, j: usize, n: usize) -> f64 {
     }
 }
 
-/// One Jacobi sweep of rows `[first, end)` from `src` into `dst`.
-fn sweep(
-    src: impl Fn(usize, usize) -> f64,
-    mut dst: impl FnMut(usize, usize, f64),
+/// One Jacobi sweep of rows `[first, end)` from the rows of `src` into
+/// the rows of `dst` (each row `n` values). The parallel run (rows in the
+/// shared space) and the serial run (rows in private memory) run this same
+/// code on the same element type.
+fn sweep<'a>(
+    src: impl Fn(usize) -> &'a [AtomicU64],
+    dst: impl Fn(usize) -> &'a [AtomicU64],
     n: usize,
     first: usize,
     end: usize,
 ) {
     for i in first.max(1)..end.min(n - 1) {
+        let (up, mid, down, out) = (
+            &src(i - 1)[..n],
+            &src(i)[..n],
+            &src(i + 1)[..n],
+            &dst(i)[..n],
+        );
         for j in 1..n - 1 {
-            dst(
-                i,
-                j,
-                0.25 * (src(i - 1, j) + src(i + 1, j) + src(i, j - 1) + src(i, j + 1)),
+            set(
+                &out[j],
+                0.25 * (get(&up[j]) + get(&down[j]) + get(&mid[j - 1]) + get(&mid[j + 1])),
             );
         }
     }
@@ -124,7 +132,8 @@ fn jacobi(dsm: &Dsm, n: usize, iterations: usize) -> Result<Option<String>> {
             blocks[r].map(|block| block + (i - rows_of(r, size, n).0) * n)
         })
         .collect();
-    let cell = |grid: usize, i: usize, j: usize| -> &AtomicU64 { &raw[row_start[i][grid] + j] };
+    let row = |grid: usize, i: usize| -> &[AtomicU64] { &raw[row_start[i][grid]..][..n] };
+    let cell = |grid: usize, i: usize, j: usize| -> &AtomicU64 { &row(grid, i)[j] };
     for i in first..end {
         for j in 0..n {
             set(cell(0, i, j), initial(i, j, n));
@@ -135,13 +144,7 @@ fn jacobi(dsm: &Dsm, n: usize, iterations: usize) -> Result<Option<String>> {
     let start = Instant::now();
     for it in 0..iterations {
         let (from, to) = (it % 2, 1 - it % 2);
-        sweep(
-            |i, j| get(cell(from, i, j)),
-            |i, j, v| set(cell(to, i, j), v),
-            n,
-            first,
-            end,
-        );
+        sweep(|i| row(from, i), |i| row(to, i), n, first, end);
         dsm.barrier()?;
     }
     let parallel = start.elapsed();
@@ -151,27 +154,21 @@ fn jacobi(dsm: &Dsm, n: usize, iterations: usize) -> Result<Option<String>> {
     let result = iterations % 2;
     let sum = checksum(|i, j| get(cell(result, i, j)), n);
 
-    // The same code, serially, in private memory.
-    let start = Instant::now();
-    let mut grids = [0, 1].map(|_| {
+    // The same code, serially, in private memory (initialized, like the
+    // shared grids, before the clock starts).
+    let grids = [0, 1].map(|_| {
         (0..n * n)
-            .map(|k| initial(k / n, k % n, n))
-            .collect::<Vec<f64>>()
+            .map(|k| AtomicU64::new(initial(k / n, k % n, n).to_bits()))
+            .collect::<Vec<AtomicU64>>()
     });
+    let private_row = |grid: usize, i: usize| -> &[AtomicU64] { &grids[grid][i * n..][..n] };
+    let start = Instant::now();
     for it in 0..iterations {
         let (from, to) = (it % 2, 1 - it % 2);
-        let (src, dst) = if from == 0 {
-            let (x, y) = grids.split_at_mut(1);
-            (&x[0], &mut y[0])
-        } else {
-            let (x, y) = grids.split_at_mut(1);
-            (&y[0], &mut x[0])
-        };
-        sweep(|i, j| src[i * n + j], |i, j, v| dst[i * n + j] = v, n, 0, n);
-        let _ = to;
+        sweep(|i| private_row(from, i), |i| private_row(to, i), n, 0, n);
     }
     let serial = start.elapsed();
-    let expected = checksum(|i, j| grids[result][i * n + j], n);
+    let expected = checksum(|i, j| get(&private_row(result, i)[j]), n);
     if sum.to_bits() != expected.to_bits() {
         return Err(format!("jacobi checksum {sum} differs from the serial {expected}").into());
     }
