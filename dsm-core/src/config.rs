@@ -56,6 +56,10 @@ pub struct Config {
     /// Most pages requested ahead of a sequential read stream (0: off).
     pub prefetch: usize,
     pub backing: SpaceBacking,
+    /// How long the fault and engine threads poll for work before they
+    /// sleep (0: sleep at once, right for machines with more threads than
+    /// CPUs; a few tens of µs trade CPU time for a wake-up per event).
+    pub spin: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +73,7 @@ impl Default for Config {
             print_stats: false,
             prefetch: 16,
             backing: SpaceBacking::Anonymous,
+            spin: Duration::ZERO,
         }
     }
 }
@@ -123,6 +128,7 @@ impl Config {
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `16` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
+    /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -194,6 +200,13 @@ impl Config {
                 "memfd" => SpaceBacking::Memfd,
                 _ => return Err(err("DSM_BACKING", &v, "expected anon, memfd or auto")),
             };
+        }
+        if let Some(v) = get("DSM_SPIN_US") {
+            let us: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| err("DSM_SPIN_US", &v, "expected microseconds (0: no polling)"))?;
+            self.spin = Duration::from_micros(us);
         }
         if let Some(v) = get("DSM_STATS") {
             self.print_stats = !matches!(v.trim(), "0" | "no" | "false" | "off");

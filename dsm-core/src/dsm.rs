@@ -182,6 +182,7 @@ impl Dsm {
             )
             .with_prefetch(config.prefetch),
         ));
+        let spin = config.spin;
         let reader = {
             let (engine, faults, tx) =
                 (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
@@ -189,7 +190,7 @@ impl Dsm {
                 .name("dsm-faults".into())
                 .spawn(move || {
                     pin_to(cpu);
-                    engine::read_faults(engine, faults, stop_read, tx)
+                    engine::read_faults(engine, faults, stop_read, tx, spin)
                 })
                 .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?
         };
@@ -198,7 +199,7 @@ impl Dsm {
                 .name("dsm-engine".into())
                 .spawn(move || {
                     pin_to(cpu);
-                    if let Err(e) = Engine::run(&engine, inputs_rx) {
+                    if let Err(e) = Engine::run(&engine, inputs_rx, spin) {
                         // Application threads may be parked in faults this
                         // engine can no longer serve: end the process.
                         eprintln!("dsm: rank {rank} on {host}: {e}; aborting");

@@ -235,9 +235,20 @@ impl Engine {
     /// served by the fault thread ([`read_faults`]) on the same state. An
     /// error is fatal for the job (a peer is gone, a protocol violation, the
     /// kernel refused an operation, a store to a sealed segment).
-    pub fn run(engine: &Mutex<Engine>, inputs: Receiver<Input>) -> Result<(), DsmError> {
+    /// `spin`: how long to poll the queues before sleeping on them.
+    pub fn run(
+        engine: &Mutex<Engine>,
+        inputs: Receiver<Input>,
+        spin: Duration,
+    ) -> Result<(), DsmError> {
         let inbox = lock(engine).transport.inbox();
         loop {
+            if !spin.is_zero() {
+                let until = Instant::now() + spin;
+                while inbox.is_empty() && inputs.is_empty() && Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
             let timeout = lock(engine)
                 .next_deadline()
                 .map(|t| t.saturating_duration_since(Instant::now()))
@@ -935,8 +946,31 @@ pub(crate) fn read_faults(
     faults: Arc<FaultHandler>,
     stop: OwnedFd,
     events: Sender<Input>,
+    spin: Duration,
 ) {
+    let serve = |fault: Fault| -> Result<(), DsmError> {
+        let mut this = lock(&engine);
+        this.on_fault(fault).and_then(|()| this.flush())
+    };
     loop {
+        // Poll the userfaultfd for a while first (DSM_SPIN_US): a fault
+        // found this way costs no wake-up of this thread.
+        let until = Instant::now() + spin;
+        while !spin.is_zero() && Instant::now() < until {
+            match faults.next_fault() {
+                Ok(Some(fault)) => {
+                    if let Err(e) = serve(fault) {
+                        let _ = events.send(Input::Failed(e));
+                        return;
+                    }
+                }
+                Ok(None) => std::hint::spin_loop(),
+                Err(e) => {
+                    let _ = events.send(Input::Failed(e.into()));
+                    return;
+                }
+            }
+        }
         let mut fds = [
             PollFd::new(faults.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop.as_fd(), PollFlags::POLLIN),
@@ -955,8 +989,7 @@ pub(crate) fn read_faults(
         loop {
             match faults.next_fault() {
                 Ok(Some(fault)) => {
-                    let mut this = lock(&engine);
-                    if let Err(e) = this.on_fault(fault).and_then(|()| this.flush()) {
+                    if let Err(e) = serve(fault) {
                         let _ = events.send(Input::Failed(e));
                         return;
                     }
