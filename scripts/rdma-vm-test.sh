@@ -6,9 +6,12 @@
 #   2. DSM jobs through dsmexec with DSM_TRANSPORT=rdma: the seed example (2 ranks),
 #      roundrobin (4 ranks) and contention (4 ranks, 4 threads, 10000 increments),
 #      checking exit statuses, the expected lines, and that every rank logged
-#      "transport rdma" (DSM_LOG=info);
+#      "transport rdma" with pages moving by RDMA WRITE into its landing arena
+#      (DSM_LOG=info); contention once more with DSM_RDMA_PAGES=send (pages in
+#      SEND messages, the other path);
 #   3. the fault_latency benchmark (bench/benches/fault_latency.rs) with
-#      DSM_TRANSPORT=rdma, beside `ib_read_lat -s 4096` in the same VM run.
+#      DSM_TRANSPORT=rdma, once per page path (DSM_RDMA_PAGES=write, then send),
+#      beside `ib_read_lat -s 4096` in the same VM run.
 #      Default: a quick smoke run (debug build, ~1 s per figure; its figures are
 #      indicative only). --bench: the release build with criterion's full settings,
 #      plus transport-rdma's read_lat example.
@@ -91,13 +94,16 @@ for b in "$@"; do
 done
 
 echo "=== kernel $(uname -r); userfaultfd: $(if [ -e /dev/userfaultfd ]; then echo /dev/userfaultfd present; else echo system call only; fi)"
-# dsm_job NAME RANKS ARGS...: one DSM job over RDMA; output kept in /tmp/job-NAME.log.
+# dsm_job NAME RANKS ARGS...: one DSM job over RDMA; output kept in /tmp/job-NAME.log
+# (/tmp/job-NAME-send.log with PAGES=send: pages in SEND messages).
 dsm_job() {
   name=$1; n=$2; shift 2
+  mode=${PAGES:-write}
   log=/tmp/job-$name.log
-  echo "=== DSM_TRANSPORT=rdma dsmexec -n $n $name $*"
+  [ "$mode" = write ] || log=/tmp/job-$name-$mode.log
+  echo "=== DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode dsmexec -n $n $name $*"
   t=$(date +%s)
-  DSM_TRANSPORT=rdma DSM_LOG=info DSM_STATS=1 timeout 300 \
+  DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode DSM_LOG=info DSM_STATS=1 timeout 300 \
     "$DSM_BIN_DIR/dsmexec" -n "$n" "$DSM_BIN_DIR/$name" "$@" >"$log" 2>&1
   st=$?
   cat "$log"
@@ -107,22 +113,42 @@ dsm_job() {
   while [ "$r" -lt "$n" ]; do
     grep -q "rank $r: transport rdma (device" "$log" ||
       fail "$name: rank $r did not log that it uses the RDMA transport"
+    if [ "$mode" = write ]; then
+      grep -q "rank $r: transport rdma (device.*page data by RDMA WRITE into a landing arena of [1-9]" "$log" ||
+        fail "$name: rank $r did not log a landing arena"
+    fi
     r=$((r + 1))
   done
+  # Pages moved, and by the path asked for.
+  if [ "$mode" = write ]; then
+    grep -Eq "transport rdma: [1-9][0-9]* pages sent by RDMA WRITE" "$log" ||
+      fail "$name: no rank sent a page by RDMA WRITE"
+  else
+    grep -Eq "transport rdma: 0 pages sent by RDMA WRITE, [1-9][0-9]* by SEND" "$log" ||
+      fail "$name ($mode): pages did not go by SEND"
+    ! grep -Eq "transport rdma: [1-9][0-9]* pages sent by RDMA WRITE" "$log" ||
+      fail "$name ($mode): a page went by RDMA WRITE"
+  fi
 }
 expect() { grep -qF -- "$2" "/tmp/job-$1.log" || fail "$1: missing line \"$2\""; }
 dsm_job exemple 2
 expect exemple "[1] read 4242 from page 0"
 dsm_job roundrobin 4
 dsm_job contention 4 4 10000
+PAGES=send
+dsm_job contention 4 4 10000
+PAGES=write
 for r in 0 1 2 3; do
   expect roundrobin "rank $r: 4 rounds over 100 pages verified"
   expect contention "rank $r: all 16 counters are exactly 10000"
+  expect contention-send "rank $r: all 16 counters are exactly 10000"
 done
 
-echo "=== fault_latency bench, DSM_TRANSPORT=rdma ($FAULT_ARGS)"
-DSM_TRANSPORT=rdma CRITERION_HOME=/tmp/criterion "$FAULT_BIN" $FAULT_ARGS ||
-  fail "fault_latency bench"
+for mode in write send; do
+  echo "=== fault_latency bench, DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode ($FAULT_ARGS)"
+  DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode CRITERION_HOME=/tmp/criterion-$mode "$FAULT_BIN" $FAULT_ARGS ||
+    fail "fault_latency bench (DSM_RDMA_PAGES=$mode)"
+done
 if [ -n "$RDMA_BENCH_BIN" ]; then
   echo "=== 4 KiB RDMA READ latency (same VM session)"
   "$RDMA_BENCH_BIN" 2000 || fail "read_lat"

@@ -84,7 +84,8 @@ fn pair(kind: &Selected) -> Vec<Arc<dyn Transport>> {
                     Selected::Tcp => tcp,
                     Selected::Rdma(port) => {
                         let hosts = vec!["localhost".to_string(); 2];
-                        transport_rdma::connect_job(tcp, &port, hosts).expect("RDMA connects")
+                        transport_rdma::connect_job(tcp, &port, hosts, SPACE_PAGES)
+                            .expect("RDMA connects")
                     }
                 }
             })
@@ -195,7 +196,9 @@ fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, ou
             let config = Config {
                 base,
                 size: SPACE_PAGES * PAGE_SIZE,
-                ..Config::default()
+                // One fault per page: no read-ahead.
+                prefetch: 0,
+                ..Config::from_env().expect("DSM_* variables")
             }
             .validate()
             .expect("bench configuration");

@@ -46,11 +46,15 @@ pub fn init(config: Config) -> Result<Dsm, DsmError> {
     let hosts: Vec<String> = boot.peers.iter().map(|p| p.host.clone()).collect();
     let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &TcpOptions::default())?;
     // RDMA: the TCP transport becomes the bootstrap channel of the queue
-    // pairs; DSM messages (page data included) go over SEND/RECV.
+    // pairs; DSM messages go over SEND/RECV, page data by RDMA WRITE into a
+    // landing arena of one slot per page of the shared space.
     let transport: Arc<dyn Transport> = match selected {
         Selected::Tcp => transport,
-        Selected::Rdma(port) => transport_rdma::connect_job(transport, &port, hosts.clone())
-            .map_err(dsm_core::TransportError::from)?,
+        Selected::Rdma(port) => {
+            let pages = config.size / PAGE_SIZE;
+            transport_rdma::connect_job(transport, &port, hosts.clone(), pages)
+                .map_err(dsm_core::TransportError::from)?
+        }
     };
     Dsm::start(space, transport, hosts, config)
 }

@@ -2,25 +2,32 @@
 //! [`crate::select_from_env`] chose RDMA.
 //!
 //! The job's TCP transport is connected first and serves as the bootstrap
-//! channel (queue pair numbers, GIDs and PSNs travel over it, and a rank
-//! whose TCP connection drops is reported lost); DSM messages, page data
-//! included, then travel over SEND/RECV on one RC queue pair per peer.
+//! channel (queue pair numbers, GIDs, PSNs and the landing arenas' keys
+//! travel over it, and a rank whose TCP connection drops is reported lost);
+//! DSM messages then travel over SEND/RECV on one RC queue pair per peer,
+//! and page data by RDMA WRITE into the receiver's landing arena (one
+//! registered page slot per page of the shared space), unless
+//! `DSM_RDMA_PAGES=send`.
 
 use std::sync::Arc;
 
 use dsm_core::Transport;
 
+use crate::transport::PageMode;
 use crate::verbs::PortSummary;
 use crate::{RdmaDevice, RdmaError, RdmaOptions, RdmaTransport};
 
 /// Opens the device of `port` (or `DSM_RDMA_DEVICE` / `DSM_RDMA_PORT` when
 /// set), connects an [`RdmaTransport`] over the connected bootstrap
-/// transport `boot` and logs (at `info`) which device carries the job.
-/// `hosts` (one per rank) name peers in error messages.
+/// transport `boot` with a landing arena of `pages` pages (the shared
+/// space's size in pages) and logs (at `info`) which device carries the job
+/// and how page data moves. `hosts` (one per rank) name peers in error
+/// messages.
 pub fn connect_job(
     boot: Arc<dyn Transport>,
     port: &PortSummary,
     hosts: Vec<String>,
+    pages: usize,
 ) -> Result<Arc<RdmaTransport>, RdmaError> {
     let mut opts = RdmaOptions::from_env()?;
     if opts.device.is_none() {
@@ -28,12 +35,20 @@ pub fn connect_job(
         opts.port = opts.port.or(Some(port.port));
     }
     opts.hosts = hosts;
+    opts.landing_pages = pages;
     let rank = boot.rank();
     let device = RdmaDevice::open(&opts)?;
     let (name, cfg) = (device.name().to_string(), device.port());
     let transport = RdmaTransport::connect(boot, device, Vec::new(), &opts)?;
+    let pages_by = match (opts.pages, transport.landing_pages()) {
+        (PageMode::Send, _) => "page data over SEND/RECV (DSM_RDMA_PAGES=send)".to_string(),
+        (PageMode::Write, 0) => "page data over SEND/RECV (no landing arena)".to_string(),
+        (PageMode::Write, n) => {
+            format!("page data by RDMA WRITE into a landing arena of {n} pages")
+        }
+    };
     tracing::info!(
-        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV)",
+        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, {pages_by})",
         cfg.port,
         cfg.gid_index
     );

@@ -3,9 +3,10 @@
 //! * [`verbs`]: small safe wrappers over `rdma-sys` (device list, context,
 //!   protection domain, memory region, completion queue, RC queue pair).
 //! * [`RdmaTransport`]: implements [`dsm_core::Transport`] over one RC queue
-//!   pair per peer (SEND/RECV), plus synchronous one-sided RDMA READ / WRITE
-//!   of regions registered before connecting. Connection data travels over a
-//!   bootstrap transport (e.g. `transport_tcp::TcpTransport`).
+//!   pair per peer (SEND/RECV; pages given to `send_page` by RDMA WRITE into
+//!   the receiver's landing arena), plus synchronous one-sided RDMA READ /
+//!   WRITE of regions registered before connecting. Connection data travels
+//!   over a bootstrap transport (e.g. `transport_tcp::TcpTransport`).
 //! * [`connect_job`]: the RDMA transport of a DSM job over its connected
 //!   TCP transport (what `dsm::init` uses with `DSM_TRANSPORT=rdma|auto`).
 //! * [`mod@select`]: choosing the transport from `DSM_TRANSPORT` (rdma, tcp
@@ -21,5 +22,8 @@ pub mod verbs;
 
 pub use job::connect_job;
 pub use select::{rdma_available, select, select_from_env, SelectError, Selected, TransportChoice};
-pub use transport::{RdmaDevice, RdmaError, RdmaOptions, RdmaTransport, RemoteRegion};
+pub use transport::{
+    PageCounts, PageMode, PollCpu, RdmaDevice, RdmaError, RdmaOptions, RdmaTransport, RemoteRegion,
+    PAGE_BYTES,
+};
 pub use verbs::{MemoryRegion, VerbsError};

@@ -12,7 +12,14 @@
 //! * Every queue is bounded: send buffers (a pool), send-queue slots per peer
 //!   (a semaphore), the inbox (`inbox_capacity` messages).
 //! * Two completion threads sleep on completion channels: one for receives,
-//!   one for sends / READs / WRITEs (which wake the waiting caller).
+//!   one for sends / READs / WRITEs (which wake the waiting caller). Both are
+//!   pinned to one CPU (`DSM_RDMA_POLL_CPU`, see [`PollCpu`]).
+//! * Pages ([`Transport::send_page`]) move by one-sided RDMA WRITE into the
+//!   receiver's *landing arena* (one registered slot of 4096 bytes per page
+//!   of the shared space, registered once at connect and announced in the
+//!   setup exchange), followed on the same queue pair by a SEND of the
+//!   message header with a page marker; `Shared::send_page` explains why
+//!   this is race-free (an invariant of the DSM protocol).
 //! * A peer is reported lost when a work request to it fails or when the
 //!   bootstrap transport reports it lost, unless it said goodbye.
 
@@ -34,7 +41,14 @@ use crate::verbs::{
 const FRAG_MORE: u8 = 1;
 const FRAG_LAST: u8 = 2;
 const FRAG_GOODBYE: u8 = 3;
-const SETUP_MAGIC: &[u8; 8] = b"DSMRDMA1";
+/// A message whose page was RDMA-written into the receiver's landing arena:
+/// `[FRAG_PAGE][page index: u64 LE][message header]`; the message delivered
+/// is `header ++ arena[page * 4096 .. + 4096]`.
+const FRAG_PAGE: u8 = 4;
+/// Bytes of a page (the DSM's page size); the unit of the landing arena.
+pub const PAGE_BYTES: usize = dsm_core::PAGE_SIZE;
+/// Version 2: the endpoint message carries the landing arena.
+const SETUP_MAGIC: &[u8; 8] = b"DSMRDMA2";
 const SETUP_ENDPOINT: u8 = 1;
 const SETUP_READY: u8 = 2;
 /// Send-queue work request ids have the top bit set, receive ids never do.
@@ -96,6 +110,73 @@ pub struct RdmaOptions {
     pub poll_spin: Duration,
     /// Host names per rank, for error messages (optional).
     pub hosts: Vec<String>,
+    /// How pages given to [`Transport::send_page`] travel (`DSM_RDMA_PAGES`).
+    pub pages: PageMode,
+    /// Pages of this rank's landing arena (the shared space's size in pages;
+    /// [`crate::connect_job`] sets it). 0, or `pages: PageMode::Send`: no
+    /// arena, peers send our pages by SEND.
+    pub landing_pages: usize,
+    /// Where the completion threads run (`DSM_RDMA_POLL_CPU`).
+    pub poll_cpu: PollCpu,
+}
+
+/// How page data travels (`DSM_RDMA_PAGES=write|send`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PageMode {
+    /// RDMA WRITE into the receiver's landing arena, then a SEND of the
+    /// header with a page marker (the default).
+    #[default]
+    Write,
+    /// Header and page together in SEND/RECV messages, like any message.
+    Send,
+}
+
+/// Which CPU the completion threads are pinned to (`DSM_RDMA_POLL_CPU`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PollCpu {
+    /// `rank % number of CPUs`: the CPU `DSM_ENGINE_CPU=auto` gives the
+    /// rank's fault engine, so a rank's hot threads share one CPU and ranks
+    /// on one machine spread over the CPUs; a spinning poller then never
+    /// takes time from another rank's engine.
+    #[default]
+    Auto,
+    /// Not pinned.
+    Unpinned,
+    Fixed(usize),
+}
+
+impl PollCpu {
+    /// The CPU to pin to, if any, for `rank` when this process may run on
+    /// the CPUs `cpus` (in order; empty: unknown).
+    pub fn resolve(self, rank: Rank, cpus: &[usize]) -> Option<usize> {
+        match self {
+            PollCpu::Auto if cpus.is_empty() => None,
+            PollCpu::Auto => Some(cpus[rank % cpus.len()]),
+            PollCpu::Unpinned => None,
+            PollCpu::Fixed(n) => Some(n),
+        }
+    }
+}
+
+/// Pins the calling completion thread as `DSM_RDMA_POLL_CPU` says.
+fn pin_poller(s: &Shared, what: &str) {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let ids: Vec<usize> = cores.iter().map(|c| c.id).collect();
+    let Some(cpu) = s.opts.poll_cpu.resolve(s.rank, &ids) else {
+        return;
+    };
+    match cores.into_iter().find(|c| c.id == cpu) {
+        Some(core) if core_affinity::set_for_current(core) => {
+            tracing::debug!(
+                "rank {}: RDMA {what} completions polled on CPU {cpu}",
+                s.rank
+            );
+        }
+        _ => tracing::warn!(
+            "rank {}: cannot pin the RDMA {what} completion thread to CPU {cpu} (usable: {ids:?})",
+            s.rank
+        ),
+    }
 }
 
 impl Default for RdmaOptions {
@@ -113,15 +194,32 @@ impl Default for RdmaOptions {
             op_timeout: Duration::from_secs(30),
             poll_spin: Duration::from_micros(50),
             hosts: Vec::new(),
+            pages: PageMode::default(),
+            landing_pages: 0,
+            poll_cpu: PollCpu::default(),
         }
     }
 }
 
 impl RdmaOptions {
-    /// Defaults with `DSM_RDMA_DEVICE`, `DSM_RDMA_PORT`, `DSM_RDMA_GID_INDEX`.
+    /// Defaults overridden by the environment:
+    ///
+    /// | variable | meaning | default |
+    /// | --- | --- | --- |
+    /// | `DSM_RDMA_DEVICE` | device name, e.g. `rxe0`, `mlx5_0` | first with an active port |
+    /// | `DSM_RDMA_PORT` | port number | the device's first active port |
+    /// | `DSM_RDMA_GID_INDEX` | GID index | first IPv4-mapped GID on RoCE |
+    /// | `DSM_RDMA_SPIN_US` | µs the completion threads poll before sleeping | `50` |
+    /// | `DSM_RDMA_PAGES` | `write` (RDMA WRITE into the landing arena) or `send` (SEND/RECV) | `write` |
+    /// | `DSM_RDMA_POLL_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     pub fn from_env() -> Result<Self, RdmaError> {
+        Self::from_lookup(|n| std::env::var(n).ok())
+    }
+
+    /// [`RdmaOptions::from_env`] over any source of variables.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, RdmaError> {
         let mut o = RdmaOptions::default();
-        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        let var = |n: &str| lookup(n).filter(|v| !v.trim().is_empty());
         o.device = var(crate::select::ENV_DEVICE);
         let num = |n: &str| -> Result<Option<u8>, RdmaError> {
             var(n)
@@ -139,6 +237,28 @@ impl RdmaOptions {
                 RdmaError::Invalid(format!("DSM_RDMA_SPIN_US={v:?} is not a number"))
             })?;
             o.poll_spin = Duration::from_micros(us);
+        }
+        if let Some(v) = var("DSM_RDMA_PAGES") {
+            o.pages = match v.trim().to_ascii_lowercase().as_str() {
+                "write" => PageMode::Write,
+                "send" => PageMode::Send,
+                _ => {
+                    return Err(RdmaError::Invalid(format!(
+                        "DSM_RDMA_PAGES={v:?}: expected write (the default) or send"
+                    )))
+                }
+            };
+        }
+        if let Some(v) = var("DSM_RDMA_POLL_CPU") {
+            o.poll_cpu = match v.trim() {
+                "auto" => PollCpu::Auto,
+                "none" => PollCpu::Unpinned,
+                n => PollCpu::Fixed(n.parse().map_err(|_| {
+                    RdmaError::Invalid(format!(
+                        "DSM_RDMA_POLL_CPU={v:?}: expected auto, none or a CPU number"
+                    ))
+                })?),
+            };
         }
         Ok(o)
     }
@@ -247,11 +367,14 @@ struct Peer {
     lost: AtomicBool,
     said_goodbye: AtomicBool,
     regions: Vec<RemoteRegion>,
+    /// The peer's landing arena (None: it has none, send it pages by SEND).
+    arena: Option<RemoteRegion>,
 }
 
 enum Pending {
-    /// A SEND from the pool buffer `slot`.
-    Buffer { peer: Rank, slot: usize },
+    /// The last of `wrs` work requests (a SEND, or an unsignaled WRITE then
+    /// a SEND) from the pool buffer `slot`; each took a send-queue slot.
+    Buffer { peer: Rank, slot: usize, wrs: usize },
     /// A READ / WRITE whose caller waits on `tx`.
     Waiter {
         peer: Rank,
@@ -267,6 +390,10 @@ struct Shared {
     device: Arc<RdmaDevice>,
     peers: Vec<Option<Peer>>,
     local_regions: Vec<Arc<MemoryRegion>>,
+    /// Our landing arena: peers RDMA WRITE the pages they send us here.
+    arena: Option<Arc<MemoryRegion>>,
+    pages_written: AtomicU64,
+    pages_sent: AtomicU64,
     send_cq: Arc<CompletionQueue>,
     recv_cq: Arc<CompletionQueue>,
     send_mr: Arc<MemoryRegion>,
@@ -289,8 +416,18 @@ pub struct RdmaTransport {
 
 /// Our queue pair for one peer, its receive buffers and what we told the peer.
 type LocalQp = (Arc<QueuePair>, Arc<MemoryRegion>, QpEndpoint);
-/// What one peer told us: its endpoint and its regions.
-type RemoteInfo = Option<(QpEndpoint, Vec<RemoteRegion>)>;
+/// What one peer told us: its endpoint, its regions and its landing arena.
+type RemoteInfo = Option<(QpEndpoint, Vec<RemoteRegion>, Option<RemoteRegion>)>;
+
+/// How many pages have moved to peers, by each path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    /// By RDMA WRITE into the peer's landing arena (plus a SEND of the header).
+    pub written: u64,
+    /// In SEND messages (`DSM_RDMA_PAGES=send`, no arena at the peer, or a
+    /// header too large for one buffer).
+    pub sent: u64,
+}
 
 fn setup(msg: impl Into<String>) -> RdmaError {
     RdmaError::Setup(msg.into())
@@ -305,8 +442,12 @@ fn psn_seed(rank: Rank, peer: Rank) -> u32 {
         & 0x00ff_ffff
 }
 
-fn encode_endpoint(ep: &QpEndpoint, regions: &[Arc<MemoryRegion>]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64 + regions.len() * 20);
+fn encode_endpoint(
+    ep: &QpEndpoint,
+    regions: &[Arc<MemoryRegion>],
+    arena: Option<&Arc<MemoryRegion>>,
+) -> Vec<u8> {
+    let mut v = Vec::with_capacity(84 + regions.len() * 20);
     v.extend_from_slice(SETUP_MAGIC);
     v.push(SETUP_ENDPOINT);
     v.extend_from_slice(&ep.qpn.to_le_bytes());
@@ -321,6 +462,11 @@ fn encode_endpoint(ep: &QpEndpoint, regions: &[Arc<MemoryRegion>]) -> Vec<u8> {
         v.extend_from_slice(&(r.len() as u64).to_le_bytes());
         v.extend_from_slice(&r.rkey().to_le_bytes());
     }
+    // The landing arena, last: length 0 = none.
+    let (addr, len, rkey) = arena.map_or((0, 0, 0), |a| (a.addr(), a.len() as u64, a.rkey()));
+    v.extend_from_slice(&addr.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&rkey.to_le_bytes());
     v
 }
 
@@ -343,7 +489,7 @@ fn decode_endpoint(bytes: &[u8]) -> RemoteInfo {
     let mtu = u32::from_le_bytes(c.take()?);
     let ethernet = c.take::<1>()?[0] != 0;
     let n = u32::from_le_bytes(c.take()?) as usize;
-    if n > c.0.len() / 20 {
+    if n > c.0.len().saturating_sub(20) / 20 {
         return None;
     }
     let mut regions = Vec::with_capacity(n);
@@ -354,9 +500,15 @@ fn decode_endpoint(bytes: &[u8]) -> RemoteInfo {
             rkey: u32::from_le_bytes(c.take()?),
         });
     }
-    if !c.0.is_empty() {
+    let arena = RemoteRegion {
+        addr: u64::from_le_bytes(c.take()?),
+        len: u64::from_le_bytes(c.take()?),
+        rkey: u32::from_le_bytes(c.take()?),
+    };
+    if !c.0.is_empty() || !arena.len.is_multiple_of(PAGE_BYTES as u64) {
         return None;
     }
+    let arena = (arena.len > 0).then_some(arena);
     Some((
         QpEndpoint {
             qpn,
@@ -367,7 +519,37 @@ fn decode_endpoint(bytes: &[u8]) -> RemoteInfo {
             ethernet,
         },
         regions,
+        arena,
     ))
+}
+
+/// The byte offset in a landing arena of `arena_pages` pages of the page a
+/// `FRAG_PAGE` body names, and the message header that follows the index.
+/// Garbage (short body, index out of the arena) is an error naming the
+/// problem, never a panic or an access outside the arena.
+fn decode_page_marker(body: &[u8], arena_pages: usize) -> Result<(usize, &[u8]), String> {
+    let (index, header) = body
+        .split_first_chunk::<8>()
+        .ok_or_else(|| format!("page marker of {} bytes (needs 8)", body.len()))?;
+    let page = u64::from_le_bytes(*index);
+    usize::try_from(page)
+        .ok()
+        .filter(|p| *p < arena_pages)
+        .map(|p| (p * PAGE_BYTES, header))
+        .ok_or_else(|| {
+            format!(
+                "page marker names page {page}, outside our landing arena of {arena_pages} pages"
+            )
+        })
+}
+
+/// The SEND that follows a page's WRITE: `[FRAG_PAGE][page u64 LE][header]`.
+fn encode_page_marker(page: usize, header: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + header.len());
+    v.push(FRAG_PAGE);
+    v.extend_from_slice(&(page as u64).to_le_bytes());
+    v.extend_from_slice(header);
+    v
 }
 
 fn ready_message() -> Vec<u8> {
@@ -379,7 +561,11 @@ fn ready_message() -> Vec<u8> {
 impl RdmaTransport {
     /// Connects every pair of ranks of the job `boot` belongs to. `regions`
     /// (registered on `device`) are announced to every peer, which can then
-    /// READ and WRITE them ([`RdmaTransport::remote_regions`]).
+    /// READ and WRITE them ([`RdmaTransport::remote_regions`]). With
+    /// `opts.landing_pages > 0` (and `opts.pages == PageMode::Write`) a
+    /// landing arena of that many pages is registered and announced too; if
+    /// it cannot be registered (e.g. `RLIMIT_MEMLOCK`), a warning is logged
+    /// and peers send this rank its pages by SEND.
     ///
     /// `boot` must not be used by anyone else meanwhile; afterwards the
     /// transport keeps it to learn about lost peers and closes it in `shutdown`.
@@ -402,6 +588,21 @@ impl RdmaTransport {
         let send_cq = CompletionQueue::new(&device.ctx, peer_count * sq_depth as usize)?;
         let recv_cq = CompletionQueue::new(&device.ctx, peer_count * opts.recv_depth)?;
         let send_mr = device.alloc(opts.send_buffers * opts.slot_size)?;
+        let arena = match (opts.pages, opts.landing_pages) {
+            (PageMode::Send, _) | (_, 0) => None,
+            (PageMode::Write, pages) => match pages.checked_mul(PAGE_BYTES) {
+                Some(len) => device
+                    .alloc(len)
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "rank {rank}: no landing arena of {pages} pages ({e}); \
+                             peers send this rank its pages by SEND"
+                        )
+                    })
+                    .ok(),
+                None => None,
+            },
+        };
 
         // Queue pairs with their receive buffers posted, and our endpoints.
         let mut qps: Vec<Option<LocalQp>> = (0..size).map(|_| None).collect();
@@ -431,7 +632,7 @@ impl RdmaTransport {
                 )?;
             }
             let ep = verbs::local_endpoint(&device.ctx, &qp, psn_seed(rank, peer))?;
-            boot.send(peer, &encode_endpoint(&ep, &regions))?;
+            boot.send(peer, &encode_endpoint(&ep, &regions, arena.as_ref()))?;
             *slot = Some((qp, recv_mr, ep));
         }
 
@@ -478,7 +679,7 @@ impl RdmaTransport {
         wait_for(&mut remote, &mut ready, &all_endpoints)?;
 
         for (peer, slot) in qps.iter().enumerate() {
-            if let (Some((qp, _, ep)), Some((rep, _))) = (slot, &remote[peer]) {
+            if let (Some((qp, _, ep)), Some((rep, _, _))) = (slot, &remote[peer]) {
                 qp.connect(ep, rep).map_err(|e| {
                     setup(format!(
                         "rank {rank}: connecting the queue pair to rank {peer}: {e}"
@@ -498,7 +699,7 @@ impl RdmaTransport {
             .zip(remote)
             .map(|(q, r)| {
                 let (qp, recv_mr, _) = q?;
-                let (_, regions) = r?;
+                let (_, regions, arena) = r?;
                 Some(Peer {
                     qp,
                     recv_mr,
@@ -507,6 +708,7 @@ impl RdmaTransport {
                     lost: AtomicBool::new(false),
                     said_goodbye: AtomicBool::new(false),
                     regions,
+                    arena,
                 })
             })
             .collect();
@@ -530,6 +732,9 @@ impl RdmaTransport {
             device,
             peers,
             local_regions: regions,
+            arena,
+            pages_written: AtomicU64::new(0),
+            pages_sent: AtomicU64::new(0),
             send_cq,
             recv_cq,
             send_mr,
@@ -567,6 +772,32 @@ impl RdmaTransport {
 
     pub fn device(&self) -> &Arc<RdmaDevice> {
         &self.shared.device
+    }
+
+    /// Pages of this rank's landing arena (0: none; peers send it pages by SEND).
+    pub fn landing_pages(&self) -> usize {
+        self.shared
+            .arena
+            .as_ref()
+            .map_or(0, |a| a.len() / PAGE_BYTES)
+    }
+
+    /// Pages of `rank`'s landing arena, as it announced at connect.
+    pub fn peer_landing_pages(&self, rank: Rank) -> usize {
+        self.shared
+            .peers
+            .get(rank)
+            .and_then(|p| p.as_ref())
+            .and_then(|p| p.arena)
+            .map_or(0, |a| (a.len / PAGE_BYTES as u64) as usize)
+    }
+
+    /// Pages sent to peers so far, by path.
+    pub fn page_counts(&self) -> PageCounts {
+        PageCounts {
+            written: self.shared.pages_written.load(Ordering::Relaxed),
+            sent: self.shared.pages_sent.load(Ordering::Relaxed),
+        }
     }
 
     /// The regions `rank` announced at connection time (ours for our rank).
@@ -784,6 +1015,150 @@ impl Shared {
         }
     }
 
+    /// Where `send_page` can WRITE `page` for `to`: the peer and its arena,
+    /// or None when the page must go by SEND (see [`PageCounts::sent`]).
+    fn page_target(
+        &self,
+        to: Rank,
+        page: usize,
+        header_len: usize,
+        data_len: usize,
+    ) -> Option<(&Peer, RemoteRegion)> {
+        if self.opts.pages != PageMode::Write
+            || to == self.rank
+            || data_len != PAGE_BYTES
+            || PAGE_BYTES + 9 + header_len > self.opts.slot_size
+            || PAGE_BYTES + header_len > self.opts.max_message
+        {
+            return None;
+        }
+        let peer = self.peer(to).ok()?;
+        let arena = peer.arena?;
+        let end = (page as u64)
+            .checked_add(1)?
+            .checked_mul(PAGE_BYTES as u64)?;
+        (end <= arena.len).then_some((peer, arena))
+    }
+
+    /// `header ++ page` to `to`: the page by RDMA WRITE into `to`'s landing
+    /// arena at `page * 4096`, then on the same queue pair (posted together,
+    /// one doorbell) a SEND of `[FRAG_PAGE][page][header]`, both out of one
+    /// pool buffer (page at its start, marker after it). Falls back to a
+    /// plain SEND of `header ++ data` when the peer has no arena (or `page`
+    /// is outside it, or the header does not fit one buffer).
+    ///
+    /// Why the receiver reads the right bytes from its arena slot:
+    /// * RC ordering: the receiving adapter places the WRITE's data before it
+    ///   completes the SEND posted after it on the same queue pair, and the
+    ///   receive thread copies the slot out as soon as it sees that SEND's
+    ///   completion (`Shared::landed`), before it hands the message on.
+    /// * INVARIANT (of the DSM protocol, relied on here): two page transfers
+    ///   of the same page to the same rank are never in flight at once. A
+    ///   page moves to a rank as the answer to that rank's request (a grant)
+    ///   or as a write-back to the page's home that the home asked for; the
+    ///   next transfer of that page to that rank is causally after the
+    ///   receiver's engine consumed the previous one (the rank requested
+    ///   again, or the home's directory moved on after handling the
+    ///   write-back). So no second WRITE into a slot, from any sender, starts
+    ///   before the receive thread copied the first one out.
+    ///
+    /// A sender that broke the invariant could garble only the contents of
+    /// the page it sends; the arena is only read through bounds-checked
+    /// copies, and a marker naming a page outside it loses that peer.
+    fn send_page(
+        &self,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        let Some((peer, arena)) = self.page_target(to, page, header.len(), data.len()) else {
+            if to != self.rank {
+                self.pages_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            return self.send_frame(to, FRAG_LAST, &[header, data]);
+        };
+        self.check_usable(to, peer)?;
+        let _order = peer.send_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match self.pool.1.recv_timeout(self.opts.op_timeout) {
+            Ok(s) => s,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(self.lost_error(to, "no send buffer became free (peer not receiving?)"))
+            }
+            Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Shutdown),
+        };
+        let base = slot * self.opts.slot_size;
+        let marker = encode_page_marker(page, header);
+        let posted = self
+            .send_mr
+            .write_bytes(base, data)
+            .and_then(|_| self.send_mr.write_bytes(base + PAGE_BYTES, &marker))
+            .and_then(|_| {
+                let until = Instant::now() + self.opts.op_timeout;
+                if !peer.sq.acquire(until) {
+                    return Err(VerbsError::Invalid("the send queue stayed full".into()));
+                }
+                if !peer.sq.acquire(until) {
+                    peer.sq.release();
+                    return Err(VerbsError::Invalid("the send queue stayed full".into()));
+                }
+                let (write_id, send_id) = (self.new_id(), self.new_id());
+                self.pending_lock().insert(
+                    send_id,
+                    Pending::Buffer {
+                        peer: to,
+                        slot,
+                        wrs: 2,
+                    },
+                );
+                let write = Segment {
+                    region: Arc::clone(&self.send_mr),
+                    offset: base,
+                    len: PAGE_BYTES,
+                };
+                let send = Segment {
+                    region: Arc::clone(&self.send_mr),
+                    offset: base + PAGE_BYTES,
+                    len: marker.len(),
+                };
+                let op = SendOp::RdmaWrite {
+                    remote_addr: arena.addr + (page * PAGE_BYTES) as u64,
+                    rkey: arena.rkey,
+                };
+                peer.qp
+                    .post_send_pair((write_id, op, &[write]), (send_id, SendOp::Send, &[send]))
+                    .inspect_err(|_| {
+                        self.pending_lock().remove(&send_id);
+                        peer.sq.release();
+                        peer.sq.release();
+                    })
+            });
+        if let Err(e) = posted {
+            let _ = self.pool.0.try_send(slot);
+            return Err(self.lose(to, format!("sending page {page} failed: {e}")));
+        }
+        self.pages_written.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The message a `FRAG_PAGE` body announces: its header, then the page
+    /// copied out of our landing arena (see `send_page` for why the slot
+    /// holds that page now).
+    fn landed(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let arena = self
+            .arena
+            .as_ref()
+            .ok_or("page marker, but this rank has no landing arena")?;
+        let (offset, header) = decode_page_marker(body, arena.len() / PAGE_BYTES)?;
+        let mut payload = Vec::with_capacity(header.len() + PAGE_BYTES);
+        payload.extend_from_slice(header);
+        payload.resize(header.len() + PAGE_BYTES, 0);
+        arena
+            .read_bytes(offset, &mut payload[header.len()..])
+            .map_err(|e| e.to_string())?;
+        Ok(payload)
+    }
+
     fn send_frame(&self, to: Rank, kind_last: u8, parts: &[&[u8]]) -> Result<(), TransportError> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         if total > self.opts.max_message {
@@ -854,8 +1229,14 @@ impl Shared {
                     return Err(VerbsError::Invalid("the send queue stayed full".into()));
                 }
                 let id = self.new_id();
-                self.pending_lock()
-                    .insert(id, Pending::Buffer { peer: to, slot });
+                self.pending_lock().insert(
+                    id,
+                    Pending::Buffer {
+                        peer: to,
+                        slot,
+                        wrs: 1,
+                    },
+                );
                 let seg = Segment {
                     region: Arc::clone(&self.send_mr),
                     offset: base,
@@ -880,6 +1261,7 @@ impl Shared {
 }
 
 fn recv_loop(s: Arc<Shared>) {
+    pin_poller(&s, "receive");
     let mut partial: Vec<Vec<u8>> = vec![Vec::new(); s.size];
     let mut wcs = Vec::with_capacity(64);
     while !s.stop.load(Ordering::SeqCst) {
@@ -942,6 +1324,25 @@ fn recv_loop(s: Arc<Shared>) {
                         payload,
                     }));
                 }
+                FRAG_PAGE => {
+                    if !buf.is_empty() {
+                        buf.clear();
+                        s.lose(
+                            peer_rank,
+                            "protocol error: page marker inside a message".into(),
+                        );
+                        continue;
+                    }
+                    match s.landed(body) {
+                        Ok(payload) => s.deliver(Ok(Message {
+                            from: peer_rank,
+                            payload,
+                        })),
+                        Err(why) => {
+                            s.lose(peer_rank, format!("protocol error: {why}"));
+                        }
+                    }
+                }
                 FRAG_GOODBYE => {
                     peer.said_goodbye.store(true, Ordering::SeqCst);
                     *s.goodbyes.lock().unwrap_or_else(|p| p.into_inner()) += 1;
@@ -956,6 +1357,7 @@ fn recv_loop(s: Arc<Shared>) {
 }
 
 fn send_completion_loop(s: Arc<Shared>) {
+    pin_poller(&s, "send");
     let mut wcs = Vec::with_capacity(64);
     while !s.stop.load(Ordering::SeqCst) {
         wcs.clear();
@@ -964,15 +1366,20 @@ fn send_completion_loop(s: Arc<Shared>) {
             return;
         }
         for wc in &wcs {
+            // Unknown ids: the unsignaled WRITE of a page, reported only when
+            // it failed; the SEND posted after it is flushed and reports that.
             let Some(p) = s.pending_lock().remove(&wc.wr_id) else {
                 continue;
             };
-            let rank = match &p {
-                Pending::Buffer { peer, .. } | Pending::Waiter { peer, .. } => *peer,
+            let (rank, wrs) = match &p {
+                Pending::Buffer { peer, wrs, .. } => (*peer, *wrs),
+                Pending::Waiter { peer, .. } => (*peer, 1),
             };
             if let Ok(peer) = s.peer(rank) {
                 peer.qp.complete(wc.wr_id);
-                peer.sq.release();
+                for _ in 0..wrs {
+                    peer.sq.release();
+                }
             }
             match p {
                 Pending::Buffer { slot, .. } => {
@@ -1021,6 +1428,18 @@ impl Transport for RdmaTransport {
         self.shared.send_frame(to, FRAG_LAST, parts)
     }
 
+    /// See `Shared::send_page`: the page by RDMA WRITE into the peer's
+    /// landing arena, the header by SEND.
+    fn send_page(
+        &self,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        self.shared.send_page(to, header, page, data)
+    }
+
     fn inbox(&self) -> Receiver<Incoming> {
         self.shared.inbox.1.clone()
     }
@@ -1046,6 +1465,15 @@ impl Transport for RdmaTransport {
         let s = &self.shared;
         if s.shut_down.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        let counts = self.page_counts();
+        if counts.written + counts.sent > 0 {
+            tracing::info!(
+                "rank {}: transport rdma: {} pages sent by RDMA WRITE, {} by SEND",
+                s.rank,
+                counts.written,
+                counts.sent
+            );
         }
         let deadline = Instant::now() + timeout;
         let mut first_error = None;
@@ -1114,19 +1542,211 @@ mod tests {
             mtu: 3,
             ethernet: true,
         };
-        let bytes = encode_endpoint(&ep, &[]);
-        let (back, regions) = decode_endpoint(&bytes).unwrap();
+        let bytes = encode_endpoint(&ep, &[], None);
+        let (back, regions, arena) = decode_endpoint(&bytes).unwrap();
         assert_eq!(back, ep);
         assert!(regions.is_empty());
+        assert_eq!(arena, None);
         assert!(decode_endpoint(&bytes[..bytes.len() - 1]).is_none());
         let mut long = bytes.clone();
         long.push(0);
         assert!(decode_endpoint(&long).is_none());
         // A region count larger than the bytes that follow is refused.
         let mut lying = bytes.clone();
-        let n = lying.len() - 4;
-        lying[n..].copy_from_slice(&u32::MAX.to_le_bytes());
+        let n = lying.len() - 24;
+        lying[n..n + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_endpoint(&lying).is_none());
+    }
+
+    #[test]
+    fn endpoint_carries_the_landing_arena() {
+        let ep = QpEndpoint {
+            qpn: 1,
+            psn: 2,
+            lid: 0,
+            gid: [9; 16],
+            mtu: 5,
+            ethernet: true,
+        };
+        let mut bytes = encode_endpoint(&ep, &[], None);
+        let n = bytes.len();
+        // Arena at 0x1000, 3 pages, rkey 77.
+        bytes[n - 20..n - 12].copy_from_slice(&0x1000u64.to_le_bytes());
+        bytes[n - 12..n - 4].copy_from_slice(&(3 * PAGE_BYTES as u64).to_le_bytes());
+        bytes[n - 4..].copy_from_slice(&77u32.to_le_bytes());
+        let (_, _, arena) = decode_endpoint(&bytes).unwrap();
+        assert_eq!(
+            arena,
+            Some(RemoteRegion {
+                addr: 0x1000,
+                len: 3 * PAGE_BYTES as u64,
+                rkey: 77
+            })
+        );
+        // An arena that is not whole pages is refused.
+        bytes[n - 12..n - 4].copy_from_slice(&4097u64.to_le_bytes());
+        assert!(decode_endpoint(&bytes).is_none());
+    }
+
+    #[test]
+    fn page_marker_round_trip_and_bounds() {
+        let header = b"grant page 5";
+        let wire = encode_page_marker(5, header);
+        assert_eq!(wire[0], FRAG_PAGE);
+        assert_eq!(wire.len(), 9 + header.len());
+        let (offset, back) = decode_page_marker(&wire[1..], 6).unwrap();
+        assert_eq!((offset, back), (5 * PAGE_BYTES, &header[..]));
+        // The last page of the arena is fine, one past it is not.
+        assert!(decode_page_marker(&wire[1..], 5).is_err());
+        let last = encode_page_marker(99, b"");
+        assert_eq!(
+            decode_page_marker(&last[1..], 100).unwrap().0,
+            99 * PAGE_BYTES
+        );
+        let err = decode_page_marker(&last[1..], 99).unwrap_err();
+        assert!(err.contains("page 99") && err.contains("99 pages"), "{err}");
+        // No arena at all.
+        assert!(decode_page_marker(&last[1..], 0).is_err());
+        // Huge indices cannot overflow the offset computation.
+        let mut huge = vec![0u8; 8];
+        huge.copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_page_marker(&huge, usize::MAX / PAGE_BYTES).is_err());
+        huge.copy_from_slice(&(1u64 << 63).to_le_bytes());
+        assert!(decode_page_marker(&huge, 1000).is_err());
+        // Short markers: every length below 8 is an error, not a panic.
+        for len in 0..8 {
+            let err = decode_page_marker(&wire[1..1 + len], 1 << 20).unwrap_err();
+            assert!(err.contains("needs 8"), "{err}");
+        }
+        // An empty header is allowed.
+        assert_eq!(decode_page_marker(&wire[1..9], 6).unwrap().1, b"");
+    }
+
+    fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |n| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn options_from_the_environment() {
+        let o = RdmaOptions::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(o.pages, PageMode::Write);
+        assert_eq!(o.poll_cpu, PollCpu::Auto);
+        assert_eq!(o.landing_pages, 0);
+        let o = RdmaOptions::from_lookup(lookup(&[
+            ("DSM_RDMA_PAGES", " Send "),
+            ("DSM_RDMA_POLL_CPU", "1"),
+            ("DSM_RDMA_SPIN_US", "7"),
+        ]))
+        .unwrap();
+        assert_eq!(o.pages, PageMode::Send);
+        assert_eq!(o.poll_cpu, PollCpu::Fixed(1));
+        assert_eq!(o.poll_spin, Duration::from_micros(7));
+        let o = RdmaOptions::from_lookup(lookup(&[
+            ("DSM_RDMA_PAGES", "write"),
+            ("DSM_RDMA_POLL_CPU", "none"),
+        ]))
+        .unwrap();
+        assert_eq!((o.pages, o.poll_cpu), (PageMode::Write, PollCpu::Unpinned));
+        // Empty values are unset.
+        let o = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_POLL_CPU", " ")])).unwrap();
+        assert_eq!(o.poll_cpu, PollCpu::Auto);
+
+        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_POLL_CPU", "first")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "DSM_RDMA_POLL_CPU=\"first\": expected auto, none or a CPU number"
+        );
+        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_POLL_CPU", "-1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected auto, none or a CPU number"), "{err}");
+        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_PAGES", "read")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "DSM_RDMA_PAGES=\"read\": expected write (the default) or send"
+        );
+    }
+
+    #[test]
+    fn poll_cpu_resolution() {
+        let two = [0, 1];
+        assert_eq!(PollCpu::Auto.resolve(0, &two), Some(0));
+        assert_eq!(PollCpu::Auto.resolve(1, &two), Some(1));
+        assert_eq!(PollCpu::Auto.resolve(5, &two), Some(1));
+        // A restricted affinity mask: pick among the usable CPUs.
+        assert_eq!(PollCpu::Auto.resolve(3, &[4, 6]), Some(6));
+        assert_eq!(PollCpu::Auto.resolve(3, &[]), None);
+        assert_eq!(PollCpu::Unpinned.resolve(3, &two), None);
+        assert_eq!(PollCpu::Fixed(7).resolve(0, &two), Some(7));
+    }
+
+    /// A page marker naming a page outside the receiver's arena loses the
+    /// sender (a protocol error reported as `PeerLost`), never a panic or a
+    /// read outside the arena. Needs a device (`scripts/rdma-vm-test.sh`).
+    #[test]
+    fn page_marker_outside_the_arena_loses_the_peer() {
+        if let Err(why) = crate::select::active_port() {
+            if std::env::var("DSM_TEST_REQUIRE_RDMA").as_deref() == Ok("1") {
+                panic!("DSM_TEST_REQUIRE_RDMA=1 but no RDMA device: {why}");
+            }
+            println!(
+                "SKIPPED page_marker_outside_the_arena_loses_the_peer: no RDMA device ({why})"
+            );
+            return;
+        }
+        let boots = dsm_core::bootstrap::Bootstrap::loopback_group(2).unwrap();
+        let hs: Vec<_> = boots
+            .into_iter()
+            .map(|b| {
+                thread::spawn(move || {
+                    let opts = RdmaOptions {
+                        landing_pages: 4,
+                        ..RdmaOptions::from_env().unwrap()
+                    };
+                    let tcp = transport_tcp::TcpTransport::connect(
+                        b,
+                        &transport_tcp::TcpOptions::default(),
+                    )
+                    .unwrap();
+                    let dev = RdmaDevice::open(&opts).unwrap();
+                    RdmaTransport::connect(tcp, dev, Vec::new(), &opts).unwrap()
+                })
+            })
+            .collect();
+        let ts: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        let (a, b) = (&ts[0], &ts[1]);
+        let limit = Duration::from_secs(30);
+        // A good page first (the last slot of the arena).
+        a.send_page(1, b"h", 3, &[5; PAGE_BYTES]).unwrap();
+        let m = b.recv_timeout(limit).unwrap().unwrap();
+        assert_eq!(&m.payload[..1], b"h");
+        assert!(m.payload[1..].iter().all(|x| *x == 5) && m.payload.len() == 1 + PAGE_BYTES);
+        assert_eq!(a.page_counts().written, 1);
+        // Page 4 is one past the arena: send_page itself falls back to SEND...
+        a.send_page(1, b"h", 4, &[6; PAGE_BYTES]).unwrap();
+        let m = b.recv_timeout(limit).unwrap().unwrap();
+        assert!(m.payload[1..].iter().all(|x| *x == 6));
+        assert_eq!(a.page_counts().sent, 1);
+        // ...but a broken peer's marker for it is a protocol error.
+        a.shared
+            .send_frame(1, FRAG_PAGE, &[&4u64.to_le_bytes(), b"x"])
+            .unwrap();
+        match b.recv_timeout(limit) {
+            Err(TransportError::PeerLost {
+                rank: 0, reason, ..
+            }) => {
+                assert!(reason.contains("outside our landing arena"), "{reason}")
+            }
+            other => panic!("expected PeerLost, got {other:?}"),
+        }
     }
 
     #[test]

@@ -881,6 +881,58 @@ impl QueuePair {
     /// Posts one signaled send-queue work request.
     pub fn post_send(&self, wr_id: u64, op: SendOp, segs: &[Segment]) -> Result<(), VerbsError> {
         let mut sges = Self::sges(segs)?;
+        let mut wr = Self::send_wr(wr_id, op, &mut sges);
+        self.hold(wr_id, segs)?;
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: live QP; the sge list points at registered ranges (bounds
+        // checked) whose regions are held in `in_flight` until completion; the
+        // WR and sges only need to live for the duration of the call.
+        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
+        if rc != 0 {
+            self.complete(wr_id);
+            return Err(rc_err("ibv_post_send", rc));
+        }
+        Ok(())
+    }
+
+    /// Posts `first` unsignaled, then `last` signaled, in one call (one
+    /// doorbell). On an RC queue pair completions are reported in posting
+    /// order, so `last`'s completion means `first` completed too; a failed
+    /// `first` is reported (with its id) and flushes `last`. The regions of
+    /// both are held under `last`'s id. If the provider refuses `last` after
+    /// accepting `first`, the hold is kept (until the queue pair is
+    /// destroyed: `first` may still use the memory) and an error is returned;
+    /// the caller must then treat the queue pair as failed.
+    pub fn post_send_pair(
+        &self,
+        first: (u64, SendOp, &[Segment]),
+        last: (u64, SendOp, &[Segment]),
+    ) -> Result<(), VerbsError> {
+        let mut sges_first = Self::sges(first.2)?;
+        let mut sges_last = Self::sges(last.2)?;
+        let mut wr_last = Self::send_wr(last.0, last.1, &mut sges_last);
+        let mut wr_first = Self::send_wr(first.0, first.1, &mut sges_first);
+        wr_first.send_flags = 0;
+        wr_first.next = &mut wr_last;
+        let held: Vec<Segment> = first.2.iter().chain(last.2).cloned().collect();
+        self.hold(last.0, &held)?;
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: live QP; both sge lists point at registered ranges (bounds
+        // checked) whose regions are held in `in_flight` under `last`'s id
+        // until its completion (which follows `first`'s); the WRs, linked
+        // through `next`, and their sges live until the call returns.
+        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr_first, &mut bad) };
+        if rc != 0 {
+            let first_taken = ptr::eq(bad, &wr_last);
+            if !first_taken {
+                self.complete(last.0);
+            }
+            return Err(rc_err("ibv_post_send", rc));
+        }
+        Ok(())
+    }
+
+    fn send_wr(wr_id: u64, op: SendOp, sges: &mut [sys::ibv_sge]) -> sys::ibv_send_wr {
         // SAFETY: all-zero is a valid value of this plain C struct.
         let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -898,17 +950,7 @@ impl QueuePair {
                 wr.wr.rdma = sys::rdma_t { remote_addr, rkey };
             }
         }
-        self.hold(wr_id, segs)?;
-        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
-        // SAFETY: live QP; the sge list points at registered ranges (bounds
-        // checked) whose regions are held in `in_flight` until completion; the
-        // WR and sges only need to live for the duration of the call.
-        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
-        if rc != 0 {
-            self.complete(wr_id);
-            return Err(rc_err("ibv_post_send", rc));
-        }
-        Ok(())
+        wr
     }
 
     /// Posts one receive buffer.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dsm_core::auth::JobSecret;
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::Transport;
-use transport_rdma::{MemoryRegion, RdmaDevice, RdmaOptions, RdmaTransport};
+use transport_rdma::{MemoryRegion, PageMode, RdmaDevice, RdmaOptions, RdmaTransport};
 use transport_tcp::{TcpOptions, TcpTransport};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -41,9 +41,12 @@ struct Rank {
 }
 
 fn rdma_over(boot: Bootstrap) -> Rank {
+    rdma_with(boot, RdmaOptions::from_env().unwrap())
+}
+
+fn rdma_with(boot: Bootstrap, opts: RdmaOptions) -> Rank {
     let rank = boot.rank;
     let tcp = TcpTransport::connect(boot, &TcpOptions::default()).unwrap();
-    let opts = RdmaOptions::from_env().unwrap();
     let dev = RdmaDevice::open(&opts).unwrap();
     let region = dev.alloc(REGION).unwrap();
     let fill: Vec<u8> = (0..REGION).map(|i| pattern(rank, i)).collect();
@@ -53,10 +56,18 @@ fn rdma_over(boot: Bootstrap) -> Rank {
 }
 
 fn job(size: usize) -> Vec<Rank> {
+    job_with(size, |_| RdmaOptions::from_env().unwrap())
+}
+
+/// A job whose rank `r` connects with `opts(r)`.
+fn job_with(size: usize, opts: impl Fn(usize) -> RdmaOptions) -> Vec<Rank> {
     let boots = Bootstrap::loopback_group(size).unwrap();
     let hs: Vec<_> = boots
         .into_iter()
-        .map(|b| thread::spawn(move || rdma_over(b)))
+        .map(|b| {
+            let o = opts(b.rank);
+            thread::spawn(move || rdma_with(b, o))
+        })
         .collect();
     hs.into_iter().map(|h| h.join().unwrap()).collect()
 }
@@ -195,6 +206,155 @@ fn many_messages_from_many_threads_arrive_whole_and_in_order() {
     }
     let total = N * N * THREADS * PER_THREAD as usize;
     println!("{total} messages among {N} ranks in {:?}", start.elapsed());
+    shutdown_all(ranks);
+}
+
+/// The bytes of page `page` in version `v` (distinct per page and version).
+fn page_bytes(v: usize, page: usize) -> Vec<u8> {
+    (0..4096)
+        .map(|i: usize| (i.wrapping_mul(7) ^ page.wrapping_mul(13) ^ v.wrapping_mul(101)) as u8)
+        .collect()
+}
+
+fn page_header(v: usize, page: usize) -> Vec<u8> {
+    // Headers of varying length, like the DSM's grant / write-back headers.
+    let mut h = format!("v{v} page {page}:").into_bytes();
+    h.resize(h.len() + (v + page) % 23, b'.');
+    h
+}
+
+fn expect_page(t: &RdmaTransport, from: usize, v: usize, page: usize) {
+    let m = t.recv_timeout(LIMIT).unwrap().expect("page message");
+    assert_eq!(m.from, from, "sender of v{v} page {page}");
+    let h = page_header(v, page);
+    assert_eq!(
+        &m.payload[..h.len()],
+        &h[..],
+        "header of v{v} page {page} from {from}"
+    );
+    assert!(
+        m.payload[h.len()..] == page_bytes(v, page)[..],
+        "data of v{v} page {page} from rank {from} differs"
+    );
+}
+
+/// `send_page` by RDMA WRITE into the landing arena: payloads arrive byte
+/// for byte as `header ++ page`, in order with other messages, from two
+/// senders at once (one writing, one in `DSM_RDMA_PAGES=send` mode), many
+/// pages back to back and the same page over and over (each consumed before
+/// the next is sent, as the DSM protocol guarantees).
+#[test]
+fn pages_by_rdma_write_arrive_whole_and_in_order() {
+    if !device_or_skip("pages_by_rdma_write_arrive_whole_and_in_order") {
+        return;
+    }
+    const PAGES: usize = 64;
+    let ranks = job_with(3, |r| RdmaOptions {
+        landing_pages: PAGES,
+        // Rank 2 has no arena and sends its pages by SEND.
+        pages: if r == 2 {
+            PageMode::Send
+        } else {
+            PageMode::Write
+        },
+        ..RdmaOptions::from_env().unwrap()
+    });
+    let ts: Vec<Arc<RdmaTransport>> = ranks.iter().map(|r| Arc::clone(&r.t)).collect();
+    assert_eq!(ts[1].landing_pages(), PAGES);
+    assert_eq!(ts[0].peer_landing_pages(1), PAGES);
+    assert_eq!(ts[2].landing_pages(), 0);
+    assert_eq!(ts[0].peer_landing_pages(2), 0);
+
+    // Ranks 0 and 2 send rank 1 every page back to back (0 the even pages,
+    // 2 the odd ones: never the same page to the same rank at once), each
+    // round after rank 1 consumed the previous one; a large fragmented
+    // message and a small one after every 8th page keep their place.
+    for v in 0..3 {
+        let senders: Vec<_> = [0usize, 2]
+            .into_iter()
+            .map(|me| {
+                let t = Arc::clone(&ts[me]);
+                thread::spawn(move || {
+                    for page in (0..PAGES).filter(|p| p % 2 == me / 2) {
+                        t.send_page(1, &page_header(v, page), page, &page_bytes(v, page))
+                            .unwrap();
+                        if page % 8 < 2 {
+                            t.send(1, &vec![page as u8; 40_000]).unwrap();
+                            t.send(1, &[me as u8, page as u8]).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        // What each sender sends, in order: its pages, each followed by the
+        // two messages when page % 8 < 2. The two streams interleave freely.
+        let expected = |me: usize| -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            for page in (0..PAGES).filter(|p| p % 2 == me / 2) {
+                out.push([page_header(v, page), page_bytes(v, page)].concat());
+                if page % 8 < 2 {
+                    out.push(vec![page as u8; 40_000]);
+                    out.push(vec![me as u8, page as u8]);
+                }
+            }
+            out
+        };
+        let want = [expected(0), Vec::new(), expected(2)];
+        let mut next = [0usize; 3];
+        for _ in 0..want[0].len() + want[2].len() {
+            let m = ts[1].recv_timeout(LIMIT).unwrap().expect("message");
+            let i = next[m.from];
+            assert!(
+                want[m.from].get(i) == Some(&m.payload),
+                "round {v}: message {i} from rank {} differs ({} bytes)",
+                m.from,
+                m.payload.len()
+            );
+            next[m.from] += 1;
+        }
+        for s in senders {
+            s.join().unwrap();
+        }
+    }
+
+    // The same page, again and again, each consumed before the next goes;
+    // rank 1 answers with the same page into rank 0's arena.
+    for v in 0..200 {
+        ts[0]
+            .send_page(1, &page_header(v, 7), 7, &page_bytes(v, 7))
+            .unwrap();
+        expect_page(&ts[1], 0, v, 7);
+        ts[1]
+            .send_page(0, &page_header(v + 1000, 7), 7, &page_bytes(v + 1000, 7))
+            .unwrap();
+        expect_page(&ts[0], 1, v + 1000, 7);
+    }
+
+    // Outside the peer's arena, to a rank without one, and to oneself: SEND.
+    ts[0]
+        .send_page(1, &page_header(1, PAGES), PAGES, &page_bytes(1, PAGES))
+        .unwrap();
+    expect_page(&ts[1], 0, 1, PAGES);
+    ts[0]
+        .send_page(2, &page_header(2, 3), 3, &page_bytes(2, 3))
+        .unwrap();
+    expect_page(&ts[2], 0, 2, 3);
+    ts[0]
+        .send_page(0, &page_header(3, 3), 3, &page_bytes(3, 3))
+        .unwrap();
+    expect_page(&ts[0], 0, 3, 3);
+
+    let (c0, c1, c2) = (
+        ts[0].page_counts(),
+        ts[1].page_counts(),
+        ts[2].page_counts(),
+    );
+    println!("pages by WRITE / SEND: rank 0 {c0:?}, rank 1 {c1:?}, rank 2 {c2:?}");
+    assert_eq!(c0.written, 3 * PAGES as u64 / 2 + 200);
+    assert_eq!(c0.sent, 2);
+    assert_eq!((c1.written, c1.sent), (200, 0));
+    assert_eq!((c2.written, c2.sent), (0, 3 * PAGES as u64 / 2));
+    drop(ts);
     shutdown_all(ranks);
 }
 
