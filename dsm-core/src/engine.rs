@@ -130,6 +130,12 @@ pub(crate) struct Engine {
     out: Outbox,
 }
 
+/// Consecutive read faults after the first before read-ahead starts: the
+/// fifth fault in a row. Shorter runs (up to 16 KiB, such as a stencil
+/// reading a neighbour's row) are not streams; pages fetched for nothing
+/// cost their writer an invalidation later.
+const STREAM_MIN_RUN: usize = 4;
+
 /// Sequential read-stream detection for prefetch.
 #[derive(Default)]
 struct Stream {
@@ -155,14 +161,14 @@ impl Stream {
         if !sequential {
             self.requested_to = page + 1;
         }
-        if self.max_depth == 0 || self.run < 2 {
+        if self.max_depth == 0 || self.run < STREAM_MIN_RUN {
             return page + 1..page + 1;
         }
         // The window starts at one page and doubles as the stream goes on,
         // up to max_depth: a short run (a stencil reading a neighbour's
         // 4-page row) fetches little it will not use, and each page fetched
         // for nothing costs its writer an invalidation later.
-        let depth = (1usize << (self.run - 2).min(10)).min(self.max_depth);
+        let depth = (1usize << (self.run - STREAM_MIN_RUN).min(10)).min(self.max_depth);
         let from = self.requested_to.max(page + 1);
         let to = page + 1 + depth;
         self.requested_to = self.requested_to.max(to);
@@ -1018,23 +1024,25 @@ mod tests {
             s.on_read_fault(10).is_empty(),
             "a first fault is not a stream"
         );
-        assert!(
-            s.on_read_fault(11).is_empty(),
-            "two faults are not yet a stream"
-        );
-        assert_eq!(s.on_read_fault(12), 13..14, "window 1");
+        for p in 11..14 {
+            assert!(
+                s.on_read_fault(p).is_empty(),
+                "four faults in a row are not yet a stream"
+            );
+        }
+        assert_eq!(s.on_read_fault(14), 15..16, "window 1");
         assert_eq!(
-            s.on_read_fault(13),
-            14..16,
+            s.on_read_fault(15),
+            16..18,
             "nothing requested twice, window 2"
         );
-        assert_eq!(s.on_read_fault(14), 16..19, "window 4");
-        assert_eq!(s.on_read_fault(15), 19..24, "window 8");
-        assert_eq!(s.on_read_fault(16), 24..33, "window 16");
-        assert_eq!(s.on_read_fault(17), 33..34, "capped at 16 ahead");
+        assert_eq!(s.on_read_fault(16), 18..21, "window 4");
+        assert_eq!(s.on_read_fault(17), 21..26, "window 8");
+        assert_eq!(s.on_read_fault(18), 26..35, "window 16");
+        assert_eq!(s.on_read_fault(19), 35..36, "capped at 16 ahead");
         assert_eq!(
-            s.on_read_fault(25),
-            34..42,
+            s.on_read_fault(27),
+            36..44,
             "a fault inside the window requested ahead continues the stream"
         );
         assert!(s.on_read_fault(100).is_empty(), "a jump ends the stream");
