@@ -797,8 +797,12 @@ impl Engine {
                 Action::GivePage { to, page, present } => {
                     if present {
                         self.faults.take(page, &mut self.page_buf)?;
-                        self.out
-                            .send_page(to, Msg::grant_header(page, true), page, &self.page_buf);
+                        self.out.send_page(
+                            to,
+                            Msg::grant_header(page, true),
+                            page,
+                            self.page_buf.clone(),
+                        );
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                     } else {
                         self.out.send(to, Msg::grant_header(page, false));
@@ -844,8 +848,12 @@ impl Engine {
                         self.handle(to, msg, 0)?;
                         continue;
                     }
-                    self.out
-                        .send_page(to, Msg::write_back_header(page), page, &self.page_buf);
+                    self.out.send_page(
+                        to,
+                        Msg::write_back_header(page),
+                        page,
+                        self.page_buf.clone(),
+                    );
                     Stats::add(&self.stats.pages_sent, 1);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }
@@ -880,12 +888,8 @@ impl Engine {
                     }
                     match data {
                         Some(data) => {
-                            self.out.send_page(
-                                to,
-                                Msg::grant_data_header(page, write),
-                                page,
-                                &data,
-                            );
+                            self.out
+                                .send_page(to, Msg::grant_data_header(page, write), page, data);
                             Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                         }
                         None => {

@@ -51,15 +51,15 @@ impl Outbox {
         self.queued.push((to, Outgoing::Plain(message)));
     }
 
-    pub fn send_page(&mut self, to: Rank, header: Vec<u8>, page: usize, data: &[u8; PAGE_SIZE]) {
-        self.queued.push((
-            to,
-            Outgoing::Page {
-                header,
-                page,
-                data: Box::new(*data),
-            },
-        ));
+    pub fn send_page(
+        &mut self,
+        to: Rank,
+        header: Vec<u8>,
+        page: usize,
+        data: Box<[u8; PAGE_SIZE]>,
+    ) {
+        self.queued
+            .push((to, Outgoing::Page { header, page, data }));
     }
 
     /// Sends everything queued: per destination, in the order queued; one
