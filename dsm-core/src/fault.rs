@@ -488,6 +488,36 @@ impl FaultHandler {
         })
     }
 
+    /// Runs a page-installing ioctl (`ioctl` returns its result) until it is
+    /// done: EAGAIN and EINTR are retried; EEXIST means the page is already
+    /// there (a stale fault), so the waiters are woken.
+    fn run_install(
+        &self,
+        page: usize,
+        op: &'static str,
+        mut ioctl: impl FnMut() -> libc::c_int,
+    ) -> Result<Installed, FaultError> {
+        loop {
+            if ioctl() == 0 {
+                return Ok(Installed::Fresh);
+            }
+            match nix::errno::Errno::last() {
+                nix::errno::Errno::EEXIST => {
+                    self.wake(page)?;
+                    return Ok(Installed::AlreadyPresent);
+                }
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => continue,
+                errno => {
+                    return Err(FaultError::PageOp {
+                        op,
+                        addr: self.addr(page),
+                        errno,
+                    })
+                }
+            }
+        }
+    }
+
     /// Writes `data` into the memfd's page through the alias, then maps it
     /// (write-protected unless `writable`) and wakes the waiting threads.
     fn continue_page(
@@ -509,7 +539,7 @@ impl FaultHandler {
                 PAGE_SIZE,
             )
         };
-        loop {
+        self.run_install(page, "UFFDIO_CONTINUE", || {
             let mut cont = userfaultfd_sys::uffdio_continue {
                 range: userfaultfd_sys::uffdio_range {
                     start: addr as u64,
@@ -521,31 +551,14 @@ impl FaultHandler {
             // SAFETY: UFFDIO_CONTINUE maps the memfd's existing page at a page
             // of the registered region and writes the result into `cont`,
             // which lives across the call.
-            let rc = unsafe {
+            unsafe {
                 libc::ioctl(
                     self.uffd.as_raw_fd(),
                     userfaultfd_sys::UFFDIO_CONTINUE as _,
                     &mut cont,
                 )
-            };
-            if rc == 0 {
-                return Ok(Installed::Fresh);
             }
-            match nix::errno::Errno::last() {
-                nix::errno::Errno::EEXIST => {
-                    self.wake(page)?;
-                    return Ok(Installed::AlreadyPresent);
-                }
-                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => continue,
-                errno => {
-                    return Err(FaultError::PageOp {
-                        op: "UFFDIO_CONTINUE",
-                        addr,
-                        errno,
-                    })
-                }
-            }
-        }
+        })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -628,7 +641,7 @@ impl FaultHandler {
             return self.continue_page(alias, page, data, false);
         }
         let addr = self.addr(page);
-        loop {
+        self.run_install(page, "UFFDIO_COPY (write-protected)", || {
             let mut copy = userfaultfd_sys::uffdio_copy {
                 dst: addr as u64,
                 src: data.as_ptr() as u64,
@@ -639,31 +652,14 @@ impl FaultHandler {
             // SAFETY: UFFDIO_COPY reads PAGE_SIZE bytes from `data` (a live
             // page-sized buffer) into a page of the registered region, and
             // writes the result into `copy`, which lives across the call.
-            let rc = unsafe {
+            unsafe {
                 libc::ioctl(
                     self.uffd.as_raw_fd(),
                     userfaultfd_sys::UFFDIO_COPY as _,
                     &mut copy,
                 )
-            };
-            if rc == 0 {
-                return Ok(Installed::Fresh);
             }
-            match nix::errno::Errno::last() {
-                nix::errno::Errno::EEXIST => {
-                    self.wake(page)?;
-                    return Ok(Installed::AlreadyPresent);
-                }
-                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => continue,
-                errno => {
-                    return Err(FaultError::PageOp {
-                        op: "UFFDIO_COPY (write-protected)",
-                        addr,
-                        errno,
-                    })
-                }
-            }
-        }
+        })
     }
 
     /// Lifts the write protection of a read-only copy and wakes the writers.
