@@ -38,7 +38,7 @@ use dsm_core::{Config, Dsm, PAGE_SIZE};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::mman::{madvise, mmap_anonymous, mprotect, munmap, MapFlags, MmapAdvise, ProtFlags};
 use nix::unistd::Pid;
-use userfaultfd::{Event, RegisterMode, UffdBuilder};
+use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
 /// Pages touched before the region is reset (16 MiB).
 const PAGES: usize = 4096;
@@ -192,64 +192,52 @@ fn pin(cpu: usize) {
     sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
-fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize>, out: &Samples) {
-    let uffd = match UffdBuilder::new()
-        .close_on_exec(true)
-        .user_mode_only(true)
-        .create()
-    {
-        Ok(u) => Arc::new(u),
-        Err(e) => {
-            eprintln!("local_fault: no userfaultfd ({e}); {name} skipped");
-            return;
+/// Serves the faults of `uffd` on a thread (pinned to `cpu` if given): each
+/// faulting page is resolved by `resolve` (false: it was already there, so
+/// its waiters are woken); the fault on `stop_page` ends the thread.
+fn spawn_handler(
+    uffd: Arc<Uffd>,
+    cpu: Option<usize>,
+    stop_page: usize,
+    resolve: impl Fn(&Uffd, usize) -> bool + Send + 'static,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            pin(cpu);
         }
-    };
-    // PAGES pages, then one page whose fault tells the handler to stop.
-    let region = Arc::new(Mapping::new(
-        (PAGES + 1) * PAGE_SIZE,
-        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-    ));
-    uffd.register_with_mode(region.addr.as_ptr(), region.len, RegisterMode::MISSING)
-        .expect("UFFDIO_REGISTER");
-    let stop_page = region.start() + PAGES * PAGE_SIZE;
-    let handler = {
-        let uffd = Arc::clone(&uffd);
-        thread::spawn(move || {
-            if let Some(cpu) = cpu {
-                pin(cpu);
-            }
-            let source = vec![5u8; PAGE_SIZE];
-            loop {
-                let addr = match uffd.read_event() {
-                    Ok(Some(Event::Pagefault { addr, .. })) => addr,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        eprintln!("local_fault: reading the userfaultfd: {e}");
-                        return;
-                    }
-                };
-                let page = addr as usize & !(PAGE_SIZE - 1);
-                // SAFETY: `page` is a page of the registered region (only its
-                // faults reach this uffd), absent since it faulted; the
-                // source is 4 KiB of our own.
-                let copied = unsafe {
-                    uffd.copy(
-                        source.as_ptr().cast(),
-                        page as *mut libc::c_void,
-                        PAGE_SIZE,
-                        true,
-                    )
-                };
-                if copied.is_err() {
-                    // EEXIST: another fault on the same page was served first.
-                    let _ = uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
-                }
-                if page == stop_page {
+        loop {
+            let addr = match uffd.read_event() {
+                Ok(Some(Event::Pagefault { addr, .. })) => addr,
+                Ok(_) => continue,
+                Err(e) => {
+                    eprintln!("local_fault: reading the userfaultfd: {e}");
                     return;
                 }
+            };
+            let page = addr as usize & !(PAGE_SIZE - 1);
+            if !resolve(&uffd, page) {
+                // EEXIST: another fault on the same page was served first.
+                let _ = uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
             }
-        })
-    };
+            if page == stop_page {
+                return;
+            }
+        }
+    })
+}
+
+/// Times first loads of the pages of `region` (the current thread pinned to
+/// `cpu` if given), each resolved by `handler`; every PAGES pages the region
+/// is emptied again (untimed); the last page, loaded at the end, stops the
+/// handler.
+fn time_first_loads(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    cpu: Option<usize>,
+    out: &Samples,
+    region: &Mapping,
+    handler: thread::JoinHandle<()>,
+) {
     let saved = current_affinity();
     if let Some(cpu) = cpu {
         pin(cpu);
@@ -260,6 +248,8 @@ fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 if next == PAGES {
+                    // Unmaps the pages (a memfd keeps them: the next access
+                    // is a minor fault again).
                     region.discard();
                     next = 0;
                 }
@@ -274,6 +264,44 @@ fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize
     sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
     region.load(PAGES);
     handler.join().expect("uffd handler");
+}
+
+fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize>, out: &Samples) {
+    let uffd = match UffdBuilder::new()
+        .close_on_exec(true)
+        .user_mode_only(true)
+        .create()
+    {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            eprintln!("local_fault: no userfaultfd ({e}); {name} skipped");
+            return;
+        }
+    };
+    // PAGES pages, then one page whose fault tells the handler to stop.
+    let region = Mapping::new(
+        (PAGES + 1) * PAGE_SIZE,
+        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+    );
+    uffd.register_with_mode(region.addr.as_ptr(), region.len, RegisterMode::MISSING)
+        .expect("UFFDIO_REGISTER");
+    let stop_page = region.start() + PAGES * PAGE_SIZE;
+    let source = vec![5u8; PAGE_SIZE];
+    let handler = spawn_handler(Arc::clone(&uffd), cpu, stop_page, move |uffd, page| {
+        // SAFETY: `page` is a page of the registered region (only its faults
+        // reach this uffd), absent since it faulted; the source is 4 KiB of
+        // our own.
+        unsafe {
+            uffd.copy(
+                source.as_ptr().cast(),
+                page as *mut libc::c_void,
+                PAGE_SIZE,
+                true,
+            )
+        }
+        .is_ok()
+    });
+    time_first_loads(g, name, cpu, out, &region, handler);
 }
 
 // ---- userfaultfd: minor fault on a memfd, UFFDIO_CONTINUE ----
@@ -342,7 +370,7 @@ fn uffd_continue(
         }
     };
     let memory = match TwiceMapped::new((PAGES + 1) * PAGE_SIZE) {
-        Ok(m) => Arc::new(m),
+        Ok(m) => m,
         Err(e) => {
             eprintln!("local_fault: no memfd ({e}); {name} skipped");
             return;
@@ -364,61 +392,11 @@ fn uffd_continue(
         return;
     }
     let stop_page = memory.view.start() + PAGES * PAGE_SIZE;
-    let handler = {
-        let uffd = Arc::clone(&uffd);
-        thread::spawn(move || {
-            if let Some(cpu) = cpu {
-                pin(cpu);
-            }
-            loop {
-                let addr = match uffd.read_event() {
-                    Ok(Some(Event::Pagefault { addr, .. })) => addr,
-                    Ok(_) => continue,
-                    Err(e) => {
-                        eprintln!("local_fault: reading the userfaultfd: {e}");
-                        return;
-                    }
-                };
-                let page = addr as usize & !(PAGE_SIZE - 1);
-                if uffd
-                    .r#continue(page as *mut libc::c_void, PAGE_SIZE, true)
-                    .is_err()
-                {
-                    // EEXIST: another fault on the same page was served first.
-                    let _ = uffd.wake(page as *mut libc::c_void, PAGE_SIZE);
-                }
-                if page == stop_page {
-                    return;
-                }
-            }
-        })
-    };
-    let saved = current_affinity();
-    if let Some(cpu) = cpu {
-        pin(cpu);
-    }
-    let mut next = 0;
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if next == PAGES {
-                    // Unmaps the view's pages; the page cache keeps them,
-                    // so the next access is a minor fault again.
-                    memory.view.discard();
-                    next = 0;
-                }
-                let (d, v) = out.time(|| memory.view.load(next));
-                assert_eq!(v, 0x0505_0505_0505_0505);
-                next += 1;
-                total += d;
-            }
-            total
-        })
+    let handler = spawn_handler(Arc::clone(&uffd), cpu, stop_page, |uffd, page| {
+        uffd.r#continue(page as *mut libc::c_void, PAGE_SIZE, true)
+            .is_ok()
     });
-    sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
-    memory.view.load(PAGES);
-    handler.join().expect("uffd handler");
+    time_first_loads(g, name, cpu, out, &memory.view, handler);
 }
 
 // ---- the DSM with one rank ----

@@ -192,26 +192,14 @@ impl Region {
             });
         }
         if let Some(fd) = memfd {
-            // SAFETY: a new shared mapping of our memfd at an address the
-            // kernel picks: it cannot replace anything.
-            let alias = unsafe {
-                nix::sys::mman::mmap(
-                    None,
-                    length,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                    &fd,
-                    0,
-                )
-            }
-            .map_err(|errno| FaultError::MapFailed {
+            let alias = map_shared_anywhere(&fd, len).map_err(|errno| FaultError::MapFailed {
                 start: 0,
                 end: len,
                 size: len,
                 errno,
                 hint: "mapping the memfd's second view failed (address space limits? check `ulimit -v`)",
             })?;
-            region.alias = Some((alias.as_ptr() as usize, fd));
+            region.alias = Some((alias, fd));
         }
         // Pages move one by one: a transparent huge page would make a 4 KiB
         // transfer drop 2 MiB. Failure only costs performance.
@@ -295,6 +283,26 @@ impl Drop for Region {
     }
 }
 
+/// Maps `len` bytes of `fd` shared, readable and writable, where the kernel
+/// picks (the alias of a memfd-backed space); returns the address.
+fn map_shared_anywhere(fd: &OwnedFd, len: usize) -> Result<usize, nix::errno::Errno> {
+    use nix::sys::mman::{MapFlags, ProtFlags};
+    let length = std::num::NonZeroUsize::new(len).ok_or(nix::errno::Errno::EINVAL)?;
+    // SAFETY: a new shared mapping of our memfd at an address the kernel
+    // picks: it cannot replace anything.
+    let mapped = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )
+    }?;
+    Ok(mapped.as_ptr() as usize)
+}
+
 /// A new memfd of `len` bytes (its pages exist once written).
 fn sized_memfd(len: usize) -> Result<OwnedFd, FaultError> {
     let fd = nix::sys::memfd::memfd_create(c"dsm-space", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
@@ -342,40 +350,15 @@ pub fn memfd_supported() -> Result<(), FaultError> {
 impl Region {
     /// One memfd-backed page anywhere, for [`memfd_supported`].
     fn map_scratch() -> Result<Region, FaultError> {
-        use nix::sys::mman::{MapFlags, ProtFlags};
         let fd = sized_memfd(PAGE_SIZE)?;
-        let one = std::num::NonZeroUsize::new(PAGE_SIZE)
-            .ok_or(FaultError::MemfdUnsupported("page size".into()))?;
-        // SAFETY: a new shared mapping of our memfd where the kernel picks.
-        let view = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                one,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(|e| FaultError::MemfdUnsupported(format!("mapping a memfd: {e}")))?;
+        let failed = |e| FaultError::MemfdUnsupported(format!("mapping a memfd: {e}"));
         let mut region = Region {
-            base: view.as_ptr() as usize,
+            base: map_shared_anywhere(&fd, PAGE_SIZE).map_err(failed)?,
             len: PAGE_SIZE,
             alias: None,
         };
-        // SAFETY: as above.
-        let alias = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                one,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(|e| FaultError::MemfdUnsupported(format!("mapping a memfd: {e}")))?;
-        region.alias = Some((alias.as_ptr() as usize, fd));
+        let alias = map_shared_anywhere(&fd, PAGE_SIZE).map_err(failed)?;
+        region.alias = Some((alias, fd));
         Ok(region)
     }
 }
