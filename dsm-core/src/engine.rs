@@ -128,6 +128,11 @@ pub(crate) struct Engine {
     stream: Stream,
     /// Messages of the event being handled, sent when it is done.
     out: Outbox,
+    /// Pages this rank holds writable (as their home) that were
+    /// write-protected ahead of a batch of read requests, before their
+    /// downgrade: the downgrade only copies them out, and a store here
+    /// meanwhile just lifts the protection again.
+    protected_ahead: HashSet<usize>,
 }
 
 /// Consecutive read faults after the first before read-ahead starts: the
@@ -228,6 +233,7 @@ impl Engine {
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
             out: Outbox::default(),
+            protected_ahead: HashSet::new(),
         }
     }
 
@@ -427,28 +433,34 @@ impl Engine {
         result
     }
 
-    /// True (and the event parked, the segment looked up) when `page` is in
-    /// a heap segment this rank does not know yet.
-    fn park_if_unknown(&mut self, page: usize, event: Parked) -> Result<Option<Parked>, DsmError> {
-        if !matches!(self.node, Node::Mrsw(_))
-            || !self.registry.in_heap(page)
-            || self.registry.find(page).is_some()
-        {
-            return Ok(Some(event));
-        }
+    /// True when `page` is in a heap segment this rank does not know yet:
+    /// events about it wait (`park`) until the segment is looked up.
+    fn segment_unknown(&self, page: usize) -> bool {
+        matches!(self.node, Node::Mrsw(_))
+            && self.registry.in_heap(page)
+            && self.registry.find(page).is_none()
+    }
+
+    /// Parks an event about a page of an unknown segment and looks the
+    /// segment up (once per page).
+    fn park(&mut self, page: usize, event: Parked) {
         let first = !self.parked.contains_key(&page);
         self.parked.entry(page).or_default().push(event);
         if first {
             self.out.send(0, Msg::Lookup { page: page as u64 }.header());
         }
-        Ok(None)
     }
 
     fn on_fault(&mut self, fault: Fault) -> Result<(), DsmError> {
-        let Some(Parked::Fault(fault)) = self.park_if_unknown(fault.page, Parked::Fault(fault))?
-        else {
+        if self.segment_unknown(fault.page) {
+            self.park(fault.page, Parked::Fault(fault));
             return Ok(());
-        };
+        }
+        if fault.write && self.protected_ahead.remove(&fault.page) {
+            // Still ours and writable: only the protection taken ahead of
+            // a downgrade stopped the store (which will now protect it again).
+            return Ok(self.faults.make_writable(fault.page)?);
+        }
         let counter = if fault.write {
             &self.stats.write_faults
         } else {
@@ -491,29 +503,61 @@ impl Engine {
     }
 
     fn on_message(&mut self, message: Message) -> Result<(), DsmError> {
-        let from = message.from;
-        if message.payload.first() == Some(&proto::BATCH) {
-            let parts = proto::batch_parts(&message.payload)
+        self.on_payload(message.from, &message.payload)
+    }
+
+    /// Handles one message's bytes: a batch part by part, in order.
+    fn on_payload(&mut self, from: Rank, payload: &[u8]) -> Result<(), DsmError> {
+        if payload.first() == Some(&proto::BATCH) {
+            let parts = proto::batch_parts(payload)
                 .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
+            self.protect_ahead_of_reads(&parts)?;
             for part in parts {
-                self.on_message(Message {
-                    from,
-                    payload: part.to_vec(),
-                })?;
+                self.on_payload(from, part)?;
             }
             return Ok(());
         }
-        let msg = Msg::decode(&message.payload)
+        let msg = Msg::decode(payload)
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
         if let Some(page) = page_of(&msg) {
-            if self
-                .park_if_unknown(page, Parked::Message(message.clone()))?
-                .is_none()
-            {
+            if self.segment_unknown(page) {
+                let message = Message {
+                    from,
+                    payload: payload.to_vec(),
+                };
+                self.park(page, Parked::Message(message));
                 return Ok(());
             }
         }
-        self.handle(from, msg, message.payload.len())
+        self.handle(from, msg, payload.len())
+    }
+
+    /// Home: the read requests of a batch (a reader's read-ahead) for
+    /// pages this rank holds writable are write-protected in one system
+    /// call per run of consecutive pages, before they are handled one by
+    /// one: one TLB shootdown per run instead of one per page.
+    fn protect_ahead_of_reads(&mut self, parts: &[&[u8]]) -> Result<(), DsmError> {
+        let Node::Mrsw(node) = &self.node else {
+            return Ok(());
+        };
+        let now = self.now();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
+            let page = page as usize;
+            if self.protected_ahead.contains(&page) || !node.read_request_downgrades_here(page, now)
+            {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == page => *count += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+        for (first, count) in runs.into_iter().filter(|(_, count)| *count > 1) {
+            self.faults.write_protect(first, count)?;
+            self.protected_ahead.extend(first..first + count);
+        }
+        Ok(())
     }
 
     fn handle(&mut self, from: Rank, msg: Msg, wire_len: usize) -> Result<(), DsmError> {
@@ -834,7 +878,12 @@ impl Engine {
                     page,
                     keep_shared,
                 } => {
-                    if keep_shared {
+                    if self.protected_ahead.remove(&page) {
+                        self.faults.copy_out(page, &mut self.page_buf);
+                        if !keep_shared {
+                            self.faults.drop_page(page)?;
+                        }
+                    } else if keep_shared {
                         self.faults.downgrade(page, &mut self.page_buf)?;
                     } else {
                         self.faults.take(page, &mut self.page_buf)?;

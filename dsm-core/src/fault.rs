@@ -659,18 +659,30 @@ impl FaultHandler {
     /// Turns our writable copy into a read-only one and copies it into
     /// `out` (the page stays mapped, read-only).
     pub fn downgrade(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> Result<(), FaultError> {
-        let addr = self.addr(page);
+        self.write_protect(page, 1)?;
+        self.copy_out(page, out);
+        Ok(())
+    }
+
+    /// Write-protects `count` present pages from `first` in one system
+    /// call: one TLB shootdown for the whole run.
+    pub fn write_protect(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        let addr = self.addr(first);
         self.uffd
-            .write_protect(addr as *mut _, PAGE_SIZE)
+            .write_protect(addr as *mut _, count * PAGE_SIZE)
             .map_err(|e| FaultError::Install {
                 addr,
                 detail: format!("write-protect: {e}"),
-            })?;
+            })
+    }
+
+    /// Copies a present, write-protected page into `out`.
+    pub fn copy_out(&self, page: usize, out: &mut [u8; PAGE_SIZE]) {
+        let addr = self.addr(page);
         // SAFETY: the page is present (caller's invariant) so reading it
         // cannot fault; it is write-protected, so no thread changes it while
         // it is copied (writers block in a fault this engine resolves later).
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), PAGE_SIZE) };
-        Ok(())
     }
 
     /// Takes the page away from this process: writes are stopped first

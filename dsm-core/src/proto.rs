@@ -208,6 +208,15 @@ pub fn batch_pieces<'a>(messages: &[&[&'a [u8]]], lengths: &'a mut Vec<[u8; 4]>)
     pieces
 }
 
+/// The page of a multi-reader read request, read without decoding the
+/// message (a batch's requests are looked at before they are handled).
+pub fn read_request_page(bytes: &[u8]) -> Option<u64> {
+    match bytes {
+        [READ_REQ, page @ ..] => Some(u64::from_le_bytes(page.try_into().ok()?)),
+        _ => None,
+    }
+}
+
 /// The messages of a batch, in order. A batch inside a batch, an empty
 /// batch or a length running past the end is an error.
 pub fn batch_parts(bytes: &[u8]) -> Result<Vec<&[u8]>, ProtoError> {

@@ -103,6 +103,23 @@ fn false_sharing_every_rank_writes_its_own_word_of_one_page() {
     out.expect_each_rank(8, "falseshare exact: 8 words of one page, 2000 each");
 }
 
+/// A reader's read-ahead batches reach the home while it rewrites the same
+/// pages (the home write-protects a batch's pages in one call, ahead of
+/// their downgrades): no stale or half-written page, no lost store.
+#[test]
+fn sequential_reads_racing_the_homes_writes_stay_coherent() {
+    let space = ("DSM_SPACE_SIZE", "16M");
+    let out = job(&[space], 2, "stress", &["scan", "30", "512"]);
+    out.expect_each_rank(2, "scan exact: 512 pages at round 30");
+    let out = job(
+        &[space, ("DSM_PREFETCH", "64")],
+        3,
+        "stress",
+        &["scan", "20", "512"],
+    );
+    out.expect_each_rank(3, "scan exact: 512 pages at round 20");
+}
+
 /// The memfd-backed space (pages written through an alias and mapped with
 /// UFFDIO_CONTINUE) keeps sequential consistency and exact counts.
 #[test]

@@ -175,6 +175,21 @@ impl Mrsw {
         self.local.get(page).map(|l| l.copy)
     }
 
+    /// True when a read request for `page` handled at `now` would make
+    /// this rank, its home and only writer, give up write access at once
+    /// (no transaction, queue, or hold in the way): the engine may then
+    /// write-protect a run of such pages in one system call beforehand.
+    pub fn read_request_downgrades_here(&self, page: usize, now: Time) -> bool {
+        self.home_of(page) == self.rank
+            && !self.private.get(page).copied().unwrap_or(true)
+            && self.homes.get(&page).is_some_and(|h| {
+                h.txn.is_none() && h.queue.is_empty() && h.dir == Directory::Exclusive(self.rank)
+            })
+            && self.local.get(page).is_some_and(|l| {
+                l.copy == Copy::Modified && l.held_until <= now && l.deferred.is_empty()
+            })
+    }
+
     /// The directory entry, if this rank is the page's home.
     pub fn directory(&self, page: usize) -> Option<&Directory> {
         self.homes.get(&page).map(|h| &h.dir)

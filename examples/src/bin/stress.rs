@@ -13,6 +13,11 @@
 //!   order and sum; other ranks idle.
 //! * `stress falseshare N`: every rank increments its own word of one page
 //!   N times; every word must end exactly N.
+//! * `stress scan ROUNDS PAGES`: rank 0 sweeps PAGES pages homed at itself
+//!   ROUNDS times while rank 1 reads them in order again and again, so
+//!   read-ahead batches reach the home while it writes those pages; a
+//!   reader must never see a page's values go back or half a sweep's
+//!   stores, and every page must end at ROUNDS.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -50,7 +55,7 @@ fn run() -> Result<()> {
     let mode = args
         .first()
         .cloned()
-        .ok_or("usage: stress atomics|random|prodcons|falseshare ...")?;
+        .ok_or("usage: stress atomics|random|prodcons|falseshare|scan ...")?;
     let dsm = dsm::init_from_env()?;
     let (rank, size) = (dsm.rank(), dsm.size());
     let words = dsm.words();
@@ -82,6 +87,7 @@ fn run() -> Result<()> {
             format!("atomics exact: A={got_a} B={got_b}")
         }
         "random" => random(&dsm, arg(&args, 1, 4)? as usize, arg(&args, 2, 20_000)?)?,
+        "scan" => scan(&dsm, arg(&args, 1, 20)?, arg(&args, 2, 256)? as usize)?,
         "prodcons" => {
             let n = arg(&args, 1, 100_000)?;
             const CAPACITY: u64 = 256;
@@ -140,6 +146,69 @@ fn run() -> Result<()> {
         stats.pages_received
     );
     Ok(())
+}
+
+/// Rank 0 stores the round number in word 1, then (release) in word 0, of
+/// each page of a segment homed at itself; rank 1 reads word 0 (acquire)
+/// then word 1 of each page in order until rank 0 is done. Seeing word 0 at
+/// r means word 1 is at least r, and a page's word 0 never goes back.
+fn scan(dsm: &dsm::Dsm, rounds: u64, pages: usize) -> Result<String> {
+    if dsm.size() < 2 {
+        return Err("scan needs at least 2 ranks".into());
+    }
+    let words = dsm.words();
+    let per_page = dsm.page_size() / 8;
+    // Page 0 of the fixed space (homed at rank 0): the segment's address,
+    // and rank 0's "done" flag.
+    let (address, done) = (&words[0], &words[1]);
+    if dsm.rank() == 0 {
+        let segment = dsm.alloc(pages * dsm.page_size(), dsm::Placement::Localized(0))?;
+        address.store(segment.addr() as u64, Relaxed);
+    }
+    dsm.barrier()?;
+    let first = (address.load(Relaxed) as usize - dsm.base() as usize) / 8;
+    let segment = &words[first..first + pages * per_page];
+    match dsm.rank() {
+        0 => {
+            for round in 1..=rounds {
+                for page in segment.chunks(per_page) {
+                    page[1].store(round, Relaxed);
+                    page[0].store(round, Release);
+                }
+            }
+            done.store(1, Release);
+        }
+        1 => {
+            let mut seen = vec![0u64; pages];
+            let mut last_scan = false;
+            while !last_scan {
+                last_scan = done.load(Acquire) == 1;
+                for (p, page) in segment.chunks(per_page).enumerate() {
+                    let (w0, w1) = (page[0].load(Acquire), page[1].load(Relaxed));
+                    if w1 < w0 {
+                        return Err(
+                            format!("page {p}: word 0 at round {w0}, word 1 at {w1}").into()
+                        );
+                    }
+                    if w0 < seen[p] {
+                        return Err(
+                            format!("page {p} went back from round {} to {w0}", seen[p]).into()
+                        );
+                    }
+                    seen[p] = w0;
+                }
+            }
+        }
+        _ => {}
+    }
+    dsm.barrier()?;
+    for (p, page) in segment.chunks(per_page).enumerate() {
+        let (w0, w1) = (page[0].load(Relaxed), page[1].load(Relaxed));
+        if (w0, w1) != (rounds, rounds) {
+            return Err(format!("page {p} ends at ({w0}, {w1}), expected round {rounds}").into());
+        }
+    }
+    Ok(format!("scan exact: {pages} pages at round {rounds}"))
 }
 
 fn random(dsm: &dsm::Dsm, threads: usize, ops: u64) -> Result<String> {
