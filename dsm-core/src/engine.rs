@@ -133,6 +133,13 @@ pub(crate) struct Engine {
     /// downgrade: the downgrade only copies them out, and a store here
     /// meanwhile just lifts the protection again.
     protected_ahead: HashSet<usize>,
+    /// Read-only copies granted in the batch being handled, consecutive
+    /// pages from `staged_first`, mapped together when the batch ends or
+    /// before any other action (`install_staged`).
+    staged: Vec<u8>,
+    staged_first: usize,
+    /// True while a batch's messages are being handled.
+    in_batch: bool,
 }
 
 /// Consecutive read faults after the first before read-ahead starts: the
@@ -234,6 +241,9 @@ impl Engine {
             stream: Stream::default(),
             out: Outbox::default(),
             protected_ahead: HashSet::new(),
+            staged: Vec::new(),
+            staged_first: 0,
+            in_batch: false,
         }
     }
 
@@ -512,10 +522,13 @@ impl Engine {
             let parts = proto::batch_parts(payload)
                 .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
             self.protect_ahead_of_reads(&parts)?;
-            for part in parts {
-                self.on_payload(from, part)?;
-            }
-            return Ok(());
+            self.in_batch = true;
+            let handled = parts
+                .into_iter()
+                .try_for_each(|part| self.on_payload(from, part));
+            self.in_batch = false;
+            handled?;
+            return self.install_staged();
         }
         let msg = Msg::decode(payload)
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
@@ -833,8 +846,38 @@ impl Engine {
     /// of the page, or of the barrier or lock) are handled at once instead
     /// of looping through the transport: the same order as a loop-back
     /// (in order among themselves), without a thread hand-off.
+    /// Maps the read-only copies staged by the batch being handled, in one
+    /// system call per run of consecutive pages.
+    fn install_staged(&mut self) -> Result<(), DsmError> {
+        if !self.staged.is_empty() {
+            self.faults
+                .install_readonly_run(self.staged_first, &self.staged)?;
+            self.staged.clear();
+        }
+        Ok(())
+    }
+
     fn apply(&mut self, actions: Vec<Action>, current: Option<&Msg>) -> Result<(), DsmError> {
         for action in actions {
+            if let Action::Install {
+                page,
+                writable: false,
+            } = action
+            {
+                if self.in_batch {
+                    // Staged: mapped with the batch's next grants.
+                    let run_end = self.staged_first + self.staged.len() / PAGE_SIZE;
+                    if self.staged.is_empty() || page != run_end {
+                        self.install_staged()?;
+                        self.staged_first = page;
+                    }
+                    let data = carried_page(current, &self.zero_page, page)?;
+                    self.staged.extend_from_slice(data);
+                    continue;
+                }
+            }
+            // Every other action comes after the copies staged before it.
+            self.install_staged()?;
             match action {
                 Action::Send { to, msg } if to == self.rank => self.handle(to, msg, 0)?,
                 Action::Send { to, msg } => self.out.send(to, msg.header()),
@@ -858,14 +901,14 @@ impl Engine {
                     page,
                     writable: true,
                 } => {
-                    let data = self.carried_page(current, page)?;
+                    let data = carried_page(current, &self.zero_page, page)?;
                     self.faults.install(page, data)?;
                 }
                 Action::Install {
                     page,
                     writable: false,
                 } => {
-                    let data = self.carried_page(current, page)?;
+                    let data = carried_page(current, &self.zero_page, page)?;
                     self.faults.install_readonly(page, data)?;
                 }
                 Action::InstallZero { page } => {
@@ -965,27 +1008,27 @@ impl Engine {
         }
         Ok(())
     }
+}
 
-    /// The page bytes carried by `current` (zeros for a zero grant).
-    fn carried_page<'a>(
-        &'a self,
-        current: Option<&'a Msg>,
-        page: usize,
-    ) -> Result<&'a [u8; PAGE_SIZE], DsmError> {
-        match current {
-            Some(Msg::PageGrant { data, .. }) => Ok(data.as_deref().unwrap_or(&self.zero_page)),
-            Some(Msg::Grant {
-                payload: Payload::Data(data),
-                ..
-            }) => Ok(data),
-            Some(Msg::Grant {
-                payload: Payload::Zero,
-                ..
-            }) => Ok(&self.zero_page),
-            _ => Err(DsmError::Protocol(format!(
-                "install of page {page} without a grant"
-            ))),
-        }
+/// The page bytes carried by `current` (zeros for a zero grant).
+fn carried_page<'a>(
+    current: Option<&'a Msg>,
+    zero_page: &'a [u8; PAGE_SIZE],
+    page: usize,
+) -> Result<&'a [u8; PAGE_SIZE], DsmError> {
+    match current {
+        Some(Msg::PageGrant { data, .. }) => Ok(data.as_deref().unwrap_or(zero_page)),
+        Some(Msg::Grant {
+            payload: Payload::Data(data),
+            ..
+        }) => Ok(data),
+        Some(Msg::Grant {
+            payload: Payload::Zero,
+            ..
+        }) => Ok(zero_page),
+        _ => Err(DsmError::Protocol(format!(
+            "install of page {page} without a grant"
+        ))),
     }
 }
 

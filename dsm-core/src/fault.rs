@@ -645,6 +645,69 @@ impl FaultHandler {
         })
     }
 
+    /// Maps consecutive pages from `first` write-protected (read-only
+    /// copies) with their bytes in `data`, in as few UFFDIO_COPY calls as
+    /// the kernel allows, and wakes the threads waiting on them. A page
+    /// already present (a stale fault) is skipped and its waiters woken.
+    pub fn install_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
+        if self.alias.is_some() || data.len() <= PAGE_SIZE {
+            for (i, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                let bytes = bytes.try_into().map_err(|_| FaultError::Install {
+                    addr: self.addr(first + i),
+                    detail: "a page of the wrong length".into(),
+                })?;
+                self.install_readonly(first + i, bytes)?;
+            }
+            return Ok(());
+        }
+        let start = self.addr(first);
+        let mut done = 0usize;
+        while done < data.len() {
+            let mut copy = userfaultfd_sys::uffdio_copy {
+                dst: (start + done) as u64,
+                src: data[done..].as_ptr() as u64,
+                len: (data.len() - done) as u64,
+                mode: userfaultfd_sys::UFFDIO_COPY_MODE_WP,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads `len` bytes from the live slice
+            // `data[done..]` into pages of the registered region, and writes
+            // its progress into `copy`, which lives across the call.
+            let result = unsafe {
+                libc::ioctl(
+                    self.uffd.as_raw_fd(),
+                    userfaultfd_sys::UFFDIO_COPY as _,
+                    &mut copy,
+                )
+            };
+            if result == 0 {
+                return Ok(());
+            }
+            let errno = nix::errno::Errno::last();
+            if copy.copy > 0 {
+                // Part of the run is mapped (and its waiters woken); the
+                // call stopped at a page it could not fill: go on from there.
+                done += copy.copy as usize;
+                continue;
+            }
+            match errno {
+                nix::errno::Errno::EEXIST => {
+                    self.wake(first + done / PAGE_SIZE)?;
+                    done += PAGE_SIZE;
+                }
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => {}
+                errno => {
+                    return Err(FaultError::PageOp {
+                        op: "UFFDIO_COPY (write-protected run)",
+                        addr: start + done,
+                        errno,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Lifts the write protection of a read-only copy and wakes the writers.
     pub fn make_writable(&self, page: usize) -> Result<(), FaultError> {
         let addr = self.addr(page);
