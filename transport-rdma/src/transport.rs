@@ -29,7 +29,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dsm_core::transport::Incoming;
 use dsm_core::{Message, Rank, Transport, TransportError};
 
@@ -991,7 +991,15 @@ impl Shared {
                 && !self.stop.load(Ordering::SeqCst)
             {
                 tracing::warn!("rank {}: lost rank {rank}: {reason}", self.rank);
-                let _ = self.inbox.0.try_send(Err(self.lost_error(rank, reason)));
+                let notice = Err(self.lost_error(rank, reason));
+                if let Err(TrySendError::Full(notice)) = self.inbox.0.try_send(notice) {
+                    // The notice must not be lost (the engine would wait
+                    // for that rank forever), nor block this caller (which
+                    // may be the thread that drains the inbox): a thread
+                    // delivers it once there is room.
+                    let inbox = self.inbox.0.clone();
+                    std::thread::spawn(move || inbox.send(notice));
+                }
                 peer.qp.set_error();
             }
         }
@@ -1691,16 +1699,15 @@ mod tests {
     /// A page marker naming a page outside the receiver's arena loses the
     /// sender (a protocol error reported as `PeerLost`), never a panic or a
     /// read outside the arena. Needs a device (`scripts/rdma-vm-test.sh`).
-    #[test]
-    fn page_marker_outside_the_arena_loses_the_peer() {
+    /// Two connected ranks with a 4-page landing arena and an inbox of
+    /// `inbox_capacity` messages, or `None` (test skipped) without a device.
+    fn pair_or_skip(test: &str, inbox_capacity: usize) -> Option<Vec<Arc<RdmaTransport>>> {
         if let Err(why) = crate::select::active_port() {
             if std::env::var("DSM_TEST_REQUIRE_RDMA").as_deref() == Ok("1") {
                 panic!("DSM_TEST_REQUIRE_RDMA=1 but no RDMA device: {why}");
             }
-            println!(
-                "SKIPPED page_marker_outside_the_arena_loses_the_peer: no RDMA device ({why})"
-            );
-            return;
+            println!("SKIPPED {test}: no RDMA device ({why})");
+            return None;
         }
         let boots = dsm_core::bootstrap::Bootstrap::loopback_group(2).unwrap();
         let hs: Vec<_> = boots
@@ -1709,6 +1716,7 @@ mod tests {
                 thread::spawn(move || {
                     let opts = RdmaOptions {
                         landing_pages: 4,
+                        inbox_capacity,
                         ..RdmaOptions::from_env().unwrap()
                     };
                     let tcp = transport_tcp::TcpTransport::connect(
@@ -1721,7 +1729,15 @@ mod tests {
                 })
             })
             .collect();
-        let ts: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        Some(hs.into_iter().map(|h| h.join().unwrap()).collect())
+    }
+
+    #[test]
+    fn page_marker_outside_the_arena_loses_the_peer() {
+        let test = "page_marker_outside_the_arena_loses_the_peer";
+        let Some(ts) = pair_or_skip(test, 1 << 16) else {
+            return;
+        };
         let (a, b) = (&ts[0], &ts[1]);
         let limit = Duration::from_secs(30);
         // A good page first (the last slot of the arena).
@@ -1745,6 +1761,31 @@ mod tests {
             }) => {
                 assert!(reason.contains("outside our landing arena"), "{reason}")
             }
+            other => panic!("expected PeerLost, got {other:?}"),
+        }
+    }
+
+    /// A peer lost while the inbox is full is still reported, after the
+    /// messages queued before it (else the engine would wait forever).
+    #[test]
+    fn a_peer_lost_while_the_inbox_is_full_is_reported() {
+        let test = "a_peer_lost_while_the_inbox_is_full_is_reported";
+        let Some(ts) = pair_or_skip(test, 2) else {
+            return;
+        };
+        let (a, b) = (&ts[0], &ts[1]);
+        let limit = Duration::from_secs(30);
+        a.send(1, b"one").unwrap();
+        a.send(1, b"two").unwrap();
+        a.shared
+            .send_frame(1, FRAG_PAGE, &[&4u64.to_le_bytes(), b"x"])
+            .unwrap();
+        for want in [&b"one"[..], b"two"] {
+            let m = b.recv_timeout(limit).unwrap().expect("a queued message");
+            assert_eq!(m.payload, want);
+        }
+        match b.recv_timeout(limit) {
+            Err(TransportError::PeerLost { rank: 0, .. }) => {}
             other => panic!("expected PeerLost, got {other:?}"),
         }
     }
