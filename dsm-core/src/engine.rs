@@ -23,7 +23,7 @@ use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
 use crate::fault::{Fault, FaultHandler};
 use crate::outbox::Outbox;
-use crate::proto::{self, Msg, Payload, SegmentInfo};
+use crate::proto::{self, Msg, PageData, Payload, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
 use crate::sync::{BarrierCounter, LockTable};
@@ -110,7 +110,7 @@ pub(crate) struct Engine {
     started: Instant,
     /// The home's copy of pages no writer holds (multi-reader protocol);
     /// a page absent here is all zeros.
-    backing: HashMap<usize, Box<[u8; PAGE_SIZE]>>,
+    backing: HashMap<usize, PageData>,
     fetch_started: HashMap<usize, Instant>,
     barrier_epoch: u64,
     barrier_waiter: Option<Reply<()>>,
@@ -123,7 +123,6 @@ pub(crate) struct Engine {
     locks: LockTable,
     alloc_waiters: HashMap<u64, (Reply<SegmentInfo>, Option<Vec<u8>>)>,
     settling: Vec<Settling>,
-    page_buf: Box<[u8; PAGE_SIZE]>,
     zero_page: Box<[u8; PAGE_SIZE]>,
     stream: Stream,
     /// Messages of the event being handled, sent when it is done.
@@ -236,7 +235,6 @@ impl Engine {
             locks: LockTable::default(),
             alloc_waiters: HashMap::new(),
             settling: Vec::new(),
-            page_buf: Box::new([0u8; PAGE_SIZE]),
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
             out: Outbox::default(),
@@ -703,9 +701,8 @@ impl Engine {
             if chunk.iter().all(|b| *b == 0) {
                 continue;
             }
-            let mut page = Box::new([0u8; PAGE_SIZE]);
-            page[..chunk.len()].copy_from_slice(chunk);
-            self.backing.insert(info.first_page as usize + i, page);
+            self.backing
+                .insert(info.first_page as usize + i, proto::page_from(chunk));
         }
     }
 
@@ -883,13 +880,10 @@ impl Engine {
                 Action::Send { to, msg } => self.out.send(to, msg.header()),
                 Action::GivePage { to, page, present } => {
                     if present {
-                        self.faults.take(page, &mut self.page_buf)?;
-                        self.out.send_page(
-                            to,
-                            Msg::grant_header(page, true),
-                            page,
-                            self.page_buf.clone(),
-                        );
+                        let mut data = Arc::new([0u8; PAGE_SIZE]);
+                        self.faults.take(page, Arc::make_mut(&mut data))?;
+                        self.out
+                            .send_page(to, Msg::grant_header(page, true), page, data);
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                     } else {
                         self.out.send(to, Msg::grant_header(page, false));
@@ -921,18 +915,21 @@ impl Engine {
                     page,
                     keep_shared,
                 } => {
+                    // Copied once, into the buffer the write-back (and the
+                    // home's copy it becomes) keeps.
+                    let mut data = Arc::new([0u8; PAGE_SIZE]);
+                    let out = Arc::make_mut(&mut data);
                     if self.protected_ahead.remove(&page) {
-                        self.faults.copy_out(page, &mut self.page_buf);
+                        self.faults.copy_out(page, out);
                         if !keep_shared {
                             self.faults.drop_page(page)?;
                         }
                     } else if keep_shared {
-                        self.faults.downgrade(page, &mut self.page_buf)?;
+                        self.faults.downgrade(page, out)?;
                     } else {
-                        self.faults.take(page, &mut self.page_buf)?;
+                        self.faults.take(page, out)?;
                     }
                     if to == self.rank {
-                        let data = Box::new(*self.page_buf);
                         let msg = Msg::WriteBack {
                             page: page as u64,
                             data,
@@ -940,12 +937,8 @@ impl Engine {
                         self.handle(to, msg, 0)?;
                         continue;
                     }
-                    self.out.send_page(
-                        to,
-                        Msg::write_back_header(page),
-                        page,
-                        self.page_buf.clone(),
-                    );
+                    self.out
+                        .send_page(to, Msg::write_back_header(page), page, data);
                     Stats::add(&self.stats.pages_sent, 1);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }

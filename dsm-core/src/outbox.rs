@@ -9,7 +9,7 @@
 //! when messages leave, never what the protocol sees.
 
 use crate::config::PAGE_SIZE;
-use crate::proto::{batch_pieces, BATCH_MAX_BYTES};
+use crate::proto::{batch_pieces, PageData, BATCH_MAX_BYTES};
 use crate::{Rank, Transport, TransportError};
 
 enum Outgoing {
@@ -19,7 +19,7 @@ enum Outgoing {
     Page {
         header: Vec<u8>,
         page: usize,
-        data: Box<[u8; PAGE_SIZE]>,
+        data: PageData,
     },
 }
 
@@ -51,13 +51,7 @@ impl Outbox {
         self.queued.push((to, Outgoing::Plain(message)));
     }
 
-    pub fn send_page(
-        &mut self,
-        to: Rank,
-        header: Vec<u8>,
-        page: usize,
-        data: Box<[u8; PAGE_SIZE]>,
-    ) {
+    pub fn send_page(&mut self, to: Rank, header: Vec<u8>, page: usize, data: PageData) {
         self.queued
             .push((to, Outgoing::Page { header, page, data }));
     }

@@ -4,6 +4,8 @@
 //! checks every length and never panics: a malformed message is an error
 //! naming what was wrong.
 
+use std::sync::Arc;
+
 use crate::config::PAGE_SIZE;
 use crate::Rank;
 
@@ -75,7 +77,7 @@ impl SegmentInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     /// The page's bytes.
-    Data(Box<[u8; PAGE_SIZE]>),
+    Data(PageData),
     /// All zeros (never written anywhere).
     Zero,
     /// No bytes: the requester already holds a valid read-only copy.
@@ -93,7 +95,7 @@ pub enum Msg {
     /// The page, for the requester; `None` means all zeros (never written).
     PageGrant {
         page: u64,
-        data: Option<Box<[u8; PAGE_SIZE]>>,
+        data: Option<PageData>,
     },
     BarrierEnter {
         epoch: u64,
@@ -123,7 +125,7 @@ pub enum Msg {
     /// Owner -> home, answering a recall.
     WriteBack {
         page: u64,
-        data: Box<[u8; PAGE_SIZE]>,
+        data: PageData,
     },
     /// Home -> requester.
     Grant {
@@ -206,6 +208,17 @@ pub fn batch_pieces<'a>(messages: &[&[&'a [u8]]], lengths: &'a mut Vec<[u8; 4]>)
         pieces.extend_from_slice(parts);
     }
     pieces
+}
+
+/// A page's bytes, shared with no copy between the home's copy, the
+/// messages that carry it and the outbox.
+pub type PageData = Arc<[u8; PAGE_SIZE]>;
+
+/// A page holding `bytes` (at most a page), zeros after them.
+pub fn page_from(bytes: &[u8]) -> PageData {
+    let mut page = Arc::new([0u8; PAGE_SIZE]);
+    Arc::make_mut(&mut page)[..bytes.len()].copy_from_slice(bytes);
+    page
 }
 
 /// The page of a multi-reader read request, read without decoding the
@@ -441,8 +454,7 @@ impl Msg {
             }
             GRANT => {
                 expect(9 + PAGE_SIZE)?;
-                let mut data = Box::new([0u8; PAGE_SIZE]);
-                data.copy_from_slice(&bytes[9..]);
+                let data = page_from(&bytes[9..]);
                 Ok(Msg::PageGrant {
                     page: u64_at(bytes, 1),
                     data: Some(data),
@@ -484,8 +496,7 @@ impl Msg {
             WRITE_BACK | GRANT_READ | GRANT_WRITE => {
                 expect(9 + PAGE_SIZE)?;
                 let page = u64_at(bytes, 1);
-                let mut data = Box::new([0u8; PAGE_SIZE]);
-                data.copy_from_slice(&bytes[9..]);
+                let data = page_from(&bytes[9..]);
                 Ok(match kind {
                     WRITE_BACK => Msg::WriteBack { page, data },
                     _ => Msg::Grant {
@@ -587,15 +598,15 @@ mod tests {
             page: 9,
             data: None,
         });
-        let mut page = Box::new([0u8; PAGE_SIZE]);
-        page[4095] = 42;
+        let mut page = Arc::new([0u8; PAGE_SIZE]);
+        Arc::make_mut(&mut page)[4095] = 42;
         round_trip(Msg::PageGrant {
             page: 9,
             data: Some(page),
         });
         round_trip(Msg::BarrierEnter { epoch: 5 });
         round_trip(Msg::BarrierRelease { epoch: 6 });
-        let page = Box::new([7u8; PAGE_SIZE]);
+        let page = Arc::new([7u8; PAGE_SIZE]);
         for m in [
             Msg::ReadReq { page: 1 },
             Msg::WriteReq { page: 2 },
@@ -695,7 +706,7 @@ mod tests {
             Msg::Grant {
                 page: 4,
                 write: false,
-                payload: Payload::Data(Box::new(page)),
+                payload: Payload::Data(Arc::new(page)),
             }
         );
         for cut in 1..wire.len() {

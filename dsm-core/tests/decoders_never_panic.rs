@@ -70,8 +70,8 @@ fn arb_segment() -> impl Strategy<Value = Option<SegmentInfo>> {
     )
 }
 
-fn page(fill: u8) -> Box<[u8; PAGE_SIZE]> {
-    Box::new([fill; PAGE_SIZE])
+fn page(fill: u8) -> std::sync::Arc<[u8; PAGE_SIZE]> {
+    std::sync::Arc::new([fill; PAGE_SIZE])
 }
 
 /// Valid messages of every kind.

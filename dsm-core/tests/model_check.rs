@@ -75,7 +75,7 @@ impl M {
             M::WriteBack(p, v) => (
                 Msg::WriteBack {
                     page: p as u64,
-                    data: Box::new([0u8; PAGE_SIZE]),
+                    data: std::sync::Arc::new([0u8; PAGE_SIZE]),
                 },
                 Some(v),
             ),
