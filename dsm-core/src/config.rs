@@ -71,7 +71,7 @@ impl Default for Config {
             engine_cpu: EngineCpu::Auto,
             min_hold: Duration::from_micros(500),
             print_stats: false,
-            prefetch: 64,
+            prefetch: 256,
             backing: SpaceBacking::Anonymous,
             spin: Duration::ZERO,
         }
@@ -126,7 +126,7 @@ impl Config {
     /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent) or `migratory` (the seed's) | `mrsw` |
     /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
-    /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `64` |
+    /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `256` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
