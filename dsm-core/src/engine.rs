@@ -139,7 +139,13 @@ pub(crate) struct Engine {
     staged_first: usize,
     /// True while a batch's messages are being handled.
     in_batch: bool,
+    /// Page buffers no longer referenced (home copies replaced), reused
+    /// for the next pages copied out: no allocation per page served.
+    spare_pages: Vec<PageData>,
 }
+
+/// Most spare page buffers kept (1 MiB).
+const SPARE_PAGES: usize = 256;
 
 /// Consecutive read faults after the first before read-ahead starts: the
 /// fifth fault in a row. Shorter runs (up to 16 KiB, such as a stencil
@@ -242,6 +248,7 @@ impl Engine {
             staged: Vec::new(),
             staged_first: 0,
             in_batch: false,
+            spare_pages: Vec::new(),
         }
     }
 
@@ -843,6 +850,14 @@ impl Engine {
     /// of the page, or of the barrier or lock) are handled at once instead
     /// of looping through the transport: the same order as a loop-back
     /// (in order among themselves), without a thread hand-off.
+    /// A buffer for a page about to be copied out (its old bytes are all
+    /// overwritten): a spare one, else a new one.
+    fn page_buffer(&mut self) -> PageData {
+        self.spare_pages
+            .pop()
+            .unwrap_or_else(|| Arc::new([0u8; PAGE_SIZE]))
+    }
+
     /// Maps the read-only copies staged by the batch being handled, in one
     /// system call per run of consecutive pages.
     fn install_staged(&mut self) -> Result<(), DsmError> {
@@ -880,7 +895,7 @@ impl Engine {
                 Action::Send { to, msg } => self.out.send(to, msg.header()),
                 Action::GivePage { to, page, present } => {
                     if present {
-                        let mut data = Arc::new([0u8; PAGE_SIZE]);
+                        let mut data = self.page_buffer();
                         self.faults.take(page, Arc::make_mut(&mut data))?;
                         self.out
                             .send_page(to, Msg::grant_header(page, true), page, data);
@@ -917,7 +932,7 @@ impl Engine {
                 } => {
                     // Copied once, into the buffer the write-back (and the
                     // home's copy it becomes) keeps.
-                    let mut data = Arc::new([0u8; PAGE_SIZE]);
+                    let mut data = self.page_buffer();
                     let out = Arc::make_mut(&mut data);
                     if self.protected_ahead.remove(&page) {
                         self.faults.copy_out(page, out);
@@ -951,7 +966,12 @@ impl Engine {
                             )))
                         }
                     };
-                    self.backing.insert(page, data);
+                    if let Some(mut old) = self.backing.insert(page, data) {
+                        if Arc::get_mut(&mut old).is_some() && self.spare_pages.len() < SPARE_PAGES
+                        {
+                            self.spare_pages.push(old);
+                        }
+                    }
                 }
                 Action::GrantFromBacking { to, page, write } => {
                     // A writer's copy supersedes the home's: hand it over.
