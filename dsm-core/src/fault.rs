@@ -625,24 +625,33 @@ impl FaultHandler {
         }
         let addr = self.addr(page);
         self.run_install(page, "UFFDIO_COPY (write-protected)", || {
-            let mut copy = userfaultfd_sys::uffdio_copy {
-                dst: addr as u64,
-                src: data.as_ptr() as u64,
-                len: PAGE_SIZE as u64,
-                mode: userfaultfd_sys::UFFDIO_COPY_MODE_WP,
-                copy: 0,
-            };
-            // SAFETY: UFFDIO_COPY reads PAGE_SIZE bytes from `data` (a live
-            // page-sized buffer) into a page of the registered region, and
-            // writes the result into `copy`, which lives across the call.
-            unsafe {
-                libc::ioctl(
-                    self.uffd.as_raw_fd(),
-                    userfaultfd_sys::UFFDIO_COPY as _,
-                    &mut copy,
-                )
-            }
+            self.copy_write_protected(addr, data).0
         })
+    }
+
+    /// One UFFDIO_COPY with MODE_WP of `src` to `addr` (a page of the
+    /// region; `src` whole pages that fit in it): the ioctl's result, and
+    /// the bytes it mapped (or a negative errno).
+    fn copy_write_protected(&self, addr: usize, src: &[u8]) -> (libc::c_int, i64) {
+        debug_assert!(addr + src.len() <= self.base + self.len);
+        let mut copy = userfaultfd_sys::uffdio_copy {
+            dst: addr as u64,
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+            mode: userfaultfd_sys::UFFDIO_COPY_MODE_WP,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads `len` bytes from the live slice `src`
+        // into pages of the registered region (the caller's range), and
+        // writes its progress into `copy`, which lives across the call.
+        let result = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                userfaultfd_sys::UFFDIO_COPY as _,
+                &mut copy,
+            )
+        };
+        (result, copy.copy)
     }
 
     /// Maps consecutive pages from `first` write-protected (read-only
@@ -650,7 +659,7 @@ impl FaultHandler {
     /// the kernel allows, and wakes the threads waiting on them. A page
     /// already present (a stale fault) is skipped and its waiters woken.
     pub fn install_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
-        if self.alias.is_some() || data.len() <= PAGE_SIZE {
+        if self.alias.is_some() {
             for (i, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
                 let bytes = bytes.try_into().map_err(|_| FaultError::Install {
                     addr: self.addr(first + i),
@@ -663,31 +672,15 @@ impl FaultHandler {
         let start = self.addr(first);
         let mut done = 0usize;
         while done < data.len() {
-            let mut copy = userfaultfd_sys::uffdio_copy {
-                dst: (start + done) as u64,
-                src: data[done..].as_ptr() as u64,
-                len: (data.len() - done) as u64,
-                mode: userfaultfd_sys::UFFDIO_COPY_MODE_WP,
-                copy: 0,
-            };
-            // SAFETY: UFFDIO_COPY reads `len` bytes from the live slice
-            // `data[done..]` into pages of the registered region, and writes
-            // its progress into `copy`, which lives across the call.
-            let result = unsafe {
-                libc::ioctl(
-                    self.uffd.as_raw_fd(),
-                    userfaultfd_sys::UFFDIO_COPY as _,
-                    &mut copy,
-                )
-            };
+            let (result, copied) = self.copy_write_protected(start + done, &data[done..]);
             if result == 0 {
                 return Ok(());
             }
             let errno = nix::errno::Errno::last();
-            if copy.copy > 0 {
+            if copied > 0 {
                 // Part of the run is mapped (and its waiters woken); the
                 // call stopped at a page it could not fill: go on from there.
-                done += copy.copy as usize;
+                done += copied as usize;
                 continue;
             }
             match errno {
