@@ -844,12 +844,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Carries out the state machine's actions. `current` is the message
-    /// being handled: its page bytes are what `Install*` maps and what
-    /// `StoreBacking` keeps. Messages to this rank itself (it is the home
-    /// of the page, or of the barrier or lock) are handled at once instead
-    /// of looping through the transport: the same order as a loop-back
-    /// (in order among themselves), without a thread hand-off.
     /// A buffer for a page about to be copied out (its old bytes are all
     /// overwritten): a spare one, else a new one.
     fn page_buffer(&mut self) -> PageData {
@@ -869,6 +863,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Carries out the state machine's actions. `current` is the message
+    /// being handled: its page bytes are what `Install*` maps and what
+    /// `StoreBacking` keeps. Messages to this rank itself (it is the home
+    /// of the page, or of the barrier or lock) are handled at once instead
+    /// of looping through the transport: the same order as a loop-back
+    /// (in order among themselves), without a thread hand-off.
     fn apply(&mut self, actions: Vec<Action>, current: Option<&Msg>) -> Result<(), DsmError> {
         for action in actions {
             if let Action::Install {
