@@ -998,7 +998,15 @@ impl Shared {
                     // may be the thread that drains the inbox): a thread
                     // delivers it once there is room.
                     let inbox = self.inbox.0.clone();
-                    std::thread::spawn(move || inbox.send(notice));
+                    let spawned = thread::Builder::new()
+                        .name("dsm-rdma-lost".into())
+                        .spawn(move || inbox.send(notice));
+                    if let Err(e) = spawned {
+                        tracing::error!(
+                            "rank {}: cannot report the loss of rank {rank}: {e}",
+                            self.rank
+                        );
+                    }
                 }
                 peer.qp.set_error();
             }
