@@ -266,17 +266,25 @@ fn time_first_loads(
     handler.join().expect("uffd handler");
 }
 
-fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize>, out: &Samples) {
-    let uffd = match UffdBuilder::new()
+/// A userfaultfd for a benchmark, or `None` (said, and the benchmark
+/// skipped) where this process may not create one.
+fn new_uffd(name: &str) -> Option<Arc<Uffd>> {
+    match UffdBuilder::new()
         .close_on_exec(true)
         .user_mode_only(true)
         .create()
     {
-        Ok(u) => Arc::new(u),
+        Ok(u) => Some(Arc::new(u)),
         Err(e) => {
             eprintln!("local_fault: no userfaultfd ({e}); {name} skipped");
-            return;
+            None
         }
+    }
+}
+
+fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize>, out: &Samples) {
+    let Some(uffd) = new_uffd(name) else {
+        return;
     };
     // PAGES pages, then one page whose fault tells the handler to stop.
     let region = Mapping::new(
@@ -358,16 +366,8 @@ fn uffd_continue(
     cpu: Option<usize>,
     out: &Samples,
 ) {
-    let uffd = match UffdBuilder::new()
-        .close_on_exec(true)
-        .user_mode_only(true)
-        .create()
-    {
-        Ok(u) => Arc::new(u),
-        Err(e) => {
-            eprintln!("local_fault: no userfaultfd ({e}); {name} skipped");
-            return;
-        }
+    let Some(uffd) = new_uffd(name) else {
+        return;
     };
     let memory = match TwiceMapped::new((PAGES + 1) * PAGE_SIZE) {
         Ok(m) => m,
