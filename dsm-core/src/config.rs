@@ -39,6 +39,17 @@ pub enum SpaceBacking {
     Memfd,
 }
 
+/// How the kernel reports a fault on the shared space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultDelivery {
+    /// As userfaultfd events, read and served by the rank's fault thread
+    /// while the faulting thread sleeps in the kernel.
+    Events,
+    /// As SIGBUS in the faulting thread, which serves its own fault
+    /// (`UFFD_FEATURE_SIGBUS`): no thread hand-off.
+    Sigbus,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address of the shared space, the same on every rank.
@@ -60,6 +71,7 @@ pub struct Config {
     /// sleep (0: sleep at once, right for machines with more threads than
     /// CPUs; a few tens of µs trade CPU time for a wake-up per event).
     pub spin: Duration,
+    pub faults: FaultDelivery,
 }
 
 impl Default for Config {
@@ -74,6 +86,7 @@ impl Default for Config {
             prefetch: 256,
             backing: SpaceBacking::Anonymous,
             spin: Duration::ZERO,
+            faults: FaultDelivery::Events,
         }
     }
 }
@@ -129,6 +142,7 @@ impl Config {
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `256` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
+    /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `thread` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -207,6 +221,13 @@ impl Config {
                 .parse()
                 .map_err(|_| err("DSM_SPIN_US", &v, "expected microseconds (0: no polling)"))?;
             self.spin = Duration::from_micros(us);
+        }
+        if let Some(v) = get("DSM_FAULTS") {
+            self.faults = match v.trim().to_ascii_lowercase().as_str() {
+                "thread" | "events" => FaultDelivery::Events,
+                "sigbus" | "signal" => FaultDelivery::Sigbus,
+                _ => return Err(err("DSM_FAULTS", &v, "expected thread or sigbus")),
+            };
         }
         if let Some(v) = get("DSM_STATS") {
             self.print_stats = !matches!(v.trim(), "0" | "no" | "false" | "off");

@@ -10,7 +10,9 @@ use crossbeam_channel::Sender;
 
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
-use crate::config::{Config, ConfigError, EngineCpu, Protocol, SpaceBacking, PAGE_SIZE};
+use crate::config::{
+    Config, ConfigError, EngineCpu, FaultDelivery, Protocol, SpaceBacking, PAGE_SIZE,
+};
 use crate::engine::{self, Engine, Input, Node, Reply};
 use crate::fault::{Backing, FaultError, FaultHandler, Region};
 use crate::segment::{Placement, Segment};
@@ -81,6 +83,8 @@ pub struct Dsm {
     inputs: Sender<Input>,
     engine: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
+    /// With SIGBUS delivery: the space's entry in the SIGBUS handler's table.
+    signal_faults: Option<crate::sigbus::Registration>,
     stop_reader: Option<OwnedFd>,
     transport: Arc<dyn Transport>,
     stats: Arc<Stats>,
@@ -129,7 +133,14 @@ impl Dsm {
                     "a memfd (pages written through an alias, mapped with UFFDIO_CONTINUE)",
             }
         );
-        let faults = FaultHandler::register(&region)?;
+        let faults = FaultHandler::register(&region, config.faults)?;
+        tracing::debug!(
+            "faults {}",
+            match config.faults {
+                FaultDelivery::Events => "read as userfaultfd events by the fault thread",
+                FaultDelivery::Sigbus => "served by the faulting thread (SIGBUS)",
+            }
+        );
         Ok((region, faults))
     }
 
@@ -183,16 +194,24 @@ impl Dsm {
             .with_prefetch(config.prefetch),
         ));
         let spin = config.spin;
-        let reader = {
-            let (engine, faults, tx) =
-                (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
-            thread::Builder::new()
-                .name("dsm-faults".into())
-                .spawn(move || {
-                    pin_to(cpu);
-                    engine::read_faults(engine, faults, stop_read, tx, spin)
-                })
-                .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?
+        let (engine_state, faults_served, failures) =
+            (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
+        let (reader, signal_faults) = match config.faults {
+            FaultDelivery::Events => {
+                let reader = thread::Builder::new()
+                    .name("dsm-faults".into())
+                    .spawn(move || {
+                        pin_to(cpu);
+                        engine::read_faults(engine_state, faults_served, stop_read, failures, spin)
+                    })
+                    .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?;
+                (Some(reader), None)
+            }
+            FaultDelivery::Sigbus => {
+                let server = engine::signal_fault_server(engine_state, faults_served, failures);
+                let registration = crate::sigbus::register(region.base(), region.len(), server)?;
+                (None, Some(registration))
+            }
         };
         let engine = {
             thread::Builder::new()
@@ -221,7 +240,8 @@ impl Dsm {
             config,
             inputs: inputs_tx,
             engine: Some(engine),
-            reader: Some(reader),
+            reader,
+            signal_faults,
             stop_reader: Some(stop_write),
             transport,
             stats,
@@ -413,6 +433,7 @@ impl Dsm {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+        drop(self.signal_faults.take());
     }
 }
 

@@ -1051,6 +1051,46 @@ pub(crate) fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     engine.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long a thread parked in the SIGBUS handler sleeps before it retries
+/// its access anyway (an install it was not woken for: a page of another
+/// bucket, say); the retry faults again if the page is still missing.
+const SIGNAL_WAIT: Duration = Duration::from_millis(50);
+
+/// The fault path run in the faulting thread's SIGBUS handler
+/// (`DSM_FAULTS=sigbus`): serves the fault on the engine's state (a page
+/// homed here is installed at once; otherwise the request leaves from this
+/// thread), then sleeps until a page of its bucket is installed. Errors go
+/// to the engine thread, which ends the job; this thread then waits for
+/// that end rather than retrying an access that can no longer be served.
+pub(crate) fn signal_fault_server(
+    engine: Arc<Mutex<Engine>>,
+    faults: Arc<FaultHandler>,
+    events: Sender<Input>,
+) -> crate::sigbus::Server {
+    Box::new(move |page, write| {
+        let Some(waiters) = faults.waiters() else {
+            return;
+        };
+        let ticket = waiters.prepare(page);
+        let served = {
+            let mut this = lock(&engine);
+            let fault = Fault {
+                page,
+                write,
+                write_protect: false,
+            };
+            this.on_fault(fault).and_then(|()| this.flush())
+        };
+        if let Err(e) = served {
+            let _ = events.send(Input::Failed(e));
+            loop {
+                std::thread::park();
+            }
+        }
+        waiters.wait(ticket, SIGNAL_WAIT);
+    })
+}
+
 /// The fault thread: reads fault events until `stop` becomes readable (or
 /// is closed) and serves each at once, on the engine's state, so a fault
 /// needs no hand-off to the engine thread (on this kind of machine a thread

@@ -13,13 +13,18 @@
 //!   installs pages (UFFDIO_COPY, or a write to the alias and
 //!   UFFDIO_CONTINUE), takes them away (write-protect, copy out,
 //!   `MADV_DONTNEED`), wakes waiting threads, and reads fault events.
+//!   With [`FaultDelivery::Sigbus`] the kernel raises SIGBUS in the faulting
+//!   thread instead of queueing events (`crate::sigbus`), and every install
+//!   also wakes the threads parked in that handler.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8};
 
-use userfaultfd::{Event, FaultKind, ReadWrite, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
+pub use crate::config::FaultDelivery;
 use crate::config::PAGE_SIZE;
+use crate::sigbus::Waiters;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -319,7 +324,7 @@ fn sized_memfd(len: usize) -> Result<OwnedFd, FaultError> {
 /// a scratch one-page mapping.
 pub fn memfd_supported() -> Result<(), FaultError> {
     let region = Region::map_scratch()?;
-    let handler = FaultHandler::register(&region)?;
+    let handler = FaultHandler::register(&region, FaultDelivery::Events)?;
     let mut cont = userfaultfd_sys::uffdio_continue {
         range: userfaultfd_sys::uffdio_range {
             start: region.base as u64,
@@ -385,20 +390,32 @@ pub struct FaultHandler {
     len: usize,
     /// With a memfd: the alias where page bytes are written before mapping.
     alias: Option<usize>,
+    /// With SIGBUS delivery: the futex words of the threads waiting in the
+    /// SIGBUS handler.
+    waiters: Option<Waiters>,
 }
 
-fn create_uffd() -> Result<Uffd, FaultError> {
+fn create_uffd(delivery: FaultDelivery) -> Result<Uffd, FaultError> {
+    let sigbus = delivery == FaultDelivery::Sigbus;
     let mut builder = UffdBuilder::new();
     builder
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(true);
+    if sigbus {
+        builder.require_features(FeatureFlags::SIGBUS);
+    }
     match builder.create() {
         Ok(uffd) => Ok(uffd),
+        // UFFDIO_API refuses a feature the kernel lacks with EINVAL.
+        Err(userfaultfd::Error::SystemError(errno)) if sigbus && errno as i32 == libc::EINVAL => Err(FaultError::Uffd(
+            "this kernel's userfaultfd has no SIGBUS mode (Linux >= 4.14): use DSM_FAULTS=thread"
+                .into(),
+        )),
         // The crate does not fall back to the system call when the device
         // exists but is not accessible: do it here.
         Err(userfaultfd::Error::OpenDevUserfaultfd(e)) => {
-            uffd_by_syscall().map_err(|errno| match errno {
+            uffd_by_syscall(sigbus).map_err(|errno| match errno {
                 nix::errno::Errno::EPERM => FaultError::UffdForbidden {
                     detail: format!("/dev/userfaultfd: {e}; userfaultfd(2): EPERM"),
                 },
@@ -420,7 +437,7 @@ fn create_uffd() -> Result<Uffd, FaultError> {
     }
 }
 
-fn uffd_by_syscall() -> Result<Uffd, nix::errno::Errno> {
+fn uffd_by_syscall(sigbus: bool) -> Result<Uffd, nix::errno::Errno> {
     let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | userfaultfd_sys::UFFD_USER_MODE_ONLY as i32;
     // SAFETY: the userfaultfd system call takes flags only and returns a new fd.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
@@ -431,7 +448,11 @@ fn uffd_by_syscall() -> Result<Uffd, nix::errno::Errno> {
     let uffd = unsafe { Uffd::from_raw_fd(fd as i32) };
     let mut api = userfaultfd_sys::uffdio_api {
         api: userfaultfd_sys::UFFD_API,
-        features: 0,
+        features: if sigbus {
+            userfaultfd_sys::UFFD_FEATURE_SIGBUS
+        } else {
+            0
+        },
         ioctls: 0,
     };
     // SAFETY: UFFDIO_API takes a pointer to a uffdio_api that lives across the call.
@@ -444,9 +465,10 @@ fn uffd_by_syscall() -> Result<Uffd, nix::errno::Errno> {
 
 impl FaultHandler {
     /// Registers the whole region for missing and write-protect faults
-    /// (and minor faults: a memfd page that exists but is not mapped).
-    pub fn register(region: &Region) -> Result<FaultHandler, FaultError> {
-        let uffd = create_uffd()?;
+    /// (and minor faults: a memfd page that exists but is not mapped),
+    /// reported as events or as SIGBUS in the faulting thread.
+    pub fn register(region: &Region, delivery: FaultDelivery) -> Result<FaultHandler, FaultError> {
+        let uffd = create_uffd(delivery)?;
         let alias = region.alias();
         let mut mode = RegisterMode::MISSING | RegisterMode::WRITE_PROTECT;
         if alias.is_some() {
@@ -468,7 +490,21 @@ impl FaultHandler {
             base: region.base,
             len: region.len,
             alias,
+            waiters: (delivery == FaultDelivery::Sigbus).then(Waiters::default),
         })
+    }
+
+    /// The SIGBUS handler's futex words (SIGBUS delivery only).
+    pub fn waiters(&self) -> Option<&Waiters> {
+        self.waiters.as_ref()
+    }
+
+    /// Threads parked in the SIGBUS handler for `page` may go on (nothing
+    /// to do with event delivery: the kernel's install wakes them).
+    fn woken(&self, page: usize) {
+        if let Some(waiters) = &self.waiters {
+            waiters.woken(page);
+        }
     }
 
     /// Runs a page-installing ioctl (`ioctl` returns its result) until it is
@@ -583,6 +619,16 @@ impl FaultHandler {
 
     /// Maps `data` at `page` (writable) and wakes the threads waiting on it.
     pub fn install(&self, page: usize, data: &[u8; PAGE_SIZE]) -> Result<Installed, FaultError> {
+        let installed = self.install_writable(page, data);
+        self.woken(page);
+        installed
+    }
+
+    fn install_writable(
+        &self,
+        page: usize,
+        data: &[u8; PAGE_SIZE],
+    ) -> Result<Installed, FaultError> {
         if let Some(alias) = self.alias {
             return self.continue_page(alias, page, data, true);
         }
@@ -620,13 +666,17 @@ impl FaultHandler {
         page: usize,
         data: &[u8; PAGE_SIZE],
     ) -> Result<Installed, FaultError> {
-        if let Some(alias) = self.alias {
-            return self.continue_page(alias, page, data, false);
-        }
-        let addr = self.addr(page);
-        self.run_install(page, "UFFDIO_COPY (write-protected)", || {
-            self.copy_write_protected(addr, data).0
-        })
+        let installed = match self.alias {
+            Some(alias) => self.continue_page(alias, page, data, false),
+            None => {
+                let addr = self.addr(page);
+                self.run_install(page, "UFFDIO_COPY (write-protected)", || {
+                    self.copy_write_protected(addr, data).0
+                })
+            }
+        };
+        self.woken(page);
+        installed
     }
 
     /// One UFFDIO_COPY with MODE_WP of `src` to `addr` (a page of the
@@ -659,6 +709,14 @@ impl FaultHandler {
     /// the kernel allows, and wakes the threads waiting on them. A page
     /// already present (a stale fault) is skipped and its waiters woken.
     pub fn install_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
+        let installed = self.map_readonly_run(first, data);
+        for page in first..first + data.len() / PAGE_SIZE {
+            self.woken(page);
+        }
+        installed
+    }
+
+    fn map_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
         if self.alias.is_some() {
             for (i, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
                 let bytes = bytes.try_into().map_err(|_| FaultError::Install {
@@ -704,12 +762,15 @@ impl FaultHandler {
     /// Lifts the write protection of a read-only copy and wakes the writers.
     pub fn make_writable(&self, page: usize) -> Result<(), FaultError> {
         let addr = self.addr(page);
-        self.uffd
+        let lifted = self
+            .uffd
             .remove_write_protection(addr as *mut _, PAGE_SIZE, true)
             .map_err(|e| FaultError::Install {
                 addr,
                 detail: format!("remove write protection: {e}"),
-            })
+            });
+        self.woken(page);
+        lifted
     }
 
     /// Turns our writable copy into a read-only one and copies it into
@@ -773,6 +834,7 @@ impl FaultHandler {
     /// Wakes threads waiting on `page` (after a race made their fault moot).
     pub fn wake(&self, page: usize) -> Result<(), FaultError> {
         let addr = self.addr(page);
+        self.woken(page);
         self.uffd
             .wake(addr as *mut _, PAGE_SIZE)
             .map_err(|e| FaultError::Install {

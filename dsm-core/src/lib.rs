@@ -17,13 +17,14 @@ mod outbox;
 pub mod proto;
 pub mod rendezvous;
 pub mod segment;
+pub mod sigbus;
 pub mod stats;
 pub mod sync;
 pub mod transport;
 pub mod wire;
 
 pub use bootstrap::{Bootstrap, BootstrapError, JobSecret};
-pub use config::{Config, Protocol, PAGE_SIZE};
+pub use config::{Config, FaultDelivery, Protocol, PAGE_SIZE};
 pub use dsm::{Dsm, DsmError};
 pub use segment::{Placement, Segment};
 pub use stats::StatsSnapshot;

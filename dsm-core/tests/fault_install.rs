@@ -26,7 +26,8 @@ fn pagemap_flags(addr: usize) -> (bool, bool) {
 fn a_run_of_read_only_pages_is_mapped_around_a_page_already_present() {
     const PAGES: usize = 6;
     let region = Region::map(BASE, PAGES * PAGE_SIZE, Backing::Anonymous).expect("mapping");
-    let faults = FaultHandler::register(&region).expect("registering userfaultfd");
+    let faults = FaultHandler::register(&region, dsm_core::FaultDelivery::Events)
+        .expect("registering userfaultfd");
     let page_of = |byte: u8| Box::new([byte; PAGE_SIZE]);
     // Page 3 is there first (a stale install the run must not overwrite).
     faults

@@ -1,0 +1,299 @@
+//! Faults served in the faulting thread (`DSM_FAULTS=sigbus`).
+//!
+//! With `UFFD_FEATURE_SIGBUS` the kernel queues no fault event: the thread
+//! that touches a missing (or write-protected) page of the space gets a
+//! SIGBUS instead. The process-wide handler installed here finds the shared
+//! space the address belongs to and calls its server in that thread, which
+//! runs the engine's fault path (the request leaves at once, or a page this
+//! rank is home of is installed at once), then sleeps on a futex until a page
+//! of the same bucket is installed, and returns: the access is retried, and
+//! faults again if its page is still not there. No thread hand-off on the way
+//! out, none at all for a page resolved locally.
+//!
+//! * [`Waiters`]: the futex words installs bump (one per bucket of pages),
+//!   so threads parked in the handler wake when their page may be there.
+//! * [`register`]: one entry per shared space in a fixed table (several
+//!   spaces live in one process in the benchmarks), removed when the
+//!   [`Registration`] is dropped, after every handler using it has left.
+//!
+//! A SIGBUS outside every registered space goes to the handler that was
+//! installed before (Rust's stack-overflow reporter), or ends the process as
+//! the default action would. The engine code the handler runs must never
+//! touch the shared space's missing pages (it only touches pages it holds),
+//! as with the fault thread.
+
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::config::PAGE_SIZE;
+use crate::fault::FaultError;
+
+/// Buckets of pages sharing a futex word: an install wakes only the threads
+/// waiting on pages of its bucket.
+const BUCKETS: usize = 64;
+
+/// The futex words installs bump, and how many threads wait on each.
+pub struct Waiters {
+    epoch: [AtomicU32; BUCKETS],
+    waiting: [AtomicU32; BUCKETS],
+}
+
+/// What a thread about to wait for a page has seen: its bucket's epoch
+/// before it asked for the page.
+#[must_use]
+pub struct WaitTicket {
+    bucket: usize,
+    epoch: u32,
+}
+
+impl Default for Waiters {
+    fn default() -> Self {
+        Waiters {
+            epoch: std::array::from_fn(|_| AtomicU32::new(0)),
+            waiting: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+}
+
+impl Waiters {
+    /// Called before the fault is served: any install of the page's bucket
+    /// from now on ends the wait.
+    pub fn prepare(&self, page: usize) -> WaitTicket {
+        let bucket = page % BUCKETS;
+        WaitTicket {
+            bucket,
+            epoch: self.epoch[bucket].load(SeqCst),
+        }
+    }
+
+    /// Sleeps until a page of the ticket's bucket was installed since the
+    /// ticket was taken (at once if one was), or `timeout` passed. The
+    /// waiter counts itself before it looks at the epoch, and an install
+    /// bumps the epoch before it looks at the count (both sequentially
+    /// consistent): either the waiter sees the new epoch or the install
+    /// sees the waiter. A fault served at once (its page installed by the
+    /// fault path itself) costs no futex call.
+    pub fn wait(&self, ticket: WaitTicket, timeout: Duration) {
+        let word = &self.epoch[ticket.bucket];
+        self.waiting[ticket.bucket].fetch_add(1, SeqCst);
+        if word.load(SeqCst) == ticket.epoch {
+            let limit = libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: FUTEX_WAIT reads the live atomic word and sleeps while
+            // it still holds `ticket.epoch`; `limit` lives across the call.
+            // Any result (woken, changed, timed out, interrupted) just ends
+            // the wait: the caller retries the access either way.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    ticket.epoch,
+                    &limit as *const libc::timespec,
+                )
+            };
+        }
+        self.waiting[ticket.bucket].fetch_sub(1, SeqCst);
+    }
+
+    /// `page` was installed (or made writable, or found present): wakes the
+    /// threads waiting on its bucket.
+    pub fn woken(&self, page: usize) {
+        let bucket = page % BUCKETS;
+        self.epoch[bucket].fetch_add(1, SeqCst);
+        if self.waiting[bucket].load(SeqCst) > 0 {
+            // SAFETY: FUTEX_WAKE on a live atomic word wakes its sleepers; it
+            // reads nothing else.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.epoch[bucket].as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    i32::MAX,
+                )
+            };
+        }
+    }
+}
+
+/// Serves one fault of a space in the faulting thread: `(page, write)`.
+pub type Server = Box<dyn Fn(usize, bool) + Send + Sync>;
+
+/// One registered space; `start == end == 0` when the slot is free.
+struct Slot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    /// Handlers currently using `server`.
+    users: AtomicUsize,
+    server: AtomicPtr<Server>,
+}
+
+/// Most shared spaces registered at once in one process.
+const SLOTS: usize = 64;
+
+static TABLE: [Slot; SLOTS] = [const {
+    Slot {
+        start: AtomicUsize::new(0),
+        end: AtomicUsize::new(0),
+        users: AtomicUsize::new(0),
+        server: AtomicPtr::new(std::ptr::null_mut()),
+    }
+}; SLOTS];
+
+/// The SIGBUS action found when the handler was installed.
+static PREVIOUS: OnceLock<Result<libc::sigaction, nix::errno::Errno>> = OnceLock::new();
+
+/// A space whose faults the SIGBUS handler serves until this is dropped.
+pub struct Registration {
+    slot: usize,
+}
+
+/// Serves the SIGBUS faults of `[start, start + len)` with `server`,
+/// installing the process's handler the first time.
+pub fn register(start: usize, len: usize, server: Server) -> Result<Registration, FaultError> {
+    if !cfg!(target_arch = "x86_64") {
+        return Err(FaultError::Uffd(
+            "DSM_FAULTS=sigbus reads the fault's write bit from the x86-64 signal context; \
+             use DSM_FAULTS=thread on this architecture"
+                .into(),
+        ));
+    }
+    if let Err(errno) = PREVIOUS.get_or_init(install_handler) {
+        return Err(FaultError::Uffd(format!(
+            "installing the SIGBUS handler: {errno}"
+        )));
+    }
+    let server = Box::into_raw(Box::new(server));
+    for (i, slot) in TABLE.iter().enumerate() {
+        if slot
+            .server
+            .compare_exchange(std::ptr::null_mut(), server, SeqCst, SeqCst)
+            .is_ok()
+        {
+            slot.end.store(start + len, SeqCst);
+            slot.start.store(start, SeqCst);
+            return Ok(Registration { slot: i });
+        }
+    }
+    // SAFETY: the pointer came from Box::into_raw above and was published
+    // nowhere.
+    drop(unsafe { Box::from_raw(server) });
+    Err(FaultError::Uffd(format!(
+        "more than {SLOTS} shared spaces in one process"
+    )))
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let slot = &TABLE[self.slot];
+        slot.start.store(0, SeqCst);
+        slot.end.store(0, SeqCst);
+        // A handler that saw the range before it was cleared holds `users`:
+        // it leaves within its bounded wait.
+        while slot.users.load(SeqCst) > 0 {
+            std::thread::yield_now();
+        }
+        let server = slot.server.swap(std::ptr::null_mut(), SeqCst);
+        if !server.is_null() {
+            // SAFETY: `register` made it with Box::into_raw, no handler uses
+            // it any more (users is 0 and the range is cleared), and the swap
+            // took it out of the table, so it is freed once.
+            drop(unsafe { Box::from_raw(server) });
+        }
+    }
+}
+
+fn install_handler() -> Result<libc::sigaction, nix::errno::Errno> {
+    // SAFETY: zeroed sigaction structs are valid (empty mask, no flags).
+    let (mut action, mut previous): (libc::sigaction, libc::sigaction) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigbus;
+    action.sa_sigaction = handler as usize;
+    // No SA_ONSTACK: the engine's fault path runs on the thread's own stack,
+    // not on the small alternate stack Rust sets up for overflow reports.
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: installs `on_sigbus` for SIGBUS and stores the previous action
+    // in a live struct.
+    if unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) } != 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(previous)
+}
+
+/// Whether the fault that raised the signal was a write (x86-64: bit 1 of
+/// the page-fault error code the kernel saves in the signal context).
+fn fault_was_write(context: *mut libc::c_void) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: for a SA_SIGINFO handler the third argument is the
+        // interrupted thread's ucontext_t.
+        let context = unsafe { &*(context as *const libc::ucontext_t) };
+        context.uc_mcontext.gregs[libc::REG_ERR as usize] & 2 != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // `register` refuses this mode elsewhere.
+        let _ = context;
+        true
+    }
+}
+
+extern "C" fn on_sigbus(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    for slot in &TABLE {
+        if addr < slot.start.load(SeqCst) || addr >= slot.end.load(SeqCst) {
+            continue;
+        }
+        slot.users.fetch_add(1, SeqCst);
+        let start = slot.start.load(SeqCst);
+        if addr >= start && addr < slot.end.load(SeqCst) {
+            let server = slot.server.load(SeqCst);
+            // SAFETY: a slot whose range is set holds a live server, and
+            // `users` keeps `Registration::drop` from freeing it meanwhile.
+            if let Some(server) = unsafe { server.as_ref() } {
+                server((addr - start) / PAGE_SIZE, fault_was_write(context));
+            }
+        }
+        slot.users.fetch_sub(1, SeqCst);
+        return;
+    }
+    not_ours(signal, info, context);
+}
+
+/// A SIGBUS of no shared space: the previous handler's, or the default
+/// action (the retried access raises it again, now fatal).
+fn not_ours(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    if let Some(Ok(previous)) = PREVIOUS.get() {
+        let handler = previous.sa_sigaction;
+        if previous.sa_flags & libc::SA_SIGINFO != 0
+            && handler != libc::SIG_DFL
+            && handler != libc::SIG_IGN
+        {
+            // SAFETY: a SA_SIGINFO action's handler has this signature; it
+            // was installed for SIGBUS and gets the kernel's own arguments.
+            let chained: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(handler) };
+            chained(signal, info, context);
+            return;
+        }
+        if previous.sa_flags & libc::SA_SIGINFO == 0
+            && handler != libc::SIG_DFL
+            && handler != libc::SIG_IGN
+        {
+            // SAFETY: as above, for a plain handler.
+            let chained: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+            chained(signal);
+            return;
+        }
+    }
+    // SAFETY: signal() is async-signal-safe.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
