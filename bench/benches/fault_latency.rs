@@ -6,7 +6,10 @@
 //! an active device exists, else TCP):
 //!
 //! * `fault_latency_tcp/raw_round_trip_16B_4KiB` and
-//!   `fault_latency_tcp/dsm_remote_read_fault_4KiB` on loopback TCP;
+//!   `fault_latency_tcp/dsm_remote_read_fault_4KiB` on loopback TCP, the
+//!   fault served by the fault thread (`DSM_FAULTS=thread`), and
+//!   `.../dsm_remote_read_fault_4KiB_sigbus` served by the faulting thread
+//!   itself (`DSM_FAULTS=sigbus`), on a second pair of endpoints;
 //! * with RDMA, `fault_latency_rdma/...` for the same two figures (the DSM
 //!   over `transport_rdma::connect_job`, as `dsm::init` does it) plus
 //!   `fault_latency_rdma/raw_rdma_read_4KiB`, a one-sided READ.
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dsm_core::bootstrap::Bootstrap;
-use dsm_core::{Config, Dsm, Transport, PAGE_SIZE};
+use dsm_core::{Config, Dsm, FaultDelivery, Transport, PAGE_SIZE};
 use transport_rdma::verbs::PortSummary;
 use transport_rdma::{RdmaDevice, RdmaOptions, RdmaTransport, Selected};
 use transport_tcp::{TcpOptions, TcpTransport};
@@ -186,8 +189,15 @@ fn rdma_read(c: &mut Criterion, group: &str, port: &PortSummary, out: &Samples) 
     }
 }
 
-/// Rank 1 reads pages homed at rank 0, one remote read fault each.
-fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, out: &Samples) {
+/// Rank 1 reads pages homed at rank 0, one remote read fault each, its
+/// faults delivered as `delivery` says.
+fn dsm_read_fault(
+    c: &mut Criterion,
+    (group, name): (&str, &str),
+    delivery: FaultDelivery,
+    t: Vec<Arc<dyn Transport>>,
+    out: &Samples,
+) {
     let hosts = vec!["localhost".to_string(); 2];
     let dsms: Vec<Dsm> = t
         .into_iter()
@@ -198,6 +208,7 @@ fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, ou
                 size: SPACE_PAGES * PAGE_SIZE,
                 // One fault per page: no read-ahead.
                 prefetch: 0,
+                faults: delivery,
                 ..Config::from_env().expect("DSM_* variables")
             }
             .validate()
@@ -217,7 +228,7 @@ fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, ou
     let mut next = 0;
     let mut generation = 0u64;
     let mut g = c.benchmark_group(group);
-    g.bench_function("dsm_remote_read_fault_4KiB", |b| {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
@@ -248,7 +259,7 @@ fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, ou
     g.finish();
     let engine = reader.stats();
     println!(
-        "{group}: rank 1 engine: {} read faults, {} pages received; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
+        "{group}: {name}: rank 1 engine: {} read faults, {} pages received; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
         engine.read_faults,
         engine.pages_received,
         engine.fault_latency_p50.as_secs_f64() * 1e6,
@@ -261,24 +272,28 @@ fn dsm_read_fault(c: &mut Criterion, group: &str, t: Vec<Arc<dyn Transport>>, ou
     });
 }
 
+/// Prints every figure, then each DSM figure's ratio to the first raw one
+/// (the 16 B / 4 KiB round trip).
 fn print_summary(group: &str, rows: &[(&str, &Samples)]) {
-    let mut fault = None;
+    let mut faults = Vec::new();
     let mut base = None;
     for (name, samples) in rows {
         if let Some((p50, p99, n)) = samples.summary() {
-            println!("{group}: {name:<34} median {p50:8.1} µs  p99 {p99:8.1} µs  ({n} samples)");
+            println!("{group}: {name:<38} median {p50:8.1} µs  p99 {p99:8.1} µs  ({n} samples)");
             if name.starts_with("dsm_") {
-                fault = Some(p50);
+                faults.push((name, p50));
             } else if base.is_none() {
                 base = Some(p50);
             }
         }
     }
-    if let (Some(f), Some(b)) = (fault, base) {
-        println!(
-            "{group}: ratio DSM remote read fault / raw 4 KiB round trip = {:.2}x",
-            f / b
-        );
+    if let Some(b) = base {
+        for (name, f) in faults {
+            println!(
+                "{group}: ratio {name} / raw 4 KiB round trip = {:.2}x",
+                f / b
+            );
+        }
     }
 }
 
@@ -288,10 +303,19 @@ fn fault_latency(c: &mut Criterion) {
         Selected::Tcp => "fault_latency_tcp",
         Selected::Rdma(_) => "fault_latency_rdma",
     };
-    let (raw, fault, read) = (Samples::default(), Samples::default(), Samples::default());
+    let [raw, fault, fault_sigbus, read] = std::array::from_fn(|_| Samples::default());
     let transports = pair(&kind);
     raw_round_trip(c, group, &transports, &raw);
-    dsm_read_fault(c, group, transports, &fault);
+    let by_thread = (group, "dsm_remote_read_fault_4KiB");
+    dsm_read_fault(c, by_thread, FaultDelivery::Events, transports, &fault);
+    let by_signal = (group, "dsm_remote_read_fault_4KiB_sigbus");
+    dsm_read_fault(
+        c,
+        by_signal,
+        FaultDelivery::Sigbus,
+        pair(&kind),
+        &fault_sigbus,
+    );
     if let Selected::Rdma(port) = &kind {
         rdma_read(c, group, port, &read);
     }
@@ -300,6 +324,7 @@ fn fault_latency(c: &mut Criterion) {
         &[
             ("raw_round_trip_16B_4KiB", &raw),
             ("dsm_remote_read_fault_4KiB", &fault),
+            ("dsm_remote_read_fault_4KiB_sigbus", &fault_sigbus),
             ("raw_rdma_read_4KiB", &read),
         ],
     );

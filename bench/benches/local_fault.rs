@@ -25,7 +25,9 @@
 //!   through the DSM with a single rank (fault reader thread -> engine ->
 //!   the rank's own directory -> install), the application thread unpinned,
 //!   then pinned to the engine's CPU. The page was never written, so the
-//!   install is a zero page.
+//!   install is a zero page. `..._sigbus`: the same with the fault served
+//!   by the faulting thread's SIGBUS handler (`DSM_FAULTS=sigbus`), no
+//!   thread hand-off at all, unpinned.
 //!
 //! Every timed figure is one load from a page not yet present. Making the
 //! pages absent again is not timed: `MADV_DONTNEED` (+ `PROT_NONE` for the
@@ -40,7 +42,7 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use dsm_bench::{config, print_figures, print_ratio, transports, Samples, WORDS_PER_PAGE};
-use dsm_core::{Config, Dsm, PAGE_SIZE};
+use dsm_core::{Config, Dsm, FaultDelivery, PAGE_SIZE};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::mman::{madvise, mmap_anonymous, mprotect, munmap, MapFlags, MmapAdvise, ProtFlags};
 use nix::unistd::Pid;
@@ -508,13 +510,19 @@ fn uffd_continue(
 
 // ---- the DSM with one rank ----
 
-fn dsm_one_rank(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, same_cpu: bool, out: &Samples) {
+fn dsm_one_rank(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    (same_cpu, faults): (bool, FaultDelivery),
+    out: &Samples,
+) {
     let start = || {
         let t = transports(1).pop().expect("one transport");
         // One fault per page: no read-ahead (a sequential walk would
         // otherwise find most pages already there).
         let config = Config {
             prefetch: 0,
+            faults,
             ..config(0, DSM_PAGES)
         };
         let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
@@ -556,7 +564,7 @@ fn dsm_one_rank(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, same_cpu: bool
 
 fn local_fault(c: &mut Criterion) {
     let suite = "local_fault";
-    let [segv, uffd, uffd_pinned, cont_pinned, dsm, dsm_pinned, sigbus] =
+    let [segv, uffd, uffd_pinned, cont_pinned, dsm, dsm_pinned, sigbus, dsm_sigbus] =
         std::array::from_fn(|_| Samples::default());
     let mut g = c.benchmark_group(suite);
     sigsegv_mprotect(&mut g, &segv);
@@ -564,8 +572,12 @@ fn local_fault(c: &mut Criterion) {
     uffd_copy(&mut g, "uffd_copy_4KiB_same_cpu", Some(0), &uffd_pinned);
     uffd_continue(&mut g, "uffd_continue_4KiB_same_cpu", Some(0), &cont_pinned);
     uffd_sigbus_copy(&mut g, "uffd_sigbus_copy_4KiB", &sigbus);
-    dsm_one_rank(&mut g, "dsm_1_rank_read_fault", false, &dsm);
-    dsm_one_rank(&mut g, "dsm_1_rank_read_fault_same_cpu", true, &dsm_pinned);
+    let (events, sigbus_mode) = (FaultDelivery::Events, FaultDelivery::Sigbus);
+    dsm_one_rank(&mut g, "dsm_1_rank_read_fault", (false, events), &dsm);
+    let name = "dsm_1_rank_read_fault_same_cpu";
+    dsm_one_rank(&mut g, name, (true, events), &dsm_pinned);
+    let name = "dsm_1_rank_read_fault_sigbus";
+    dsm_one_rank(&mut g, name, (false, sigbus_mode), &dsm_sigbus);
     g.finish();
     let rows = [
         ("sigsegv_mprotect_4KiB", &segv),
@@ -575,6 +587,7 @@ fn local_fault(c: &mut Criterion) {
         ("dsm_1_rank_read_fault", &dsm),
         ("dsm_1_rank_read_fault_same_cpu", &dsm_pinned),
         ("uffd_sigbus_copy_4KiB", &sigbus),
+        ("dsm_1_rank_read_fault_sigbus", &dsm_sigbus),
     ];
     print_figures(suite, &rows);
     for row in &rows[1..] {

@@ -1087,7 +1087,8 @@ pub(crate) fn signal_fault_server(
                 std::thread::park();
             }
         }
-        waiters.wait(ticket, SIGNAL_WAIT);
+        // Timed out or not, the access is retried (and faults again).
+        let _ = waiters.wait(ticket, SIGNAL_WAIT);
     })
 }
 

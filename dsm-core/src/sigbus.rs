@@ -68,13 +68,14 @@ impl Waiters {
     }
 
     /// Sleeps until a page of the ticket's bucket was installed since the
-    /// ticket was taken (at once if one was), or `timeout` passed. The
+    /// ticket was taken (at once if one was), or `timeout` passed; says
+    /// whether one was (false: the time ran out). The
     /// waiter counts itself before it looks at the epoch, and an install
     /// bumps the epoch before it looks at the count (both sequentially
     /// consistent): either the waiter sees the new epoch or the install
     /// sees the waiter. A fault served at once (its page installed by the
     /// fault path itself) costs no futex call.
-    pub fn wait(&self, ticket: WaitTicket, timeout: Duration) {
+    pub fn wait(&self, ticket: WaitTicket, timeout: Duration) -> bool {
         let word = &self.epoch[ticket.bucket];
         self.waiting[ticket.bucket].fetch_add(1, SeqCst);
         if word.load(SeqCst) == ticket.epoch {
@@ -84,8 +85,8 @@ impl Waiters {
             };
             // SAFETY: FUTEX_WAIT reads the live atomic word and sleeps while
             // it still holds `ticket.epoch`; `limit` lives across the call.
-            // Any result (woken, changed, timed out, interrupted) just ends
-            // the wait: the caller retries the access either way.
+            // Any result (woken, changed, timed out, interrupted) ends the
+            // wait: the caller retries the access either way.
             unsafe {
                 libc::syscall(
                     libc::SYS_futex,
@@ -97,6 +98,7 @@ impl Waiters {
             };
         }
         self.waiting[ticket.bucket].fetch_sub(1, SeqCst);
+        word.load(SeqCst) != ticket.epoch
     }
 
     /// `page` was installed (or made writable, or found present): wakes the

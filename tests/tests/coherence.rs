@@ -138,3 +138,34 @@ fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     let out = job(&memfd, 4, "stress", &["atomics", "4", "5000"]);
     out.expect_each_rank(4, "atomics exact: A=80000 B=200000");
 }
+
+/// Faults served by the faulting thread itself (`DSM_FAULTS=sigbus`: a
+/// SIGBUS handler instead of the fault thread) keep sequential consistency
+/// and exact counts, under both protocols, with read-ahead racing the home.
+#[test]
+fn faults_served_in_the_faulting_thread_keep_litmus_outcomes_and_exact_counts() {
+    let sigbus = ("DSM_FAULTS", "sigbus");
+    for (test, protocol) in [("sb", "mrsw"), ("mp", "mrsw"), ("sb", "migratory")] {
+        let env = [sigbus, ("DSM_SPACE_SIZE", "4M"), ("DSM_PROTOCOL", protocol)];
+        let out = job(&env, 2, "litmus", &[test, "2000"]);
+        if out.code != Some(0) && out.stderr.contains("DSM_FAULTS=thread") {
+            eprintln!("no SIGBUS fault delivery here, skipped: {out:?}");
+            return;
+        }
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+        assert!(
+            line.ends_with("; forbidden 0"),
+            "{protocol} {line}\n{out:?}"
+        );
+    }
+    let out = job(&[sigbus], 4, "stress", &["atomics", "4", "5000"]);
+    out.expect_each_rank(4, "atomics exact: A=80000 B=200000");
+    let out = job(&[sigbus], 4, "stress", &["random", "4", "6000"]);
+    out.expect_each_rank(4, "random exact: 16 slots");
+    let out = job(&[sigbus], 2, "stress", &["prodcons", "20000"]);
+    out.expect_each_rank(2, "prodcons exact: 20000 items in order");
+    let space = ("DSM_SPACE_SIZE", "16M");
+    let out = job(&[sigbus, space], 2, "stress", &["scan", "30", "512"]);
+    out.expect_each_rank(2, "scan exact: 512 pages at round 30");
+}

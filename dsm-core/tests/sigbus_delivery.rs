@@ -1,0 +1,181 @@
+//! Faults delivered as SIGBUS to the faulting thread (no DSM, no network):
+//! the handler finds the space, tells reads from writes (a missing page
+//! read or written, a store to a write-protected page), parks a thread
+//! until an install of its page wakes it, and leaves a SIGBUS outside
+//! every space fatal.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dsm_core::fault::{Backing, FaultHandler, Region};
+use dsm_core::{sigbus, FaultDelivery, PAGE_SIZE};
+
+/// Free on x86-64 Linux processes in practice; `Region::map` refuses an
+/// occupied range rather than replacing it. Each test has its own.
+const BASE: usize = 0x2b00_0000_0000;
+
+fn sigbus_space(base: usize, pages: usize) -> Option<(Region, Arc<FaultHandler>)> {
+    let region = Region::map(base, pages * PAGE_SIZE, Backing::Anonymous).expect("mapping");
+    match FaultHandler::register(&region, FaultDelivery::Sigbus) {
+        Ok(faults) => Some((region, Arc::new(faults))),
+        Err(e) => {
+            eprintln!("no userfaultfd in SIGBUS mode here ({e}): skipped");
+            None
+        }
+    }
+}
+
+#[test]
+fn faults_reach_the_faulting_threads_server_with_their_kind() {
+    let Some((region, faults)) = sigbus_space(BASE, 4) else {
+        return;
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let server: sigbus::Server = {
+        let (faults, seen) = (Arc::clone(&faults), Arc::clone(&seen));
+        Box::new(move |page, write| {
+            seen.lock().unwrap().push((page, write));
+            if page == 3 {
+                // Installed read-only below: the store lifts the protection.
+                faults.make_writable(page).expect("lifting the protection");
+            } else {
+                faults
+                    .install(page, &[page as u8 + 1; PAGE_SIZE])
+                    .expect("installing");
+            }
+        })
+    };
+    let _registered =
+        sigbus::register(region.base(), region.len(), server).expect("registering the space");
+    faults
+        .install_readonly(3, &[9; PAGE_SIZE])
+        .expect("installing page 3 read-only");
+    let bytes = region.bytes();
+    assert_eq!(bytes[PAGE_SIZE].load(Relaxed), 2, "read of missing page 1");
+    bytes[2 * PAGE_SIZE + 7].store(0x55, Relaxed);
+    assert_eq!(
+        bytes[2 * PAGE_SIZE].load(Relaxed),
+        3,
+        "page 2's other bytes"
+    );
+    assert_eq!(
+        bytes[3 * PAGE_SIZE].load(Relaxed),
+        9,
+        "read of read-only page 3"
+    );
+    bytes[3 * PAGE_SIZE + 1].store(0x66, Relaxed);
+    assert_eq!(bytes[3 * PAGE_SIZE + 1].load(Relaxed), 0x66);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(1, false), (2, true), (3, true)],
+        "(page, write) of each fault: a read, a store to a missing page, a store to a write-protected one"
+    );
+}
+
+#[test]
+fn a_parked_thread_is_woken_by_the_install_of_its_page() {
+    let Some((region, faults)) = sigbus_space(BASE + (1 << 30), 2) else {
+        return;
+    };
+    let (fault_seen, faulted) = mpsc::channel();
+    let server: sigbus::Server = {
+        let faults = Arc::clone(&faults);
+        let fault_seen = Mutex::new(fault_seen);
+        Box::new(move |page, _write| {
+            let waiters = faults.waiters().expect("SIGBUS delivery has waiters");
+            let ticket = waiters.prepare(page);
+            let _ = fault_seen.lock().unwrap().send(page);
+            // Far beyond the test's run: only the install ends this wait.
+            let woken = waiters.wait(ticket, Duration::from_secs(600));
+            assert!(woken, "the wait ended without an install");
+        })
+    };
+    let _registered =
+        sigbus::register(region.base(), region.len(), server).expect("registering the space");
+    let reader = {
+        let base = region.base();
+        std::thread::spawn(move || {
+            // SAFETY: page 1 of the registered region, live until joined.
+            unsafe { std::ptr::read_volatile((base + PAGE_SIZE) as *const u64) }
+        })
+    };
+    let page = faulted
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the reader's fault reached the server");
+    assert_eq!(page, 1);
+    faults.install(1, &[7; PAGE_SIZE]).expect("installing");
+    assert_eq!(reader.join().expect("reader"), 0x0707_0707_0707_0707);
+}
+
+/// Set in the child process that raises a SIGBUS outside the space.
+const CHILD: &str = "DSM_SIGBUS_TEST_CHILD";
+
+#[test]
+fn a_sigbus_outside_the_space_still_ends_the_process() {
+    if std::env::var_os(CHILD).is_some() {
+        let Some((region, _faults)) = sigbus_space(BASE + (2 << 30), 1) else {
+            std::process::exit(3);
+        };
+        let _registered = sigbus::register(region.base(), region.len(), Box::new(|_, _| {}))
+            .expect("registering the space");
+        // A mapping past the end of an empty file: its access is a real SIGBUS.
+        let file = tempfile_in_target();
+        let map = unsafe_map_empty_file(&file);
+        eprintln!("child: touching a page past the end of an empty file");
+        // SAFETY: the mapping is live; reading it raises SIGBUS, which must
+        // end this process.
+        let _ = unsafe { std::ptr::read_volatile(map as *const u8) };
+        std::process::exit(0);
+    }
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "a_sigbus_outside_the_space_still_ends_the_process",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .status()
+        .expect("running the child");
+    use std::os::unix::process::ExitStatusExt;
+    if status.code() == Some(3) {
+        return; // no SIGBUS mode here: said by the child
+    }
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGBUS),
+        "the child should die of SIGBUS, got {status:?}"
+    );
+}
+
+fn tempfile_in_target() -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("dsm-sigbus-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("creating an empty file");
+    let _ = std::fs::remove_file(&path);
+    file
+}
+
+fn unsafe_map_empty_file(file: &std::fs::File) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a new shared mapping of one page of our own file at an
+    // address the kernel picks.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap");
+    addr as usize
+}
