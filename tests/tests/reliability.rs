@@ -434,14 +434,18 @@ fn kill_scenario(mode: &str, victim: usize) {
             kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
             std::fs::write(&go, "").expect("go file");
             job.await_stdout(1, &format!("rank {waiter} touching"));
-            // The waiter's main thread parks in the kernel's userfaultfd
-            // handler: wait (bounded) until it is there.
+            // The waiter's main thread parks in its fault: in the kernel's
+            // userfaultfd handler (DSM_FAULTS=thread), or on a futex inside
+            // the SIGBUS handler (SIGBUS then blocked for that thread, the
+            // default delivery). Wait (bounded) until it is there.
             let wpid = pids[&(waiter as u64)];
             let until = Instant::now() + Duration::from_secs(10);
             loop {
                 let wchan =
                     std::fs::read_to_string(format!("/proc/{wpid}/wchan")).unwrap_or_default();
-                if wchan.contains("userfault") {
+                if wchan.contains("userfault")
+                    || (wchan.contains("futex") && in_sigbus_handler(wpid))
+                {
                     break;
                 }
                 assert!(
@@ -1070,4 +1074,16 @@ fn link_cut_between_hosts() {
     // The rank behind the cut ends on its own timeout as well.
     assert_no_leftovers(&token, Duration::from_secs(TIMEOUT_S + 10));
     let _ = cluster.ip_in(2, &["link", "set", "eth0", "up"]);
+}
+
+/// Whether the thread `tid` runs a SIGBUS handler: SIGBUS is in its blocked
+/// set (the kernel blocks a signal while its handler runs).
+fn in_sigbus_handler(tid: u64) -> bool {
+    let status =
+        std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGBUS - 1)) != 0)
 }
