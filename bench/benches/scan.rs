@@ -10,6 +10,11 @@
 //!   configured read-ahead (`DSM_PREFETCH`, default 256). Between scans (not timed) rank 0 writes the first
 //!   word of every page from 4 threads, which invalidates rank 1's copies,
 //!   so every scan starts cold.
+//!
+//! With `DSM_BENCH_WINDOWS=FILE`, the CLOCK_MONOTONIC start and end of each
+//! timed scan are written to FILE as `start,end` ranges, for
+//! `perf record -k mono` then `perf report --time "$(cat FILE)"`: a profile
+//! of the scans alone (the untimed invalidations between them cost more).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -63,7 +68,19 @@ fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, t: &[Arc<dyn Transport>], ou
     sink.join().expect("sink thread");
 }
 
+/// CLOCK_MONOTONIC now, in seconds (perf's `-k mono` clock).
+fn monotonic_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
 fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, dsms: &[Dsm], out: &Samples) {
+    let mut windows = std::env::var_os("DSM_BENCH_WINDOWS").map(|_| String::new());
     let (home, reader) = (&dsms[0], &dsms[1]);
     let segment = home
         .alloc(SEGMENT, Placement::Localized(0))
@@ -105,6 +122,7 @@ fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, dsms: &[Dsm], out: &Samples) 
                         }
                     });
                 }
+                let started = windows.as_ref().map(|_| monotonic_seconds());
                 let t0 = Instant::now();
                 let mut sum = 0u64;
                 let mut stale = 0usize;
@@ -115,6 +133,9 @@ fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, dsms: &[Dsm], out: &Samples) 
                     }
                 }
                 let d = t0.elapsed();
+                if let (Some(w), Some(start)) = (windows.as_mut(), started) {
+                    w.push_str(&format!("{start:.6},{:.6} ", monotonic_seconds()));
+                }
                 std::hint::black_box(sum);
                 assert_eq!(stale, 0, "rank 1 read stale pages");
                 scanned = true;
@@ -124,6 +145,9 @@ fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, dsms: &[Dsm], out: &Samples) 
             total
         })
     });
+    if let (Some(path), Some(w)) = (std::env::var_os("DSM_BENCH_WINDOWS"), windows) {
+        std::fs::write(path, w.trim_end()).expect("writing DSM_BENCH_WINDOWS");
+    }
     let after = reader.stats();
     println!(
         "scan_2_ranks: rank 1 during the scans: {} read faults, {} MiB received; {} pages per scan",
