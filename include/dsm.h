@@ -19,8 +19,9 @@ extern "C" {
 /* Joins the job; returns the base address of the shared space.
  * On x86-64 the space's page faults reach libdsm as SIGBUS (DSM_FAULTS=sigbus,
  * the default): a SIGBUS handler the program installs after this call must
- * call the one it replaces (sigaction's old action), or set
- * DSM_FAULTS=thread. */
+ * call the one it replaces (sigaction's old action), and threads that touch
+ * the space must not block SIGBUS (the kernel would then end the process);
+ * or set DSM_FAULTS=thread. */
 void *dsm_init(int argc, char **argv);
 /* Waits for every rank, then leaves the job. */
 void dsm_finalize(void);
