@@ -163,6 +163,14 @@ pub fn register(start: usize, len: usize, server: Server) -> Result<Registration
                 .into(),
         ));
     }
+    if sigbus_blocked_here() {
+        return Err(FaultError::Uffd(
+            "SIGBUS is blocked in the thread starting the DSM (and so in the threads it \
+             starts): the kernel would end the process at the first page fault; unblock \
+             SIGBUS, or use DSM_FAULTS=thread"
+                .into(),
+        ));
+    }
     if let Err(errno) = PREVIOUS.get_or_init(install_handler) {
         return Err(FaultError::Uffd(format!(
             "installing the SIGBUS handler: {errno}"
@@ -206,6 +214,13 @@ impl Drop for Registration {
             drop(unsafe { Box::from_raw(server) });
         }
     }
+}
+
+/// Whether the calling thread blocks SIGBUS (threads inherit the mask of
+/// the thread that creates them).
+fn sigbus_blocked_here() -> bool {
+    nix::sys::signal::SigSet::thread_get_mask()
+        .is_ok_and(|mask| mask.contains(nix::sys::signal::Signal::SIGBUS))
 }
 
 fn install_handler() -> Result<libc::sigaction, nix::errno::Errno> {

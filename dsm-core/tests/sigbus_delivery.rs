@@ -179,3 +179,24 @@ fn unsafe_map_empty_file(file: &std::fs::File) -> usize {
     assert_ne!(addr, libc::MAP_FAILED, "mmap");
     addr as usize
 }
+
+#[test]
+fn a_thread_that_blocks_sigbus_is_refused_with_the_cause() {
+    let Some((region, _faults)) = sigbus_space(BASE + (3 << 30), 1) else {
+        return;
+    };
+    let refused = std::thread::spawn(move || {
+        let mut only_sigbus = nix::sys::signal::SigSet::empty();
+        only_sigbus.add(nix::sys::signal::Signal::SIGBUS);
+        only_sigbus.thread_block().expect("blocking SIGBUS");
+        sigbus::register(region.base(), region.len(), Box::new(|_, _| {})).err()
+    })
+    .join()
+    .expect("thread");
+    let why = refused.expect("registering from a thread that blocks SIGBUS is refused");
+    assert!(
+        why.to_string().contains("SIGBUS is blocked")
+            && why.to_string().contains("DSM_FAULTS=thread"),
+        "{why}"
+    );
+}
