@@ -214,8 +214,12 @@ pub fn batch_pieces<'a>(messages: &[&[&'a [u8]]], lengths: &'a mut Vec<[u8; 4]>)
 /// messages that carry it and the outbox.
 pub type PageData = Arc<[u8; PAGE_SIZE]>;
 
-/// A page holding `bytes` (at most a page), zeros after them.
+/// A page holding `bytes` (at most a page), zeros after them. A whole page
+/// is copied into its new buffer once, with no zeroing first.
 pub fn page_from(bytes: &[u8]) -> PageData {
+    if let Ok(page) = PageData::try_from(Arc::<[u8]>::from(bytes)) {
+        return page;
+    }
     let mut page = Arc::new([0u8; PAGE_SIZE]);
     Arc::make_mut(&mut page)[..bytes.len()].copy_from_slice(bytes);
     page

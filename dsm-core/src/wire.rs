@@ -117,22 +117,22 @@ pub fn read_header(r: &mut impl Read, max_len: u32) -> Result<FrameHeader, WireE
     FrameHeader::decode(&buf, max_len)
 }
 
-/// Reads exactly `buf.len()` payload bytes; a short stream is `Truncated`.
-pub fn read_payload(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            WireError::Truncated
-        } else {
-            WireError::Io(e)
-        }
-    })
+/// Reads exactly `len` payload bytes into a new buffer, straight from the
+/// stream into its spare capacity (not zeroed first); a short stream is
+/// `Truncated`. `len` was checked against the connection's bound.
+pub fn read_payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, WireError> {
+    let mut payload = Vec::with_capacity(len);
+    match r.take(len as u64).read_to_end(&mut payload) {
+        Ok(n) if n == len => Ok(payload),
+        Ok(_) => Err(WireError::Truncated),
+        Err(e) => Err(WireError::Io(e)),
+    }
 }
 
 /// Reads one whole frame: its kind and payload.
 pub fn read_frame(r: &mut impl Read, max_len: u32) -> Result<(u8, Vec<u8>), WireError> {
     let header = read_header(r, max_len)?;
-    let mut payload = vec![0u8; header.len as usize];
-    read_payload(r, &mut payload)?;
+    let payload = read_payload(r, header.len as usize)?;
     Ok((header.kind, payload))
 }
 

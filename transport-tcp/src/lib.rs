@@ -492,11 +492,13 @@ fn read_loop(
                 return;
             }
         };
-        let mut payload = vec![0u8; header.len as usize];
-        if let Err(e) = wire::read_payload(&mut reader, &mut payload) {
-            let _ = inbox.send(Err(lost(e.to_string())));
-            return;
-        }
+        let payload = match wire::read_payload(&mut reader, header.len as usize) {
+            Ok(payload) => payload,
+            Err(e) => {
+                let _ = inbox.send(Err(lost(e.to_string())));
+                return;
+            }
+        };
         match header.kind {
             KIND_DATA if !said_goodbye => {
                 if inbox.send(Ok(Message { from, payload })).is_err() {
