@@ -536,7 +536,8 @@ impl Engine {
             handled?;
             return self.install_staged();
         }
-        let msg = Msg::decode(payload)
+        let spares = &mut self.spare_pages;
+        let msg = Msg::decode_with(payload, &mut |bytes| filled_page(spares, bytes))
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
         if let Some(page) = page_of(&msg) {
             if self.segment_unknown(page) {
@@ -548,7 +549,13 @@ impl Engine {
                 return Ok(());
             }
         }
-        self.handle(from, msg, payload.len())
+        // Once handled, a page nobody kept (an installed grant) is spare.
+        let carried = msg.page_data().cloned();
+        self.handle(from, msg, payload.len())?;
+        if let Some(buffer) = carried {
+            self.recycle(buffer);
+        }
+        Ok(())
     }
 
     /// Home: the read requests of a batch (a reader's read-ahead) for
@@ -1034,6 +1041,17 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// A page holding `bytes`, in a spare buffer when there is one.
+fn filled_page(spares: &mut Vec<PageData>, bytes: &[u8]) -> PageData {
+    if let Some(mut page) = spares.pop() {
+        if let (Some(buffer), true) = (Arc::get_mut(&mut page), bytes.len() == PAGE_SIZE) {
+            buffer.copy_from_slice(bytes);
+            return page;
+        }
+    }
+    proto::page_from(bytes)
 }
 
 /// The page bytes carried by `current` (zeros for a zero grant).

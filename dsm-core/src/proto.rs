@@ -413,7 +413,7 @@ impl Msg {
     }
 
     /// The page bytes that follow the header on the wire, if any.
-    pub fn page_data(&self) -> Option<&[u8; PAGE_SIZE]> {
+    pub fn page_data(&self) -> Option<&PageData> {
         match self {
             Msg::PageGrant { data: Some(d), .. } => Some(d),
             Msg::WriteBack { data, .. } => Some(data),
@@ -435,6 +435,16 @@ impl Msg {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Msg, ProtoError> {
+        Msg::decode_with(bytes, &mut page_from)
+    }
+
+    /// [`Msg::decode`], with the page a message carries (exactly a page of
+    /// bytes) made by `make_page`: the engine fills a spare buffer instead
+    /// of allocating one.
+    pub fn decode_with(
+        bytes: &[u8],
+        make_page: &mut dyn FnMut(&[u8]) -> PageData,
+    ) -> Result<Msg, ProtoError> {
         let kind = *bytes.first().ok_or(ProtoError::Empty)?;
         let expect = |expected: usize| {
             if bytes.len() == expected {
@@ -458,7 +468,7 @@ impl Msg {
             }
             GRANT => {
                 expect(9 + PAGE_SIZE)?;
-                let data = page_from(&bytes[9..]);
+                let data = make_page(&bytes[9..]);
                 Ok(Msg::PageGrant {
                     page: u64_at(bytes, 1),
                     data: Some(data),
@@ -500,7 +510,7 @@ impl Msg {
             WRITE_BACK | GRANT_READ | GRANT_WRITE => {
                 expect(9 + PAGE_SIZE)?;
                 let page = u64_at(bytes, 1);
-                let data = page_from(&bytes[9..]);
+                let data = make_page(&bytes[9..]);
                 Ok(match kind {
                     WRITE_BACK => Msg::WriteBack { page, data },
                     _ => Msg::Grant {
