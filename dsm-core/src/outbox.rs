@@ -24,10 +24,12 @@ enum Outgoing {
 }
 
 impl Outgoing {
-    fn parts(&self) -> Vec<&[u8]> {
+    /// The message's bytes in two pieces (the second empty for a plain
+    /// message): no allocation per message of a batch.
+    fn parts(&self) -> [&[u8]; 2] {
         match self {
-            Outgoing::Plain(bytes) => vec![bytes],
-            Outgoing::Page { header, data, .. } => vec![header, &data[..]],
+            Outgoing::Plain(bytes) => [bytes, &[]],
+            Outgoing::Page { header, data, .. } => [header, &data[..]],
         }
     }
 
@@ -63,9 +65,22 @@ impl Outbox {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let queued = std::mem::take(&mut self.queued);
+        // The queue keeps its capacity for the next event: growing it again
+        // from nothing costs several reallocations per event.
+        let mut queued = std::mem::take(&mut self.queued);
+        let sent = self.send_queued(&queued, transport);
+        queued.clear();
+        self.queued = queued;
+        sent
+    }
+
+    fn send_queued(
+        &mut self,
+        queued: &[(Rank, Outgoing)],
+        transport: &dyn Transport,
+    ) -> Result<(), TransportError> {
         let mut destinations: Vec<Rank> = Vec::new();
-        for (to, _) in &queued {
+        for (to, _) in queued {
             if !destinations.contains(to) {
                 destinations.push(*to);
             }
@@ -91,7 +106,7 @@ impl Outbox {
                         transport.send_page(to, header, *page, &data[..])?
                     }
                     several => {
-                        let parts: Vec<Vec<&[u8]>> = several.iter().map(|m| m.parts()).collect();
+                        let parts: Vec<[&[u8]; 2]> = several.iter().map(|m| m.parts()).collect();
                         let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
                         transport.send_parts(to, &batch_pieces(&refs, &mut lengths))?;
                         self.batches += 1;
