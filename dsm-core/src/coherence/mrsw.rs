@@ -31,6 +31,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use smallvec::SmallVec;
+
 use super::{Action, CoherenceError, ProtocolCounters};
 use crate::proto::{Msg, Payload};
 use crate::Rank;
@@ -70,8 +72,52 @@ struct LocalPage {
 pub enum Directory {
     #[default]
     Uncached,
-    Shared(BTreeSet<Rank>),
+    Shared(Readers),
     Exclusive(Rank),
+}
+
+/// The ranks holding read-only copies of a page, in order, each once. Up
+/// to four are kept inline: a shared page costs its home no allocation in
+/// the usual case of one or two readers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Readers(SmallVec<[Rank; 4]>);
+
+impl Readers {
+    fn of(ranks: &[Rank]) -> Readers {
+        let mut readers = Readers::default();
+        for &rank in ranks {
+            readers.insert(rank);
+        }
+        readers
+    }
+
+    fn insert(&mut self, rank: Rank) -> bool {
+        match self.0.binary_search(&rank) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, rank);
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, rank: &Rank) -> bool {
+        match self.0.binary_search(rank) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn contains(&self, rank: &Rank) -> bool {
+        self.0.binary_search(rank).is_ok()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Rank> {
+        self.0.iter()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -360,7 +406,7 @@ impl Mrsw {
         }
         match (want, &mut hp.dir) {
             (Access::Read, Directory::Uncached) => {
-                hp.dir = Directory::Shared(BTreeSet::from([requester]));
+                hp.dir = Directory::Shared(Readers::of(&[requester]));
                 Ok(vec![Action::GrantFromBacking {
                     to: requester,
                     page,
@@ -524,7 +570,7 @@ impl Mrsw {
                 ));
             }
             hp.txn = None;
-            hp.dir = Directory::Shared(BTreeSet::from([from]));
+            hp.dir = Directory::Shared(Readers::of(&[from]));
             return self.next_transactions(
                 page,
                 vec![Action::StoreBacking { page }, Action::Settled { page }],
@@ -544,7 +590,7 @@ impl Mrsw {
         }
         hp.txn = None;
         hp.dir = match want {
-            Access::Read => Directory::Shared(BTreeSet::from([from, requester])),
+            Access::Read => Directory::Shared(Readers::of(&[from, requester])),
             Access::Write => Directory::Exclusive(requester),
         };
         let actions = vec![
