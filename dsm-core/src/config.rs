@@ -53,8 +53,9 @@ pub enum FaultDelivery {
 impl FaultDelivery {
     /// SIGBUS where the handler can tell reads from writes (x86-64):
     /// measured against events in the same runs (`bench/README.md`), it
-    /// saves the fault thread's wake-up (a one-rank fault 9.0 -> 5.2 µs, a
-    /// remote read fault 246 -> 173 µs on the development VM).
+    /// saves the fault thread's wake-up where that dominates, a fault this
+    /// rank serves itself (one rank, unpinned: ~100 -> 5.2 µs), and is even
+    /// with it on remote faults (within the development VM's noise).
     pub const DEFAULT: FaultDelivery = if cfg!(target_arch = "x86_64") {
         FaultDelivery::Sigbus
     } else {
