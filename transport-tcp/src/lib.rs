@@ -8,7 +8,7 @@
 //! threads may send at once. A peer that closes without its goodbye frame is
 //! reported as lost, with its rank and host.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -316,6 +316,11 @@ fn accept_loop(
         .map_err(|e| setup_err(format!("listener: {e}")))?;
     let (done_tx, done_rx) =
         crossbeam_channel::unbounded::<(SocketAddr, Result<(Rank, TcpStream), String>)>();
+    // A finished handshake also writes a byte here, so the poll below
+    // returns at once instead of at its next step.
+    let (woken, wake) = std::os::unix::net::UnixStream::pair()
+        .and_then(|(r, w)| r.set_nonblocking(true).map(|()| (r, Arc::new(w))))
+        .map_err(|e| setup_err(format!("wake-up socket pair: {e}")))?;
     let pending = Arc::new(AtomicUsize::new(0));
     let mut connected = vec![false; size];
     let mut count = 0;
@@ -333,11 +338,16 @@ fn accept_loop(
         }
         // Wait for a new connection or a finished handshake, in short steps.
         let step = (deadline - now).min(Duration::from_millis(50));
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+        ];
         let _ = poll(
             &mut fds,
             PollTimeout::try_from(step).unwrap_or(PollTimeout::MAX),
         );
+        let mut drained = [0u8; 64];
+        while matches!((&woken).read(&mut drained), Ok(n) if n > 0) {}
         loop {
             match listener.accept() {
                 Ok((stream, addr)) => {
@@ -350,6 +360,7 @@ fn accept_loop(
                     pending.fetch_add(1, Ordering::SeqCst);
                     let secret = secret.clone();
                     let done = done_tx.clone();
+                    let wake = Arc::clone(&wake);
                     let pending = Arc::clone(&pending);
                     let spawned =
                         thread::Builder::new()
@@ -364,6 +375,7 @@ fn accept_loop(
                                 );
                                 pending.fetch_sub(1, Ordering::SeqCst);
                                 let _ = done.send((addr, result));
+                                let _ = (&*wake).write(&[1]);
                             });
                     if spawned.is_err() {
                         tracing::warn!("refused connection from {addr}: cannot spawn a thread");
