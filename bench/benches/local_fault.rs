@@ -147,30 +147,44 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     }
 }
 
-fn sigsegv_mprotect(g: &mut BenchmarkGroup<'_, WallTime>, out: &Samples) {
-    let source = vec![5u8; PAGE_SIZE];
-    let region = Mapping::new(PAGES * PAGE_SIZE, ProtFlags::PROT_NONE);
-    SEGV_SOURCE.store(source.as_ptr() as usize, SeqCst);
-    SEGV_START.store(region.start(), SeqCst);
-    SEGV_END.store(region.start() + region.len, SeqCst);
+/// A SA_SIGINFO signal handler.
+type SignalHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Runs `body` with `handler` installed for `signal`, then puts back the
+/// handler found before (Rust's own).
+fn with_signal_handler(signal: libc::c_int, handler: SignalHandler, body: impl FnOnce()) {
     // SAFETY: zeroed sigaction structs are valid (empty mask, no flags).
     let (mut action, mut previous): (libc::sigaction, libc::sigaction) =
         unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_segv;
     action.sa_sigaction = handler as usize;
     action.sa_flags = libc::SA_SIGINFO;
-    // SAFETY: installs a handler that only uses async-signal-safe calls and
-    // touches only the region set above; the previous one is restored below.
-    let rc = unsafe { libc::sigaction(libc::SIGSEGV, &action, &mut previous) };
+    // SAFETY: the bench's handlers only use async-signal-safe calls on the
+    // region their caller set up before; the previous action is restored
+    // below.
+    let rc = unsafe { libc::sigaction(signal, &action, &mut previous) };
     assert_eq!(rc, 0, "sigaction");
+    body();
+    // SAFETY: puts back the action found above.
+    unsafe { libc::sigaction(signal, &previous, ptr::null_mut()) };
+}
+
+/// Times first loads of the pages of `region`, each faulting once and
+/// resolved by whatever serves the region's faults; every PAGES pages
+/// `reset` makes them absent again (untimed).
+fn time_loads(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    out: &Samples,
+    region: &Mapping,
+    reset: impl Fn(&Mapping),
+) {
     let mut next = 0;
-    g.bench_function("sigsegv_mprotect_4KiB", |b| {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 if next == PAGES {
-                    region.discard();
-                    region.protect(ProtFlags::PROT_NONE);
+                    reset(region);
                     next = 0;
                 }
                 let (d, v) = out.time(|| region.load(next));
@@ -181,8 +195,20 @@ fn sigsegv_mprotect(g: &mut BenchmarkGroup<'_, WallTime>, out: &Samples) {
             total
         })
     });
-    // SAFETY: puts back the handler found at the start (Rust's own).
-    unsafe { libc::sigaction(libc::SIGSEGV, &previous, ptr::null_mut()) };
+}
+
+fn sigsegv_mprotect(g: &mut BenchmarkGroup<'_, WallTime>, out: &Samples) {
+    let source = vec![5u8; PAGE_SIZE];
+    let region = Mapping::new(PAGES * PAGE_SIZE, ProtFlags::PROT_NONE);
+    SEGV_SOURCE.store(source.as_ptr() as usize, SeqCst);
+    SEGV_START.store(region.start(), SeqCst);
+    SEGV_END.store(region.start() + region.len, SeqCst);
+    with_signal_handler(libc::SIGSEGV, on_segv, || {
+        time_loads(g, "sigsegv_mprotect_4KiB", out, &region, |r| {
+            r.discard();
+            r.protect(ProtFlags::PROT_NONE);
+        })
+    });
     SEGV_START.store(0, SeqCst);
     SEGV_END.store(0, SeqCst);
     drop(region);
@@ -251,25 +277,9 @@ fn time_first_loads(
     if let Some(cpu) = cpu {
         pin(cpu);
     }
-    let mut next = 0;
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if next == PAGES {
-                    // Unmaps the pages (a memfd keeps them: the next access
-                    // is a minor fault again).
-                    region.discard();
-                    next = 0;
-                }
-                let (d, v) = out.time(|| region.load(next));
-                assert_eq!(v, 0x0505_0505_0505_0505);
-                next += 1;
-                total += d;
-            }
-            total
-        })
-    });
+    // Discarding unmaps the pages (a memfd keeps them: the next access is
+    // a minor fault again).
+    time_loads(g, name, out, region, Mapping::discard);
     sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
     region.load(PAGES);
     handler.join().expect("uffd handler");
@@ -385,35 +395,9 @@ fn uffd_sigbus_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, out: &Samp
     SIGBUS_UFFD.store(uffd.as_raw_fd(), SeqCst);
     SIGBUS_START.store(region.start(), SeqCst);
     SIGBUS_END.store(region.start() + region.len, SeqCst);
-    // SAFETY: zeroed sigaction structs are valid (empty mask, no flags).
-    let (mut action, mut previous): (libc::sigaction, libc::sigaction) =
-        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigbus;
-    action.sa_sigaction = handler as usize;
-    action.sa_flags = libc::SA_SIGINFO;
-    // SAFETY: installs a handler that only makes an ioctl on the region set
-    // above; the previous one (Rust's) is restored below.
-    let rc = unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) };
-    assert_eq!(rc, 0, "sigaction");
-    let mut next = 0;
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if next == PAGES {
-                    region.discard();
-                    next = 0;
-                }
-                let (d, v) = out.time(|| region.load(next));
-                assert_eq!(v, 0x0505_0505_0505_0505);
-                next += 1;
-                total += d;
-            }
-            total
-        })
+    with_signal_handler(libc::SIGBUS, on_sigbus, || {
+        time_loads(g, name, out, &region, Mapping::discard)
     });
-    // SAFETY: puts back the handler found at the start.
-    unsafe { libc::sigaction(libc::SIGBUS, &previous, ptr::null_mut()) };
     SIGBUS_START.store(0, SeqCst);
     SIGBUS_END.store(0, SeqCst);
     SIGBUS_UFFD.store(-1, SeqCst);

@@ -177,8 +177,6 @@ impl Dsm {
             }
         };
         let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded();
-        let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| DsmError::FaultReader(format!("pipe: {e}")))?;
         let host = hosts.get(rank).cloned().unwrap_or_default();
         let engine = Arc::new(Mutex::new(
             Engine::new(
@@ -196,8 +194,10 @@ impl Dsm {
         let spin = config.spin;
         let (engine_state, faults_served, failures) =
             (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
-        let (reader, signal_faults) = match config.faults {
+        let (reader, stop_reader, signal_faults) = match config.faults {
             FaultDelivery::Events => {
+                let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| DsmError::FaultReader(format!("pipe: {e}")))?;
                 let reader = thread::Builder::new()
                     .name("dsm-faults".into())
                     .spawn(move || {
@@ -205,12 +205,12 @@ impl Dsm {
                         engine::read_faults(engine_state, faults_served, stop_read, failures, spin)
                     })
                     .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?;
-                (Some(reader), None)
+                (Some(reader), Some(stop_write), None)
             }
             FaultDelivery::Sigbus => {
                 let server = engine::signal_fault_server(engine_state, faults_served, failures);
                 let registration = crate::sigbus::register(region.base(), region.len(), server)?;
-                (None, Some(registration))
+                (None, None, Some(registration))
             }
         };
         let engine = {
@@ -242,7 +242,7 @@ impl Dsm {
             engine: Some(engine),
             reader,
             signal_faults,
-            stop_reader: Some(stop_write),
+            stop_reader,
             transport,
             stats,
             barrier_lock: Mutex::new(()),

@@ -852,17 +852,18 @@ impl Engine {
         Ok(())
     }
 
-    /// A buffer for a page about to be copied out (its old bytes are all
-    /// overwritten): a spare one, else a new one.
     /// Keeps a page buffer nobody else references for the next page copied
-    /// out (a 4 KiB allocation per page costs the allocator more than the
-    /// copy: glibc consolidates its fast bins before every large request).
+    /// out or received (a 4 KiB allocation per page costs the allocator more
+    /// than the copy: glibc consolidates its fast bins before every large
+    /// request).
     fn recycle(&mut self, mut buffer: PageData) {
         if Arc::get_mut(&mut buffer).is_some() && self.spare_pages.len() < SPARE_PAGES {
             self.spare_pages.push(buffer);
         }
     }
 
+    /// A buffer for a page about to be copied out (its old bytes are all
+    /// overwritten): a spare one, else a new one.
     fn page_buffer(&mut self) -> PageData {
         self.spare_pages
             .pop()
@@ -1045,10 +1046,13 @@ impl Engine {
 
 /// A page holding `bytes`, in a spare buffer when there is one.
 fn filled_page(spares: &mut Vec<PageData>, bytes: &[u8]) -> PageData {
-    if let Some(mut page) = spares.pop() {
-        if let (Some(buffer), true) = (Arc::get_mut(&mut page), bytes.len() == PAGE_SIZE) {
-            buffer.copy_from_slice(bytes);
-            return page;
+    if bytes.len() == PAGE_SIZE {
+        if let Some(mut page) = spares.pop() {
+            // Spares are unreferenced (`recycle`), so this always succeeds.
+            if let Some(buffer) = Arc::get_mut(&mut page) {
+                buffer.copy_from_slice(bytes);
+                return page;
+            }
         }
     }
     proto::page_from(bytes)

@@ -710,8 +710,8 @@ impl FaultHandler {
     /// already present (a stale fault) is skipped and its waiters woken.
     pub fn install_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
         let installed = self.map_readonly_run(first, data);
-        for page in first..first + data.len() / PAGE_SIZE {
-            self.woken(page);
+        if let Some(waiters) = &self.waiters {
+            waiters.woken_run(first, data.len() / PAGE_SIZE);
         }
         installed
     }

@@ -101,6 +101,14 @@ impl Waiters {
         word.load(SeqCst) != ticket.epoch
     }
 
+    /// `count` consecutive pages from `first` were installed: each bucket
+    /// they fall in is woken once.
+    pub fn woken_run(&self, first: usize, count: usize) {
+        for page in first..first + count.min(BUCKETS) {
+            self.woken(page);
+        }
+    }
+
     /// `page` was installed (or made writable, or found present): wakes the
     /// threads waiting on its bucket.
     pub fn woken(&self, page: usize) {
