@@ -154,6 +154,9 @@ const SPARE_PAGES: usize = 4096;
 /// cost their writer an invalidation later.
 const STREAM_MIN_RUN: usize = 4;
 
+/// Most pages asked back after one fault (`regain_after`): 64 KiB.
+const REGAIN_MAX: usize = 16;
+
 /// Sequential read-stream detection for prefetch.
 #[derive(Default)]
 struct Stream {
@@ -491,12 +494,29 @@ impl Engine {
             self.fetch_started.insert(fault.page, Instant::now());
         }
         self.apply(actions, None)?;
+        // The demand request leaves alone, ahead of the batch asked for
+        // with it.
+        self.flush()?;
+        self.regain_after(fault.page, fault.write)?;
         if !fault.write {
-            // The demand request leaves alone, ahead of the read-ahead batch.
-            self.flush()?;
             self.prefetch_after(fault.page)?;
         }
         Ok(())
+    }
+
+    /// Asks back the pages after a faulting one that this rank lost with
+    /// it (`Mrsw::regain_ahead`), within its segment.
+    fn regain_after(&mut self, page: usize, write: bool) -> Result<(), DsmError> {
+        let end = match self.registry.find(page) {
+            Some(segment) => (segment.first_page + segment.pages) as usize,
+            None => page + 1 + REGAIN_MAX,
+        };
+        let Node::Mrsw(node) = &mut self.node else {
+            return Ok(());
+        };
+        let actions = node.regain_ahead(page, write, end.min(page + 1 + REGAIN_MAX))?;
+        Stats::add(&self.stats.pages_regained, actions.len() as u64);
+        self.apply(actions, None)
     }
 
     /// Requests read-only copies ahead of a sequential read stream, within

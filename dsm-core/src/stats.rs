@@ -21,6 +21,8 @@ pub struct Stats {
     pub grants_served: AtomicU64,
     /// Read-only copies requested ahead of a sequential read stream.
     pub pages_prefetched: AtomicU64,
+    /// Pages asked back with a faulting one, lost with it (same access).
+    pub pages_regained: AtomicU64,
     /// Transport messages that carried several DSM messages.
     pub batches_sent: AtomicU64,
     latencies_ns: Mutex<Samples>,
@@ -46,6 +48,7 @@ pub struct StatsSnapshot {
     pub requests_deferred: u64,
     pub grants_served: u64,
     pub pages_prefetched: u64,
+    pub pages_regained: u64,
     pub batches_sent: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
     pub fault_latency_p50: Duration,
@@ -97,6 +100,7 @@ impl Stats {
             requests_deferred: get(&self.requests_deferred),
             grants_served: get(&self.grants_served),
             pages_prefetched: get(&self.pages_prefetched),
+            pages_regained: get(&self.pages_regained),
             batches_sent: get(&self.batches_sent),
             fault_latency_p50: pct(0.5),
             fault_latency_p90: pct(0.9),
@@ -115,7 +119,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {}; batches sent {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {}; batches sent {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -127,6 +131,7 @@ impl std::fmt::Display for StatsSnapshot {
             self.requests_deferred,
             self.grants_served,
             self.pages_prefetched,
+            self.pages_regained,
             self.batches_sent,
             us(self.fault_latency_p50),
             us(self.fault_latency_p90),

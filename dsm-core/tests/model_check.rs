@@ -113,13 +113,22 @@ struct Model {
     n: usize,
     pages: usize,
     programs: Vec<Vec<Op>>,
+    /// Every page homed at this rank (a localized segment) instead of
+    /// spread round-robin.
+    home: Option<usize>,
 }
 
 impl Model {
     fn initial(&self, hold: u64) -> World {
         World {
             nodes: (0..self.n)
-                .map(|r| Mrsw::new(r, self.n, self.pages, hold))
+                .map(|r| {
+                    let mut node = Mrsw::new(r, self.n, self.pages, hold);
+                    if let Some(home) = self.home {
+                        node.set_home(0..self.pages, home);
+                    }
+                    node
+                })
                 .collect(),
             links: vec![VecDeque::new(); self.n * self.n],
             mem: vec![vec![None; self.pages]; self.n],
@@ -238,9 +247,15 @@ impl Model {
                     s.pc[rank] += 1;
                     next.push(s);
                 } else {
-                    let actions = s.nodes[rank]
+                    let mut actions = s.nodes[rank]
                         .on_fault(page, write)
                         .map_err(|e| e.to_string())?;
+                    // As the engine does: ask back the pages after it
+                    // lost with it.
+                    let regained = s.nodes[rank]
+                        .regain_ahead(page, write, self.pages)
+                        .map_err(|e| e.to_string())?;
+                    actions.extend(regained);
                     if !actions.is_empty() {
                         self.apply(&mut s, rank, actions, None)?;
                         next.push(s);
@@ -305,11 +320,16 @@ impl Model {
 }
 
 fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
-    let model = Model {
+    check_model(Model {
         n: programs.len(),
         pages,
         programs,
-    };
+        home: None,
+    });
+}
+
+fn check_model(model: Model) {
+    let pages = model.pages;
     for hold in [0, 1] {
         let states = model.explore(hold);
         eprintln!(
@@ -369,4 +389,22 @@ fn four_ranks_readers_and_writers_on_two_pages() {
         ],
         2,
     );
+}
+
+#[test]
+fn runs_lost_together_are_asked_back_together() {
+    // Rank 0 reads, then writes both pages it is home of after rank 1
+    // read them (a write regain of page 1); rank 1 reads both again after
+    // losing them (a read regain of page 1); rank 2 reads page 1 across it all.
+    let programs = vec![
+        vec![Write(0), Write(1), Read(0), Write(0), Write(1)],
+        vec![Read(0), Read(1), Read(0), Read(1)],
+        vec![Read(1)],
+    ];
+    check_model(Model {
+        n: programs.len(),
+        pages: 2,
+        programs,
+        home: Some(0),
+    });
 }

@@ -28,6 +28,10 @@
 //!
 //! Progress: a page that arrives is kept at least `min_hold` before an
 //! invalidation or recall takes it, so the faulting thread gets to use it.
+//!
+//! Each local page remembers how it was lost since its last grant (`lost`):
+//! a fault on it may ask back the pages after it lost the same way
+//! (`regain_ahead`), as ordinary requests nobody waits for yet.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -66,6 +70,9 @@ struct LocalPage {
     pending: Option<Access>,
     held_until: Time,
     deferred: VecDeque<Command>,
+    /// Why this rank lost access since its last grant, if it did: the
+    /// access it is likely to want back (see `Mrsw::regain_ahead`).
+    lost: Option<Access>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -176,6 +183,7 @@ impl Mrsw {
             pending: None,
             held_until: 0,
             deferred: VecDeque::new(),
+            lost: None,
         };
         Mrsw {
             rank,
@@ -310,6 +318,42 @@ impl Mrsw {
             to: home,
             msg: Msg::ReadReq { page: page as u64 },
         }])
+    }
+
+    /// After a fault on `page`, if this rank lost that access to it (a
+    /// read copy invalidated by a writer; for a store, a writable copy made
+    /// read-only by a reader), asks its home for the same access to the
+    /// pages after it, below `end`, that were lost the same way: an
+    /// iterative code loses a run of pages at once (a stencil's boundary
+    /// row, each iteration) and takes it back in one round trip instead of
+    /// one per page. Stops at the first page that does not match.
+    pub fn regain_ahead(&mut self, page: usize, write: bool, end: usize) -> Actions {
+        let want = if write { Access::Write } else { Access::Read };
+        let home = self.home_of(page);
+        if self.local(page)?.lost != Some(want) {
+            return Ok(Vec::new());
+        }
+        let mut actions = Vec::new();
+        for next in page + 1..end.min(self.local.len()) {
+            let held = if write { Copy::Shared } else { Copy::Invalid };
+            let private = self.private.get(next).copied().unwrap_or(true);
+            let lp = &mut self.local[next];
+            if private || home != self.home[next] as Rank {
+                break;
+            }
+            if lp.lost != Some(want) || lp.copy != held || lp.pending.is_some() {
+                break;
+            }
+            lp.pending = Some(want);
+            let page = next as u64;
+            let msg = if write {
+                Msg::WriteReq { page }
+            } else {
+                Msg::ReadReq { page }
+            };
+            actions.push(Action::Send { to: home, msg });
+        }
+        Ok(actions)
     }
 
     /// A message from `from` arrived.
@@ -630,6 +674,7 @@ impl Mrsw {
         match (command, lp.copy) {
             (Command::Invalidate, Copy::Shared) => {
                 lp.copy = Copy::Invalid;
+                lp.lost = Some(Access::Read);
                 Ok(vec![
                     Action::DropPage { page },
                     Action::Send {
@@ -639,10 +684,10 @@ impl Mrsw {
                 ])
             }
             (Command::Recall { keep_shared }, Copy::Modified) => {
-                lp.copy = if keep_shared {
-                    Copy::Shared
+                (lp.copy, lp.lost) = if keep_shared {
+                    (Copy::Shared, Some(Access::Write))
                 } else {
-                    Copy::Invalid
+                    (Copy::Invalid, None)
                 };
                 Ok(vec![Action::WriteBack {
                     to: home,
@@ -685,6 +730,7 @@ impl Mrsw {
             return Err(Self::unexpected(page, from, "a grant it did not ask for"));
         }
         lp.pending = None;
+        lp.lost = None;
         lp.held_until = now.saturating_add(hold);
         match (write, payload, lp.copy) {
             (false, Payload::Data(_) | Payload::Zero, Copy::Invalid) => {
