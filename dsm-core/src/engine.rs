@@ -170,6 +170,12 @@ struct Stream {
 }
 
 impl Stream {
+    /// Pages up to `to` (exclusive) were asked for another way: a fault
+    /// among them, or just after, continues the stream.
+    fn requested(&mut self, to: usize) {
+        self.requested_to = self.requested_to.max(to);
+    }
+
     /// Records a read fault; returns the pages to request ahead.
     fn on_read_fault(&mut self, page: usize) -> std::ops::Range<usize> {
         // The next page, or a page of the window requested ahead (those
@@ -497,26 +503,31 @@ impl Engine {
         // The demand request leaves alone, ahead of the batch asked for
         // with it.
         self.flush()?;
-        self.regain_after(fault.page, fault.write)?;
+        let regained = self.regain_after(fault.page, fault.write)?;
         if !fault.write {
             self.prefetch_after(fault.page)?;
+            // Already asked for: a read stream that reaches them goes on.
+            self.stream.requested(fault.page + 1 + regained);
         }
         Ok(())
     }
 
     /// Asks back the pages after a faulting one that this rank lost with
     /// it (`Mrsw::regain_ahead`), within its segment.
-    fn regain_after(&mut self, page: usize, write: bool) -> Result<(), DsmError> {
+    /// Returns how many pages after `page` it asked for.
+    fn regain_after(&mut self, page: usize, write: bool) -> Result<usize, DsmError> {
         let end = match self.registry.find(page) {
             Some(segment) => (segment.first_page + segment.pages) as usize,
             None => page + 1 + REGAIN_MAX,
         };
         let Node::Mrsw(node) = &mut self.node else {
-            return Ok(());
+            return Ok(0);
         };
         let actions = node.regain_ahead(page, write, end.min(page + 1 + REGAIN_MAX))?;
-        Stats::add(&self.stats.pages_regained, actions.len() as u64);
-        self.apply(actions, None)
+        let regained = actions.len();
+        Stats::add(&self.stats.pages_regained, regained as u64);
+        self.apply(actions, None)?;
+        Ok(regained)
     }
 
     /// Requests read-only copies ahead of a sequential read stream, within
@@ -1251,6 +1262,13 @@ mod tests {
             "a fault inside the window requested ahead continues the stream"
         );
         assert!(s.on_read_fault(100).is_empty(), "a jump ends the stream");
+        // Pages 101..117 asked back with the fault on 100: the fault just
+        // after them is the stream's second, and the fifth starts a window.
+        s.requested(117);
+        for p in 117..120 {
+            assert!(s.on_read_fault(p).is_empty());
+        }
+        assert_eq!(s.on_read_fault(120), 121..122, "window 1");
         let mut off = Stream::default();
         for p in 0..10 {
             assert!(
