@@ -132,11 +132,9 @@ pub(crate) struct Engine {
     /// downgrade: the downgrade only copies them out, and a store here
     /// meanwhile just lifts the protection again.
     protected_ahead: HashSet<usize>,
-    /// Read-only copies granted in the batch being handled, consecutive
-    /// pages from `staged_first`, mapped together when the batch ends or
-    /// before any other action (`install_staged`).
-    staged: Vec<u8>,
-    staged_first: usize,
+    /// Page operations of the batch being handled, gathered into a run of
+    /// consecutive pages done in one system call (`run_staged`).
+    staged: StagedRun,
     /// True while a batch's messages are being handled.
     in_batch: bool,
     /// Page buffers no longer referenced (home copies replaced), reused
@@ -153,6 +151,29 @@ const SPARE_PAGES: usize = 4096;
 /// reading a neighbour's row) are not streams; pages fetched for nothing
 /// cost their writer an invalidation later.
 const STREAM_MIN_RUN: usize = 4;
+
+/// A page operation that one system call does for a run of pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum RunOp {
+    /// Map read-only copies (`UFFDIO_COPY` with write protection).
+    #[default]
+    InstallReadOnly,
+    /// Drop invalidated copies (`MADV_DONTNEED`).
+    Drop,
+    /// Lift the write protection of upgraded copies.
+    MakeWritable,
+}
+
+/// Consecutive pages `first..first + count` waiting for one `op` (and, to
+/// install, their bytes): one TLB shootdown for the run instead of one per
+/// page.
+#[derive(Default)]
+struct StagedRun {
+    op: RunOp,
+    first: usize,
+    count: usize,
+    data: Vec<u8>,
+}
 
 /// Most pages asked back after one fault (`regain_after`): 64 KiB.
 const REGAIN_MAX: usize = 16;
@@ -255,8 +276,7 @@ impl Engine {
             stream: Stream::default(),
             out: Outbox::default(),
             protected_ahead: HashSet::new(),
-            staged: Vec::new(),
-            staged_first: 0,
+            staged: StagedRun::default(),
             in_batch: false,
             spare_pages: Vec::new(),
         }
@@ -565,7 +585,7 @@ impl Engine {
                 .try_for_each(|part| self.on_payload(from, part));
             self.in_batch = false;
             handled?;
-            return self.install_staged();
+            return self.run_staged();
         }
         let spares = &mut self.spare_pages;
         let msg = Msg::decode_with(payload, &mut |bytes| filled_page(spares, bytes))
@@ -901,15 +921,53 @@ impl Engine {
             .unwrap_or_else(|| Arc::new([0u8; PAGE_SIZE]))
     }
 
-    /// Maps the read-only copies staged by the batch being handled, in one
-    /// system call per run of consecutive pages.
-    fn install_staged(&mut self) -> Result<(), DsmError> {
-        if !self.staged.is_empty() {
-            self.faults
-                .install_readonly_run(self.staged_first, &self.staged)?;
-            self.staged.clear();
+    /// Does the staged run of page operations, if any.
+    fn run_staged(&mut self) -> Result<(), DsmError> {
+        let StagedRun {
+            op,
+            first,
+            count,
+            ref data,
+        } = self.staged;
+        match op {
+            _ if count == 0 => {}
+            RunOp::InstallReadOnly => self.faults.install_readonly_run(first, data)?,
+            RunOp::Drop => self.faults.drop_run(first, count)?,
+            RunOp::MakeWritable => self.faults.make_writable_run(first, count)?,
         }
+        self.staged.count = 0;
+        self.staged.data.clear();
         Ok(())
+    }
+
+    /// In a batch, adds a page operation that can be done on a run of
+    /// pages to the staged run (done first if this one does not extend
+    /// it); false for every other action.
+    fn stage(&mut self, action: &Action, current: Option<&Msg>) -> Result<bool, DsmError> {
+        let (op, page) = match *action {
+            Action::Install {
+                page,
+                writable: false,
+            } => (RunOp::InstallReadOnly, page),
+            Action::DropPage { page } => (RunOp::Drop, page),
+            Action::MakeWritable { page } => (RunOp::MakeWritable, page),
+            _ => return Ok(false),
+        };
+        if !self.in_batch {
+            return Ok(false);
+        }
+        let run = &self.staged;
+        if run.count == 0 || run.op != op || run.first + run.count != page {
+            self.run_staged()?;
+            self.staged.op = op;
+            self.staged.first = page;
+        }
+        if op == RunOp::InstallReadOnly {
+            let data = carried_page(current, &self.zero_page, page)?;
+            self.staged.data.extend_from_slice(data);
+        }
+        self.staged.count += 1;
+        Ok(true)
     }
 
     /// Carries out the state machine's actions. `current` is the message
@@ -920,25 +978,15 @@ impl Engine {
     /// (in order among themselves), without a thread hand-off.
     fn apply(&mut self, actions: Vec<Action>, current: Option<&Msg>) -> Result<(), DsmError> {
         for action in actions {
-            if let Action::Install {
-                page,
-                writable: false,
-            } = action
-            {
-                if self.in_batch {
-                    // Staged: mapped with the batch's next grants.
-                    let run_end = self.staged_first + self.staged.len() / PAGE_SIZE;
-                    if self.staged.is_empty() || page != run_end {
-                        self.install_staged()?;
-                        self.staged_first = page;
-                    }
-                    let data = carried_page(current, &self.zero_page, page)?;
-                    self.staged.extend_from_slice(data);
-                    continue;
-                }
+            if self.stage(&action, current)? {
+                continue;
             }
-            // Every other action comes after the copies staged before it.
-            self.install_staged()?;
+            // Every other action comes after the page operations staged
+            // before it, except a message: nothing leaves before the batch
+            // is done, and one to this rank is handled through here.
+            if !matches!(action, Action::Send { .. }) {
+                self.run_staged()?;
+            }
             match action {
                 Action::Send { to, msg } if to == self.rank => self.handle(to, msg, 0)?,
                 Action::Send { to, msg } => self.out.send(to, msg.header()),

@@ -761,15 +761,23 @@ impl FaultHandler {
 
     /// Lifts the write protection of a read-only copy and wakes the writers.
     pub fn make_writable(&self, page: usize) -> Result<(), FaultError> {
-        let addr = self.addr(page);
+        self.make_writable_run(page, 1)
+    }
+
+    /// `make_writable` for `count` pages from `first`, in one system call:
+    /// one TLB shootdown for the whole run.
+    pub fn make_writable_run(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        let addr = self.addr(first);
         let lifted = self
             .uffd
-            .remove_write_protection(addr as *mut _, PAGE_SIZE, true)
+            .remove_write_protection(addr as *mut _, count * PAGE_SIZE, true)
             .map_err(|e| FaultError::Install {
                 addr,
                 detail: format!("remove write protection: {e}"),
             });
-        self.woken(page);
+        if let Some(waiters) = &self.waiters {
+            waiters.woken_run(first, count);
+        }
         lifted
     }
 
@@ -814,13 +822,20 @@ impl FaultHandler {
 
     /// Drops the page: the next access raises a missing fault.
     pub fn drop_page(&self, page: usize) -> Result<(), FaultError> {
-        let addr = self.addr(page);
-        // SAFETY: the range is one page of the region; dropping it only
-        // discards contents this process no longer owns.
+        self.drop_run(page, 1)
+    }
+
+    /// `drop_page` for `count` pages from `first`, in one system call: one
+    /// TLB shootdown for the whole run.
+    pub fn drop_run(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        let addr = self.addr(first);
+        // SAFETY: the range is `count` pages of the region (callers pass
+        // pages of the space); dropping them only discards contents this
+        // process no longer owns.
         unsafe {
             nix::sys::mman::madvise(
                 std::ptr::NonNull::new_unchecked(addr as *mut _),
-                PAGE_SIZE,
+                count * PAGE_SIZE,
                 nix::sys::mman::MmapAdvise::MADV_DONTNEED,
             )
         }
