@@ -828,6 +828,7 @@ impl FaultHandler {
     /// `drop_page` for `count` pages from `first`, in one system call: one
     /// TLB shootdown for the whole run.
     pub fn drop_run(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        debug_assert!((first + count) * PAGE_SIZE <= self.len);
         let addr = self.addr(first);
         // SAFETY: the range is `count` pages of the region (callers pass
         // pages of the space); dropping them only discards contents this

@@ -333,9 +333,11 @@ impl Mrsw {
         if self.local(page)?.lost != Some(want) {
             return Ok(Vec::new());
         }
+        // What a page lost the same way holds now: a read-only copy still
+        // (downgraded), or nothing (invalidated).
+        let held = if write { Copy::Shared } else { Copy::Invalid };
         let mut actions = Vec::new();
         for next in page + 1..end.min(self.local.len()) {
-            let held = if write { Copy::Shared } else { Copy::Invalid };
             let private = self.private.get(next).copied().unwrap_or(true);
             let lp = &mut self.local[next];
             if private || home != self.home[next] as Rank {
