@@ -526,8 +526,10 @@ impl Engine {
         let regained = self.regain_after(fault.page, fault.write)?;
         if !fault.write {
             self.prefetch_after(fault.page)?;
-            // Already asked for: a read stream that reaches them goes on.
-            self.stream.requested(fault.page + 1 + regained);
+            if regained > 0 {
+                // Already asked for: a read stream that reaches them goes on.
+                self.stream.requested(fault.page + 1 + regained);
+            }
         }
         Ok(())
     }
@@ -536,12 +538,15 @@ impl Engine {
     /// it (`Mrsw::regain_ahead`), within its segment.
     /// Returns how many pages after `page` it asked for.
     fn regain_after(&mut self, page: usize, write: bool) -> Result<usize, DsmError> {
+        let Node::Mrsw(node) = &mut self.node else {
+            return Ok(0);
+        };
+        if node.lost(page).is_none() {
+            return Ok(0); // the usual fault: no segment lookup
+        }
         let end = match self.registry.find(page) {
             Some(segment) => (segment.first_page + segment.pages) as usize,
             None => page + 1 + REGAIN_MAX,
-        };
-        let Node::Mrsw(node) = &mut self.node else {
-            return Ok(0);
         };
         let actions = node.regain_ahead(page, write, end.min(page + 1 + REGAIN_MAX))?;
         let regained = actions.len();

@@ -329,20 +329,20 @@ impl Mrsw {
     /// one per page. Stops at the first page that does not match.
     pub fn regain_ahead(&mut self, page: usize, write: bool, end: usize) -> Actions {
         let want = if write { Access::Write } else { Access::Read };
-        let home = self.home_of(page);
-        if self.local(page)?.lost != Some(want) {
+        if self.lost(page) != Some(want) {
             return Ok(Vec::new());
         }
+        let home = self.home_of(page);
         // What a page lost the same way holds now: a read-only copy still
         // (downgraded), or nothing (invalidated).
         let held = if write { Copy::Shared } else { Copy::Invalid };
         let mut actions = Vec::new();
         for next in page + 1..end.min(self.local.len()) {
             let private = self.private.get(next).copied().unwrap_or(true);
-            let lp = &mut self.local[next];
-            if private || home != self.home[next] as Rank {
+            if private || self.home_of(next) != home {
                 break;
             }
+            let lp = &mut self.local[next];
             if lp.lost != Some(want) || lp.copy != held || lp.pending.is_some() {
                 break;
             }
@@ -356,6 +356,12 @@ impl Mrsw {
             actions.push(Action::Send { to: home, msg });
         }
         Ok(actions)
+    }
+
+    /// How this rank lost `page` since its last grant, if it did: the
+    /// access `regain_ahead` would ask back with it.
+    pub fn lost(&self, page: usize) -> Option<Access> {
+        self.local.get(page).and_then(|l| l.lost)
     }
 
     /// A message from `from` arrived.
