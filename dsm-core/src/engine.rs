@@ -22,7 +22,7 @@ use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
 use crate::fault::{Fault, FaultHandler};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, PageSource};
 use crate::proto::{self, Msg, PageData, Payload, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
@@ -83,6 +83,29 @@ impl Node {
     }
 }
 
+/// The home's copy of a page no writer holds.
+enum HomeCopy {
+    /// Its bytes, kept here.
+    Bytes(PageData),
+    /// This rank's own read-only copy, in its mapping: the home wrote the
+    /// page last and kept it shared, so read grants are sent straight from
+    /// the mapping (no copy out). Copied out (`home_copy_bytes`) before the
+    /// mapping of the page changes.
+    Mapped,
+}
+
+/// Where the page bytes that the actions being applied install or keep
+/// come from.
+#[derive(Clone, Copy)]
+enum Carried<'a> {
+    /// Nowhere: no action may need bytes.
+    Nothing,
+    /// The message being handled (a grant's or a write-back's bytes).
+    Msg(&'a Msg),
+    /// This rank's own copy, in its mapping (its write-back to itself).
+    OwnCopy,
+}
+
 /// An event waiting for its segment to be registered.
 enum Parked {
     Fault(Fault),
@@ -110,7 +133,7 @@ pub(crate) struct Engine {
     started: Instant,
     /// The home's copy of pages no writer holds (multi-reader protocol);
     /// a page absent here is all zeros.
-    backing: HashMap<usize, PageData>,
+    backing: HashMap<usize, HomeCopy>,
     fetch_started: HashMap<usize, Instant>,
     barrier_epoch: u64,
     barrier_waiter: Option<Reply<()>>,
@@ -348,7 +371,7 @@ impl Engine {
                     Node::Migratory(n) => n.on_tick(Instant::now())?,
                     Node::Mrsw(n) => n.on_tick(now)?,
                 };
-                this.apply(actions, None)?;
+                this.apply(actions, Carried::Nothing)?;
             }
             this.flush()?;
         }
@@ -356,8 +379,13 @@ impl Engine {
 
     /// Sends the messages the handling of the last events produced.
     fn flush(&mut self) -> Result<(), DsmError> {
+        // Grants read from the mapping only while it holds the home's copy.
+        debug_assert!(self
+            .out
+            .mapped_pages()
+            .all(|page| matches!(self.backing.get(&page), Some(HomeCopy::Mapped))));
         let batches = self.out.batches;
-        self.out.flush(&*self.transport)?;
+        self.out.flush(&*self.transport, &self.faults)?;
         Stats::add(&self.stats.batches_sent, self.out.batches - batches);
         Ok(())
     }
@@ -504,6 +532,7 @@ impl Engine {
         if fault.write && self.protected_ahead.remove(&fault.page) {
             // Still ours and writable: only the protection taken ahead of
             // a downgrade stopped the store (which will now protect it again).
+            self.home_copy_bytes(fault.page);
             return Ok(self.faults.make_writable(fault.page)?);
         }
         let counter = if fault.write {
@@ -519,7 +548,7 @@ impl Engine {
         if actions.iter().any(|a| matches!(a, Action::Send { .. })) {
             self.fetch_started.insert(fault.page, Instant::now());
         }
-        self.apply(actions, None)?;
+        self.apply(actions, Carried::Nothing)?;
         // The demand request leaves alone, ahead of the batch asked for
         // with it.
         self.flush()?;
@@ -551,7 +580,7 @@ impl Engine {
         let actions = node.regain_ahead(page, write, end.min(page + 1 + REGAIN_MAX))?;
         let regained = actions.len();
         Stats::add(&self.stats.pages_regained, regained as u64);
-        self.apply(actions, None)?;
+        self.apply(actions, Carried::Nothing)?;
         Ok(regained)
     }
 
@@ -569,7 +598,7 @@ impl Engine {
             }
             let actions = node.prefetch(next)?;
             Stats::add(&self.stats.pages_prefetched, actions.len() as u64);
-            self.apply(actions, None)?;
+            self.apply(actions, Carried::Nothing)?;
         }
         Ok(())
     }
@@ -592,6 +621,11 @@ impl Engine {
             handled?;
             return self.run_staged();
         }
+        if let Some((first, pages)) = proto::read_grant_run(payload)
+            .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?
+        {
+            return self.on_read_grant_run(from, first, pages);
+        }
         let spares = &mut self.spare_pages;
         let msg = Msg::decode_with(payload, &mut |bytes| filled_page(spares, bytes))
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
@@ -610,6 +644,79 @@ impl Engine {
         self.handle(from, msg, payload.len())?;
         if let Some(buffer) = carried {
             self.recycle(buffer);
+        }
+        Ok(())
+    }
+
+    /// Read grants of consecutive pages (`proto::read_grant_run`): each page
+    /// goes through the state machine as its own grant, and those whose only
+    /// action is their read-only install are mapped straight from the
+    /// received bytes, one `UFFDIO_COPY` per run: no copy per page.
+    fn on_read_grant_run(
+        &mut self,
+        from: Rank,
+        first: usize,
+        pages: &[u8],
+    ) -> Result<(), DsmError> {
+        let count = pages.len() / PAGE_SIZE;
+        if (first..first + count).any(|page| self.segment_unknown(page)) {
+            // Not what this rank asked for (it knows the segments of its
+            // requests): the grants one by one, as the state machine and
+            // parking expect them.
+            for (i, bytes) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+                let grant = [&Msg::grant_data_header_bytes(first + i, false)[..], bytes].concat();
+                self.on_payload(from, &grant)?;
+            }
+            return Ok(());
+        }
+        // Page operations staged before the run come first.
+        self.run_staged()?;
+        let now = self.now();
+        // Pages from `first + direct` up to the one handled are mapped
+        // together once something else must happen.
+        let mut direct = 0;
+        for (i, bytes) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+            let page = first + i;
+            let actions = match &mut self.node {
+                Node::Mrsw(node) => node.on_read_grant(from, page, now)?,
+                Node::Migratory(_) => {
+                    return Err(DsmError::Protocol(format!(
+                        "rank {from} sent read grants of the multi-reader protocol, but this rank runs the migratory one"
+                    )))
+                }
+            };
+            self.received_page(page, PAGE_SIZE);
+            if let [Action::Install {
+                page: p,
+                writable: false,
+            }] = actions[..]
+            {
+                if p == page {
+                    continue;
+                }
+            }
+            if i > direct {
+                self.faults.install_readonly_run(
+                    first + direct,
+                    &pages[direct * PAGE_SIZE..i * PAGE_SIZE],
+                )?;
+            }
+            direct = i + 1;
+            let grant = Msg::Grant {
+                page: page as u64,
+                write: false,
+                payload: Payload::Data(filled_page(&mut self.spare_pages, bytes)),
+            };
+            self.apply(actions, Carried::Msg(&grant))?;
+            self.run_staged()?;
+            if let Some(buffer) = grant.page_data().cloned() {
+                drop(grant);
+                self.recycle(buffer);
+            }
+        }
+        if direct < count {
+            self.faults
+                .install_readonly_run(first + direct, &pages[direct * PAGE_SIZE..])?;
         }
         Ok(())
     }
@@ -724,7 +831,7 @@ impl Engine {
                     Node::Migratory(n) => n.on_request(page as usize, requester as usize, now),
                     Node::Mrsw(_) => Ok(Vec::new()),
                 })?;
-                self.apply(actions, None)
+                self.apply(actions, Carried::Nothing)
             }
             Msg::PageGrant { page, .. } => {
                 let page = page as usize;
@@ -733,7 +840,7 @@ impl Engine {
                     Node::Mrsw(_) => Vec::new(),
                 };
                 self.received_page(page, wire_len);
-                self.apply(actions, Some(&msg))
+                self.apply(actions, Carried::Msg(&msg))
             }
             msg => {
                 let now = self.now();
@@ -744,7 +851,7 @@ impl Engine {
                 if let Msg::Grant { page, .. } = msg {
                     self.received_page(page as usize, wire_len);
                 }
-                self.apply(actions, Some(&msg))
+                self.apply(actions, Carried::Msg(&msg))
             }
         }
     }
@@ -772,8 +879,10 @@ impl Engine {
             if chunk.iter().all(|b| *b == 0) {
                 continue;
             }
-            self.backing
-                .insert(info.first_page as usize + i, proto::page_from(chunk));
+            self.backing.insert(
+                info.first_page as usize + i,
+                HomeCopy::Bytes(proto::page_from(chunk)),
+            );
         }
     }
 
@@ -821,7 +930,7 @@ impl Engine {
                 Node::Mrsw(n) => n.settle(page)?,
                 Node::Migratory(_) => vec![Action::Settled { page }],
             };
-            self.apply(actions, None)?;
+            self.apply(actions, Carried::Nothing)?;
         }
         Ok(())
     }
@@ -839,12 +948,11 @@ impl Engine {
             Some((path, len, range)) => {
                 let mut bytes = Vec::with_capacity(range.len() * PAGE_SIZE);
                 for p in range {
-                    bytes.extend_from_slice(
-                        self.backing
-                            .get(&p)
-                            .map(|b| &b[..])
-                            .unwrap_or(&self.zero_page[..]),
-                    );
+                    bytes.extend_from_slice(match self.backing.get(&p) {
+                        Some(HomeCopy::Bytes(b)) => &b[..],
+                        Some(HomeCopy::Mapped) => self.faults.mapped_page(p),
+                        None => &self.zero_page[..],
+                    });
                 }
                 bytes.truncate(len);
                 std::fs::write(&path, &bytes)
@@ -926,6 +1034,23 @@ impl Engine {
             .unwrap_or_else(|| Arc::new([0u8; PAGE_SIZE]))
     }
 
+    /// The home's copy of `page` as bytes (`None`: all zeros). One that
+    /// lived in the mapping is copied out first, into the home's copy and
+    /// into every queued grant that reads it: called before this rank's
+    /// mapping of the page changes (dropped, made writable).
+    fn home_copy_bytes(&mut self, page: usize) -> Option<PageData> {
+        match self.backing.get(&page)? {
+            HomeCopy::Bytes(data) => Some(data.clone()),
+            HomeCopy::Mapped => {
+                let mut data = self.page_buffer();
+                self.faults.copy_out(page, Arc::make_mut(&mut data));
+                self.out.copied_out(page, &data);
+                self.backing.insert(page, HomeCopy::Bytes(data.clone()));
+                Some(data)
+            }
+        }
+    }
+
     /// Does the staged run of page operations, if any.
     fn run_staged(&mut self) -> Result<(), DsmError> {
         let StagedRun {
@@ -948,7 +1073,7 @@ impl Engine {
     /// In a batch, adds a page operation that can be done on a run of
     /// pages to the staged run (done first if this one does not extend
     /// it); false for every other action.
-    fn stage(&mut self, action: &Action, current: Option<&Msg>) -> Result<bool, DsmError> {
+    fn stage(&mut self, action: &Action, current: Carried<'_>) -> Result<bool, DsmError> {
         let (op, page) = match *action {
             Action::Install {
                 page,
@@ -960,6 +1085,9 @@ impl Engine {
         };
         if !self.in_batch {
             return Ok(false);
+        }
+        if op != RunOp::InstallReadOnly {
+            self.home_copy_bytes(page);
         }
         let run = &self.staged;
         if run.count == 0 || run.op != op || run.first + run.count != page {
@@ -981,7 +1109,7 @@ impl Engine {
     /// of the page, or of the barrier or lock) are handled at once instead
     /// of looping through the transport: the same order as a loop-back
     /// (in order among themselves), without a thread hand-off.
-    fn apply(&mut self, actions: Vec<Action>, current: Option<&Msg>) -> Result<(), DsmError> {
+    fn apply(&mut self, actions: Vec<Action>, current: Carried<'_>) -> Result<(), DsmError> {
         for action in actions {
             if self.stage(&action, current)? {
                 continue;
@@ -1025,13 +1153,37 @@ impl Engine {
                 Action::InstallZero { page } => {
                     self.faults.install(page, &self.zero_page)?;
                 }
-                Action::MakeWritable { page } => self.faults.make_writable(page)?,
-                Action::DropPage { page } => self.faults.drop_page(page)?,
+                Action::MakeWritable { page } => {
+                    self.home_copy_bytes(page);
+                    self.faults.make_writable(page)?
+                }
+                Action::DropPage { page } => {
+                    self.home_copy_bytes(page);
+                    self.faults.drop_page(page)?
+                }
+                Action::WriteBack {
+                    to,
+                    page,
+                    keep_shared: true,
+                } if to == self.rank => {
+                    // The home's own copy stays mapped read-only and is the
+                    // home's copy from now on: nothing is copied out.
+                    if !self.protected_ahead.remove(&page) {
+                        self.faults.write_protect(page, 1)?;
+                    }
+                    let rank = self.rank;
+                    let actions = self.counted(|node| match node {
+                        Node::Mrsw(n) => n.on_write_back(rank, page),
+                        Node::Migratory(_) => Ok(Vec::new()),
+                    })?;
+                    self.apply(actions, Carried::OwnCopy)?;
+                }
                 Action::WriteBack {
                     to,
                     page,
                     keep_shared,
                 } => {
+                    self.home_copy_bytes(page);
                     // Copied once, into the buffer the write-back (and the
                     // home's copy it becomes) keeps.
                     let mut data = self.page_buffer();
@@ -1060,26 +1212,35 @@ impl Engine {
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }
                 Action::StoreBacking { page } => {
-                    let data = match current {
-                        Some(Msg::WriteBack { data, .. }) => data.clone(),
+                    let copy = match current {
+                        Carried::Msg(Msg::WriteBack { data, .. }) => HomeCopy::Bytes(data.clone()),
+                        Carried::OwnCopy => HomeCopy::Mapped,
                         _ => {
                             return Err(DsmError::Protocol(format!(
                                 "store of page {page} without a write-back"
                             )))
                         }
                     };
-                    if let Some(old) = self.backing.insert(page, data) {
+                    if let Some(HomeCopy::Bytes(old)) = self.backing.insert(page, copy) {
                         self.recycle(old);
                     }
                 }
                 Action::GrantFromBacking { to, page, write } => {
-                    // A writer's copy supersedes the home's: hand it over.
-                    let data = if write {
-                        self.backing.remove(&page)
-                    } else {
-                        self.backing.get(&page).cloned()
-                    };
                     Stats::add(&self.stats.grants_served, 1);
+                    if !write
+                        && to != self.rank
+                        && matches!(self.backing.get(&page), Some(HomeCopy::Mapped))
+                    {
+                        self.out.send_read_grant(to, page, PageSource::Mapped);
+                        Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
+                        Stats::add(&self.stats.pages_sent, 1);
+                        continue;
+                    }
+                    let data = self.home_copy_bytes(page);
+                    if write {
+                        // A writer's copy supersedes the home's: hand it over.
+                        self.backing.remove(&page);
+                    }
                     if to == self.rank {
                         // The home's own write: once handled, nobody else
                         // holds these bytes, and the buffer serves again.
@@ -1097,6 +1258,10 @@ impl Engine {
                         continue;
                     }
                     match data {
+                        Some(data) if !write => {
+                            self.out.send_read_grant(to, page, PageSource::Bytes(data));
+                            Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
+                        }
                         Some(data) => {
                             self.out
                                 .send_page(to, Msg::grant_data_header(page, write), page, data);
@@ -1144,17 +1309,17 @@ fn filled_page(spares: &mut Vec<PageData>, bytes: &[u8]) -> PageData {
 
 /// The page bytes carried by `current` (zeros for a zero grant).
 fn carried_page<'a>(
-    current: Option<&'a Msg>,
+    current: Carried<'a>,
     zero_page: &'a [u8; PAGE_SIZE],
     page: usize,
 ) -> Result<&'a [u8; PAGE_SIZE], DsmError> {
     match current {
-        Some(Msg::PageGrant { data, .. }) => Ok(data.as_deref().unwrap_or(zero_page)),
-        Some(Msg::Grant {
+        Carried::Msg(Msg::PageGrant { data, .. }) => Ok(data.as_deref().unwrap_or(zero_page)),
+        Carried::Msg(Msg::Grant {
             payload: Payload::Data(data),
             ..
         }) => Ok(data),
-        Some(Msg::Grant {
+        Carried::Msg(Msg::Grant {
             payload: Payload::Zero,
             ..
         }) => Ok(zero_page),

@@ -810,6 +810,19 @@ impl FaultHandler {
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), PAGE_SIZE) };
     }
 
+    /// The bytes of a present, write-protected page, read in place (the
+    /// home sends its own read-only copy without copying it out).
+    pub fn mapped_page(&self, page: usize) -> &[u8] {
+        let addr = self.addr(page);
+        // SAFETY: the page is present (caller's invariant: the engine's
+        // home copy that lives in the mapping) so reading it cannot fault;
+        // it is write-protected, and the engine copies it out before it
+        // lifts the protection or drops it, so its bytes do not change while
+        // the slice lives (borrowed from the engine, under the engine's lock,
+        // which every change of the mapping takes).
+        unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
+    }
+
     /// Takes the page away from this process: writes are stopped first
     /// (write-protect), then the contents are copied into `out`, then the
     /// page is dropped so the next access faults again.

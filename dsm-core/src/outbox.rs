@@ -9,8 +9,13 @@
 //! when messages leave, never what the protocol sees.
 
 use crate::config::PAGE_SIZE;
-use crate::proto::{batch_pieces, PageData, BATCH_MAX_BYTES};
+use crate::fault::FaultHandler;
+use crate::proto::{batch_pieces, read_grant_run_header, Msg, PageData, BATCH_MAX_BYTES};
 use crate::{Rank, Transport, TransportError};
+
+/// Most pages in one run of read grants: a run with its length prefix fits
+/// in a batch.
+const RUN_MAX_PAGES: usize = (BATCH_MAX_BYTES - 64) / PAGE_SIZE;
 
 enum Outgoing {
     Plain(Vec<u8>),
@@ -21,15 +26,37 @@ enum Outgoing {
         page: usize,
         data: PageData,
     },
+    /// A read grant: grants of consecutive pages to one rank leave as one
+    /// run ([`read_grant_run_header`]), their bytes back to back.
+    ReadGrant {
+        page: usize,
+        data: PageSource,
+    },
+}
+
+/// Where a read grant's bytes are.
+pub(crate) enum PageSource {
+    Bytes(PageData),
+    /// The home's own read-only copy in its mapping, read when the grant
+    /// leaves: the engine copies it out first (`copied_out`) if the mapping
+    /// of the page changes before.
+    Mapped,
 }
 
 impl Outgoing {
-    /// The message's bytes in two pieces (the second empty for a plain
-    /// message): no allocation per message of a batch.
-    fn parts(&self) -> [&[u8]; 2] {
+    /// The page a message carries (empty for a plain message).
+    fn page_bytes<'a>(&'a self, faults: &'a FaultHandler) -> &'a [u8] {
         match self {
-            Outgoing::Plain(bytes) => [bytes, &[]],
-            Outgoing::Page { header, data, .. } => [header, &data[..]],
+            Outgoing::Plain(_) => &[],
+            Outgoing::Page { data, .. }
+            | Outgoing::ReadGrant {
+                data: PageSource::Bytes(data),
+                ..
+            } => &data[..],
+            Outgoing::ReadGrant {
+                page,
+                data: PageSource::Mapped,
+            } => faults.mapped_page(*page),
         }
     }
 
@@ -37,8 +64,25 @@ impl Outgoing {
         match self {
             Outgoing::Plain(bytes) => bytes.len(),
             Outgoing::Page { header, .. } => header.len() + PAGE_SIZE,
+            Outgoing::ReadGrant { .. } => 9 + PAGE_SIZE,
         }
     }
+
+    /// The page of a read grant that can follow `prev` in a run.
+    fn extends_run(&self, prev: &Outgoing) -> bool {
+        matches!(
+            (prev, self),
+            (Outgoing::ReadGrant { page: a, .. }, Outgoing::ReadGrant { page: b, .. }) if a + 1 == *b
+        )
+    }
+}
+
+/// One message on the wire: `count` queued messages from `start` (several
+/// only for a run of read grants), `len` bytes.
+struct Unit {
+    start: usize,
+    count: usize,
+    len: usize,
 }
 
 #[derive(Default)]
@@ -58,17 +102,54 @@ impl Outbox {
             .push((to, Outgoing::Page { header, page, data }));
     }
 
+    /// A multi-reader read grant carrying `data`.
+    pub fn send_read_grant(&mut self, to: Rank, page: usize, data: PageSource) {
+        self.queued.push((to, Outgoing::ReadGrant { page, data }));
+    }
+
+    /// Pages of queued grants sent from the mapping.
+    pub fn mapped_pages(&self) -> impl Iterator<Item = usize> + '_ {
+        self.queued.iter().filter_map(|(_, message)| match message {
+            Outgoing::ReadGrant {
+                page,
+                data: PageSource::Mapped,
+            } => Some(*page),
+            _ => None,
+        })
+    }
+
+    /// The home's copy of `page` was copied out of its mapping into `data`
+    /// (the mapping is about to change): queued grants read `data` instead.
+    pub fn copied_out(&mut self, page: usize, data: &PageData) {
+        for (_, message) in &mut self.queued {
+            if let Outgoing::ReadGrant {
+                page: p,
+                data: source @ PageSource::Mapped,
+            } = message
+            {
+                if *p == page {
+                    *source = PageSource::Bytes(data.clone());
+                }
+            }
+        }
+    }
+
     /// Sends everything queued: per destination, in the order queued; one
     /// message alone as itself, several as batches of at most
     /// [`BATCH_MAX_BYTES`].
-    pub fn flush(&mut self, transport: &dyn Transport) -> Result<(), TransportError> {
+    /// `faults` reads grants of pages sent from the mapping.
+    pub fn flush(
+        &mut self,
+        transport: &dyn Transport,
+        faults: &FaultHandler,
+    ) -> Result<(), TransportError> {
         if self.queued.is_empty() {
             return Ok(());
         }
         // The queue keeps its capacity for the next event: growing it again
         // from nothing costs several reallocations per event.
         let mut queued = std::mem::take(&mut self.queued);
-        let sent = self.send_queued(&queued, transport);
+        let sent = self.send_queued(&queued, transport, faults);
         queued.clear();
         self.queued = queued;
         sent
@@ -78,6 +159,7 @@ impl Outbox {
         &mut self,
         queued: &[(Rank, Outgoing)],
         transport: &dyn Transport,
+        faults: &FaultHandler,
     ) -> Result<(), TransportError> {
         let mut destinations: Vec<Rank> = Vec::new();
         for (to, _) in queued {
@@ -92,29 +174,85 @@ impl Outbox {
                 .filter(|(dest, _)| *dest == to)
                 .map(|(_, m)| m)
                 .collect();
+            let units = units_of(&mine);
+            // The headers the units' pieces borrow: a run's, or a lone read
+            // grant's.
+            let headers: Vec<[u8; 9]> = units
+                .iter()
+                .map(|u| match mine[u.start] {
+                    Outgoing::ReadGrant { page, .. } if u.count > 1 => read_grant_run_header(*page),
+                    Outgoing::ReadGrant { page, .. } => Msg::grant_data_header_bytes(*page, false),
+                    _ => [0; 9],
+                })
+                .collect();
+            let pieces_of = |i: usize| -> Vec<&[u8]> {
+                let unit = &units[i];
+                let messages = &mine[unit.start..unit.start + unit.count];
+                match messages {
+                    [Outgoing::Plain(bytes)] => vec![bytes],
+                    [Outgoing::Page { header, data, .. }] => vec![header, &data[..]],
+                    _ => std::iter::once(&headers[i][..])
+                        .chain(messages.iter().map(|m| m.page_bytes(faults)))
+                        .collect(),
+                }
+            };
             let mut start = 0;
-            while start < mine.len() {
+            while start < units.len() {
                 let mut end = start + 1;
-                let mut bytes = mine[start].len();
-                while end < mine.len() && bytes + mine[end].len() + 4 <= BATCH_MAX_BYTES {
-                    bytes += mine[end].len() + 4;
+                let mut bytes = units[start].len;
+                while end < units.len() && bytes + units[end].len + 4 <= BATCH_MAX_BYTES {
+                    bytes += units[end].len + 4;
                     end += 1;
                 }
-                match &mine[start..end] {
-                    [Outgoing::Plain(bytes)] => transport.send(to, bytes)?,
-                    [Outgoing::Page { header, page, data }] => {
-                        transport.send_page(to, header, *page, &data[..])?
+                if end == start + 1 {
+                    // Alone: a message with one page goes through
+                    // `send_page` (a transport may place the bytes itself).
+                    let unit = &units[start];
+                    match &mine[unit.start..unit.start + unit.count] {
+                        [Outgoing::Plain(bytes)] => transport.send(to, bytes)?,
+                        [Outgoing::Page { header, page, data }] => {
+                            transport.send_page(to, header, *page, &data[..])?
+                        }
+                        [grant @ Outgoing::ReadGrant { page, .. }] => transport.send_page(
+                            to,
+                            &headers[start],
+                            *page,
+                            grant.page_bytes(faults),
+                        )?,
+                        _ => transport.send_parts(to, &pieces_of(start))?,
                     }
-                    several => {
-                        let parts: Vec<[&[u8]; 2]> = several.iter().map(|m| m.parts()).collect();
-                        let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
-                        transport.send_parts(to, &batch_pieces(&refs, &mut lengths))?;
-                        self.batches += 1;
-                    }
+                } else {
+                    let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
+                    let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+                    transport.send_parts(to, &batch_pieces(&refs, &mut lengths))?;
+                    self.batches += 1;
                 }
                 start = end;
             }
         }
         Ok(())
     }
+}
+
+/// The messages for one rank as wire messages: each alone, except read
+/// grants of consecutive pages, which become runs of at most
+/// [`RUN_MAX_PAGES`].
+fn units_of(mine: &[&Outgoing]) -> Vec<Unit> {
+    let mut units: Vec<Unit> = Vec::with_capacity(mine.len());
+    for (i, message) in mine.iter().enumerate() {
+        if let Some(run) = units.last_mut() {
+            let last = mine[run.start + run.count - 1];
+            if message.extends_run(last) && run.count < RUN_MAX_PAGES {
+                run.count += 1;
+                run.len += PAGE_SIZE;
+                continue;
+            }
+        }
+        units.push(Unit {
+            start: i,
+            count: 1,
+            len: message.len(),
+        });
+    }
+    units
 }

@@ -36,6 +36,9 @@ const LOOKUP: u8 = 25;
 const LOOKUP_REPLY: u8 = 26;
 /// Several messages to one rank in one transport message (see [`batch_parts`]).
 pub const BATCH: u8 = 27;
+/// Read grants of consecutive pages from one home, their bytes back to back
+/// (see [`read_grant_run`]).
+const GRANT_READ_RUN: u8 = 28;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
 pub const BATCH_MAX_BYTES: usize = 256 << 10;
 
@@ -185,6 +188,8 @@ pub enum ProtoError {
     },
     #[error("malformed batch: {0}")]
     BadBatch(&'static str),
+    #[error("malformed run of read grants: {0}")]
+    BadRun(&'static str),
 }
 
 /// A batch on the wire: the kind byte [`BATCH`], then for every message its
@@ -232,6 +237,37 @@ pub fn read_request_page(bytes: &[u8]) -> Option<u64> {
         [READ_REQ, page @ ..] => Some(u64::from_le_bytes(page.try_into().ok()?)),
         _ => None,
     }
+}
+
+/// Header of a run of read grants for the pages from `first`, whose bytes
+/// follow it back to back (one piece per page): to the receiver, the grants
+/// of those pages in order, but mapped straight from the received bytes
+/// with one `UFFDIO_COPY` (no copy per page).
+pub fn read_grant_run_header(first: usize) -> [u8; 9] {
+    let mut out = [GRANT_READ_RUN; 9];
+    out[1..].copy_from_slice(&(first as u64).to_le_bytes());
+    out
+}
+
+/// A run of read grants: its first page and the bytes of its pages (a
+/// whole number of pages, at least one); `None` for any other message.
+pub fn read_grant_run(bytes: &[u8]) -> Result<Option<(usize, &[u8])>, ProtoError> {
+    let [GRANT_READ_RUN, rest @ ..] = bytes else {
+        return Ok(None);
+    };
+    let Some((first, pages)) = rest.split_first_chunk::<8>() else {
+        return Err(ProtoError::BadRun("truncated header"));
+    };
+    if pages.is_empty() || pages.len() % PAGE_SIZE != 0 {
+        return Err(ProtoError::BadRun("not a whole number of pages"));
+    }
+    let first = usize::try_from(u64::from_le_bytes(*first))
+        .ok()
+        .filter(|first| first.checked_add(pages.len() / PAGE_SIZE).is_some())
+        .ok_or(ProtoError::BadRun(
+            "pages past the end of the address space",
+        ))?;
+    Ok(Some((first, pages)))
 }
 
 /// The messages of a batch, in order. A batch inside a batch, an empty
@@ -396,12 +432,13 @@ impl Msg {
 
     /// Header of a multi-reader grant whose page bytes follow as a second part.
     pub fn grant_data_header(page: usize, write: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(9);
-        Msg::page_only(
-            &mut out,
-            if write { GRANT_WRITE } else { GRANT_READ },
-            page as u64,
-        );
+        Msg::grant_data_header_bytes(page, write).to_vec()
+    }
+
+    /// [`Msg::grant_data_header`] in an array (no allocation).
+    pub fn grant_data_header_bytes(page: usize, write: bool) -> [u8; 9] {
+        let mut out = [if write { GRANT_WRITE } else { GRANT_READ }; 9];
+        out[1..].copy_from_slice(&(page as u64).to_le_bytes());
         out
     }
 
@@ -587,6 +624,9 @@ impl Msg {
                     Msg::LookupReply { page: key, segment }
                 })
             }
+            GRANT_READ_RUN => Err(ProtoError::BadRun(
+                "a run of read grants is read with read_grant_run, not decoded",
+            )),
             other => Err(ProtoError::UnknownKind(other)),
         }
     }
@@ -736,5 +776,19 @@ mod tests {
             batch_parts(&[BATCH, 9, 0, 0, 0, 1]).is_err(),
             "past the end"
         );
+    }
+
+    #[test]
+    fn a_run_of_read_grants_is_its_first_page_and_whole_pages() {
+        let pages = [[1u8; PAGE_SIZE], [2u8; PAGE_SIZE]].concat();
+        let wire = [&read_grant_run_header(40)[..], &pages].concat();
+        assert_eq!(read_grant_run(&wire), Ok(Some((40, &pages[..]))));
+        assert_eq!(read_grant_run(&Msg::ReadReq { page: 1 }.header()), Ok(None));
+        assert!(Msg::decode(&wire).is_err(), "not a single message");
+        for cut in [1, 9, 10, 9 + PAGE_SIZE + 1] {
+            assert!(read_grant_run(&wire[..cut]).is_err(), "cut at {cut}");
+        }
+        let far = [&read_grant_run_header(usize::MAX)[..], &pages].concat();
+        assert!(read_grant_run(&far).is_err(), "pages past usize::MAX");
     }
 }

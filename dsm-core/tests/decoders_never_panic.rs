@@ -202,6 +202,22 @@ proptest! {
         let _ = Msg::decode(&bytes);
         let _ = Msg::decode(&bytes[1..]);
         let _ = proto::batch_parts(&bytes);
+        let _ = proto::read_grant_run(&bytes);
+    }
+
+    #[test]
+    fn read_grant_run_survives_any_first_page_and_length(
+        first in any::<u64>(),
+        len in 0usize..3 * PAGE_SIZE + 2,
+    ) {
+        let mut bytes = proto::read_grant_run_header(0).to_vec();
+        bytes[1..9].copy_from_slice(&first.to_le_bytes());
+        bytes.resize(9 + len, 7);
+        if let Ok(Some((from, pages))) = proto::read_grant_run(&bytes) {
+            prop_assert_eq!(from as u64, first);
+            prop_assert!(!pages.is_empty() && pages.len() % PAGE_SIZE == 0);
+            prop_assert!(from.checked_add(pages.len() / PAGE_SIZE).is_some());
+        }
     }
 
     #[test]

@@ -365,6 +365,19 @@ impl Mrsw {
     }
 
     /// A message from `from` arrived.
+    /// A read grant carrying the page's bytes (the engine keeps them): the
+    /// same as `on_message` with that grant, for a run of grants handled
+    /// without a message per page.
+    pub fn on_read_grant(&mut self, from: Rank, page: usize, now: Time) -> Actions {
+        self.local_grant(page, from, false, true, now)
+    }
+
+    /// A write-back whose bytes the engine keeps (the home's own, left in
+    /// its mapping): the same as `on_message` with that write-back.
+    pub fn on_write_back(&mut self, from: Rank, page: usize) -> Actions {
+        self.home_write_back(page, from)
+    }
+
     pub fn on_message(&mut self, from: Rank, msg: &Msg, now: Time) -> Actions {
         if from >= self.size {
             return Err(CoherenceError::BadRequester {
@@ -392,7 +405,10 @@ impl Mrsw {
                 page,
                 write,
                 payload,
-            } => self.local_grant(*page as usize, from, *write, payload, now),
+            } => {
+                let bytes = !matches!(payload, Payload::Upgrade);
+                self.local_grant(*page as usize, from, *write, bytes, now)
+            }
             Msg::Denied { page } => self.local_denied(*page as usize, from),
             _ => Err(Self::unexpected(0, from, "a message of another protocol")),
         }
@@ -721,7 +737,7 @@ impl Mrsw {
         page: usize,
         from: Rank,
         write: bool,
-        payload: &Payload,
+        carries_bytes: bool,
         now: Time,
     ) -> Actions {
         if self.home_of(page) != from {
@@ -740,19 +756,19 @@ impl Mrsw {
         lp.pending = None;
         lp.lost = None;
         lp.held_until = now.saturating_add(hold);
-        match (write, payload, lp.copy) {
-            (false, Payload::Data(_) | Payload::Zero, Copy::Invalid) => {
+        match (write, carries_bytes, lp.copy) {
+            (false, true, Copy::Invalid) => {
                 lp.copy = Copy::Shared;
                 Ok(vec![Action::Install {
                     page,
                     writable: false,
                 }])
             }
-            (true, Payload::Upgrade, Copy::Shared) => {
+            (true, false, Copy::Shared) => {
                 lp.copy = Copy::Modified;
                 Ok(vec![Action::MakeWritable { page }])
             }
-            (true, Payload::Data(_) | Payload::Zero, Copy::Invalid) => {
+            (true, true, Copy::Invalid) => {
                 lp.copy = Copy::Modified;
                 Ok(vec![Action::Install {
                     page,
