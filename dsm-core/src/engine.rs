@@ -383,7 +383,7 @@ impl Engine {
         debug_assert!(self
             .out
             .mapped_pages()
-            .all(|page| matches!(self.backing.get(&page), Some(HomeCopy::Mapped))));
+            .all(|page| self.home_copy_is_mapped(page)));
         let batches = self.out.batches;
         self.out.flush(&*self.transport, &self.faults)?;
         Stats::add(&self.stats.batches_sent, self.out.batches - batches);
@@ -532,7 +532,7 @@ impl Engine {
         if fault.write && self.protected_ahead.remove(&fault.page) {
             // Still ours and writable: only the protection taken ahead of
             // a downgrade stopped the store (which will now protect it again).
-            self.home_copy_bytes(fault.page);
+            debug_assert!(!self.home_copy_is_mapped(fault.page), "a writable page");
             return Ok(self.faults.make_writable(fault.page)?);
         }
         let counter = if fault.write {
@@ -1034,6 +1034,12 @@ impl Engine {
             .unwrap_or_else(|| Arc::new([0u8; PAGE_SIZE]))
     }
 
+    /// True when the home's copy of `page` is this rank's read-only mapping
+    /// of it (never while the page is writable here).
+    fn home_copy_is_mapped(&self, page: usize) -> bool {
+        matches!(self.backing.get(&page), Some(HomeCopy::Mapped))
+    }
+
     /// The home's copy of `page` as bytes (`None`: all zeros). One that
     /// lived in the mapping is copied out first, into the home's copy and
     /// into every queued grant that reads it: called before this rank's
@@ -1183,7 +1189,7 @@ impl Engine {
                     page,
                     keep_shared,
                 } => {
-                    self.home_copy_bytes(page);
+                    debug_assert!(!self.home_copy_is_mapped(page), "an exclusive copy");
                     // Copied once, into the buffer the write-back (and the
                     // home's copy it becomes) keeps.
                     let mut data = self.page_buffer();
@@ -1227,10 +1233,7 @@ impl Engine {
                 }
                 Action::GrantFromBacking { to, page, write } => {
                     Stats::add(&self.stats.grants_served, 1);
-                    if !write
-                        && to != self.rank
-                        && matches!(self.backing.get(&page), Some(HomeCopy::Mapped))
-                    {
+                    if !write && to != self.rank && self.home_copy_is_mapped(page) {
                         self.out.send_read_grant(to, page, PageSource::Mapped);
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                         Stats::add(&self.stats.pages_sent, 1);
