@@ -81,8 +81,9 @@ fn pair(kind: &Selected) -> Vec<Arc<dyn Transport>> {
         .into_iter()
         .map(|b| {
             let kind = kind.clone();
+            let options = dsm_bench::tcp_options(b.rank);
             thread::spawn(move || -> Arc<dyn Transport> {
-                let tcp = TcpTransport::connect(b, &TcpOptions::default()).expect("TCP connects");
+                let tcp = TcpTransport::connect(b, &options).expect("TCP connects");
                 match kind {
                     Selected::Tcp => tcp,
                     Selected::Rdma(port) => {

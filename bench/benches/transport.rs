@@ -11,16 +11,16 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::Transport;
-use transport_tcp::{TcpOptions, TcpTransport};
+use transport_tcp::TcpTransport;
 
 fn pair() -> (Arc<TcpTransport>, Arc<TcpTransport>) {
     let mut boots = Bootstrap::loopback_group(2).expect("loopback job");
     let b1 = boots.pop().expect("rank 1");
     let b0 = boots.pop().expect("rank 0");
     let other = thread::spawn(move || {
-        TcpTransport::connect(b1, &TcpOptions::default()).expect("rank 1 connects")
+        TcpTransport::connect(b1, &dsm_bench::tcp_options(1)).expect("rank 1 connects")
     });
-    let t0 = TcpTransport::connect(b0, &TcpOptions::default()).expect("rank 0 connects");
+    let t0 = TcpTransport::connect(b0, &dsm_bench::tcp_options(0)).expect("rank 0 connects");
     (t0, other.join().expect("rank 1 thread"))
 }
 

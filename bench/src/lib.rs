@@ -99,15 +99,26 @@ pub fn print_ratio(suite: &str, figure: (&str, &Samples), baseline: (&str, &Samp
     }
 }
 
+/// The TCP options of `rank`, as `dsm::init` sets them up: its receive
+/// threads on the CPU `DSM_ENGINE_CPU` gives its engine, scheduled as
+/// `DSM_SERVICE_SCHED` says.
+pub fn tcp_options(rank: usize) -> TcpOptions {
+    let config = Config::from_env().expect("DSM_* variables");
+    TcpOptions {
+        receiver_cpu: config.engine_cpu.for_rank(rank),
+        receiver_sched: config.service_sched,
+        ..TcpOptions::default()
+    }
+}
+
 /// `n` TCP transport endpoints of one job on loopback, rank order.
 pub fn tcp_group(n: usize) -> Vec<Arc<TcpTransport>> {
     let boots = Bootstrap::loopback_group(n).expect("loopback job");
     let handles: Vec<_> = boots
         .into_iter()
         .map(|b| {
-            thread::spawn(move || {
-                TcpTransport::connect(b, &TcpOptions::default()).expect("TCP connects")
-            })
+            let options = tcp_options(b.rank);
+            thread::spawn(move || TcpTransport::connect(b, &options).expect("TCP connects"))
         })
         .collect();
     handles

@@ -20,15 +20,11 @@ pub enum Protocol {
     Migratory,
 }
 
-/// Which CPU the fault engine runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EngineCpu {
-    /// `rank % number of CPUs`, spreading co-located ranks.
-    Auto,
-    /// Not pinned.
-    Unpinned,
-    Fixed(usize),
-}
+/// Which CPU the fault engine and the rank's other service threads (fault
+/// reader, TCP receivers) run on (`DSM_ENGINE_CPU`).
+pub type EngineCpu = crate::sched::CpuChoice;
+
+pub use crate::sched::ServiceSched;
 
 /// What the shared space's memory is made of (see [`crate::fault::Backing`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +67,8 @@ pub struct Config {
     pub size: usize,
     pub protocol: Protocol,
     pub engine_cpu: EngineCpu,
+    /// How the service threads ask to be scheduled (`DSM_SERVICE_SCHED`).
+    pub service_sched: ServiceSched,
     /// A page that arrived for a local fault stays at least this long before
     /// it is handed on, so the faulting thread always gets to use it (the
     /// Mirage time window); without it, pages can ping-pong forever.
@@ -94,6 +92,7 @@ impl Default for Config {
             size: DEFAULT_PAGES * PAGE_SIZE,
             protocol: Protocol::Mrsw,
             engine_cpu: EngineCpu::Auto,
+            service_sched: ServiceSched::Auto,
             min_hold: Duration::from_micros(500),
             print_stats: false,
             prefetch: 256,
@@ -150,7 +149,8 @@ impl Config {
     /// | `DSM_BASE` | base address (hex `0x...` or decimal) | `0x40000000` |
     /// | `DSM_SPACE_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
     /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent) or `migratory` (the seed's) | `mrsw` |
-    /// | `DSM_ENGINE_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
+    /// | `DSM_ENGINE_CPU` | CPU of the engine and the other service threads: `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
+    /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `256` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
@@ -196,13 +196,17 @@ impl Config {
             };
         }
         if let Some(v) = get("DSM_ENGINE_CPU") {
-            self.engine_cpu = match v.trim() {
-                "auto" => EngineCpu::Auto,
-                "none" => EngineCpu::Unpinned,
-                n => EngineCpu::Fixed(n.parse().map_err(|_| {
-                    err("DSM_ENGINE_CPU", &v, "expected auto, none or a CPU number")
-                })?),
-            };
+            self.engine_cpu = EngineCpu::parse(&v)
+                .ok_or_else(|| err("DSM_ENGINE_CPU", &v, "expected auto, none or a CPU number"))?;
+        }
+        if let Some(v) = get(ServiceSched::ENV) {
+            self.service_sched = ServiceSched::parse(&v).ok_or_else(|| {
+                err(
+                    ServiceSched::ENV,
+                    &v,
+                    "expected auto (real-time where permitted) or fair",
+                )
+            })?;
         }
         if let Some(v) = get("DSM_MIN_HOLD_US") {
             let us: u64 = v

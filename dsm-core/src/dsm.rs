@@ -10,11 +10,10 @@ use crossbeam_channel::Sender;
 
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
-use crate::config::{
-    Config, ConfigError, EngineCpu, FaultDelivery, Protocol, SpaceBacking, PAGE_SIZE,
-};
+use crate::config::{Config, ConfigError, FaultDelivery, Protocol, SpaceBacking, PAGE_SIZE};
 use crate::engine::{self, Engine, Input, Node, Reply};
 use crate::fault::{Backing, FaultError, FaultHandler, Region};
+use crate::sched;
 use crate::segment::{Placement, Segment};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Rank, Transport, TransportError};
@@ -93,16 +92,6 @@ pub struct Dsm {
     region: Option<Region>,
 }
 
-fn pin_to(cpu: Option<usize>) {
-    if let Some(cpu) = cpu {
-        if let Some(core) =
-            core_affinity::get_core_ids().and_then(|ids| ids.into_iter().find(|c| c.id == cpu))
-        {
-            core_affinity::set_for_current(core);
-        }
-    }
-}
-
 impl Dsm {
     /// Maps the shared space and registers it for faults: done before
     /// connecting to the other ranks, so a bad configuration fails fast.
@@ -165,17 +154,8 @@ impl Dsm {
                 config.min_hold.as_nanos() as u64,
             )),
         };
-        let cpu = match config.engine_cpu {
-            EngineCpu::Unpinned => None,
-            EngineCpu::Fixed(n) => Some(n),
-            EngineCpu::Auto => {
-                let cpus = core_affinity::get_core_ids()
-                    .map(|c| c.len())
-                    .unwrap_or(1)
-                    .max(1);
-                Some(rank % cpus)
-            }
-        };
+        let cpu = config.engine_cpu.for_rank(rank);
+        let service_sched = config.service_sched;
         let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded();
         let host = hosts.get(rank).cloned().unwrap_or_default();
         let engine = Arc::new(Mutex::new(
@@ -201,7 +181,7 @@ impl Dsm {
                 let reader = thread::Builder::new()
                     .name("dsm-faults".into())
                     .spawn(move || {
-                        pin_to(cpu);
+                        sched::enter_service_thread(cpu, service_sched);
                         engine::read_faults(engine_state, faults_served, stop_read, failures, spin)
                     })
                     .map_err(|e| DsmError::FaultReader(format!("spawn: {e}")))?;
@@ -217,7 +197,7 @@ impl Dsm {
             thread::Builder::new()
                 .name("dsm-engine".into())
                 .spawn(move || {
-                    pin_to(cpu);
+                    sched::enter_service_thread(cpu, service_sched);
                     if let Err(e) = Engine::run(&engine, inputs_rx, spin) {
                         // Application threads may be parked in faults this
                         // engine can no longer serve: end the process.

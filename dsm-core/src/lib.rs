@@ -16,6 +16,7 @@ pub mod logging;
 mod outbox;
 pub mod proto;
 pub mod rendezvous;
+pub mod sched;
 pub mod segment;
 pub mod sigbus;
 pub mod stats;

@@ -44,7 +44,13 @@ pub fn init(config: Config) -> Result<Dsm, DsmError> {
         .map_err(|e| dsm_core::TransportError::Setup(e.to_string()))?;
     let boot = Bootstrap::from_env()?;
     let hosts: Vec<String> = boot.peers.iter().map(|p| p.host.clone()).collect();
-    let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &TcpOptions::default())?;
+    // The receive threads share the engine's CPU (see dsm_core::sched).
+    let tcp_options = TcpOptions {
+        receiver_cpu: config.engine_cpu.for_rank(boot.rank),
+        receiver_sched: config.service_sched,
+        ..TcpOptions::default()
+    };
+    let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options)?;
     // RDMA: the TCP transport becomes the bootstrap channel of the queue
     // pairs; DSM messages go over SEND/RECV, page data by RDMA WRITE into a
     // landing arena of one slot per page of the shared space.

@@ -30,6 +30,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
+use dsm_core::sched::ServiceSched;
 use dsm_core::transport::Incoming;
 use dsm_core::{Message, Rank, Transport, TransportError};
 
@@ -118,6 +119,9 @@ pub struct RdmaOptions {
     pub landing_pages: usize,
     /// Where the completion threads run (`DSM_RDMA_POLL_CPU`).
     pub poll_cpu: PollCpu,
+    /// How they ask to be scheduled (`DSM_SERVICE_SCHED`, like the rank's
+    /// other service threads).
+    pub poll_sched: ServiceSched,
 }
 
 /// How page data travels (`DSM_RDMA_PAGES=write|send`).
@@ -131,52 +135,16 @@ pub enum PageMode {
     Send,
 }
 
-/// Which CPU the completion threads are pinned to (`DSM_RDMA_POLL_CPU`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PollCpu {
-    /// `rank % number of CPUs`: the CPU `DSM_ENGINE_CPU=auto` gives the
-    /// rank's fault engine, so a rank's hot threads share one CPU and ranks
-    /// on one machine spread over the CPUs; a spinning poller then never
-    /// takes time from another rank's engine.
-    #[default]
-    Auto,
-    /// Not pinned.
-    Unpinned,
-    Fixed(usize),
-}
-
-impl PollCpu {
-    /// The CPU to pin to, if any, for `rank` when this process may run on
-    /// the CPUs `cpus` (in order; empty: unknown).
-    pub fn resolve(self, rank: Rank, cpus: &[usize]) -> Option<usize> {
-        match self {
-            PollCpu::Auto if cpus.is_empty() => None,
-            PollCpu::Auto => Some(cpus[rank % cpus.len()]),
-            PollCpu::Unpinned => None,
-            PollCpu::Fixed(n) => Some(n),
-        }
-    }
-}
+/// Which CPU the completion threads are pinned to (`DSM_RDMA_POLL_CPU`):
+/// by default the one `DSM_ENGINE_CPU=auto` gives the rank's fault engine,
+/// so a rank's hot threads share one CPU and ranks on one machine spread
+/// over the CPUs; a spinning poller then never takes time from another
+/// rank's engine.
+pub type PollCpu = dsm_core::sched::CpuChoice;
 
 /// Pins the calling completion thread as `DSM_RDMA_POLL_CPU` says.
-fn pin_poller(s: &Shared, what: &str) {
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let ids: Vec<usize> = cores.iter().map(|c| c.id).collect();
-    let Some(cpu) = s.opts.poll_cpu.resolve(s.rank, &ids) else {
-        return;
-    };
-    match cores.into_iter().find(|c| c.id == cpu) {
-        Some(core) if core_affinity::set_for_current(core) => {
-            tracing::debug!(
-                "rank {}: RDMA {what} completions polled on CPU {cpu}",
-                s.rank
-            );
-        }
-        _ => tracing::warn!(
-            "rank {}: cannot pin the RDMA {what} completion thread to CPU {cpu} (usable: {ids:?})",
-            s.rank
-        ),
-    }
+fn pin_poller(s: &Shared) {
+    dsm_core::sched::enter_service_thread(s.opts.poll_cpu.for_rank(s.rank), s.opts.poll_sched);
 }
 
 impl Default for RdmaOptions {
@@ -197,6 +165,7 @@ impl Default for RdmaOptions {
             pages: PageMode::default(),
             landing_pages: 0,
             poll_cpu: PollCpu::default(),
+            poll_sched: ServiceSched::default(),
         }
     }
 }
@@ -212,6 +181,7 @@ impl RdmaOptions {
     /// | `DSM_RDMA_SPIN_US` | µs the completion threads poll before sleeping | `50` |
     /// | `DSM_RDMA_PAGES` | `write` (RDMA WRITE into the landing arena) or `send` (SEND/RECV) | `write` |
     /// | `DSM_RDMA_POLL_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
+    /// | `DSM_SERVICE_SCHED` | `auto` (completion threads `SCHED_FIFO` 1 where permitted) or `fair` | `auto` |
     pub fn from_env() -> Result<Self, RdmaError> {
         Self::from_lookup(|n| std::env::var(n).ok())
     }
@@ -249,16 +219,20 @@ impl RdmaOptions {
                 }
             };
         }
+        if let Some(v) = var(ServiceSched::ENV) {
+            o.poll_sched = ServiceSched::parse(&v).ok_or_else(|| {
+                RdmaError::Invalid(format!(
+                    "{}={v:?}: expected auto (real-time where permitted) or fair",
+                    ServiceSched::ENV
+                ))
+            })?;
+        }
         if let Some(v) = var("DSM_RDMA_POLL_CPU") {
-            o.poll_cpu = match v.trim() {
-                "auto" => PollCpu::Auto,
-                "none" => PollCpu::Unpinned,
-                n => PollCpu::Fixed(n.parse().map_err(|_| {
-                    RdmaError::Invalid(format!(
-                        "DSM_RDMA_POLL_CPU={v:?}: expected auto, none or a CPU number"
-                    ))
-                })?),
-            };
+            o.poll_cpu = PollCpu::parse(&v).ok_or_else(|| {
+                RdmaError::Invalid(format!(
+                    "DSM_RDMA_POLL_CPU={v:?}: expected auto, none or a CPU number"
+                ))
+            })?;
         }
         Ok(o)
     }
@@ -1277,7 +1251,7 @@ impl Shared {
 }
 
 fn recv_loop(s: Arc<Shared>) {
-    pin_poller(&s, "receive");
+    pin_poller(&s);
     let mut partial: Vec<Vec<u8>> = vec![Vec::new(); s.size];
     let mut wcs = Vec::with_capacity(64);
     while !s.stop.load(Ordering::SeqCst) {
@@ -1373,7 +1347,7 @@ fn recv_loop(s: Arc<Shared>) {
 }
 
 fn send_completion_loop(s: Arc<Shared>) {
-    pin_poller(&s, "send");
+    pin_poller(&s);
     let mut wcs = Vec::with_capacity(64);
     while !s.stop.load(Ordering::SeqCst) {
         wcs.clear();
@@ -1689,19 +1663,6 @@ mod tests {
             err,
             "DSM_RDMA_PAGES=\"read\": expected write (the default) or send"
         );
-    }
-
-    #[test]
-    fn poll_cpu_resolution() {
-        let two = [0, 1];
-        assert_eq!(PollCpu::Auto.resolve(0, &two), Some(0));
-        assert_eq!(PollCpu::Auto.resolve(1, &two), Some(1));
-        assert_eq!(PollCpu::Auto.resolve(5, &two), Some(1));
-        // A restricted affinity mask: pick among the usable CPUs.
-        assert_eq!(PollCpu::Auto.resolve(3, &[4, 6]), Some(6));
-        assert_eq!(PollCpu::Auto.resolve(3, &[]), None);
-        assert_eq!(PollCpu::Unpinned.resolve(3, &two), None);
-        assert_eq!(PollCpu::Fixed(7).resolve(0, &two), Some(7));
     }
 
     /// A page marker naming a page outside the receiver's arena loses the

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
+use dsm_core::sched::ServiceSched;
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -51,6 +52,12 @@ pub struct TcpOptions {
     /// `PeerLost`: TCP keepalive plus TCP_USER_TIMEOUT, so a cut link or a
     /// vanished host is detected even when neither side has anything to send.
     pub peer_timeout: Duration,
+    /// CPU the receive threads are pinned to: the rank's engine CPU, so a
+    /// received message reaches the engine by a wake-up on the same CPU
+    /// (`None`: not pinned).
+    pub receiver_cpu: Option<usize>,
+    /// How the receive threads ask to be scheduled (see `dsm_core::sched`).
+    pub receiver_sched: ServiceSched,
 }
 
 /// A bad value in the transport's environment settings.
@@ -99,6 +106,8 @@ impl TcpOptions {
             handshake_timeout: Duration::from_secs(10),
             max_message: 256 << 20,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            receiver_cpu: None,
+            receiver_sched: ServiceSched::Auto,
         }
     }
 }
@@ -231,6 +240,7 @@ impl TcpTransport {
             arrived: Condvar::new(),
         });
         let max_frame = u32::try_from(opts.max_message).unwrap_or(u32::MAX);
+        let (receiver_cpu, receiver_sched) = (opts.receiver_cpu, opts.receiver_sched);
         let mut peers = Vec::with_capacity(size);
         for (peer_rank, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
@@ -252,7 +262,10 @@ impl TcpTransport {
             let goodbyes = Arc::clone(&goodbyes);
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
-                .spawn(move || read_loop(read_half, peer_rank, host, max_frame, tx, goodbyes))
+                .spawn(move || {
+                    dsm_core::sched::enter_service_thread(receiver_cpu, receiver_sched);
+                    read_loop(read_half, peer_rank, host, max_frame, tx, goodbyes)
+                })
                 .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
             peers.push(Some(Peer {
                 writer: Mutex::new(BufWriter::with_capacity(64 << 10, stream)),
