@@ -80,6 +80,8 @@ pub struct Dsm {
     hosts: Vec<String>,
     config: Config,
     inputs: Sender<Input>,
+    /// The engine's state, for API calls served in the calling thread.
+    state: Arc<Mutex<Engine>>,
     engine: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
     /// With SIGBUS delivery: the space's entry in the SIGBUS handler's table.
@@ -172,6 +174,7 @@ impl Dsm {
             .with_prefetch(config.prefetch),
         ));
         let spin = config.spin;
+        let state = Arc::clone(&engine);
         let (engine_state, faults_served, failures) =
             (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
         let (reader, stop_reader, signal_faults) = match config.faults {
@@ -219,6 +222,7 @@ impl Dsm {
             hosts,
             config,
             inputs: inputs_tx,
+            state,
             engine: Some(engine),
             reader,
             signal_faults,
@@ -291,8 +295,22 @@ impl Dsm {
 
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, DsmError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.inputs.send(make(tx)).map_err(|_| DsmError::Stopped)?;
+        self.serve(make(tx))?;
         rx.recv().map_err(|_| DsmError::Stopped)?
+    }
+
+    /// Carries out an API call on the engine's state in the calling thread,
+    /// like a fault in the SIGBUS handler: its messages leave without
+    /// waking the engine thread first (a wake-up across CPUs costs about a
+    /// message's round trip on a VM). The answer comes back through the
+    /// engine thread. A failure ends the job there, as one of its own would.
+    fn serve(&self, input: Input) -> Result<(), DsmError> {
+        engine::serve_here(&self.state, &self.inputs, |engine| engine.on_input(input)).map_err(
+            |e| {
+                let _ = self.inputs.send(Input::Failed(e));
+                DsmError::Stopped
+            },
+        )
     }
 
     /// Takes distributed lock `id` (held at rank `id mod N`); waits in FIFO
@@ -308,9 +326,7 @@ impl Dsm {
 
     /// Releases a lock taken with [`LockGuard::into_ticket`].
     pub fn unlock_ticket(&self, id: u64, ticket: u64) -> Result<(), DsmError> {
-        self.inputs
-            .send(Input::Unlock { lock: id, ticket })
-            .map_err(|_| DsmError::Stopped)
+        self.serve(Input::Unlock { lock: id, ticket })
     }
 
     /// Allocates a segment of `bytes` bytes with the given placement, from

@@ -37,6 +37,9 @@ pub(crate) type Reply<T> = Sender<Result<T, DsmError>>;
 pub(crate) enum Input {
     /// The fault thread hit an error handling a fault: fatal.
     Failed(DsmError),
+    /// An API call served in its own thread set a timer: the engine
+    /// thread's wait must end by then.
+    TimerSet,
     Barrier(Reply<()>),
     /// Acquire a lock; the reply carries the ticket to release it with.
     Lock {
@@ -390,9 +393,10 @@ impl Engine {
         Ok(())
     }
 
-    fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
+    pub(crate) fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
         match input {
             Input::Failed(e) => Err(e),
+            Input::TimerSet => Ok(()),
             Input::Barrier(reply) => self.start_barrier(reply),
             Input::Lock { lock, reply } => {
                 let ticket = self.ticket();
@@ -1349,6 +1353,29 @@ const SIGNAL_WAIT: Duration = Duration::from_millis(50);
 /// thread), then sleeps until a page of its bucket is installed. Errors go
 /// to the engine thread, which ends the job; this thread then waits for
 /// that end rather than retrying an access that can no longer be served.
+/// Runs `work` (a fault, an API call) on the engine's state in the calling
+/// thread, then flushes its messages. A timer the work set is announced to
+/// the engine thread, whose wait was computed without it.
+pub(crate) fn serve_here(
+    engine: &Mutex<Engine>,
+    events: &Sender<Input>,
+    work: impl FnOnce(&mut Engine) -> Result<(), DsmError>,
+) -> Result<(), DsmError> {
+    let timer_set = {
+        let mut this = lock(engine);
+        let before = this.next_deadline();
+        work(&mut this).and_then(|()| this.flush())?;
+        let after = this.next_deadline();
+        after.is_some() && after != before
+    };
+    if timer_set {
+        events
+            .send(Input::TimerSet)
+            .map_err(|_| DsmError::Stopped)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn signal_fault_server(
     engine: Arc<Mutex<Engine>>,
     faults: Arc<FaultHandler>,
@@ -1359,15 +1386,12 @@ pub(crate) fn signal_fault_server(
             return;
         };
         let ticket = waiters.prepare(page);
-        let served = {
-            let mut this = lock(&engine);
-            let fault = Fault {
-                page,
-                write,
-                write_protect: false,
-            };
-            this.on_fault(fault).and_then(|()| this.flush())
+        let fault = Fault {
+            page,
+            write,
+            write_protect: false,
         };
+        let served = serve_here(&engine, &events, |this| this.on_fault(fault));
         if let Err(e) = served {
             let _ = events.send(Input::Failed(e));
             loop {
@@ -1391,10 +1415,7 @@ pub(crate) fn read_faults(
     events: Sender<Input>,
     spin: Duration,
 ) {
-    let serve = |fault: Fault| -> Result<(), DsmError> {
-        let mut this = lock(&engine);
-        this.on_fault(fault).and_then(|()| this.flush())
-    };
+    let serve = |fault: Fault| serve_here(&engine, &events, |this| this.on_fault(fault));
     loop {
         // Poll the userfaultfd for a while first (DSM_SPIN_US): a fault
         // found this way costs no wake-up of this thread.
