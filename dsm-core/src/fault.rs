@@ -580,6 +580,75 @@ impl FaultHandler {
         })
     }
 
+    /// `continue_page` for a run of read-only pages: the bytes written
+    /// through the alias in one copy, then mapped by one `UFFDIO_CONTINUE`
+    /// (a page already mapped is skipped and its waiters woken).
+    fn continue_readonly_run(
+        &self,
+        alias: usize,
+        first: usize,
+        data: &[u8],
+    ) -> Result<(), FaultError> {
+        debug_assert!(data.len().is_multiple_of(PAGE_SIZE));
+        debug_assert!(first * PAGE_SIZE + data.len() <= self.len);
+        // SAFETY: as in `continue_page`, for each page of the run: memfd
+        // memory no Rust reference points into, whose view in the space is
+        // not mapped, or mapped with these very bytes (a stale install).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (alias + first * PAGE_SIZE) as *mut u8,
+                data.len(),
+            )
+        };
+        let start = self.addr(first);
+        let mut done = 0usize;
+        while done < data.len() {
+            let mut cont = userfaultfd_sys::uffdio_continue {
+                range: userfaultfd_sys::uffdio_range {
+                    start: (start + done) as u64,
+                    len: (data.len() - done) as u64,
+                },
+                mode: CONTINUE_MODE_WP,
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over a
+            // range of the registered region and writes the result into
+            // `cont`, which lives across the call.
+            let result = unsafe {
+                libc::ioctl(
+                    self.uffd.as_raw_fd(),
+                    userfaultfd_sys::UFFDIO_CONTINUE as _,
+                    &mut cont,
+                )
+            };
+            if result == 0 {
+                return Ok(());
+            }
+            let errno = nix::errno::Errno::last();
+            if cont.mapped > 0 {
+                // Mapped up to a page it could not: go on from there.
+                done += cont.mapped as usize;
+                continue;
+            }
+            match errno {
+                nix::errno::Errno::EEXIST => {
+                    self.wake(first + done / PAGE_SIZE)?;
+                    done += PAGE_SIZE;
+                }
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => {}
+                errno => {
+                    return Err(FaultError::PageOp {
+                        op: "UFFDIO_CONTINUE (write-protected run)",
+                        addr: start + done,
+                        errno,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self.uffd`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.uffd.as_raw_fd()) }
@@ -717,15 +786,8 @@ impl FaultHandler {
     }
 
     fn map_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
-        if self.alias.is_some() {
-            for (i, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                let bytes = bytes.try_into().map_err(|_| FaultError::Install {
-                    addr: self.addr(first + i),
-                    detail: "a page of the wrong length".into(),
-                })?;
-                self.install_readonly(first + i, bytes)?;
-            }
-            return Ok(());
+        if let Some(alias) = self.alias {
+            return self.continue_readonly_run(alias, first, data);
         }
         let start = self.addr(first);
         let mut done = 0usize;

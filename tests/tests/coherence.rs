@@ -121,7 +121,8 @@ fn sequential_reads_racing_the_homes_writes_stay_coherent() {
 }
 
 /// The memfd-backed space (pages written through an alias and mapped with
-/// UFFDIO_CONTINUE) keeps sequential consistency and exact counts.
+/// UFFDIO_CONTINUE, runs of read-ahead pages with one call) keeps
+/// sequential consistency and exact counts.
 #[test]
 fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     let memfd = [("DSM_BACKING", "memfd"), ("DSM_SPACE_SIZE", "4M")];
@@ -137,6 +138,10 @@ fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     out.expect_each_rank(4, "random exact: 16 slots");
     let out = job(&memfd, 4, "stress", &["atomics", "4", "5000"]);
     out.expect_each_rank(4, "atomics exact: A=80000 B=200000");
+    // Read-ahead: runs of read grants, mapped by one UFFDIO_CONTINUE each.
+    let ahead = [memfd[0], memfd[1], ("DSM_PREFETCH", "64")];
+    let out = job(&ahead, 3, "stress", &["scan", "20", "512"]);
+    out.expect_each_rank(3, "scan exact: 512 pages at round 20");
 }
 
 /// Faults served by the faulting thread itself (`DSM_FAULTS=sigbus`: a
