@@ -9,7 +9,7 @@
 //! yet is parked, the reference rank (0) is asked, and the parked events
 //! are replayed in their order of arrival once the segment is registered.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
@@ -117,7 +118,7 @@ enum Parked {
 
 /// A seal or sync waiting for its pages to settle at this home.
 struct Settling {
-    pages: HashSet<usize>,
+    pages: FxHashSet<usize>,
     reply: Reply<()>,
     /// For a sync: the file to write once every page is current.
     write_to: Option<(PathBuf, usize, std::ops::Range<usize>)>,
@@ -136,8 +137,8 @@ pub(crate) struct Engine {
     started: Instant,
     /// The home's copy of pages no writer holds (multi-reader protocol);
     /// a page absent here is all zeros.
-    backing: HashMap<usize, HomeCopy>,
-    fetch_started: HashMap<usize, Instant>,
+    backing: FxHashMap<usize, HomeCopy>,
+    fetch_started: FxHashMap<usize, Instant>,
     barrier_epoch: u64,
     barrier_waiter: Option<Reply<()>>,
     barrier_arrivals: BarrierCounter,
@@ -157,7 +158,7 @@ pub(crate) struct Engine {
     /// write-protected ahead of a batch of read requests, before their
     /// downgrade: the downgrade only copies them out, and a store here
     /// meanwhile just lifts the protection again.
-    protected_ahead: HashSet<usize>,
+    protected_ahead: FxHashSet<usize>,
     /// Page operations of the batch being handled, gathered into a run of
     /// consecutive pages done in one system call (`run_staged`).
     staged: StagedRun,
@@ -286,8 +287,8 @@ impl Engine {
             node,
             stats,
             started: Instant::now(),
-            backing: HashMap::new(),
-            fetch_started: HashMap::new(),
+            backing: FxHashMap::default(),
+            fetch_started: FxHashMap::default(),
             barrier_epoch: 0,
             barrier_waiter: None,
             barrier_arrivals: BarrierCounter::default(),
@@ -301,7 +302,7 @@ impl Engine {
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
             out: Outbox::default(),
-            protected_ahead: HashSet::new(),
+            protected_ahead: FxHashSet::default(),
             staged: StagedRun::default(),
             in_batch: false,
             spare_pages: Vec::new(),
