@@ -602,33 +602,55 @@ impl FaultHandler {
             )
         };
         let start = self.addr(first);
+        self.map_run(
+            first,
+            data.len(),
+            "UFFDIO_CONTINUE (write-protected run)",
+            |done| {
+                let mut cont = userfaultfd_sys::uffdio_continue {
+                    range: userfaultfd_sys::uffdio_range {
+                        start: (start + done) as u64,
+                        len: (data.len() - done) as u64,
+                    },
+                    mode: CONTINUE_MODE_WP,
+                    mapped: 0,
+                };
+                // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over a
+                // range of the registered region and writes the result into
+                // `cont`, which lives across the call.
+                let result = unsafe {
+                    libc::ioctl(
+                        self.uffd.as_raw_fd(),
+                        userfaultfd_sys::UFFDIO_CONTINUE as _,
+                        &mut cont,
+                    )
+                };
+                (result, cont.mapped)
+            },
+        )
+    }
+
+    /// Maps a run of `len` bytes from page `first` with `ioctl` (given the
+    /// bytes done so far; returns its result and the bytes it mapped, or a
+    /// negative errno): a call that stops part way goes on from there, a
+    /// page already mapped is skipped and its waiters woken, EAGAIN and
+    /// EINTR are retried.
+    fn map_run(
+        &self,
+        first: usize,
+        len: usize,
+        op: &'static str,
+        mut ioctl: impl FnMut(usize) -> (libc::c_int, i64),
+    ) -> Result<(), FaultError> {
         let mut done = 0usize;
-        while done < data.len() {
-            let mut cont = userfaultfd_sys::uffdio_continue {
-                range: userfaultfd_sys::uffdio_range {
-                    start: (start + done) as u64,
-                    len: (data.len() - done) as u64,
-                },
-                mode: CONTINUE_MODE_WP,
-                mapped: 0,
-            };
-            // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over a
-            // range of the registered region and writes the result into
-            // `cont`, which lives across the call.
-            let result = unsafe {
-                libc::ioctl(
-                    self.uffd.as_raw_fd(),
-                    userfaultfd_sys::UFFDIO_CONTINUE as _,
-                    &mut cont,
-                )
-            };
+        while done < len {
+            let (result, mapped) = ioctl(done);
             if result == 0 {
                 return Ok(());
             }
             let errno = nix::errno::Errno::last();
-            if cont.mapped > 0 {
-                // Mapped up to a page it could not: go on from there.
-                done += cont.mapped as usize;
+            if mapped > 0 {
+                done += mapped as usize;
                 continue;
             }
             match errno {
@@ -639,8 +661,8 @@ impl FaultHandler {
                 nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => {}
                 errno => {
                     return Err(FaultError::PageOp {
-                        op: "UFFDIO_CONTINUE (write-protected run)",
-                        addr: start + done,
+                        op,
+                        addr: self.addr(first) + done,
                         errno,
                     })
                 }
@@ -790,35 +812,12 @@ impl FaultHandler {
             return self.continue_readonly_run(alias, first, data);
         }
         let start = self.addr(first);
-        let mut done = 0usize;
-        while done < data.len() {
-            let (result, copied) = self.copy_write_protected(start + done, &data[done..]);
-            if result == 0 {
-                return Ok(());
-            }
-            let errno = nix::errno::Errno::last();
-            if copied > 0 {
-                // Part of the run is mapped (and its waiters woken); the
-                // call stopped at a page it could not fill: go on from there.
-                done += copied as usize;
-                continue;
-            }
-            match errno {
-                nix::errno::Errno::EEXIST => {
-                    self.wake(first + done / PAGE_SIZE)?;
-                    done += PAGE_SIZE;
-                }
-                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => {}
-                errno => {
-                    return Err(FaultError::PageOp {
-                        op: "UFFDIO_COPY (write-protected run)",
-                        addr: start + done,
-                        errno,
-                    })
-                }
-            }
-        }
-        Ok(())
+        self.map_run(
+            first,
+            data.len(),
+            "UFFDIO_COPY (write-protected run)",
+            |done| self.copy_write_protected(start + done, &data[done..]),
+        )
     }
 
     /// Lifts the write protection of a read-only copy and wakes the writers.

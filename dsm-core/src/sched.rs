@@ -69,7 +69,7 @@ impl CpuChoice {
 }
 
 /// The CPUs this process may run on, in order.
-pub fn usable_cpus() -> Vec<usize> {
+fn usable_cpus() -> Vec<usize> {
     core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()
@@ -78,7 +78,7 @@ pub fn usable_cpus() -> Vec<usize> {
 }
 
 /// Pins the calling thread to `cpu`; false when that CPU is not usable.
-pub fn pin_current_thread(cpu: usize) -> bool {
+fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::get_core_ids()
         .and_then(|ids| ids.into_iter().find(|c| c.id == cpu))
         .is_some_and(core_affinity::set_for_current)
@@ -139,7 +139,7 @@ impl ServiceSched {
 
 /// The slice asked for by service threads: short enough to preempt a
 /// compute thread at once, long enough to handle a batch of messages.
-pub const SERVICE_SLICE: Duration = Duration::from_micros(100);
+const SERVICE_SLICE: Duration = Duration::from_micros(100);
 
 /// Asks for `SCHED_FIFO` at the lowest priority for the calling thread.
 /// Returns whether the kernel took it (it refuses without the privilege).
@@ -164,8 +164,9 @@ struct SchedAttr {
 }
 
 /// Asks the scheduler to give the calling thread `slice` (a latency hint
-/// for a thread that mostly sleeps). Returns whether the kernel took it.
-pub fn prefer_short_slice(slice: Duration) -> bool {
+/// for a thread that mostly sleeps). A kernel that refuses it (older than
+/// 6.12) leaves the thread as it was.
+fn prefer_short_slice(slice: Duration) {
     // The call sets nice too: keep the thread's current one.
     let nice = current_nice();
     let attr = SchedAttr {
@@ -180,12 +181,12 @@ pub fn prefer_short_slice(slice: Duration) -> bool {
     };
     // SAFETY: `attr` is a valid, initialized sched_attr whose `size` field
     // says how many bytes the kernel may read; pid 0 is this thread.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
-    rc == 0
+    unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
 }
 
 /// The calling thread's scheduling policy (`SCHED_OTHER`, `SCHED_FIFO`...).
-pub fn current_policy() -> i32 {
+#[cfg(test)]
+fn current_policy() -> i32 {
     // SAFETY: sched_getscheduler only reads the scheduler's state; pid 0 is
     // the calling thread.
     unsafe { libc::sched_getscheduler(0) }
@@ -247,7 +248,7 @@ mod tests {
         // must leave the thread running either way, with its nice value.
         let before = current_nice();
         std::thread::spawn(move || {
-            let _ = prefer_short_slice(SERVICE_SLICE);
+            prefer_short_slice(SERVICE_SLICE);
             assert_eq!(before, current_nice());
         })
         .join()
