@@ -3,7 +3,8 @@
 //!
 //! * `scan_2_ranks/raw_stream_1MiB_messages`: rank 0 sends 1 MiB messages
 //!   to rank 1 (64 per iteration, then a 2-byte message that rank 1
-//!   acknowledges, so each iteration counts only arrived bytes).
+//!   acknowledges, so each iteration counts only arrived bytes). Rank 1
+//!   hands each message's buffer back to the transport, as the engine does.
 //! * `scan_2_ranks/dsm_cold_scan_64MiB`: rank 0 allocates a 64 MiB segment
 //!   homed at itself (`Placement::Localized(0)`) and writes it; rank 1 then
 //!   reads every word of it in order: remote read faults, with the
@@ -42,7 +43,8 @@ fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, t: &[Arc<dyn Transport>], ou
             match m.payload.len() {
                 1 => return,
                 2 => receiver.send(0, b"ok").expect("ack"),
-                _ => {}
+                // As the DSM's engine does with what it received.
+                _ => receiver.recycle(m.payload),
             }
         }
     });

@@ -59,6 +59,8 @@ fn stream(c: &mut Criterion) {
             if m.payload.len() == 2 {
                 receiver.send(0, b"ok").expect("ack");
             }
+            // As the DSM's engine does with what it received.
+            receiver.recycle(m.payload);
         }
     });
     let data = vec![3u8; MSG];

@@ -609,7 +609,9 @@ impl Engine {
     }
 
     fn on_message(&mut self, message: Message) -> Result<(), DsmError> {
-        self.on_payload(message.from, &message.payload)
+        self.on_payload(message.from, &message.payload)?;
+        self.transport.recycle(message.payload);
+        Ok(())
     }
 
     /// Handles one message's bytes: a batch part by part, in order.

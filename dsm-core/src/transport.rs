@@ -2,6 +2,7 @@
 //! job. `transport-tcp` and `transport-rdma` implement it; the layers above
 //! never see sockets or queue pairs.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
@@ -83,8 +84,104 @@ pub trait Transport: Send + Sync {
     /// Like `recv`, giving up with `Ok(None)` after `timeout`.
     fn recv_timeout(&self, timeout: Duration) -> Result<Option<Message>, TransportError>;
 
+    /// Gives back a received message's bytes once the consumer is done
+    /// with them, for the transport to receive into again.
+    fn recycle(&self, payload: Vec<u8>) {
+        drop(payload);
+    }
+
     /// Says goodbye to every peer and closes the connections once their
     /// goodbyes arrived (or `timeout` passed). Messages already sent are
     /// delivered first.
     fn shutdown(&self, timeout: Duration) -> Result<(), TransportError>;
+}
+
+/// Spare buffers for the payloads of large received messages, handed back
+/// through [`Transport::recycle`]. A fresh buffer of a few hundred KiB (a
+/// run of read grants) comes from the allocator as pages it must fault in
+/// and zero, and goes back to the kernel when freed: on a cold scan that
+/// cost the receiving thread more than the socket copy. Small buffers are
+/// left to the allocator, whose caches serve them well.
+#[derive(Default)]
+pub struct PayloadPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+impl PayloadPool {
+    /// Smaller payloads are not pooled.
+    pub const MIN_POOLED: usize = 16 << 10;
+    /// Larger ones are rare; holding them is not worth the memory.
+    pub const MAX_POOLED: usize = 4 << 20;
+    /// Most bytes of spare capacity held.
+    pub const MAX_SPARE_BYTES: usize = 8 << 20;
+
+    /// An empty buffer with room for at least `len` bytes.
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        if !(Self::MIN_POOLED..=Self::MAX_POOLED).contains(&len) {
+            return Vec::with_capacity(len);
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        match spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => spare.swap_remove(i),
+            // Rounded up so that a buffer serves the next message of a
+            // similar size too.
+            None => Vec::with_capacity(len.next_multiple_of(Self::MIN_POOLED)),
+        }
+    }
+
+    /// Keeps `buffer` for a later [`PayloadPool::take`], if it is worth it
+    /// and there is room.
+    pub fn give(&self, mut buffer: Vec<u8>) {
+        let capacity = buffer.capacity();
+        if !(Self::MIN_POOLED..=Self::MAX_POOLED).contains(&capacity) {
+            return;
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let held: usize = spare.iter().map(Vec::capacity).sum();
+        if held + capacity <= Self::MAX_SPARE_BYTES {
+            buffer.clear();
+            spare.push(buffer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_buffer_given_back_is_taken_again() {
+        let pool = PayloadPool::default();
+        let mut first = pool.take(256 << 10);
+        assert!(first.capacity() >= 256 << 10);
+        first.extend_from_slice(&[7; 100]);
+        let address = first.as_ptr();
+        pool.give(first);
+        let again = pool.take(200 << 10);
+        assert_eq!(again.as_ptr(), address, "the spare buffer is reused");
+        assert!(again.is_empty(), "and handed out empty");
+        // Too small for the next request: a new buffer.
+        pool.give(again);
+        assert!(pool.take(300 << 10).capacity() >= 300 << 10);
+    }
+
+    #[test]
+    fn small_and_huge_buffers_are_left_to_the_allocator() {
+        let pool = PayloadPool::default();
+        pool.give(Vec::with_capacity(64));
+        pool.give(Vec::with_capacity(PayloadPool::MAX_POOLED + 1));
+        assert!(pool.spare.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn spare_capacity_is_bounded() {
+        let pool = PayloadPool::default();
+        let size = 1 << 20;
+        for _ in 0..2 * PayloadPool::MAX_SPARE_BYTES / size {
+            pool.give(Vec::with_capacity(size));
+        }
+        let held: usize = pool.spare.lock().unwrap().iter().map(Vec::capacity).sum();
+        assert!(held <= PayloadPool::MAX_SPARE_BYTES);
+        assert!(held >= PayloadPool::MAX_SPARE_BYTES - size);
+    }
 }

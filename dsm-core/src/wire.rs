@@ -121,7 +121,16 @@ pub fn read_header(r: &mut impl Read, max_len: u32) -> Result<FrameHeader, WireE
 /// stream into its spare capacity (not zeroed first); a short stream is
 /// `Truncated`. `len` was checked against the connection's bound.
 pub fn read_payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, WireError> {
-    let mut payload = Vec::with_capacity(len);
+    read_payload_into(r, len, Vec::with_capacity(len))
+}
+
+/// [`read_payload`] into `buffer` (emptied first; its capacity is reused).
+pub fn read_payload_into(
+    r: &mut impl Read,
+    len: usize,
+    mut payload: Vec<u8>,
+) -> Result<Vec<u8>, WireError> {
+    payload.clear();
     match r.take(len as u64).read_to_end(&mut payload) {
         Ok(n) if n == len => Ok(payload),
         Ok(_) => Err(WireError::Truncated),

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dsm_core::sched::ServiceSched;
-use dsm_core::transport::Incoming;
+use dsm_core::transport::{Incoming, PayloadPool};
 use dsm_core::{Message, Rank, Transport, TransportError};
 
 use crate::verbs::{
@@ -375,6 +375,8 @@ struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     inbox: (Sender<Incoming>, Receiver<Incoming>),
+    /// Buffers large messages are reassembled into.
+    payloads: PayloadPool,
     goodbyes: Mutex<usize>,
     goodbye_cv: Condvar,
     stop: AtomicBool,
@@ -720,6 +722,7 @@ impl RdmaTransport {
             goodbye_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
+            payloads: PayloadPool::default(),
             boot,
         });
         let mut threads = Vec::new();
@@ -1305,7 +1308,13 @@ fn recv_loop(s: Arc<Shared>) {
                 continue;
             }
             match kind {
-                FRAG_MORE => buf.extend_from_slice(body),
+                FRAG_MORE => {
+                    if buf.capacity() == 0 {
+                        // The first of several fragments: a large message.
+                        *buf = s.payloads.take(PayloadPool::MIN_POOLED);
+                    }
+                    buf.extend_from_slice(body)
+                }
                 FRAG_LAST => {
                     buf.extend_from_slice(body);
                     let payload = std::mem::take(buf);
@@ -1449,6 +1458,10 @@ impl Transport for RdmaTransport {
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Shutdown),
         }
+    }
+
+    fn recycle(&self, payload: Vec<u8>) {
+        self.shared.payloads.give(payload);
     }
 
     fn shutdown(&self, timeout: Duration) -> Result<(), TransportError> {

@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::sched::ServiceSched;
+use dsm_core::transport::PayloadPool;
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -164,6 +165,8 @@ pub struct TcpTransport {
     peers: Vec<Option<Peer>>,
     inbox: Inbox,
     goodbyes: Arc<Goodbyes>,
+    /// Buffers the reader threads receive large messages into.
+    payloads: Arc<PayloadPool>,
     max_message: usize,
     shut_down: AtomicBool,
 }
@@ -241,6 +244,7 @@ impl TcpTransport {
         });
         let max_frame = u32::try_from(opts.max_message).unwrap_or(u32::MAX);
         let (receiver_cpu, receiver_sched) = (opts.receiver_cpu, opts.receiver_sched);
+        let payloads = Arc::new(PayloadPool::default());
         let mut peers = Vec::with_capacity(size);
         for (peer_rank, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
@@ -260,11 +264,14 @@ impl TcpTransport {
             let host = peers_info[peer_rank].host.clone();
             let tx = inbox.0.clone();
             let goodbyes = Arc::clone(&goodbyes);
+            let payloads = Arc::clone(&payloads);
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
                 .spawn(move || {
                     dsm_core::sched::enter_service_thread(receiver_cpu, receiver_sched);
-                    read_loop(read_half, peer_rank, host, max_frame, tx, goodbyes)
+                    read_loop(
+                        read_half, peer_rank, host, max_frame, tx, goodbyes, &payloads,
+                    )
                 })
                 .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
             peers.push(Some(Peer {
@@ -277,6 +284,7 @@ impl TcpTransport {
             peers,
             inbox,
             goodbyes,
+            payloads,
             max_message: opts.max_message,
             shut_down: AtomicBool::new(false),
         }))
@@ -494,6 +502,7 @@ fn read_loop(
     max_frame: u32,
     inbox: Sender<Result<Message, TransportError>>,
     goodbyes: Arc<Goodbyes>,
+    payloads: &PayloadPool,
 ) {
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut said_goodbye = false;
@@ -517,7 +526,8 @@ fn read_loop(
                 return;
             }
         };
-        let payload = match wire::read_payload(&mut reader, header.len as usize) {
+        let len = header.len as usize;
+        let payload = match wire::read_payload_into(&mut reader, len, payloads.take(len)) {
             Ok(payload) => payload,
             Err(e) => {
                 let _ = inbox.send(Err(lost(e.to_string())));
@@ -591,6 +601,10 @@ impl Transport for TcpTransport {
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Shutdown),
         }
+    }
+
+    fn recycle(&self, payload: Vec<u8>) {
+        self.payloads.give(payload);
     }
 
     fn shutdown(&self, timeout: Duration) -> Result<(), TransportError> {

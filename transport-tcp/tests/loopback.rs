@@ -95,6 +95,48 @@ fn large_payload_arrives_intact() {
 }
 
 #[test]
+fn recycled_buffers_carry_each_message_intact() {
+    // Sizes that reuse a recycled buffer, outgrow it, and fall outside the
+    // pooled range, each message with its own contents.
+    let ranks = job(2);
+    let sizes = [
+        300 << 10,
+        20 << 10,
+        290 << 10,
+        1 << 20,
+        64,
+        5 << 20,
+        256 << 10,
+    ];
+    let message = |i: usize, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|j| (j * 31 + i * 7 + (j >> 12)) as u8)
+            .collect()
+    };
+    let sender = {
+        let t = Arc::clone(&ranks[1]);
+        thread::spawn(move || {
+            for round in 0..3 {
+                for (i, len) in sizes.iter().enumerate() {
+                    t.send(0, &message(round * 10 + i, *len)).unwrap();
+                }
+            }
+        })
+    };
+    for round in 0..3 {
+        for (i, len) in sizes.iter().enumerate() {
+            let m = recv(&ranks[0]);
+            assert!(
+                m.payload == message(round * 10 + i, *len),
+                "message {i} of round {round} corrupted"
+            );
+            ranks[0].recycle(m.payload);
+        }
+    }
+    sender.join().unwrap();
+}
+
+#[test]
 fn concurrent_senders_never_interleave_frames() {
     const THREADS: u32 = 4;
     const EACH: u32 = 1000;
