@@ -24,6 +24,7 @@ use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
 use crate::fault::{Fault, FaultHandler};
 use crate::outbox::{Outbox, PageSource};
+use crate::pages::{PageMap, PageSet};
 use crate::proto::{self, Msg, PageData, Payload, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
@@ -137,7 +138,7 @@ pub(crate) struct Engine {
     started: Instant,
     /// The home's copy of pages no writer holds (multi-reader protocol);
     /// a page absent here is all zeros.
-    backing: FxHashMap<usize, HomeCopy>,
+    backing: PageMap<HomeCopy>,
     fetch_started: FxHashMap<usize, Instant>,
     barrier_epoch: u64,
     barrier_waiter: Option<Reply<()>>,
@@ -158,7 +159,7 @@ pub(crate) struct Engine {
     /// write-protected ahead of a batch of read requests, before their
     /// downgrade: the downgrade only copies them out, and a store here
     /// meanwhile just lifts the protection again.
-    protected_ahead: FxHashSet<usize>,
+    protected_ahead: PageSet,
     /// Page operations of the batch being handled, gathered into a run of
     /// consecutive pages done in one system call (`run_staged`).
     staged: StagedRun,
@@ -287,7 +288,7 @@ impl Engine {
             node,
             stats,
             started: Instant::now(),
-            backing: FxHashMap::default(),
+            backing: PageMap::new(pages),
             fetch_started: FxHashMap::default(),
             barrier_epoch: 0,
             barrier_waiter: None,
@@ -302,7 +303,7 @@ impl Engine {
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
             out: Outbox::default(),
-            protected_ahead: FxHashSet::default(),
+            protected_ahead: PageSet::new(pages),
             staged: StagedRun::default(),
             in_batch: false,
             spare_pages: Vec::new(),
@@ -534,7 +535,7 @@ impl Engine {
             self.park(fault.page, Parked::Fault(fault));
             return Ok(());
         }
-        if fault.write && self.protected_ahead.remove(&fault.page) {
+        if fault.write && self.protected_ahead.remove(fault.page) {
             // Still ours and writable: only the protection taken ahead of
             // a downgrade stopped the store (which will now protect it again).
             debug_assert!(!self.home_copy_is_mapped(fault.page), "a writable page");
@@ -740,7 +741,7 @@ impl Engine {
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
             let page = page as usize;
-            if self.protected_ahead.contains(&page) || !node.read_request_downgrades_here(page, now)
+            if self.protected_ahead.contains(page) || !node.read_request_downgrades_here(page, now)
             {
                 continue;
             }
@@ -955,7 +956,7 @@ impl Engine {
             Some((path, len, range)) => {
                 let mut bytes = Vec::with_capacity(range.len() * PAGE_SIZE);
                 for p in range {
-                    bytes.extend_from_slice(match self.backing.get(&p) {
+                    bytes.extend_from_slice(match self.backing.get(p) {
                         Some(HomeCopy::Bytes(b)) => &b[..],
                         Some(HomeCopy::Mapped) => self.faults.mapped_page(p),
                         None => &self.zero_page[..],
@@ -1044,7 +1045,7 @@ impl Engine {
     /// True when the home's copy of `page` is this rank's read-only mapping
     /// of it (never while the page is writable here).
     fn home_copy_is_mapped(&self, page: usize) -> bool {
-        matches!(self.backing.get(&page), Some(HomeCopy::Mapped))
+        matches!(self.backing.get(page), Some(HomeCopy::Mapped))
     }
 
     /// The home's copy of `page` as bytes (`None`: all zeros). One that
@@ -1052,7 +1053,7 @@ impl Engine {
     /// into every queued grant that reads it: called before this rank's
     /// mapping of the page changes (dropped, made writable).
     fn home_copy_bytes(&mut self, page: usize) -> Option<PageData> {
-        match self.backing.get(&page)? {
+        match self.backing.get(page)? {
             HomeCopy::Bytes(data) => Some(data.clone()),
             HomeCopy::Mapped => {
                 let mut data = self.page_buffer();
@@ -1181,7 +1182,7 @@ impl Engine {
                 } if to == self.rank => {
                     // The home's own copy stays mapped read-only and is the
                     // home's copy from now on: nothing is copied out.
-                    if !self.protected_ahead.remove(&page) {
+                    if !self.protected_ahead.remove(page) {
                         self.faults.write_protect(page, 1)?;
                     }
                     let rank = self.rank;
@@ -1201,7 +1202,7 @@ impl Engine {
                     // home's copy it becomes) keeps.
                     let mut data = self.page_buffer();
                     let out = Arc::make_mut(&mut data);
-                    if self.protected_ahead.remove(&page) {
+                    if self.protected_ahead.remove(page) {
                         self.faults.copy_out(page, out);
                         if !keep_shared {
                             self.faults.drop_page(page)?;
@@ -1249,7 +1250,7 @@ impl Engine {
                     let data = self.home_copy_bytes(page);
                     if write {
                         // A writer's copy supersedes the home's: hand it over.
-                        self.backing.remove(&page);
+                        self.backing.remove(page);
                     }
                     if to == self.rank {
                         // The home's own write: once handled, nobody else

@@ -14,6 +14,7 @@ mod engine;
 pub mod fault;
 pub mod logging;
 mod outbox;
+mod pages;
 pub mod proto;
 pub mod rendezvous;
 pub mod sched;

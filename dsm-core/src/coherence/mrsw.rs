@@ -33,11 +33,12 @@
 //! a fault on it may ask back the pages after it lost the same way
 //! (`regain_ahead`), as ordinary requests nobody waits for yet.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use smallvec::SmallVec;
 
 use super::{Action, CoherenceError, ProtocolCounters};
+use crate::pages::PageMap;
 use crate::proto::{Msg, Payload};
 use crate::Rank;
 
@@ -167,8 +168,10 @@ pub struct Mrsw {
     home: Vec<u32>,
     /// Pages of private segments: local to each rank, no directory.
     private: Vec<bool>,
-    /// Directory entries of the pages this rank is home of, created on first use.
-    homes: BTreeMap<usize, HomePage>,
+    /// Directory entries of the pages this rank is home of, by page,
+    /// created on first use (looked up several times per request: an index,
+    /// not a tree walk; boxed, so a page homed elsewhere costs one pointer).
+    homes: PageMap<Box<HomePage>>,
     /// Pages with deferred invalidations or recalls.
     waiting: BTreeSet<usize>,
     pub counters: ProtocolCounters,
@@ -192,7 +195,7 @@ impl Mrsw {
             local: vec![local; pages],
             home: (0..pages).map(|p| (p % size) as u32).collect(),
             private: vec![false; pages],
-            homes: BTreeMap::new(),
+            homes: PageMap::new(pages),
             waiting: BTreeSet::new(),
             counters: ProtocolCounters::default(),
         }
@@ -236,7 +239,7 @@ impl Mrsw {
     pub fn read_request_downgrades_here(&self, page: usize, now: Time) -> bool {
         self.home_of(page) == self.rank
             && !self.private.get(page).copied().unwrap_or(true)
-            && self.homes.get(&page).is_some_and(|h| {
+            && self.home_page_if_any(page).is_some_and(|h| {
                 h.txn.is_none() && h.queue.is_empty() && h.dir == Directory::Exclusive(self.rank)
             })
             && self.local.get(page).is_some_and(|l| {
@@ -246,7 +249,17 @@ impl Mrsw {
 
     /// The directory entry, if this rank is the page's home.
     pub fn directory(&self, page: usize) -> Option<&Directory> {
-        self.homes.get(&page).map(|h| &h.dir)
+        self.home_page_if_any(page).map(|h| &h.dir)
+    }
+
+    fn home_page_if_any(&self, page: usize) -> Option<&HomePage> {
+        self.homes.get(page).map(|h| &**h)
+    }
+
+    /// The directory entry of `page`, created if need be. `page` is a page
+    /// of the space (checked on the way in, by `home_page`).
+    fn home_entry(&mut self, page: usize) -> &mut HomePage {
+        self.homes.get_or_insert_with(page, Box::default)
     }
 
     /// True when nothing is in flight for any page at this rank.
@@ -431,7 +444,7 @@ impl Mrsw {
         if self.home_of(page) != self.rank {
             return Err(Self::unexpected(page, from, what));
         }
-        Ok(self.homes.entry(page).or_default())
+        Ok(self.home_entry(page))
     }
 
     fn home_request(&mut self, page: usize, requester: Rank, want: Access) -> Actions {
@@ -464,7 +477,7 @@ impl Mrsw {
     }
 
     fn start_transaction(&mut self, page: usize, requester: Rank, want: Access) -> Actions {
-        let hp = self.homes.entry(page).or_default();
+        let hp = self.home_entry(page);
         let page_id = page as u64;
         if hp.sealed && want == Access::Write {
             return Ok(vec![Action::Send {
@@ -539,7 +552,7 @@ impl Mrsw {
     /// Starts queued requests until one has to wait.
     fn next_transactions(&mut self, page: usize, mut actions: Vec<Action>) -> Actions {
         loop {
-            let hp = self.homes.entry(page).or_default();
+            let hp = self.home_entry(page);
             if hp.txn.is_some() {
                 return Ok(actions);
             }
@@ -611,7 +624,7 @@ impl Mrsw {
     }
 
     fn start_settle(&mut self, page: usize) -> Vec<Action> {
-        let hp = self.homes.entry(page).or_default();
+        let hp = self.home_entry(page);
         match hp.dir {
             Directory::Exclusive(owner) => {
                 hp.txn = Some(Transaction::Settle);
