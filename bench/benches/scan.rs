@@ -8,7 +8,7 @@
 //! * `scan_2_ranks/dsm_cold_scan_64MiB`: rank 0 allocates a 64 MiB segment
 //!   homed at itself (`Placement::Localized(0)`) and writes it; rank 1 then
 //!   reads every word of it in order: remote read faults, with the
-//!   configured read-ahead (`DSM_PREFETCH`, default 256). Between scans (not timed) rank 0 writes the first
+//!   configured read-ahead (`DSM_PREFETCH`, default 1024). Between scans (not timed) rank 0 writes the first
 //!   word of every page from 4 threads, which invalidates rank 1's copies,
 //!   so every scan starts cold.
 //!

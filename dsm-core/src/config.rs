@@ -95,7 +95,7 @@ impl Default for Config {
             service_sched: ServiceSched::Auto,
             min_hold: Duration::from_micros(500),
             print_stats: false,
-            prefetch: 256,
+            prefetch: 1024,
             backing: SpaceBacking::Anonymous,
             spin: Duration::ZERO,
             faults: FaultDelivery::DEFAULT,
@@ -152,7 +152,7 @@ impl Config {
     /// | `DSM_ENGINE_CPU` | CPU of the engine and the other service threads: `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
-    /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `256` |
+    /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
