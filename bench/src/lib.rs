@@ -1,9 +1,10 @@
 //! Helpers shared by the criterion suites in `benches/`; see `bench/README.md`.
 //!
-//! The multi-rank suites run every rank inside the bench process: one `Dsm`
+//! Most multi-rank suites run every rank inside the bench process: one `Dsm`
 //! per rank, each with its own mapping (at its own address), userfaultfd,
 //! fault engine and TCP transport endpoint, connected over loopback like
-//! the ranks of a one-machine job.
+//! the ranks of a one-machine job. The `scan` suite runs its home rank as a
+//! second process (the bench binary started again, [`Bootstrap::hand_over`]).
 
 use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
@@ -149,17 +150,20 @@ pub fn config(rank: usize, pages: usize) -> Config {
     .expect("bench configuration")
 }
 
+/// The `Dsm` of `transport`'s rank, with a space of `pages` pages, in a job
+/// of ranks all on this machine.
+pub fn start_dsm(transport: Arc<dyn Transport>, pages: usize) -> Dsm {
+    let hosts = vec!["localhost".to_string(); transport.size()];
+    let config = config(transport.rank(), pages);
+    let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+    Dsm::start(space, transport, hosts, config).expect("starting the DSM")
+}
+
 /// One `Dsm` per transport, each with a space of `pages` pages.
 pub fn start_dsms(transports: Vec<Arc<dyn Transport>>, pages: usize) -> Vec<Dsm> {
-    let hosts = vec!["localhost".to_string(); transports.len()];
     transports
         .into_iter()
-        .enumerate()
-        .map(|(rank, t)| {
-            let config = config(rank, pages);
-            let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
-            Dsm::start(space, t, hosts.clone(), config).expect("starting the DSM")
-        })
+        .map(|t| start_dsm(t, pages))
         .collect()
 }
 

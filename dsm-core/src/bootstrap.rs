@@ -23,10 +23,11 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::stat::{fstat, SFlag};
 
 pub use crate::auth::JobSecret;
@@ -65,6 +66,14 @@ pub enum BootstrapError {
     Secret { fd: RawFd, source: io::Error },
     #[error("cannot create a loopback listener: {0}")]
     Listener(io::Error),
+    #[error("handing the job over to a child process: {0}")]
+    HandOver(io::Error),
+}
+
+/// The descriptors a child started by [`Bootstrap::hand_over`] inherits;
+/// dropping them closes this process's copies.
+pub struct InheritedFds {
+    _fds: [OwnedFd; 2],
 }
 
 /// One rank as the peer table lists it.
@@ -262,6 +271,41 @@ impl Bootstrap {
                 job_id: "loopback".to_string(),
             })
             .collect())
+    }
+
+    /// Makes `command` start a program that joins the job as this rank
+    /// ([`Bootstrap::from_env`] in it), as dsmwrap hands a rank over: the
+    /// `DSM_*` variables, the listener and a pipe holding the secret,
+    /// inherited. Keep the returned descriptors until the child is spawned,
+    /// then drop them.
+    pub fn hand_over(self, command: &mut Command) -> Result<InheritedFds, BootstrapError> {
+        let failed = |e: nix::Error| BootstrapError::HandOver(e.into());
+        let (secret_read, secret_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(failed)?;
+        // 64 hex digits: far below a pipe's buffer, so this cannot block.
+        nix::unistd::write(&secret_write, self.secret.to_hex().as_bytes()).map_err(failed)?;
+        drop(secret_write);
+        let listener = OwnedFd::from(self.listener);
+        for fd in [secret_read.as_fd(), listener.as_fd()] {
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(failed)?;
+        }
+        let join = |items: Vec<String>| items.join(",");
+        command
+            .env(ENV_RANK, self.rank.to_string())
+            .env(ENV_SIZE, self.size.to_string())
+            .env(
+                ENV_PEERS,
+                join(self.peers.iter().map(|p| p.addr.to_string()).collect()),
+            )
+            .env(
+                ENV_HOSTS,
+                join(self.peers.iter().map(|p| p.host.clone()).collect()),
+            )
+            .env(ENV_LISTEN_FD, listener.as_raw_fd().to_string())
+            .env(ENV_SECRET_FD, secret_read.as_raw_fd().to_string())
+            .env(ENV_JOB_ID, self.job_id);
+        Ok(InheritedFds {
+            _fds: [listener, secret_read],
+        })
     }
 
     /// Host name of `rank`, for messages.

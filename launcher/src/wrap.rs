@@ -10,7 +10,6 @@
 
 use std::io::{BufRead, BufWriter};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,8 +18,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use dsm_core::auth::{self, JobSecret};
-use dsm_core::bootstrap as env;
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{access, AccessFlags, Pid};
 
@@ -110,37 +108,33 @@ pub fn run(args: WrapArgs) -> Result<i32> {
         unreachable!("matched above")
     };
 
-    // The secret goes to the program through a pipe it inherits.
-    let (secret_read, secret_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("pipe")?;
-    nix::unistd::write(&secret_write, secret.to_hex().as_bytes())
-        .context("writing the secret pipe")?;
-    drop(secret_write);
-    for fd in [secret_read.as_fd(), listener.as_fd()] {
-        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).context("fcntl")?;
-    }
-    let join = |items: Vec<String>| items.join(",");
+    let boot = Bootstrap {
+        rank,
+        size,
+        peers: hosts
+            .into_iter()
+            .zip(peers)
+            .map(|(host, addr)| PeerInfo { host, addr })
+            .collect(),
+        listener,
+        secret,
+        job_id,
+    };
     let mut command = Command::new(&program);
     command
         .arg0(&args.program)
         .args(&args.args)
         .envs(extra_env)
-        .env(env::ENV_RANK, rank.to_string())
-        .env(env::ENV_SIZE, size.to_string())
-        .env(
-            env::ENV_PEERS,
-            join(peers.iter().map(|p| p.to_string()).collect()),
-        )
-        .env(env::ENV_HOSTS, join(hosts))
-        .env(env::ENV_LISTEN_FD, listener.as_raw_fd().to_string())
-        .env(env::ENV_SECRET_FD, secret_read.as_raw_fd().to_string())
-        .env(env::ENV_JOB_ID, job_id)
         .stdin(Stdio::null())
         .process_group(0);
+    // The secret goes to the program through a pipe it inherits.
+    let inherited = boot
+        .hand_over(&mut command)
+        .context("preparing the program's start")?;
     let mut child = command
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
-    drop(listener);
-    drop(secret_read);
+    drop(inherited);
     let pgid = Pid::from_raw(child.id() as i32);
     control::send(&mut writer, &WrapToExec::Started { pid: pgid.as_raw() })?;
 
