@@ -1065,6 +1065,24 @@ impl Engine {
         }
     }
 
+    /// This rank is about to write `page`: a home's copy of it is
+    /// superseded by the writer's, as when a remote writer is granted the
+    /// page (`GrantFromBacking`), and written back again before anyone else
+    /// reads it. Only grants still queued that read the mapping need its
+    /// bytes now (copying the whole copy out on every write the home makes
+    /// cost a page buffer per page, freed again at the next read).
+    fn supersede_home_copy(&mut self, page: usize) {
+        match self.backing.remove(page) {
+            Some(HomeCopy::Mapped) if self.out.reads_mapping(page) => {
+                let mut data = self.page_buffer();
+                self.faults.copy_out(page, Arc::make_mut(&mut data));
+                self.out.copied_out(page, &data);
+            }
+            Some(HomeCopy::Bytes(old)) => self.recycle(old),
+            Some(HomeCopy::Mapped) | None => {}
+        }
+    }
+
     /// Does the staged run of page operations, if any.
     fn run_staged(&mut self) -> Result<(), DsmError> {
         let StagedRun {
@@ -1100,8 +1118,12 @@ impl Engine {
         if !self.in_batch {
             return Ok(false);
         }
-        if op != RunOp::InstallReadOnly {
-            self.home_copy_bytes(page);
+        match op {
+            RunOp::InstallReadOnly => {}
+            RunOp::Drop => {
+                self.home_copy_bytes(page);
+            }
+            RunOp::MakeWritable => self.supersede_home_copy(page),
         }
         let run = &self.staged;
         if run.count == 0 || run.op != op || run.first + run.count != page {
@@ -1168,7 +1190,7 @@ impl Engine {
                     self.faults.install(page, &self.zero_page)?;
                 }
                 Action::MakeWritable { page } => {
-                    self.home_copy_bytes(page);
+                    self.supersede_home_copy(page);
                     self.faults.make_writable(page)?
                 }
                 Action::DropPage { page } => {

@@ -118,6 +118,19 @@ impl Outbox {
         })
     }
 
+    /// True when a queued grant of `page` is to be read from the mapping.
+    pub fn reads_mapping(&self, page: usize) -> bool {
+        self.queued.iter().any(|(_, message)| {
+            matches!(
+                message,
+                Outgoing::ReadGrant {
+                    page: p,
+                    data: PageSource::Mapped,
+                } if *p == page
+            )
+        })
+    }
+
     /// The home's copy of `page` was copied out of its mapping into `data`
     /// (the mapping is about to change): queued grants read `data` instead.
     pub fn copied_out(&mut self, page: usize, data: &PageData) {
