@@ -24,7 +24,7 @@
 //! profile of the scans alone (the untimed invalidations between them cost
 //! more).
 
-use std::process::{Command, ExitCode};
+use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread;
@@ -207,6 +207,25 @@ fn home() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Rank 0's process: killed and reaped if the bench fails before it ends.
+struct HomeProcess(Option<Child>);
+
+impl HomeProcess {
+    fn wait(mut self) -> ExitStatus {
+        let mut child = self.0.take().expect("waited once");
+        child.wait().expect("waiting for rank 0")
+    }
+}
+
+impl Drop for HomeProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// MB/s (10^6 bytes per second) of `bytes` per sample at the median.
 fn mb_per_s(samples: &Samples, bytes: usize) -> Option<f64> {
     samples
@@ -226,7 +245,7 @@ fn scan(c: &mut Criterion) {
     let inherited = home_boot
         .hand_over(&mut command)
         .expect("handing rank 0 over");
-    let mut home = command.spawn().expect("starting rank 0's process");
+    let home = HomeProcess(Some(command.spawn().expect("starting rank 0's process")));
     drop(inherited);
     let t: Arc<dyn Transport> =
         TcpTransport::connect(reader_boot, &tcp_options(1)).expect("TCP connects");
@@ -239,7 +258,7 @@ fn scan(c: &mut Criterion) {
     cold_scan(&mut g, &reader, &scan);
     g.finish();
     reader.finalize().expect("finalize");
-    let status = home.wait().expect("waiting for rank 0");
+    let status = home.wait();
     assert!(status.success(), "rank 0's process failed: {status}");
     print_figures(
         suite,

@@ -277,7 +277,8 @@ impl Bootstrap {
     /// ([`Bootstrap::from_env`] in it), as dsmwrap hands a rank over: the
     /// `DSM_*` variables, the listener and a pipe holding the secret,
     /// inherited. Keep the returned descriptors until the child is spawned,
-    /// then drop them.
+    /// then drop them. Until then any program this process starts inherits
+    /// them too: call it where no other thread starts one meanwhile.
     pub fn hand_over(self, command: &mut Command) -> Result<InheritedFds, BootstrapError> {
         let failed = |e: nix::Error| BootstrapError::HandOver(e.into());
         let (secret_read, secret_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(failed)?;

@@ -123,6 +123,9 @@ struct Settling {
     reply: Reply<()>,
     /// For a sync: the file to write once every page is current.
     write_to: Option<(PathBuf, usize, std::ops::Range<usize>)>,
+    /// For a sync: each page's bytes as they were when it settled (a page
+    /// written again before the last one settles has left the home's copy).
+    contents: Vec<u8>,
 }
 
 pub(crate) struct Engine {
@@ -927,10 +930,15 @@ impl Engine {
         seal: bool,
     ) -> Result<(), DsmError> {
         let range = segment.first_page as usize..(segment.first_page + segment.pages) as usize;
+        let contents = match &write_to {
+            Some(_) => vec![0; range.len() * PAGE_SIZE],
+            None => Vec::new(),
+        };
         self.settling.push(Settling {
             pages: range.clone().collect(),
             reply,
             write_to,
+            contents,
         });
         for page in range {
             let actions = match &mut self.node {
@@ -947,21 +955,24 @@ impl Engine {
         let Some(i) = self.settling.iter().position(|s| s.pages.contains(&page)) else {
             return Ok(());
         };
-        self.settling[i].pages.remove(&page);
-        if !self.settling[i].pages.is_empty() {
+        let settling = &mut self.settling[i];
+        settling.pages.remove(&page);
+        if let Some((_, _, range)) = &settling.write_to {
+            let at = (page - range.start) * PAGE_SIZE;
+            let current = match self.backing.get(page) {
+                Some(HomeCopy::Bytes(b)) => &b[..],
+                Some(HomeCopy::Mapped) => self.faults.mapped_page(page),
+                None => &self.zero_page[..],
+            };
+            settling.contents[at..at + PAGE_SIZE].copy_from_slice(current);
+        }
+        if !settling.pages.is_empty() {
             return Ok(());
         }
         let done = self.settling.remove(i);
         let result = match done.write_to {
-            Some((path, len, range)) => {
-                let mut bytes = Vec::with_capacity(range.len() * PAGE_SIZE);
-                for p in range {
-                    bytes.extend_from_slice(match self.backing.get(p) {
-                        Some(HomeCopy::Bytes(b)) => &b[..],
-                        Some(HomeCopy::Mapped) => self.faults.mapped_page(p),
-                        None => &self.zero_page[..],
-                    });
-                }
+            Some((path, len, _)) => {
+                let mut bytes = done.contents;
                 bytes.truncate(len);
                 std::fs::write(&path, &bytes)
                     .map_err(|e| DsmError::Segment(format!("writing {} back: {e}", path.display())))

@@ -2,7 +2,8 @@
 //! a page up several times per message; on a cold scan the home handles
 //! thousands of messages per megabyte, and an index costs far less there
 //! than hashing or walking a tree. Each table is sized to the space's pages
-//! (a page beyond them, never seen in practice, grows it).
+//! and never grows: a page beyond them (only a faulty peer could name one)
+//! has nothing to keep, so setting it does nothing.
 
 /// A value per page, most pages having none.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -21,24 +22,20 @@ impl<T> PageMap<T> {
         self.slots.get(page)?.as_ref()
     }
 
-    fn slot(&mut self, page: usize) -> &mut Option<T> {
-        if page >= self.slots.len() {
-            self.slots.resize_with(page + 1, || None);
-        }
-        &mut self.slots[page]
-    }
-
-    /// Sets `page`'s value; returns the one it replaces.
+    /// Sets `page`'s value; returns the one it replaces. Nothing happens
+    /// for a page beyond the table.
     pub fn insert(&mut self, page: usize, value: T) -> Option<T> {
-        self.slot(page).replace(value)
+        self.slots.get_mut(page)?.replace(value)
     }
 
     pub fn remove(&mut self, page: usize) -> Option<T> {
         self.slots.get_mut(page)?.take()
     }
 
+    /// `page`'s value, made first if it has none. `page` must be within
+    /// the table (checked by the caller against the space's pages).
     pub fn get_or_insert_with(&mut self, page: usize, make: impl FnOnce() -> T) -> &mut T {
-        self.slot(page).get_or_insert_with(make)
+        self.slots[page].get_or_insert_with(make)
     }
 
     pub fn values(&self) -> impl Iterator<Item = &T> {
@@ -65,11 +62,11 @@ impl PageSet {
             .is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
+    /// Adds `page`; nothing happens for a page beyond the set's words.
     pub fn insert(&mut self, page: usize) {
-        if page / 64 >= self.words.len() {
-            self.words.resize(page / 64 + 1, 0);
+        if let Some(word) = self.words.get_mut(page / 64) {
+            *word |= 1 << (page % 64);
         }
-        self.words[page / 64] |= 1 << (page % 64);
     }
 
     pub fn extend(&mut self, pages: std::ops::Range<usize>) {
@@ -102,10 +99,11 @@ mod tests {
         assert_eq!(map.get(3), Some(&"b"));
         assert_eq!(map.get(4), None);
         assert_eq!(map.get(1000), None, "beyond the pages: nothing");
-        assert_eq!(map.insert(12, "c"), None, "beyond the pages: grows");
+        assert_eq!(map.insert(12, "c"), None, "beyond the pages: not kept");
+        assert_eq!(map.get(12), None);
         assert_eq!(*map.get_or_insert_with(5, || "d"), "d");
         assert_eq!(*map.get_or_insert_with(5, || "e"), "d");
-        assert_eq!(map.values().copied().collect::<Vec<_>>(), ["b", "d", "c"]);
+        assert_eq!(map.values().copied().collect::<Vec<_>>(), ["b", "d"]);
         assert_eq!(map.remove(3), Some("b"));
         assert_eq!(map.remove(3), None);
         assert_eq!(map.remove(1000), None);
@@ -115,9 +113,11 @@ mod tests {
     fn a_page_set_holds_pages() {
         let mut set = PageSet::new(100);
         set.extend(62..66);
+        set.insert(99);
         set.insert(130);
-        assert!(set.contains(62) && set.contains(65) && set.contains(130));
+        assert!(set.contains(62) && set.contains(65) && set.contains(99));
         assert!(!set.contains(61) && !set.contains(66) && !set.contains(5000));
+        assert!(!set.contains(130), "beyond the words: not kept");
         assert!(set.remove(63));
         assert!(!set.remove(63));
         assert!(!set.remove(5000));
