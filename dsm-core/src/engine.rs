@@ -122,9 +122,18 @@ struct Settling {
     pages: FxHashSet<usize>,
     reply: Reply<()>,
     /// For a sync: the file to write once every page is current.
-    write_to: Option<(PathBuf, usize, std::ops::Range<usize>)>,
-    /// For a sync: each page's bytes as they were when it settled (a page
-    /// written again before the last one settles has left the home's copy).
+    write_to: Option<SyncFile>,
+}
+
+/// A sync's file and the segment's bytes gathered for it.
+struct SyncFile {
+    path: PathBuf,
+    /// The file's length (the segment's last page may hold more).
+    len: usize,
+    /// The segment's first page.
+    first: usize,
+    /// Each page's bytes as they were when it settled (a page written again
+    /// before the last one settles has left the home's copy).
     contents: Vec<u8>,
 }
 
@@ -472,9 +481,7 @@ impl Engine {
                     ))));
                     return Ok(());
                 }
-                let range =
-                    segment.first_page as usize..(segment.first_page + segment.pages) as usize;
-                self.settle_segment(segment, reply, Some((path, len, range)), false)
+                self.settle_segment(segment, reply, Some((path, len)), false)
             }
             Input::Stop => Ok(()),
         }
@@ -921,24 +928,26 @@ impl Engine {
     }
 
     /// Seal (`seal`) or flush every page of a segment homed here; replies
-    /// (after writing the file, for a sync) once all are settled.
+    /// (after writing `len` bytes to the file `write_to`, for a sync) once
+    /// all are settled.
     fn settle_segment(
         &mut self,
         segment: SegmentInfo,
         reply: Reply<()>,
-        write_to: Option<(PathBuf, usize, std::ops::Range<usize>)>,
+        write_to: Option<(PathBuf, usize)>,
         seal: bool,
     ) -> Result<(), DsmError> {
         let range = segment.first_page as usize..(segment.first_page + segment.pages) as usize;
-        let contents = match &write_to {
-            Some(_) => vec![0; range.len() * PAGE_SIZE],
-            None => Vec::new(),
-        };
+        let write_to = write_to.map(|(path, len)| SyncFile {
+            path,
+            len,
+            first: range.start,
+            contents: vec![0; range.len() * PAGE_SIZE],
+        });
         self.settling.push(Settling {
             pages: range.clone().collect(),
             reply,
             write_to,
-            contents,
         });
         for page in range {
             let actions = match &mut self.node {
@@ -957,24 +966,28 @@ impl Engine {
         };
         let settling = &mut self.settling[i];
         settling.pages.remove(&page);
-        if let Some((_, _, range)) = &settling.write_to {
-            let at = (page - range.start) * PAGE_SIZE;
+        if let Some(file) = &mut settling.write_to {
+            let at = (page - file.first) * PAGE_SIZE;
             let current = match self.backing.get(page) {
                 Some(HomeCopy::Bytes(b)) => &b[..],
                 Some(HomeCopy::Mapped) => self.faults.mapped_page(page),
                 None => &self.zero_page[..],
             };
-            settling.contents[at..at + PAGE_SIZE].copy_from_slice(current);
+            file.contents[at..at + PAGE_SIZE].copy_from_slice(current);
         }
         if !settling.pages.is_empty() {
             return Ok(());
         }
         let done = self.settling.remove(i);
         let result = match done.write_to {
-            Some((path, len, _)) => {
-                let mut bytes = done.contents;
-                bytes.truncate(len);
-                std::fs::write(&path, &bytes)
+            Some(SyncFile {
+                path,
+                len,
+                mut contents,
+                ..
+            }) => {
+                contents.truncate(len);
+                std::fs::write(&path, &contents)
                     .map_err(|e| DsmError::Segment(format!("writing {} back: {e}", path.display())))
             }
             None => Ok(()),
@@ -1379,17 +1392,6 @@ pub(crate) fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     engine.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How long a thread parked in the SIGBUS handler sleeps before it retries
-/// its access anyway (an install it was not woken for: a page of another
-/// bucket, say); the retry faults again if the page is still missing.
-const SIGNAL_WAIT: Duration = Duration::from_millis(50);
-
-/// The fault path run in the faulting thread's SIGBUS handler
-/// (`DSM_FAULTS=sigbus`): serves the fault on the engine's state (a page
-/// homed here is installed at once; otherwise the request leaves from this
-/// thread), then sleeps until a page of its bucket is installed. Errors go
-/// to the engine thread, which ends the job; this thread then waits for
-/// that end rather than retrying an access that can no longer be served.
 /// Runs `work` (a fault, an API call) on the engine's state in the calling
 /// thread, then flushes its messages. A timer the work set is announced to
 /// the engine thread, whose wait was computed without it.
@@ -1413,6 +1415,17 @@ pub(crate) fn serve_here(
     Ok(())
 }
 
+/// How long a thread parked in the SIGBUS handler sleeps before it retries
+/// its access anyway (an install it was not woken for: a page of another
+/// bucket, say); the retry faults again if the page is still missing.
+const SIGNAL_WAIT: Duration = Duration::from_millis(50);
+
+/// The fault path run in the faulting thread's SIGBUS handler
+/// (`DSM_FAULTS=sigbus`): serves the fault on the engine's state (a page
+/// homed here is installed at once; otherwise the request leaves from this
+/// thread), then sleeps until a page of its bucket is installed. Errors go
+/// to the engine thread, which ends the job; this thread then waits for
+/// that end rather than retrying an access that can no longer be served.
 pub(crate) fn signal_fault_server(
     engine: Arc<Mutex<Engine>>,
     faults: Arc<FaultHandler>,
