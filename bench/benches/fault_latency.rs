@@ -260,9 +260,10 @@ fn dsm_read_fault(
     g.finish();
     let engine = reader.stats();
     println!(
-        "{group}: {name}: rank 1 engine: {} read faults, {} pages received; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
+        "{group}: {name}: rank 1 engine: {} read faults, {} pages received, {} messages handled on receipt; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
         engine.read_faults,
         engine.pages_received,
+        engine.messages_inline,
         engine.fault_latency_p50.as_secs_f64() * 1e6,
         engine.fault_latency_p99.as_secs_f64() * 1e6
     );

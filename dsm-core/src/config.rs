@@ -83,6 +83,10 @@ pub struct Config {
     /// CPUs; a few tens of µs trade CPU time for a wake-up per event).
     pub spin: Duration,
     pub faults: FaultDelivery,
+    /// Messages are handled in the transport's receive thread when the
+    /// engine is free (no hand-off to the engine thread); false queues
+    /// every message for the engine thread.
+    pub receive_inline: bool,
 }
 
 impl Default for Config {
@@ -99,6 +103,7 @@ impl Default for Config {
             backing: SpaceBacking::Anonymous,
             spin: Duration::ZERO,
             faults: FaultDelivery::DEFAULT,
+            receive_inline: true,
         }
     }
 }
@@ -156,6 +161,7 @@ impl Config {
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
+    /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -244,6 +250,13 @@ impl Config {
                 "thread" | "events" => FaultDelivery::Events,
                 "sigbus" | "signal" => FaultDelivery::Sigbus,
                 _ => return Err(err("DSM_FAULTS", &v, "expected thread or sigbus")),
+            };
+        }
+        if let Some(v) = get("DSM_RECEIVE") {
+            self.receive_inline = match v.trim().to_ascii_lowercase().as_str() {
+                "inline" => true,
+                "queue" => false,
+                _ => return Err(err("DSM_RECEIVE", &v, "expected inline or queue")),
             };
         }
         if let Some(v) = get("DSM_STATS") {

@@ -173,6 +173,13 @@ impl Dsm {
             )
             .with_prefetch(config.prefetch),
         ));
+        if config.receive_inline {
+            transport.deliver_inline(engine::inline_delivery(
+                Arc::downgrade(&engine),
+                transport.inbox(),
+                inputs_tx.clone(),
+            ));
+        }
         let spin = config.spin;
         let state = Arc::clone(&engine);
         let (engine_state, faults_served, failures) =

@@ -12,10 +12,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -29,6 +29,7 @@ use crate::proto::{self, Msg, PageData, Payload, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
 use crate::sync::{BarrierCounter, LockTable};
+use crate::transport::{Incoming, InlineDelivery};
 use crate::{Message, Rank, Transport};
 
 /// Most messages handled before the replies of the first leave.
@@ -39,9 +40,9 @@ pub(crate) type Reply<T> = Sender<Result<T, DsmError>>;
 pub(crate) enum Input {
     /// The fault thread hit an error handling a fault: fatal.
     Failed(DsmError),
-    /// An API call served in its own thread set a timer: the engine
-    /// thread's wait must end by then.
-    TimerSet,
+    /// Work was left for the engine thread by another: a timer set (its
+    /// wait must end by then), or messages to send.
+    Wake,
     Barrier(Reply<()>),
     /// Acquire a lock; the reply carries the ticket to release it with.
     Lock {
@@ -180,6 +181,12 @@ pub(crate) struct Engine {
     /// Page buffers no longer referenced (home copies replaced), reused
     /// for the next pages copied out: no allocation per page served.
     spare_pages: Vec<PageData>,
+    /// True while a receive thread handles a message (`inline_delivery`):
+    /// what it produces stays in `out` for the engine thread to send.
+    sends_deferred: bool,
+    /// False once the engine thread has stopped: messages are then queued,
+    /// as nobody would send what handling them produces.
+    serving: bool,
 }
 
 /// Most spare page buffers kept (16 MiB): enough for a home to turn over a
@@ -319,6 +326,8 @@ impl Engine {
             staged: StagedRun::default(),
             in_batch: false,
             spare_pages: Vec::new(),
+            sends_deferred: false,
+            serving: true,
         }
     }
 
@@ -339,6 +348,17 @@ impl Engine {
         spin: Duration,
     ) -> Result<(), DsmError> {
         let inbox = lock(engine).transport.inbox();
+        let result = Self::serve(engine, &inbox, &inputs, spin);
+        lock(engine).serving = false;
+        result
+    }
+
+    fn serve(
+        engine: &Mutex<Engine>,
+        inbox: &Receiver<Incoming>,
+        inputs: &Receiver<Input>,
+        spin: Duration,
+    ) -> Result<(), DsmError> {
         loop {
             if !spin.is_zero() {
                 let until = Instant::now() + spin;
@@ -350,36 +370,38 @@ impl Engine {
                 .next_deadline()
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(3600));
-            select! {
-                recv(inbox) -> incoming => match incoming {
-                    Ok(Ok(msg)) => {
-                        let mut this = lock(engine);
-                        this.on_message(msg)?;
-                        // What else has arrived is handled before the replies
-                        // leave, so they leave together (bounded: the fault
-                        // thread waits for the lock meanwhile).
-                        for _ in 0..DRAIN_AT_ONCE {
-                            match inbox.try_recv() {
-                                Ok(Ok(msg)) => this.on_message(msg)?,
-                                Ok(Err(e)) => return Err(e.into()),
-                                Err(_) => break,
-                            }
-                        }
-                        this.flush()?;
+            // Wait for something to arrive without taking it: messages leave
+            // the queue only under the engine's lock, so a receive thread
+            // that finds the lock free and the queue empty knows nothing
+            // received before its message is still to be handled.
+            let mut ready = Select::new();
+            ready.recv(inbox);
+            ready.recv(inputs);
+            let _ = ready.ready_timeout(timeout);
+            if !inbox.is_empty() {
+                let mut this = lock(engine);
+                // What has arrived is handled before the replies leave, so
+                // they leave together (bounded: the fault thread waits for
+                // the lock meanwhile).
+                for _ in 0..DRAIN_AT_ONCE {
+                    match inbox.try_recv() {
+                        Ok(Ok(msg)) => this.on_message(msg)?,
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return Err(DsmError::Stopped),
                     }
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(_) => return Err(DsmError::Stopped),
-                },
-                recv(inputs) -> input => match input {
-                    Ok(Input::Stop) | Err(_) => return Ok(()),
-                    Ok(Input::Failed(e)) => return Err(e),
-                    Ok(input) => {
-                        let mut this = lock(engine);
-                        this.on_input(input)?;
-                        this.flush()?;
-                    }
-                },
-                default(timeout) => {}
+                }
+                this.flush()?;
+            }
+            match inputs.try_recv() {
+                Ok(Input::Stop) | Err(TryRecvError::Disconnected) => return Ok(()),
+                Ok(Input::Failed(e)) => return Err(e),
+                Ok(input) => {
+                    let mut this = lock(engine);
+                    this.on_input(input)?;
+                    this.flush()?;
+                }
+                Err(TryRecvError::Empty) => {}
             }
             let mut this = lock(engine);
             if this.next_deadline().is_some_and(|t| t <= Instant::now()) {
@@ -396,6 +418,9 @@ impl Engine {
 
     /// Sends the messages the handling of the last events produced.
     fn flush(&mut self) -> Result<(), DsmError> {
+        if self.sends_deferred {
+            return Ok(());
+        }
         // Grants read from the mapping only while it holds the home's copy.
         debug_assert!(self
             .out
@@ -410,7 +435,7 @@ impl Engine {
     pub(crate) fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
         match input {
             Input::Failed(e) => Err(e),
-            Input::TimerSet => Ok(()),
+            Input::Wake => Ok(()),
             Input::Barrier(reply) => self.start_barrier(reply),
             Input::Lock { lock, reply } => {
                 let ticket = self.ticket();
@@ -1408,11 +1433,53 @@ pub(crate) fn serve_here(
         after.is_some() && after != before
     };
     if timer_set {
-        events
-            .send(Input::TimerSet)
-            .map_err(|_| DsmError::Stopped)?;
+        events.send(Input::Wake).map_err(|_| DsmError::Stopped)?;
     }
     Ok(())
+}
+
+/// The engine's handler for messages in the transport's receive threads
+/// ([`Transport::deliver_inline`]): a message is handled there when the
+/// engine's lock is free and nothing received earlier is still queued
+/// (order per sender is kept: a sender's earlier message was either handled
+/// the same way or is still in the queue). A grant is then installed, and
+/// its faulting thread woken, with no hand-off to the engine thread. What
+/// the handling produces is not sent from there (a receive thread blocked
+/// sending could deadlock two ranks); the engine thread is woken to send it.
+/// Otherwise the message is queued as usual.
+pub(crate) fn inline_delivery(
+    engine: Weak<Mutex<Engine>>,
+    inbox: Receiver<Incoming>,
+    events: Sender<Input>,
+) -> InlineDelivery {
+    Box::new(move |message: Message| {
+        let Some(engine) = engine.upgrade() else {
+            return Some(message);
+        };
+        let Ok(mut this) = engine.try_lock() else {
+            return Some(message);
+        };
+        if !this.serving || !inbox.is_empty() {
+            return Some(message);
+        }
+        let before = this.next_deadline();
+        this.sends_deferred = true;
+        let handled = this.on_message(message);
+        this.sends_deferred = false;
+        Stats::add(&this.stats.messages_inline, 1);
+        let wake = !this.out.is_empty() || this.next_deadline() != before;
+        drop(this);
+        match handled {
+            Err(e) => {
+                let _ = events.send(Input::Failed(e));
+            }
+            Ok(()) if wake => {
+                let _ = events.send(Input::Wake);
+            }
+            Ok(()) => {}
+        }
+        None
+    })
 }
 
 /// How long a thread parked in the SIGBUS handler sleeps before it retries

@@ -107,6 +107,10 @@ impl Outbox {
         self.queued.push((to, Outgoing::ReadGrant { page, data }));
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+    }
+
     /// Pages of queued grants sent from the mapping.
     pub fn mapped_pages(&self) -> impl Iterator<Item = usize> + '_ {
         self.queued.iter().filter_map(|(_, message)| match message {

@@ -38,6 +38,14 @@ pub enum TransportError {
     Shutdown,
 }
 
+/// A consumer's handler for messages as they arrive, run in the transport's
+/// receive thread (see [`Transport::deliver_inline`]): it handles the
+/// message there and returns `None`, or hands it back (`Some`) to be queued
+/// for [`Transport::recv`] as usual. It must never block on the network:
+/// a receive thread waiting to send could deadlock two ranks whose socket
+/// buffers are full in both directions.
+pub type InlineDelivery = Box<dyn Fn(Message) -> Option<Message> + Send + Sync>;
+
 /// Reliable in-order delivery between every pair of ranks.
 ///
 /// * Messages from one rank to another arrive in the order they were sent,
@@ -83,6 +91,17 @@ pub trait Transport: Send + Sync {
 
     /// Like `recv`, giving up with `Ok(None)` after `timeout`.
     fn recv_timeout(&self, timeout: Duration) -> Result<Option<Message>, TransportError>;
+
+    /// Offers each message received from a peer to `handler` first, in the
+    /// receive thread, before queueing it: a consumer that can handle it at
+    /// once saves the wake-up of the thread that reads the queue. Messages a
+    /// rank sends itself are always queued. Returns false (and drops the
+    /// handler) if this transport does not support it, or one is already
+    /// set.
+    fn deliver_inline(&self, handler: InlineDelivery) -> bool {
+        drop(handler);
+        false
+    }
 
     /// Gives back a received message's bytes once the consumer is done
     /// with them, for the transport to receive into again.

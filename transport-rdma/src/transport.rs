@@ -25,13 +25,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dsm_core::sched::ServiceSched;
-use dsm_core::transport::{Incoming, PayloadPool};
+use dsm_core::transport::{Incoming, InlineDelivery, PayloadPool};
 use dsm_core::{Message, Rank, Transport, TransportError};
 
 use crate::verbs::{
@@ -377,6 +377,8 @@ struct Shared {
     inbox: (Sender<Incoming>, Receiver<Incoming>),
     /// Buffers large messages are reassembled into.
     payloads: PayloadPool,
+    /// The consumer's handler each received message is offered to first.
+    inline: OnceLock<InlineDelivery>,
     goodbyes: Mutex<usize>,
     goodbye_cv: Condvar,
     stop: AtomicBool,
@@ -723,6 +725,7 @@ impl RdmaTransport {
             stop: AtomicBool::new(false),
             shut_down: AtomicBool::new(false),
             payloads: PayloadPool::default(),
+            inline: OnceLock::new(),
             boot,
         });
         let mut threads = Vec::new();
@@ -989,6 +992,19 @@ impl Shared {
             }
         }
         err
+    }
+
+    /// A message received from a peer: offered to the consumer's handler
+    /// first, queued if it hands it back.
+    fn deliver_received(&self, message: Message) {
+        let message = match self.inline.get() {
+            Some(handler) => match handler(message) {
+                Some(message) => message,
+                None => return,
+            },
+            None => message,
+        };
+        self.deliver(Ok(message));
     }
 
     /// Queues for `recv`, waiting while the inbox is full (back-pressure).
@@ -1318,10 +1334,10 @@ fn recv_loop(s: Arc<Shared>) {
                 FRAG_LAST => {
                     buf.extend_from_slice(body);
                     let payload = std::mem::take(buf);
-                    s.deliver(Ok(Message {
+                    s.deliver_received(Message {
                         from: peer_rank,
                         payload,
-                    }));
+                    });
                 }
                 FRAG_PAGE => {
                     if !buf.is_empty() {
@@ -1333,10 +1349,10 @@ fn recv_loop(s: Arc<Shared>) {
                         continue;
                     }
                     match s.landed(body) {
-                        Ok(payload) => s.deliver(Ok(Message {
+                        Ok(payload) => s.deliver_received(Message {
                             from: peer_rank,
                             payload,
-                        })),
+                        }),
                         Err(why) => {
                             s.lose(peer_rank, format!("protocol error: {why}"));
                         }
@@ -1437,6 +1453,10 @@ impl Transport for RdmaTransport {
         data: &[u8],
     ) -> Result<(), TransportError> {
         self.shared.send_page(to, header, page, data)
+    }
+
+    fn deliver_inline(&self, handler: InlineDelivery) -> bool {
+        self.shared.inline.set(handler).is_ok()
     }
 
     fn inbox(&self) -> Receiver<Incoming> {

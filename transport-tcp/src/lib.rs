@@ -12,7 +12,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::sched::ServiceSched;
+use dsm_core::transport::InlineDelivery;
 use dsm_core::transport::PayloadPool;
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
@@ -167,6 +168,8 @@ pub struct TcpTransport {
     goodbyes: Arc<Goodbyes>,
     /// Buffers the reader threads receive large messages into.
     payloads: Arc<PayloadPool>,
+    /// The consumer's handler the reader threads offer each message to.
+    inline: Arc<OnceLock<InlineDelivery>>,
     max_message: usize,
     shut_down: AtomicBool,
 }
@@ -245,6 +248,7 @@ impl TcpTransport {
         let max_frame = u32::try_from(opts.max_message).unwrap_or(u32::MAX);
         let (receiver_cpu, receiver_sched) = (opts.receiver_cpu, opts.receiver_sched);
         let payloads = Arc::new(PayloadPool::default());
+        let inline = Arc::new(OnceLock::new());
         let mut peers = Vec::with_capacity(size);
         for (peer_rank, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
@@ -265,13 +269,17 @@ impl TcpTransport {
             let tx = inbox.0.clone();
             let goodbyes = Arc::clone(&goodbyes);
             let payloads = Arc::clone(&payloads);
+            let inline = Arc::clone(&inline);
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
                 .spawn(move || {
                     dsm_core::sched::enter_service_thread(receiver_cpu, receiver_sched);
-                    read_loop(
-                        read_half, peer_rank, host, max_frame, tx, goodbyes, &payloads,
-                    )
+                    let delivery = Delivery {
+                        inbox: tx,
+                        inline: &inline,
+                        payloads: &payloads,
+                    };
+                    read_loop(read_half, peer_rank, host, max_frame, delivery, goodbyes)
                 })
                 .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
             peers.push(Some(Peer {
@@ -285,6 +293,7 @@ impl TcpTransport {
             inbox,
             goodbyes,
             payloads,
+            inline,
             max_message: opts.max_message,
             shut_down: AtomicBool::new(false),
         }))
@@ -495,15 +504,39 @@ fn connect_to(
     Ok(stream)
 }
 
+/// Where a reader thread hands what it received.
+struct Delivery<'a> {
+    inbox: Sender<Result<Message, TransportError>>,
+    /// Offered each message first, once the consumer has set it.
+    inline: &'a OnceLock<InlineDelivery>,
+    payloads: &'a PayloadPool,
+}
+
+impl Delivery<'_> {
+    /// False once the consumer is gone.
+    fn message(&self, message: Message) -> bool {
+        let message = match self.inline.get() {
+            Some(handler) => match handler(message) {
+                Some(message) => message,
+                None => return true,
+            },
+            None => message,
+        };
+        self.inbox.send(Ok(message)).is_ok()
+    }
+}
+
 fn read_loop(
     stream: TcpStream,
     from: Rank,
     host: String,
     max_frame: u32,
-    inbox: Sender<Result<Message, TransportError>>,
+    delivery: Delivery<'_>,
     goodbyes: Arc<Goodbyes>,
-    payloads: &PayloadPool,
 ) {
+    let Delivery {
+        inbox, payloads, ..
+    } = &delivery;
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut said_goodbye = false;
     let lost = |reason: String| TransportError::PeerLost {
@@ -536,7 +569,7 @@ fn read_loop(
         };
         match header.kind {
             KIND_DATA if !said_goodbye => {
-                if inbox.send(Ok(Message { from, payload })).is_err() {
+                if !delivery.message(Message { from, payload }) {
                     return;
                 }
             }
@@ -585,6 +618,10 @@ impl Transport for TcpTransport {
                 .map_err(|_| TransportError::Shutdown);
         }
         self.write_to(to, KIND_DATA, parts)
+    }
+
+    fn deliver_inline(&self, handler: InlineDelivery) -> bool {
+        self.inline.set(handler).is_ok()
     }
 
     fn inbox(&self) -> Receiver<dsm_core::transport::Incoming> {

@@ -220,3 +220,47 @@ fn sending_to_self_loops_back_and_bad_ranks_are_refused() {
         Err(TransportError::NoSuchRank { rank: 5, size: 1 })
     ));
 }
+
+#[test]
+fn an_inline_handler_sees_each_message_first_and_what_it_hands_back_is_queued() {
+    const MESSAGES: u32 = 1000;
+    let ranks = job(2);
+    let (handled_tx, handled_rx) = crossbeam_channel::unbounded();
+    // Odd sequence numbers are handled in the receive thread; even ones are
+    // handed back and must reach `recv`, in order, and nothing else.
+    assert!(ranks[1].deliver_inline(Box::new(move |m: dsm_core::Message| {
+        let seq = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
+        if seq % 2 == 1 {
+            handled_tx.send(seq).unwrap();
+            None
+        } else {
+            Some(m)
+        }
+    })));
+    assert!(
+        !ranks[1].deliver_inline(Box::new(Some)),
+        "a second handler is refused"
+    );
+    for seq in 0..MESSAGES {
+        ranks[0].send(1, &seq.to_le_bytes()).unwrap();
+    }
+    // A message to oneself is always queued.
+    ranks[1].send(1, &u32::MAX.to_le_bytes()).unwrap();
+    let mut queued = Vec::new();
+    while queued.len() < MESSAGES as usize / 2 + 1 {
+        let m = recv(&ranks[1]);
+        queued.push(u32::from_le_bytes(m.payload[..4].try_into().unwrap()));
+    }
+    let from_peer: Vec<u32> = queued.iter().copied().filter(|&s| s != u32::MAX).collect();
+    assert_eq!(from_peer, (0..MESSAGES).step_by(2).collect::<Vec<_>>());
+    assert!(queued.contains(&u32::MAX));
+    let handled: Vec<u32> = (0..MESSAGES / 2)
+        .map(|_| handled_rx.recv_timeout(RECV_LIMIT).unwrap())
+        .collect();
+    assert_eq!(handled, (1..MESSAGES).step_by(2).collect::<Vec<_>>());
+    thread::scope(|s| {
+        for t in &ranks {
+            s.spawn(|| t.shutdown(RECV_LIMIT).unwrap());
+        }
+    });
+}
