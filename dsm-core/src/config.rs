@@ -87,6 +87,9 @@ pub struct Config {
     /// engine is free (no hand-off to the engine thread); false queues
     /// every message for the engine thread.
     pub receive_inline: bool,
+    /// With a memfd: bytes of dropped pages whose frames are kept for their
+    /// next install (beyond that, all are released).
+    pub memfd_retain: usize,
 }
 
 impl Default for Config {
@@ -100,10 +103,11 @@ impl Default for Config {
             min_hold: Duration::from_micros(500),
             print_stats: false,
             prefetch: 1024,
-            backing: SpaceBacking::Anonymous,
+            backing: SpaceBacking::Auto,
             spin: Duration::ZERO,
             faults: FaultDelivery::DEFAULT,
             receive_inline: true,
+            memfd_retain: crate::fault::DEFAULT_RETAINED_PAGES * PAGE_SIZE,
         }
     }
 }
@@ -158,7 +162,8 @@ impl Config {
     /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
-    /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `anon` |
+    /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
+    /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
@@ -237,6 +242,10 @@ impl Config {
                 "memfd" => SpaceBacking::Memfd,
                 _ => return Err(err("DSM_BACKING", &v, "expected anon, memfd or auto")),
             };
+        }
+        if let Some(v) = get("DSM_MEMFD_RETAIN") {
+            self.memfd_retain = parse_size(&v)
+                .ok_or_else(|| err("DSM_MEMFD_RETAIN", &v, "expected a size like 0, 64M or 1G"))?;
         }
         if let Some(v) = get("DSM_SPIN_US") {
             let us: u64 = v

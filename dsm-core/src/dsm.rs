@@ -124,7 +124,8 @@ impl Dsm {
                     "a memfd (pages written through an alias, mapped with UFFDIO_CONTINUE)",
             }
         );
-        let faults = FaultHandler::register(&region, config.faults)?;
+        let faults = FaultHandler::register(&region, config.faults)?
+            .retaining(config.memfd_retain / PAGE_SIZE);
         tracing::debug!(
             "faults {}",
             match config.faults {

@@ -19,11 +19,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::Mutex;
 
 use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
 pub use crate::config::FaultDelivery;
 use crate::config::PAGE_SIZE;
+use crate::pages::PageSet;
 use crate::sigbus::Waiters;
 
 #[derive(Debug, thiserror::Error)]
@@ -393,7 +395,25 @@ pub struct FaultHandler {
     /// With SIGBUS delivery: the futex words of the threads waiting in the
     /// SIGBUS handler.
     waiters: Option<Waiters>,
+    /// With a memfd: the pages dropped but still in it.
+    retained: Option<Mutex<Retained>>,
 }
+
+/// Pages dropped from a memfd-backed space whose frames are still in the
+/// memfd: a page fetched again is written over its old frame (no
+/// allocation, no memory-cgroup charge), which makes a stream over pages
+/// invalidated since their last read faster (`bench/README.md`). Past
+/// `limit` such pages, all of them are released (`MADV_REMOVE` on the
+/// alias), so a rank holds at most its mapped pages plus `limit` frames, as
+/// with anonymous memory plus a bounded cache.
+struct Retained {
+    pages: PageSet,
+    count: usize,
+    limit: usize,
+}
+
+/// Default bound of [`Retained`]: 256 MiB of dropped pages per rank.
+pub const DEFAULT_RETAINED_PAGES: usize = (256 << 20) / PAGE_SIZE;
 
 fn create_uffd(delivery: FaultDelivery) -> Result<Uffd, FaultError> {
     let sigbus = delivery == FaultDelivery::Sigbus;
@@ -491,7 +511,80 @@ impl FaultHandler {
             len: region.len,
             alias,
             waiters: (delivery == FaultDelivery::Sigbus).then(Waiters::default),
+            retained: alias.map(|_| {
+                Mutex::new(Retained {
+                    pages: PageSet::new(region.pages()),
+                    count: 0,
+                    limit: DEFAULT_RETAINED_PAGES,
+                })
+            }),
         })
+    }
+
+    /// With a memfd: keeps at most `pages` dropped pages' frames (0: every
+    /// dropped page is released at once).
+    pub fn retaining(self, pages: usize) -> FaultHandler {
+        if let Some(retained) = &self.retained {
+            lock_retained(retained).limit = pages;
+        }
+        self
+    }
+
+    /// Frames of dropped pages the memfd holds (0 without one).
+    pub fn retained_pages(&self) -> usize {
+        self.retained.as_ref().map_or(0, |r| lock_retained(r).count)
+    }
+
+    /// Pages `first..first + count` are being installed: their frames are in
+    /// use again.
+    fn reuse(&self, first: usize, count: usize) {
+        if let Some(retained) = &self.retained {
+            let mut retained = lock_retained(retained);
+            for page in first..first + count {
+                if retained.pages.remove(page) {
+                    retained.count -= 1;
+                }
+            }
+        }
+    }
+
+    /// Pages `first..first + count` were dropped: their frames stay in the
+    /// memfd, up to the limit; past it, every retained frame is released.
+    fn retain(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        let (Some(retained), Some(alias)) = (&self.retained, self.alias) else {
+            return Ok(());
+        };
+        let mut retained = lock_retained(retained);
+        for page in first..first + count {
+            if retained.pages.add(page) {
+                retained.count += 1;
+            }
+        }
+        if retained.count <= retained.limit {
+            return Ok(());
+        }
+        retained.count = 0;
+        for run in retained.pages.take_runs() {
+            let addr = alias + run.start * PAGE_SIZE;
+            // SAFETY: the range is pages of the alias mapping of our memfd,
+            // none of them mapped in the space (dropped, not installed since:
+            // callers hold the engine's state, which orders drops and
+            // installs); removing them frees their frames, and the next
+            // install writes the page's bytes into a new one.
+            unsafe {
+                nix::sys::mman::madvise(
+                    std::ptr::NonNull::new_unchecked(addr as *mut _),
+                    run.len() * PAGE_SIZE,
+                    nix::sys::mman::MmapAdvise::MADV_REMOVE,
+                )
+            }
+            .map_err(|errno| FaultError::PageOp {
+                op: "MADV_REMOVE",
+                addr,
+                errno,
+            })?;
+        }
+        Ok(())
     }
 
     /// The SIGBUS handler's futex words (SIGBUS delivery only).
@@ -547,6 +640,7 @@ impl FaultHandler {
         writable: bool,
     ) -> Result<Installed, FaultError> {
         let addr = self.addr(page);
+        self.reuse(page, 1);
         // SAFETY: the alias page is memory of the region's memfd, which no
         // Rust reference points into. The space's view of the page is not
         // mapped (the protocol installs only pages this rank does not hold),
@@ -591,6 +685,7 @@ impl FaultHandler {
     ) -> Result<(), FaultError> {
         debug_assert!(data.len().is_multiple_of(PAGE_SIZE));
         debug_assert!(first * PAGE_SIZE + data.len() <= self.len);
+        self.reuse(first, data.len() / PAGE_SIZE);
         // SAFETY: as in `continue_page`, for each page of the run: memfd
         // memory no Rust reference points into, whose view in the space is
         // not mapped, or mapped with these very bytes (a stale install).
@@ -918,7 +1013,8 @@ impl FaultHandler {
             op: "MADV_DONTNEED",
             addr,
             errno,
-        })
+        })?;
+        self.retain(first, count)
     }
 
     /// Wakes threads waiting on `page` (after a race made their fault moot).
@@ -932,6 +1028,10 @@ impl FaultHandler {
                 detail: format!("wake: {e}"),
             })
     }
+}
+
+fn lock_retained(retained: &Mutex<Retained>) -> std::sync::MutexGuard<'_, Retained> {
+    retained.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl AsFd for FaultHandler {

@@ -75,6 +75,34 @@ impl PageSet {
         }
     }
 
+    /// Adds `page`; true if it was not in (false too beyond the words).
+    pub fn add(&mut self, page: usize) -> bool {
+        let Some(word) = self.words.get_mut(page / 64) else {
+            return false;
+        };
+        let bit = 1 << (page % 64);
+        let new = *word & bit == 0;
+        *word |= bit;
+        new
+    }
+
+    /// Empties the set; returns its pages as maximal runs, in order.
+    pub fn take_runs(&mut self) -> Vec<std::ops::Range<usize>> {
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, word) in self.words.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let page = i * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                match runs.last_mut() {
+                    Some(run) if run.end == page => run.end += 1,
+                    _ => runs.push(page..page + 1),
+                }
+            }
+        }
+        runs
+    }
+
     /// Takes `page` out; true if it was in.
     pub fn remove(&mut self, page: usize) -> bool {
         let Some(word) = self.words.get_mut(page / 64) else {
@@ -121,6 +149,13 @@ mod tests {
         assert!(set.remove(63));
         assert!(!set.remove(63));
         assert!(!set.remove(5000));
+        assert!(!set.contains(63));
+        assert!(set.add(63) && !set.add(63), "added once");
+        assert!(!set.add(130), "beyond the words: not kept");
+        set.insert(64);
+        set.remove(62);
+        assert_eq!(set.take_runs(), vec![63..66usize, 99..100]);
+        assert!(set.take_runs().is_empty(), "emptied");
         assert!(!set.contains(63));
     }
 }

@@ -57,3 +57,55 @@ fn a_run_of_read_only_pages_is_mapped_around_a_page_already_present() {
         );
     }
 }
+
+/// Whether the memfd frame behind the alias page at `addr` exists.
+fn resident(addr: usize) -> bool {
+    let mut vec = [0u8; 1];
+    // SAFETY: `addr` is a page-aligned address of a live mapping and `vec`
+    // holds the one byte mincore writes for one page.
+    let rc = unsafe { libc::mincore(addr as *mut _, PAGE_SIZE, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec[0] & 1 == 1
+}
+
+#[test]
+fn a_memfd_keeps_dropped_pages_up_to_its_limit_then_releases_them() {
+    const PAGES: usize = 8;
+    if let Err(e) = dsm_core::fault::memfd_supported() {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let region =
+        Region::map(BASE + (64 << 20), PAGES * PAGE_SIZE, Backing::Memfd).expect("mapping");
+    let faults = FaultHandler::register(&region, dsm_core::FaultDelivery::Events)
+        .expect("registering userfaultfd")
+        .retaining(3);
+    let alias = region.alias().expect("a memfd has an alias");
+    let run: Vec<u8> = (1..=5u8).flat_map(|b| [b; PAGE_SIZE]).collect();
+    faults
+        .install_readonly_run(0, &run)
+        .expect("installing 0..5");
+    faults.drop_run(0, 2).expect("dropping 0..2");
+    assert_eq!(faults.retained_pages(), 2);
+    assert!(resident(alias) && resident(alias + PAGE_SIZE), "kept");
+    // Installed again: no longer counted as dropped.
+    faults
+        .install_readonly_run(1, &[9u8; PAGE_SIZE])
+        .expect("installing 1 again");
+    assert_eq!(faults.retained_pages(), 1);
+    // 0, 2, 3, 4 dropped: past the limit of 3, every dropped frame goes.
+    faults.drop_run(2, 3).expect("dropping 2..5");
+    assert_eq!(faults.retained_pages(), 0);
+    for page in [0, 2, 3, 4] {
+        assert!(!resident(alias + page * PAGE_SIZE), "page {page} released");
+    }
+    assert!(resident(alias + PAGE_SIZE), "page 1, mapped, is kept");
+    let bytes = region.bytes();
+    let byte = |page: usize| bytes[page * PAGE_SIZE].load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(byte(1), 9, "the mapped page's bytes are intact");
+    // A released page is installed again like a new one.
+    faults
+        .install_readonly_run(3, &[7u8; PAGE_SIZE])
+        .expect("installing 3 again");
+    assert_eq!(byte(3), 7);
+}

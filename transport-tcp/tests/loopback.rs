@@ -228,15 +228,17 @@ fn an_inline_handler_sees_each_message_first_and_what_it_hands_back_is_queued() 
     let (handled_tx, handled_rx) = crossbeam_channel::unbounded();
     // Odd sequence numbers are handled in the receive thread; even ones are
     // handed back and must reach `recv`, in order, and nothing else.
-    assert!(ranks[1].deliver_inline(Box::new(move |m: dsm_core::Message| {
-        let seq = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
-        if seq % 2 == 1 {
-            handled_tx.send(seq).unwrap();
-            None
-        } else {
-            Some(m)
-        }
-    })));
+    assert!(
+        ranks[1].deliver_inline(Box::new(move |m: dsm_core::Message| {
+            let seq = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
+            if seq % 2 == 1 {
+                handled_tx.send(seq).unwrap();
+                None
+            } else {
+                Some(m)
+            }
+        }))
+    );
     assert!(
         !ranks[1].deliver_inline(Box::new(Some)),
         "a second handler is refused"
