@@ -395,21 +395,35 @@ pub struct FaultHandler {
     /// With SIGBUS delivery: the futex words of the threads waiting in the
     /// SIGBUS handler.
     waiters: Option<Waiters>,
-    /// With a memfd: the pages dropped but still in it.
-    retained: Option<Mutex<Retained>>,
+    /// With a memfd: which pages have a frame in it.
+    frames: Option<Mutex<Frames>>,
 }
 
-/// Pages dropped from a memfd-backed space whose frames are still in the
-/// memfd: a page fetched again is written over its old frame (no
-/// allocation, no memory-cgroup charge), which makes a stream over pages
-/// invalidated since their last read faster (`bench/README.md`). Past
-/// `limit` such pages, all of them are released (`MADV_REMOVE` on the
+/// The frames of a memfd-backed space. A page dropped keeps its frame: when
+/// it is fetched again, its bytes are written over it through the alias
+/// and `UFFDIO_CONTINUE` maps it (no allocation, no memory-cgroup charge),
+/// which makes a stream over pages invalidated since their last read
+/// faster (`bench/README.md`). A page with no frame is filled by
+/// `UFFDIO_COPY`, which allocates the frame with its bytes in one step (a
+/// write through the alias would first fault in and zero a new frame). Past
+/// `limit` dropped frames, all of them are released (`MADV_REMOVE` on the
 /// alias), so a rank holds at most its mapped pages plus `limit` frames, as
 /// with anonymous memory plus a bounded cache.
-struct Retained {
-    pages: PageSet,
-    count: usize,
+struct Frames {
+    /// Pages whose frame is in the memfd: installed since their last release.
+    held: PageSet,
+    /// Of those, the pages dropped (not mapped in the space).
+    dropped: PageSet,
+    dropped_count: usize,
     limit: usize,
+}
+
+/// Pages `start..start + count` of a run to install, which all have a
+/// frame in the memfd (`framed`) or none.
+struct Segment {
+    start: usize,
+    count: usize,
+    framed: bool,
 }
 
 /// Default bound of [`Retained`]: 256 MiB of dropped pages per rank.
@@ -511,10 +525,11 @@ impl FaultHandler {
             len: region.len,
             alias,
             waiters: (delivery == FaultDelivery::Sigbus).then(Waiters::default),
-            retained: alias.map(|_| {
-                Mutex::new(Retained {
-                    pages: PageSet::new(region.pages()),
-                    count: 0,
+            frames: alias.map(|_| {
+                Mutex::new(Frames {
+                    held: PageSet::new(region.pages()),
+                    dropped: PageSet::new(region.pages()),
+                    dropped_count: 0,
                     limit: DEFAULT_RETAINED_PAGES,
                 })
             }),
@@ -524,47 +539,63 @@ impl FaultHandler {
     /// With a memfd: keeps at most `pages` dropped pages' frames (0: every
     /// dropped page is released at once).
     pub fn retaining(self, pages: usize) -> FaultHandler {
-        if let Some(retained) = &self.retained {
-            lock_retained(retained).limit = pages;
+        if let Some(frames) = &self.frames {
+            lock_frames(frames).limit = pages;
         }
         self
     }
 
     /// Frames of dropped pages the memfd holds (0 without one).
     pub fn retained_pages(&self) -> usize {
-        self.retained.as_ref().map_or(0, |r| lock_retained(r).count)
+        self.frames
+            .as_ref()
+            .map_or(0, |f| lock_frames(f).dropped_count)
     }
 
-    /// Pages `first..first + count` are being installed: their frames are in
-    /// use again.
-    fn reuse(&self, first: usize, count: usize) {
-        if let Some(retained) = &self.retained {
-            let mut retained = lock_retained(retained);
-            for page in first..first + count {
-                if retained.pages.remove(page) {
-                    retained.count -= 1;
-                }
+    /// Pages `first..first + count` are about to be installed: splits them
+    /// into segments with and without a frame, and records that they all
+    /// have one, in use.
+    fn claim_frames(&self, frames: &Mutex<Frames>, first: usize, count: usize) -> Vec<Segment> {
+        let mut frames = lock_frames(frames);
+        let mut segments: Vec<Segment> = Vec::new();
+        for page in first..first + count {
+            let framed = frames.held.contains(page);
+            match segments.last_mut() {
+                Some(segment) if segment.framed == framed => segment.count += 1,
+                _ => segments.push(Segment {
+                    start: page,
+                    count: 1,
+                    framed,
+                }),
+            }
+            frames.held.insert(page);
+            if frames.dropped.remove(page) {
+                frames.dropped_count -= 1;
             }
         }
+        segments
     }
 
     /// Pages `first..first + count` were dropped: their frames stay in the
-    /// memfd, up to the limit; past it, every retained frame is released.
+    /// memfd, up to the limit; past it, every dropped frame is released.
     fn retain(&self, first: usize, count: usize) -> Result<(), FaultError> {
-        let (Some(retained), Some(alias)) = (&self.retained, self.alias) else {
+        let (Some(frames), Some(alias)) = (&self.frames, self.alias) else {
             return Ok(());
         };
-        let mut retained = lock_retained(retained);
+        let mut frames = lock_frames(frames);
         for page in first..first + count {
-            if retained.pages.add(page) {
-                retained.count += 1;
+            if frames.held.contains(page) && frames.dropped.add(page) {
+                frames.dropped_count += 1;
             }
         }
-        if retained.count <= retained.limit {
+        if frames.dropped_count <= frames.limit {
             return Ok(());
         }
-        retained.count = 0;
-        for run in retained.pages.take_runs() {
+        frames.dropped_count = 0;
+        for run in frames.dropped.take_runs() {
+            for page in run.clone() {
+                frames.held.remove(page);
+            }
             let addr = alias + run.start * PAGE_SIZE;
             // SAFETY: the range is pages of the alias mapping of our memfd,
             // none of them mapped in the space (dropped, not installed since:
@@ -630,17 +661,32 @@ impl FaultHandler {
         }
     }
 
-    /// Writes `data` into the memfd's page through the alias, then maps it
-    /// (write-protected unless `writable`) and wakes the waiting threads.
+    /// Installs `data` at `page` of a memfd-backed space (write-protected
+    /// unless `writable`; see [`Frames`]): through the alias and
+    /// `UFFDIO_CONTINUE` if the page has a frame, else by `UFFDIO_COPY`.
     fn continue_page(
         &self,
         alias: usize,
+        frames: &Mutex<Frames>,
         page: usize,
         data: &[u8; PAGE_SIZE],
         writable: bool,
     ) -> Result<Installed, FaultError> {
         let addr = self.addr(page);
-        self.reuse(page, 1);
+        let framed = self
+            .claim_frames(frames, page, 1)
+            .first()
+            .is_some_and(|segment| segment.framed);
+        if !framed {
+            let mode = if writable {
+                0
+            } else {
+                userfaultfd_sys::UFFDIO_COPY_MODE_WP
+            };
+            return self.run_install(page, "UFFDIO_COPY (memfd)", || {
+                self.copy_pages(addr, data, mode).0
+            });
+        }
         // SAFETY: the alias page is memory of the region's memfd, which no
         // Rust reference points into. The space's view of the page is not
         // mapped (the protocol installs only pages this rank does not hold),
@@ -674,55 +720,78 @@ impl FaultHandler {
         })
     }
 
-    /// `continue_page` for a run of read-only pages: the bytes written
-    /// through the alias in one copy, then mapped by one `UFFDIO_CONTINUE`
-    /// (a page already mapped is skipped and its waiters woken).
+    /// `continue_page` for a run of read-only pages: each segment of pages
+    /// with a frame written through the alias in one copy and mapped by one
+    /// `UFFDIO_CONTINUE`, each segment without one filled by one
+    /// `UFFDIO_COPY` (a page already mapped is skipped and its waiters
+    /// woken).
     fn continue_readonly_run(
         &self,
         alias: usize,
+        frames: &Mutex<Frames>,
         first: usize,
         data: &[u8],
     ) -> Result<(), FaultError> {
         debug_assert!(data.len().is_multiple_of(PAGE_SIZE));
         debug_assert!(first * PAGE_SIZE + data.len() <= self.len);
-        self.reuse(first, data.len() / PAGE_SIZE);
-        // SAFETY: as in `continue_page`, for each page of the run: memfd
-        // memory no Rust reference points into, whose view in the space is
-        // not mapped, or mapped with these very bytes (a stale install).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                (alias + first * PAGE_SIZE) as *mut u8,
-                data.len(),
-            )
-        };
-        let start = self.addr(first);
-        self.map_run(
-            first,
-            data.len(),
-            "UFFDIO_CONTINUE (write-protected run)",
-            |done| {
-                let mut cont = userfaultfd_sys::uffdio_continue {
-                    range: userfaultfd_sys::uffdio_range {
-                        start: (start + done) as u64,
-                        len: (data.len() - done) as u64,
+        for segment in self.claim_frames(frames, first, data.len() / PAGE_SIZE) {
+            let from = (segment.start - first) * PAGE_SIZE;
+            let bytes = &data[from..from + segment.count * PAGE_SIZE];
+            let start = self.addr(segment.start);
+            if !segment.framed {
+                self.map_run(
+                    segment.start,
+                    bytes.len(),
+                    "UFFDIO_COPY (memfd run)",
+                    |done| {
+                        self.copy_pages(
+                            start + done,
+                            &bytes[done..],
+                            userfaultfd_sys::UFFDIO_COPY_MODE_WP,
+                        )
                     },
-                    mode: CONTINUE_MODE_WP,
-                    mapped: 0,
-                };
-                // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over a
-                // range of the registered region and writes the result into
-                // `cont`, which lives across the call.
-                let result = unsafe {
-                    libc::ioctl(
-                        self.uffd.as_raw_fd(),
-                        userfaultfd_sys::UFFDIO_CONTINUE as _,
-                        &mut cont,
-                    )
-                };
-                (result, cont.mapped)
-            },
-        )
+                )?;
+                continue;
+            }
+            // SAFETY: as in `continue_page`, for each page of the segment:
+            // memfd memory no Rust reference points into, whose view in the
+            // space is not mapped, or mapped with these very bytes (a stale
+            // install).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    (alias + segment.start * PAGE_SIZE) as *mut u8,
+                    bytes.len(),
+                )
+            };
+            self.map_run(
+                segment.start,
+                bytes.len(),
+                "UFFDIO_CONTINUE (write-protected run)",
+                |done| {
+                    let mut cont = userfaultfd_sys::uffdio_continue {
+                        range: userfaultfd_sys::uffdio_range {
+                            start: (start + done) as u64,
+                            len: (bytes.len() - done) as u64,
+                        },
+                        mode: CONTINUE_MODE_WP,
+                        mapped: 0,
+                    };
+                    // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over
+                    // a range of the registered region and writes the result into
+                    // `cont`, which lives across the call.
+                    let result = unsafe {
+                        libc::ioctl(
+                            self.uffd.as_raw_fd(),
+                            userfaultfd_sys::UFFDIO_CONTINUE as _,
+                            &mut cont,
+                        )
+                    };
+                    (result, cont.mapped)
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Maps a run of `len` bytes from page `first` with `ioctl` (given the
@@ -815,8 +884,8 @@ impl FaultHandler {
         page: usize,
         data: &[u8; PAGE_SIZE],
     ) -> Result<Installed, FaultError> {
-        if let Some(alias) = self.alias {
-            return self.continue_page(alias, page, data, true);
+        if let (Some(alias), Some(frames)) = (self.alias, &self.frames) {
+            return self.continue_page(alias, frames, page, data, true);
         }
         let addr = self.addr(page);
         loop {
@@ -852,12 +921,13 @@ impl FaultHandler {
         page: usize,
         data: &[u8; PAGE_SIZE],
     ) -> Result<Installed, FaultError> {
-        let installed = match self.alias {
-            Some(alias) => self.continue_page(alias, page, data, false),
-            None => {
+        let installed = match (self.alias, &self.frames) {
+            (Some(alias), Some(frames)) => self.continue_page(alias, frames, page, data, false),
+            _ => {
                 let addr = self.addr(page);
                 self.run_install(page, "UFFDIO_COPY (write-protected)", || {
-                    self.copy_write_protected(addr, data).0
+                    self.copy_pages(addr, data, userfaultfd_sys::UFFDIO_COPY_MODE_WP)
+                        .0
                 })
             }
         };
@@ -865,16 +935,17 @@ impl FaultHandler {
         installed
     }
 
-    /// One UFFDIO_COPY with MODE_WP of `src` to `addr` (a page of the
-    /// region; `src` whole pages that fit in it): the ioctl's result, and
-    /// the bytes it mapped (or a negative errno).
-    fn copy_write_protected(&self, addr: usize, src: &[u8]) -> (libc::c_int, i64) {
+    /// One UFFDIO_COPY of `src` to `addr` (a page of the region; `src`
+    /// whole pages that fit in it) with `mode` (`UFFDIO_COPY_MODE_WP`: the
+    /// pages mapped write-protected): the ioctl's result, and the bytes it
+    /// mapped (or a negative errno).
+    fn copy_pages(&self, addr: usize, src: &[u8], mode: u64) -> (libc::c_int, i64) {
         debug_assert!(addr + src.len() <= self.base + self.len);
         let mut copy = userfaultfd_sys::uffdio_copy {
             dst: addr as u64,
             src: src.as_ptr() as u64,
             len: src.len() as u64,
-            mode: userfaultfd_sys::UFFDIO_COPY_MODE_WP,
+            mode,
             copy: 0,
         };
         // SAFETY: UFFDIO_COPY reads `len` bytes from the live slice `src`
@@ -903,15 +974,21 @@ impl FaultHandler {
     }
 
     fn map_readonly_run(&self, first: usize, data: &[u8]) -> Result<(), FaultError> {
-        if let Some(alias) = self.alias {
-            return self.continue_readonly_run(alias, first, data);
+        if let (Some(alias), Some(frames)) = (self.alias, &self.frames) {
+            return self.continue_readonly_run(alias, frames, first, data);
         }
         let start = self.addr(first);
         self.map_run(
             first,
             data.len(),
             "UFFDIO_COPY (write-protected run)",
-            |done| self.copy_write_protected(start + done, &data[done..]),
+            |done| {
+                self.copy_pages(
+                    start + done,
+                    &data[done..],
+                    userfaultfd_sys::UFFDIO_COPY_MODE_WP,
+                )
+            },
         )
     }
 
@@ -1030,8 +1107,8 @@ impl FaultHandler {
     }
 }
 
-fn lock_retained(retained: &Mutex<Retained>) -> std::sync::MutexGuard<'_, Retained> {
-    retained.lock().unwrap_or_else(|p| p.into_inner())
+fn lock_frames(frames: &Mutex<Frames>) -> std::sync::MutexGuard<'_, Frames> {
+    frames.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl AsFd for FaultHandler {

@@ -121,8 +121,9 @@ fn sequential_reads_racing_the_homes_writes_stay_coherent() {
 }
 
 /// The memfd-backed space (pages written through an alias and mapped with
-/// UFFDIO_CONTINUE, runs of read-ahead pages with one call) keeps
-/// sequential consistency and exact counts.
+/// UFFDIO_CONTINUE, or filled by UFFDIO_COPY when they have no frame; runs
+/// of read-ahead pages with one call per run) keeps sequential consistency
+/// and exact counts, with dropped pages' frames kept or released.
 #[test]
 fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     let memfd = [("DSM_BACKING", "memfd"), ("DSM_SPACE_SIZE", "4M")];
@@ -142,6 +143,19 @@ fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     let ahead = [memfd[0], memfd[1], ("DSM_PREFETCH", "64")];
     let out = job(&ahead, 3, "stress", &["scan", "20", "512"]);
     out.expect_each_rank(3, "scan exact: 512 pages at round 20");
+    // At most 16 dropped pages keep their frames: the scan's invalidations
+    // release them again and again, and the pages fetched after come back
+    // by UFFDIO_COPY into new frames, others by UFFDIO_CONTINUE.
+    let released = [
+        memfd[0],
+        memfd[1],
+        ("DSM_PREFETCH", "64"),
+        ("DSM_MEMFD_RETAIN", "64K"),
+    ];
+    let out = job(&released, 3, "stress", &["scan", "20", "512"]);
+    out.expect_each_rank(3, "scan exact: 512 pages at round 20");
+    let out = job(&released, 4, "stress", &["random", "4", "6000"]);
+    out.expect_each_rank(4, "random exact: 16 slots");
 }
 
 /// Faults served by the faulting thread itself (`DSM_FAULTS=sigbus`: a
