@@ -121,7 +121,7 @@ impl Dsm {
             match backing {
                 Backing::Anonymous => "anonymous memory (pages installed with UFFDIO_COPY)",
                 Backing::Memfd =>
-                    "a memfd (pages written through an alias, mapped with UFFDIO_CONTINUE)",
+                    "a memfd (pages with a frame written through an alias and mapped with UFFDIO_CONTINUE, others filled by UFFDIO_COPY)",
             }
         );
         let faults = FaultHandler::register(&region, config.faults)?

@@ -349,8 +349,11 @@ impl Engine {
     ) -> Result<(), DsmError> {
         let inbox = lock(engine).transport.inbox();
         let result = Self::serve(engine, &inbox, &inputs, spin);
-        lock(engine).serving = false;
-        result
+        let mut this = lock(engine);
+        this.serving = false;
+        // Messages handled in a receive thread may have left output whose
+        // `Wake` arrived after `Stop`.
+        result.and_then(|()| this.flush())
     }
 
     fn serve(
@@ -1463,8 +1466,17 @@ pub(crate) fn inline_delivery(
             return Some(message);
         }
         let before = this.next_deadline();
+        let from = message.from;
         this.sends_deferred = true;
-        let handled = this.on_message(message);
+        // A panic here would otherwise end this receive thread silently,
+        // with sends left deferred: the job is ended instead.
+        let handled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.on_message(message)))
+                .unwrap_or_else(|_| {
+                    Err(DsmError::Protocol(format!(
+                        "handling a message from rank {from} panicked"
+                    )))
+                });
         this.sends_deferred = false;
         Stats::add(&this.stats.messages_inline, 1);
         let wake = !this.out.is_empty() || this.next_deadline() != before;

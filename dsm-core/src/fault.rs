@@ -426,7 +426,7 @@ struct Segment {
     framed: bool,
 }
 
-/// Default bound of [`Retained`]: 256 MiB of dropped pages per rank.
+/// Default bound of [`Frames`]: 256 MiB of dropped pages per rank.
 pub const DEFAULT_RETAINED_PAGES: usize = (256 << 20) / PAGE_SIZE;
 
 fn create_uffd(delivery: FaultDelivery) -> Result<Uffd, FaultError> {
@@ -593,9 +593,6 @@ impl FaultHandler {
         }
         frames.dropped_count = 0;
         for run in frames.dropped.take_runs() {
-            for page in run.clone() {
-                frames.held.remove(page);
-            }
             let addr = alias + run.start * PAGE_SIZE;
             // SAFETY: the range is pages of the alias mapping of our memfd,
             // none of them mapped in the space (dropped, not installed since:
@@ -614,6 +611,9 @@ impl FaultHandler {
                 addr,
                 errno,
             })?;
+            for page in run {
+                frames.held.remove(page);
+            }
         }
         Ok(())
     }
@@ -683,9 +683,16 @@ impl FaultHandler {
             } else {
                 userfaultfd_sys::UFFDIO_COPY_MODE_WP
             };
-            return self.run_install(page, "UFFDIO_COPY (memfd)", || {
+            match self.run_install(page, "UFFDIO_COPY (memfd)", || {
                 self.copy_pages(addr, data, mode).0
-            });
+            }) {
+                // EEXIST: mapped already (a stale install), or a frame this
+                // tracking missed. Mapping it through the alias is right
+                // in both cases, where taking it as mapped would leave it
+                // faulting forever in the second.
+                Ok(Installed::AlreadyPresent) => {}
+                installed => return installed,
+            }
         }
         // SAFETY: the alias page is memory of the region's memfd, which no
         // Rust reference points into. The space's view of the page is not

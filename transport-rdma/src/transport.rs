@@ -1543,8 +1543,14 @@ impl Drop for RdmaTransport {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        // The last reference can go in one of these threads (the engine's
+        // handler of inline deliveries holds the transport): it cannot
+        // join itself, and is ending anyway.
+        let current = std::thread::current().id();
         for t in threads {
-            let _ = t.join();
+            if t.thread().id() != current {
+                let _ = t.join();
+            }
         }
         // Queue pairs, regions, queues and the device go when `shared` does;
         // queue pairs first (they hold everything else).
