@@ -27,6 +27,7 @@ pub use crate::config::FaultDelivery;
 use crate::config::PAGE_SIZE;
 use crate::pages::PageSet;
 use crate::sigbus::Waiters;
+use smallvec::SmallVec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -327,24 +328,9 @@ fn sized_memfd(len: usize) -> Result<OwnedFd, FaultError> {
 pub fn memfd_supported() -> Result<(), FaultError> {
     let region = Region::map_scratch()?;
     let handler = FaultHandler::register(&region, FaultDelivery::Events)?;
-    let mut cont = userfaultfd_sys::uffdio_continue {
-        range: userfaultfd_sys::uffdio_range {
-            start: region.base as u64,
-            len: PAGE_SIZE as u64,
-        },
-        mode: CONTINUE_MODE_WP,
-        mapped: 0,
-    };
-    // SAFETY: UFFDIO_CONTINUE on a page of a registered scratch mapping that
-    // nothing uses; the page is not in the memfd yet, so a kernel that knows
-    // the mode fails with EFAULT and one that does not with EINVAL.
-    let rc = unsafe {
-        libc::ioctl(
-            handler.uffd.as_raw_fd(),
-            userfaultfd_sys::UFFDIO_CONTINUE as _,
-            &mut cont,
-        )
-    };
+    // The page is not in the memfd yet: a kernel that knows the mode fails
+    // with EFAULT, one that does not with EINVAL.
+    let (rc, _) = handler.continue_pages(region.base, PAGE_SIZE, CONTINUE_MODE_WP);
     match (rc, nix::errno::Errno::last()) {
         (0, _) => Ok(()),
         (_, nix::errno::Errno::EINVAL) => Err(FaultError::MemfdUnsupported(
@@ -555,9 +541,15 @@ impl FaultHandler {
     /// Pages `first..first + count` are about to be installed: splits them
     /// into segments with and without a frame, and records that they all
     /// have one, in use.
-    fn claim_frames(&self, frames: &Mutex<Frames>, first: usize, count: usize) -> Vec<Segment> {
+    /// (A run mixes the two at most at its edges: no allocation per install.)
+    fn claim_frames(
+        &self,
+        frames: &Mutex<Frames>,
+        first: usize,
+        count: usize,
+    ) -> SmallVec<[Segment; 2]> {
         let mut frames = lock_frames(frames);
-        let mut segments: Vec<Segment> = Vec::new();
+        let mut segments: SmallVec<[Segment; 2]> = SmallVec::new();
         for page in first..first + count {
             let framed = frames.held.contains(page);
             match segments.last_mut() {
@@ -584,7 +576,7 @@ impl FaultHandler {
         };
         let mut frames = lock_frames(frames);
         for page in first..first + count {
-            if frames.held.contains(page) && frames.dropped.add(page) {
+            if frames.held.contains(page) && frames.dropped.insert(page) {
                 frames.dropped_count += 1;
             }
         }
@@ -694,37 +686,55 @@ impl FaultHandler {
                 installed => return installed,
             }
         }
-        // SAFETY: the alias page is memory of the region's memfd, which no
-        // Rust reference points into. The space's view of the page is not
-        // mapped (the protocol installs only pages this rank does not hold),
-        // except for a stale install, where it already holds these bytes.
+        self.write_alias(alias, page, data);
+        let mode = if writable { 0 } else { CONTINUE_MODE_WP };
+        self.run_install(page, "UFFDIO_CONTINUE", || {
+            self.continue_pages(addr, PAGE_SIZE, mode).0
+        })
+    }
+
+    /// Writes `bytes` (whole pages) into the memfd's pages from `first`
+    /// through the alias.
+    fn write_alias(&self, alias: usize, first: usize, bytes: &[u8]) {
+        debug_assert!(first * PAGE_SIZE + bytes.len() <= self.len);
+        // SAFETY: the alias pages are memory of the region's memfd, which no
+        // Rust reference points into. Their view in the space is not mapped
+        // (the protocol installs only pages this rank does not hold), except
+        // for a stale install, where it already holds these very bytes.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                (alias + page * PAGE_SIZE) as *mut u8,
-                PAGE_SIZE,
+                bytes.as_ptr(),
+                (alias + first * PAGE_SIZE) as *mut u8,
+                bytes.len(),
             )
         };
-        self.run_install(page, "UFFDIO_CONTINUE", || {
-            let mut cont = userfaultfd_sys::uffdio_continue {
-                range: userfaultfd_sys::uffdio_range {
-                    start: addr as u64,
-                    len: PAGE_SIZE as u64,
-                },
-                mode: if writable { 0 } else { CONTINUE_MODE_WP },
-                mapped: 0,
-            };
-            // SAFETY: UFFDIO_CONTINUE maps the memfd's existing page at a page
-            // of the registered region and writes the result into `cont`,
-            // which lives across the call.
-            unsafe {
-                libc::ioctl(
-                    self.uffd.as_raw_fd(),
-                    userfaultfd_sys::UFFDIO_CONTINUE as _,
-                    &mut cont,
-                )
-            }
-        })
+    }
+
+    /// One UFFDIO_CONTINUE of `len` bytes at `addr` (pages of the region
+    /// whose frames the memfd holds) with `mode` (`CONTINUE_MODE_WP`:
+    /// mapped write-protected): the ioctl's result, and the bytes it mapped
+    /// (or a negative errno).
+    fn continue_pages(&self, addr: usize, len: usize, mode: u64) -> (libc::c_int, i64) {
+        debug_assert!(addr + len <= self.base + self.len);
+        let mut cont = userfaultfd_sys::uffdio_continue {
+            range: userfaultfd_sys::uffdio_range {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over a range
+        // of the registered region and writes the result into `cont`, which
+        // lives across the call.
+        let result = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                userfaultfd_sys::UFFDIO_CONTINUE as _,
+                &mut cont,
+            )
+        };
+        (result, cont.mapped)
     }
 
     /// `continue_page` for a run of read-only pages: each segment of pages
@@ -760,42 +770,12 @@ impl FaultHandler {
                 )?;
                 continue;
             }
-            // SAFETY: as in `continue_page`, for each page of the segment:
-            // memfd memory no Rust reference points into, whose view in the
-            // space is not mapped, or mapped with these very bytes (a stale
-            // install).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    (alias + segment.start * PAGE_SIZE) as *mut u8,
-                    bytes.len(),
-                )
-            };
+            self.write_alias(alias, segment.start, bytes);
             self.map_run(
                 segment.start,
                 bytes.len(),
                 "UFFDIO_CONTINUE (write-protected run)",
-                |done| {
-                    let mut cont = userfaultfd_sys::uffdio_continue {
-                        range: userfaultfd_sys::uffdio_range {
-                            start: (start + done) as u64,
-                            len: (bytes.len() - done) as u64,
-                        },
-                        mode: CONTINUE_MODE_WP,
-                        mapped: 0,
-                    };
-                    // SAFETY: UFFDIO_CONTINUE maps the memfd's existing pages over
-                    // a range of the registered region and writes the result into
-                    // `cont`, which lives across the call.
-                    let result = unsafe {
-                        libc::ioctl(
-                            self.uffd.as_raw_fd(),
-                            userfaultfd_sys::UFFDIO_CONTINUE as _,
-                            &mut cont,
-                        )
-                    };
-                    (result, cont.mapped)
-                },
+                |done| self.continue_pages(start + done, bytes.len() - done, CONTINUE_MODE_WP),
             )?;
         }
         Ok(())

@@ -62,21 +62,9 @@ impl PageSet {
             .is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
-    /// Adds `page`; nothing happens for a page beyond the set's words.
-    pub fn insert(&mut self, page: usize) {
-        if let Some(word) = self.words.get_mut(page / 64) {
-            *word |= 1 << (page % 64);
-        }
-    }
-
-    pub fn extend(&mut self, pages: std::ops::Range<usize>) {
-        for page in pages {
-            self.insert(page);
-        }
-    }
-
-    /// Adds `page`; true if it was not in (false too beyond the words).
-    pub fn add(&mut self, page: usize) -> bool {
+    /// Adds `page`; true if it was not in. Nothing happens for a page
+    /// beyond the set's words (false).
+    pub fn insert(&mut self, page: usize) -> bool {
         let Some(word) = self.words.get_mut(page / 64) else {
             return false;
         };
@@ -84,6 +72,12 @@ impl PageSet {
         let new = *word & bit == 0;
         *word |= bit;
         new
+    }
+
+    pub fn extend(&mut self, pages: std::ops::Range<usize>) {
+        for page in pages {
+            self.insert(page);
+        }
     }
 
     /// Empties the set; returns its pages as maximal runs, in order.
@@ -150,8 +144,8 @@ mod tests {
         assert!(!set.remove(63));
         assert!(!set.remove(5000));
         assert!(!set.contains(63));
-        assert!(set.add(63) && !set.add(63), "added once");
-        assert!(!set.add(130), "beyond the words: not kept");
+        assert!(set.insert(63) && !set.insert(63), "added once");
+        assert!(!set.insert(130), "beyond the words: not kept");
         set.insert(64);
         set.remove(62);
         assert_eq!(set.take_runs(), vec![63..66usize, 99..100]);
