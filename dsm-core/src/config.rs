@@ -87,6 +87,10 @@ pub struct Config {
     /// engine is free (no hand-off to the engine thread); false queues
     /// every message for the engine thread.
     pub receive_inline: bool,
+    /// With a memfd and a transport that supports it: runs of pages are
+    /// received straight into their frames (no copy from a receive
+    /// buffer); false receives them into buffers.
+    pub receive_in_frames: bool,
     /// With a memfd: bytes of dropped pages whose frames are kept for their
     /// next install (beyond that, all are released).
     pub memfd_retain: usize,
@@ -107,6 +111,7 @@ impl Default for Config {
             spin: Duration::ZERO,
             faults: FaultDelivery::DEFAULT,
             receive_inline: true,
+            receive_in_frames: true,
             memfd_retain: crate::fault::DEFAULT_RETAINED_PAGES * PAGE_SIZE,
         }
     }
@@ -167,6 +172,7 @@ impl Config {
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
+    /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -266,6 +272,13 @@ impl Config {
                 "inline" => true,
                 "queue" => false,
                 _ => return Err(err("DSM_RECEIVE", &v, "expected inline or queue")),
+            };
+        }
+        if let Some(v) = get("DSM_RECEIVE_PAGES") {
+            self.receive_in_frames = match v.trim().to_ascii_lowercase().as_str() {
+                "frames" => true,
+                "buffer" => false,
+                _ => return Err(err("DSM_RECEIVE_PAGES", &v, "expected frames or buffer")),
             };
         }
         if let Some(v) = get("DSM_STATS") {

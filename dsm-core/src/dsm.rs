@@ -181,6 +181,9 @@ impl Dsm {
                 inputs_tx.clone(),
             ));
         }
+        if config.receive_in_frames && region.alias().is_some() {
+            transport.place_payloads(engine::payload_placement(Arc::downgrade(&engine)));
+        }
         let spin = config.spin;
         let state = Arc::clone(&engine);
         let (engine_state, faults_served, failures) =

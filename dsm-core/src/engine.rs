@@ -9,7 +9,7 @@
 //! yet is parked, the reference rank (0) is asked, and the parked events
 //! are replayed in their order of arrival once the segment is registered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -22,14 +22,14 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
-use crate::fault::{Fault, FaultHandler};
+use crate::fault::{Fault, FaultError, FaultHandler};
 use crate::outbox::{Outbox, PageSource};
 use crate::pages::{PageMap, PageSet};
 use crate::proto::{self, Msg, PageData, Payload, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
 use crate::sync::{BarrierCounter, LockTable};
-use crate::transport::{Incoming, InlineDelivery};
+use crate::transport::{Incoming, InlineDelivery, Landing, PayloadPlacement};
 use crate::{Message, Rank, Transport};
 
 /// Most messages handled before the replies of the first leave.
@@ -187,6 +187,10 @@ pub(crate) struct Engine {
     /// False once the engine thread has stopped: messages are then queued,
     /// as nobody would send what handling them produces.
     serving: bool,
+    /// Runs of read grants a receive thread is landing straight in their
+    /// frames (`land_read_grant_run`), as (sender, first page, count), in
+    /// order of arrival: the notice it hands on for each must match.
+    landing: VecDeque<(Rank, usize, usize)>,
 }
 
 /// Most spare page buffers kept (16 MiB): enough for a home to turn over a
@@ -224,6 +228,25 @@ struct StagedRun {
 
 /// Most pages asked back after one fault (`regain_after`): 64 KiB.
 const REGAIN_MAX: usize = 16;
+
+/// Where the bytes of a run of read grants are.
+#[derive(Clone, Copy)]
+enum RunBytes<'a> {
+    /// In the message received, page after page.
+    Received(&'a [u8]),
+    /// Already in the pages' frames (this many pages), landed there by the
+    /// transport.
+    Landed(usize),
+}
+
+impl RunBytes<'_> {
+    fn count(&self) -> usize {
+        match self {
+            RunBytes::Received(pages) => pages.len() / PAGE_SIZE,
+            RunBytes::Landed(count) => *count,
+        }
+    }
+}
 
 /// Sequential read-stream detection for prefetch.
 #[derive(Default)]
@@ -328,6 +351,7 @@ impl Engine {
             spare_pages: Vec::new(),
             sends_deferred: false,
             serving: true,
+            landing: VecDeque::new(),
         }
     }
 
@@ -670,7 +694,10 @@ impl Engine {
         if let Some((first, pages)) = proto::read_grant_run(payload)
             .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?
         {
-            return self.on_read_grant_run(from, first, pages);
+            return self.on_read_grant_run(from, first, RunBytes::Received(pages));
+        }
+        if let Some((first, count)) = proto::placed_read_run(payload) {
+            return self.on_landed_run(from, first, count);
         }
         let spares = &mut self.spare_pages;
         let msg = Msg::decode_with(payload, &mut |bytes| filled_page(spares, bytes))
@@ -702,15 +729,20 @@ impl Engine {
         &mut self,
         from: Rank,
         first: usize,
-        pages: &[u8],
+        bytes: RunBytes<'_>,
     ) -> Result<(), DsmError> {
-        let count = pages.len() / PAGE_SIZE;
+        let count = bytes.count();
         if (first..first + count).any(|page| self.segment_unknown(page)) {
             // Not what this rank asked for (it knows the segments of its
             // requests): the grants one by one, as the state machine and
             // parking expect them.
-            for (i, bytes) in pages.chunks_exact(PAGE_SIZE).enumerate() {
-                let grant = [&Msg::grant_data_header_bytes(first + i, false)[..], bytes].concat();
+            for i in 0..count {
+                let page = first + i;
+                let grant = [
+                    &Msg::grant_data_header_bytes(page, false)[..],
+                    &self.run_page(bytes, first, i)[..],
+                ]
+                .concat();
                 self.on_payload(from, &grant)?;
             }
             return Ok(());
@@ -721,7 +753,7 @@ impl Engine {
         // Pages from `first + direct` up to the one handled are mapped
         // together once something else must happen.
         let mut direct = 0;
-        for (i, bytes) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+        for i in 0..count {
             let page = first + i;
             let actions = match &mut self.node {
                 Node::Mrsw(node) => node.on_read_grant(from, page, now)?,
@@ -742,16 +774,13 @@ impl Engine {
                 }
             }
             if i > direct {
-                self.faults.install_readonly_run(
-                    first + direct,
-                    &pages[direct * PAGE_SIZE..i * PAGE_SIZE],
-                )?;
+                self.install_run_part(bytes, first, direct..i)?;
             }
             direct = i + 1;
             let grant = Msg::Grant {
                 page: page as u64,
                 write: false,
-                payload: Payload::Data(filled_page(&mut self.spare_pages, bytes)),
+                payload: Payload::Data(self.run_page(bytes, first, i)),
             };
             self.apply(actions, Carried::Msg(&grant))?;
             self.run_staged()?;
@@ -761,10 +790,93 @@ impl Engine {
             }
         }
         if direct < count {
-            self.faults
-                .install_readonly_run(first + direct, &pages[direct * PAGE_SIZE..])?;
+            self.install_run_part(bytes, first, direct..count)?;
         }
         Ok(())
+    }
+
+    /// Maps pages `first + parts` of a run of read grants, read-only.
+    fn install_run_part(
+        &self,
+        bytes: RunBytes<'_>,
+        first: usize,
+        part: std::ops::Range<usize>,
+    ) -> Result<(), FaultError> {
+        match bytes {
+            RunBytes::Received(pages) => self.faults.install_readonly_run(
+                first + part.start,
+                &pages[part.start * PAGE_SIZE..part.end * PAGE_SIZE],
+            ),
+            RunBytes::Landed(_) => self
+                .faults
+                .install_landed_run(first + part.start, part.len()),
+        }
+    }
+
+    /// The bytes of page `first + i` of a run of read grants, in a buffer.
+    fn run_page(&mut self, bytes: RunBytes<'_>, first: usize, i: usize) -> PageData {
+        match bytes {
+            RunBytes::Received(pages) => filled_page(
+                &mut self.spare_pages,
+                &pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            ),
+            RunBytes::Landed(_) => {
+                let mut page = self.page_buffer();
+                self.faults.copy_landed(first + i, Arc::make_mut(&mut page));
+                page
+            }
+        }
+    }
+
+    /// In a receive thread, before the pages of a run of read grants from
+    /// `from` are read: their frames to land them in, if this rank waits
+    /// for exactly these grants (so nothing maps or writes those pages
+    /// until the run is handled) and holds a memfd; otherwise `None`, and
+    /// the run arrives in a buffer as usual. The notice the landing hands
+    /// on is handled by `on_landed_run`.
+    fn land_read_grant_run(
+        &mut self,
+        from: Rank,
+        first: usize,
+        count: usize,
+    ) -> Option<Box<dyn Landing>> {
+        let Node::Mrsw(node) = &self.node else {
+            return None;
+        };
+        let pages = first..first.checked_add(count)?;
+        let overlaps = |&(_, f, c): &(Rank, usize, usize)| f < pages.end && pages.start < f + c;
+        if !self.serving
+            || self.staged.count > 0
+            || self.landing.iter().any(overlaps)
+            || pages.clone().any(|p| !node.awaits_read_grant(p, from))
+            || pages.clone().any(|p| self.segment_unknown(p))
+        {
+            return None;
+        }
+        let landing =
+            self.faults
+                .landing(first, count, proto::placed_read_run_notice(first, count))?;
+        self.landing.push_back((from, first, count));
+        Stats::add(&self.stats.pages_landed, count as u64);
+        Some(landing)
+    }
+
+    /// The notice a receive thread hands on once a run of read grants
+    /// landed in its frames: the run's grants, handled as if they had
+    /// arrived with their bytes. A notice this rank did not expect (one
+    /// sent on the wire) is a protocol error.
+    fn on_landed_run(&mut self, from: Rank, first: usize, count: usize) -> Result<(), DsmError> {
+        match self.landing.iter().position(|(r, _, _)| *r == from) {
+            Some(i) if self.landing[i] == (from, first, count) => {
+                self.landing.remove(i);
+            }
+            _ => {
+                return Err(DsmError::Protocol(format!(
+                    "from rank {from}: a notice of {count} pages from page {first} landed, which this rank's transport did not land"
+                )))
+            }
+        }
+        self.on_read_grant_run(from, first, RunBytes::Landed(count))
     }
 
     /// Home: the read requests of a batch (a reader's read-ahead) for
@@ -1492,6 +1604,24 @@ pub(crate) fn inline_delivery(
         }
         None
     })
+}
+
+/// Lets the transport's receive threads land runs of read grants straight
+/// in their pages' frames ([`Transport::place_payloads`]), when the engine
+/// is free to check that this rank waits for exactly those grants
+/// (`Engine::land_read_grant_run`). It never waits for the engine: a
+/// receive thread blocked on it could deadlock two ranks, as for
+/// [`inline_delivery`].
+pub(crate) fn payload_placement(engine: Weak<Mutex<Engine>>) -> PayloadPlacement {
+    PayloadPlacement {
+        head_len: proto::READ_GRANT_RUN_HEAD,
+        place: Box::new(move |from, head, len| {
+            let (first, count) = proto::read_grant_run_head(head, len)?;
+            let engine = engine.upgrade()?;
+            let mut this = engine.try_lock().ok()?;
+            this.land_read_grant_run(from, first, count)
+        }),
+    }
 }
 
 /// How long a thread parked in the SIGBUS handler sleeps before it retries

@@ -19,7 +19,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
@@ -27,6 +27,7 @@ pub use crate::config::FaultDelivery;
 use crate::config::PAGE_SIZE;
 use crate::pages::PageSet;
 use crate::sigbus::Waiters;
+use crate::transport::Landing;
 use smallvec::SmallVec;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +85,29 @@ const CONTINUE_MODE_WP: u64 = 1 << 1;
 pub struct Region {
     base: usize,
     len: usize,
-    /// With a memfd: the second mapping of the same pages, and the memfd.
-    alias: Option<(usize, OwnedFd)>,
+    /// With a memfd: the second mapping of the same pages.
+    alias: Option<Arc<Alias>>,
+}
+
+/// The second mapping of a memfd-backed space, and the memfd. Shared by the
+/// region, its fault handler and the landings made in it, and unmapped when
+/// the last of them is gone: a receive thread still landing bytes in it
+/// never writes to memory unmapped under it.
+#[derive(Debug)]
+struct Alias {
+    addr: usize,
+    len: usize,
+    _memfd: OwnedFd,
+}
+
+impl Drop for Alias {
+    fn drop(&mut self) {
+        if let Some(ptr) = std::ptr::NonNull::new(self.addr as *mut std::ffi::c_void) {
+            // SAFETY: this mapping is ours alone; every holder of a pointer
+            // into it holds this `Alias`.
+            let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
+        }
+    }
 }
 
 /// Describes whatever already lives in `[start, end)`, from /proc/self/maps.
@@ -207,7 +229,11 @@ impl Region {
                 errno,
                 hint: "mapping the memfd's second view failed (address space limits? check `ulimit -v`)",
             })?;
-            region.alias = Some((alias, fd));
+            region.alias = Some(Arc::new(Alias {
+                addr: alias,
+                len,
+                _memfd: fd,
+            }));
         }
         // Pages move one by one: a transparent huge page would make a 4 KiB
         // transfer drop 2 MiB. Failure only costs performance.
@@ -238,7 +264,7 @@ impl Region {
     /// space), where page bytes are written before they are mapped. A
     /// transport may register it to land pages there.
     pub fn alias(&self) -> Option<usize> {
-        self.alias.as_ref().map(|(addr, _)| *addr)
+        self.alias.as_ref().map(|alias| alias.addr)
     }
 
     pub fn len(&self) -> usize {
@@ -280,13 +306,11 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        let alias = self.alias.as_ref().map(|(addr, _)| *addr);
-        for start in std::iter::once(self.base).chain(alias) {
-            if let Some(ptr) = std::ptr::NonNull::new(start as *mut std::ffi::c_void) {
-                // SAFETY: the region owns these mappings; references into
-                // them borrow the owner (Dsm), so none outlive it.
-                let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
-            }
+        if let Some(ptr) = std::ptr::NonNull::new(self.base as *mut std::ffi::c_void) {
+            // SAFETY: the region owns this mapping; references into it
+            // borrow the owner (Dsm), so none outlive it. (The alias goes
+            // with its last holder.)
+            let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
         }
     }
 }
@@ -351,7 +375,11 @@ impl Region {
             alias: None,
         };
         let alias = map_shared_anywhere(&fd, PAGE_SIZE).map_err(failed)?;
-        region.alias = Some((alias, fd));
+        region.alias = Some(Arc::new(Alias {
+            addr: alias,
+            len: PAGE_SIZE,
+            _memfd: fd,
+        }));
         Ok(region)
     }
 }
@@ -378,6 +406,8 @@ pub struct FaultHandler {
     len: usize,
     /// With a memfd: the alias where page bytes are written before mapping.
     alias: Option<usize>,
+    /// The mapping `alias` points into, kept alive by every landing in it.
+    alias_mapping: Option<Arc<Alias>>,
     /// With SIGBUS delivery: the futex words of the threads waiting in the
     /// SIGBUS handler.
     waiters: Option<Waiters>,
@@ -410,6 +440,33 @@ struct Segment {
     start: usize,
     count: usize,
     framed: bool,
+}
+
+/// Pages of the alias a transport receives bytes into
+/// ([`FaultHandler::landing`]).
+struct AliasLanding {
+    /// Kept mapped while bytes may land in it.
+    mapping: Arc<Alias>,
+    offset: usize,
+    len: usize,
+    notice: Vec<u8>,
+}
+
+impl Landing for AliasLanding {
+    fn bytes(&mut self) -> &mut [u8] {
+        debug_assert!(self.offset + self.len <= self.mapping.len);
+        // SAFETY: pages of the alias, which `mapping` keeps mapped. The
+        // caller of `FaultHandler::landing` knew that the space does not map
+        // them and nothing else writes them until the notice is handled, so
+        // this is the only reference to them (unique, as `&mut self` is).
+        unsafe {
+            std::slice::from_raw_parts_mut((self.mapping.addr + self.offset) as *mut u8, self.len)
+        }
+    }
+
+    fn landed(self: Box<Self>) -> Vec<u8> {
+        self.notice
+    }
 }
 
 /// Default bound of [`Frames`]: 256 MiB of dropped pages per rank.
@@ -510,6 +567,7 @@ impl FaultHandler {
             base: region.base,
             len: region.len,
             alias,
+            alias_mapping: region.alias.clone(),
             waiters: (delivery == FaultDelivery::Sigbus).then(Waiters::default),
             frames: alias.map(|_| {
                 Mutex::new(Frames {
@@ -779,6 +837,82 @@ impl FaultHandler {
             )?;
         }
         Ok(())
+    }
+
+    /// Lets a transport receive the bytes of pages `first..first + count`
+    /// (a run of read grants) straight into their frames, which saves
+    /// copying them from a receive buffer: claims the frames, allocates the
+    /// missing ones in one call, and returns their memory in the alias, which
+    /// hands back `notice` once the bytes have landed. `None` without a
+    /// memfd, or for pages outside the space. [`FaultHandler::install_landed_run`]
+    /// then maps them.
+    ///
+    /// The caller must know from the protocol that the space does not map
+    /// these pages and that nothing else writes them until the notice is
+    /// handled (this rank is waiting for their read grants).
+    pub fn landing(&self, first: usize, count: usize, notice: Vec<u8>) -> Option<Box<dyn Landing>> {
+        let (Some(mapping), Some(frames)) = (&self.alias_mapping, &self.frames) else {
+            return None;
+        };
+        let end = first.checked_add(count)?;
+        if count == 0 || end > self.len / PAGE_SIZE {
+            return None;
+        }
+        for segment in self.claim_frames(frames, first, count) {
+            if !segment.framed {
+                // Frames allocated here, in one call, rather than by a
+                // page fault each as the bytes land. If the call fails,
+                // they are.
+                // SAFETY: pages of the alias mapping of our memfd, which no
+                // Rust reference points into; populating only allocates
+                // zeroed frames for pages that have none.
+                unsafe {
+                    libc::madvise(
+                        (mapping.addr + segment.start * PAGE_SIZE) as *mut libc::c_void,
+                        segment.count * PAGE_SIZE,
+                        libc::MADV_POPULATE_WRITE,
+                    )
+                };
+            }
+        }
+        Some(Box::new(AliasLanding {
+            mapping: Arc::clone(mapping),
+            offset: first * PAGE_SIZE,
+            len: count * PAGE_SIZE,
+            notice,
+        }))
+    }
+
+    /// Maps pages whose bytes a [`FaultHandler::landing`] received,
+    /// write-protected (read-only copies), and wakes the threads waiting on
+    /// them.
+    pub fn install_landed_run(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        let start = self.addr(first);
+        let len = count * PAGE_SIZE;
+        let mapped = self.map_run(first, len, "UFFDIO_CONTINUE (landed run)", |done| {
+            self.continue_pages(start + done, len - done, CONTINUE_MODE_WP)
+        });
+        if let Some(waiters) = &self.waiters {
+            waiters.woken_run(first, count);
+        }
+        mapped
+    }
+
+    /// The bytes a landing received for `page`, copied into `out`.
+    pub fn copy_landed(&self, page: usize, out: &mut [u8; PAGE_SIZE]) {
+        let Some(alias) = self.alias else {
+            return;
+        };
+        debug_assert!((page + 1) * PAGE_SIZE <= self.len);
+        // SAFETY: a page of the alias mapping of our memfd; its bytes landed
+        // and nothing writes them until the page is installed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (alias + page * PAGE_SIZE) as *const u8,
+                out.as_mut_ptr(),
+                PAGE_SIZE,
+            )
+        };
     }
 
     /// Maps a run of `len` bytes from page `first` with `ioctl` (given the

@@ -39,6 +39,12 @@ pub const BATCH: u8 = 27;
 /// Read grants of consecutive pages from one home, their bytes back to back
 /// (see [`read_grant_run`]).
 const GRANT_READ_RUN: u8 = 28;
+/// Never on the wire: what a receive thread hands on in place of a run of
+/// read grants whose bytes it received straight into their pages' frames
+/// (see [`placed_read_run`]).
+const PLACED_READ_RUN: u8 = 29;
+/// Bytes of a run of read grants before its pages.
+pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
 pub const BATCH_MAX_BYTES: usize = 256 << 10;
 
@@ -268,6 +274,48 @@ pub fn read_grant_run(bytes: &[u8]) -> Result<Option<(usize, &[u8])>, ProtoError
             "pages past the end of the address space",
         ))?;
     Ok(Some((first, pages)))
+}
+
+/// From the first [`READ_GRANT_RUN_HEAD`] bytes of a `len`-byte message
+/// (all a receive thread has read of it yet): the first page and the
+/// number of pages of a run of read grants; `None` for any other message,
+/// or a run that [`read_grant_run`] would refuse.
+pub fn read_grant_run_head(head: &[u8], len: usize) -> Option<(usize, usize)> {
+    let [GRANT_READ_RUN, first @ ..] = head else {
+        return None;
+    };
+    let first = u64::from_le_bytes(first.try_into().ok()?);
+    let bytes = len.checked_sub(READ_GRANT_RUN_HEAD)?;
+    if bytes == 0 || bytes % PAGE_SIZE != 0 {
+        return None;
+    }
+    let first = usize::try_from(first).ok()?;
+    let count = bytes / PAGE_SIZE;
+    first.checked_add(count)?;
+    Some((first, count))
+}
+
+/// The message standing for a run of `count` read grants from page
+/// `first` whose bytes are already in the pages' frames.
+pub fn placed_read_run_notice(first: usize, count: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17);
+    out.push(PLACED_READ_RUN);
+    out.extend_from_slice(&(first as u64).to_le_bytes());
+    out.extend_from_slice(&(count as u64).to_le_bytes());
+    out
+}
+
+/// The first page and count of a [`placed_read_run_notice`]; `None` for
+/// any other message.
+pub fn placed_read_run(bytes: &[u8]) -> Option<(usize, usize)> {
+    let [PLACED_READ_RUN, rest @ ..] = bytes else {
+        return None;
+    };
+    let (first, count) = rest.split_first_chunk::<8>()?;
+    let count: &[u8; 8] = count.try_into().ok()?;
+    let first = usize::try_from(u64::from_le_bytes(*first)).ok()?;
+    let count = usize::try_from(u64::from_le_bytes(*count)).ok()?;
+    Some((first, count))
 }
 
 /// The messages of a batch, in order. A batch inside a batch, an empty
@@ -790,5 +838,29 @@ mod tests {
         }
         let far = [&read_grant_run_header(usize::MAX)[..], &pages].concat();
         assert!(read_grant_run(&far).is_err(), "pages past usize::MAX");
+    }
+
+    #[test]
+    fn a_run_is_recognised_from_its_head_as_read_grant_run_reads_it() {
+        let pages = [[1u8; PAGE_SIZE], [2u8; PAGE_SIZE]].concat();
+        let wire = [&read_grant_run_header(40)[..], &pages].concat();
+        let head = &wire[..READ_GRANT_RUN_HEAD];
+        assert_eq!(read_grant_run_head(head, wire.len()), Some((40, 2)));
+        for len in [READ_GRANT_RUN_HEAD, READ_GRANT_RUN_HEAD + PAGE_SIZE - 1, 3] {
+            assert_eq!(read_grant_run_head(head, len), None, "length {len}");
+        }
+        let far = read_grant_run_header(usize::MAX);
+        assert_eq!(read_grant_run_head(&far, wire.len()), None);
+        let other = Msg::ReadReq { page: 1 }.header();
+        assert_eq!(read_grant_run_head(&other, wire.len()), None);
+    }
+
+    #[test]
+    fn a_placed_run_notice_names_its_pages_and_is_no_wire_message() {
+        let notice = placed_read_run_notice(7, 63);
+        assert_eq!(placed_read_run(&notice), Some((7, 63)));
+        assert_eq!(placed_read_run(&notice[..16]), None);
+        assert_eq!(placed_read_run(&read_grant_run_header(7)), None);
+        assert!(Msg::decode(&notice).is_err());
     }
 }

@@ -27,6 +27,8 @@ pub struct Stats {
     pub batches_sent: AtomicU64,
     /// Messages received and handled in the transport's receive thread.
     pub messages_inline: AtomicU64,
+    /// Pages received by the transport straight into their frames.
+    pub pages_landed: AtomicU64,
     latencies_ns: Mutex<Samples>,
 }
 
@@ -53,6 +55,7 @@ pub struct StatsSnapshot {
     pub pages_regained: u64,
     pub batches_sent: u64,
     pub messages_inline: u64,
+    pub pages_landed: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
     pub fault_latency_p50: Duration,
     pub fault_latency_p90: Duration,
@@ -106,6 +109,7 @@ impl Stats {
             pages_regained: get(&self.pages_regained),
             batches_sent: get(&self.batches_sent),
             messages_inline: get(&self.messages_inline),
+            pages_landed: get(&self.pages_landed),
             fault_latency_p50: pct(0.5),
             fault_latency_p90: pct(0.9),
             fault_latency_p99: pct(0.99),
@@ -123,7 +127,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {}; batches sent {}; messages handled on receipt {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {}; batches sent {}; messages handled on receipt {}; pages received in place {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -138,6 +142,7 @@ impl std::fmt::Display for StatsSnapshot {
             self.pages_regained,
             self.batches_sent,
             self.messages_inline,
+            self.pages_landed,
             us(self.fault_latency_p50),
             us(self.fault_latency_p90),
             us(self.fault_latency_p99),

@@ -46,6 +46,33 @@ pub enum TransportError {
 /// buffers are full in both directions.
 pub type InlineDelivery = Box<dyn Fn(Message) -> Option<Message> + Send + Sync>;
 
+/// Memory a consumer gave a transport for the rest of a message being
+/// received (see [`Transport::place_payloads`]).
+pub trait Landing: Send {
+    /// Where the bytes after the message's head go: exactly as many as
+    /// remain of it.
+    fn bytes(&mut self) -> &mut [u8];
+    /// Once every byte has landed: the message to deliver in its place.
+    fn landed(self: Box<Self>) -> Vec<u8>;
+}
+
+/// A consumer's choice, made in a receive thread from a message's first
+/// `head_len` bytes, of where the rest of it goes: `place(from, head,
+/// len)` for a message of `len` bytes (more than `head_len`) returns
+/// memory for its last `len - head_len` bytes, or `None` to receive it into
+/// a buffer as usual. The rules of [`InlineDelivery`] apply: it must never
+/// block on the network.
+pub struct PayloadPlacement {
+    pub head_len: usize,
+    #[allow(clippy::type_complexity)]
+    pub place: Box<dyn Fn(Rank, &[u8], usize) -> Option<Box<dyn Landing>> + Send + Sync>,
+}
+
+impl PayloadPlacement {
+    /// Longest head a transport reads before asking.
+    pub const MAX_HEAD: usize = 64;
+}
+
 /// Reliable in-order delivery between every pair of ranks.
 ///
 /// * Messages from one rank to another arrive in the order they were sent,
@@ -100,6 +127,19 @@ pub trait Transport: Send + Sync {
     /// set.
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {
         drop(handler);
+        false
+    }
+
+    /// Lets `placement` choose where the bytes of each message received
+    /// from a peer land, before they are read: a consumer receiving pages
+    /// straight into their final memory saves a copy. The message delivered
+    /// (queued, or offered to the [`Transport::deliver_inline`] handler) is
+    /// then the one the [`Landing`] hands back, in the same order as every
+    /// other. Returns false (and drops `placement`) if this transport does
+    /// not support it, one is already set, or `head_len` exceeds
+    /// [`PayloadPlacement::MAX_HEAD`].
+    fn place_payloads(&self, placement: PayloadPlacement) -> bool {
+        drop(placement);
         false
     }
 

@@ -128,14 +128,36 @@ pub fn read_payload(r: &mut impl Read, len: usize) -> Result<Vec<u8>, WireError>
 pub fn read_payload_into(
     r: &mut impl Read,
     len: usize,
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, WireError> {
+    read_rest_into(r, &[], len, payload)
+}
+
+/// A `len`-byte payload whose first bytes, `head`, were already read:
+/// `head` and the rest from `r`, into `buffer` (emptied first).
+pub fn read_rest_into(
+    r: &mut impl Read,
+    head: &[u8],
+    len: usize,
     mut payload: Vec<u8>,
 ) -> Result<Vec<u8>, WireError> {
+    debug_assert!(head.len() <= len);
     payload.clear();
-    match r.take(len as u64).read_to_end(&mut payload) {
-        Ok(n) if n == len => Ok(payload),
+    payload.extend_from_slice(head);
+    let rest = len - head.len();
+    match r.take(rest as u64).read_to_end(&mut payload) {
+        Ok(n) if n == rest => Ok(payload),
         Ok(_) => Err(WireError::Truncated),
         Err(e) => Err(WireError::Io(e)),
     }
+}
+
+/// Fills `out` from `r`; a short stream is `Truncated`.
+pub fn read_exact_into(r: &mut impl Read, out: &mut [u8]) -> Result<(), WireError> {
+    r.read_exact(out).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => WireError::Truncated,
+        _ => WireError::Io(e),
+    })
 }
 
 /// Reads one whole frame: its kind and payload.

@@ -122,8 +122,9 @@ fn sequential_reads_racing_the_homes_writes_stay_coherent() {
 
 /// The memfd-backed space (pages written through an alias and mapped with
 /// UFFDIO_CONTINUE, or filled by UFFDIO_COPY when they have no frame; runs
-/// of read-ahead pages with one call per run) keeps sequential consistency
-/// and exact counts, with dropped pages' frames kept or released.
+/// of read-ahead pages with one call per run, received straight into their
+/// frames or through a buffer) keeps sequential consistency and exact
+/// counts, with dropped pages' frames kept or released.
 #[test]
 fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     let memfd = [("DSM_BACKING", "memfd"), ("DSM_SPACE_SIZE", "4M")];
@@ -139,9 +140,31 @@ fn memfd_backed_space_keeps_litmus_outcomes_and_exact_counts() {
     out.expect_each_rank(4, "random exact: 16 slots");
     let out = job(&memfd, 4, "stress", &["atomics", "4", "5000"]);
     out.expect_each_rank(4, "atomics exact: A=80000 B=200000");
-    // Read-ahead: runs of read grants, mapped by one UFFDIO_CONTINUE each.
-    let ahead = [memfd[0], memfd[1], ("DSM_PREFETCH", "64")];
+    // Read-ahead: runs of read grants, mapped by one UFFDIO_CONTINUE each,
+    // most of them received straight into their frames.
+    let ahead = [
+        memfd[0],
+        memfd[1],
+        ("DSM_PREFETCH", "64"),
+        ("DSM_STATS", "1"),
+    ];
     let out = job(&ahead, 3, "stress", &["scan", "20", "512"]);
+    out.expect_each_rank(3, "scan exact: 512 pages at round 20");
+    let landed: u64 = (0..3)
+        .flat_map(|rank| out.lines_of(rank, &short_hostname(), "stderr"))
+        .filter_map(|line| {
+            let (_, after) = line.split_once("pages received in place ")?;
+            after.split(';').next()?.trim().parse::<u64>().ok()
+        })
+        .sum();
+    assert!(landed > 0, "no run landed in its frames: {out:?}");
+    let buffered = [
+        memfd[0],
+        memfd[1],
+        ("DSM_PREFETCH", "64"),
+        ("DSM_RECEIVE_PAGES", "buffer"),
+    ];
+    let out = job(&buffered, 3, "stress", &["scan", "20", "512"]);
     out.expect_each_rank(3, "scan exact: 512 pages at round 20");
     // At most 16 dropped pages keep their frames: the scan's invalidations
     // release them again and again, and the pages fetched after come back

@@ -8,7 +8,7 @@
 //! threads may send at once. A peer that closes without its goodbye frame is
 //! reported as lost, with its rank and host.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,8 +20,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::sched::ServiceSched;
-use dsm_core::transport::InlineDelivery;
 use dsm_core::transport::PayloadPool;
+use dsm_core::transport::{InlineDelivery, PayloadPlacement};
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -170,6 +170,8 @@ pub struct TcpTransport {
     payloads: Arc<PayloadPool>,
     /// The consumer's handler the reader threads offer each message to.
     inline: Arc<OnceLock<InlineDelivery>>,
+    /// The consumer's choice of where received bytes land.
+    placement: Arc<OnceLock<PayloadPlacement>>,
     max_message: usize,
     shut_down: AtomicBool,
 }
@@ -249,6 +251,7 @@ impl TcpTransport {
         let (receiver_cpu, receiver_sched) = (opts.receiver_cpu, opts.receiver_sched);
         let payloads = Arc::new(PayloadPool::default());
         let inline = Arc::new(OnceLock::new());
+        let placement = Arc::new(OnceLock::new());
         let mut peers = Vec::with_capacity(size);
         for (peer_rank, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
@@ -270,6 +273,7 @@ impl TcpTransport {
             let goodbyes = Arc::clone(&goodbyes);
             let payloads = Arc::clone(&payloads);
             let inline = Arc::clone(&inline);
+            let placement = Arc::clone(&placement);
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
                 .spawn(move || {
@@ -277,6 +281,7 @@ impl TcpTransport {
                     let delivery = Delivery {
                         inbox: tx,
                         inline: &inline,
+                        placement: &placement,
                         payloads: &payloads,
                     };
                     read_loop(read_half, peer_rank, host, max_frame, delivery, goodbyes)
@@ -294,6 +299,7 @@ impl TcpTransport {
             goodbyes,
             payloads,
             inline,
+            placement,
             max_message: opts.max_message,
             shut_down: AtomicBool::new(false),
         }))
@@ -509,6 +515,8 @@ struct Delivery<'a> {
     inbox: Sender<Result<Message, TransportError>>,
     /// Offered each message first, once the consumer has set it.
     inline: &'a OnceLock<InlineDelivery>,
+    /// Asked where each message's bytes go, once the consumer has set it.
+    placement: &'a OnceLock<PayloadPlacement>,
     payloads: &'a PayloadPool,
 }
 
@@ -523,6 +531,45 @@ impl Delivery<'_> {
             None => message,
         };
         self.inbox.send(Ok(message)).is_ok()
+    }
+
+    /// A data frame's `len`-byte payload: read straight into the memory the
+    /// consumer's placement gives for it (the payload is then the message
+    /// its landing hands back), or else into a pooled buffer.
+    fn payload<R: Read>(
+        &self,
+        reader: &mut BufReader<R>,
+        from: Rank,
+        len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let placement = self.placement.get().filter(|p| len > p.head_len);
+        let Some(placement) = placement else {
+            return wire::read_payload_into(reader, len, self.payloads.take(len))
+                .map_err(|e| e.to_string());
+        };
+        let mut head = [0u8; PayloadPlacement::MAX_HEAD];
+        let head = &mut head[..placement.head_len];
+        wire::read_exact_into(reader, head).map_err(|e| e.to_string())?;
+        let Some(mut landing) = (placement.place)(from, head, len) else {
+            return wire::read_rest_into(reader, head, len, self.payloads.take(len))
+                .map_err(|e| e.to_string());
+        };
+        let rest = landing.bytes();
+        if rest.len() != len - head.len() {
+            return Err(format!(
+                "the consumer placed {} bytes of a {len}-byte message after its {}-byte head",
+                rest.len(),
+                head.len()
+            ));
+        }
+        // What the reader holds already, then the rest straight from the
+        // socket: the buffer would add a copy of every byte through it.
+        let buffered = reader.buffer();
+        let early = buffered.len().min(rest.len());
+        rest[..early].copy_from_slice(&buffered[..early]);
+        reader.consume(early);
+        wire::read_exact_into(reader.get_mut(), &mut rest[early..]).map_err(|e| e.to_string())?;
+        Ok(landing.landed())
     }
 }
 
@@ -560,10 +607,15 @@ fn read_loop(
             }
         };
         let len = header.len as usize;
-        let payload = match wire::read_payload_into(&mut reader, len, payloads.take(len)) {
+        let payload = if header.kind == KIND_DATA && !said_goodbye {
+            delivery.payload(&mut reader, from, len)
+        } else {
+            wire::read_payload_into(&mut reader, len, payloads.take(len)).map_err(|e| e.to_string())
+        };
+        let payload = match payload {
             Ok(payload) => payload,
             Err(e) => {
-                let _ = inbox.send(Err(lost(e.to_string())));
+                let _ = inbox.send(Err(lost(e)));
                 return;
             }
         };
@@ -622,6 +674,10 @@ impl Transport for TcpTransport {
 
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {
         self.inline.set(handler).is_ok()
+    }
+
+    fn place_payloads(&self, placement: PayloadPlacement) -> bool {
+        placement.head_len <= PayloadPlacement::MAX_HEAD && self.placement.set(placement).is_ok()
     }
 
     fn inbox(&self) -> Receiver<dsm_core::transport::Incoming> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::Bootstrap;
+use dsm_core::transport::{Landing, PayloadPlacement};
 use dsm_core::{Transport, TransportError};
 use transport_tcp::{TcpOptions, TcpTransport};
 
@@ -260,6 +261,83 @@ fn an_inline_handler_sees_each_message_first_and_what_it_hands_back_is_queued() 
         .map(|_| handled_rx.recv_timeout(RECV_LIMIT).unwrap())
         .collect();
     assert_eq!(handled, (1..MESSAGES).step_by(2).collect::<Vec<_>>());
+    thread::scope(|s| {
+        for t in &ranks {
+            s.spawn(|| t.shutdown(RECV_LIMIT).unwrap());
+        }
+    });
+}
+
+/// Receives the rest of a message into its own buffer and hands back
+/// `placed`, the head, then those bytes.
+struct TestLanding {
+    head: Vec<u8>,
+    rest: Vec<u8>,
+}
+
+impl Landing for TestLanding {
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.rest
+    }
+
+    fn landed(self: Box<Self>) -> Vec<u8> {
+        [&b"placed"[..], &self.head, &self.rest].concat()
+    }
+}
+
+#[test]
+fn a_placement_receives_the_messages_it_takes_in_its_memory_in_order() {
+    const HEAD: usize = 4;
+    let ranks = job(2);
+    // Messages whose head starts with `P` land in a `TestLanding`; the
+    // others are received as usual. Sizes mix small messages with large
+    // ones, so a landing starts both inside the reader's buffer and past it.
+    let placement = PayloadPlacement {
+        head_len: HEAD,
+        place: Box::new(|from, head, len| {
+            assert_eq!(from, 0);
+            (head[0] == b'P').then(|| {
+                Box::new(TestLanding {
+                    head: head.to_vec(),
+                    rest: vec![0; len - head.len()],
+                }) as Box<dyn Landing>
+            })
+        }),
+    };
+    assert!(ranks[1].place_payloads(placement));
+    let too_long = PayloadPlacement {
+        head_len: PayloadPlacement::MAX_HEAD + 1,
+        place: Box::new(|_, _, _| None),
+    };
+    assert!(
+        !ranks[0].place_payloads(too_long),
+        "a head too long is refused"
+    );
+    let message = |i: usize| -> Vec<u8> {
+        let len = [3, 5, 100, 70_000, 300_000][i % 5];
+        let kind = if i % 3 == 0 { b'P' } else { b'Q' };
+        let mut m: Vec<u8> = (0..len).map(|j| (i * 7 + j) as u8).collect();
+        m[0] = kind;
+        m
+    };
+    const MESSAGES: usize = 60;
+    let sender = Arc::clone(&ranks[0]);
+    let sending = thread::spawn(move || {
+        for i in 0..MESSAGES {
+            sender.send(1, &message(i)).unwrap();
+        }
+    });
+    for i in 0..MESSAGES {
+        let sent = message(i);
+        let got = recv(&ranks[1]).payload;
+        if sent[0] == b'P' && sent.len() > HEAD {
+            assert_eq!(&got[..6], b"placed", "message {i} was placed");
+            assert_eq!(&got[6..], &sent[..], "message {i} landed whole");
+        } else {
+            assert_eq!(got, sent, "message {i} was received as usual");
+        }
+    }
+    sending.join().unwrap();
     thread::scope(|s| {
         for t in &ranks {
             s.spawn(|| t.shutdown(RECV_LIMIT).unwrap());

@@ -232,6 +232,19 @@ impl Mrsw {
         self.local.get(page).map(|l| l.copy)
     }
 
+    /// Whether this rank holds no copy of `page` and waits for a read grant
+    /// of it from `from`, its home: the grant's bytes may then land in the
+    /// page's frame before the grant is handled (nothing maps the page
+    /// meanwhile, and no other message of the protocol brings it).
+    pub fn awaits_read_grant(&self, page: usize, from: Rank) -> bool {
+        !self.private.get(page).copied().unwrap_or(true)
+            && self.home_of(page) == from
+            && self
+                .local
+                .get(page)
+                .is_some_and(|lp| lp.copy == Copy::Invalid && lp.pending == Some(Access::Read))
+    }
+
     /// True when a read request for `page` handled at `now` would make
     /// this rank, its home and only writer, give up write access at once
     /// (no transaction, queue, or hold in the way): the engine may then
