@@ -182,7 +182,8 @@ pub(crate) struct Engine {
     /// for the next pages copied out: no allocation per page served.
     spare_pages: Vec<PageData>,
     /// True while a receive thread handles a message (`inline_delivery`):
-    /// what it produces stays in `out` for the engine thread to send.
+    /// what it produces stays in `out` until `try_flush` sends what the
+    /// transport takes at once.
     sends_deferred: bool,
     /// False once the engine thread has stopped: messages are then queued,
     /// as nobody would send what handling them produces.
@@ -453,10 +454,26 @@ impl Engine {
             .out
             .mapped_pages()
             .all(|page| self.home_copy_is_mapped(page)));
+        // Messages a receive thread left part-written go first.
+        self.transport.finish_sends()?;
         let batches = self.out.batches;
         self.out.flush(&*self.transport, &self.faults)?;
         Stats::add(&self.stats.batches_sent, self.out.batches - batches);
         Ok(())
+    }
+
+    /// In a receive thread, after handling a message: sends what the
+    /// transport takes without waiting. True when the engine thread must
+    /// send the rest (messages left queued, or one left part-written).
+    fn try_flush(&mut self) -> Result<bool, DsmError> {
+        debug_assert!(self
+            .out
+            .mapped_pages()
+            .all(|page| self.home_copy_is_mapped(page)));
+        let batches = self.out.batches;
+        let started = self.out.try_flush(&*self.transport, &self.faults)?;
+        Stats::add(&self.stats.batches_sent, self.out.batches - batches);
+        Ok(started || !self.out.is_empty())
     }
 
     pub(crate) fn on_input(&mut self, input: Input) -> Result<(), DsmError> {
@@ -1559,9 +1576,10 @@ pub(crate) fn serve_here(
 /// (order per sender is kept: a sender's earlier message was either handled
 /// the same way or is still in the queue). A grant is then installed, and
 /// its faulting thread woken, with no hand-off to the engine thread. What
-/// the handling produces is not sent from there (a receive thread blocked
-/// sending could deadlock two ranks); the engine thread is woken to send it.
-/// Otherwise the message is queued as usual.
+/// the handling produces leaves from there only if the transport takes it
+/// without waiting (a receive thread blocked sending could deadlock two
+/// ranks); the engine thread is woken to send the rest. Otherwise the
+/// message is queued as usual.
 pub(crate) fn inline_delivery(
     engine: Weak<Mutex<Engine>>,
     inbox: Receiver<Incoming>,
@@ -1590,8 +1608,13 @@ pub(crate) fn inline_delivery(
                     )))
                 });
         this.sends_deferred = false;
+        // What it produced leaves from here if the transport takes it at
+        // once (no hand-off to the engine thread on the way of a fault);
+        // the rest is left to the engine thread.
+        let handled = handled.and_then(|()| this.try_flush());
         Stats::add(&this.stats.messages_inline, 1);
-        let wake = !this.out.is_empty() || this.next_deadline() != before;
+        let wake = !matches!(handled, Ok(false)) || this.next_deadline() != before;
+        let handled = handled.map(|_| ());
         drop(this);
         match handled {
             Err(e) => {

@@ -11,6 +11,7 @@
 use crate::config::PAGE_SIZE;
 use crate::fault::FaultHandler;
 use crate::proto::{batch_pieces, read_grant_run_header, Msg, PageData, BATCH_MAX_BYTES};
+use crate::transport::TrySent;
 use crate::{Rank, Transport, TransportError};
 
 /// Most pages in one run of read grants: a run with its length prefix fits
@@ -160,24 +161,61 @@ impl Outbox {
         transport: &dyn Transport,
         faults: &FaultHandler,
     ) -> Result<(), TransportError> {
+        self.flush_as(transport, faults, Sending::Wait).map(|_| ())
+    }
+
+    /// [`Outbox::flush`] for a thread that must never wait on the network
+    /// (a receive thread): sends, per destination, what the transport takes
+    /// at once ([`Transport::try_send_parts`]), up to the first message that
+    /// would wait; that one and those after it stay queued, in order.
+    /// Returns whether a message was left part-written (see
+    /// [`Transport::finish_sends`]).
+    pub fn try_flush(
+        &mut self,
+        transport: &dyn Transport,
+        faults: &FaultHandler,
+    ) -> Result<bool, TransportError> {
+        self.flush_as(transport, faults, Sending::NoWait)
+    }
+
+    fn flush_as(
+        &mut self,
+        transport: &dyn Transport,
+        faults: &FaultHandler,
+        sending: Sending,
+    ) -> Result<bool, TransportError> {
         if self.queued.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         // The queue keeps its capacity for the next event: growing it again
         // from nothing costs several reallocations per event.
         let mut queued = std::mem::take(&mut self.queued);
-        let sent = self.send_queued(&queued, transport, faults);
-        queued.clear();
+        let mut left = Vec::new();
+        let sent = self.send_queued(&queued, transport, faults, sending, &mut left);
+        if left.is_empty() {
+            queued.clear();
+        } else {
+            let mut index = 0;
+            queued.retain(|_| {
+                index += 1;
+                left.binary_search(&(index - 1)).is_ok()
+            });
+        }
         self.queued = queued;
         sent
     }
 
+    /// Sends `queued` (with `Sending::NoWait`, adds to `left` the indices of
+    /// the messages not sent, in order); returns whether a message was left
+    /// part-written.
     fn send_queued(
         &mut self,
         queued: &[(Rank, Outgoing)],
         transport: &dyn Transport,
         faults: &FaultHandler,
-    ) -> Result<(), TransportError> {
+        sending: Sending,
+        left: &mut Vec<usize>,
+    ) -> Result<bool, TransportError> {
         let mut destinations: Vec<Rank> = Vec::new();
         for (to, _) in queued {
             if !destinations.contains(to) {
@@ -185,12 +223,10 @@ impl Outbox {
             }
         }
         let mut lengths = Vec::new();
+        let mut started = false;
         for to in destinations {
-            let mine: Vec<&Outgoing> = queued
-                .iter()
-                .filter(|(dest, _)| *dest == to)
-                .map(|(_, m)| m)
-                .collect();
+            let at: Vec<usize> = (0..queued.len()).filter(|&i| queued[i].0 == to).collect();
+            let mine: Vec<&Outgoing> = at.iter().map(|&i| &queued[i].1).collect();
             let units = units_of(&mine);
             // The headers the units' pieces borrow: a run's, or a lone read
             // grant's.
@@ -221,34 +257,67 @@ impl Outbox {
                     bytes += units[end].len + 4;
                     end += 1;
                 }
-                if end == start + 1 {
-                    // Alone: a message with one page goes through
-                    // `send_page` (a transport may place the bytes itself).
-                    let unit = &units[start];
-                    match &mine[unit.start..unit.start + unit.count] {
-                        [Outgoing::Plain(bytes)] => transport.send(to, bytes)?,
-                        [Outgoing::Page { header, page, data }] => {
-                            transport.send_page(to, header, *page, &data[..])?
-                        }
-                        [grant @ Outgoing::ReadGrant { page, .. }] => transport.send_page(
-                            to,
-                            &headers[start],
-                            *page,
-                            grant.page_bytes(faults),
-                        )?,
-                        _ => transport.send_parts(to, &pieces_of(start))?,
+                let outcome = match sending {
+                    Sending::NoWait if end == start + 1 => {
+                        transport.try_send_parts(to, &pieces_of(start))?
                     }
-                } else {
-                    let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
-                    let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
-                    transport.send_parts(to, &batch_pieces(&refs, &mut lengths))?;
+                    Sending::NoWait => {
+                        let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
+                        let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+                        transport.try_send_parts(to, &batch_pieces(&refs, &mut lengths))?
+                    }
+                    Sending::Wait if end == start + 1 => {
+                        // Alone: a message with one page goes through
+                        // `send_page` (a transport may place the bytes
+                        // itself).
+                        let unit = &units[start];
+                        match &mine[unit.start..unit.start + unit.count] {
+                            [Outgoing::Plain(bytes)] => transport.send(to, bytes)?,
+                            [Outgoing::Page { header, page, data }] => {
+                                transport.send_page(to, header, *page, &data[..])?
+                            }
+                            [grant @ Outgoing::ReadGrant { page, .. }] => transport.send_page(
+                                to,
+                                &headers[start],
+                                *page,
+                                grant.page_bytes(faults),
+                            )?,
+                            _ => transport.send_parts(to, &pieces_of(start))?,
+                        }
+                        TrySent::Sent
+                    }
+                    Sending::Wait => {
+                        let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
+                        let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+                        transport.send_parts(to, &batch_pieces(&refs, &mut lengths))?;
+                        TrySent::Sent
+                    }
+                };
+                match outcome {
+                    TrySent::WouldWait => {
+                        left.extend_from_slice(&at[units[start].start..]);
+                        break;
+                    }
+                    TrySent::Started => started = true,
+                    TrySent::Sent => {}
+                }
+                if end > start + 1 {
                     self.batches += 1;
                 }
                 start = end;
             }
         }
-        Ok(())
+        left.sort_unstable();
+        Ok(started)
     }
+}
+
+/// Whether flushing may wait for the network.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    Wait,
+    /// Only what the transport takes at once.
+    NoWait,
 }
 
 /// The messages for one rank as wire messages: each alone, except read

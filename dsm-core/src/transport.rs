@@ -46,6 +46,18 @@ pub enum TransportError {
 /// buffers are full in both directions.
 pub type InlineDelivery = Box<dyn Fn(Message) -> Option<Message> + Send + Sync>;
 
+/// What [`Transport::try_send_parts`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrySent {
+    /// Sent whole.
+    Sent,
+    /// Taken, but part of it waits to be written: by the next send to the
+    /// same rank, or [`Transport::finish_sends`].
+    Started,
+    /// Nothing sent: the message would have had to wait.
+    WouldWait,
+}
+
 /// Memory a consumer gave a transport for the rest of a message being
 /// received (see [`Transport::place_payloads`]).
 pub trait Landing: Send {
@@ -90,6 +102,25 @@ pub trait Transport: Send + Sync {
 
     fn send(&self, to: Rank, payload: &[u8]) -> Result<(), TransportError> {
         self.send_parts(to, &[payload])
+    }
+
+    /// [`Transport::send_parts`] for a thread that must never wait on the
+    /// network (a receive thread, see [`InlineDelivery`]): sends the
+    /// message only if that takes no waiting, and otherwise returns
+    /// [`TrySent::WouldWait`] having sent nothing (another thread is sending
+    /// to `to`, or its connection cannot take the message now). A message
+    /// the connection took only part of is [`TrySent::Started`]: its rest
+    /// goes before the next message to `to`, and `finish_sends` sends it.
+    /// Transports that cannot tell never take one.
+    fn try_send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<TrySent, TransportError> {
+        let _ = (to, parts);
+        Ok(TrySent::WouldWait)
+    }
+
+    /// Writes the rest of every message [`Transport::try_send_parts`] took
+    /// only part of, waiting as `send_parts` does.
+    fn finish_sends(&self) -> Result<(), TransportError> {
+        Ok(())
     }
 
     /// Sends `header` followed by the contents of shared page `page`. The

@@ -8,11 +8,11 @@
 //! threads may send at once. A peer that closes without its goodbye frame is
 //! reported as lost, with its rank and host.
 
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,10 +21,11 @@ use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::sched::ServiceSched;
 use dsm_core::transport::PayloadPool;
-use dsm_core::transport::{InlineDelivery, PayloadPlacement};
+use dsm_core::transport::{InlineDelivery, PayloadPlacement, TrySent};
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::MsgFlags;
 
 const KIND_DATA: u8 = 1;
 const KIND_GOODBYE: u8 = 2;
@@ -151,7 +152,26 @@ type Inbox = (
 );
 
 struct Peer {
-    writer: Mutex<BufWriter<TcpStream>>,
+    writer: Mutex<PeerWriter>,
+}
+
+/// The sending side of a connection.
+struct PeerWriter {
+    stream: BufWriter<TcpStream>,
+    /// The end of a message `try_send_parts` could write only part of:
+    /// written before anything else.
+    unfinished: Vec<u8>,
+}
+
+impl PeerWriter {
+    /// Writes the end of a message left unfinished, waiting as needed.
+    fn finish(&mut self) -> std::io::Result<()> {
+        if !self.unfinished.is_empty() {
+            self.stream.get_mut().write_all(&self.unfinished)?;
+            self.unfinished.clear();
+        }
+        Ok(())
+    }
 }
 
 /// Counts goodbyes received so `shutdown` can wait for every peer's.
@@ -172,6 +192,8 @@ pub struct TcpTransport {
     inline: Arc<OnceLock<InlineDelivery>>,
     /// The consumer's choice of where received bytes land.
     placement: Arc<OnceLock<PayloadPlacement>>,
+    /// Set when a peer's writer may hold the end of an unfinished message.
+    unfinished: AtomicBool,
     max_message: usize,
     shut_down: AtomicBool,
 }
@@ -288,7 +310,10 @@ impl TcpTransport {
                 })
                 .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
             peers.push(Some(Peer {
-                writer: Mutex::new(BufWriter::with_capacity(64 << 10, stream)),
+                writer: Mutex::new(PeerWriter {
+                    stream: BufWriter::with_capacity(64 << 10, stream),
+                    unfinished: Vec::new(),
+                }),
             }));
         }
         Ok(Arc::new(TcpTransport {
@@ -300,6 +325,7 @@ impl TcpTransport {
             payloads,
             inline,
             placement,
+            unfinished: AtomicBool::new(false),
             max_message: opts.max_message,
             shut_down: AtomicBool::new(false),
         }))
@@ -314,22 +340,54 @@ impl TcpTransport {
     }
 
     fn write_to(&self, to: Rank, kind: u8, parts: &[&[u8]]) -> Result<(), TransportError> {
-        let size = self.size();
-        let peer = self
-            .peers
-            .get(to)
-            .ok_or(TransportError::NoSuchRank { rank: to, size })?
-            .as_ref()
-            .ok_or(TransportError::NoSuchRank { rank: to, size })?;
+        let peer = self.peer(to)?;
         // A poisoned lock means another sender panicked mid-frame: the stream
         // may hold half a frame, so the connection cannot be used any more.
         let mut w = peer
             .writer
             .lock()
             .map_err(|_| self.lost(to, "a sender panicked mid-frame"))?;
-        wire::write_frame_parts(&mut *w, kind, parts)
-            .and_then(|_| w.flush())
+        w.finish()
+            .and_then(|_| wire::write_frame_parts(&mut w.stream, kind, parts))
+            .and_then(|_| w.stream.flush())
             .map_err(|e| self.lost(to, format!("send failed: {e}")))
+    }
+
+    fn peer(&self, to: Rank) -> Result<&Peer, TransportError> {
+        let size = self.size();
+        self.peers
+            .get(to)
+            .ok_or(TransportError::NoSuchRank { rank: to, size })?
+            .as_ref()
+            .ok_or(TransportError::NoSuchRank { rank: to, size })
+    }
+
+    /// Checks a message about to be sent: its size, and that the transport
+    /// is still up.
+    fn check_send(&self, parts: &[&[u8]]) -> Result<(), TransportError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.max_message {
+            return Err(TransportError::TooLarge {
+                len,
+                max: self.max_message,
+            });
+        }
+        if self.shut_down.load(Ordering::SeqCst) {
+            return Err(TransportError::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// Loops a message back to this rank's own inbox.
+    fn send_to_self(&self, parts: &[&[u8]]) -> Result<(), TransportError> {
+        let payload = parts.concat();
+        self.inbox
+            .0
+            .send(Ok(Message {
+                from: self.rank,
+                payload,
+            }))
+            .map_err(|_| TransportError::Shutdown)
     }
 }
 
@@ -510,6 +568,11 @@ fn connect_to(
     Ok(stream)
 }
 
+/// Longest message `try_send_parts` takes: a longer one (a run of pages)
+/// would often be left part-written and its rest copied aside, where the
+/// thread that may wait sends it straight from its pages.
+const TRY_SEND_MAX: usize = 64 << 10;
+
 /// Where a reader thread hands what it received.
 struct Delivery<'a> {
     inbox: Sender<Result<Message, TransportError>>,
@@ -651,25 +714,85 @@ impl Transport for TcpTransport {
     }
 
     fn send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<(), TransportError> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len > self.max_message {
-            return Err(TransportError::TooLarge {
-                len,
-                max: self.max_message,
-            });
-        }
-        if self.shut_down.load(Ordering::SeqCst) {
-            return Err(TransportError::Shutdown);
-        }
+        self.check_send(parts)?;
         if to == self.rank {
-            let payload = parts.concat();
-            return self
-                .inbox
-                .0
-                .send(Ok(Message { from: to, payload }))
-                .map_err(|_| TransportError::Shutdown);
+            return self.send_to_self(parts);
         }
         self.write_to(to, KIND_DATA, parts)
+    }
+
+    /// One non-blocking `sendmsg` of the whole frame, when no other thread
+    /// is sending to `to` and no earlier message is unfinished; what the
+    /// socket did not take is kept for the next writer.
+    fn try_send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<TrySent, TransportError> {
+        self.check_send(parts)?;
+        if to == self.rank {
+            self.send_to_self(parts)?;
+            return Ok(TrySent::Sent);
+        }
+        let peer = self.peer(to)?;
+        let mut w = match peer.writer.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::WouldBlock) => return Ok(TrySent::WouldWait),
+            Err(TryLockError::Poisoned(_)) => {
+                return Err(self.lost(to, "a sender panicked mid-frame"))
+            }
+        };
+        if !w.unfinished.is_empty() || parts.iter().map(|p| p.len()).sum::<usize>() > TRY_SEND_MAX {
+            return Ok(TrySent::WouldWait);
+        }
+        // Every writer flushes its frame before it lets go of the lock.
+        debug_assert!(w.stream.buffer().is_empty());
+        let header = wire::header_for(KIND_DATA, parts)
+            .map_err(|e| self.lost(to, format!("send failed: {e}")))?
+            .encode();
+        let frame: Vec<IoSlice<'_>> = std::iter::once(&header[..])
+            .chain(parts.iter().copied())
+            .map(IoSlice::new)
+            .collect();
+        let total: usize = frame.iter().map(|s| s.len()).sum();
+        let flags = (MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL).bits();
+        let socket = socket2::SockRef::from(w.stream.get_ref());
+        let written = loop {
+            match socket.send_vectored_with_flags(&frame, flags) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break 0,
+                Err(e) => return Err(self.lost(to, format!("send failed: {e}"))),
+            }
+        };
+        if written == 0 {
+            return Ok(TrySent::WouldWait);
+        }
+        if written == total {
+            return Ok(TrySent::Sent);
+        }
+        // The frame is begun: its rest must follow before anything else.
+        let mut skip = written;
+        for slice in &frame {
+            let taken = skip.min(slice.len());
+            w.unfinished.extend_from_slice(&slice[taken..]);
+            skip -= taken;
+        }
+        drop(w);
+        self.unfinished.store(true, Ordering::SeqCst);
+        Ok(TrySent::Started)
+    }
+
+    fn finish_sends(&self) -> Result<(), TransportError> {
+        if !self.unfinished.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        for (rank, peer) in self.peers.iter().enumerate() {
+            let Some(peer) = peer else { continue };
+            let mut w = peer
+                .writer
+                .lock()
+                .map_err(|_| self.lost(rank, "a sender panicked mid-frame"))?;
+            w.finish()
+                .map_err(|e| self.lost(rank, format!("send failed: {e}")))?;
+        }
+        Ok(())
     }
 
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {
@@ -709,7 +832,7 @@ impl Transport for TcpTransport {
             let Some(peer) = peer else { continue };
             let sent = self.write_to(rank, KIND_GOODBYE, &[]);
             if let Ok(w) = peer.writer.lock() {
-                let _ = w.get_ref().shutdown(Shutdown::Write);
+                let _ = w.stream.get_ref().shutdown(Shutdown::Write);
             }
             if let Err(e) = sent {
                 first_error.get_or_insert(e);
@@ -751,7 +874,7 @@ impl Drop for TcpTransport {
     fn drop(&mut self) {
         for peer in self.peers.iter().flatten() {
             if let Ok(w) = peer.writer.lock() {
-                let _ = w.get_ref().shutdown(Shutdown::Both);
+                let _ = w.stream.get_ref().shutdown(Shutdown::Both);
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::Bootstrap;
-use dsm_core::transport::{Landing, PayloadPlacement};
+use dsm_core::transport::{Landing, PayloadPlacement, TrySent};
 use dsm_core::{Transport, TransportError};
 use transport_tcp::{TcpOptions, TcpTransport};
 
@@ -315,7 +315,7 @@ fn a_placement_receives_the_messages_it_takes_in_its_memory_in_order() {
     );
     let message = |i: usize| -> Vec<u8> {
         let len = [3, 5, 100, 70_000, 300_000][i % 5];
-        let kind = if i % 3 == 0 { b'P' } else { b'Q' };
+        let kind = if i.is_multiple_of(3) { b'P' } else { b'Q' };
         let mut m: Vec<u8> = (0..len).map(|j| (i * 7 + j) as u8).collect();
         m[0] = kind;
         m
@@ -338,6 +338,70 @@ fn a_placement_receives_the_messages_it_takes_in_its_memory_in_order() {
         }
     }
     sending.join().unwrap();
+    thread::scope(|s| {
+        for t in &ranks {
+            s.spawn(|| t.shutdown(RECV_LIMIT).unwrap());
+        }
+    });
+}
+
+#[test]
+fn try_send_takes_what_it_can_without_waiting_and_keeps_order() {
+    let ranks = job(2);
+    // Rank 1's reader stops at the first message until released (its
+    // placement waits), so rank 0's socket fills up. Messages rank 0 tries
+    // to send are sent, begun (their end kept), or refused; plain sends
+    // after them, and finish_sends, complete the stream, which must arrive
+    // whole and in order.
+    let (release, gate) = crossbeam_channel::bounded::<()>(1);
+    let gate = std::sync::Mutex::new(Some(gate));
+    assert!(ranks[1].place_payloads(PayloadPlacement {
+        head_len: 4,
+        place: Box::new(move |_, _, _| {
+            if let Some(gate) = gate.lock().unwrap().take() {
+                gate.recv_timeout(RECV_LIMIT).expect("released");
+            }
+            None
+        }),
+    }));
+    let message = |i: u32| -> Vec<u8> {
+        let mut m = vec![(i % 251) as u8; 16 << 10];
+        m[..4].copy_from_slice(&i.to_le_bytes());
+        m
+    };
+    let mut sent = Vec::new();
+    let mut outcomes = [0usize; 3];
+    for i in 0..2000u32 {
+        match ranks[0].try_send_parts(1, &[&message(i)]).unwrap() {
+            TrySent::Sent => outcomes[0] += 1,
+            TrySent::Started => outcomes[1] += 1,
+            TrySent::WouldWait => {
+                outcomes[2] += 1;
+                continue;
+            }
+        }
+        sent.push(i);
+    }
+    assert!(outcomes[2] > 0, "the socket never filled: {outcomes:?}");
+    release.send(()).unwrap();
+    let (receiver, sender) = (Arc::clone(&ranks[1]), Arc::clone(&ranks[0]));
+    let finishing = thread::spawn(move || {
+        sender.finish_sends().unwrap();
+        sender.send(1, &message(u32::MAX)).unwrap();
+    });
+    for &i in &sent {
+        assert_eq!(recv(&receiver).payload, message(i), "message {i}");
+    }
+    assert_eq!(recv(&receiver).payload, message(u32::MAX));
+    finishing.join().unwrap();
+    // Too large to try: refused, nothing sent.
+    let large = vec![1u8; 1 << 20];
+    assert_eq!(
+        ranks[0].try_send_parts(1, &[&large]).unwrap(),
+        TrySent::WouldWait
+    );
+    assert_eq!(ranks[0].try_send_parts(0, &[b"me"]).unwrap(), TrySent::Sent);
+    assert_eq!(recv(&ranks[0]).payload, b"me");
     thread::scope(|s| {
         for t in &ranks {
             s.spawn(|| t.shutdown(RECV_LIMIT).unwrap());
