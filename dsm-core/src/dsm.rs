@@ -182,7 +182,10 @@ impl Dsm {
             ));
         }
         if config.receive_in_frames && region.alias().is_some() {
-            transport.place_payloads(engine::payload_placement(Arc::downgrade(&engine)));
+            transport.place_payloads(engine::payload_placement(
+                Arc::downgrade(&engine),
+                inputs_tx.clone(),
+            ));
         }
         let spin = config.spin;
         let state = Arc::clone(&engine);

@@ -10,6 +10,7 @@
 //! are replayed in their order of arrival once the segment is registered.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -191,7 +192,22 @@ pub(crate) struct Engine {
     /// Runs of read grants a receive thread is landing straight in their
     /// frames (`land_read_grant_run`), as (sender, first page, count), in
     /// order of arrival: the notice it hands on for each must match.
-    landing: VecDeque<(Rank, usize, usize)>,
+    landing: VecDeque<Landed>,
+    /// Makes each landing's token (`Landed::token`): unknown outside this
+    /// process, so a notice cannot come from anywhere but this rank's
+    /// transport.
+    landing_tokens: std::collections::hash_map::RandomState,
+    landings_made: u64,
+}
+
+/// A run of read grants being landed in its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Landed {
+    from: Rank,
+    first: usize,
+    count: usize,
+    /// What its notice carries.
+    token: u64,
 }
 
 /// Most spare page buffers kept (16 MiB): enough for a home to turn over a
@@ -353,6 +369,8 @@ impl Engine {
             sends_deferred: false,
             serving: true,
             landing: VecDeque::new(),
+            landing_tokens: std::collections::hash_map::RandomState::new(),
+            landings_made: 0,
         }
     }
 
@@ -713,8 +731,13 @@ impl Engine {
         {
             return self.on_read_grant_run(from, first, RunBytes::Received(pages));
         }
-        if let Some((first, count)) = proto::placed_read_run(payload) {
-            return self.on_landed_run(from, first, count);
+        if let Some(token) = proto::placed_read_run(payload) {
+            if self.in_batch {
+                return Err(DsmError::Protocol(format!(
+                    "from rank {from}: a notice of pages landed in their frames inside a batch (such notices never travel between ranks)"
+                )));
+            }
+            return self.on_landed_run(from, token);
         }
         let spares = &mut self.spare_pages;
         let msg = Msg::decode_with(payload, &mut |bytes| filled_page(spares, bytes))
@@ -861,7 +884,7 @@ impl Engine {
             return None;
         };
         let pages = first..first.checked_add(count)?;
-        let overlaps = |&(_, f, c): &(Rank, usize, usize)| f < pages.end && pages.start < f + c;
+        let overlaps = |l: &Landed| l.first < pages.end && pages.start < l.first + l.count;
         if !self.serving
             || self.staged.count > 0
             || self.landing.iter().any(overlaps)
@@ -870,29 +893,35 @@ impl Engine {
         {
             return None;
         }
-        let landing =
-            self.faults
-                .landing(first, count, proto::placed_read_run_notice(first, count))?;
-        self.landing.push_back((from, first, count));
+        self.landings_made += 1;
+        let token = self.landing_tokens.hash_one(self.landings_made);
+        let landing = self
+            .faults
+            .landing(first, count, proto::placed_read_run_notice(token))?;
+        self.landing.push_back(Landed {
+            from,
+            first,
+            count,
+            token,
+        });
         Stats::add(&self.stats.pages_landed, count as u64);
         Some(landing)
     }
 
     /// The notice a receive thread hands on once a run of read grants
     /// landed in its frames: the run's grants, handled as if they had
-    /// arrived with their bytes. A notice this rank did not expect (one
-    /// sent on the wire) is a protocol error.
-    fn on_landed_run(&mut self, from: Rank, first: usize, count: usize) -> Result<(), DsmError> {
-        match self.landing.iter().position(|(r, _, _)| *r == from) {
-            Some(i) if self.landing[i] == (from, first, count) => {
-                self.landing.remove(i);
-            }
-            _ => {
-                return Err(DsmError::Protocol(format!(
-                    "from rank {from}: a notice of {count} pages from page {first} landed, which this rank's transport did not land"
-                )))
-            }
-        }
+    /// arrived with their bytes. A notice naming no landing this rank made
+    /// for that sender (one sent on the wire) is a protocol error.
+    fn on_landed_run(&mut self, from: Rank, token: u64) -> Result<(), DsmError> {
+        let found = self
+            .landing
+            .iter()
+            .position(|l| l.token == token && l.from == from);
+        let Some(Landed { first, count, .. }) = found.and_then(|i| self.landing.remove(i)) else {
+            return Err(DsmError::Protocol(format!(
+                "from rank {from}: a notice of pages landed in their frames that this rank did not land (such notices never travel between ranks)"
+            )));
+        };
         self.on_read_grant_run(from, first, RunBytes::Landed(count))
     }
 
@@ -1600,18 +1629,20 @@ pub(crate) fn inline_delivery(
         this.sends_deferred = true;
         // A panic here would otherwise end this receive thread silently,
         // with sends left deferred: the job is ended instead.
-        let handled =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.on_message(message)))
-                .unwrap_or_else(|_| {
-                    Err(DsmError::Protocol(format!(
-                        "handling a message from rank {from} panicked"
-                    )))
-                });
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let handled = this.on_message(message);
+            this.sends_deferred = false;
+            // What it produced leaves from here if the transport takes it
+            // at once (no hand-off to the engine thread on the way of a
+            // fault); the rest is left to the engine thread.
+            handled.and_then(|()| this.try_flush())
+        }))
+        .unwrap_or_else(|_| {
+            Err(DsmError::Protocol(format!(
+                "handling a message from rank {from} panicked"
+            )))
+        });
         this.sends_deferred = false;
-        // What it produced leaves from here if the transport takes it at
-        // once (no hand-off to the engine thread on the way of a fault);
-        // the rest is left to the engine thread.
-        let handled = handled.and_then(|()| this.try_flush());
         Stats::add(&this.stats.messages_inline, 1);
         let wake = !matches!(handled, Ok(false)) || this.next_deadline() != before;
         let handled = handled.map(|_| ());
@@ -1635,14 +1666,27 @@ pub(crate) fn inline_delivery(
 /// (`Engine::land_read_grant_run`). It never waits for the engine: a
 /// receive thread blocked on it could deadlock two ranks, as for
 /// [`inline_delivery`].
-pub(crate) fn payload_placement(engine: Weak<Mutex<Engine>>) -> PayloadPlacement {
+pub(crate) fn payload_placement(
+    engine: Weak<Mutex<Engine>>,
+    events: Sender<Input>,
+) -> PayloadPlacement {
     PayloadPlacement {
         head_len: proto::READ_GRANT_RUN_HEAD,
         place: Box::new(move |from, head, len| {
             let (first, count) = proto::read_grant_run_head(head, len)?;
             let engine = engine.upgrade()?;
             let mut this = engine.try_lock().ok()?;
-            this.land_read_grant_run(from, first, count)
+            // As in `inline_delivery`: a panic ends the job, not silently
+            // this receive thread.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                this.land_read_grant_run(from, first, count)
+            }))
+            .unwrap_or_else(|_| {
+                let _ = events.send(Input::Failed(DsmError::Protocol(format!(
+                    "placing a run of pages from rank {from} panicked"
+                ))));
+                None
+            })
         }),
     }
 }

@@ -295,27 +295,23 @@ pub fn read_grant_run_head(head: &[u8], len: usize) -> Option<(usize, usize)> {
     Some((first, count))
 }
 
-/// The message standing for a run of `count` read grants from page
-/// `first` whose bytes are already in the pages' frames.
-pub fn placed_read_run_notice(first: usize, count: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(17);
+/// The message standing for a run of read grants whose bytes are already
+/// in the pages' frames: only `token`, which names the landing to the
+/// engine that made it (and which no other process knows).
+pub fn placed_read_run_notice(token: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9);
     out.push(PLACED_READ_RUN);
-    out.extend_from_slice(&(first as u64).to_le_bytes());
-    out.extend_from_slice(&(count as u64).to_le_bytes());
+    out.extend_from_slice(&token.to_le_bytes());
     out
 }
 
-/// The first page and count of a [`placed_read_run_notice`]; `None` for
-/// any other message.
-pub fn placed_read_run(bytes: &[u8]) -> Option<(usize, usize)> {
-    let [PLACED_READ_RUN, rest @ ..] = bytes else {
+/// The token of a [`placed_read_run_notice`]; `None` for any other
+/// message.
+pub fn placed_read_run(bytes: &[u8]) -> Option<u64> {
+    let [PLACED_READ_RUN, token @ ..] = bytes else {
         return None;
     };
-    let (first, count) = rest.split_first_chunk::<8>()?;
-    let count: &[u8; 8] = count.try_into().ok()?;
-    let first = usize::try_from(u64::from_le_bytes(*first)).ok()?;
-    let count = usize::try_from(u64::from_le_bytes(*count)).ok()?;
-    Some((first, count))
+    Some(u64::from_le_bytes(token.try_into().ok()?))
 }
 
 /// The messages of a batch, in order. A batch inside a batch, an empty
@@ -856,10 +852,10 @@ mod tests {
     }
 
     #[test]
-    fn a_placed_run_notice_names_its_pages_and_is_no_wire_message() {
-        let notice = placed_read_run_notice(7, 63);
-        assert_eq!(placed_read_run(&notice), Some((7, 63)));
-        assert_eq!(placed_read_run(&notice[..16]), None);
+    fn a_placed_run_notice_carries_its_token_and_is_no_wire_message() {
+        let notice = placed_read_run_notice(0x0123_4567_89ab_cdef);
+        assert_eq!(placed_read_run(&notice), Some(0x0123_4567_89ab_cdef));
+        assert_eq!(placed_read_run(&notice[..8]), None);
         assert_eq!(placed_read_run(&read_grant_run_header(7)), None);
         assert!(Msg::decode(&notice).is_err());
     }

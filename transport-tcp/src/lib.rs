@@ -573,6 +573,11 @@ fn connect_to(
 /// thread that may wait sends it straight from its pages.
 const TRY_SEND_MAX: usize = 64 << 10;
 
+/// Most pieces one `sendmsg` takes (Linux's `UIO_MAXIOV`): a batch of many
+/// small messages has more, and is left to the thread that may wait (whose
+/// vectored writes go in several calls).
+const MAX_IOVECS: usize = 1024;
+
 /// Where a reader thread hands what it received.
 struct Delivery<'a> {
     inbox: Sender<Result<Message, TransportError>>,
@@ -738,7 +743,8 @@ impl Transport for TcpTransport {
                 return Err(self.lost(to, "a sender panicked mid-frame"))
             }
         };
-        if !w.unfinished.is_empty() || parts.iter().map(|p| p.len()).sum::<usize>() > TRY_SEND_MAX {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if !w.unfinished.is_empty() || len > TRY_SEND_MAX || parts.len() + 1 > MAX_IOVECS {
             return Ok(TrySent::WouldWait);
         }
         // Every writer flushes its frame before it lets go of the lock.
@@ -758,6 +764,18 @@ impl Transport for TcpTransport {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break 0,
+                // No room for the call itself (kernel memory): the thread
+                // that may wait sends the message instead.
+                Err(e)
+                    if matches!(
+                        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                        nix::errno::Errno::EMSGSIZE
+                            | nix::errno::Errno::ENOBUFS
+                            | nix::errno::Errno::ENOMEM
+                    ) =>
+                {
+                    break 0
+                }
                 Err(e) => return Err(self.lost(to, format!("send failed: {e}"))),
             }
         };

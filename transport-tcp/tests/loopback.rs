@@ -394,12 +394,21 @@ fn try_send_takes_what_it_can_without_waiting_and_keeps_order() {
     }
     assert_eq!(recv(&receiver).payload, message(u32::MAX));
     finishing.join().unwrap();
-    // Too large to try: refused, nothing sent.
+    // Too large to try, or in more pieces than one call takes: refused,
+    // nothing sent; the same pieces sent by `send_parts` arrive whole.
     let large = vec![1u8; 1 << 20];
     assert_eq!(
         ranks[0].try_send_parts(1, &[&large]).unwrap(),
         TrySent::WouldWait
     );
+    let pieces: Vec<[u8; 2]> = (0..1500u16).map(|i| i.to_le_bytes()).collect();
+    let parts: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+    assert_eq!(
+        ranks[0].try_send_parts(1, &parts).unwrap(),
+        TrySent::WouldWait
+    );
+    ranks[0].send_parts(1, &parts).unwrap();
+    assert_eq!(recv(&ranks[1]).payload, parts.concat());
     assert_eq!(ranks[0].try_send_parts(0, &[b"me"]).unwrap(), TrySent::Sent);
     assert_eq!(recv(&ranks[0]).payload, b"me");
     thread::scope(|s| {
