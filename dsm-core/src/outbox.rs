@@ -259,7 +259,19 @@ impl Outbox {
                 }
                 let outcome = match sending {
                     Sending::NoWait if end == start + 1 => {
-                        transport.try_send_parts(to, &pieces_of(start))?
+                        let unit = &units[start];
+                        match &mine[unit.start..unit.start + unit.count] {
+                            [Outgoing::Page { header, page, data }] => {
+                                transport.try_send_page(to, header, *page, &data[..])?
+                            }
+                            [grant @ Outgoing::ReadGrant { page, .. }] => transport.try_send_page(
+                                to,
+                                &headers[start],
+                                *page,
+                                grant.page_bytes(faults),
+                            )?,
+                            _ => transport.try_send_parts(to, &pieces_of(start))?,
+                        }
                     }
                     Sending::NoWait => {
                         let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();

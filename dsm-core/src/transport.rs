@@ -117,6 +117,20 @@ pub trait Transport: Send + Sync {
         Ok(TrySent::WouldWait)
     }
 
+    /// [`Transport::send_page`] the way of [`Transport::try_send_parts`]. A
+    /// transport whose `send_page` moves the page one-sided may refuse
+    /// ([`TrySent::WouldWait`]) rather than send it another way.
+    fn try_send_page(
+        &self,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<TrySent, TransportError> {
+        let _ = page;
+        self.try_send_parts(to, &[header, data])
+    }
+
     /// Writes the rest of every message [`Transport::try_send_parts`] took
     /// only part of, waiting as `send_parts` does.
     fn finish_sends(&self) -> Result<(), TransportError> {

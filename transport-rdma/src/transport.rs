@@ -25,13 +25,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dsm_core::sched::ServiceSched;
-use dsm_core::transport::{Incoming, InlineDelivery, PayloadPool};
+use dsm_core::transport::{Incoming, InlineDelivery, PayloadPool, TrySent};
 use dsm_core::{Message, Rank, Transport, TransportError};
 
 use crate::verbs::{
@@ -325,6 +325,16 @@ impl Slots {
         }
         *free -= 1;
         true
+    }
+
+    /// Takes a slot if one is free now.
+    fn try_acquire(&self) -> bool {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = *free > 0;
+        if taken {
+            *free -= 1;
+        }
+        taken
     }
 
     fn release(&self) {
@@ -1237,26 +1247,7 @@ impl Shared {
                 if !peer.sq.acquire(Instant::now() + self.opts.op_timeout) {
                     return Err(VerbsError::Invalid("the send queue stayed full".into()));
                 }
-                let id = self.new_id();
-                self.pending_lock().insert(
-                    id,
-                    Pending::Buffer {
-                        peer: to,
-                        slot,
-                        wrs: 1,
-                    },
-                );
-                let seg = Segment {
-                    region: Arc::clone(&self.send_mr),
-                    offset: base,
-                    len: n + 1,
-                };
-                peer.qp
-                    .post_send(id, SendOp::Send, &[seg])
-                    .inspect_err(|_| {
-                        self.pending_lock().remove(&id);
-                        peer.sq.release();
-                    })
+                self.post_buffer(to, peer, slot, n + 1)
             });
             if let Err(e) = posted {
                 let _ = self.pool.0.try_send(slot);
@@ -1266,6 +1257,83 @@ impl Shared {
                 return Ok(());
             }
         }
+    }
+
+    /// Posts a SEND of the first `len` bytes of send buffer `slot` to `to`,
+    /// whose send-queue slot the caller holds (given back if posting fails).
+    fn post_buffer(
+        &self,
+        to: Rank,
+        peer: &Peer,
+        slot: usize,
+        len: usize,
+    ) -> Result<(), VerbsError> {
+        let id = self.new_id();
+        self.pending_lock().insert(
+            id,
+            Pending::Buffer {
+                peer: to,
+                slot,
+                wrs: 1,
+            },
+        );
+        let seg = Segment {
+            region: Arc::clone(&self.send_mr),
+            offset: slot * self.opts.slot_size,
+            len,
+        };
+        peer.qp
+            .post_send(id, SendOp::Send, &[seg])
+            .inspect_err(|_| {
+                self.pending_lock().remove(&id);
+                peer.sq.release();
+            })
+    }
+
+    /// `send_frame` of a message that fits one send buffer, for a thread
+    /// that must not wait: only if the peer's send lock, a send buffer and
+    /// a send-queue slot are all free at once. Nothing here waits for the
+    /// peer: a SEND the peer has no receive posted for is retried by the
+    /// adapter, not by this thread.
+    fn try_send_frame(&self, to: Rank, parts: &[&[u8]]) -> Result<TrySent, TransportError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if to == self.rank || total > self.opts.max_message {
+            return self
+                .send_frame(to, FRAG_LAST, parts)
+                .map(|()| TrySent::Sent);
+        }
+        if total + 1 > self.opts.slot_size {
+            return Ok(TrySent::WouldWait);
+        }
+        let peer = self.peer(to)?;
+        self.check_usable(to, peer)?;
+        let _order = match peer.send_lock.try_lock() {
+            Ok(order) => order,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(TrySent::WouldWait),
+        };
+        let Ok(slot) = self.pool.1.try_recv() else {
+            return Ok(TrySent::WouldWait);
+        };
+        if !peer.sq.try_acquire() {
+            let _ = self.pool.0.try_send(slot);
+            return Ok(TrySent::WouldWait);
+        }
+        let base = slot * self.opts.slot_size;
+        let mut filled = 1;
+        let mut res = self.send_mr.write_bytes(base, &[FRAG_LAST]);
+        for part in parts {
+            res = res.and_then(|_| self.send_mr.write_bytes(base + filled, part));
+            filled += part.len();
+        }
+        let posted = res
+            .inspect_err(|_| peer.sq.release())
+            .and_then(|_| self.post_buffer(to, peer, slot, filled));
+        if let Err(e) = posted {
+            let _ = self.pool.0.try_send(slot);
+            return Err(self.lose(to, format!("send failed: {e}")));
+        }
+        Ok(TrySent::Sent)
     }
 }
 
@@ -1441,6 +1509,33 @@ impl Transport for RdmaTransport {
 
     fn send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<(), TransportError> {
         self.shared.send_frame(to, FRAG_LAST, parts)
+    }
+
+    fn try_send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<TrySent, TransportError> {
+        self.shared.try_send_frame(to, parts)
+    }
+
+    /// A page that would go by RDMA WRITE is left to `send_page` (the
+    /// thread that may wait); one that would go by SEND is tried as such.
+    fn try_send_page(
+        &self,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<TrySent, TransportError> {
+        if self
+            .shared
+            .page_target(to, page, header.len(), data.len())
+            .is_some()
+        {
+            return Ok(TrySent::WouldWait);
+        }
+        let sent = self.shared.try_send_frame(to, &[header, data])?;
+        if sent == TrySent::Sent && to != self.shared.rank {
+            self.shared.pages_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(sent)
     }
 
     /// See `Shared::send_page`: the page by RDMA WRITE into the peer's
