@@ -257,53 +257,27 @@ impl Outbox {
                     bytes += units[end].len + 4;
                     end += 1;
                 }
-                let outcome = match sending {
-                    Sending::NoWait if end == start + 1 => {
-                        let unit = &units[start];
-                        match &mine[unit.start..unit.start + unit.count] {
-                            [Outgoing::Page { header, page, data }] => {
-                                transport.try_send_page(to, header, *page, &data[..])?
-                            }
-                            [grant @ Outgoing::ReadGrant { page, .. }] => transport.try_send_page(
-                                to,
-                                &headers[start],
-                                *page,
-                                grant.page_bytes(faults),
-                            )?,
-                            _ => transport.try_send_parts(to, &pieces_of(start))?,
+                let outcome = if end == start + 1 {
+                    // Alone: a message with one page goes through
+                    // `send_page` (a transport may place the bytes itself).
+                    let unit = &units[start];
+                    match &mine[unit.start..unit.start + unit.count] {
+                        [Outgoing::Page { header, page, data }] => {
+                            sending.page(transport, to, header, *page, &data[..])?
                         }
+                        [grant @ Outgoing::ReadGrant { page, .. }] => sending.page(
+                            transport,
+                            to,
+                            &headers[start],
+                            *page,
+                            grant.page_bytes(faults),
+                        )?,
+                        _ => sending.parts(transport, to, &pieces_of(start))?,
                     }
-                    Sending::NoWait => {
-                        let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
-                        let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
-                        transport.try_send_parts(to, &batch_pieces(&refs, &mut lengths))?
-                    }
-                    Sending::Wait if end == start + 1 => {
-                        // Alone: a message with one page goes through
-                        // `send_page` (a transport may place the bytes
-                        // itself).
-                        let unit = &units[start];
-                        match &mine[unit.start..unit.start + unit.count] {
-                            [Outgoing::Plain(bytes)] => transport.send(to, bytes)?,
-                            [Outgoing::Page { header, page, data }] => {
-                                transport.send_page(to, header, *page, &data[..])?
-                            }
-                            [grant @ Outgoing::ReadGrant { page, .. }] => transport.send_page(
-                                to,
-                                &headers[start],
-                                *page,
-                                grant.page_bytes(faults),
-                            )?,
-                            _ => transport.send_parts(to, &pieces_of(start))?,
-                        }
-                        TrySent::Sent
-                    }
-                    Sending::Wait => {
-                        let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
-                        let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
-                        transport.send_parts(to, &batch_pieces(&refs, &mut lengths))?;
-                        TrySent::Sent
-                    }
+                } else {
+                    let parts: Vec<Vec<&[u8]>> = (start..end).map(pieces_of).collect();
+                    let refs: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+                    sending.parts(transport, to, &batch_pieces(&refs, &mut lengths))?
                 };
                 match outcome {
                     TrySent::WouldWait => {
@@ -330,6 +304,38 @@ enum Sending {
     Wait,
     /// Only what the transport takes at once.
     NoWait,
+}
+
+impl Sending {
+    /// One message made of `parts`, sent this way.
+    fn parts(
+        self,
+        transport: &dyn Transport,
+        to: Rank,
+        parts: &[&[u8]],
+    ) -> Result<TrySent, TransportError> {
+        match self {
+            Sending::Wait => transport.send_parts(to, parts).map(|()| TrySent::Sent),
+            Sending::NoWait => transport.try_send_parts(to, parts),
+        }
+    }
+
+    /// `header` and page `page`'s bytes, sent this way.
+    fn page(
+        self,
+        transport: &dyn Transport,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<TrySent, TransportError> {
+        match self {
+            Sending::Wait => transport
+                .send_page(to, header, page, data)
+                .map(|()| TrySent::Sent),
+            Sending::NoWait => transport.try_send_page(to, header, page, data),
+        }
+    }
 }
 
 /// The messages for one rank as wire messages: each alone, except read

@@ -798,7 +798,10 @@ impl Transport for TcpTransport {
     }
 
     fn finish_sends(&self) -> Result<(), TransportError> {
-        if !self.unfinished.swap(false, Ordering::SeqCst) {
+        // Called before every flush: a plain load when nothing is left
+        // (the usual case), no write to the shared flag.
+        if !self.unfinished.load(Ordering::SeqCst) || !self.unfinished.swap(false, Ordering::SeqCst)
+        {
             return Ok(());
         }
         for (rank, peer) in self.peers.iter().enumerate() {
