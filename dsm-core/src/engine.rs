@@ -177,8 +177,9 @@ pub(crate) struct Engine {
     /// Page operations of the batch being handled, gathered into a run of
     /// consecutive pages done in one system call (`run_staged`).
     staged: StagedRun,
-    /// True while a batch's messages are being handled.
-    in_batch: bool,
+    /// While a batch's messages are being handled: the clock read once
+    /// for all of them (one `clock_gettime` per batch, not per message).
+    batch_clock: Option<u64>,
     /// Page buffers no longer referenced (home copies replaced), reused
     /// for the next pages copied out: no allocation per page served.
     spare_pages: Vec<PageData>,
@@ -186,6 +187,11 @@ pub(crate) struct Engine {
     /// what it produces stays in `out` until `try_flush` sends what the
     /// transport takes at once.
     sends_deferred: bool,
+    /// Held by whoever sends the outbox's messages, and taken under the
+    /// engine's lock (never the other way round): messages leave in the
+    /// order they were produced, also when a thread sends them after
+    /// letting go of the engine's lock (`serve_here`).
+    send_turn: Arc<Mutex<()>>,
     /// False once the engine thread has stopped: messages are then queued,
     /// as nobody would send what handling them produces.
     serving: bool,
@@ -364,9 +370,10 @@ impl Engine {
             out: Outbox::default(),
             protected_ahead: PageSet::new(pages),
             staged: StagedRun::default(),
-            in_batch: false,
+            batch_clock: None,
             spare_pages: Vec::new(),
             sends_deferred: false,
+            send_turn: Arc::default(),
             serving: true,
             landing: VecDeque::new(),
             landing_tokens: std::collections::hash_map::RandomState::new(),
@@ -467,6 +474,22 @@ impl Engine {
         if self.sends_deferred {
             return Ok(());
         }
+        let turn = Arc::clone(&self.send_turn);
+        if self.out.is_empty() {
+            // Only a message a receive thread left part-written may be
+            // waiting; a thread holding the turn finishes it first anyway,
+            // so this one does not wait for the turn under the lock.
+            if let Ok(_turn) = turn.try_lock() {
+                self.transport.finish_sends()?;
+            }
+            return Ok(());
+        }
+        let _turn = take_turn(&turn);
+        self.flush_in_turn()
+    }
+
+    /// [`Engine::flush`] for a thread holding the send turn.
+    fn flush_in_turn(&mut self) -> Result<(), DsmError> {
         // Grants read from the mapping only while it holds the home's copy.
         debug_assert!(self
             .out
@@ -480,10 +503,26 @@ impl Engine {
         Ok(())
     }
 
+    /// The queued messages, for a thread holding the send turn to send
+    /// after letting go of the engine's lock: only when none reads a page
+    /// from the mapping (which may change once the lock is free).
+    fn detach_output(&mut self) -> Option<Outbox> {
+        if self.sends_deferred || self.out.is_empty() || self.out.mapped_pages().next().is_some() {
+            return None;
+        }
+        Some(self.out.detach())
+    }
+
     /// In a receive thread, after handling a message: sends what the
     /// transport takes without waiting. True when the engine thread must
     /// send the rest (messages left queued, or one left part-written).
     fn try_flush(&mut self) -> Result<bool, DsmError> {
+        let turn = Arc::clone(&self.send_turn);
+        let Ok(_turn) = turn.try_lock() else {
+            // Another thread is sending: this output waits for the engine
+            // thread, behind what that thread sends.
+            return Ok(!self.out.is_empty());
+        };
         debug_assert!(self
             .out
             .mapped_pages()
@@ -581,6 +620,9 @@ impl Engine {
 
     /// The multi-reader protocol's clock.
     fn now(&self) -> u64 {
+        if let Some(now) = self.batch_clock {
+            return now;
+        }
         self.started.elapsed().as_nanos() as u64
     }
 
@@ -717,12 +759,13 @@ impl Engine {
         if payload.first() == Some(&proto::BATCH) {
             let parts = proto::batch_parts(payload)
                 .map_err(|e| DsmError::Protocol(format!("from rank {from}: {e}")))?;
-            self.protect_ahead_of_reads(&parts)?;
-            self.in_batch = true;
-            let handled = parts
-                .into_iter()
-                .try_for_each(|part| self.on_payload(from, part));
-            self.in_batch = false;
+            self.batch_clock = Some(self.now());
+            let handled = self.protect_ahead_of_reads(&parts).and_then(|()| {
+                parts
+                    .into_iter()
+                    .try_for_each(|part| self.on_payload(from, part))
+            });
+            self.batch_clock = None;
             handled?;
             return self.run_staged();
         }
@@ -732,7 +775,7 @@ impl Engine {
             return self.on_read_grant_run(from, first, RunBytes::Received(pages));
         }
         if let Some(token) = proto::placed_read_run(payload) {
-            if self.in_batch {
+            if self.batch_clock.is_some() {
                 return Err(DsmError::Protocol(format!(
                     "from rank {from}: a notice of pages landed in their frames inside a batch (such notices never travel between ranks)"
                 )));
@@ -1325,7 +1368,7 @@ impl Engine {
             Action::MakeWritable { page } => (RunOp::MakeWritable, page),
             _ => return Ok(false),
         };
-        if !self.in_batch {
+        if self.batch_clock.is_none() {
             return Ok(false);
         }
         match op {
@@ -1578,6 +1621,11 @@ pub(crate) fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     engine.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The send turn (`Engine::send_turn`), taken under the engine's lock.
+fn take_turn(turn: &Mutex<()>) -> MutexGuard<'_, ()> {
+    turn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs `work` (a fault, an API call) on the engine's state in the calling
 /// thread, then flushes its messages. A timer the work set is announced to
 /// the engine thread, whose wait was computed without it.
@@ -1589,8 +1637,29 @@ pub(crate) fn serve_here(
     let timer_set = {
         let mut this = lock(engine);
         let before = this.next_deadline();
-        work(&mut this).and_then(|()| this.flush())?;
+        work(&mut this)?;
         let after = this.next_deadline();
+        // The turn is taken under the engine's lock, so what this thread
+        // produced leaves before what others produce after it. Requests
+        // then leave without the engine's lock: a send can take long
+        // (loopback delivery, preemption), and receive threads landing
+        // pages need the lock meanwhile.
+        let turn = Arc::clone(&this.send_turn);
+        let _turn = take_turn(&turn);
+        match this.detach_output() {
+            Some(mut output) => {
+                let (transport, faults, stats) = (
+                    Arc::clone(&this.transport),
+                    Arc::clone(&this.faults),
+                    Arc::clone(&this.stats),
+                );
+                drop(this);
+                transport.finish_sends()?;
+                output.flush(&*transport, &faults)?;
+                Stats::add(&stats.batches_sent, output.batches);
+            }
+            None => this.flush_in_turn()?,
+        }
         after.is_some() && after != before
     };
     if timer_set {

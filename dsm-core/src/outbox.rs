@@ -112,6 +112,15 @@ impl Outbox {
         self.queued.is_empty()
     }
 
+    /// The queued messages, in a new outbox of their own (sent from
+    /// elsewhere); this one is left empty.
+    pub fn detach(&mut self) -> Outbox {
+        Outbox {
+            queued: std::mem::take(&mut self.queued),
+            batches: 0,
+        }
+    }
+
     /// Pages of queued grants sent from the mapping.
     pub fn mapped_pages(&self) -> impl Iterator<Item = usize> + '_ {
         self.queued.iter().filter_map(|(_, message)| match message {
