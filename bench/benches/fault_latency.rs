@@ -5,7 +5,10 @@
 //! The transport follows `DSM_TRANSPORT` like `dsm::init` (`auto`: RDMA when
 //! an active device exists, else TCP):
 //!
-//! * `fault_latency_tcp/raw_round_trip_16B_4KiB` and
+//! * `fault_latency_tcp/raw_round_trip_16B_4KiB` (through the transport's
+//!   API: its receive thread hands the message on, as to the engine),
+//!   `fault_latency_tcp/raw_socket_round_trip_16B_4KiB` (the same on a bare
+//!   pair of loopback sockets, blocking reads, no transport) and
 //!   `fault_latency_tcp/dsm_remote_read_fault_4KiB` on loopback TCP, the
 //!   fault served by the fault thread (`DSM_FAULTS=thread`), and
 //!   `.../dsm_remote_read_fault_4KiB_sigbus` served by the faulting thread
@@ -158,6 +161,48 @@ fn raw_round_trip(c: &mut Criterion, group: &str, t: &[Arc<dyn Transport>], out:
     echo.join().expect("echo thread");
 }
 
+/// The same round trip on a bare pair of loopback TCP sockets, no
+/// transport: one blocking write and one blocking read on each side, the
+/// least the kernel takes for it.
+fn socket_round_trip(c: &mut Criterion, group: &str, out: &Samples) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("loopback listener");
+    let mut client = TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+    let (mut server, _) = listener.accept().expect("accept");
+    for s in [&client, &server] {
+        s.set_nodelay(true).expect("TCP_NODELAY");
+    }
+    let echo = thread::spawn(move || {
+        let (mut request, page) = ([0u8; 16], vec![7u8; PAGE_SIZE]);
+        // Ends when the client closes its end.
+        while server.read_exact(&mut request).is_ok() {
+            if server.write_all(&page).is_err() {
+                return;
+            }
+        }
+    });
+    let (request, mut reply) = ([1u8; 16], vec![0u8; PAGE_SIZE]);
+    let mut g = c.benchmark_group(group);
+    g.bench_function("raw_socket_round_trip_16B_4KiB", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t0 = Instant::now();
+                client.write_all(&request).expect("request");
+                client.read_exact(&mut reply).expect("reply");
+                let d = t0.elapsed();
+                total += d;
+                out.push(d);
+            }
+            total
+        })
+    });
+    g.finish();
+    drop(client);
+    echo.join().expect("echo thread");
+}
+
 fn rdma_read(c: &mut Criterion, group: &str, port: &PortSummary, out: &Samples) {
     let t = rdma_pair(port);
     let remote = t[0].remote_regions(1)[0];
@@ -274,27 +319,25 @@ fn dsm_read_fault(
     });
 }
 
-/// Prints every figure, then each DSM figure's ratio to the first raw one
-/// (the 16 B / 4 KiB round trip).
+/// Prints every figure, then each DSM figure's ratio to each raw round
+/// trip: through the transport (the target's baseline) and, on TCP, on
+/// bare sockets.
 fn print_summary(group: &str, rows: &[(&str, &Samples)]) {
     let mut faults = Vec::new();
-    let mut base = None;
+    let mut bases = Vec::new();
     for (name, samples) in rows {
         if let Some((p50, p99, n)) = samples.summary() {
             println!("{group}: {name:<38} median {p50:8.1} µs  p99 {p99:8.1} µs  ({n} samples)");
             if name.starts_with("dsm_") {
                 faults.push((name, p50));
-            } else if base.is_none() {
-                base = Some(p50);
+            } else if name.contains("round_trip") {
+                bases.push((name, p50));
             }
         }
     }
-    if let Some(b) = base {
-        for (name, f) in faults {
-            println!(
-                "{group}: ratio {name} / raw 4 KiB round trip = {:.2}x",
-                f / b
-            );
+    for (base, b) in &bases {
+        for (name, f) in &faults {
+            println!("{group}: ratio {name} / {base} = {:.2}x", f / b);
         }
     }
 }
@@ -305,9 +348,12 @@ fn fault_latency(c: &mut Criterion) {
         Selected::Tcp => "fault_latency_tcp",
         Selected::Rdma(_) => "fault_latency_rdma",
     };
-    let [raw, fault, fault_sigbus, read] = std::array::from_fn(|_| Samples::default());
+    let [raw, socket, fault, fault_sigbus, read] = std::array::from_fn(|_| Samples::default());
     let transports = pair(&kind);
     raw_round_trip(c, group, &transports, &raw);
+    if let Selected::Tcp = kind {
+        socket_round_trip(c, group, &socket);
+    }
     let by_thread = (group, "dsm_remote_read_fault_4KiB");
     dsm_read_fault(c, by_thread, FaultDelivery::Events, transports, &fault);
     let by_signal = (group, "dsm_remote_read_fault_4KiB_sigbus");
@@ -325,6 +371,7 @@ fn fault_latency(c: &mut Criterion) {
         group,
         &[
             ("raw_round_trip_16B_4KiB", &raw),
+            ("raw_socket_round_trip_16B_4KiB", &socket),
             ("dsm_remote_read_fault_4KiB", &fault),
             ("dsm_remote_read_fault_4KiB_sigbus", &fault_sigbus),
             ("raw_rdma_read_4KiB", &read),
