@@ -82,6 +82,10 @@ pub struct Config {
     /// sleep (0: sleep at once, right for machines with more threads than
     /// CPUs; a few tens of µs trade CPU time for a wake-up per event).
     pub spin: Duration,
+    /// How long a thread whose fault it sent for polls for its page before
+    /// it sleeps (SIGBUS delivery; 0: sleep at once). Its CPU has nothing
+    /// else of this thread's to do meanwhile.
+    pub fault_spin: Duration,
     pub faults: FaultDelivery,
     /// Messages are handled in the transport's receive thread when the
     /// engine is free (no hand-off to the engine thread); false queues
@@ -109,6 +113,7 @@ impl Default for Config {
             prefetch: 1024,
             backing: SpaceBacking::Auto,
             spin: Duration::ZERO,
+            fault_spin: Duration::from_micros(60),
             faults: FaultDelivery::DEFAULT,
             receive_inline: true,
             receive_in_frames: true,
@@ -170,6 +175,7 @@ impl Config {
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
+    /// | `DSM_FAULT_SPIN_US` | how long a thread that faulted polls for its page before it sleeps (SIGBUS delivery) | `60` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
@@ -259,6 +265,16 @@ impl Config {
                 .parse()
                 .map_err(|_| err("DSM_SPIN_US", &v, "expected microseconds (0: no polling)"))?;
             self.spin = Duration::from_micros(us);
+        }
+        if let Some(v) = get("DSM_FAULT_SPIN_US") {
+            let us: u64 = v.trim().parse().map_err(|_| {
+                err(
+                    "DSM_FAULT_SPIN_US",
+                    &v,
+                    "expected microseconds (0: sleep at once)",
+                )
+            })?;
+            self.fault_spin = Duration::from_micros(us);
         }
         if let Some(v) = get("DSM_FAULTS") {
             self.faults = match v.trim().to_ascii_lowercase().as_str() {

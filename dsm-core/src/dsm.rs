@@ -205,7 +205,12 @@ impl Dsm {
                 (Some(reader), Some(stop_write), None)
             }
             FaultDelivery::Sigbus => {
-                let server = engine::signal_fault_server(engine_state, faults_served, failures);
+                let server = engine::signal_fault_server(
+                    engine_state,
+                    faults_served,
+                    failures,
+                    config.fault_spin,
+                );
                 let registration = crate::sigbus::register(region.base(), region.len(), server)?;
                 (None, None, Some(registration))
             }

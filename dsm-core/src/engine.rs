@@ -1775,6 +1775,7 @@ pub(crate) fn signal_fault_server(
     engine: Arc<Mutex<Engine>>,
     faults: Arc<FaultHandler>,
     events: Sender<Input>,
+    spin: Duration,
 ) -> crate::sigbus::Server {
     Box::new(move |page, write| {
         let Some(waiters) = faults.waiters() else {
@@ -1794,7 +1795,7 @@ pub(crate) fn signal_fault_server(
             }
         }
         // Timed out or not, the access is retried (and faults again).
-        let _ = waiters.wait(ticket, SIGNAL_WAIT);
+        let _ = waiters.wait(ticket, spin, SIGNAL_WAIT);
     })
 }
 

@@ -24,7 +24,7 @@
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::PAGE_SIZE;
 use crate::fault::FaultError;
@@ -69,14 +69,22 @@ impl Waiters {
 
     /// Sleeps until a page of the ticket's bucket was installed since the
     /// ticket was taken (at once if one was), or `timeout` passed; says
-    /// whether one was (false: the time ran out). The
+    /// whether one was (false: the time ran out). It first polls for up to
+    /// `spin` (`DSM_SPIN_US`): an install seen then costs neither side a
+    /// futex call nor a wake-up. The
     /// waiter counts itself before it looks at the epoch, and an install
     /// bumps the epoch before it looks at the count (both sequentially
     /// consistent): either the waiter sees the new epoch or the install
     /// sees the waiter. A fault served at once (its page installed by the
     /// fault path itself) costs no futex call.
-    pub fn wait(&self, ticket: WaitTicket, timeout: Duration) -> bool {
+    pub fn wait(&self, ticket: WaitTicket, spin: Duration, timeout: Duration) -> bool {
         let word = &self.epoch[ticket.bucket];
+        if !spin.is_zero() {
+            let until = Instant::now() + spin;
+            while word.load(SeqCst) == ticket.epoch && Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         self.waiting[ticket.bucket].fetch_add(1, SeqCst);
         if word.load(SeqCst) == ticket.epoch {
             let limit = libc::timespec {

@@ -76,7 +76,19 @@ fn faults_reach_the_faulting_threads_server_with_their_kind() {
 
 #[test]
 fn a_parked_thread_is_woken_by_the_install_of_its_page() {
-    let Some((region, faults)) = sigbus_space(BASE + (1 << 30), 2) else {
+    parked_thread_sees_the_install(BASE + (1 << 30), Duration::ZERO);
+}
+
+#[test]
+fn a_polling_thread_sees_the_install_of_its_page() {
+    // Polls far beyond the test's run: it never reaches the futex.
+    parked_thread_sees_the_install(BASE + (4 << 30), Duration::from_secs(600));
+}
+
+/// A thread faults on page 1 and waits for it (polling up to `spin`
+/// first); only the install of page 1 can end its wait.
+fn parked_thread_sees_the_install(base: usize, spin: Duration) {
+    let Some((region, faults)) = sigbus_space(base, 2) else {
         return;
     };
     let (fault_seen, faulted) = mpsc::channel();
@@ -88,7 +100,7 @@ fn a_parked_thread_is_woken_by_the_install_of_its_page() {
             let ticket = waiters.prepare(page);
             let _ = fault_seen.lock().unwrap().send(page);
             // Far beyond the test's run: only the install ends this wait.
-            let woken = waiters.wait(ticket, Duration::from_secs(600));
+            let woken = waiters.wait(ticket, spin, Duration::from_secs(600));
             assert!(woken, "the wait ended without an install");
         })
     };
