@@ -1639,26 +1639,30 @@ pub(crate) fn serve_here(
         let before = this.next_deadline();
         work(&mut this)?;
         let after = this.next_deadline();
-        // The turn is taken under the engine's lock, so what this thread
-        // produced leaves before what others produce after it. Requests
-        // then leave without the engine's lock: a send can take long
+        // With nothing to send, nothing is: a message a receive thread left
+        // part-written is the engine thread's to finish (woken for it).
+        // Otherwise the turn is taken under the engine's lock, so what this
+        // thread produced leaves before what others produce after it; then
+        // requests leave without the engine's lock: a send can take long
         // (loopback delivery, preemption), and receive threads landing
         // pages need the lock meanwhile.
-        let turn = Arc::clone(&this.send_turn);
-        let _turn = take_turn(&turn);
-        match this.detach_output() {
-            Some(mut output) => {
-                let (transport, faults, stats) = (
-                    Arc::clone(&this.transport),
-                    Arc::clone(&this.faults),
-                    Arc::clone(&this.stats),
-                );
-                drop(this);
-                transport.finish_sends()?;
-                output.flush(&*transport, &faults)?;
-                Stats::add(&stats.batches_sent, output.batches);
+        if !this.out.is_empty() {
+            let turn = Arc::clone(&this.send_turn);
+            let _turn = take_turn(&turn);
+            match this.detach_output() {
+                Some(mut output) => {
+                    let (transport, faults, stats) = (
+                        Arc::clone(&this.transport),
+                        Arc::clone(&this.faults),
+                        Arc::clone(&this.stats),
+                    );
+                    drop(this);
+                    transport.finish_sends()?;
+                    output.flush(&*transport, &faults)?;
+                    Stats::add(&stats.batches_sent, output.batches);
+                }
+                None => this.flush_in_turn()?,
             }
-            None => this.flush_in_turn()?,
         }
         after.is_some() && after != before
     };
