@@ -82,9 +82,11 @@ pub struct Config {
     /// sleep (0: sleep at once, right for machines with more threads than
     /// CPUs; a few tens of µs trade CPU time for a wake-up per event).
     pub spin: Duration,
-    /// How long a thread whose fault it sent for polls for its page before
-    /// it sleeps (SIGBUS delivery; 0: sleep at once). Its CPU has nothing
-    /// else of this thread's to do meanwhile.
+    /// How long a thread that faulted polls for its page before it sleeps
+    /// (SIGBUS delivery; 0: sleep at once). Its CPU has nothing else of
+    /// this thread's to do meanwhile; on a machine with more ranks than
+    /// CPUs the poll may delay the rank that serves it, by at most this
+    /// per fault (measured harmless at 4 ranks on 2 CPUs, `bench/README.md`).
     pub fault_spin: Duration,
     pub faults: FaultDelivery,
     /// Messages are handled in the transport's receive thread when the

@@ -113,10 +113,12 @@ impl Outbox {
     }
 
     /// The queued messages, in a new outbox of their own (sent from
-    /// elsewhere); this one is left empty.
+    /// elsewhere); this one is left empty, with room for as many (one
+    /// allocation instead of the queue growing again from nothing).
     pub fn detach(&mut self) -> Outbox {
+        let room = self.queued.len();
         Outbox {
-            queued: std::mem::take(&mut self.queued),
+            queued: std::mem::replace(&mut self.queued, Vec::with_capacity(room)),
             batches: 0,
         }
     }
