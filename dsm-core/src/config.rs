@@ -59,6 +59,22 @@ impl FaultDelivery {
     };
 }
 
+/// The wait poll of `DSM_WAIT_SPIN_US=auto` where CPUs are not
+/// oversubscribed: about a loopback round trip on the 2-vCPU VM measured.
+pub const AUTO_WAIT_SPIN: Duration = Duration::from_micros(60);
+
+/// `DSM_WAIT_SPIN_US=auto` for a host running `local_ranks` of the job's
+/// ranks: [`AUTO_WAIT_SPIN`] if the process may use at least as many
+/// CPUs, else no polling.
+pub fn auto_wait_spin(local_ranks: usize) -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if local_ranks <= cpus {
+        AUTO_WAIT_SPIN
+    } else {
+        Duration::ZERO
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address of the shared space, the same on every rank.
@@ -82,12 +98,15 @@ pub struct Config {
     /// sleep (0: sleep at once, right for machines with more threads than
     /// CPUs; a few tens of µs trade CPU time for a wake-up per event).
     pub spin: Duration,
-    /// How long a thread that faulted polls for its page before it sleeps
-    /// (SIGBUS delivery; 0: sleep at once). Its CPU has nothing else of
-    /// this thread's to do meanwhile; on a machine with more ranks than
-    /// CPUs the poll may delay the rank that serves it, by at most this
-    /// per fault (measured harmless at 4 ranks on 2 CPUs, `bench/README.md`).
-    pub fault_spin: Duration,
+    /// How long a thread waiting on the DSM (for the page it faulted on,
+    /// with SIGBUS delivery; for a lock, a barrier or another API call's
+    /// answer) polls before it sleeps (0: sleep at once). Its CPU has
+    /// nothing else of this thread's to do meanwhile, unless ranks
+    /// outnumber CPUs: then polling ranks take the CPU the ones they wait
+    /// for need (a barrier at 4 ranks on 2 CPUs: 69 -> 171 µs). `None`
+    /// (auto): [`AUTO_WAIT_SPIN`] when this host runs no more of the job's
+    /// ranks than the process may use CPUs, else 0.
+    pub wait_spin: Option<Duration>,
     pub faults: FaultDelivery,
     /// Messages are handled in the transport's receive thread when the
     /// engine is free (no hand-off to the engine thread); false queues
@@ -115,7 +134,7 @@ impl Default for Config {
             prefetch: 1024,
             backing: SpaceBacking::Auto,
             spin: Duration::ZERO,
-            fault_spin: Duration::from_micros(60),
+            wait_spin: None,
             faults: FaultDelivery::DEFAULT,
             receive_inline: true,
             receive_in_frames: true,
@@ -177,7 +196,7 @@ impl Config {
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
-    /// | `DSM_FAULT_SPIN_US` | how long a thread that faulted polls for its page before it sleeps (SIGBUS delivery) | `60` |
+    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds, or `auto` (60 when the host runs no more ranks than CPUs, else 0) | `auto` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
@@ -268,15 +287,17 @@ impl Config {
                 .map_err(|_| err("DSM_SPIN_US", &v, "expected microseconds (0: no polling)"))?;
             self.spin = Duration::from_micros(us);
         }
-        if let Some(v) = get("DSM_FAULT_SPIN_US") {
-            let us: u64 = v.trim().parse().map_err(|_| {
-                err(
-                    "DSM_FAULT_SPIN_US",
-                    &v,
-                    "expected microseconds (0: sleep at once)",
-                )
-            })?;
-            self.fault_spin = Duration::from_micros(us);
+        if let Some(v) = get("DSM_WAIT_SPIN_US") {
+            self.wait_spin = match v.trim() {
+                "auto" => None,
+                us => Some(Duration::from_micros(us.parse().map_err(|_| {
+                    err(
+                        "DSM_WAIT_SPIN_US",
+                        &v,
+                        "expected microseconds (0: sleep at once) or auto",
+                    )
+                })?)),
+            };
         }
         if let Some(v) = get("DSM_FAULTS") {
             self.faults = match v.trim().to_ascii_lowercase().as_str() {
@@ -344,6 +365,12 @@ mod tests {
         assert_eq!(parse_size("lots"), None);
         assert_eq!(parse_address("0x40000000"), Some(0x4000_0000));
         assert_eq!(parse_address("4096"), Some(4096));
+    }
+
+    #[test]
+    fn waits_poll_only_where_cpus_are_not_oversubscribed() {
+        assert_eq!(auto_wait_spin(1), AUTO_WAIT_SPIN, "one rank has a CPU");
+        assert_eq!(auto_wait_spin(usize::MAX), Duration::ZERO);
     }
 
     #[test]

@@ -4,9 +4,9 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TryRecvError};
 
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
@@ -141,9 +141,15 @@ impl Dsm {
         (region, faults): (Region, FaultHandler),
         transport: Arc<dyn Transport>,
         hosts: Vec<String>,
-        config: Config,
+        mut config: Config,
     ) -> Result<Dsm, DsmError> {
         let (rank, size) = (transport.rank(), transport.size());
+        let here = hosts.get(rank).map(String::as_str).unwrap_or_default();
+        let local_ranks = hosts.iter().filter(|h| h.as_str() == here).count();
+        let wait_spin = config
+            .wait_spin
+            .unwrap_or_else(|| crate::config::auto_wait_spin(local_ranks.max(1)));
+        config.wait_spin = Some(wait_spin);
         let faults = Arc::new(faults);
         let stats = Arc::new(Stats::default());
         let node = match config.protocol {
@@ -205,12 +211,8 @@ impl Dsm {
                 (Some(reader), Some(stop_write), None)
             }
             FaultDelivery::Sigbus => {
-                let server = engine::signal_fault_server(
-                    engine_state,
-                    faults_served,
-                    failures,
-                    config.fault_spin,
-                );
+                let server =
+                    engine::signal_fault_server(engine_state, faults_served, failures, wait_spin);
                 let registration = crate::sigbus::register(region.base(), region.len(), server)?;
                 (None, None, Some(registration))
             }
@@ -312,9 +314,21 @@ impl Dsm {
         self.ask(Input::Barrier)
     }
 
+    /// Serves an API call here and waits for its answer, polling for it
+    /// up to `Config::wait_spin` first: an answer within the poll costs
+    /// the thread that sends it no futex wake, and this one no wake-up.
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, DsmError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.serve(make(tx))?;
+        let until = Instant::now() + self.config.wait_spin.unwrap_or_default();
+        loop {
+            match rx.try_recv() {
+                Ok(answer) => return answer,
+                Err(TryRecvError::Disconnected) => return Err(DsmError::Stopped),
+                Err(TryRecvError::Empty) if Instant::now() < until => std::hint::spin_loop(),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
         rx.recv().map_err(|_| DsmError::Stopped)?
     }
 
@@ -333,7 +347,8 @@ impl Dsm {
     }
 
     /// Takes distributed lock `id` (held at rank `id mod N`); waits in FIFO
-    /// order without spinning. Released when the guard is dropped.
+    /// order (polling `DSM_WAIT_SPIN_US` at most, then asleep). Released
+    /// when the guard is dropped.
     pub fn lock(&self, id: u64) -> Result<LockGuard<'_>, DsmError> {
         let ticket = self.ask(|reply| Input::Lock { lock: id, reply })?;
         Ok(LockGuard {

@@ -70,7 +70,7 @@ impl Waiters {
     /// Sleeps until a page of the ticket's bucket was installed since the
     /// ticket was taken (at once if one was), or `timeout` passed; says
     /// whether one was (false: the time ran out). It first polls for up to
-    /// `spin` (`DSM_FAULT_SPIN_US`): an install seen then costs neither
+    /// `spin` (`DSM_WAIT_SPIN_US`): an install seen then costs neither
     /// side a futex call nor a wake-up. The
     /// waiter counts itself before it looks at the epoch, and an install
     /// bumps the epoch before it looks at the count (both sequentially
