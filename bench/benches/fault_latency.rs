@@ -140,16 +140,31 @@ fn raw_round_trip(c: &mut Criterion, group: &str, t: &[Arc<dyn Transport>], out:
         }
     });
     let request = [1u8; 16];
+    time_exchanges(c, (group, "raw_round_trip_16B_4KiB"), out, || {
+        client.send(1, &request).expect("request");
+        let reply = client.recv().expect("reply");
+        assert_eq!(reply.payload.len(), PAGE_SIZE);
+    });
+    client.send(1, b"stop").expect("stop");
+    echo.join().expect("echo thread");
+}
+
+/// Times `exchange` (one request and its reply) as `group/name`, each
+/// exchange's duration also kept in `out`.
+fn time_exchanges(
+    c: &mut Criterion,
+    (group, name): (&str, &str),
+    out: &Samples,
+    mut exchange: impl FnMut(),
+) {
     let mut g = c.benchmark_group(group);
-    g.bench_function("raw_round_trip_16B_4KiB", |b| {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let t0 = Instant::now();
-                client.send(1, &request).expect("request");
-                let reply = client.recv().expect("reply");
+                exchange();
                 let d = t0.elapsed();
-                assert_eq!(reply.payload.len(), PAGE_SIZE);
                 total += d;
                 out.push(d);
             }
@@ -157,8 +172,6 @@ fn raw_round_trip(c: &mut Criterion, group: &str, t: &[Arc<dyn Transport>], out:
         })
     });
     g.finish();
-    client.send(1, b"stop").expect("stop");
-    echo.join().expect("echo thread");
 }
 
 /// The same round trip on a bare pair of loopback TCP sockets, no
@@ -183,22 +196,10 @@ fn socket_round_trip(c: &mut Criterion, group: &str, out: &Samples) {
         }
     });
     let (request, mut reply) = ([1u8; 16], vec![0u8; PAGE_SIZE]);
-    let mut g = c.benchmark_group(group);
-    g.bench_function("raw_socket_round_trip_16B_4KiB", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t0 = Instant::now();
-                client.write_all(&request).expect("request");
-                client.read_exact(&mut reply).expect("reply");
-                let d = t0.elapsed();
-                total += d;
-                out.push(d);
-            }
-            total
-        })
+    time_exchanges(c, (group, "raw_socket_round_trip_16B_4KiB"), out, || {
+        client.write_all(&request).expect("request");
+        client.read_exact(&mut reply).expect("reply");
     });
-    g.finish();
     drop(client);
     echo.join().expect("echo thread");
 }

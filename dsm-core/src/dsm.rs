@@ -4,9 +4,9 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::{Sender, TryRecvError};
+use crossbeam_channel::Sender;
 
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
@@ -90,6 +90,8 @@ pub struct Dsm {
     transport: Arc<dyn Transport>,
     stats: Arc<Stats>,
     barrier_lock: Mutex<()>,
+    /// `Config::wait_spin` resolved for this host (`auto`).
+    wait_spin: Duration,
     faults: Option<Arc<FaultHandler>>,
     region: Option<Region>,
 }
@@ -141,7 +143,7 @@ impl Dsm {
         (region, faults): (Region, FaultHandler),
         transport: Arc<dyn Transport>,
         hosts: Vec<String>,
-        mut config: Config,
+        config: Config,
     ) -> Result<Dsm, DsmError> {
         let (rank, size) = (transport.rank(), transport.size());
         let here = hosts.get(rank).map(String::as_str).unwrap_or_default();
@@ -149,7 +151,6 @@ impl Dsm {
         let wait_spin = config
             .wait_spin
             .unwrap_or_else(|| crate::config::auto_wait_spin(local_ranks.max(1)));
-        config.wait_spin = Some(wait_spin);
         let faults = Arc::new(faults);
         let stats = Arc::new(Stats::default());
         let node = match config.protocol {
@@ -251,6 +252,7 @@ impl Dsm {
             transport,
             stats,
             barrier_lock: Mutex::new(()),
+            wait_spin,
             faults: Some(faults),
             region: Some(region),
         })
@@ -315,20 +317,12 @@ impl Dsm {
     }
 
     /// Serves an API call here and waits for its answer, polling for it
-    /// up to `Config::wait_spin` first: an answer within the poll costs
-    /// the thread that sends it no futex wake, and this one no wake-up.
+    /// up to `wait_spin` first: an answer within the poll costs the thread
+    /// that sends it no futex wake, and this one no wake-up.
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, DsmError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.serve(make(tx))?;
-        let until = Instant::now() + self.config.wait_spin.unwrap_or_default();
-        loop {
-            match rx.try_recv() {
-                Ok(answer) => return answer,
-                Err(TryRecvError::Disconnected) => return Err(DsmError::Stopped),
-                Err(TryRecvError::Empty) if Instant::now() < until => std::hint::spin_loop(),
-                Err(TryRecvError::Empty) => break,
-            }
-        }
+        sched::poll_until(self.wait_spin, || !rx.is_empty());
         rx.recv().map_err(|_| DsmError::Stopped)?
     }
 

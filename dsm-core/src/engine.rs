@@ -413,12 +413,7 @@ impl Engine {
         spin: Duration,
     ) -> Result<(), DsmError> {
         loop {
-            if !spin.is_zero() {
-                let until = Instant::now() + spin;
-                while inbox.is_empty() && inputs.is_empty() && Instant::now() < until {
-                    std::hint::spin_loop();
-                }
-            }
+            crate::sched::poll_until(spin, || !inbox.is_empty() || !inputs.is_empty());
             let timeout = lock(engine)
                 .next_deadline()
                 .map(|t| t.saturating_duration_since(Instant::now()))
@@ -474,16 +469,16 @@ impl Engine {
         if self.sends_deferred {
             return Ok(());
         }
-        let turn = Arc::clone(&self.send_turn);
         if self.out.is_empty() {
             // Only a message a receive thread left part-written may be
             // waiting; a thread holding the turn finishes it first anyway,
             // so this one does not wait for the turn under the lock.
-            if let Ok(_turn) = turn.try_lock() {
+            if let Ok(_turn) = self.send_turn.try_lock() {
                 self.transport.finish_sends()?;
             }
             return Ok(());
         }
+        let turn = Arc::clone(&self.send_turn);
         let _turn = take_turn(&turn);
         self.flush_in_turn()
     }
@@ -517,8 +512,7 @@ impl Engine {
     /// transport takes without waiting. True when the engine thread must
     /// send the rest (messages left queued, or one left part-written).
     fn try_flush(&mut self) -> Result<bool, DsmError> {
-        let turn = Arc::clone(&self.send_turn);
-        let Ok(_turn) = turn.try_lock() else {
+        let Ok(_turn) = self.send_turn.try_lock() else {
             // Another thread is sending: this output waits for the engine
             // thread, behind what that thread sends.
             return Ok(!self.out.is_empty());

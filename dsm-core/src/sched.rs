@@ -24,9 +24,26 @@
 //! helps less: the woken thread gets an earlier deadline, but preempts only
 //! when the scheduler also finds it eligible.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::transport::Rank;
+
+/// Polls `done` for up to `spin` before a thread goes to sleep on what it
+/// waits for: an event seen meanwhile costs no wake-up. True once `done`
+/// held; a zero `spin` checks once. No system call but the vDSO clock, so
+/// a signal handler may poll too.
+pub fn poll_until(spin: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + spin;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
 
 /// Which CPU a rank's service threads are pinned to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

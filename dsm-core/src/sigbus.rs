@@ -24,7 +24,7 @@
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::PAGE_SIZE;
 use crate::fault::FaultError;
@@ -79,12 +79,7 @@ impl Waiters {
     /// fault path itself) costs no futex call.
     pub fn wait(&self, ticket: WaitTicket, spin: Duration, timeout: Duration) -> bool {
         let word = &self.epoch[ticket.bucket];
-        if !spin.is_zero() {
-            let until = Instant::now() + spin;
-            while word.load(SeqCst) == ticket.epoch && Instant::now() < until {
-                std::hint::spin_loop();
-            }
-        }
+        crate::sched::poll_until(spin, || word.load(SeqCst) != ticket.epoch);
         self.waiting[ticket.bucket].fetch_add(1, SeqCst);
         if word.load(SeqCst) == ticket.epoch {
             let limit = libc::timespec {
