@@ -75,6 +75,54 @@ pub fn auto_wait_spin(local_ranks: usize) -> Duration {
     }
 }
 
+/// The bound on the pages a rank holds from other homes (`DSM_CACHE_SIZE`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CacheSize {
+    /// [`AUTO_CACHE_SHARE`] of the node's memory, split among the job's
+    /// ranks on this host.
+    Auto,
+    Bytes(usize),
+    /// This percentage of the node's memory (for this rank alone).
+    PercentOfNode(f64),
+    /// No bound: a rank may hold every page it touches.
+    Unlimited,
+}
+
+/// The share of a node's memory that the caches of the job's ranks on it
+/// may fill by default: the rest is left to the pages they are home of and
+/// to the application.
+pub const AUTO_CACHE_SHARE: f64 = 0.25;
+
+impl CacheSize {
+    /// Bytes for a rank on a node of `node_memory` bytes running
+    /// `local_ranks` of the job's ranks (`None`: no bound).
+    pub fn resolve(self, node_memory: u64, local_ranks: usize) -> Option<usize> {
+        let share = |fraction: f64| (node_memory as f64 * fraction) as usize;
+        match self {
+            CacheSize::Auto => Some(share(AUTO_CACHE_SHARE) / local_ranks.max(1)),
+            CacheSize::Bytes(bytes) => Some(bytes),
+            CacheSize::PercentOfNode(percent) => Some(share(percent / 100.0)),
+            CacheSize::Unlimited => None,
+        }
+    }
+
+    fn parse(text: &str) -> Option<CacheSize> {
+        let text = text.trim();
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => return Some(CacheSize::Auto),
+            "unlimited" | "none" | "off" => return Some(CacheSize::Unlimited),
+            _ => {}
+        }
+        if let Some(percent) = text.strip_suffix('%') {
+            let percent: f64 = percent.trim().parse().ok()?;
+            return (percent > 0.0 && percent <= 100.0).then_some(CacheSize::PercentOfNode(percent));
+        }
+        parse_size(text)
+            .filter(|b| *b > 0)
+            .map(CacheSize::Bytes)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address of the shared space, the same on every rank.
@@ -119,6 +167,9 @@ pub struct Config {
     /// With a memfd: bytes of dropped pages whose frames are kept for their
     /// next install (beyond that, all are released).
     pub memfd_retain: usize,
+    /// The bound on the pages this rank holds from other homes; past it,
+    /// pages are evicted (multi-reader protocol).
+    pub cache: CacheSize,
 }
 
 impl Default for Config {
@@ -139,6 +190,7 @@ impl Default for Config {
             receive_inline: true,
             receive_in_frames: true,
             memfd_retain: crate::fault::DEFAULT_RETAINED_PAGES * PAGE_SIZE,
+            cache: CacheSize::Auto,
         }
     }
 }
@@ -194,6 +246,7 @@ impl Config {
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
+    /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds, or `auto` (60 when the host runs no more ranks than CPUs, else 0) | `auto` |
@@ -280,6 +333,15 @@ impl Config {
             self.memfd_retain = parse_size(&v)
                 .ok_or_else(|| err("DSM_MEMFD_RETAIN", &v, "expected a size like 0, 64M or 1G"))?;
         }
+        if let Some(v) = get("DSM_CACHE_SIZE") {
+            self.cache = CacheSize::parse(&v).ok_or_else(|| {
+                err(
+                    "DSM_CACHE_SIZE",
+                    &v,
+                    "expected a size like 512M or 2G, a percentage of the node's memory like 10%, auto or unlimited",
+                )
+            })?;
+        }
         if let Some(v) = get("DSM_SPIN_US") {
             let us: u64 = v
                 .trim()
@@ -365,6 +427,22 @@ mod tests {
         assert_eq!(parse_size("lots"), None);
         assert_eq!(parse_address("0x40000000"), Some(0x4000_0000));
         assert_eq!(parse_address("4096"), Some(4096));
+    }
+
+    #[test]
+    fn cache_sizes() {
+        assert_eq!(CacheSize::parse("512M"), Some(CacheSize::Bytes(512 << 20)));
+        assert_eq!(CacheSize::parse("16p"), Some(CacheSize::Bytes(16 * PAGE_SIZE)));
+        assert_eq!(CacheSize::parse("10%"), Some(CacheSize::PercentOfNode(10.0)));
+        assert_eq!(CacheSize::parse("unlimited"), Some(CacheSize::Unlimited));
+        assert_eq!(CacheSize::parse("auto"), Some(CacheSize::Auto));
+        for bad in ["0", "150%", "0%", "lots"] {
+            assert_eq!(CacheSize::parse(bad), None, "{bad}");
+        }
+        let gib = 1u64 << 30;
+        assert_eq!(CacheSize::Auto.resolve(16 * gib, 4), Some(1 << 30));
+        assert_eq!(CacheSize::PercentOfNode(50.0).resolve(16 * gib, 4), Some(8 << 30));
+        assert_eq!(CacheSize::Unlimited.resolve(16 * gib, 4), None);
     }
 
     #[test]

@@ -40,8 +40,17 @@ pub enum DsmError {
     Coherence(#[from] CoherenceError),
     #[error("protocol violation: {0}")]
     Protocol(String),
-    #[error("the shared space ({size} bytes) is larger than this machine's memory ({ram} bytes RAM + {swap} bytes swap), and any rank may end up holding every page; lower DSM_SPACE_SIZE")]
+    #[error("the shared space ({size} bytes) is larger than this machine's memory ({ram} bytes RAM + {swap} bytes swap), and the migratory protocol evicts nothing (any rank may end up holding every page); lower DSM_SPACE_SIZE, or use DSM_PROTOCOL=mrsw (the default), whose per-rank cache is bounded by DSM_CACHE_SIZE")]
     TooLarge { size: usize, ram: u64, swap: u64 },
+    #[error("rank {rank} on {host}: {what} needs {need} bytes on {host}, which has {memory} bytes of RAM + swap; {fix}")]
+    NoRoom {
+        rank: Rank,
+        host: String,
+        what: String,
+        need: u64,
+        memory: u64,
+        fix: &'static str,
+    },
     #[error("the fault reader failed: {0}")]
     FaultReader(String),
     #[error("the DSM engine has stopped")]
@@ -54,10 +63,23 @@ pub enum DsmError {
     Segment(String),
 }
 
+/// This node's memory: RAM and swap, in bytes (`None` if unknown).
+pub fn node_memory() -> Option<(u64, u64)> {
+    let info = nix::sys::sysinfo::sysinfo().ok()?;
+    Some((info.ram_total(), info.swap_total()))
+}
+
 /// Checks the configuration against this machine before mapping anything.
+/// Under the multi-reader protocol the space may be far larger than a node
+/// (each rank's cache of other homes' pages is bounded, `DSM_CACHE_SIZE`):
+/// what must fit is checked once the job is known (`Dsm::start`) and at
+/// each allocation. The migratory protocol evicts nothing: the whole space
+/// must fit.
 pub fn check_size(config: &Config) -> Result<(), DsmError> {
-    if let Ok(info) = nix::sys::sysinfo::sysinfo() {
-        let (ram, swap) = (info.ram_total(), info.swap_total());
+    if config.protocol != Protocol::Migratory {
+        return Ok(());
+    }
+    if let Some((ram, swap)) = node_memory() {
         if config.size as u64 > ram.saturating_add(swap) {
             return Err(DsmError::TooLarge {
                 size: config.size,
@@ -92,6 +114,8 @@ pub struct Dsm {
     barrier_lock: Mutex<()>,
     /// `Config::wait_spin` resolved for this host (`auto`).
     wait_spin: Duration,
+    /// `Config::cache` resolved for this host, in bytes (`None`: no bound).
+    cache_bytes: Option<usize>,
     faults: Option<Arc<FaultHandler>>,
     region: Option<Region>,
 }
@@ -151,6 +175,30 @@ impl Dsm {
         let wait_spin = config
             .wait_spin
             .unwrap_or_else(|| crate::config::auto_wait_spin(local_ranks.max(1)));
+        let cache_bytes = match config.protocol {
+            Protocol::Mrsw => {
+                let ram = node_memory().map_or(u64::MAX, |(ram, _)| ram);
+                config.cache.resolve(ram, local_ranks)
+            }
+            // Nothing is evicted under the seed's protocol.
+            Protocol::Migratory => None,
+        };
+        if let (Some(cache), Some((ram, swap))) = (cache_bytes, node_memory()) {
+            let need = cache as u64 * local_ranks.max(1) as u64;
+            if need > ram.saturating_add(swap) {
+                return Err(DsmError::NoRoom {
+                    rank,
+                    host: here.to_string(),
+                    what: format!(
+                        "the caches of the job's {} rank(s) there (DSM_CACHE_SIZE: {cache} bytes each)",
+                        local_ranks.max(1)
+                    ),
+                    need,
+                    memory: ram.saturating_add(swap),
+                    fix: "lower DSM_CACHE_SIZE (a size such as 512M, or a percentage of the node's memory such as 10%), or run fewer ranks per host",
+                });
+            }
+        }
         let faults = Arc::new(faults);
         let stats = Arc::new(Stats::default());
         let node = match config.protocol {
@@ -179,7 +227,8 @@ impl Dsm {
                 node,
                 Arc::clone(&stats),
             )
-            .with_prefetch(config.prefetch),
+            .with_prefetch(config.prefetch)
+            .with_cache_limit(cache_bytes.map_or(usize::MAX, |bytes| bytes / PAGE_SIZE)),
         ));
         if config.receive_inline {
             transport.deliver_inline(engine::inline_delivery(
@@ -253,6 +302,7 @@ impl Dsm {
             stats,
             barrier_lock: Mutex::new(()),
             wait_spin,
+            cache_bytes,
             faults: Some(faults),
             region: Some(region),
         })
@@ -357,6 +407,58 @@ impl Dsm {
         self.serve(Input::Unlock { lock: id, ticket })
     }
 
+    /// Checks that a segment of `bytes` with `placement` fits where its
+    /// pages live: on every host, the part of it homed there plus the caches
+    /// of the job's ranks there must fit in a node's memory (this node's:
+    /// the nodes of a job are taken to be alike).
+    fn check_room(&self, bytes: usize, placement: &Placement) -> Result<(), DsmError> {
+        let Some((ram, swap)) = node_memory() else {
+            return Ok(());
+        };
+        let memory = ram.saturating_add(swap);
+        let pages = bytes.div_ceil(PAGE_SIZE) as u64;
+        let ranks = self.size as u64;
+        let homed_at = |rank: Rank| -> u64 {
+            match placement {
+                Placement::Distributed => pages / ranks + u64::from((rank as u64) < pages % ranks),
+                Placement::Localized(home) => if rank == *home { pages } else { 0 },
+                Placement::Replicated | Placement::File(_) => {
+                    if rank == self.rank { pages } else { 0 }
+                }
+                Placement::Private => pages,
+            }
+        };
+        let cache = self.cache_bytes.unwrap_or(0) as u64;
+        let mut hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        for host in hosts {
+            let on_host: Vec<Rank> = (0..self.size).filter(|r| self.host(*r) == host).collect();
+            let homed: u64 = on_host.iter().map(|r| homed_at(*r)).sum::<u64>() * PAGE_SIZE as u64;
+            let need = homed + cache * on_host.len() as u64;
+            if need > memory {
+                let rank = on_host
+                    .iter()
+                    .copied()
+                    .max_by_key(|r| homed_at(*r))
+                    .unwrap_or(self.rank);
+                return Err(DsmError::NoRoom {
+                    rank,
+                    host: host.to_string(),
+                    what: format!(
+                        "a {} segment of {bytes} bytes ({homed} bytes of it homed there) beside the caches of the job's {} rank(s) there ({cache} bytes each)",
+                        placement.name(),
+                        on_host.len()
+                    ),
+                    need,
+                    memory,
+                    fix: "allocate less, spread the data over more ranks or hosts (Placement::Distributed), or lower DSM_CACHE_SIZE",
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Allocates a segment of `bytes` bytes with the given placement, from
     /// any rank, without a collective call (see [`crate::segment`]). Its
     /// address is the same on every rank.
@@ -383,6 +485,7 @@ impl Dsm {
         if bytes == 0 {
             return Err(DsmError::Segment("cannot allocate an empty segment".into()));
         }
+        self.check_room(bytes, &placement)?;
         let pages = bytes.div_ceil(PAGE_SIZE) as u64;
         let (kind, rank) = placement.code(self.rank);
         let info = self.ask(|reply| Input::Alloc {

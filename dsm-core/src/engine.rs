@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::coherence::mrsw::Copy;
 use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
@@ -91,6 +92,7 @@ impl Node {
 }
 
 /// The home's copy of a page no writer holds.
+#[derive(Clone)]
 enum HomeCopy {
     /// Its bytes, kept here.
     Bytes(PageData),
@@ -204,6 +206,60 @@ pub(crate) struct Engine {
     /// transport.
     landing_tokens: std::collections::hash_map::RandomState,
     landings_made: u64,
+    /// The bound on pages held from other homes, and the victims' order.
+    cache: Cache,
+}
+
+/// This rank's cache of pages homed elsewhere (`DSM_CACHE_SIZE`): past
+/// `high` pages, the engine thread evicts down to `low`, in the background
+/// of the faults; past `limit`, whoever holds the engine evicts at once.
+/// Victims are taken oldest installed first (FIFO over the grants: a read
+/// stream's consumed pages go first); a mapped page's accesses are not
+/// visible to user space without privileges, so there is no reference bit
+/// to give a second chance by. A page that cannot go yet (a request or a
+/// command in flight, its minimum hold) goes to the back.
+struct Cache {
+    limit: usize,
+    high: usize,
+    low: usize,
+    /// Pages installed from other homes, oldest first, each once (an
+    /// entry may be stale: the page was invalidated since).
+    order: VecDeque<usize>,
+    queued: PageSet,
+}
+
+impl Cache {
+    fn new(pages: usize) -> Cache {
+        Cache {
+            limit: usize::MAX,
+            high: usize::MAX,
+            low: usize::MAX,
+            order: VecDeque::new(),
+            queued: PageSet::new(pages),
+        }
+    }
+
+    /// At most `limit` pages (at least one); `usize::MAX`: no bound.
+    fn bound(&mut self, limit: usize) {
+        let limit = limit.max(1);
+        let margin = |share: usize| (limit / share).max(1);
+        self.limit = limit;
+        if self.bounded() {
+            self.high = limit.saturating_sub(margin(16));
+            self.low = limit.saturating_sub(margin(8));
+        }
+    }
+
+    fn bounded(&self) -> bool {
+        self.limit != usize::MAX
+    }
+
+    /// `page`, homed elsewhere, was just granted here.
+    fn installed(&mut self, page: usize) {
+        if self.bounded() && self.queued.insert(page) {
+            self.order.push_back(page);
+        }
+    }
 }
 
 /// A run of read grants being landed in its frames.
@@ -225,6 +281,12 @@ const SPARE_PAGES: usize = 4096;
 /// reading a neighbour's row) are not streams; pages fetched for nothing
 /// cost their writer an invalidation later.
 const STREAM_MIN_RUN: usize = 4;
+
+/// Pages a read stream may skip between two faults and still go on: pages
+/// already held in between (this rank's own pages of a round-robin space,
+/// one in N) fault no more, so a stream over the default layout faults on
+/// N - 1 pages of every N.
+const STREAM_MAX_SKIP: usize = 16;
 
 /// A page operation that one system call does for a run of pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -293,10 +355,11 @@ impl Stream {
     /// Records a read fault; returns the pages to request ahead.
     fn on_read_fault(&mut self, page: usize) -> std::ops::Range<usize> {
         // The next page, or a page of the window requested ahead (those
-        // before it arrived in time and never faulted): the stream goes on.
-        let sequential = self
-            .last_page
-            .is_some_and(|last| page > last && page <= self.requested_to.max(last + 1));
+        // before it arrived in time and never faulted), or one a few pages
+        // on (those between were held already): the stream goes on.
+        let sequential = self.last_page.is_some_and(|last| {
+            page > last && page <= self.requested_to.max(last + 1 + STREAM_MAX_SKIP)
+        });
         self.run = if sequential { self.run + 1 } else { 0 };
         self.last_page = Some(page);
         if !sequential {
@@ -326,6 +389,8 @@ fn page_of(msg: &Msg) -> Option<usize> {
         | Msg::InvalidateAck { page }
         | Msg::Recall { page, .. }
         | Msg::WriteBack { page, .. }
+        | Msg::Evicted { page }
+        | Msg::EvictedWriteBack { page, .. }
         | Msg::Grant { page, .. }
         | Msg::Denied { page } => Some(*page as usize),
         _ => None,
@@ -378,7 +443,88 @@ impl Engine {
             landing: VecDeque::new(),
             landing_tokens: std::collections::hash_map::RandomState::new(),
             landings_made: 0,
+            cache: Cache::new(pages),
         }
+    }
+
+    /// Bounds the pages this rank holds from other homes (multi-reader
+    /// protocol): `usize::MAX` for no bound.
+    pub fn with_cache_limit(mut self, pages: usize) -> Engine {
+        self.cache.bound(pages);
+        self
+    }
+
+    /// Pages homed elsewhere held here.
+    fn cached(&self) -> usize {
+        match &self.node {
+            Node::Mrsw(n) => n.cached(),
+            Node::Migratory(_) => 0,
+        }
+    }
+
+    /// True when the cache holds more than its background watermark: the
+    /// engine thread should evict.
+    fn eviction_due(&self) -> bool {
+        self.cache.bounded() && self.cached() > self.cache.high
+    }
+
+    /// Evicts the pages homed elsewhere that this rank holds, oldest first,
+    /// until at most `target` are left or none can go now.
+    fn evict_to(&mut self, target: usize) -> Result<(), DsmError> {
+        if !self.cache.bounded() || self.cached() <= target {
+            return Ok(());
+        }
+        self.run_staged()?;
+        let now = self.now();
+        // Drops of consecutive pages are staged into runs, as in a batch:
+        // one TLB shootdown per run.
+        self.batch_clock = Some(now);
+        let evicted = self.evict_oldest(target, now);
+        self.batch_clock = None;
+        evicted?;
+        self.run_staged()?;
+        // The frames of what was dropped go back to the kernel now.
+        self.faults.release_dropped_frames()?;
+        Ok(())
+    }
+
+    fn evict_oldest(&mut self, target: usize, now: u64) -> Result<(), DsmError> {
+        let mut passed = 0;
+        while self.cached() > target && passed < self.cache.order.len() {
+            let Some(page) = self.cache.order.pop_front() else {
+                break;
+            };
+            self.cache.queued.remove(page);
+            let Node::Mrsw(node) = &mut self.node else {
+                return Ok(());
+            };
+            match node.copy_of(page) {
+                Some(Copy::Invalid) | None => continue, // lost since
+                Some(_) if !node.evictable(page, now) => {
+                    self.cache.installed(page);
+                    passed += 1;
+                    continue;
+                }
+                Some(Copy::Shared) => Stats::add(&self.stats.evictions_clean, 1),
+                Some(Copy::Modified) => {}
+            }
+            let actions = node.evict(page, now)?;
+            self.apply(actions, Carried::Nothing)?;
+        }
+        Ok(())
+    }
+
+    /// Evicts in the calling thread only if the cache is over its limit
+    /// (the engine thread did not keep up); true when the engine thread
+    /// should evict in the background.
+    fn evict_if_over_limit(&mut self) -> Result<bool, DsmError> {
+        if !self.eviction_due() {
+            return Ok(false);
+        }
+        if self.cached() > self.cache.limit {
+            self.evict_to(self.cache.limit)?;
+        }
+        Ok(self.eviction_due())
     }
 
     /// Requests up to `depth` pages ahead of sequential read streams.
@@ -452,6 +598,10 @@ impl Engine {
                 Err(TryRecvError::Empty) => {}
             }
             let mut this = lock(engine);
+            if this.eviction_due() {
+                let low = this.cache.low;
+                this.evict_to(low)?;
+            }
             if this.next_deadline().is_some_and(|t| t <= Instant::now()) {
                 let now = this.now();
                 let actions = match &mut this.node {
@@ -1222,6 +1372,15 @@ impl Engine {
     fn received_page(&mut self, page: usize, bytes: usize) {
         Stats::add(&self.stats.pages_received, 1);
         Stats::add(&self.stats.bytes_received, bytes as u64);
+        if let Node::Mrsw(node) = &self.node {
+            if node.home_of(page) != self.rank {
+                self.cache.installed(page);
+                Stats::raise(
+                    &self.stats.peak_cached_bytes,
+                    (node.cached() * PAGE_SIZE) as u64,
+                );
+            }
+        }
         if let Some(start) = self.fetch_started.remove(&page) {
             self.stats.record_latency(start.elapsed());
         }
@@ -1494,9 +1653,21 @@ impl Engine {
                     Stats::add(&self.stats.pages_sent, 1);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }
+                Action::EvictWriteBack { to, page } => {
+                    let mut data = self.page_buffer();
+                    self.faults.take(page, Arc::make_mut(&mut data))?;
+                    self.out
+                        .send_page(to, Msg::evicted_write_back_header(page), page, data);
+                    Stats::add(&self.stats.pages_sent, 1);
+                    Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
+                    Stats::add(&self.stats.evictions_written_back, 1);
+                    Stats::add(&self.stats.bytes_written_back, PAGE_SIZE as u64);
+                }
                 Action::StoreBacking { page } => {
                     let copy = match current {
-                        Carried::Msg(Msg::WriteBack { data, .. }) => HomeCopy::Bytes(data.clone()),
+                        Carried::Msg(
+                            Msg::WriteBack { data, .. } | Msg::EvictedWriteBack { data, .. },
+                        ) => HomeCopy::Bytes(data.clone()),
                         Carried::OwnCopy => HomeCopy::Mapped,
                         _ => {
                             return Err(DsmError::Protocol(format!(
@@ -1632,6 +1803,7 @@ pub(crate) fn serve_here(
         let mut this = lock(engine);
         let before = this.next_deadline();
         work(&mut this)?;
+        let evict_behind = this.evict_if_over_limit()?;
         let after = this.next_deadline();
         // With nothing to send, nothing is: a message a receive thread left
         // part-written is the engine thread's to finish (woken for it).
@@ -1658,7 +1830,7 @@ pub(crate) fn serve_here(
                 None => this.flush_in_turn()?,
             }
         }
-        after.is_some() && after != before
+        evict_behind || (after.is_some() && after != before)
     };
     if timer_set {
         events.send(Input::Wake).map_err(|_| DsmError::Stopped)?;
@@ -1697,12 +1869,14 @@ pub(crate) fn inline_delivery(
         // A panic here would otherwise end this receive thread silently,
         // with sends left deferred: the job is ended instead.
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let handled = this.on_message(message);
+            let handled = this
+                .on_message(message)
+                .and_then(|()| this.evict_if_over_limit());
             this.sends_deferred = false;
             // What it produced leaves from here if the transport takes it
             // at once (no hand-off to the engine thread on the way of a
             // fault); the rest is left to the engine thread.
-            handled.and_then(|()| this.try_flush())
+            handled.and_then(|evict_behind| Ok(this.try_flush()? || evict_behind))
         }))
         .unwrap_or_else(|_| {
             Err(DsmError::Protocol(format!(

@@ -641,6 +641,24 @@ impl FaultHandler {
         if frames.dropped_count <= frames.limit {
             return Ok(());
         }
+        Self::release(&mut frames, alias)
+    }
+
+    /// Gives the frames of every dropped page back to the kernel now (an
+    /// eviction: the cache's bound is about memory, so its frames must go).
+    pub fn release_dropped_frames(&self) -> Result<(), FaultError> {
+        let (Some(frames), Some(alias)) = (&self.frames, self.alias) else {
+            return Ok(());
+        };
+        let mut frames = lock_frames(frames);
+        if frames.dropped_count == 0 {
+            return Ok(());
+        }
+        Self::release(&mut frames, alias)
+    }
+
+    /// Releases every dropped page's frame (`MADV_REMOVE` on the alias).
+    fn release(frames: &mut Frames, alias: usize) -> Result<(), FaultError> {
         frames.dropped_count = 0;
         for run in frames.dropped.take_runs() {
             let addr = alias + run.start * PAGE_SIZE;

@@ -43,6 +43,10 @@ const GRANT_READ_RUN: u8 = 28;
 /// read grants whose bytes it received straight into their pages' frames
 /// (see [`placed_read_run`]).
 const PLACED_READ_RUN: u8 = 29;
+/// Multi-reader eviction: a reader dropped its copy / an owner gave its
+/// writable copy back (with the bytes), to make room in its cache.
+const EVICTED: u8 = 30;
+const EVICTED_WRITE_BACK: u8 = 31;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
@@ -133,6 +137,18 @@ pub enum Msg {
     },
     /// Owner -> home, answering a recall.
     WriteBack {
+        page: u64,
+        data: PageData,
+    },
+    /// Reader -> home: this rank dropped its read-only copy to make room
+    /// in its cache (`DSM_CACHE_SIZE`); it is no longer a sharer.
+    Evicted {
+        page: u64,
+    },
+    /// Owner -> home, unasked: this rank gave up its writable copy to make
+    /// room in its cache; the bytes are the page's latest, and no copy is
+    /// left here. Also answers a recall that crossed it.
+    EvictedWriteBack {
         page: u64,
         data: PageData,
     },
@@ -407,6 +423,10 @@ impl Msg {
                 out.push(*keep_shared as u8);
             }
             Msg::WriteBack { page, .. } => Msg::page_only(&mut out, WRITE_BACK, *page),
+            Msg::Evicted { page } => Msg::page_only(&mut out, EVICTED, *page),
+            Msg::EvictedWriteBack { page, .. } => {
+                Msg::page_only(&mut out, EVICTED_WRITE_BACK, *page)
+            }
             Msg::Denied { page } => Msg::page_only(&mut out, DENIED, *page),
             Msg::LockAcquire { lock, ticket }
             | Msg::LockGrant { lock, ticket }
@@ -493,11 +513,19 @@ impl Msg {
         out
     }
 
+    /// Header of an eviction's write-back whose page bytes follow as a
+    /// second part.
+    pub fn evicted_write_back_header(page: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9);
+        Msg::page_only(&mut out, EVICTED_WRITE_BACK, page as u64);
+        out
+    }
+
     /// The page bytes that follow the header on the wire, if any.
     pub fn page_data(&self) -> Option<&PageData> {
         match self {
             Msg::PageGrant { data: Some(d), .. } => Some(d),
-            Msg::WriteBack { data, .. } => Some(data),
+            Msg::WriteBack { data, .. } | Msg::EvictedWriteBack { data, .. } => Some(data),
             Msg::Grant {
                 payload: Payload::Data(d),
                 ..
@@ -571,13 +599,14 @@ impl Msg {
                     Msg::BarrierRelease { epoch }
                 })
             }
-            READ_REQ | WRITE_REQ | INVALIDATE | INVALIDATE_ACK => {
+            READ_REQ | WRITE_REQ | INVALIDATE | INVALIDATE_ACK | EVICTED => {
                 expect(9)?;
                 let page = u64_at(bytes, 1);
                 Ok(match kind {
                     READ_REQ => Msg::ReadReq { page },
                     WRITE_REQ => Msg::WriteReq { page },
                     INVALIDATE => Msg::Invalidate { page },
+                    EVICTED => Msg::Evicted { page },
                     _ => Msg::InvalidateAck { page },
                 })
             }
@@ -588,12 +617,13 @@ impl Msg {
                     keep_shared: bytes[9] != 0,
                 })
             }
-            WRITE_BACK | GRANT_READ | GRANT_WRITE => {
+            WRITE_BACK | EVICTED_WRITE_BACK | GRANT_READ | GRANT_WRITE => {
                 expect(9 + PAGE_SIZE)?;
                 let page = u64_at(bytes, 1);
                 let data = make_page(&bytes[9..]);
                 Ok(match kind {
                     WRITE_BACK => Msg::WriteBack { page, data },
+                    EVICTED_WRITE_BACK => Msg::EvictedWriteBack { page, data },
                     _ => Msg::Grant {
                         page,
                         write: kind == GRANT_WRITE,
@@ -715,6 +745,11 @@ mod tests {
                 keep_shared: true,
             },
             Msg::WriteBack {
+                page: 6,
+                data: page.clone(),
+            },
+            Msg::Evicted { page: 6 },
+            Msg::EvictedWriteBack {
                 page: 6,
                 data: page.clone(),
             },

@@ -29,6 +29,14 @@ pub struct Stats {
     pub messages_inline: AtomicU64,
     /// Pages received by the transport straight into their frames.
     pub pages_landed: AtomicU64,
+    /// Read-only copies of pages homed elsewhere dropped to bound the cache.
+    pub evictions_clean: AtomicU64,
+    /// Writable copies given back to their home to bound the cache.
+    pub evictions_written_back: AtomicU64,
+    /// Bytes of those write-backs.
+    pub bytes_written_back: AtomicU64,
+    /// Most bytes of pages homed elsewhere held at once.
+    pub peak_cached_bytes: AtomicU64,
     latencies_ns: Mutex<Samples>,
 }
 
@@ -56,6 +64,10 @@ pub struct StatsSnapshot {
     pub batches_sent: u64,
     pub messages_inline: u64,
     pub pages_landed: u64,
+    pub evictions_clean: u64,
+    pub evictions_written_back: u64,
+    pub bytes_written_back: u64,
+    pub peak_cached_bytes: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
     pub fault_latency_p50: Duration,
     pub fault_latency_p90: Duration,
@@ -67,6 +79,11 @@ pub struct StatsSnapshot {
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises `counter` to `n` if it is lower (a peak).
+    pub fn raise(counter: &AtomicU64, n: u64) {
+        counter.fetch_max(n, Ordering::Relaxed);
     }
 
     pub fn record_latency(&self, d: Duration) {
@@ -110,6 +127,10 @@ impl Stats {
             batches_sent: get(&self.batches_sent),
             messages_inline: get(&self.messages_inline),
             pages_landed: get(&self.pages_landed),
+            evictions_clean: get(&self.evictions_clean),
+            evictions_written_back: get(&self.evictions_written_back),
+            bytes_written_back: get(&self.bytes_written_back),
+            peak_cached_bytes: get(&self.peak_cached_bytes),
             fault_latency_p50: pct(0.5),
             fault_latency_p90: pct(0.9),
             fault_latency_p99: pct(0.99),
@@ -127,7 +148,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {}; batches sent {}; messages handled on receipt {}; pages received in place {}; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -143,6 +164,10 @@ impl std::fmt::Display for StatsSnapshot {
             self.batches_sent,
             self.messages_inline,
             self.pages_landed,
+            self.evictions_clean,
+            self.evictions_written_back,
+            self.bytes_written_back,
+            self.peak_cached_bytes,
             us(self.fault_latency_p50),
             us(self.fault_latency_p90),
             us(self.fault_latency_p99),

@@ -11,6 +11,10 @@
 //! * the state machine never reports a protocol error;
 //! * no deadlock and no lost request: a state with nothing left to do has
 //!   every program finished, every rank quiescent and no message in flight.
+//!
+//! With `evictions`, any rank may also evict any copy it holds of a page
+//! homed elsewhere at any moment the state machine allows it (a bounded
+//! cache under pressure), interleaved with everything else.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -34,6 +38,8 @@ enum M {
     InvalidateAck(usize),
     Recall(usize, bool),
     WriteBack(usize, u64),
+    Evicted(usize),
+    EvictedWriteBack(usize, u64),
     /// page, write, value (`None`: an upgrade, no bytes)
     Grant(usize, bool, Option<u64>),
 }
@@ -46,6 +52,7 @@ impl M {
             Msg::Invalidate { page } => M::Invalidate(*page as usize),
             Msg::InvalidateAck { page } => M::InvalidateAck(*page as usize),
             Msg::Recall { page, keep_shared } => M::Recall(*page as usize, *keep_shared),
+            Msg::Evicted { page } => M::Evicted(*page as usize),
             Msg::Grant {
                 page,
                 write,
@@ -79,6 +86,14 @@ impl M {
                 },
                 Some(v),
             ),
+            M::Evicted(p) => (Msg::Evicted { page: p as u64 }, None),
+            M::EvictedWriteBack(p, v) => (
+                Msg::EvictedWriteBack {
+                    page: p as u64,
+                    data: std::sync::Arc::new([0u8; PAGE_SIZE]),
+                },
+                Some(v),
+            ),
             M::Grant(p, w, v) => (
                 Msg::Grant {
                     page: p as u64,
@@ -107,6 +122,9 @@ struct World {
     pc: Vec<usize>,
     time: Vec<u64>,
     last_write: Vec<u64>,
+    /// Evictions still allowed (bounds the state space: each eviction
+    /// can be followed by a refetch, and so on).
+    evictions_left: usize,
 }
 
 struct Model {
@@ -116,6 +134,9 @@ struct Model {
     /// Every page homed at this rank (a localized segment) instead of
     /// spread round-robin.
     home: Option<usize>,
+    /// Evictions of copies of pages homed elsewhere, by any rank at any
+    /// time, in one run.
+    evictions: usize,
 }
 
 impl Model {
@@ -136,6 +157,7 @@ impl Model {
             pc: vec![0; self.n],
             time: vec![0; self.n],
             last_write: vec![0; self.pages],
+            evictions_left: self.evictions,
         }
     }
 
@@ -179,6 +201,12 @@ impl Model {
                         w.mem[rank][page] = None;
                     }
                     w.links[rank * self.n + to].push_back(M::WriteBack(page, v));
+                }
+                Action::EvictWriteBack { to, page } => {
+                    let v = w.mem[rank][page].take().ok_or(format!(
+                        "rank {rank} evicts page {page} it does not hold"
+                    ))?;
+                    w.links[rank * self.n + to].push_back(M::EvictedWriteBack(page, v));
                 }
                 Action::StoreBacking { page } => {
                     w.backing[page] = value.ok_or("write-back without a value")?
@@ -262,6 +290,23 @@ impl Model {
                     }
                 }
             }
+            // An eviction (a cache under pressure).
+            for page in (0..self.pages).filter(|_| w.evictions_left > 0) {
+                let now = w.time[rank];
+                if !w.nodes[rank].evictable(page, now) {
+                    continue;
+                }
+                let mut s = w.clone();
+                s.evictions_left -= 1;
+                let actions = s.nodes[rank]
+                    .evict(page, now)
+                    .map_err(|e| e.to_string())?;
+                if actions.is_empty() {
+                    return Err(format!("rank {rank}: page {page} evictable but not evicted"));
+                }
+                self.apply(&mut s, rank, actions, None)?;
+                next.push(s);
+            }
             // A hold timer expires.
             if let Some(deadline) = w.nodes[rank].next_deadline() {
                 let mut s = w.clone();
@@ -325,6 +370,23 @@ fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
         pages,
         programs,
         home: None,
+        evictions: 0,
+    });
+}
+
+/// Up to `evictions` evictions anywhere in every run.
+fn check_programs_evicting(
+    programs: Vec<Vec<Op>>,
+    pages: usize,
+    home: Option<usize>,
+    evictions: usize,
+) {
+    check_model(Model {
+        n: programs.len(),
+        pages,
+        programs,
+        home,
+        evictions,
     });
 }
 
@@ -406,5 +468,52 @@ fn runs_lost_together_are_asked_back_together() {
         pages: 2,
         programs,
         home: Some(0),
+        evictions: 0,
     });
+}
+
+#[test]
+fn evictions_among_writers_and_readers() {
+    check_programs_evicting(
+        vec![
+            vec![Write(0), Read(1)],
+            vec![Write(1), Read(0)],
+            vec![Read(0), Write(0), Read(1)],
+        ],
+        2,
+        None,
+        1,
+    );
+}
+
+#[test]
+fn evictions_cross_invalidations_and_upgrades() {
+    // Readers of a page homed at rank 0 evict while others upgrade and
+    // the home invalidates them.
+    check_programs_evicting(
+        vec![
+            vec![Read(0), Write(1)],
+            vec![Read(0), Write(0), Read(1)],
+            vec![Read(0), Read(1), Write(0)],
+        ],
+        2,
+        Some(0),
+        1,
+    );
+}
+
+#[test]
+fn evicted_writable_copies_cross_recalls() {
+    // Writers of pages homed at rank 0 give them back while others' reads
+    // and writes recall them.
+    check_programs_evicting(
+        vec![
+            vec![Read(1)],
+            vec![Write(0), Write(1), Read(0)],
+            vec![Write(1), Read(0), Write(0)],
+        ],
+        2,
+        Some(0),
+        1,
+    );
 }

@@ -48,6 +48,10 @@ pub enum Action {
         page: usize,
         keep_shared: bool,
     },
+    /// Eviction of our writable copy (multi-reader): write-protect it, copy
+    /// it out, drop it and release its frame, and send the bytes to the
+    /// home (`Msg::EvictedWriteBack`).
+    EvictWriteBack { to: Rank, page: usize },
     /// Home: keep the page carried by the write-back being handled.
     StoreBacking { page: usize },
     /// Home: grant `to` the page from the home's copy (zeros if never written).

@@ -32,13 +32,24 @@
 //! Each local page remembers how it was lost since its last grant (`lost`):
 //! a fault on it may ask back the pages after it lost the same way
 //! (`regain_ahead`), as ordinary requests nobody waits for yet.
+//!
+//! Eviction (a bounded cache, `evict`): a rank may give up a copy of a page
+//! homed elsewhere when nothing is in flight for it. A read-only copy is
+//! dropped and the home told (`Evicted`): the directory stays exact. A
+//! writable copy goes back to the home with its bytes
+//! (`EvictedWriteBack`). Either notice may cross a command the home sent
+//! before it arrived: an invalidation of the dropped read copy is still
+//! acknowledged (the home waits for that acknowledgement and ignores the
+//! notice), and a recall of the given-back writable copy is ignored (the
+//! write-back answers it). The page remembers what it evicted until its
+//! next grant, and only those crossings are accepted.
 
 use std::collections::{BTreeSet, VecDeque};
 
 use smallvec::SmallVec;
 
 use super::{Action, CoherenceError, ProtocolCounters};
-use crate::pages::PageMap;
+use crate::pages::{PageMap, PageSet, PageTable};
 use crate::proto::{Msg, Payload};
 use crate::Rank;
 
@@ -74,7 +85,25 @@ struct LocalPage {
     /// Why this rank lost access since its last grant, if it did: the
     /// access it is likely to want back (see `Mrsw::regain_ahead`).
     lost: Option<Access>,
+    /// The copy this rank evicted since its last grant, if it did: a
+    /// command the home sent before the eviction notice reached it may
+    /// still arrive (see the module documentation).
+    evicted: Option<Copy>,
 }
+
+impl LocalPage {
+    const UNTOUCHED: LocalPage = LocalPage {
+        copy: Copy::Invalid,
+        pending: None,
+        held_until: 0,
+        deferred: VecDeque::new(),
+        lost: None,
+        evicted: None,
+    };
+}
+
+/// `Mrsw::home` of a page whose home is the default, `page mod size`.
+const DEFAULT_HOME: u32 = u32::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Directory {
@@ -163,17 +192,22 @@ pub struct Mrsw {
     rank: Rank,
     size: usize,
     min_hold: Time,
-    local: Vec<LocalPage>,
-    /// Home rank of every page (segment placement); `page mod size` by default.
-    home: Vec<u32>,
+    /// This rank's copy of every page (a chunk allocated on first use: a
+    /// huge space costs nothing until touched).
+    local: PageTable<LocalPage>,
+    /// Home rank of every page (segment placement); `DEFAULT_HOME`:
+    /// `page mod size`.
+    home: PageTable<u32>,
     /// Pages of private segments: local to each rank, no directory.
-    private: Vec<bool>,
+    private: PageSet,
     /// Directory entries of the pages this rank is home of, by page,
     /// created on first use (looked up several times per request: an index,
     /// not a tree walk; boxed, so a page homed elsewhere costs one pointer).
     homes: PageMap<Box<HomePage>>,
     /// Pages with deferred invalidations or recalls.
     waiting: BTreeSet<usize>,
+    /// Pages homed elsewhere that this rank holds a copy of (its cache).
+    cached: usize,
     pub counters: ProtocolCounters,
 }
 
@@ -181,31 +215,36 @@ type Actions = Result<Vec<Action>, CoherenceError>;
 
 impl Mrsw {
     pub fn new(rank: Rank, size: usize, pages: usize, min_hold: Time) -> Self {
-        let local = LocalPage {
-            copy: Copy::Invalid,
-            pending: None,
-            held_until: 0,
-            deferred: VecDeque::new(),
-            lost: None,
-        };
         Mrsw {
             rank,
             size,
             min_hold,
-            local: vec![local; pages],
-            home: (0..pages).map(|p| (p % size) as u32).collect(),
-            private: vec![false; pages],
+            local: PageTable::new(pages, LocalPage::UNTOUCHED),
+            home: PageTable::new(pages, DEFAULT_HOME),
+            private: PageSet::new(pages),
             homes: PageMap::new(pages),
             waiting: BTreeSet::new(),
+            cached: 0,
             counters: ProtocolCounters::default(),
         }
     }
 
     pub fn home_of(&self, page: usize) -> Rank {
-        self.home
-            .get(page)
-            .map(|h| *h as Rank)
-            .unwrap_or(page % self.size)
+        match self.home.get(page) {
+            Some(&home) if home != DEFAULT_HOME => home as Rank,
+            _ => page % self.size,
+        }
+    }
+
+    /// Pages of the space.
+    pub fn pages(&self) -> usize {
+        self.local.pages()
+    }
+
+    /// True for a page of a private segment, or beyond the space: no
+    /// protocol traffic about it.
+    fn private_or_beyond(&self, page: usize) -> bool {
+        page >= self.pages() || self.private.contains(page)
     }
 
     /// Places `pages` at `home` (a segment's placement). Must happen before
@@ -216,15 +255,12 @@ impl Mrsw {
                 *h = home as u32;
             }
         }
+        debug_assert!(home as u32 != DEFAULT_HOME);
     }
 
     /// Makes `pages` private: each rank has its own, no traffic.
     pub fn set_private(&mut self, pages: std::ops::Range<usize>) {
-        for p in pages {
-            if let Some(v) = self.private.get_mut(p) {
-                *v = true;
-            }
-        }
+        self.private.extend(pages);
     }
 
     /// This rank's copy of `page`.
@@ -237,7 +273,7 @@ impl Mrsw {
     /// page's frame before the grant is handled (nothing maps the page
     /// meanwhile, and no other message of the protocol brings it).
     pub fn awaits_read_grant(&self, page: usize, from: Rank) -> bool {
-        !self.private.get(page).copied().unwrap_or(true)
+        !self.private_or_beyond(page)
             && self.home_of(page) == from
             && self
                 .local
@@ -251,7 +287,7 @@ impl Mrsw {
     /// write-protect a run of such pages in one system call beforehand.
     pub fn read_request_downgrades_here(&self, page: usize, now: Time) -> bool {
         self.home_of(page) == self.rank
-            && !self.private.get(page).copied().unwrap_or(true)
+            && !self.private_or_beyond(page)
             && self.home_page_if_any(page).is_some_and(|h| {
                 h.txn.is_none() && h.queue.is_empty() && h.dir == Directory::Exclusive(self.rank)
             })
@@ -278,7 +314,7 @@ impl Mrsw {
     /// True when nothing is in flight for any page at this rank.
     pub fn quiescent(&self) -> bool {
         self.waiting.is_empty()
-            && self.local.iter().all(|l| l.pending.is_none())
+            && self.local.iter().all(|(_, l)| l.pending.is_none())
             && self
                 .homes
                 .values()
@@ -286,7 +322,7 @@ impl Mrsw {
     }
 
     fn local(&mut self, page: usize) -> Result<&mut LocalPage, CoherenceError> {
-        let pages = self.local.len();
+        let pages = self.pages();
         self.local
             .get_mut(page)
             .ok_or(CoherenceError::NoSuchPage { page, pages })
@@ -299,7 +335,7 @@ impl Mrsw {
     /// A thread of this process faulted on `page` (`write`: a store).
     pub fn on_fault(&mut self, page: usize, write: bool) -> Actions {
         let home = self.home_of(page);
-        let private = self.private.get(page).copied().unwrap_or(false);
+        let private = self.private.contains(page);
         let lp = self.local(page)?;
         if private {
             if lp.copy == Copy::Invalid {
@@ -331,7 +367,7 @@ impl Mrsw {
     /// (sequential prefetch). Does nothing unless the page is shared,
     /// invalid here and not already requested.
     pub fn prefetch(&mut self, page: usize) -> Actions {
-        if self.private.get(page).copied().unwrap_or(true) {
+        if self.private_or_beyond(page) {
             return Ok(Vec::new());
         }
         let home = self.home_of(page);
@@ -363,12 +399,11 @@ impl Mrsw {
         // (downgraded), or nothing (invalidated).
         let held = if write { Copy::Shared } else { Copy::Invalid };
         let mut actions = Vec::new();
-        for next in page + 1..end.min(self.local.len()) {
-            let private = self.private.get(next).copied().unwrap_or(true);
-            if private || self.home_of(next) != home {
+        for next in page + 1..end.min(self.pages()) {
+            if self.private_or_beyond(next) || self.home_of(next) != home {
                 break;
             }
-            let lp = &mut self.local[next];
+            let lp = self.local(next)?;
             if lp.lost != Some(want) || lp.copy != held || lp.pending.is_some() {
                 break;
             }
@@ -388,6 +423,58 @@ impl Mrsw {
     /// access `regain_ahead` would ask back with it.
     pub fn lost(&self, page: usize) -> Option<Access> {
         self.local.get(page).and_then(|l| l.lost)
+    }
+
+    /// Gives up this rank's copy of `page`, homed elsewhere, to make room
+    /// in its cache: a read-only copy is dropped and its home told, a
+    /// writable one is given back to its home with its bytes. Does
+    /// nothing (no actions) when the page is homed here, private, not held,
+    /// has a request or command in flight, or is still within its minimum
+    /// hold (the thread that faulted for it may not have used it yet).
+    pub fn evict(&mut self, page: usize, now: Time) -> Actions {
+        let home = self.home_of(page);
+        if home == self.rank || self.private_or_beyond(page) {
+            return Ok(Vec::new());
+        }
+        let lp = self.local(page)?;
+        if lp.pending.is_some() || !lp.deferred.is_empty() || lp.held_until > now {
+            return Ok(Vec::new());
+        }
+        let evicted = lp.copy;
+        let actions = match evicted {
+            Copy::Invalid => return Ok(Vec::new()),
+            Copy::Shared => vec![
+                Action::DropPage { page },
+                Action::Send {
+                    to: home,
+                    msg: Msg::Evicted { page: page as u64 },
+                },
+            ],
+            Copy::Modified => vec![Action::EvictWriteBack { to: home, page }],
+        };
+        lp.copy = Copy::Invalid;
+        lp.lost = None;
+        lp.evicted = Some(evicted);
+        self.cached -= 1;
+        Ok(actions)
+    }
+
+    /// Pages homed elsewhere this rank holds a copy of: what its cache
+    /// limit bounds.
+    pub fn cached(&self) -> usize {
+        self.cached
+    }
+
+    /// True when this rank could evict `page` now (`evict` would act).
+    pub fn evictable(&self, page: usize, now: Time) -> bool {
+        self.home_of(page) != self.rank
+            && !self.private_or_beyond(page)
+            && self.local.get(page).is_some_and(|l| {
+                l.copy != Copy::Invalid
+                    && l.pending.is_none()
+                    && l.deferred.is_empty()
+                    && l.held_until <= now
+            })
     }
 
     /// A message from `from` arrived.
@@ -416,6 +503,10 @@ impl Mrsw {
             Msg::WriteReq { page } => self.home_request(*page as usize, from, Access::Write),
             Msg::InvalidateAck { page } => self.home_ack(*page as usize, from),
             Msg::WriteBack { page, .. } => self.home_write_back(*page as usize, from),
+            Msg::Evicted { page } => self.home_evicted(*page as usize, from),
+            Msg::EvictedWriteBack { page, .. } => {
+                self.home_evicted_write_back(*page as usize, from)
+            }
             Msg::Invalidate { page } => {
                 self.local_command(*page as usize, from, Command::Invalidate, now)
             }
@@ -448,10 +539,10 @@ impl Mrsw {
         from: Rank,
         what: &'static str,
     ) -> Result<&mut HomePage, CoherenceError> {
-        if page >= self.local.len() {
+        if page >= self.pages() {
             return Err(CoherenceError::NoSuchPage {
                 page,
-                pages: self.local.len(),
+                pages: self.pages(),
             });
         }
         if self.home_of(page) != self.rank {
@@ -698,6 +789,92 @@ impl Mrsw {
         self.next_transactions(page, actions)
     }
 
+    /// A reader dropped its copy (`evict`).
+    fn home_evicted(&mut self, page: usize, from: Rank) -> Actions {
+        let hp = self.home_page(page, from, "an eviction notice")?;
+        let Directory::Shared(readers) = &mut hp.dir else {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "an eviction notice of a read copy it does not hold",
+            ));
+        };
+        if !readers.contains(&from) {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "an eviction notice of a read copy it does not hold",
+            ));
+        }
+        match hp.txn {
+            // An invalidation crossed the notice: the reader acknowledges
+            // it all the same, and that acknowledgement is what counts.
+            Some(Transaction::Acks { requester, .. }) if requester != from => {}
+            Some(_) => {
+                return Err(Self::unexpected(
+                    page,
+                    from,
+                    "an eviction notice of a copy it is upgrading",
+                ))
+            }
+            None => {
+                readers.remove(&from);
+                if readers.iter().next().is_none() {
+                    hp.dir = Directory::Uncached;
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// The writer gave its copy back (`evict`): the home's copy is current
+    /// again. A recall that crossed it is answered by it.
+    fn home_evicted_write_back(&mut self, page: usize, from: Rank) -> Actions {
+        let hp = self.home_page(page, from, "an eviction write-back")?;
+        if hp.dir != Directory::Exclusive(from) {
+            return Err(Self::unexpected(
+                page,
+                from,
+                "an eviction write-back from a non-owner",
+            ));
+        }
+        match hp.txn {
+            None => {
+                hp.dir = Directory::Uncached;
+                Ok(vec![Action::StoreBacking { page }])
+            }
+            Some(Transaction::WriteBack { requester, want }) => {
+                hp.txn = None;
+                hp.dir = match want {
+                    Access::Read => Directory::Shared(Readers::of(&[requester])),
+                    Access::Write => Directory::Exclusive(requester),
+                };
+                let actions = vec![
+                    Action::StoreBacking { page },
+                    Action::GrantFromBacking {
+                        to: requester,
+                        page,
+                        write: want == Access::Write,
+                    },
+                ];
+                self.next_transactions(page, actions)
+            }
+            Some(Transaction::Settle) => {
+                hp.txn = None;
+                hp.dir = Directory::Uncached;
+                self.next_transactions(
+                    page,
+                    vec![Action::StoreBacking { page }, Action::Settled { page }],
+                )
+            }
+            Some(Transaction::Acks { .. }) => Err(Self::unexpected(
+                page,
+                from,
+                "an eviction write-back during an invalidation",
+            )),
+        }
+    }
+
     // ---- requester side ----
 
     fn local_command(&mut self, page: usize, from: Rank, command: Command, now: Time) -> Actions {
@@ -719,12 +896,19 @@ impl Mrsw {
 
     fn execute(&mut self, page: usize, command: Command) -> Actions {
         let home = self.home_of(page);
-        let lp = self.local(page)?;
+        let homed_elsewhere = home != self.rank;
+        let pages = self.pages();
+        let cached = &mut self.cached;
+        let lp = self
+            .local
+            .get_mut(page)
+            .ok_or(CoherenceError::NoSuchPage { page, pages })?;
         let page_id = page as u64;
         match (command, lp.copy) {
             (Command::Invalidate, Copy::Shared) => {
                 lp.copy = Copy::Invalid;
                 lp.lost = Some(Access::Read);
+                *cached -= usize::from(homed_elsewhere);
                 Ok(vec![
                     Action::DropPage { page },
                     Action::Send {
@@ -737,6 +921,7 @@ impl Mrsw {
                 (lp.copy, lp.lost) = if keep_shared {
                     (Copy::Shared, Some(Access::Write))
                 } else {
+                    *cached -= usize::from(homed_elsewhere);
                     (Copy::Invalid, None)
                 };
                 Ok(vec![Action::WriteBack {
@@ -744,6 +929,19 @@ impl Mrsw {
                     page,
                     keep_shared,
                 }])
+            }
+            // The home sent these before our eviction notice reached it
+            // (see the module documentation).
+            (Command::Invalidate, Copy::Invalid) if lp.evicted == Some(Copy::Shared) => {
+                lp.evicted = None;
+                Ok(vec![Action::Send {
+                    to: home,
+                    msg: Msg::InvalidateAck { page: page_id },
+                }])
+            }
+            (Command::Recall { .. }, Copy::Invalid) if lp.evicted == Some(Copy::Modified) => {
+                lp.evicted = None;
+                Ok(Vec::new())
             }
             (Command::Invalidate, _) => Err(Self::unexpected(
                 page,
@@ -781,7 +979,12 @@ impl Mrsw {
         }
         lp.pending = None;
         lp.lost = None;
+        lp.evicted = None;
         lp.held_until = now.saturating_add(hold);
+        if lp.copy == Copy::Invalid && from != self.rank {
+            self.cached += 1;
+        }
+        let lp = self.local(page)?;
         match (write, carries_bytes, lp.copy) {
             (false, true, Copy::Invalid) => {
                 lp.copy = Copy::Shared;
@@ -833,7 +1036,11 @@ impl Mrsw {
 
     /// When the next deferred command becomes due, if any.
     pub fn next_deadline(&self) -> Option<Time> {
-        self.waiting.iter().map(|p| self.local[*p].held_until).min()
+        self.waiting
+            .iter()
+            .filter_map(|p| self.local.get(*p))
+            .map(|l| l.held_until)
+            .min()
     }
 
     /// Moves the clock's origin to `now`: hold deadlines become relative to
@@ -841,7 +1048,7 @@ impl Mrsw {
     /// nothing in its behaviour (the model checker uses it to fold states
     /// that differ only by the absolute time).
     pub fn rebase_clock(&mut self, now: Time) {
-        for page in &mut self.local {
+        for page in self.local.values_mut() {
             page.held_until = page.held_until.saturating_sub(now);
         }
     }
@@ -852,12 +1059,12 @@ impl Mrsw {
             .waiting
             .iter()
             .copied()
-            .filter(|p| self.local[*p].held_until <= now)
+            .filter(|p| self.local.get(*p).is_some_and(|l| l.held_until <= now))
             .collect();
         let mut actions = Vec::new();
         for page in due {
             self.waiting.remove(&page);
-            while let Some(command) = self.local[page].deferred.pop_front() {
+            while let Some(command) = self.local(page)?.deferred.pop_front() {
                 actions.extend(self.execute(page, command)?);
             }
         }
