@@ -115,11 +115,10 @@ impl CacheSize {
         }
         if let Some(percent) = text.strip_suffix('%') {
             let percent: f64 = percent.trim().parse().ok()?;
-            return (percent > 0.0 && percent <= 100.0).then_some(CacheSize::PercentOfNode(percent));
+            return (percent > 0.0 && percent <= 100.0)
+                .then_some(CacheSize::PercentOfNode(percent));
         }
-        parse_size(text)
-            .filter(|b| *b > 0)
-            .map(CacheSize::Bytes)
+        parse_size(text).filter(|b| *b > 0).map(CacheSize::Bytes)
     }
 }
 
@@ -432,8 +431,14 @@ mod tests {
     #[test]
     fn cache_sizes() {
         assert_eq!(CacheSize::parse("512M"), Some(CacheSize::Bytes(512 << 20)));
-        assert_eq!(CacheSize::parse("16p"), Some(CacheSize::Bytes(16 * PAGE_SIZE)));
-        assert_eq!(CacheSize::parse("10%"), Some(CacheSize::PercentOfNode(10.0)));
+        assert_eq!(
+            CacheSize::parse("16p"),
+            Some(CacheSize::Bytes(16 * PAGE_SIZE))
+        );
+        assert_eq!(
+            CacheSize::parse("10%"),
+            Some(CacheSize::PercentOfNode(10.0))
+        );
         assert_eq!(CacheSize::parse("unlimited"), Some(CacheSize::Unlimited));
         assert_eq!(CacheSize::parse("auto"), Some(CacheSize::Auto));
         for bad in ["0", "150%", "0%", "lots"] {
@@ -441,7 +446,10 @@ mod tests {
         }
         let gib = 1u64 << 30;
         assert_eq!(CacheSize::Auto.resolve(16 * gib, 4), Some(1 << 30));
-        assert_eq!(CacheSize::PercentOfNode(50.0).resolve(16 * gib, 4), Some(8 << 30));
+        assert_eq!(
+            CacheSize::PercentOfNode(50.0).resolve(16 * gib, 4),
+            Some(8 << 30)
+        );
         assert_eq!(CacheSize::Unlimited.resolve(16 * gib, 4), None);
     }
 

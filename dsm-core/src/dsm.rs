@@ -125,7 +125,7 @@ impl Dsm {
     /// connecting to the other ranks, so a bad configuration fails fast.
     pub fn prepare(config: &Config) -> Result<(Region, FaultHandler), DsmError> {
         check_size(config)?;
-        let backing = match config.backing {
+        let mut backing = match config.backing {
             SpaceBacking::Anonymous => Backing::Anonymous,
             SpaceBacking::Memfd => {
                 crate::fault::memfd_supported()?;
@@ -139,7 +139,22 @@ impl Dsm {
                 }
             },
         };
-        let region = Region::map(config.base, config.size, backing)?;
+        let region = match Region::map(config.base, config.size, backing) {
+            // A memfd needs a second view as large as the space: a space of
+            // half the address space (64 TiB on x86-64) leaves no room for
+            // it. `auto` then takes anonymous memory.
+            Err(FaultError::MapFailed { .. })
+                if backing == Backing::Memfd && config.backing == SpaceBacking::Auto =>
+            {
+                tracing::debug!(
+                    "no room for a memfd's second view of {} bytes: anonymous memory instead",
+                    config.size
+                );
+                backing = Backing::Anonymous;
+                Region::map(config.base, config.size, backing)?
+            }
+            mapped => mapped?,
+        };
         tracing::debug!(
             "shared space {:#x}-{:#x} in {}",
             region.base(),
@@ -421,9 +436,19 @@ impl Dsm {
         let homed_at = |rank: Rank| -> u64 {
             match placement {
                 Placement::Distributed => pages / ranks + u64::from((rank as u64) < pages % ranks),
-                Placement::Localized(home) => if rank == *home { pages } else { 0 },
+                Placement::Localized(home) => {
+                    if rank == *home {
+                        pages
+                    } else {
+                        0
+                    }
+                }
                 Placement::Replicated | Placement::File(_) => {
-                    if rank == self.rank { pages } else { 0 }
+                    if rank == self.rank {
+                        pages
+                    } else {
+                        0
+                    }
                 }
                 Placement::Private => pages,
             }

@@ -289,7 +289,10 @@ mod tests {
         *table.get_mut(pages - 1).unwrap() = 9;
         *table.get_mut(5).unwrap() = 3;
         assert_eq!(table.chunks_allocated(), 2);
-        assert_eq!((table.get(5), table.get(6), table.get(pages - 1)), (Some(&3), Some(&7), Some(&9)));
+        assert_eq!(
+            (table.get(5), table.get(6), table.get(pages - 1)),
+            (Some(&3), Some(&7), Some(&9))
+        );
         assert_eq!(table.get(pages), None);
         assert!(table.get_mut(pages).is_none());
         let written: Vec<_> = table.iter().filter(|(_, v)| **v != 7).collect();

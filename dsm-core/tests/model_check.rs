@@ -203,9 +203,9 @@ impl Model {
                     w.links[rank * self.n + to].push_back(M::WriteBack(page, v));
                 }
                 Action::EvictWriteBack { to, page } => {
-                    let v = w.mem[rank][page].take().ok_or(format!(
-                        "rank {rank} evicts page {page} it does not hold"
-                    ))?;
+                    let v = w.mem[rank][page]
+                        .take()
+                        .ok_or(format!("rank {rank} evicts page {page} it does not hold"))?;
                     w.links[rank * self.n + to].push_back(M::EvictedWriteBack(page, v));
                 }
                 Action::StoreBacking { page } => {
@@ -298,11 +298,11 @@ impl Model {
                 }
                 let mut s = w.clone();
                 s.evictions_left -= 1;
-                let actions = s.nodes[rank]
-                    .evict(page, now)
-                    .map_err(|e| e.to_string())?;
+                let actions = s.nodes[rank].evict(page, now).map_err(|e| e.to_string())?;
                 if actions.is_empty() {
-                    return Err(format!("rank {rank}: page {page} evictable but not evicted"));
+                    return Err(format!(
+                        "rank {rank}: page {page} evictable but not evicted"
+                    ));
                 }
                 self.apply(&mut s, rank, actions, None)?;
                 next.push(s);

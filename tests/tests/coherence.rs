@@ -234,7 +234,12 @@ fn a_tiny_cache_evicting_constantly_keeps_litmus_outcomes_and_exact_counts() {
             let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
             assert!(line.ends_with("; forbidden 0"), "{backing} {line}\n{out:?}");
         }
-        let small = [tiny[0], tiny[1], ("DSM_CACHE_SIZE", "4p"), ("DSM_STATS", "1")];
+        let small = [
+            tiny[0],
+            tiny[1],
+            ("DSM_CACHE_SIZE", "4p"),
+            ("DSM_STATS", "1"),
+        ];
         let out = job(&small, 4, "stress", &["random", "4", "4000"]);
         out.expect_each_rank(4, "random exact: 16 slots");
         assert!(evictions(&out, 4) > 0, "nothing evicted: {out:?}");

@@ -171,12 +171,66 @@ fn an_occupied_base_address_is_named_with_the_option_to_move_it() {
     );
 }
 
+/// The space is the sum of the homes: a space far larger than the machine
+/// starts (its tables grow with the pages touched); what must fit is each
+/// rank's cache and what each host is home of, named when it does not.
 #[test]
-fn a_space_larger_than_the_machine_is_refused() {
+fn a_space_larger_than_the_machine_starts_and_what_must_fit_is_checked() {
     let probe = bin("dsmprobe").display().to_string();
+    for size in ["1T", "64T"] {
+        let out = job(&[("DSM_SPACE_SIZE", size)], &["-n", "2", &probe, "join"]);
+        assert_eq!(out.code, Some(0), "a {size} space: {out:?}");
+    }
     assert_start_error(
-        &[("DSM_SPACE_SIZE", "64T")],
+        &[("DSM_SPACE_SIZE", "64T"), ("DSM_PROTOCOL", "migratory")],
         &["-n", "2", &probe, "join"],
-        "is larger than this machine's memory",
+        "the migratory protocol evicts nothing",
     );
+    assert_start_error(
+        &[("DSM_SPACE_SIZE", "1T"), ("DSM_CACHE_SIZE", "100T")],
+        &["-n", "2", &probe, "join"],
+        "lower DSM_CACHE_SIZE",
+    );
+    // 100 TiB homed at rank 1: refused at the allocation, naming the rank.
+    let out = job(
+        &[("DSM_SPACE_SIZE", "64T")],
+        &["-n", "2", &probe, "alloc", "109951162777600"],
+    );
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("rank 1 on ")
+            && out
+                .stderr
+                .contains("a localized segment of 109951162777600 bytes")
+            && out.stderr.contains("spread the data over more ranks"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// The user: a 1 TiB space, a small cache; every rank writes the
+/// pages it is home of, one rank reads and checks them all. Its cache
+/// evicts as it reads, so its peak memory stays near its home share plus
+/// its cache.
+#[test]
+fn one_rank_reads_more_than_its_cache_holds_and_every_page_is_exact() {
+    let program = bin("bigspace").display().to_string();
+    let env = [("DSM_SPACE_SIZE", "1T"), ("DSM_CACHE_SIZE", "16M")];
+    let out = job(&env, &["-n", "4", &program, "256M"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.lines_of(3, &short_hostname(), "stdout").join("\n");
+    assert!(
+        line.starts_with("bigspace exact: rank 3 checked 65536 pages x 1"),
+        "{line}\n{out:?}"
+    );
+    let number_after = |key: &str| -> u64 {
+        let (_, after) = line
+            .split_once(key)
+            .unwrap_or_else(|| panic!("{key} in {line}"));
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert!(number_after("evictions clean ") > 0, "{line}");
+    // Home share 64 MiB + cache 16 MiB + the program and runtime.
+    let peak = number_after("peak RSS ");
+    assert!(peak < 64 + 16 + 128, "peak RSS {peak} MiB: {line}");
 }

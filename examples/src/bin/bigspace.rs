@@ -22,7 +22,9 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn parse_bytes(text: &str) -> Option<usize> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let factor = match unit.to_ascii_uppercase().as_str() {
         "" => 1,

@@ -1,7 +1,9 @@
 //! Test helper for DSM start-up errors, run through dsmexec:
 //! `dsmprobe occupied` maps something at the shared space's address first,
 //! then joins the job (which must refuse to map over it);
-//! `dsmprobe join` just joins and finalizes.
+//! `dsmprobe join` just joins and finalizes;
+//! `dsmprobe alloc BYTES` joins, and rank 0 allocates a segment of BYTES
+//! homed at the last rank.
 
 use std::num::NonZeroUsize;
 
@@ -24,7 +26,17 @@ fn main() {
         };
         taken.expect("occupy the shared space's address");
     }
-    match dsm::init(config).and_then(|d| d.finalize()) {
+    let bytes: Option<usize> = (mode == "alloc")
+        .then(|| std::env::args().nth(2)?.parse().ok())
+        .flatten();
+    let run = |d: dsm::Dsm| {
+        if let (Some(bytes), 0) = (bytes, d.rank()) {
+            let home = d.size() - 1;
+            d.alloc(bytes, dsm::Placement::Localized(home))?;
+        }
+        d.finalize()
+    };
+    match dsm::init(config).and_then(run) {
         Ok(_) => println!("joined and finalized"),
         Err(e) => {
             eprintln!("dsmprobe: {e}");
