@@ -12,7 +12,10 @@
 //!   `fault_latency_tcp/dsm_remote_read_fault_4KiB` on loopback TCP, the
 //!   fault served by the fault thread (`DSM_FAULTS=thread`), and
 //!   `.../dsm_remote_read_fault_4KiB_sigbus` served by the faulting thread
-//!   itself (`DSM_FAULTS=sigbus`), on a second pair of endpoints;
+//!   itself (`DSM_FAULTS=sigbus`), on a second pair of endpoints, and
+//!   `.../dsm_remote_read_fault_4KiB_sigbus_evicting` the same with rank
+//!   1's cache bounded to 64 pages (`Dsm::set_cache_size`): past 60 its
+//!   engine thread evicts in the background, a few pages every few faults;
 //! * with RDMA, `fault_latency_rdma/...` for the same two figures (the DSM
 //!   over `transport_rdma::connect_job`, as `dsm::init` does it) plus
 //!   `fault_latency_rdma/raw_rdma_read_4KiB`, a one-sided READ.
@@ -244,6 +247,7 @@ fn dsm_read_fault(
     delivery: FaultDelivery,
     t: Vec<Arc<dyn Transport>>,
     out: &Samples,
+    reader_cache: Option<usize>,
 ) {
     let hosts = vec!["localhost".to_string(); 2];
     let dsms: Vec<Dsm> = t
@@ -265,6 +269,9 @@ fn dsm_read_fault(
         })
         .collect();
     let (owner, reader) = (&dsms[0], &dsms[1]);
+    reader
+        .set_cache_size(reader_cache.or(reader.cache_size()))
+        .expect("cache bound");
     // Pages homed at rank 0 (page p starts at rank p mod 2), lower half only.
     let pages: Vec<usize> = (0..SPACE_PAGES / 2).step_by(2).collect();
     let word = |d: &Dsm, p: usize| -> *const AtomicU64 { &d.words()[p * WORDS_PER_PAGE] };
@@ -306,10 +313,11 @@ fn dsm_read_fault(
     g.finish();
     let engine = reader.stats();
     println!(
-        "{group}: {name}: rank 1 engine: {} read faults, {} pages received, {} messages handled on receipt; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
+        "{group}: {name}: rank 1 engine: {} read faults, {} pages received, {} messages handled on receipt, {} pages evicted; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
         engine.read_faults,
         engine.pages_received,
         engine.messages_inline,
+        engine.evictions_clean,
         engine.fault_latency_p50.as_secs_f64() * 1e6,
         engine.fault_latency_p99.as_secs_f64() * 1e6
     );
@@ -349,14 +357,22 @@ fn fault_latency(c: &mut Criterion) {
         Selected::Tcp => "fault_latency_tcp",
         Selected::Rdma(_) => "fault_latency_rdma",
     };
-    let [raw, socket, fault, fault_sigbus, read] = std::array::from_fn(|_| Samples::default());
+    let [raw, socket, fault, fault_sigbus, evicting, read] =
+        std::array::from_fn(|_| Samples::default());
     let transports = pair(&kind);
     raw_round_trip(c, group, &transports, &raw);
     if let Selected::Tcp = kind {
         socket_round_trip(c, group, &socket);
     }
     let by_thread = (group, "dsm_remote_read_fault_4KiB");
-    dsm_read_fault(c, by_thread, FaultDelivery::Events, transports, &fault);
+    dsm_read_fault(
+        c,
+        by_thread,
+        FaultDelivery::Events,
+        transports,
+        &fault,
+        None,
+    );
     let by_signal = (group, "dsm_remote_read_fault_4KiB_sigbus");
     dsm_read_fault(
         c,
@@ -364,6 +380,16 @@ fn fault_latency(c: &mut Criterion) {
         FaultDelivery::Sigbus,
         pair(&kind),
         &fault_sigbus,
+        None,
+    );
+    let by_signal_evicting = (group, "dsm_remote_read_fault_4KiB_sigbus_evicting");
+    dsm_read_fault(
+        c,
+        by_signal_evicting,
+        FaultDelivery::Sigbus,
+        pair(&kind),
+        &evicting,
+        Some(64 * PAGE_SIZE),
     );
     if let Selected::Rdma(port) = &kind {
         rdma_read(c, group, port, &read);
@@ -375,9 +401,16 @@ fn fault_latency(c: &mut Criterion) {
             ("raw_socket_round_trip_16B_4KiB", &socket),
             ("dsm_remote_read_fault_4KiB", &fault),
             ("dsm_remote_read_fault_4KiB_sigbus", &fault_sigbus),
+            ("dsm_remote_read_fault_4KiB_sigbus_evicting", &evicting),
             ("raw_rdma_read_4KiB", &read),
         ],
     );
+    if let (Some((with, ..)), Some((without, ..))) = (evicting.summary(), fault_sigbus.summary()) {
+        println!(
+            "{group}: ratio dsm_remote_read_fault_4KiB_sigbus_evicting / dsm_remote_read_fault_4KiB_sigbus = {:.2}x",
+            with / without
+        );
+    }
 }
 
 criterion_group! {

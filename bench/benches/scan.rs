@@ -1,10 +1,11 @@
-//! Cold sequential scan of a remote 64 MiB segment beside raw TCP stream
+//! Cold sequential scans of 64 MiB of remote data beside raw TCP stream
 //! bandwidth over the same transport, measured in the same run.
 //!
-//! The two ranks are two processes, as in a job: the bench process is rank
-//! 1, the reader, and starts itself again as rank 0, the home
-//! (`DSM_BENCH_SCAN_HOME` set, the loopback job handed over as dsmwrap
-//! does). Rank 0 only serves; every figure is timed in rank 1.
+//! The ranks are processes, as in a job: the bench process is the last
+//! rank, the reader, and starts itself again for each other rank, a home
+//! (`DSM_BENCH_SCAN_HOME` set to the layout, the loopback job handed over
+//! as dsmwrap does). The homes only serve; every figure is timed in the
+//! reader.
 //!
 //! * `scan_2_ranks/raw_stream_1MiB_messages`: rank 1 asks with a 2-byte
 //!   message, rank 0 answers with 64 messages of 1 MiB; timed until the
@@ -17,6 +18,15 @@
 //!   (not timed) rank 0 writes the first word of every page from 4
 //!   threads, which invalidates rank 1's copies, so every scan starts cold;
 //!   the two ranks meet in barriers around it.
+//! * `scan_2_ranks/dsm_cold_scan_64MiB_cache_16MiB`: the same with the
+//!   reader's cache bounded to 16 MiB (`Dsm::set_cache_size`), a quarter of
+//!   what it reads: it evicts as it goes.
+//! * `scan_round_robin_2_ranks/...` and `scan_round_robin_4_ranks/...`:
+//!   the raw stream from rank 0, then a cold scan of 64 MiB of the seed's
+//!   fixed space, its pages spread round-robin (page p at rank p mod N):
+//!   every home writes its pages (the reader too), and the reader reads
+//!   pages from every home in turn, its read-ahead asking each home for
+//!   its pages of the window.
 //!
 //! With `DSM_BENCH_WINDOWS=FILE`, the CLOCK_MONOTONIC start and end of each
 //! timed scan are written to FILE as `start,end` ranges, for
@@ -25,7 +35,7 @@
 //! more).
 
 use std::process::{Child, Command, ExitCode, ExitStatus};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -54,6 +64,60 @@ const STREAM_DONE: &[u8] = b"dsm";
 /// the other suites), and the generation rank 0 writes next (0: finish).
 const SEGMENT_WORD: usize = 0;
 const COMMAND_WORD: usize = 1;
+/// First page of the round-robin region: homed at rank 0 whatever the
+/// number of ranks (up to 64), clear of page 0's command words.
+const SPREAD_FIRST_PAGE: usize = 64;
+
+/// Where the scanned data lives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// A segment homed at rank 0 (`Placement::Localized(0)`).
+    Localized,
+    /// The fixed space's pages, homed round-robin.
+    RoundRobin,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Localized => "localized",
+            Layout::RoundRobin => "round-robin",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Layout> {
+        [Layout::Localized, Layout::RoundRobin]
+            .into_iter()
+            .find(|l| l.name() == name)
+    }
+}
+
+/// Writes the scanned data's pages homed at `rank` of `ranks` (all pages of
+/// `data` for the localized layout, held by its home): word i holds i, the
+/// first of each page the generation.
+fn write_pages(data: &[AtomicU64], layout: Layout, rank: usize, ranks: usize, generation: u64) {
+    let mine =
+        |page: usize| layout == Layout::Localized || (SPREAD_FIRST_PAGE + page) % ranks == rank;
+    for (page, words) in data
+        .chunks(WORDS_PER_PAGE)
+        .enumerate()
+        .filter(|(p, _)| mine(*p))
+    {
+        if generation == 1 {
+            for (i, w) in words.iter().enumerate().skip(1) {
+                w.store((page * WORDS_PER_PAGE + i) as u64, Relaxed);
+            }
+        }
+        words[0].store(generation, Relaxed);
+    }
+}
+
+/// The scanned data in `dsm`'s space, from its offset in page 0.
+fn scanned_data(dsm: &Dsm) -> &[AtomicU64] {
+    let words = dsm.words();
+    let first = words[SEGMENT_WORD].load(Relaxed) as usize / 8;
+    &words[first..first + SEGMENT / 8]
+}
 
 fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, t: &Arc<dyn Transport>, out: &Samples) {
     g.throughput(Throughput::Bytes((MSGS_PER_ITER * MSG) as u64));
@@ -89,15 +153,27 @@ fn monotonic_seconds() -> f64 {
     now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
 
-/// Rank 1: times each scan of the segment rank 0 writes.
-fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, reader: &Dsm, out: &Samples) {
+/// The reader: times each scan of the data the homes write, with each
+/// cache bound of `runs` (`None`: the configured one) in turn.
+fn cold_scan(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    reader: &Dsm,
+    layout: Layout,
+    runs: &[(&str, Option<usize>, &Samples)],
+) {
     let mut windows = std::env::var_os("DSM_BENCH_WINDOWS").map(|_| String::new());
     let words = reader.words();
-    // Rank 0 has allocated and written the segment, generation 1.
+    let (rank, ranks) = (reader.rank(), reader.size());
+    if layout == Layout::RoundRobin {
+        let offset = SPREAD_FIRST_PAGE * PAGE_SIZE;
+        let data = &words[offset / 8..(offset + SEGMENT) / 8];
+        write_pages(data, layout, rank, ranks, 1);
+    }
+    // The homes have written the data, generation 1.
     reader.barrier().expect("barrier");
-    let first = words[SEGMENT_WORD].load(Relaxed) as usize / 8;
-    let remote = &words[first..first + SEGMENT / 8];
+    let remote = scanned_data(reader);
     let pages = remote.len() / WORDS_PER_PAGE;
+    let configured_cache = reader.cache_size();
     // Word i of the segment holds i, but the first of each page.
     let expected: u64 = (0..remote.len() as u64)
         .filter(|i| *i % WORDS_PER_PAGE as u64 != 0)
@@ -106,41 +182,49 @@ fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, reader: &Dsm, out: &Samples) 
     let mut scanned = false;
     let before = reader.stats();
     g.throughput(Throughput::Bytes(SEGMENT as u64));
-    g.bench_function("dsm_cold_scan_64MiB", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                if scanned {
-                    // Not timed: rank 0 writes every page again, which
-                    // invalidates rank 1's copies.
-                    generation += 1;
-                    words[COMMAND_WORD].store(generation, Relaxed);
-                    reader.barrier().expect("barrier");
-                    reader.barrier().expect("barrier");
-                }
-                let started = windows.as_ref().map(|_| monotonic_seconds());
-                let t0 = Instant::now();
-                let mut sum = 0u64;
-                let mut stale = 0usize;
-                for page in remote.chunks(WORDS_PER_PAGE) {
-                    stale += usize::from(page[0].load(Relaxed) != generation);
-                    for w in &page[1..] {
-                        sum = sum.wrapping_add(w.load(Relaxed));
+    for &(name, cache, out) in runs {
+        reader
+            .set_cache_size(cache.or(configured_cache))
+            .expect("cache bound");
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    if scanned {
+                        // Not timed: the homes write every page again, which
+                        // invalidates the reader's copies.
+                        generation += 1;
+                        words[COMMAND_WORD].store(generation, Relaxed);
+                        reader.barrier().expect("barrier");
+                        if layout == Layout::RoundRobin {
+                            write_pages(remote, layout, rank, ranks, generation);
+                        }
+                        reader.barrier().expect("barrier");
                     }
+                    let started = windows.as_ref().map(|_| monotonic_seconds());
+                    let t0 = Instant::now();
+                    let mut sum = 0u64;
+                    let mut stale = 0usize;
+                    for page in remote.chunks(WORDS_PER_PAGE) {
+                        stale += usize::from(page[0].load(Relaxed) != generation);
+                        for w in &page[1..] {
+                            sum = sum.wrapping_add(w.load(Relaxed));
+                        }
+                    }
+                    let d = t0.elapsed();
+                    if let (Some(w), Some(start)) = (windows.as_mut(), started) {
+                        w.push_str(&format!("{start:.6},{:.6} ", monotonic_seconds()));
+                    }
+                    assert_eq!(stale, 0, "the reader read stale pages");
+                    assert_eq!(sum, expected, "the reader read wrong bytes");
+                    scanned = true;
+                    out.push(d);
+                    total += d;
                 }
-                let d = t0.elapsed();
-                if let (Some(w), Some(start)) = (windows.as_mut(), started) {
-                    w.push_str(&format!("{start:.6},{:.6} ", monotonic_seconds()));
-                }
-                assert_eq!(stale, 0, "rank 1 read stale pages");
-                assert_eq!(sum, expected, "rank 1 read wrong bytes");
-                scanned = true;
-                out.push(d);
-                total += d;
-            }
-            total
-        })
-    });
+                total
+            })
+        });
+    }
     words[COMMAND_WORD].store(0, Relaxed);
     reader.barrier().expect("barrier");
     if let (Some(path), Some(w)) = (std::env::var_os("DSM_BENCH_WINDOWS"), windows) {
@@ -150,26 +234,31 @@ fn cold_scan(g: &mut BenchmarkGroup<'_, WallTime>, reader: &Dsm, out: &Samples) 
     }
     let after = reader.stats();
     println!(
-        "scan_2_ranks: rank 1 during the scans: {} read faults, {} MiB received ({} MiB straight into their frames); {} pages per scan",
+        "scan {}, {ranks} ranks: the reader during the scans: {} read faults, {} MiB received ({} MiB straight into their frames), {} pages evicted; {} pages per scan",
+        layout.name(),
         after.read_faults - before.read_faults,
         (after.bytes_received - before.bytes_received) >> 20,
         ((after.pages_landed - before.pages_landed) * PAGE_SIZE as u64) >> 20,
+        after.evictions_clean - before.evictions_clean,
         pages
     );
 }
 
-/// Rank 0, in the process the bench started: streams when asked, then
-/// holds the segment and rewrites it between scans until told to finish.
-fn home() -> Result<(), Box<dyn std::error::Error>> {
+/// A home, in a process the bench started: rank 0 streams when asked; then
+/// each holds its pages of the data and rewrites them between scans until
+/// told to finish.
+fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
     let boot = Bootstrap::from_env()?;
-    let t: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options(0))?;
+    let rank = boot.rank;
+    let t: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options(rank))?;
+    let ranks = t.size();
     let data = vec![3u8; MSG];
-    loop {
+    while rank == 0 {
         let m = t.recv()?;
         match m.payload.as_slice() {
             STREAM_BURST => {
                 for _ in 0..MSGS_PER_ITER {
-                    t.send(1, &data)?;
+                    t.send(ranks - 1, &data)?;
                 }
             }
             STREAM_DONE => break,
@@ -177,15 +266,25 @@ fn home() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let home = start_dsm(t, SPACE_PAGES);
-    let segment = home.alloc(SEGMENT, Placement::Localized(0))?;
-    let at_home = home.segment_words(&segment);
-    // Word i holds i, the first word of each page the generation.
-    for (i, w) in at_home.iter().enumerate() {
-        let first_of_page = i % WORDS_PER_PAGE == 0;
-        w.store(if first_of_page { 1 } else { i as u64 }, Relaxed);
+    let offset = match layout {
+        Layout::Localized if rank == 0 => {
+            let segment = home.alloc(SEGMENT, Placement::Localized(0))?;
+            Some(segment.addr() as usize - home.base() as usize)
+        }
+        Layout::RoundRobin if rank == 0 => Some(SPREAD_FIRST_PAGE * PAGE_SIZE),
+        _ => None,
+    };
+    if let Some(offset) = offset {
+        home.words()[SEGMENT_WORD].store(offset as u64, Relaxed);
     }
-    let offset = segment.addr() as usize - home.base() as usize;
-    home.words()[SEGMENT_WORD].store(offset as u64, Relaxed);
+    let offset = match layout {
+        Layout::RoundRobin => SPREAD_FIRST_PAGE * PAGE_SIZE,
+        Layout::Localized => offset.unwrap_or(0),
+    };
+    let at_home = &home.words()[offset / 8..(offset + SEGMENT) / 8];
+    if layout == Layout::RoundRobin || rank == 0 {
+        write_pages(at_home, layout, rank, ranks, 1);
+    }
     home.barrier()?;
     loop {
         home.barrier()?;
@@ -193,34 +292,40 @@ fn home() -> Result<(), Box<dyn std::error::Error>> {
         if generation == 0 {
             break;
         }
-        thread::scope(|s| {
-            for part in at_home.chunks(at_home.len() / 4) {
-                s.spawn(move || {
-                    for page in part.chunks(WORDS_PER_PAGE) {
-                        page[0].store(generation, Relaxed);
-                    }
-                });
-            }
-        });
+        match layout {
+            Layout::Localized if rank == 0 => thread::scope(|s| {
+                for part in at_home.chunks(at_home.len() / 4) {
+                    s.spawn(move || {
+                        for page in part.chunks(WORDS_PER_PAGE) {
+                            page[0].store(generation, Relaxed);
+                        }
+                    });
+                }
+            }),
+            Layout::Localized => {}
+            Layout::RoundRobin => write_pages(at_home, layout, rank, ranks, generation),
+        }
         home.barrier()?;
     }
     home.finalize()?;
     Ok(())
 }
 
-/// Rank 0's process: killed and reaped if the bench fails before it ends.
-struct HomeProcess(Option<Child>);
+/// The homes' processes: killed and reaped if the bench fails before they end.
+struct HomeProcesses(Vec<Child>);
 
-impl HomeProcess {
-    fn wait(mut self) -> ExitStatus {
-        let mut child = self.0.take().expect("waited once");
-        child.wait().expect("waiting for rank 0")
+impl HomeProcesses {
+    fn wait(mut self) -> Vec<ExitStatus> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|mut child| child.wait().expect("waiting for a home"))
+            .collect()
     }
 }
 
-impl Drop for HomeProcess {
+impl Drop for HomeProcesses {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
+        for child in &mut self.0 {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -234,48 +339,86 @@ fn mb_per_s(samples: &Samples, bytes: usize) -> Option<f64> {
         .map(|s| bytes as f64 / (s.median / 1e6) / 1e6)
 }
 
-fn scan(c: &mut Criterion) {
-    let suite = "scan_2_ranks";
-    let (stream, scan) = (Samples::default(), Samples::default());
-    let mut boots = Bootstrap::loopback_group(2).expect("loopback job");
-    let reader_boot = boots.pop().expect("rank 1");
-    let home_boot = boots.pop().expect("rank 0");
+/// One job of `ranks` processes: the raw stream from rank 0, then the
+/// reader's scans of the data laid out as `layout`, with each cache bound
+/// of `runs` (`None`: the configured one); the ratio of each scan to the
+/// raw stream is printed.
+fn job(
+    c: &mut Criterion,
+    suite: &str,
+    ranks: usize,
+    layout: Layout,
+    runs: &[(&str, Option<usize>)],
+) {
+    let stream = Samples::default();
+    let scans: Vec<Samples> = runs.iter().map(|_| Samples::default()).collect();
+    let mut boots = Bootstrap::loopback_group(ranks).expect("loopback job");
+    let reader_boot = boots.pop().expect("the reader");
     let exe = std::env::current_exe().expect("the bench's own path");
-    let mut command = Command::new(exe);
-    command.env(HOME_ROLE, "1");
-    let inherited = home_boot
-        .hand_over(&mut command)
-        .expect("handing rank 0 over");
-    let home = HomeProcess(Some(command.spawn().expect("starting rank 0's process")));
-    drop(inherited);
+    let mut homes = HomeProcesses(Vec::new());
+    for boot in boots {
+        let mut command = Command::new(&exe);
+        command.env(HOME_ROLE, layout.name());
+        let inherited = boot.hand_over(&mut command).expect("handing a home over");
+        homes
+            .0
+            .push(command.spawn().expect("starting a home's process"));
+        drop(inherited);
+    }
     let t: Arc<dyn Transport> =
-        TcpTransport::connect(reader_boot, &tcp_options(1)).expect("TCP connects");
+        TcpTransport::connect(reader_boot, &tcp_options(ranks - 1)).expect("TCP connects");
     let mut g = c.benchmark_group(suite);
     g.sampling_mode(SamplingMode::Flat);
     g.sample_size(10);
     raw_stream(&mut g, &t, &stream);
     let reader = start_dsm(t, SPACE_PAGES);
     g.measurement_time(Duration::from_secs(20));
-    cold_scan(&mut g, &reader, &scan);
+    let timed: Vec<(&str, Option<usize>, &Samples)> = runs
+        .iter()
+        .zip(&scans)
+        .map(|(&(name, cache), out)| (name, cache, out))
+        .collect();
+    cold_scan(&mut g, &reader, layout, &timed);
     g.finish();
     reader.finalize().expect("finalize");
-    let status = home.wait();
-    assert!(status.success(), "rank 0's process failed: {status}");
-    print_figures(
-        suite,
+    for status in homes.wait() {
+        assert!(status.success(), "a home's process failed: {status}");
+    }
+    let mut rows = vec![("raw_stream_1MiB_messages (per 64 MiB)", &stream)];
+    rows.extend(runs.iter().map(|(name, _)| *name).zip(&scans));
+    print_figures(suite, &rows);
+    let Some(raw) = mb_per_s(&stream, MSGS_PER_ITER * MSG) else {
+        return;
+    };
+    for ((name, _), samples) in runs.iter().zip(&scans) {
+        if let Some(dsm) = mb_per_s(samples, SEGMENT) {
+            println!(
+                "{suite}: {name} {dsm:.1} MB/s, raw TCP stream {raw:.1} MB/s: ratio {:.4} ({:.2}%)",
+                dsm / raw,
+                100.0 * dsm / raw
+            );
+        }
+    }
+}
+
+fn scan(c: &mut Criterion) {
+    job(
+        c,
+        "scan_2_ranks",
+        2,
+        Layout::Localized,
         &[
-            ("raw_stream_1MiB_messages (per 64 MiB)", &stream),
-            ("dsm_cold_scan_64MiB", &scan),
+            ("dsm_cold_scan_64MiB", None),
+            ("dsm_cold_scan_64MiB_cache_16MiB", Some(16 << 20)),
         ],
     );
-    if let (Some(raw), Some(dsm)) = (
-        mb_per_s(&stream, MSGS_PER_ITER * MSG),
-        mb_per_s(&scan, SEGMENT),
-    ) {
-        println!(
-            "{suite}: cold scan {dsm:.1} MB/s, raw TCP stream {raw:.1} MB/s: ratio {:.4} ({:.2}%)",
-            dsm / raw,
-            100.0 * dsm / raw
+    for ranks in [2, 4] {
+        job(
+            c,
+            &format!("scan_round_robin_{ranks}_ranks"),
+            ranks,
+            Layout::RoundRobin,
+            &[("dsm_cold_scan_64MiB", None)],
         );
     }
 }
@@ -289,11 +432,12 @@ criterion_group! {
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os(HOME_ROLE).is_some() {
-        return match home() {
+    if let Some(role) = std::env::var_os(HOME_ROLE) {
+        let layout = role.to_str().and_then(Layout::parse);
+        return match layout.ok_or("unknown layout".into()).and_then(home) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("scan_2_ranks, rank 0: {e}");
+                eprintln!("scan, a home: {e}");
                 ExitCode::FAILURE
             }
         };

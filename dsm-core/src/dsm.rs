@@ -115,7 +115,7 @@ pub struct Dsm {
     /// `Config::wait_spin` resolved for this host (`auto`).
     wait_spin: Duration,
     /// `Config::cache` resolved for this host, in bytes (`None`: no bound).
-    cache_bytes: Option<usize>,
+    cache_bytes: Mutex<Option<usize>>,
     faults: Option<Arc<FaultHandler>>,
     region: Option<Region>,
 }
@@ -317,7 +317,7 @@ impl Dsm {
             stats,
             barrier_lock: Mutex::new(()),
             wait_spin,
-            cache_bytes,
+            cache_bytes: Mutex::new(cache_bytes),
             faults: Some(faults),
             region: Some(region),
         })
@@ -453,7 +453,7 @@ impl Dsm {
                 Placement::Private => pages,
             }
         };
-        let cache = self.cache_bytes.unwrap_or(0) as u64;
+        let cache = self.cache_size().unwrap_or(0) as u64;
         let mut hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
         hosts.sort_unstable();
         hosts.dedup();
@@ -559,6 +559,24 @@ impl Dsm {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot(self.rank)
+    }
+
+    /// The bound on the bytes of pages homed elsewhere this rank holds
+    /// (`DSM_CACHE_SIZE` resolved; `None`: no bound).
+    pub fn cache_size(&self) -> Option<usize> {
+        *self.cache_bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes that bound (`None`: no bound; at least one page). Pages over
+    /// a lower bound are evicted at once. Under the migratory protocol,
+    /// which evicts nothing, this changes nothing.
+    pub fn set_cache_size(&self, bytes: Option<usize>) -> Result<(), DsmError> {
+        if self.config.protocol != Protocol::Mrsw {
+            return Ok(());
+        }
+        *self.cache_bytes.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
+        let pages = bytes.map_or(usize::MAX, |b| (b / PAGE_SIZE).max(1));
+        self.serve(Input::CacheLimit { pages })
     }
 
     /// Ends this rank's part in the job: waits for every rank to get here

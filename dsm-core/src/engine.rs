@@ -73,6 +73,10 @@ pub(crate) enum Input {
         len: usize,
         reply: Reply<()>,
     },
+    /// A new bound on the pages held from other homes (`usize::MAX`: none).
+    CacheLimit {
+        pages: usize,
+    },
     Stop,
 }
 
@@ -254,9 +258,11 @@ impl Cache {
         self.limit != usize::MAX
     }
 
-    /// `page`, homed elsewhere, was just granted here.
+    /// `page`, homed elsewhere, was just granted here. Recorded without a
+    /// bound too, so that one set later (`Dsm::set_cache_size`) finds its
+    /// victims: one word per page held.
     fn installed(&mut self, page: usize) {
-        if self.bounded() && self.queued.insert(page) {
+        if self.queued.insert(page) {
             self.order.push_back(page);
         }
     }
@@ -752,6 +758,10 @@ impl Engine {
                     return Ok(());
                 }
                 self.settle_segment(segment, reply, Some((path, len)), false)
+            }
+            Input::CacheLimit { pages } => {
+                self.cache.bound(pages);
+                Ok(())
             }
             Input::Stop => Ok(()),
         }
