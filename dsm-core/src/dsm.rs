@@ -51,6 +51,13 @@ pub enum DsmError {
         memory: u64,
         fix: &'static str,
     },
+    #[error("out of memory: {available} bytes left of {total} in {scope}, while this rank holds {cached} bytes of other ranks' pages (its cache) beside the pages it is home of; spread the data over more ranks or hosts, or lower DSM_CACHE_SIZE")]
+    OutOfMemory {
+        available: u64,
+        total: u64,
+        scope: &'static str,
+        cached: u64,
+    },
     #[error("the fault reader failed: {0}")]
     FaultReader(String),
     #[error("the DSM engine has stopped")]

@@ -212,7 +212,13 @@ pub(crate) struct Engine {
     landings_made: u64,
     /// The bound on pages held from other homes, and the victims' order.
     cache: Cache,
+    /// Pages received or stored as home since memory was last checked.
+    pages_since_memory_check: usize,
 }
+
+/// Pages received or stored (32 MiB) between two checks that memory is
+/// not running out (`check_memory`: a read of /proc/meminfo, ~20 µs).
+const MEMORY_CHECK_EVERY: usize = 8192;
 
 /// This rank's cache of pages homed elsewhere (`DSM_CACHE_SIZE`): past
 /// `high` pages, the engine thread evicts down to `low`, in the background
@@ -450,6 +456,7 @@ impl Engine {
             landing_tokens: std::collections::hash_map::RandomState::new(),
             landings_made: 0,
             cache: Cache::new(pages),
+            pages_since_memory_check: 0,
         }
     }
 
@@ -520,10 +527,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Every [`MEMORY_CHECK_EVERY`] pages received or stored: a rank about
+    /// to run out of memory (as home, or with a cache too large for what
+    /// the node has left) ends the job saying so, rather than being killed
+    /// by the kernel without a word.
+    fn check_memory(&mut self) -> Result<(), DsmError> {
+        if self.pages_since_memory_check < MEMORY_CHECK_EVERY {
+            return Ok(());
+        }
+        self.pages_since_memory_check = 0;
+        match crate::memory::headroom() {
+            Some(room) if room.exhausted() => Err(DsmError::OutOfMemory {
+                available: room.available,
+                total: room.total,
+                scope: room.scope,
+                cached: (self.cached() * PAGE_SIZE) as u64,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Evicts in the calling thread only if the cache is over its limit
     /// (the engine thread did not keep up); true when the engine thread
     /// should evict in the background.
     fn evict_if_over_limit(&mut self) -> Result<bool, DsmError> {
+        self.check_memory()?;
         if !self.eviction_due() {
             return Ok(false);
         }
@@ -604,6 +632,7 @@ impl Engine {
                 Err(TryRecvError::Empty) => {}
             }
             let mut this = lock(engine);
+            this.check_memory()?;
             if this.eviction_due() {
                 let low = this.cache.low;
                 this.evict_to(low)?;
@@ -1380,6 +1409,7 @@ impl Engine {
     }
 
     fn received_page(&mut self, page: usize, bytes: usize) {
+        self.pages_since_memory_check += 1;
         Stats::add(&self.stats.pages_received, 1);
         Stats::add(&self.stats.bytes_received, bytes as u64);
         if let Node::Mrsw(node) = &self.node {
@@ -1685,6 +1715,7 @@ impl Engine {
                             )))
                         }
                     };
+                    self.pages_since_memory_check += 1;
                     if let Some(HomeCopy::Bytes(old)) = self.backing.insert(page, copy) {
                         self.recycle(old);
                     }

@@ -13,6 +13,7 @@ pub mod dsm;
 mod engine;
 pub mod fault;
 pub mod logging;
+pub mod memory;
 mod outbox;
 mod pages;
 pub mod proto;
