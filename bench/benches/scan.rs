@@ -139,7 +139,12 @@ fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, t: &Arc<dyn Transport>, out:
             total
         })
     });
-    t.send(0, STREAM_DONE).expect("ending the stream");
+    // Every home waits for this before its DSM starts: a DSM message (a
+    // barrier entry) reaching rank 0 while it streams would be taken for
+    // garbage.
+    for home in 0..t.size() - 1 {
+        t.send(home, STREAM_DONE).expect("ending the stream");
+    }
 }
 
 /// CLOCK_MONOTONIC now, in seconds (perf's `-k mono` clock).
@@ -253,10 +258,10 @@ fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
     let t: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options(rank))?;
     let ranks = t.size();
     let data = vec![3u8; MSG];
-    while rank == 0 {
+    loop {
         let m = t.recv()?;
         match m.payload.as_slice() {
-            STREAM_BURST => {
+            STREAM_BURST if rank == 0 => {
                 for _ in 0..MSGS_PER_ITER {
                     t.send(ranks - 1, &data)?;
                 }

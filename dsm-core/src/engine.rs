@@ -216,9 +216,9 @@ pub(crate) struct Engine {
     pages_since_memory_check: usize,
 }
 
-/// Pages received or stored (32 MiB) between two checks that memory is
+/// Pages received or stored (4 MiB) between two checks that memory is
 /// not running out (`check_memory`: a read of /proc/meminfo, ~20 µs).
-const MEMORY_CHECK_EVERY: usize = 8192;
+const MEMORY_CHECK_EVERY: usize = 1024;
 
 /// This rank's cache of pages homed elsewhere (`DSM_CACHE_SIZE`): past
 /// `high` pages, the engine thread evicts down to `low`, in the background

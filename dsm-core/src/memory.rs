@@ -3,7 +3,7 @@
 //! kernel's OOM killer ends it without a word: the node's available memory
 //! (`MemAvailable` + free swap) and, when the process is in a memory cgroup
 //! with a limit (v2 `memory.max`, v1 `memory.limit_in_bytes`), the
-//! cgroup's room left for anonymous and shared memory.
+//! cgroup's room left beside what it uses other than the file cache.
 
 /// Memory left, and what it is measured against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,36 +67,44 @@ fn stat_value(stat: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// The room left in the process's memory cgroup for what it cannot give
-/// back without swapping (anonymous and shared memory; the page cache is
-/// reclaimed first), if it has a limit.
+/// The room left in the process's memory cgroup, if it has a limit: its
+/// usage (anonymous and shared memory, kernel memory such as page tables)
+/// less the file cache, which the kernel reclaims before it kills.
 fn cgroup_headroom() -> Option<Headroom> {
     let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let read = |path: String| std::fs::read_to_string(path).ok();
+    let number = |path: String| -> Option<u64> { read(path)?.trim().parse().ok() };
     for line in membership.lines() {
         let mut fields = line.splitn(3, ':');
         let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
+        // (limit, usage, memory.stat, the prefix of its hierarchical keys)
+        let (limit, usage, stat, prefix) = if controllers.split(',').any(|c| c == "memory") {
             let dir = format!("/sys/fs/cgroup/memory{path}");
-            let limit: u64 = read(format!("{dir}/memory.limit_in_bytes"))?
-                .trim()
-                .parse()
-                .ok()?;
-            let stat = read(format!("{dir}/memory.stat"))?;
-            let used =
-                stat_value(&stat, "total_rss")? + stat_value(&stat, "total_shmem").unwrap_or(0);
-            return cgroup_room(limit, used);
-        }
-        if controllers.is_empty() && line.starts_with("0::") {
+            (
+                number(format!("{dir}/memory.limit_in_bytes"))?,
+                number(format!("{dir}/memory.usage_in_bytes"))?,
+                read(format!("{dir}/memory.stat"))?,
+                "total_",
+            )
+        } else if controllers.is_empty() && line.starts_with("0::") {
             let dir = format!("/sys/fs/cgroup{path}");
             let Some(max) = read(format!("{dir}/memory.max")) else {
                 continue;
             };
-            let limit: u64 = max.trim().parse().ok()?; // "max": no limit
-            let stat = read(format!("{dir}/memory.stat"))?;
-            let used = stat_value(&stat, "anon")? + stat_value(&stat, "shmem").unwrap_or(0);
-            return cgroup_room(limit, used);
-        }
+            (
+                max.trim().parse().ok()?, // "max": no limit
+                number(format!("{dir}/memory.current"))?,
+                read(format!("{dir}/memory.stat"))?,
+                "",
+            )
+        } else {
+            continue;
+        };
+        let file = ["active_file", "inactive_file"]
+            .iter()
+            .filter_map(|key| stat_value(&stat, &format!("{prefix}{key}")))
+            .sum::<u64>();
+        return cgroup_room(limit, usage.saturating_sub(file));
     }
     None
 }

@@ -173,12 +173,11 @@ struct Cgroups {
 
 impl Cgroups {
     fn create(h: &Hierarchy, name: &str) -> Result<Cgroups, String> {
-        let mut tried = Vec::new();
+        let mut reasons = Vec::new();
         for parent in [&h.own, &h.mount] {
-            if tried.contains(&parent) {
+            if reasons.iter().any(|(p, _)| p == parent) {
                 continue;
             }
-            tried.push(parent);
             if h.version == Version::V2 {
                 // A v2 parent hands out controllers only through its
                 // subtree_control (and one holding processes cannot enable
@@ -186,11 +185,16 @@ impl Cgroups {
                 let subtree =
                     fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
                 if !subtree.split_whitespace().any(|c| c == "memory") {
+                    reasons.push((
+                        parent.clone(),
+                        "its cgroup.subtree_control lacks memory".into(),
+                    ));
                     continue;
                 }
             }
             let top = parent.join(name);
-            if fs::create_dir(&top).is_err() {
+            if let Err(e) = fs::create_dir(&top) {
+                reasons.push((parent.clone(), format!("mkdir: {e}")));
                 continue;
             }
             let mut groups = Cgroups {
@@ -201,11 +205,14 @@ impl Cgroups {
             groups.populate()?;
             return Ok(groups);
         }
+        let reasons: Vec<String> = reasons
+            .iter()
+            .map(|(p, why)| format!("{} ({why})", p.display()))
+            .collect();
         Err(format!(
-            "cannot create a {:?} memory cgroup under {} or {}",
+            "cannot create a {:?} memory cgroup under {}",
             h.version,
-            h.own.display(),
-            h.mount.display()
+            reasons.join(" or ")
         ))
     }
 
@@ -250,6 +257,19 @@ impl Cgroups {
             }
         }
         Ok(())
+    }
+
+    /// The tightest limit of the cgroups above ours (their sum must fit it).
+    fn limit_above(&self) -> Option<u64> {
+        match self.version {
+            Version::V1 => read_keyed(&self.top.join("memory.stat"), "hierarchical_memory_limit"),
+            Version::V2 => self
+                .top
+                .ancestors()
+                .skip(1)
+                .map_while(|dir| read_u64(&dir.join("memory.max")))
+                .min(),
+        }
     }
 
     /// The cgroup's peak usage, its OOM events, and a description for the log.
@@ -335,17 +355,19 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
         Err(why) => return skip(&format!("no usable memory cgroup: {why}")),
     };
     eprintln!(
-        "memory_bound: cgroup {:?} {} (one child per rank, {} MiB each, no swap; swap on: {})",
+        "memory_bound: cgroup {:?} {} (one child per rank, {} MiB each, no swap; swap on: {}; limit above: {})",
         groups.version,
         groups.top.display(),
         CAP >> 20,
-        swap_on()
+        swap_on(),
+        groups
+            .limit_above()
+            .filter(|&l| l < 1 << 60)
+            .map_or("none".into(), |l| format!("{} MiB", l >> 20))
     );
 
     // Each rank moves itself into its cgroup, shows where it is, then
     // becomes bigspace (the bootstrap descriptors survive the exec).
-    let dir = std::env::temp_dir().join(&token);
-    fs::create_dir_all(&dir).unwrap();
     let script =
         r#"echo $$ > "$1/rank$DSM_RANK/cgroup.procs" && cat /proc/self/cgroup && exec "$2" "$3""#;
     let bigspace = bin("bigspace").display().to_string();
@@ -363,7 +385,7 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
             &bigspace,
             &total,
         ],
-        &dir,
+        &std::env::temp_dir(),
     );
     command
         .env("DSM_SPACE_SIZE", "1T")
@@ -383,11 +405,11 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
             .into_iter()
             .filter_map(|l| {
                 let at = l.find("peak RSS ")?;
-                Some(l[at..].split(" MiB").next()?.to_string())
+                Some(format!("{} MiB", l[at..].split(" MiB").next()?))
             })
-            .last()
+            .next_back()
             .unwrap_or_else(|| "peak RSS n/a".into());
-        eprintln!("memory_bound: rank {rank}: {text}; bigspace's {rss} MiB");
+        eprintln!("memory_bound: rank {rank}: {text}; bigspace's {rss}");
         peaks.push((rank, peak, ooms));
     }
 
@@ -403,6 +425,9 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
     }
     let pages = TOTAL / 4096;
     let reader = out.lines_of(RANKS - 1, &host, "stdout");
+    for line in reader.iter().filter(|l| l.starts_with("bigspace")) {
+        eprintln!("memory_bound: rank {}: {line}", RANKS - 1);
+    }
     assert!(
         reader.iter().any(|l| l.starts_with(&format!(
             "bigspace exact: rank {} checked {pages} pages ",
@@ -416,5 +441,4 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
             assert!(peak <= CAP, "rank {rank}'s cgroup peaked at {peak} B");
         }
     }
-    let _ = fs::remove_dir_all(&dir);
 }
