@@ -44,7 +44,7 @@
 //! write-back answers it). The page remembers what it evicted until its
 //! next grant, and only those crossings are accepted.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use smallvec::SmallVec;
 
@@ -81,7 +81,6 @@ struct LocalPage {
     copy: Copy,
     pending: Option<Access>,
     held_until: Time,
-    deferred: VecDeque<Command>,
     /// Why this rank lost access since its last grant, if it did: the
     /// access it is likely to want back (see `Mrsw::regain_ahead`).
     lost: Option<Access>,
@@ -96,7 +95,6 @@ impl LocalPage {
         copy: Copy::Invalid,
         pending: None,
         held_until: 0,
-        deferred: VecDeque::new(),
         lost: None,
         evicted: None,
     };
@@ -204,8 +202,10 @@ pub struct Mrsw {
     /// created on first use (looked up several times per request: an index,
     /// not a tree walk; boxed, so a page homed elsewhere costs one pointer).
     homes: PageMap<Box<HomePage>>,
-    /// Pages with deferred invalidations or recalls.
-    waiting: BTreeSet<usize>,
+    /// Invalidations and recalls deferred while their page is held, by
+    /// page (rare: kept out of the per-page table, whose entries every
+    /// touched page costs).
+    waiting: BTreeMap<usize, VecDeque<Command>>,
     /// Pages homed elsewhere that this rank holds a copy of (its cache).
     cached: usize,
     pub counters: ProtocolCounters,
@@ -223,7 +223,7 @@ impl Mrsw {
             home: PageTable::new(pages, DEFAULT_HOME),
             private: PageSet::new(pages),
             homes: PageMap::new(pages),
-            waiting: BTreeSet::new(),
+            waiting: BTreeMap::new(),
             cached: 0,
             counters: ProtocolCounters::default(),
         }
@@ -291,9 +291,11 @@ impl Mrsw {
             && self.home_page_if_any(page).is_some_and(|h| {
                 h.txn.is_none() && h.queue.is_empty() && h.dir == Directory::Exclusive(self.rank)
             })
-            && self.local.get(page).is_some_and(|l| {
-                l.copy == Copy::Modified && l.held_until <= now && l.deferred.is_empty()
-            })
+            && !self.waiting.contains_key(&page)
+            && self
+                .local
+                .get(page)
+                .is_some_and(|l| l.copy == Copy::Modified && l.held_until <= now)
     }
 
     /// The directory entry, if this rank is the page's home.
@@ -436,8 +438,9 @@ impl Mrsw {
         if home == self.rank || self.private_or_beyond(page) {
             return Ok(Vec::new());
         }
+        let deferred = self.waiting.contains_key(&page);
         let lp = self.local(page)?;
-        if lp.pending.is_some() || !lp.deferred.is_empty() || lp.held_until > now {
+        if lp.pending.is_some() || deferred || lp.held_until > now {
             return Ok(Vec::new());
         }
         let evicted = lp.copy;
@@ -469,11 +472,9 @@ impl Mrsw {
     pub fn evictable(&self, page: usize, now: Time) -> bool {
         self.home_of(page) != self.rank
             && !self.private_or_beyond(page)
+            && !self.waiting.contains_key(&page)
             && self.local.get(page).is_some_and(|l| {
-                l.copy != Copy::Invalid
-                    && l.pending.is_none()
-                    && l.deferred.is_empty()
-                    && l.held_until <= now
+                l.copy != Copy::Invalid && l.pending.is_none() && l.held_until <= now
             })
     }
 
@@ -885,10 +886,9 @@ impl Mrsw {
                 "a command from a rank that is not the page's home",
             ));
         }
-        let lp = self.local(page)?;
-        if lp.held_until > now || !lp.deferred.is_empty() {
-            lp.deferred.push_back(command);
-            self.waiting.insert(page);
+        let held = self.local(page)?.held_until > now;
+        if held || self.waiting.contains_key(&page) {
+            self.waiting.entry(page).or_default().push_back(command);
             return Ok(Vec::new());
         }
         self.execute(page, command)
@@ -1037,7 +1037,7 @@ impl Mrsw {
     /// When the next deferred command becomes due, if any.
     pub fn next_deadline(&self) -> Option<Time> {
         self.waiting
-            .iter()
+            .keys()
             .filter_map(|p| self.local.get(*p))
             .map(|l| l.held_until)
             .min()
@@ -1057,14 +1057,13 @@ impl Mrsw {
     pub fn on_tick(&mut self, now: Time) -> Actions {
         let due: Vec<usize> = self
             .waiting
-            .iter()
+            .keys()
             .copied()
             .filter(|p| self.local.get(*p).is_some_and(|l| l.held_until <= now))
             .collect();
         let mut actions = Vec::new();
         for page in due {
-            self.waiting.remove(&page);
-            while let Some(command) = self.local(page)?.deferred.pop_front() {
+            for command in self.waiting.remove(&page).unwrap_or_default() {
                 actions.extend(self.execute(page, command)?);
             }
         }
