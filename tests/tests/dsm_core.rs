@@ -177,9 +177,19 @@ fn an_occupied_base_address_is_named_with_the_option_to_move_it() {
 #[test]
 fn a_space_larger_than_the_machine_starts_and_what_must_fit_is_checked() {
     let probe = bin("dsmprobe").display().to_string();
+    let program = bin("bigspace").display().to_string();
     for size in ["1T", "64T"] {
-        let out = job(&[("DSM_SPACE_SIZE", size)], &["-n", "2", &probe, "join"]);
+        // Every rank writes a page it is home of, the last reads them all:
+        // the per-page tables cost nothing up front (at most 64 MiB
+        // resident per rank, program and runtime included).
+        let out = job(&[("DSM_SPACE_SIZE", size)], &["-n", "2", &program, "8K"]);
         assert_eq!(out.code, Some(0), "a {size} space: {out:?}");
+        let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+        let rss: u64 = line
+            .split_once("peak RSS ")
+            .and_then(|(_, after)| after.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no peak RSS in {line:?}: {out:?}"));
+        assert!(rss <= 64, "a {size} space: rank 0 peaked at {rss} MiB: {line}");
     }
     assert_start_error(
         &[("DSM_SPACE_SIZE", "64T"), ("DSM_PROTOCOL", "migratory")],
