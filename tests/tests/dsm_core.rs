@@ -189,7 +189,10 @@ fn a_space_larger_than_the_machine_starts_and_what_must_fit_is_checked() {
             .split_once("peak RSS ")
             .and_then(|(_, after)| after.split_whitespace().next()?.parse().ok())
             .unwrap_or_else(|| panic!("no peak RSS in {line:?}: {out:?}"));
-        assert!(rss <= 64, "a {size} space: rank 0 peaked at {rss} MiB: {line}");
+        assert!(
+            rss <= 64,
+            "a {size} space: rank 0 peaked at {rss} MiB: {line}"
+        );
     }
     assert_start_error(
         &[("DSM_SPACE_SIZE", "64T"), ("DSM_PROTOCOL", "migratory")],
