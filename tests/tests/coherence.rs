@@ -242,7 +242,11 @@ fn a_tiny_cache_evicting_constantly_keeps_litmus_outcomes_and_exact_counts() {
         ];
         let out = job(&small, 4, "stress", &["random", "4", "4000"]);
         out.expect_each_rank(4, "random exact: 16 slots");
-        assert!(evictions(&out, 4) > 0, "nothing evicted: {out:?}");
+        let (clean, written_back) = evictions(&out, 4);
+        assert!(
+            clean > 0 && written_back > 0,
+            "evictions clean {clean}, written back {written_back}: {out:?}"
+        );
         let out = job(&small, 4, "stress", &["atomics", "4", "3000"]);
         out.expect_each_rank(4, "atomics exact: A=48000 B=120000");
         let sixteen = [
@@ -253,12 +257,12 @@ fn a_tiny_cache_evicting_constantly_keeps_litmus_outcomes_and_exact_counts() {
         ];
         let out = job(&sixteen, 3, "stress", &["scan", "10", "512"]);
         out.expect_each_rank(3, "scan exact: 512 pages at round 10");
-        assert!(evictions(&out, 3) > 0, "nothing evicted: {out:?}");
+        assert!(evictions(&out, 3).0 > 0, "nothing evicted: {out:?}");
     }
 }
 
-/// Evictions (clean and written back) over every rank's statistics line.
-fn evictions(out: &Finished, ranks: usize) -> u64 {
+/// Evictions (clean, written back) over every rank's statistics line.
+fn evictions(out: &Finished, ranks: usize) -> (u64, u64) {
     (0..ranks)
         .flat_map(|rank| out.lines_of(rank, &short_hostname(), "stderr"))
         .filter_map(|line| {
@@ -266,7 +270,7 @@ fn evictions(out: &Finished, ranks: usize) -> u64 {
             let mut words = after.split_whitespace();
             let clean: u64 = words.next()?.parse().ok()?;
             let written: u64 = words.nth(2)?.parse().ok()?;
-            Some(clean + written)
+            Some((clean, written))
         })
-        .sum()
+        .fold((0, 0), |(c, w), (clean, written)| (c + clean, w + written))
 }
