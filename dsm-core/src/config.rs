@@ -246,7 +246,7 @@ impl Config {
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
-    /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released) | `256M` |
+    /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
     /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds, or `auto` (60 when the host runs no more ranks than CPUs, else 0) | `auto` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |

@@ -221,6 +221,12 @@ impl Dsm {
                 });
             }
         }
+        // Frames kept for dropped pages count in the rank's memory too: no
+        // more of them than the cache may hold.
+        let faults = match cache_bytes {
+            Some(cache) if cache < config.memfd_retain => faults.retaining(cache / PAGE_SIZE),
+            _ => faults,
+        };
         let faults = Arc::new(faults);
         let stats = Arc::new(Stats::default());
         let node = match config.protocol {
