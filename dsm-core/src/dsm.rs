@@ -70,12 +70,6 @@ pub enum DsmError {
     Segment(String),
 }
 
-/// This node's memory: RAM and swap, in bytes (`None` if unknown).
-pub fn node_memory() -> Option<(u64, u64)> {
-    let info = nix::sys::sysinfo::sysinfo().ok()?;
-    Some((info.ram_total(), info.swap_total()))
-}
-
 /// Checks the configuration against this machine before mapping anything.
 /// Under the multi-reader protocol the space may be far larger than a node
 /// (each rank's cache of other homes' pages is bounded, `DSM_CACHE_SIZE`):
@@ -86,7 +80,7 @@ pub fn check_size(config: &Config) -> Result<(), DsmError> {
     if config.protocol != Protocol::Migratory {
         return Ok(());
     }
-    if let Some((ram, swap)) = node_memory() {
+    if let Some((ram, swap)) = crate::memory::node_total() {
         if config.size as u64 > ram.saturating_add(swap) {
             return Err(DsmError::TooLarge {
                 size: config.size,
@@ -199,13 +193,13 @@ impl Dsm {
             .unwrap_or_else(|| crate::config::auto_wait_spin(local_ranks.max(1)));
         let cache_bytes = match config.protocol {
             Protocol::Mrsw => {
-                let ram = node_memory().map_or(u64::MAX, |(ram, _)| ram);
+                let ram = crate::memory::node_total().map_or(u64::MAX, |(ram, _)| ram);
                 config.cache.resolve(ram, local_ranks)
             }
             // Nothing is evicted under the seed's protocol.
             Protocol::Migratory => None,
         };
-        if let (Some(cache), Some((ram, swap))) = (cache_bytes, node_memory()) {
+        if let (Some(cache), Some((ram, swap))) = (cache_bytes, crate::memory::node_total()) {
             let need = cache as u64 * local_ranks.max(1) as u64;
             if need > ram.saturating_add(swap) {
                 return Err(DsmError::NoRoom {
@@ -440,7 +434,7 @@ impl Dsm {
     /// of the job's ranks there must fit in a node's memory (this node's:
     /// the nodes of a job are taken to be alike).
     fn check_room(&self, bytes: usize, placement: &Placement) -> Result<(), DsmError> {
-        let Some((ram, swap)) = node_memory() else {
+        let Some((ram, swap)) = crate::memory::node_total() else {
             return Ok(());
         };
         let memory = ram.saturating_add(swap);

@@ -547,10 +547,11 @@ impl Engine {
         }
     }
 
-    /// Evicts in the calling thread only if the cache is over its limit
-    /// (the engine thread did not keep up); true when the engine thread
-    /// should evict in the background.
-    fn evict_if_over_limit(&mut self) -> Result<bool, DsmError> {
+    /// After serving an event outside the engine thread: checks memory
+    /// (`check_memory`), and evicts in the calling thread only if the cache
+    /// is over its limit (the engine thread did not keep up); true when the
+    /// engine thread should evict in the background.
+    fn bound_memory(&mut self) -> Result<bool, DsmError> {
         self.check_memory()?;
         if !self.eviction_due() {
             return Ok(false);
@@ -1844,7 +1845,7 @@ pub(crate) fn serve_here(
         let mut this = lock(engine);
         let before = this.next_deadline();
         work(&mut this)?;
-        let evict_behind = this.evict_if_over_limit()?;
+        let evict_behind = this.bound_memory()?;
         let after = this.next_deadline();
         // With nothing to send, nothing is: a message a receive thread left
         // part-written is the engine thread's to finish (woken for it).
@@ -1910,9 +1911,7 @@ pub(crate) fn inline_delivery(
         // A panic here would otherwise end this receive thread silently,
         // with sends left deferred: the job is ended instead.
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let handled = this
-                .on_message(message)
-                .and_then(|()| this.evict_if_over_limit());
+            let handled = this.on_message(message).and_then(|()| this.bound_memory());
             this.sends_deferred = false;
             // What it produced leaves from here if the transport takes it
             // at once (no hand-off to the engine thread on the way of a
