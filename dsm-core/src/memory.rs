@@ -1,10 +1,11 @@
 //! The node's memory (`node_total`, what the start and allocation checks
-//! compare with) and how close this process is to running out of it, so that a home
-//! filling up is reported as such (rank, host, what it holds) before the
-//! kernel's OOM killer ends it without a word: the node's available memory
-//! (`MemAvailable` + free swap) and, when the process is in a memory cgroup
-//! with a limit (v2 `memory.max`, v1 `memory.limit_in_bytes`), the
-//! cgroup's room left beside what it uses other than the file cache.
+//! compare with) and how close this process is to running out of it, so
+//! that a home filling up is reported as such (rank, host, what it holds)
+//! before the kernel's OOM killer ends it without a word: the node's
+//! available memory (`MemAvailable` + free swap) and, when the process is
+//! in a memory cgroup with a limit (v2 `memory.max`, v1
+//! `memory.limit_in_bytes`), the cgroup's room left beside what it uses
+//! other than the file cache.
 
 /// This node's memory: RAM and swap, in bytes (`None` if unknown).
 pub fn node_total() -> Option<(u64, u64)> {
