@@ -300,6 +300,10 @@ const STREAM_MIN_RUN: usize = 4;
 /// N - 1 pages of every N.
 const STREAM_MAX_SKIP: usize = 16;
 
+/// Most pages a span write-protected ahead of a batch's read requests may
+/// skip between two requested pages (`protect_ahead_of_reads`).
+const SPAN_MAX_SKIP: usize = 64;
+
 /// A page operation that one system call does for a run of pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum RunOp {
@@ -1154,28 +1158,47 @@ impl Engine {
 
     /// Home: the read requests of a batch (a reader's read-ahead) for
     /// pages this rank holds writable are write-protected in one system
-    /// call per run of consecutive pages, before they are handled one by
-    /// one: one TLB shootdown per run instead of one per page.
+    /// call per span of such pages, before they are handled one by one:
+    /// one TLB shootdown per span instead of one per page. A span may
+    /// skip pages (a round-robin window asks each home for every Nth page)
+    /// that this rank does not hold writable: protecting them changes
+    /// nothing (a read-only copy is protected already; a page not mapped
+    /// gets a marker with a memfd, which the next install replaces).
     fn protect_ahead_of_reads(&mut self, parts: &[&[u8]]) -> Result<(), DsmError> {
         let Node::Mrsw(node) = &self.node else {
             return Ok(());
         };
         let now = self.now();
-        let mut runs: Vec<(usize, usize)> = Vec::new();
+        // (first page, end of the span, pages to downgrade in it)
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new();
         for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
             let page = page as usize;
             if self.protected_ahead.contains(page) || !node.read_request_downgrades_here(page, now)
             {
                 continue;
             }
-            match runs.last_mut() {
-                Some((first, count)) if *first + *count == page => *count += 1,
-                _ => runs.push((page, 1)),
+            let writable_between =
+                |from: usize| (from..page).any(|q| node.copy_of(q) == Some(Copy::Modified));
+            match spans.last_mut() {
+                Some((_, end, count))
+                    if page >= *end && page - *end < SPAN_MAX_SKIP && !writable_between(*end) =>
+                {
+                    *end = page + 1;
+                    *count += 1;
+                }
+                _ => spans.push((page, page + 1, 1)),
             }
         }
-        for (first, count) in runs.into_iter().filter(|(_, count)| *count > 1) {
-            self.faults.write_protect(first, count)?;
-            self.protected_ahead.extend(first..first + count);
+        for (first, end, _) in spans.into_iter().filter(|(_, _, count)| *count > 1) {
+            self.faults.write_protect(first, end - first)?;
+            // Only the pages asked for are protected ahead of a downgrade:
+            // the others kept what they had.
+            for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
+                let page = page as usize;
+                if (first..end).contains(&page) && node.read_request_downgrades_here(page, now) {
+                    self.protected_ahead.insert(page);
+                }
+            }
         }
         Ok(())
     }

@@ -118,6 +118,14 @@ fn sequential_reads_racing_the_homes_writes_stay_coherent() {
         &["scan", "20", "512"],
     );
     out.expect_each_rank(3, "scan exact: 512 pages at round 20");
+    // Pages spread round-robin: every home rewrites its pages while the
+    // last rank reads them all; each home write-protects the every-Nth
+    // pages a read-ahead batch asks for in one span, skipping the others.
+    for (ranks, backing) in [(2, "memfd"), (3, "memfd"), (4, "anon")] {
+        let env = [space, ("DSM_PREFETCH", "64"), ("DSM_BACKING", backing)];
+        let out = job(&env, ranks, "stress", &["scan", "30", "1024", "spread"]);
+        out.expect_each_rank(ranks, "scan exact: 1024 spread pages at round 30");
+    }
 }
 
 /// The memfd-backed space (pages written through an alias and mapped with

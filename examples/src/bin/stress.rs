@@ -18,6 +18,11 @@
 //!   read-ahead batches reach the home while it writes those pages; a
 //!   reader must never see a page's values go back or half a sweep's
 //!   stores, and every page must end at ROUNDS.
+//! * `stress scan ROUNDS PAGES spread`: the same over PAGES pages of the
+//!   fixed space spread round-robin (page p at rank p mod N): every rank
+//!   but the last sweeps the pages it is home of, the last reads them all
+//!   (its read-ahead asks every home at once, and each home write-protects
+//!   the every-Nth pages asked for in one span).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -87,7 +92,12 @@ fn run() -> Result<()> {
             format!("atomics exact: A={got_a} B={got_b}")
         }
         "random" => random(&dsm, arg(&args, 1, 4)? as usize, arg(&args, 2, 20_000)?)?,
-        "scan" => scan(&dsm, arg(&args, 1, 20)?, arg(&args, 2, 256)? as usize)?,
+        "scan" => scan(
+            &dsm,
+            arg(&args, 1, 20)?,
+            arg(&args, 2, 256)? as usize,
+            args.get(3).is_some_and(|a| a == "spread"),
+        )?,
         "prodcons" => {
             let n = arg(&args, 1, 100_000)?;
             const CAPACITY: u64 = 256;
@@ -152,37 +162,66 @@ fn run() -> Result<()> {
 /// each page of a segment homed at itself; rank 1 reads word 0 (acquire)
 /// then word 1 of each page in order until rank 0 is done. Seeing word 0 at
 /// r means word 1 is at least r, and a page's word 0 never goes back.
-fn scan(dsm: &dsm::Dsm, rounds: u64, pages: usize) -> Result<String> {
-    if dsm.size() < 2 {
+/// First page of `stress scan ... spread`'s pages (page 0 holds the flags).
+const SPREAD_FIRST_PAGE: usize = 64;
+
+fn scan(dsm: &dsm::Dsm, rounds: u64, pages: usize, spread: bool) -> Result<String> {
+    let (rank, size) = (dsm.rank(), dsm.size());
+    if size < 2 {
         return Err("scan needs at least 2 ranks".into());
     }
     let words = dsm.words();
     let per_page = dsm.page_size() / 8;
     // Page 0 of the fixed space (homed at rank 0): the segment's address,
-    // and rank 0's "done" flag.
+    // and the writers' "done" count.
     let (address, done) = (&words[0], &words[1]);
-    if dsm.rank() == 0 {
+    if rank == 0 && !spread {
         let segment = dsm.alloc(pages * dsm.page_size(), dsm::Placement::Localized(0))?;
         address.store(segment.addr() as u64, Relaxed);
     }
     dsm.barrier()?;
-    let first = (address.load(Relaxed) as usize - dsm.base() as usize) / 8;
+    let first = if spread {
+        SPREAD_FIRST_PAGE * per_page
+    } else {
+        (address.load(Relaxed) as usize - dsm.base() as usize) / 8
+    };
     let segment = &words[first..first + pages * per_page];
-    match dsm.rank() {
-        0 => {
-            for round in 1..=rounds {
-                for page in segment.chunks(per_page) {
-                    page[1].store(round, Relaxed);
-                    page[0].store(round, Release);
-                }
-            }
-            done.store(1, Release);
+    // Who writes page p, and who reads them all.
+    let (writers, reader) = if spread { (size - 1, size - 1) } else { (1, 1) };
+    let writer_of = |p: usize| {
+        if spread {
+            (SPREAD_FIRST_PAGE + p) % size
+        } else {
+            0
         }
-        1 => {
+    };
+    let sweep = |rounds: std::ops::RangeInclusive<u64>, who: usize| {
+        for round in rounds {
+            for (_, page) in segment
+                .chunks(per_page)
+                .enumerate()
+                .filter(|(p, _)| writer_of(*p) == who)
+            {
+                page[1].store(round, Relaxed);
+                page[0].store(round, Release);
+            }
+        }
+    };
+    if rank == reader && spread {
+        // Its own pages are local: written once, at the last round.
+        sweep(rounds..=rounds, rank);
+    }
+    match rank {
+        r if r < writers => {
+            sweep(1..=rounds, r);
+            done.fetch_add(1, Release);
+        }
+        r if r == reader => {
+            let writers = writers as u64;
             let mut seen = vec![0u64; pages];
             let mut last_scan = false;
             while !last_scan {
-                last_scan = done.load(Acquire) == 1;
+                last_scan = done.load(Acquire) == writers;
                 for (p, page) in segment.chunks(per_page).enumerate() {
                     let (w0, w1) = (page[0].load(Acquire), page[1].load(Relaxed));
                     if w1 < w0 {
@@ -208,7 +247,10 @@ fn scan(dsm: &dsm::Dsm, rounds: u64, pages: usize) -> Result<String> {
             return Err(format!("page {p} ends at ({w0}, {w1}), expected round {rounds}").into());
         }
     }
-    Ok(format!("scan exact: {pages} pages at round {rounds}"))
+    let layout = if spread { " spread" } else { "" };
+    Ok(format!(
+        "scan exact: {pages}{layout} pages at round {rounds}"
+    ))
 }
 
 fn random(dsm: &dsm::Dsm, threads: usize, ops: u64) -> Result<String> {
