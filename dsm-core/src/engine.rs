@@ -962,6 +962,19 @@ impl Engine {
         {
             return self.on_read_grant_run(from, first, RunBytes::Received(pages));
         }
+        if let Some((page, bytes)) = proto::read_grant(payload) {
+            // A lone grant (a round-robin window's pages from one home are
+            // not consecutive) is mapped straight from the received bytes,
+            // as a run of one, unless it extends the install staged before
+            // it: no copy into a page buffer and then into the staged run.
+            let staged = &self.staged;
+            let extends_staged = staged.count > 0
+                && staged.op == RunOp::InstallReadOnly
+                && staged.first + staged.count == page;
+            if !extends_staged && !self.segment_unknown(page) {
+                return self.on_read_grant_run(from, page, RunBytes::Received(bytes));
+            }
+        }
         if let Some(token) = proto::placed_read_run(payload) {
             if self.batch_clock.is_some() {
                 return Err(DsmError::Protocol(format!(

@@ -292,6 +292,18 @@ pub fn read_grant_run(bytes: &[u8]) -> Result<Option<(usize, &[u8])>, ProtoError
     Ok(Some((first, pages)))
 }
 
+/// A lone read grant carrying its page (`Msg::Grant` with `write: false`
+/// and the page's bytes): its page and the bytes, without decoding them
+/// into a page buffer; `None` for any other message.
+pub fn read_grant(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let [GRANT_READ, rest @ ..] = bytes else {
+        return None;
+    };
+    let (page, data) = rest.split_first_chunk::<8>()?;
+    let page = usize::try_from(u64::from_le_bytes(*page)).ok()?;
+    (data.len() == PAGE_SIZE).then_some((page, data))
+}
+
 /// From the first [`READ_GRANT_RUN_HEAD`] bytes of a `len`-byte message
 /// (all a receive thread has read of it yet): the first page and the
 /// number of pages of a run of read grants; `None` for any other message,
