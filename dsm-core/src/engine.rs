@@ -972,6 +972,9 @@ impl Engine {
                 && staged.op == RunOp::InstallReadOnly
                 && staged.first + staged.count == page;
             if !extends_staged && !self.segment_unknown(page) {
+                // Its header too: the bytes received are the message's.
+                let header = payload.len() - bytes.len();
+                Stats::add(&self.stats.bytes_received, header as u64);
                 return self.on_read_grant_run(from, page, RunBytes::Received(bytes));
             }
         }
