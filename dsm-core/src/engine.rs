@@ -1185,35 +1185,34 @@ impl Engine {
             return Ok(());
         };
         let now = self.now();
-        // (first page, end of the span, pages to downgrade in it)
-        let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+        // The pages to downgrade, by span, in order.
+        let mut spans: Vec<Vec<usize>> = Vec::new();
         for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
             let page = page as usize;
             if self.protected_ahead.contains(page) || !node.read_request_downgrades_here(page, now)
             {
                 continue;
             }
-            let writable_between =
-                |from: usize| (from..page).any(|q| node.copy_of(q) == Some(Copy::Modified));
+            let extends = spans
+                .last()
+                .and_then(|span| span.last())
+                .is_some_and(|&last| {
+                    page > last
+                        && page - last <= SPAN_MAX_SKIP
+                        && !(last + 1..page).any(|q| node.copy_of(q) == Some(Copy::Modified))
+                });
             match spans.last_mut() {
-                Some((_, end, count))
-                    if page >= *end && page - *end < SPAN_MAX_SKIP && !writable_between(*end) =>
-                {
-                    *end = page + 1;
-                    *count += 1;
-                }
-                _ => spans.push((page, page + 1, 1)),
+                Some(span) if extends => span.push(page),
+                _ => spans.push(vec![page]),
             }
         }
-        for (first, end, _) in spans.into_iter().filter(|(_, _, count)| *count > 1) {
-            self.faults.write_protect(first, end - first)?;
+        for span in spans.into_iter().filter(|span| span.len() > 1) {
+            let (first, last) = (span[0], span[span.len() - 1]);
+            self.faults.write_protect(first, last + 1 - first)?;
             // Only the pages asked for are protected ahead of a downgrade:
             // the others kept what they had.
-            for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
-                let page = page as usize;
-                if (first..end).contains(&page) && node.read_request_downgrades_here(page, now) {
-                    self.protected_ahead.insert(page);
-                }
+            for page in span {
+                self.protected_ahead.insert(page);
             }
         }
         Ok(())

@@ -747,47 +747,65 @@ impl Mrsw {
 
     fn home_write_back(&mut self, page: usize, from: Rank) -> Actions {
         let hp = self.home_page(page, from, "a write-back")?;
-        if let (Some(Transaction::Settle), Directory::Exclusive(owner)) = (hp.txn, &hp.dir) {
-            if *owner != from {
-                return Err(Self::unexpected(
-                    page,
-                    from,
-                    "a write-back from a non-owner",
-                ));
-            }
-            hp.txn = None;
-            hp.dir = Directory::Shared(Readers::of(&[from]));
-            return self.next_transactions(
-                page,
-                vec![Action::StoreBacking { page }, Action::Settled { page }],
-            );
-        }
-        let (Some(Transaction::WriteBack { requester, want }), Directory::Exclusive(owner)) =
-            (hp.txn, &hp.dir)
-        else {
+        let recalling = matches!(
+            hp.txn,
+            Some(Transaction::Settle | Transaction::WriteBack { .. })
+        );
+        if !recalling || !matches!(hp.dir, Directory::Exclusive(_)) {
             return Err(Self::unexpected(page, from, "an unexpected write-back"));
-        };
-        if *owner != from {
+        }
+        if hp.dir != Directory::Exclusive(from) {
             return Err(Self::unexpected(
                 page,
                 from,
                 "a write-back from a non-owner",
             ));
         }
-        hp.txn = None;
-        hp.dir = match want {
-            Access::Read => Directory::Shared(Readers::of(&[from, requester])),
-            Access::Write => Directory::Exclusive(requester),
+        self.recalled(page, from, true)
+    }
+
+    /// The exclusive copy came back from `from` (the answer to a recall, or
+    /// an eviction that crossed it): the home's copy is current again, and
+    /// the transaction waiting for it ends. `kept`: `from` still holds a
+    /// read-only copy.
+    fn recalled(&mut self, page: usize, from: Rank, kept: bool) -> Actions {
+        let hp = self.home_entry(page);
+        let mut readers = Readers::default();
+        if kept {
+            readers.insert(from);
+        }
+        let (dir, done) = match hp.txn.take() {
+            Some(Transaction::WriteBack {
+                requester,
+                want: Access::Write,
+            }) => (
+                Directory::Exclusive(requester),
+                Action::GrantFromBacking {
+                    to: requester,
+                    page,
+                    write: true,
+                },
+            ),
+            Some(Transaction::WriteBack {
+                requester,
+                want: Access::Read,
+            }) => {
+                readers.insert(requester);
+                (
+                    Directory::Shared(readers),
+                    Action::GrantFromBacking {
+                        to: requester,
+                        page,
+                        write: false,
+                    },
+                )
+            }
+            // A seal or flush.
+            _ if readers.iter().next().is_none() => (Directory::Uncached, Action::Settled { page }),
+            _ => (Directory::Shared(readers), Action::Settled { page }),
         };
-        let actions = vec![
-            Action::StoreBacking { page },
-            Action::GrantFromBacking {
-                to: requester,
-                page,
-                write: want == Access::Write,
-            },
-        ];
-        self.next_transactions(page, actions)
+        hp.dir = dir;
+        self.next_transactions(page, vec![Action::StoreBacking { page }, done])
     }
 
     /// A reader dropped its copy (`evict`).
@@ -844,35 +862,13 @@ impl Mrsw {
                 hp.dir = Directory::Uncached;
                 Ok(vec![Action::StoreBacking { page }])
             }
-            Some(Transaction::WriteBack { requester, want }) => {
-                hp.txn = None;
-                hp.dir = match want {
-                    Access::Read => Directory::Shared(Readers::of(&[requester])),
-                    Access::Write => Directory::Exclusive(requester),
-                };
-                let actions = vec![
-                    Action::StoreBacking { page },
-                    Action::GrantFromBacking {
-                        to: requester,
-                        page,
-                        write: want == Access::Write,
-                    },
-                ];
-                self.next_transactions(page, actions)
-            }
-            Some(Transaction::Settle) => {
-                hp.txn = None;
-                hp.dir = Directory::Uncached;
-                self.next_transactions(
-                    page,
-                    vec![Action::StoreBacking { page }, Action::Settled { page }],
-                )
-            }
             Some(Transaction::Acks { .. }) => Err(Self::unexpected(
                 page,
                 from,
                 "an eviction write-back during an invalidation",
             )),
+            // It answers the recall that crossed it.
+            Some(_) => self.recalled(page, from, false),
         }
     }
 
