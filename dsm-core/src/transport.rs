@@ -38,6 +38,42 @@ pub enum TransportError {
     Shutdown,
 }
 
+/// How a transport's [`TransportError::PeerLost`] reason begins when the
+/// peer's connection is up but nothing arrived from it for the peer
+/// timeout (a stopped or wedged process).
+pub const NOT_RESPONDING: &str = "not responding";
+
+/// A peer loss as a rank reports it (`lost rank R on host H: reason`),
+/// read back from that text: the launcher names the lost rank from the
+/// line of the rank that noticed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostPeer {
+    pub rank: Rank,
+    pub host: String,
+    pub reason: String,
+}
+
+impl LostPeer {
+    /// The first `lost rank R on host H: reason` in `line`, the reason
+    /// without a trailing `; aborting`.
+    pub fn find_in(line: &str) -> Option<LostPeer> {
+        let (_, rest) = line.split_once("lost rank ")?;
+        let (rank, rest) = rest.split_once(" on host ")?;
+        let (host, reason) = rest.split_once(": ")?;
+        Some(LostPeer {
+            rank: rank.parse().ok()?,
+            host: host.to_string(),
+            reason: reason.trim_end_matches("; aborting").to_string(),
+        })
+    }
+
+    /// Whether the peer was lost for its silence rather than a closed
+    /// or failed connection.
+    pub fn not_responding(&self) -> bool {
+        self.reason.starts_with(NOT_RESPONDING)
+    }
+}
+
 /// A consumer's handler for messages as they arrive, run in the transport's
 /// receive thread (see [`Transport::deliver_inline`]): it handles the
 /// message there and returns `None`, or hands it back (`Some`) to be queued
@@ -252,6 +288,22 @@ impl PayloadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loss_reads_back_from_its_message() {
+        let error = TransportError::PeerLost {
+            rank: 12,
+            host: "node-3.cluster".into(),
+            reason: format!("{NOT_RESPONDING}: nothing received for 5.0 s"),
+        };
+        let line = format!("dsm: rank 0 on node-1: {error}; aborting");
+        let lost = LostPeer::find_in(&line).expect("found");
+        assert_eq!(lost.rank, 12);
+        assert_eq!(lost.host, "node-3.cluster");
+        assert_eq!(lost.reason, "not responding: nothing received for 5.0 s");
+        assert!(lost.not_responding());
+        assert_eq!(LostPeer::find_in("rank 2 exited with status 1"), None);
+    }
 
     #[test]
     fn a_large_buffer_given_back_is_taken_again() {

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dsm_core::auth::{self, JobSecret};
+use dsm_core::dsm::EXIT_FATAL;
+use dsm_core::transport::LostPeer;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -751,7 +753,7 @@ impl Runner {
                     WrapToExec::Exited { status } => {
                         self.procs[slot].result = Some(status);
                         if !status.success() {
-                            let message = format!("{} {}", self.name(slot), status.describe());
+                            let message = self.failure_message(slot, status);
                             self.fail(Outcome::RankFailed { cause: status }, message);
                         }
                     }
@@ -799,6 +801,32 @@ impl Runner {
                 self.stop_all(grace);
                 kill_at = Some(Instant::now() + grace + LINGER);
             }
+        }
+    }
+
+    /// What to say about `slot` failing with `status`. A rank that ended
+    /// because a peer stopped responding names that peer: it is the cause,
+    /// and unlike a dead rank it has no exit of its own to report.
+    fn failure_message(&self, slot: usize, status: ExitCause) -> String {
+        let last = self.procs[slot]
+            .last_stderr
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        match LostPeer::find_in(&last) {
+            Some(lost) if status == ExitCause::Code(EXIT_FATAL) && lost.not_responding() => {
+                let host = self
+                    .procs
+                    .get(lost.rank)
+                    .map_or(lost.host.as_str(), |p| p.host.as_str());
+                format!(
+                    "rank {} (host {host}) is {} (reported by rank {slot}, which {}); stopping the job",
+                    lost.rank,
+                    lost.reason,
+                    status.describe()
+                )
+            }
+            _ => format!("{} {}", self.name(slot), status.describe()),
         }
     }
 

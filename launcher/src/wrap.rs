@@ -240,12 +240,16 @@ fn spawn_control_reader(mut reader: TcpStream, pgid: Pid) {
 }
 
 /// SIGTERM now, SIGKILL after `grace` unless the group is gone by then.
+/// SIGCONT follows SIGTERM (as a shell's `kill` does for stopped jobs): a
+/// stopped program, the usual reason a job is being stopped, would
+/// otherwise keep its SIGTERM pending until the SIGKILL.
 fn stop(pgid: Pid, grace: Duration) {
     if grace.is_zero() {
         let _ = killpg(pgid, Signal::SIGKILL);
         return;
     }
     let _ = killpg(pgid, Signal::SIGTERM);
+    let _ = killpg(pgid, Signal::SIGCONT);
     thread::spawn(move || {
         thread::sleep(grace);
         let _ = killpg(pgid, Signal::SIGKILL);

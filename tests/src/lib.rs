@@ -157,6 +157,11 @@ impl Running {
         }
     }
 
+    /// The stdout lines received so far.
+    pub fn stdout_lines(&self) -> &[String] {
+        &self.stdout
+    }
+
     /// Waits for dsmexec to exit; kills it and fails the test at the time limit.
     pub fn finish(mut self) -> Finished {
         loop {

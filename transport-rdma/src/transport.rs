@@ -1490,7 +1490,7 @@ fn boot_watch_loop(s: Arc<Shared>) {
                     .map(|p| p.said_goodbye.load(Ordering::SeqCst))
                     .unwrap_or(true);
                 if !gone && !s.shut_down.load(Ordering::SeqCst) {
-                    s.lose(rank, format!("its bootstrap connection ended: {reason}"));
+                    s.lose(rank, format!("{reason} (bootstrap connection)"));
                 }
             }
             Err(_) => return,

@@ -6,13 +6,17 @@
 //! One reader thread per peer decodes frames and queues them for `recv`;
 //! senders write whole frames under a per-peer lock, so any number of
 //! threads may send at once. A peer that closes without its goodbye frame is
-//! reported as lost, with its rank and host.
+//! reported as lost, with its rank and host; so is one from which nothing
+//! arrived for the peer timeout (see [`liveness`]): a thread of each rank
+//! sends heartbeats while the application computes.
+
+mod liveness;
 
 use std::io::{BufRead, BufReader, BufWriter, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,11 +28,14 @@ use dsm_core::transport::PayloadPool;
 use dsm_core::transport::{InlineDelivery, PayloadPlacement, TrySent};
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
+use liveness::Liveness;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::MsgFlags;
 
 const KIND_DATA: u8 = 1;
 const KIND_GOODBYE: u8 = 2;
+/// A heartbeat: no payload, only proof that the sender's process runs.
+const KIND_ALIVE: u8 = 3;
 /// At most this many unauthenticated connections are handled at once; more
 /// are closed immediately, so a port scan cannot exhaust threads.
 const MAX_PENDING_HANDSHAKES: usize = 64;
@@ -50,9 +57,10 @@ pub struct TcpOptions {
     pub handshake_timeout: Duration,
     /// Largest message accepted from a peer (bytes).
     pub max_message: usize,
-    /// A connection on which nothing was acknowledged for this long (data
-    /// unacknowledged, or keepalive probes unanswered) is reported as
-    /// `PeerLost`: TCP keepalive plus TCP_USER_TIMEOUT, so a cut link or a
+    /// A peer is reported as `PeerLost` when nothing arrived from it for
+    /// this long (every rank sends heartbeats meanwhile, see [`liveness`]),
+    /// or when its connection acknowledged nothing for this long (TCP
+    /// keepalive plus TCP_USER_TIMEOUT): a stopped process, a cut link or a
     /// vanished host is detected even when neither side has anything to send.
     pub peer_timeout: Duration,
     /// CPU the receive threads are pinned to: the rank's engine CPU, so a
@@ -153,6 +161,9 @@ type Inbox = (
 
 struct Peer {
     writer: Mutex<PeerWriter>,
+    /// The same socket, to shut down while a writer may hold the lock
+    /// (blocked on a peer that stopped reading).
+    socket: TcpStream,
 }
 
 /// The sending side of a connection.
@@ -171,6 +182,44 @@ impl PeerWriter {
             self.unfinished.clear();
         }
         Ok(())
+    }
+
+    /// Writes as much of an unfinished message's end as the socket takes
+    /// now; true when nothing is left.
+    fn try_finish(&mut self) -> std::io::Result<bool> {
+        if self.unfinished.is_empty() {
+            return Ok(true);
+        }
+        let frame = [IoSlice::new(&self.unfinished)];
+        let written = send_now(self.stream.get_ref(), &frame)?;
+        self.unfinished.drain(..written);
+        Ok(self.unfinished.is_empty())
+    }
+}
+
+/// One `sendmsg` that never waits: the bytes the socket took (0 when it
+/// had no room, or no kernel memory for the call, in which case a thread
+/// that may wait sends them instead).
+fn send_now(stream: &TcpStream, frame: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    let flags = (MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL).bits();
+    let socket = socket2::SockRef::from(stream);
+    loop {
+        match socket.send_vectored_with_flags(frame, flags) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e)
+                if matches!(
+                    nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                    nix::errno::Errno::EMSGSIZE
+                        | nix::errno::Errno::ENOBUFS
+                        | nix::errno::Errno::ENOMEM
+                ) =>
+            {
+                return Ok(0)
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -196,6 +245,9 @@ pub struct TcpTransport {
     unfinished: AtomicBool,
     max_message: usize,
     shut_down: AtomicBool,
+    /// When each peer was last heard from.
+    liveness: Arc<Liveness>,
+    peer_timeout: Duration,
 }
 
 fn setup_err(msg: impl Into<String>) -> TransportError {
@@ -274,6 +326,7 @@ impl TcpTransport {
         let payloads = Arc::new(PayloadPool::default());
         let inline = Arc::new(OnceLock::new());
         let placement = Arc::new(OnceLock::new());
+        let liveness = Arc::new(Liveness::new(size, rank, opts.peer_timeout));
         let mut peers = Vec::with_capacity(size);
         for (peer_rank, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
@@ -290,12 +343,14 @@ impl TcpTransport {
             stream.set_read_timeout(None).map_err(io)?;
             stream.set_write_timeout(None).map_err(io)?;
             let read_half = stream.try_clone().map_err(io)?;
+            let socket = stream.try_clone().map_err(io)?;
             let host = peers_info[peer_rank].host.clone();
             let tx = inbox.0.clone();
             let goodbyes = Arc::clone(&goodbyes);
             let payloads = Arc::clone(&payloads);
             let inline = Arc::clone(&inline);
             let placement = Arc::clone(&placement);
+            let liveness = Arc::clone(&liveness);
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
                 .spawn(move || {
@@ -305,6 +360,7 @@ impl TcpTransport {
                         inline: &inline,
                         placement: &placement,
                         payloads: &payloads,
+                        liveness: &liveness,
                     };
                     read_loop(read_half, peer_rank, host, max_frame, delivery, goodbyes)
                 })
@@ -314,9 +370,10 @@ impl TcpTransport {
                     stream: BufWriter::with_capacity(64 << 10, stream),
                     unfinished: Vec::new(),
                 }),
+                socket,
             }));
         }
-        Ok(Arc::new(TcpTransport {
+        let transport = Arc::new(TcpTransport {
             rank,
             peers_info,
             peers,
@@ -328,7 +385,66 @@ impl TcpTransport {
             unfinished: AtomicBool::new(false),
             max_message: opts.max_message,
             shut_down: AtomicBool::new(false),
-        }))
+            liveness,
+            peer_timeout: opts.peer_timeout,
+        });
+        let watched = Arc::downgrade(&transport);
+        thread::Builder::new()
+            .name("dsm-tcp-alive".into())
+            .spawn(move || watch_peers(watched))
+            .map_err(|e| setup_err(format!("spawning the heartbeat thread: {e}")))?;
+        Ok(transport)
+    }
+
+    /// Sends `peer` a heartbeat unless that would wait: a peer whose
+    /// socket is full has data on its way, or is the one not reading.
+    fn send_heartbeat(&self, to: Rank) -> Result<(), TransportError> {
+        let Ok(peer) = self.peer(to) else {
+            return Ok(());
+        };
+        let mut w = match peer.writer.try_lock() {
+            Ok(w) => w,
+            // Another thread is writing to it: that proves as much.
+            Err(TryLockError::WouldBlock) => return Ok(()),
+            Err(TryLockError::Poisoned(_)) => {
+                return Err(self.lost(to, "a sender panicked mid-frame"))
+            }
+        };
+        // Checked under the lock `shutdown` takes to say goodbye: nothing
+        // may follow a goodbye.
+        if self.shut_down.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let sent = w.try_finish().and_then(|done| {
+            if !done {
+                return Ok(());
+            }
+            let header = wire::header_for(KIND_ALIVE, &[])?.encode();
+            let written = send_now(w.stream.get_ref(), &[IoSlice::new(&header)])?;
+            if written > 0 && written < header.len() {
+                w.unfinished.extend_from_slice(&header[written..]);
+            }
+            Ok(())
+        });
+        if !w.unfinished.is_empty() {
+            // Sent by the next writer, `finish_sends`, or the next beat.
+            self.unfinished.store(true, Ordering::SeqCst);
+        }
+        sent.map_err(|e| self.lost(to, format!("send failed: {e}")))
+    }
+
+    /// Reports `peer` lost for its silence, once, and shuts its connection
+    /// so that no thread stays blocked writing to it.
+    fn declare_unresponsive(&self, peer: Rank, silence: Duration) {
+        if !self.liveness.retire(peer) {
+            return;
+        }
+        let reason = liveness::not_responding(silence, self.peer_timeout);
+        tracing::debug!("rank {}: rank {peer}: {reason}", self.rank);
+        let _ = self.inbox.0.send(Err(self.lost(peer, reason)));
+        if let Ok(p) = self.peer(peer) {
+            let _ = p.socket.shutdown(Shutdown::Both);
+        }
     }
 
     fn lost(&self, rank: Rank, reason: impl ToString) -> TransportError {
@@ -578,6 +694,41 @@ const TRY_SEND_MAX: usize = 64 << 10;
 /// vectored writes go in several calls).
 const MAX_IOVECS: usize = 1024;
 
+/// The heartbeat thread: beats to every watched peer each interval and
+/// reports the ones silent for the peer timeout. Ends with the transport.
+fn watch_peers(transport: Weak<TcpTransport>) {
+    let Some(interval) = transport
+        .upgrade()
+        .map(|t| liveness::heartbeat_interval(t.peer_timeout))
+    else {
+        return;
+    };
+    let mut last = Instant::now();
+    loop {
+        thread::sleep(interval);
+        let Some(t) = transport.upgrade() else { return };
+        if t.shut_down.load(Ordering::SeqCst) {
+            return;
+        }
+        // Woken far later than asked: this process was stopped or starved,
+        // so its readers could not hear anyone either.
+        if last.elapsed() > 3 * interval {
+            t.liveness.forgive();
+        }
+        last = Instant::now();
+        for peer in 0..t.size() {
+            if t.liveness.watched(peer) {
+                if let Err(e) = t.send_heartbeat(peer) {
+                    tracing::debug!("rank {}: heartbeat to rank {peer}: {e}", t.rank);
+                }
+            }
+        }
+        for (peer, silence) in t.liveness.silent() {
+            t.declare_unresponsive(peer, silence);
+        }
+    }
+}
+
 /// Where a reader thread hands what it received.
 struct Delivery<'a> {
     inbox: Sender<Result<Message, TransportError>>,
@@ -586,6 +737,7 @@ struct Delivery<'a> {
     /// Asked where each message's bytes go, once the consumer has set it.
     placement: &'a OnceLock<PayloadPlacement>,
     payloads: &'a PayloadPool,
+    liveness: &'a Liveness,
 }
 
 impl Delivery<'_> {
@@ -650,30 +802,38 @@ fn read_loop(
     goodbyes: Arc<Goodbyes>,
 ) {
     let Delivery {
-        inbox, payloads, ..
+        inbox,
+        payloads,
+        liveness,
+        ..
     } = &delivery;
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut said_goodbye = false;
-    let lost = |reason: String| TransportError::PeerLost {
-        rank: from,
-        host: host.clone(),
-        reason,
+    // Reported once, unless the heartbeat thread reported the peer first
+    // (and shut the connection, which ends this loop).
+    let report_lost = |reason: String| {
+        if liveness.retire(from) {
+            let _ = inbox.send(Err(TransportError::PeerLost {
+                rank: from,
+                host: host.clone(),
+                reason,
+            }));
+        }
     };
     loop {
         let header = match wire::read_header(&mut reader, max_frame) {
             Ok(h) => h,
             Err(WireError::Closed) if said_goodbye => return,
             Err(WireError::Closed) => {
-                let _ = inbox.send(Err(lost(
-                    "connection closed without goodbye (process died?)".into(),
-                )));
+                report_lost("connection closed without goodbye (process died?)".into());
                 return;
             }
             Err(e) => {
-                let _ = inbox.send(Err(lost(e.to_string())));
+                report_lost(e.to_string());
                 return;
             }
         };
+        liveness.heard(from);
         let len = header.len as usize;
         let payload = if header.kind == KIND_DATA && !said_goodbye {
             delivery.payload(&mut reader, from, len)
@@ -683,7 +843,7 @@ fn read_loop(
         let payload = match payload {
             Ok(payload) => payload,
             Err(e) => {
-                let _ = inbox.send(Err(lost(e)));
+                report_lost(e);
                 return;
             }
         };
@@ -693,16 +853,18 @@ fn read_loop(
                     return;
                 }
             }
+            KIND_ALIVE if !said_goodbye && payload.is_empty() => {}
             KIND_GOODBYE if !said_goodbye => {
                 said_goodbye = true;
+                liveness.retire(from);
                 let mut count = goodbyes.count.lock().unwrap_or_else(|p| p.into_inner());
                 *count += 1;
                 goodbyes.arrived.notify_all();
             }
             kind => {
-                let _ = inbox.send(Err(lost(format!(
+                report_lost(format!(
                     "protocol violation: frame kind {kind} after goodbye={said_goodbye}"
-                ))));
+                ));
                 return;
             }
         }
@@ -757,28 +919,8 @@ impl Transport for TcpTransport {
             .map(IoSlice::new)
             .collect();
         let total: usize = frame.iter().map(|s| s.len()).sum();
-        let flags = (MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL).bits();
-        let socket = socket2::SockRef::from(w.stream.get_ref());
-        let written = loop {
-            match socket.send_vectored_with_flags(&frame, flags) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break 0,
-                // No room for the call itself (kernel memory): the thread
-                // that may wait sends the message instead.
-                Err(e)
-                    if matches!(
-                        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                        nix::errno::Errno::EMSGSIZE
-                            | nix::errno::Errno::ENOBUFS
-                            | nix::errno::Errno::ENOMEM
-                    ) =>
-                {
-                    break 0
-                }
-                Err(e) => return Err(self.lost(to, format!("send failed: {e}"))),
-            }
-        };
+        let written = send_now(w.stream.get_ref(), &frame)
+            .map_err(|e| self.lost(to, format!("send failed: {e}")))?;
         if written == 0 {
             return Ok(TrySent::WouldWait);
         }

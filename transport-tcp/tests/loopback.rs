@@ -417,3 +417,82 @@ fn try_send_takes_what_it_can_without_waiting_and_keeps_order() {
         }
     });
 }
+
+/// A peer whose connection is up but whose process sends nothing (stopped,
+/// wedged): reported lost as not responding once the peer timeout passed,
+/// not before.
+#[test]
+fn a_connected_but_silent_peer_is_reported_not_responding() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let mut boots = Bootstrap::loopback_group(2).unwrap();
+    let silent = boots.pop().unwrap();
+    let opts = TcpOptions {
+        peer_timeout: TIMEOUT,
+        ..TcpOptions::builtin()
+    };
+    let real = thread::spawn(move || TcpTransport::connect(boots.pop().unwrap(), &opts).unwrap());
+    // Rank 1 joins by hand and then never says a thing.
+    let mut stream = TcpStream::connect(silent.peers[0].addr).unwrap();
+    auth::connect(&mut stream, &silent.secret, b"dsm-tcp rank 1").unwrap();
+    let rank0 = real.join().unwrap();
+    let connected = std::time::Instant::now();
+    match rank0.recv_timeout(RECV_LIMIT) {
+        Err(TransportError::PeerLost {
+            rank: 1, reason, ..
+        }) => {
+            assert!(reason.contains("not responding"), "{reason}");
+            assert!(
+                connected.elapsed() >= TIMEOUT,
+                "reported after {:?}, before the timeout",
+                connected.elapsed()
+            );
+        }
+        other => panic!("expected rank 1 not responding, got {other:?}"),
+    }
+    // Reported once, though the connection was shut since.
+    assert!(matches!(
+        rank0.recv_timeout(Duration::from_millis(300)),
+        Ok(None)
+    ));
+    drop(stream);
+}
+
+/// Ranks with nothing to say to each other for many peer timeouts are not
+/// lost: their heartbeat threads speak for them.
+#[test]
+fn idle_ranks_stay_connected_through_heartbeats() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let boots = Bootstrap::loopback_group(3).unwrap();
+    let opts = TcpOptions {
+        peer_timeout: TIMEOUT,
+        ..TcpOptions::builtin()
+    };
+    let ranks: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            let opts = opts.clone();
+            thread::spawn(move || TcpTransport::connect(b, &opts).unwrap())
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    // Ten timeouts of silence from the application.
+    for rank in &ranks {
+        assert!(
+            matches!(rank.recv_timeout(TIMEOUT * 10 / 3), Ok(None)),
+            "rank {} lost a peer while idle",
+            rank.rank()
+        );
+    }
+    ranks[2].send(0, b"after the quiet").unwrap();
+    let m = recv(&ranks[0]);
+    assert_eq!((m.from, &m.payload[..]), (2, &b"after the quiet"[..]));
+    let shutdowns: Vec<_> = ranks
+        .into_iter()
+        .map(|t| thread::spawn(move || t.shutdown(RECV_LIMIT)))
+        .collect();
+    for s in shutdowns {
+        s.join().unwrap().unwrap();
+    }
+}

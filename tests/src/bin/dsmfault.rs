@@ -11,6 +11,10 @@
 //!   that page: with the victim stopped (SIGSTOP) it waits in the fault.
 //! * `barrier`: the victim prints `ready` and idles; the others print
 //!   `rank R entering barrier` and wait in a barrier it never joins.
+//! * `quiet SECONDS`: every rank runs two threads of pure computation for
+//!   SECONDS without a DSM call, then adds its result to a shared word;
+//!   after a barrier each prints `rank R total T` (T exact only if no rank
+//!   was lost) and exits 0.
 
 use std::io::Write;
 use std::path::Path;
@@ -95,6 +99,36 @@ fn main() {
             say(format!("rank {rank} left the barrier: {result:?}"));
             idle();
         }
+        "quiet" => {
+            let seconds: u64 = victim as u64;
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            say(format!("rank {rank} pid {pid} ready"));
+            let until = Instant::now() + Duration::from_secs(seconds);
+            let workers: Vec<_> = (0..2)
+                .map(|_| std::thread::spawn(move || compute_until(until)))
+                .collect();
+            let rounds: u64 = workers.into_iter().map(|w| w.join().unwrap_or(0)).sum();
+            // Every round counts: a rank that computed at all adds 1.
+            words[0].fetch_add(u64::from(rounds > 0), Relaxed);
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            say(format!("rank {rank} total {}", words[0].load(Relaxed)));
+            dsm.finalize().unwrap_or_else(|e| fail(e.to_string()));
+        }
         other => fail(format!("unknown mode {other:?}")),
     }
+}
+
+/// Integer work on private memory until `until`; the rounds done.
+fn compute_until(until: Instant) -> u64 {
+    let mut state = vec![0x9e37_79b9_7f4a_7c15u64; 4096];
+    let mut rounds = 0u64;
+    while Instant::now() < until {
+        for i in 0..state.len() {
+            let x = state[i] ^ (state[(i + 1) % 4096] << 13);
+            state[i] = x ^ (x >> 7) ^ (x << 17);
+        }
+        rounds += 1;
+    }
+    std::hint::black_box(&state);
+    rounds
 }

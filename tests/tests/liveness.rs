@@ -1,0 +1,142 @@
+//! Liveness (issue 23): a rank that stops answering without dying (SIGSTOP:
+//! its kernel still acknowledges TCP) is reported as not responding within
+//! DSM_PEER_TIMEOUT and the job ends, while a rank that computes for long
+//! without a DSM call is never declared lost. docs/RELIABILITY.md lists
+//! these cases.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dsm_tests::{assert_no_leftovers, bin, dsmexec, short_hostname, unique_token, Running};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The peer timeout the stop scenarios run under.
+const TIMEOUT_S: u64 = 3;
+
+/// A private scratch directory whose path carries `token`, so the ranks
+/// (given a path inside it) are found by `processes_with(token)`.
+fn scratch(token: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(token);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// The value after `key ` in `line` (`rank 2 pid 1234 ready`).
+fn field(line: &str, key: &str) -> Option<u32> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == key)?;
+    words.next()?.parse().ok()
+}
+
+/// Starts `dsmfault MODE` on 3 ranks, SIGSTOPs rank `victim` once every
+/// rank is at work, and checks that the job ends within the peer timeout
+/// plus 5 s, dsmexec naming the stopped rank as not responding, with no
+/// process left; a SIGCONT afterwards finds nothing to continue.
+fn stop_scenario(mode: &str, victim: usize) {
+    const N: usize = 3;
+    let token = unique_token(&format!("stop{mode}"));
+    let dir = scratch(&token);
+    let host = short_hostname();
+    let mut cmd = dsmexec(
+        &[
+            "-n",
+            &N.to_string(),
+            "--grace",
+            "2",
+            &bin("dsmfault").display().to_string(),
+            mode,
+            &victim.to_string(),
+            &dir.join("unused").display().to_string(),
+        ],
+        &dir,
+    );
+    cmd.env("DSM_PEER_TIMEOUT", TIMEOUT_S.to_string());
+    let mut job = Running::start(cmd, Duration::from_secs(90));
+    job.await_lines(N, |l| l.ends_with(" ready"));
+    if mode == "barrier" {
+        job.await_lines(N - 1, |l| l.contains("entering barrier"));
+    }
+    let victim_pid = job
+        .stdout_lines()
+        .iter()
+        .filter(|l| field(l, "rank") == Some(victim as u32))
+        .find_map(|l| field(l, "pid"))
+        .expect("the victim's pid");
+    let victim_pid = Pid::from_raw(victim_pid as i32);
+    let stopped_at = Instant::now();
+    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+    let out = job.finish();
+    let took = stopped_at.elapsed();
+    eprintln!("{mode}: job ended {took:?} after the SIGSTOP");
+    let messages = out.launcher_messages();
+    assert_ne!(out.code, Some(0), "{out:?}");
+    let expected = format!("dsmexec: rank {victim} (host {host}) is not responding");
+    assert!(
+        messages.first().is_some_and(|m| m.starts_with(&expected)),
+        "dsmexec's first message should start with {expected:?}: {messages:?}\n{out:?}"
+    );
+    assert!(
+        took < Duration::from_secs(TIMEOUT_S + 5),
+        "the job took {took:?} to end after the SIGSTOP (DSM_PEER_TIMEOUT={TIMEOUT_S})\n{out:?}"
+    );
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    assert_eq!(
+        kill(victim_pid, Signal::SIGCONT),
+        Err(Errno::ESRCH),
+        "the stopped rank outlived the job"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_stopped_rank_is_reported_while_the_others_compute() {
+    stop_scenario("compute", 1);
+}
+
+#[test]
+fn a_stopped_rank_is_reported_while_the_others_sit_in_a_barrier() {
+    stop_scenario("barrier", 2);
+}
+
+/// A minute of computation without a single DSM call, on more threads than
+/// CPUs, under a 5 s peer timeout: nobody is declared lost, and the totals
+/// that need every rank are exact.
+#[test]
+fn a_long_computation_without_dsm_calls_is_not_a_lost_rank() {
+    const N: usize = 3;
+    let seconds: u64 = std::env::var("DSM_TEST_QUIET_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let token = unique_token("quiet");
+    let dir = scratch(&token);
+    let host = short_hostname();
+    let mut cmd = dsmexec(
+        &[
+            "-n",
+            &N.to_string(),
+            &bin("dsmfault").display().to_string(),
+            "quiet",
+            &seconds.to_string(),
+            &dir.join("unused").display().to_string(),
+        ],
+        &dir,
+    );
+    cmd.env("DSM_PEER_TIMEOUT", "5");
+    let out = Running::start(cmd, Duration::from_secs(seconds + 60)).finish();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for rank in 0..N {
+        assert_eq!(
+            out.lines_of(rank, &host, "stdout")
+                .last()
+                .map(String::as_str),
+            Some(format!("rank {rank} total {N}").as_str()),
+            "{out:?}"
+        );
+    }
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
