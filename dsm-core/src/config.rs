@@ -169,6 +169,9 @@ pub struct Config {
     /// The bound on the pages this rank holds from other homes; past it,
     /// pages are evicted (multi-reader protocol).
     pub cache: CacheSize,
+    /// A rank whose thread has waited this long on a page, lock or barrier
+    /// prints a hang report by itself (`None`: only on SIGUSR1).
+    pub hang_report: Option<Duration>,
 }
 
 impl Default for Config {
@@ -190,6 +193,7 @@ impl Default for Config {
             receive_in_frames: true,
             memfd_retain: crate::fault::DEFAULT_RETAINED_PAGES * PAGE_SIZE,
             cache: CacheSize::Auto,
+            hang_report: Some(crate::hang::DEFAULT_HANG_REPORT),
         }
     }
 }
@@ -252,6 +256,7 @@ impl Config {
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
+    /// | `DSM_HANG_REPORT_S` | seconds a thread may wait on a page, lock or barrier before the rank prints a hang report (what each thread waits for, and since when); `0` or `off`: only on SIGUSR1 | `300` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
@@ -340,6 +345,10 @@ impl Config {
                     "expected a size like 512M or 2G, a percentage of the node's memory like 10%, auto or unlimited",
                 )
             })?;
+        }
+        if let Some(v) = get(crate::hang::ENV_HANG_REPORT) {
+            self.hang_report = crate::hang::parse_threshold(&v)
+                .map_err(|why| err(crate::hang::ENV_HANG_REPORT, &v, &why))?;
         }
         if let Some(v) = get("DSM_SPIN_US") {
             let us: u64 = v

@@ -13,6 +13,7 @@ use crate::coherence::{CoherenceError, Migratory, Mrsw};
 use crate::config::{Config, ConfigError, FaultDelivery, Protocol, SpaceBacking, PAGE_SIZE};
 use crate::engine::{self, Engine, Input, Node, Reply};
 use crate::fault::{Backing, FaultError, FaultHandler, Region};
+use crate::hang::{self, Reporter, ThreadReport, WaitFor, Waiting};
 use crate::sched;
 use crate::segment::{Placement, Segment};
 use crate::stats::{Stats, StatsSnapshot};
@@ -110,6 +111,10 @@ pub struct Dsm {
     /// With SIGBUS delivery: the space's entry in the SIGBUS handler's table.
     signal_faults: Option<crate::sigbus::Registration>,
     stop_reader: Option<OwnedFd>,
+    /// What this rank's threads wait for (hang reports).
+    waiting: Arc<Waiting>,
+    /// The hang reporter and the sender whose drop stops it.
+    reporter: Option<(Sender<()>, JoinHandle<()>)>,
     transport: Arc<dyn Transport>,
     stats: Arc<Stats>,
     barrier_lock: Mutex<()>,
@@ -266,6 +271,7 @@ impl Dsm {
             ));
         }
         let spin = config.spin;
+        let waiting = Arc::new(Waiting::default());
         let state = Arc::clone(&engine);
         let (engine_state, faults_served, failures) =
             (Arc::clone(&engine), Arc::clone(&faults), inputs_tx.clone());
@@ -283,12 +289,24 @@ impl Dsm {
                 (Some(reader), Some(stop_write), None)
             }
             FaultDelivery::Sigbus => {
-                let server =
-                    engine::signal_fault_server(engine_state, faults_served, failures, wait_spin);
+                let server = engine::signal_fault_server(
+                    engine_state,
+                    faults_served,
+                    failures,
+                    wait_spin,
+                    Arc::clone(&waiting),
+                );
                 let registration = crate::sigbus::register(region.base(), region.len(), server)?;
                 (None, None, Some(registration))
             }
         };
+        let reporter = spawn_hang_reporter(
+            rank,
+            &host,
+            config.hang_report,
+            &waiting,
+            Arc::downgrade(&engine),
+        );
         let engine = {
             thread::Builder::new()
                 .name("dsm-engine".into())
@@ -297,6 +315,7 @@ impl Dsm {
                     if let Err(e) = Engine::run(&engine, inputs_rx, spin) {
                         // Application threads may be parked in faults this
                         // engine can no longer serve: end the process.
+                        hang::process_ending();
                         eprintln!("dsm: rank {rank} on {host}: {e}; aborting");
                         if matches!(e, DsmError::Transport(TransportError::PeerLost { .. })) {
                             // The lost peer's own end (a crash, a kill) is the
@@ -320,6 +339,8 @@ impl Dsm {
             reader,
             signal_faults,
             stop_reader,
+            waiting,
+            reporter,
             transport,
             stats,
             barrier_lock: Mutex::new(()),
@@ -385,6 +406,7 @@ impl Dsm {
     /// other ranks meanwhile. One barrier at a time per process.
     pub fn barrier(&self) -> Result<(), DsmError> {
         let _one_at_a_time = self.barrier_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _waiting = self.waiting.guard(WaitFor::Barrier);
         self.ask(Input::Barrier)
     }
 
@@ -416,7 +438,9 @@ impl Dsm {
     /// order (polling `DSM_WAIT_SPIN_US` at most, then asleep). Released
     /// when the guard is dropped.
     pub fn lock(&self, id: u64) -> Result<LockGuard<'_>, DsmError> {
+        let waiting = self.waiting.guard(WaitFor::Lock(id));
         let ticket = self.ask(|reply| Input::Lock { lock: id, reply })?;
+        drop(waiting);
         Ok(LockGuard {
             dsm: self,
             id,
@@ -611,6 +635,83 @@ impl Dsm {
             let _ = reader.join();
         }
         drop(self.signal_faults.take());
+        if let Some((stop, reporter)) = self.reporter.take() {
+            drop(stop);
+            let _ = reporter.join();
+        }
+    }
+}
+
+/// How long a hang report waits for the engine's lock before it reports
+/// the engine as busy.
+const REPORT_ENGINE_WAIT: Duration = Duration::from_secs(1);
+
+/// Starts the thread that prints hang reports (see [`crate::hang`]); none
+/// if SIGUSR1 cannot be watched or the thread not started (the job runs
+/// without reports, as it would have before them).
+fn spawn_hang_reporter(
+    rank: Rank,
+    host: &str,
+    threshold: Option<Duration>,
+    waiting: &Arc<Waiting>,
+    engine: std::sync::Weak<Mutex<Engine>>,
+) -> Option<(Sender<()>, JoinHandle<()>)> {
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::warn!("rank {rank}: no hang reports on SIGUSR1: {e}");
+            return None;
+        }
+    };
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+    let describe = move |threads: &[ThreadReport]| -> Option<Vec<String>> {
+        let names: Vec<String> = threads.iter().map(|w| hang::thread_name(w.tid)).collect();
+        let engine = engine.upgrade()?;
+        let deadline = std::time::Instant::now() + REPORT_ENGINE_WAIT;
+        let engine = loop {
+            match engine.try_lock() {
+                Ok(engine) => break engine,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if std::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        let mut lines: Vec<String> = threads
+            .iter()
+            .zip(names)
+            .map(|(w, name)| {
+                format!(
+                    "thread {} ({name}) waits for {} for {:.1} s",
+                    w.tid,
+                    engine.describe_wait(w.what),
+                    w.waited.as_secs_f64()
+                )
+            })
+            .collect();
+        lines.extend(engine.waits_report());
+        Some(lines)
+    };
+    let reporter = Reporter {
+        rank,
+        host: host.to_string(),
+        threshold,
+        waiting: Arc::clone(waiting),
+        describe: Box::new(describe),
+        stop: stop_rx,
+    };
+    let spawned = thread::Builder::new()
+        .name("dsm-hang-report".into())
+        .spawn(move || reporter.run(&mut signals));
+    match spawned {
+        Ok(handle) => Some((stop_tx, handle)),
+        Err(e) => {
+            tracing::warn!("rank {rank}: no hang reports: {e}");
+            None
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use crate::coherence::{Action, Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::dsm::DsmError;
 use crate::fault::{Fault, FaultError, FaultHandler};
+use crate::hang::{WaitFor, Waiting};
 use crate::outbox::{Outbox, PageSource};
 use crate::pages::{PageMap, PageSet};
 use crate::proto::{self, Msg, PageData, Payload, SegmentInfo};
@@ -87,6 +88,14 @@ pub(crate) enum Node {
 }
 
 impl Node {
+    /// The page's home, under the protocol that has homes.
+    fn home_of(&self, page: usize) -> Option<Rank> {
+        match self {
+            Node::Migratory(_) => None,
+            Node::Mrsw(n) => Some(n.home_of(page)),
+        }
+    }
+
     fn counters(&self) -> ProtocolCounters {
         match self {
             Node::Migratory(n) => n.counters,
@@ -167,7 +176,9 @@ pub(crate) struct Engine {
     /// Events per looked-up page, in arrival order.
     parked: BTreeMap<usize, Vec<Parked>>,
     next_ticket: u64,
-    lock_waiters: HashMap<u64, Reply<u64>>,
+    /// This rank's lock requests not granted yet, by ticket: the lock and
+    /// the caller to answer.
+    lock_waiters: HashMap<u64, (u64, Reply<u64>)>,
     locks: LockTable,
     alloc_waiters: HashMap<u64, (Reply<SegmentInfo>, Option<Vec<u8>>)>,
     settling: Vec<Settling>,
@@ -724,7 +735,7 @@ impl Engine {
             Input::Barrier(reply) => self.start_barrier(reply),
             Input::Lock { lock, reply } => {
                 let ticket = self.ticket();
-                self.lock_waiters.insert(ticket, reply);
+                self.lock_waiters.insert(ticket, (lock, reply));
                 let home = (lock % self.size as u64) as Rank;
                 self.out
                     .send(home, Msg::LockAcquire { lock, ticket }.header());
@@ -1242,7 +1253,7 @@ impl Engine {
                 Ok(())
             }
             Msg::LockGrant { ticket, .. } => {
-                if let Some(waiter) = self.lock_waiters.remove(&ticket) {
+                if let Some((_, waiter)) = self.lock_waiters.remove(&ticket) {
                     let _ = waiter.send(Ok(ticket));
                 }
                 Ok(())
@@ -1474,7 +1485,7 @@ impl Engine {
                         self.rank
                     )));
                 }
-                if self.barrier_arrivals.arrive(epoch, self.size) {
+                if self.barrier_arrivals.arrive(epoch, from, self.size) {
                     let release = Msg::BarrierRelease { epoch }.header();
                     for rank in 0..self.size {
                         self.out.send(rank, release.clone());
@@ -1494,6 +1505,78 @@ impl Engine {
                 "from rank {from}: unexpected {other:?}"
             ))),
         }
+    }
+
+    /// A thread's wait, with what the engine knows of it.
+    pub(crate) fn describe_wait(&self, what: WaitFor) -> String {
+        match what {
+            WaitFor::Page { page, write } => {
+                let kind = if write { "write" } else { "read" };
+                let home = match self.node.home_of(page) {
+                    Some(home) if home == self.rank => "homed here".to_string(),
+                    Some(home) => format!("homed at rank {home}"),
+                    None => "migratory".to_string(),
+                };
+                format!(
+                    "page {page} ({:#x}, {kind} fault, {home})",
+                    self.base + page * PAGE_SIZE
+                )
+            }
+            WaitFor::Barrier => format!(
+                "barrier {} (arrivals counted at rank 0)",
+                self.barrier_epoch
+            ),
+            WaitFor::Lock(lock) => {
+                format!("lock {lock} (managed at rank {})", lock % self.size as u64)
+            }
+        }
+    }
+
+    /// What this rank waits for and what it holds up for others, one line
+    /// each, for a hang report: its requests in flight (pages, locks, its
+    /// barrier), and as a manager the barriers and locks others wait on.
+    pub(crate) fn waits_report(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut fetches: Vec<(&usize, &Instant)> = self.fetch_started.iter().collect();
+        fetches.sort_by_key(|(_, started)| **started);
+        for (page, started) in fetches {
+            let addr = self.base + page * PAGE_SIZE;
+            let from = match self.node.home_of(*page) {
+                Some(home) => format!("home rank {home}"),
+                None => "its owner".into(),
+            };
+            lines.push(format!(
+                "page {page} ({addr:#x}) requested from {from} {:.1} s ago, not granted yet",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        let mut locks: Vec<u64> = self.lock_waiters.values().map(|(lock, _)| *lock).collect();
+        locks.sort_unstable();
+        for lock in locks {
+            lines.push(format!(
+                "lock {lock} requested from rank {}, not granted yet",
+                lock % self.size as u64
+            ));
+        }
+        if self.barrier_waiter.is_some() {
+            lines.push(format!(
+                "in barrier {}, whose arrivals rank 0 counts",
+                self.barrier_epoch
+            ));
+        }
+        for (epoch, missing) in self.barrier_arrivals.incomplete(self.size) {
+            lines.push(format!(
+                "barrier {epoch} (counted here): waiting for rank(s) {}",
+                list(missing.iter())
+            ));
+        }
+        for (lock, (holder, _), queue) in self.locks.contended() {
+            lines.push(format!(
+                "lock {lock} (managed here): held by rank {holder}; waiting: rank(s) {}",
+                list(queue.iter().map(|(rank, _)| rank))
+            ));
+        }
+        lines
     }
 
     fn start_barrier(&mut self, reply: Reply<()>) -> Result<(), DsmError> {
@@ -2026,11 +2109,15 @@ pub(crate) fn signal_fault_server(
     faults: Arc<FaultHandler>,
     events: Sender<Input>,
     spin: Duration,
+    waiting: Arc<Waiting>,
 ) -> crate::sigbus::Server {
     Box::new(move |page, write| {
         let Some(waiters) = faults.waiters() else {
             return;
         };
+        // Registered for hang reports: a thread still waiting for its page
+        // re-enters here at each retry, so the wait stays on record.
+        waiting.enter(WaitFor::Page { page, write });
         let ticket = waiters.prepare(page);
         let fault = Fault {
             page,
@@ -2046,6 +2133,7 @@ pub(crate) fn signal_fault_server(
         }
         // Timed out or not, the access is retried (and faults again).
         let _ = waiters.wait(ticket, spin, SIGNAL_WAIT);
+        waiting.pause();
     })
 }
 
@@ -2112,6 +2200,11 @@ pub(crate) fn read_faults(
             }
         }
     }
+}
+
+/// `1, 4, 7`: ranks for a report line.
+fn list<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

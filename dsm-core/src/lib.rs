@@ -12,6 +12,7 @@ pub mod config;
 pub mod dsm;
 mod engine;
 pub mod fault;
+pub mod hang;
 pub mod logging;
 pub mod memory;
 mod outbox;

@@ -60,24 +60,55 @@ impl LockTable {
         }
         Ok(next)
     }
+
+    /// Locks someone waits for: each with its holder and its queue, in
+    /// order of lock id (for hang reports).
+    pub fn contended(&self) -> Vec<(u64, Holder, Vec<Holder>)> {
+        let mut contended: Vec<(u64, Holder, Vec<Holder>)> = self
+            .locks
+            .iter()
+            .filter(|(_, state)| !state.queue.is_empty())
+            .filter_map(|(lock, state)| {
+                Some((*lock, state.holder?, state.queue.iter().copied().collect()))
+            })
+            .collect();
+        contended.sort_by_key(|(lock, ..)| *lock);
+        contended
+    }
 }
 
-/// Rank 0's count of barrier arrivals per epoch.
+/// Rank 0's record of barrier arrivals per epoch: who arrived, so that a
+/// hang report can name who did not.
 #[derive(Debug, Default)]
 pub struct BarrierCounter {
-    arrivals: HashMap<u64, usize>,
+    arrivals: HashMap<u64, Vec<Rank>>,
 }
 
 impl BarrierCounter {
-    /// Counts one arrival; true when all `size` ranks have arrived.
-    pub fn arrive(&mut self, epoch: u64, size: usize) -> bool {
-        let n = self.arrivals.entry(epoch).or_insert(0);
-        *n += 1;
-        if *n == size {
+    /// Counts `rank`'s arrival; true when all `size` ranks have arrived.
+    pub fn arrive(&mut self, epoch: u64, rank: Rank, size: usize) -> bool {
+        let arrived = self.arrivals.entry(epoch).or_default();
+        arrived.push(rank);
+        if arrived.len() == size {
             self.arrivals.remove(&epoch);
             return true;
         }
         false
+    }
+
+    /// Barriers some ranks reached and others not yet: each epoch with the
+    /// ranks still missing, in order of epoch.
+    pub fn incomplete(&self, size: usize) -> Vec<(u64, Vec<Rank>)> {
+        let mut incomplete: Vec<(u64, Vec<Rank>)> = self
+            .arrivals
+            .iter()
+            .map(|(epoch, arrived)| {
+                let missing = (0..size).filter(|r| !arrived.contains(r)).collect();
+                (*epoch, missing)
+            })
+            .collect();
+        incomplete.sort_by_key(|(epoch, _)| *epoch);
+        incomplete
     }
 }
 
@@ -109,9 +140,21 @@ mod tests {
     #[test]
     fn barrier_releases_at_the_last_arrival() {
         let mut b = BarrierCounter::default();
-        assert!(!b.arrive(1, 3));
-        assert!(!b.arrive(1, 3));
-        assert!(b.arrive(1, 3));
-        assert!(b.arrive(2, 1));
+        assert!(!b.arrive(1, 2, 3));
+        assert!(!b.arrive(1, 0, 3));
+        assert_eq!(b.incomplete(3), vec![(1, vec![1])]);
+        assert!(b.arrive(1, 1, 3));
+        assert!(b.incomplete(3).is_empty());
+        assert!(b.arrive(2, 0, 1));
+    }
+
+    #[test]
+    fn contended_locks_show_holder_and_queue() {
+        let mut t = LockTable::default();
+        t.acquire(3, (0, 1));
+        t.acquire(9, (1, 2));
+        t.acquire(9, (2, 3));
+        t.acquire(9, (0, 4));
+        assert_eq!(t.contended(), vec![(9, (1, 2), vec![(2, 3), (0, 4)])]);
     }
 }

@@ -45,6 +45,8 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// before; the message travels a different path than the exit, so wait
 /// this long for it before reporting the bare exit.
 const LAST_WORDS: Duration = Duration::from_millis(500);
+/// Forwarded to every rank, which prints a hang report; the job goes on.
+const HANG_REPORT_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
 
 /// Everything dsmexec was asked to do.
 pub struct JobSpec {
@@ -390,8 +392,8 @@ fn greet(
 }
 
 fn spawn_signal_listener(events: Sender<Event>) -> Result<(), String> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     thread::Builder::new()
         .name("dsmexec-signals".into())
@@ -600,6 +602,9 @@ impl Runner {
                     );
                 }
                 Event::FromWrap { .. } => {}
+                Event::Signal(signo) if signo == HANG_REPORT_SIGNAL => {
+                    say("SIGUSR1 during start-up: no rank runs yet, no hang report")
+                }
                 Event::Signal(signo) => self.fail(
                     Outcome::Interrupted(signo),
                     format!("interrupted by {} during start-up", signal_name(signo)),
@@ -773,6 +778,12 @@ impl Runner {
                     }
                 }
                 Event::ProcessExited { slot, status } => self.process_exited(slot, status),
+                Event::Signal(signo) if signo == HANG_REPORT_SIGNAL => {
+                    say("SIGUSR1: every rank prints what its threads wait for");
+                    for p in &mut self.procs {
+                        p.send(&ExecToWrap::Signal { signo });
+                    }
+                }
                 Event::Signal(signo) => {
                     if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
                         say(format!(

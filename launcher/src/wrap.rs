@@ -224,6 +224,9 @@ pub fn resolve_program(program: &str) -> std::result::Result<PathBuf, String> {
 fn spawn_control_reader(mut reader: TcpStream, pgid: Pid) {
     thread::spawn(move || loop {
         match control::recv::<ExecToWrap>(&mut reader) {
+            Ok(ExecToWrap::Signal { signo }) if signo == Signal::SIGUSR1 as i32 => {
+                ask_for_hang_report(pgid)
+            }
             Ok(ExecToWrap::Signal { signo }) => {
                 if let Ok(sig) = Signal::try_from(signo) {
                     let _ = killpg(pgid, sig);
@@ -237,6 +240,27 @@ fn spawn_control_reader(mut reader: TcpStream, pgid: Pid) {
             }
         }
     });
+}
+
+/// Sends SIGUSR1 (a hang report) to the program, only if it catches it:
+/// before the DSM is initialized its default action would end the rank.
+fn ask_for_hang_report(pid: Pid) {
+    if catches_signal(pid, Signal::SIGUSR1) {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGUSR1);
+    } else {
+        eprintln!("dsmwrap: the program does not catch SIGUSR1 (not a DSM program, or its DSM not started yet): no hang report");
+    }
+}
+
+/// Whether process `pid` has a handler for `signal` (`SigCgt` in
+/// /proc/PID/status: a hexadecimal mask, bit N-1 for signal N).
+fn catches_signal(pid: Pid, signal: Signal) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
 }
 
 /// SIGTERM now, SIGKILL after `grace` unless the group is gone by then.
@@ -258,11 +282,13 @@ fn stop(pgid: Pid, grace: Duration) {
 
 /// Signals sent to dsmwrap itself (e.g. by sshd or a batch system) go to the program.
 fn spawn_signal_forwarder(pgid: Pid) -> Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])?;
     thread::spawn(move || {
         for signo in signals.forever() {
-            if let Ok(sig) = Signal::try_from(signo) {
+            if signo == SIGUSR1 {
+                ask_for_hang_report(pgid);
+            } else if let Ok(sig) = Signal::try_from(signo) {
                 let _ = killpg(pgid, sig);
             }
         }

@@ -198,6 +198,19 @@ pub fn run(command: Command, limit: Duration) -> Finished {
     Running::start(command, limit).finish()
 }
 
+/// Whether thread `tid` runs the DSM's SIGBUS handler (SIGBUS is blocked
+/// while it does): where a thread waiting for a page sits with the default
+/// fault delivery.
+pub fn in_sigbus_handler(tid: u64) -> bool {
+    let status =
+        std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGBUS - 1)) != 0)
+}
+
 /// Live (non-zombie) processes whose command line contains `token`.
 pub fn processes_with(token: &str) -> Vec<u32> {
     let mut found = Vec::new();

@@ -1,13 +1,16 @@
 //! Liveness (issue 23): a rank that stops answering without dying (SIGSTOP:
 //! its kernel still acknowledges TCP) is reported as not responding within
 //! DSM_PEER_TIMEOUT and the job ends, while a rank that computes for long
-//! without a DSM call is never declared lost. docs/RELIABILITY.md lists
-//! these cases.
+//! without a DSM call is never declared lost; a stuck job's ranks say what
+//! their threads wait for (SIGUSR1 to dsmexec, or DSM_HANG_REPORT_S).
+//! docs/RELIABILITY.md lists these cases.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use dsm_tests::{assert_no_leftovers, bin, dsmexec, short_hostname, unique_token, Running};
+use dsm_tests::{
+    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, short_hostname, unique_token, Running,
+};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -137,6 +140,176 @@ fn a_long_computation_without_dsm_calls_is_not_a_lost_rank() {
             "{out:?}"
         );
     }
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How a hang report is asked for.
+#[derive(Clone, Copy, PartialEq)]
+enum Ask {
+    /// SIGUSR1 to dsmexec, once the thread waits.
+    Signal,
+    /// DSM_HANG_REPORT_S=1: the rank reports by itself.
+    Threshold,
+}
+
+/// Rank 2 reads page 1 while its home, rank 1, is stopped: the hang report
+/// of rank 2 names the page, its address and its home; then the job ends
+/// on the peer timeout as for any stopped rank.
+fn hang_report_scenario(ask: Ask) {
+    const N: usize = 3;
+    let (victim, waiter) = (1usize, 2usize);
+    let token = unique_token("hang");
+    let dir = scratch(&token);
+    let go = dir.join("go");
+    let host = short_hostname();
+    let mut cmd = dsmexec(
+        &[
+            "-n",
+            &N.to_string(),
+            &bin("dsmfault").display().to_string(),
+            "fault",
+            &victim.to_string(),
+            &go.display().to_string(),
+        ],
+        &dir,
+    );
+    // Long enough for the report to be asked for on a loaded machine.
+    cmd.env("DSM_PEER_TIMEOUT", "8").env("DSM_FAULTS", "sigbus");
+    cmd.env(
+        "DSM_HANG_REPORT_S",
+        if ask == Ask::Threshold { "1" } else { "off" },
+    );
+    let mut job = Running::start(cmd, Duration::from_secs(60));
+    job.await_lines(N, |l| l.ends_with(" ready"));
+    let pid_of = |rank: usize| -> u32 {
+        job.stdout_lines()
+            .iter()
+            .filter(|l| field(l, "rank") == Some(rank as u32))
+            .find_map(|l| field(l, "pid"))
+            .expect("a rank's pid")
+    };
+    let (victim_pid, waiter_pid) = (pid_of(victim), pid_of(waiter));
+    kill(Pid::from_raw(victim_pid as i32), Signal::SIGSTOP).expect("stop the victim");
+    std::fs::write(&go, "").expect("go file");
+    job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
+    if ask == Ask::Signal {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !in_sigbus_handler(u64::from(waiter_pid)) {
+            assert!(
+                Instant::now() < until,
+                "rank {waiter} never waited in its page fault"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        kill(Pid::from_raw(job.child.id() as i32), Signal::SIGUSR1).expect("SIGUSR1 to dsmexec");
+    }
+    let out = job.finish();
+    let report = out.lines_of(waiter, &host, "stderr");
+    let why = match ask {
+        Ask::Signal => "on SIGUSR1",
+        Ask::Threshold => "a wait passed DSM_HANG_REPORT_S=1",
+    };
+    assert!(
+        report.iter().any(|l| l
+            == &format!("dsm: rank {waiter} on {host}: hang report ({why}): 1 thread(s) waiting")),
+        "{report:#?}\n{out:?}"
+    );
+    let page = format!(
+        "page {victim} (0x{:x}, read fault, homed at rank {victim})",
+        0x4000_0000 + victim * 4096
+    );
+    let thread_line =
+        format!("dsm: rank {waiter}: thread {waiter_pid} (dsmfault) waits for {page} for ");
+    assert!(
+        report.iter().any(|l| l.starts_with(&thread_line)),
+        "no line starting {thread_line:?}\n{report:#?}"
+    );
+    assert!(
+        report.iter().any(
+            |l| l.starts_with(&format!("dsm: rank {waiter}: page {victim} ("))
+                && l.contains(&format!("requested from home rank {victim}"))
+        ),
+        "no line for the request in flight\n{report:#?}"
+    );
+    if ask == Ask::Signal {
+        assert!(
+            out.launcher_messages()
+                .iter()
+                .any(|m| m.starts_with("dsmexec: SIGUSR1")),
+            "{out:?}"
+        );
+    }
+    assert!(
+        out.launcher_messages()
+            .iter()
+            .any(|m| m.starts_with(&format!(
+                "dsmexec: rank {victim} (host {host}) is not responding"
+            ))),
+        "{out:?}"
+    );
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigusr1_to_dsmexec_makes_a_blocked_rank_name_the_page_and_home_it_waits_for() {
+    hang_report_scenario(Ask::Signal);
+}
+
+#[test]
+fn a_wait_past_dsm_hang_report_s_is_reported_by_the_rank_itself() {
+    hang_report_scenario(Ask::Threshold);
+}
+
+/// The barrier's side of a hang report: rank 0, which counts arrivals,
+/// names the rank that never came.
+#[test]
+fn a_hang_report_names_the_ranks_a_barrier_waits_for() {
+    const N: usize = 3;
+    let victim = 1usize;
+    let token = unique_token("hangbarrier");
+    let dir = scratch(&token);
+    let host = short_hostname();
+    let mut cmd = dsmexec(
+        &[
+            "-n",
+            &N.to_string(),
+            &bin("dsmfault").display().to_string(),
+            "barrier",
+            &victim.to_string(),
+            &dir.join("unused").display().to_string(),
+        ],
+        &dir,
+    );
+    cmd.env("DSM_PEER_TIMEOUT", "4")
+        .env("DSM_HANG_REPORT_S", "1");
+    let mut job = Running::start(cmd, Duration::from_secs(60));
+    job.await_lines(N, |l| l.ends_with(" ready"));
+    job.await_lines(N - 1, |l| l.contains("entering barrier"));
+    let victim_pid = job
+        .stdout_lines()
+        .iter()
+        .filter(|l| field(l, "rank") == Some(victim as u32))
+        .find_map(|l| field(l, "pid"))
+        .expect("the victim's pid");
+    // Stopped only so that the job ends (on the peer timeout) after the
+    // reports: the barrier waits for it either way.
+    kill(Pid::from_raw(victim_pid as i32), Signal::SIGSTOP).expect("stop the victim");
+    let out = job.finish();
+    let rank0 = out.lines_of(0, &host, "stderr");
+    assert!(
+        rank0.iter().any(|l| l.starts_with("dsm: rank 0: barrier ")
+            && l.ends_with("(counted here): waiting for rank(s) 1")),
+        "{rank0:#?}\n{out:?}"
+    );
+    let rank2 = out.lines_of(2, &host, "stderr");
+    assert!(
+        rank2
+            .iter()
+            .any(|l| l.starts_with("dsm: rank 2: thread ") && l.contains("waits for barrier ")),
+        "{rank2:#?}"
+    );
     assert_no_leftovers(&token, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }

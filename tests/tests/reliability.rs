@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::wire;
-use dsm_tests::{assert_no_leftovers, bin, dsmexec, processes_with, short_hostname, unique_token};
+use dsm_tests::{
+    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, processes_with, short_hostname,
+    unique_token,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -1074,16 +1077,4 @@ fn link_cut_between_hosts() {
     // The rank behind the cut ends on its own timeout as well.
     assert_no_leftovers(&token, Duration::from_secs(TIMEOUT_S + 10));
     let _ = cluster.ip_in(2, &["link", "set", "eth0", "up"]);
-}
-
-/// Whether the thread `tid` runs a SIGBUS handler: SIGBUS is in its blocked
-/// set (the kernel blocks a signal while its handler runs).
-fn in_sigbus_handler(tid: u64) -> bool {
-    let status =
-        std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (libc::SIGBUS - 1)) != 0)
 }

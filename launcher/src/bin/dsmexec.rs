@@ -23,6 +23,13 @@ Every line a process writes reaches dsmexec's stdout or stderr as
 otherwise the first failing rank's status (128+N for signal N), with one line
 naming it, after the other ranks were stopped; 2 for bad input or a job that
 could not start; 128+N when dsmexec itself got signal N (forwarded to every rank).
+A rank whose peers hear nothing from it for DSM_PEER_TIMEOUT seconds (stopped,
+wedged, swapping) is named as not responding and the job stopped.
+
+Stuck? `kill -USR1 <dsmexec pid>`: every rank prints what each of its threads
+waits for (page and home, lock, barrier and the ranks it misses) and since
+when; the job goes on. Ranks also do so by themselves when a wait passes
+DSM_HANG_REPORT_S seconds (default 300, `off` to disable).
 
 Environment: DSM_SSH (like --ssh); variables named DSM_* (other than DSM_SSH),
 RUST_LOG and RUST_BACKTRACE are exported to every rank.";

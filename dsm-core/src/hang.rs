@@ -1,0 +1,342 @@
+//! Hang reports: what a rank's threads wait for, on demand (SIGUSR1, which
+//! dsmexec forwards to every rank) and when a wait passes
+//! `DSM_HANG_REPORT_S`. Without it, a stuck job needs a debugger on every
+//! node to say which page, lock or barrier it is stuck on.
+//!
+//! [`Waiting`] records, per thread, the wait it is in and since when: a
+//! page fault (registered by the SIGBUS handler at each entry; a thread
+//! whose page has not come retries the access every few tens of
+//! milliseconds, so its record stays fresh), a barrier, a lock. The report
+//! joins those records to the engine's own state (requests in flight, and
+//! what this rank holds up for others: barrier arrivals it counts, locks
+//! it manages), which [`crate::engine`] writes as lines.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
+
+/// A thread out of its fault handler for longer than this has its page (a
+/// thread still waiting re-enters the handler every `SIGNAL_WAIT`).
+const RETRY_WINDOW: Duration = Duration::from_secs(1);
+
+/// Environment variable: seconds a wait may last before the rank prints a
+/// hang report by itself (`0` or `off`: never).
+pub const ENV_HANG_REPORT: &str = "DSM_HANG_REPORT_S";
+/// Default for [`ENV_HANG_REPORT`]: long enough that a rank waiting at a
+/// barrier for a slower one is not reported, short enough to be seen
+/// within a batch allocation.
+pub const DEFAULT_HANG_REPORT: Duration = Duration::from_secs(300);
+
+/// What a thread waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    /// A page fault on shared page `page`.
+    Page {
+        page: usize,
+        write: bool,
+    },
+    Barrier,
+    Lock(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ThreadWait {
+    what: WaitFor,
+    since: Instant,
+    /// Inside the wait now (a fault handler, a barrier call).
+    inside: bool,
+    /// When it last left the wait (meaningful when not `inside`).
+    left: Instant,
+}
+
+impl ThreadWait {
+    fn live(&self, now: Instant) -> bool {
+        self.inside || now.saturating_duration_since(self.left) < RETRY_WINDOW
+    }
+}
+
+/// One thread's wait as a report shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadReport {
+    pub tid: i32,
+    pub what: WaitFor,
+    pub waited: Duration,
+}
+
+/// The waits of a rank's threads, by thread id.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    threads: Mutex<FxHashMap<i32, ThreadWait>>,
+}
+
+thread_local! {
+    /// This thread's id, read once (a system call otherwise; usable in a
+    /// signal handler: const-initialised, no destructor).
+    static TID: Cell<i32> = const { Cell::new(0) };
+}
+
+fn current_tid() -> i32 {
+    TID.with(|tid| {
+        if tid.get() == 0 {
+            tid.set(nix::unistd::gettid().as_raw());
+        }
+        tid.get()
+    })
+}
+
+impl Waiting {
+    /// The calling thread enters a wait for `what`: a continuation of its
+    /// previous one if that was for the same thing and recent (a fault
+    /// retried), else a new one.
+    pub fn enter(&self, what: WaitFor) {
+        let tid = current_tid();
+        let now = Instant::now();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let since = match threads.get(&tid) {
+            Some(w) if w.what == what && w.live(now) => w.since,
+            _ => now,
+        };
+        threads.insert(
+            tid,
+            ThreadWait {
+                what,
+                since,
+                inside: true,
+                left: now,
+            },
+        );
+    }
+
+    /// The calling thread leaves its wait for now: a fault handler returns
+    /// to retry the access, which may fault again.
+    pub fn pause(&self) {
+        let tid = current_tid();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = threads.get_mut(&tid) {
+            w.inside = false;
+            w.left = Instant::now();
+        }
+    }
+
+    /// The calling thread's wait is over.
+    pub fn leave(&self) {
+        let tid = current_tid();
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tid);
+    }
+
+    /// Registers a wait for the caller until the guard is dropped.
+    pub fn guard(&self, what: WaitFor) -> WaitGuard<'_> {
+        self.enter(what);
+        WaitGuard { waiting: self }
+    }
+
+    /// The threads waiting now, the longest first; forgets the finished.
+    pub fn snapshot(&self) -> Vec<ThreadReport> {
+        let now = Instant::now();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        threads.retain(|_, w| w.live(now));
+        let mut waits: Vec<ThreadReport> = threads
+            .iter()
+            .map(|(tid, w)| ThreadReport {
+                tid: *tid,
+                what: w.what,
+                waited: now.saturating_duration_since(w.since),
+            })
+            .collect();
+        waits.sort_by_key(|w| std::cmp::Reverse(w.waited));
+        waits
+    }
+}
+
+/// See [`Waiting::guard`].
+pub struct WaitGuard<'a> {
+    waiting: &'a Waiting,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.waiting.leave();
+    }
+}
+
+impl std::fmt::Display for WaitFor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitFor::Page { page, write } => {
+                let kind = if *write { "write" } else { "read" };
+                write!(f, "page {page} ({kind} fault)")
+            }
+            WaitFor::Barrier => write!(f, "a barrier"),
+            WaitFor::Lock(lock) => write!(f, "lock {lock}"),
+        }
+    }
+}
+
+/// True once the process is about to end for a failure: no more reports,
+/// so the failure's line stays the rank's last (the launcher reads it).
+/// Reports are written holding it, so none can follow the failure's line.
+static ENDING: Mutex<bool> = Mutex::new(false);
+
+/// Stops every hang report of this process: it is ending. Returns once
+/// no report is being written.
+pub(crate) fn process_ending() {
+    *ENDING.lock().unwrap_or_else(|p| p.into_inner()) = true;
+}
+
+fn ending() -> bool {
+    *ENDING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How often the reporter looks for SIGUSR1 and for waits past the
+/// threshold.
+const REPORT_TICK: Duration = Duration::from_millis(250);
+
+/// What the reporter thread needs.
+pub(crate) struct Reporter {
+    pub rank: crate::Rank,
+    pub host: String,
+    pub threshold: Option<Duration>,
+    pub waiting: std::sync::Arc<Waiting>,
+    /// Lines describing the threads' waits and the engine's state; `None`
+    /// when the engine could not be reached in time (it is then named as
+    /// busy, and the threads' waits shown alone).
+    #[allow(clippy::type_complexity)]
+    pub describe: Box<dyn Fn(&[ThreadReport]) -> Option<Vec<String>> + Send>,
+    /// Closed (or sent to) when the rank finalizes.
+    pub stop: crossbeam_channel::Receiver<()>,
+}
+
+impl Reporter {
+    /// Runs until `stop`: prints a report on each SIGUSR1, and when a
+    /// wait passed the threshold (again each threshold while it lasts).
+    pub(crate) fn run(self, signals: &mut signal_hook::iterator::Signals) {
+        let mut last_automatic: Option<Instant> = None;
+        loop {
+            match self.stop.recv_timeout(REPORT_TICK) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            if ending() {
+                return;
+            }
+            if signals.pending().count() > 0 {
+                self.print("on SIGUSR1");
+                continue;
+            }
+            let Some(threshold) = self.threshold else {
+                continue;
+            };
+            let longest = self.waiting.snapshot().first().map(|w| w.waited);
+            let due = last_automatic.is_none_or(|t| t.elapsed() >= threshold);
+            if longest.is_some_and(|w| w >= threshold) && due {
+                last_automatic = Some(Instant::now());
+                self.print(&format!(
+                    "a wait passed {ENV_HANG_REPORT}={}",
+                    threshold.as_secs_f64()
+                ));
+            }
+        }
+    }
+
+    fn print(&self, why: &str) {
+        let threads = self.waiting.snapshot();
+        let lines = (self.describe)(&threads).unwrap_or_else(|| {
+            let mut lines = vec![
+                "the engine is busy (its lock held for over 1 s): its state is not shown"
+                    .to_string(),
+            ];
+            lines.extend(threads.iter().map(|w| {
+                format!(
+                    "thread {} ({}) waits for {} since {:.1} s",
+                    w.tid,
+                    thread_name(w.tid),
+                    w.what,
+                    w.waited.as_secs_f64()
+                )
+            }));
+            lines
+        });
+        let mut text = format!(
+            "dsm: rank {} on {}: hang report ({why}): {} thread(s) waiting\n",
+            self.rank,
+            self.host,
+            threads.len()
+        );
+        for line in lines {
+            text.push_str(&format!("dsm: rank {}: {line}\n", self.rank));
+        }
+        // One write, so the lines of one report stay together.
+        use std::io::Write;
+        let ending = ENDING.lock().unwrap_or_else(|p| p.into_inner());
+        if !*ending {
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        }
+    }
+}
+
+/// A thread's name as the kernel knows it (`comm`), for the report.
+pub fn thread_name(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Parses a `DSM_HANG_REPORT_S` value: seconds, or `0`/`off` for never.
+pub fn parse_threshold(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| "expected a number of seconds, or off".to_string())?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err("expected a number of seconds, or off".into());
+    }
+    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retried_fault_continues_its_wait_and_a_finished_one_is_forgotten() {
+        let waiting = Waiting::default();
+        let page = WaitFor::Page {
+            page: 5,
+            write: false,
+        };
+        waiting.enter(page);
+        let first = waiting.snapshot();
+        waiting.pause();
+        waiting.enter(page);
+        let again = waiting.snapshot();
+        assert_eq!(again.len(), 1);
+        assert!(again[0].waited >= first[0].waited, "the wait continued");
+        waiting.enter(WaitFor::Lock(3));
+        assert_eq!(waiting.snapshot()[0].what, WaitFor::Lock(3));
+        {
+            let _barrier = waiting.guard(WaitFor::Barrier);
+            assert_eq!(waiting.snapshot()[0].what, WaitFor::Barrier);
+        }
+        assert!(waiting.snapshot().is_empty());
+    }
+
+    #[test]
+    fn thresholds() {
+        assert_eq!(parse_threshold("off"), Ok(None));
+        assert_eq!(parse_threshold("0"), Ok(None));
+        assert_eq!(
+            parse_threshold("2.5"),
+            Ok(Some(Duration::from_millis(2500)))
+        );
+        assert!(parse_threshold("soon").is_err());
+        assert!(parse_threshold("-1").is_err());
+    }
+}
