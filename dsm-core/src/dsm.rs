@@ -300,6 +300,9 @@ impl Dsm {
                 (None, None, Some(registration))
             }
         };
+        if size > 1 {
+            hang::joined_job(rank, &host);
+        }
         let reporter = spawn_hang_reporter(
             rank,
             &host,
@@ -615,6 +618,7 @@ impl Dsm {
     /// then closes the connections. Prints the statistics with `DSM_STATS=1`.
     pub fn finalize(mut self) -> Result<StatsSnapshot, DsmError> {
         self.barrier()?;
+        hang::left_job();
         self.stop_engine();
         self.transport.shutdown(SHUTDOWN_TIMEOUT)?;
         let stats = self.stats();
@@ -751,6 +755,9 @@ impl Drop for LockGuard<'_> {
 
 impl Drop for Dsm {
     fn drop(&mut self) {
+        // Dropped without finalize (an early return, a panic): the peers
+        // will see this rank vanish; say why here.
+        hang::report_leaving_without_finalize();
         self.stop_engine();
         // The userfaultfd goes before the mapping it watches.
         drop(self.faults.take());

@@ -177,19 +177,78 @@ impl std::fmt::Display for WaitFor {
     }
 }
 
-/// True once the process is about to end for a failure: no more reports,
-/// so the failure's line stays the rank's last (the launcher reads it).
-/// Reports are written holding it, so none can follow the failure's line.
-static ENDING: Mutex<bool> = Mutex::new(false);
+/// Where this process stands in its job, for what it says as it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Membership {
+    /// Not in a job, or left it by finalize.
+    Out,
+    /// In the job as this rank on this host, not finalized: an exit now
+    /// takes this rank's pages from the others, and is reported.
+    In { rank: crate::Rank, host: String },
+    /// Ending for a failure, whose line must stay the rank's last (the
+    /// launcher reads it): no more reports.
+    Failing,
+}
 
-/// Stops every hang report of this process: it is ending. Returns once
-/// no report is being written.
+/// Reports are written holding it, so none can follow a failure's line.
+static MEMBERSHIP: Mutex<Membership> = Mutex::new(Membership::Out);
+
+fn membership() -> std::sync::MutexGuard<'static, Membership> {
+    MEMBERSHIP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process joined the job as `rank` on `host`: from now until
+/// [`left_job`], an exit is reported as one without finalize.
+pub(crate) fn joined_job(rank: crate::Rank, host: &str) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain function with no arguments, which
+        // stays valid for the life of the process, to run at exit().
+        if unsafe { libc::atexit(report_exit_without_finalize) } != 0 {
+            tracing::debug!("atexit refused: exits without finalize go unreported");
+        }
+    });
+    *membership() = Membership::In {
+        rank,
+        host: host.to_string(),
+    };
+}
+
+/// This process left the job by finalize (or is dropping its DSM, and
+/// said so): its exit is no longer news.
+pub(crate) fn left_job() {
+    let mut state = membership();
+    if *state != Membership::Failing {
+        *state = Membership::Out;
+    }
+}
+
+/// Prints, once, that the process leaves the job without finalize, if it
+/// does; true if it did.
+pub(crate) fn report_leaving_without_finalize() -> bool {
+    let mut state = membership();
+    let Membership::In { rank, host } = &*state else {
+        return false;
+    };
+    eprintln!(
+        "dsm: rank {rank} on {host}: exiting without finalize while the job runs: the other ranks lose the pages this rank holds; call finalize (dsm_finalize) before the program ends"
+    );
+    *state = Membership::Out;
+    true
+}
+
+extern "C" fn report_exit_without_finalize() {
+    report_leaving_without_finalize();
+}
+
+/// Stops every hang report of this process: it is ending for a failure.
+/// Returns once no report is being written.
 pub(crate) fn process_ending() {
-    *ENDING.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    *membership() = Membership::Failing;
 }
 
 fn ending() -> bool {
-    *ENDING.lock().unwrap_or_else(|p| p.into_inner())
+    *membership() == Membership::Failing
 }
 
 /// How often the reporter looks for SIGUSR1 and for waits past the
@@ -272,8 +331,8 @@ impl Reporter {
         }
         // One write, so the lines of one report stay together.
         use std::io::Write;
-        let ending = ENDING.lock().unwrap_or_else(|p| p.into_inner());
-        if !*ending {
+        let state = membership();
+        if *state != Membership::Failing {
             let _ = std::io::stderr().lock().write_all(text.as_bytes());
         }
     }

@@ -6,7 +6,7 @@
 //! exec -> wrap   Launch { rank, size, peers, .. }
 //! wrap -> exec   Started { pid }
 //! exec -> wrap   Signal { signo } | Stop { grace_ms }  (any time)
-//! wrap -> exec   Exited { status }
+//! wrap -> exec   Exited { status, likely_cause }
 //! ```
 //! If the connection drops, dsmwrap stops its program: no process outlives
 //! its launcher.
@@ -42,6 +42,10 @@ pub enum WrapToExec {
     },
     Exited {
         status: ExitCause,
+        /// What the host knows of why, when the status alone does not say
+        /// (a SIGKILL while the kernel's OOM killer ran).
+        #[serde(default)]
+        likely_cause: Option<String>,
     },
 }
 

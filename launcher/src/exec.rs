@@ -755,10 +755,13 @@ impl Runner {
                     WrapToExec::Started { pid } => {
                         self.procs[slot].program_pid = Some(Pid::from_raw(pid))
                     }
-                    WrapToExec::Exited { status } => {
+                    WrapToExec::Exited {
+                        status,
+                        likely_cause,
+                    } => {
                         self.procs[slot].result = Some(status);
                         if !status.success() {
-                            let message = self.failure_message(slot, status);
+                            let message = self.failure_message(slot, status, likely_cause);
                             self.fail(Outcome::RankFailed { cause: status }, message);
                         }
                     }
@@ -816,28 +819,42 @@ impl Runner {
     }
 
     /// What to say about `slot` failing with `status`. A rank that ended
-    /// because a peer stopped responding names that peer: it is the cause,
-    /// and unlike a dead rank it has no exit of its own to report.
-    fn failure_message(&self, slot: usize, status: ExitCause) -> String {
+    /// because it lost a peer names that peer when the peer is the cause
+    /// and has no failure of its own to report: it stopped responding, or
+    /// it exited with status 0 without finalize while others needed it.
+    fn failure_message(
+        &self,
+        slot: usize,
+        status: ExitCause,
+        likely_cause: Option<String>,
+    ) -> String {
         let last = self.procs[slot]
             .last_stderr
             .lock()
             .map(|l| l.clone())
             .unwrap_or_default();
-        match LostPeer::find_in(&last) {
-            Some(lost) if status == ExitCause::Code(EXIT_FATAL) && lost.not_responding() => {
-                let host = self
-                    .procs
-                    .get(lost.rank)
-                    .map_or(lost.host.as_str(), |p| p.host.as_str());
-                format!(
-                    "rank {} (host {host}) is {} (reported by rank {slot}, which {}); stopping the job",
-                    lost.rank,
-                    lost.reason,
-                    status.describe()
-                )
-            }
-            _ => format!("{} {}", self.name(slot), status.describe()),
+        let lost = LostPeer::find_in(&last)
+            .filter(|_| status == ExitCause::Code(EXIT_FATAL))
+            .and_then(|lost| Some((self.procs.get(lost.rank)?, lost)));
+        match lost {
+            Some((peer, lost)) if lost.not_responding() => format!(
+                "rank {} (host {}) is {} (reported by rank {slot}, which {}); stopping the job",
+                lost.rank,
+                peer.host,
+                lost.reason,
+                status.describe()
+            ),
+            Some((peer, lost)) if peer.result.is_some_and(ExitCause::success) => format!(
+                "rank {} (host {}) exited with status 0 without finalize while the job ran; rank {slot} lost it ({}) and {}",
+                lost.rank,
+                peer.host,
+                lost.reason,
+                status.describe()
+            ),
+            _ => match likely_cause {
+                Some(cause) => format!("{} {}, {cause}", self.name(slot), status.describe()),
+                None => format!("{} {}", self.name(slot), status.describe()),
+            },
         }
     }
 

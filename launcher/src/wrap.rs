@@ -135,6 +135,7 @@ pub fn run(args: WrapArgs) -> Result<i32> {
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     drop(inherited);
+    let oom_kills_before = oom_kills();
     let pgid = Pid::from_raw(child.id() as i32);
     control::send(&mut writer, &WrapToExec::Started { pid: pgid.as_raw() })?;
 
@@ -145,8 +146,34 @@ pub fn run(args: WrapArgs) -> Result<i32> {
     let cause = ExitCause::from_status(status);
     // Whatever the program left behind in its process group goes with it.
     let _ = killpg(pgid, Signal::SIGKILL);
-    let _ = control::send(&mut writer, &WrapToExec::Exited { status: cause });
+    let likely_cause = (cause == ExitCause::Signal(Signal::SIGKILL as i32)
+        && oom_kills() > oom_kills_before)
+        .then(|| {
+            let host = nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "this host".into());
+            format!("likely out of memory: the kernel's OOM killer ran on {host} meanwhile")
+        });
+    let _ = control::send(
+        &mut writer,
+        &WrapToExec::Exited {
+            status: cause,
+            likely_cause,
+        },
+    );
     Ok(cause.shell_code())
+}
+
+/// Processes the kernel's OOM killer has killed on this host since boot
+/// (`oom_kill` in /proc/vmstat, counting the kills of every memory cgroup
+/// too); 0 where the kernel does not say.
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn read_secret() -> Result<JobSecret> {

@@ -46,6 +46,7 @@ fn samples() -> Vec<Vec<u8>> {
         WrapToExec::Started { pid: 42 },
         WrapToExec::Exited {
             status: ExitCause::Signal(9),
+            likely_cause: Some("out of memory".into()),
         },
     ];
     let exec = [

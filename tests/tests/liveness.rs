@@ -313,3 +313,46 @@ fn a_hang_report_names_the_ranks_a_barrier_waits_for() {
     assert_no_leftovers(&token, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rank that exits with status 0 without finalize while the others still
+/// need it: it says so itself, and dsmexec names it as the cause.
+#[test]
+fn a_rank_that_exits_without_finalize_is_named_as_the_cause() {
+    const N: usize = 3;
+    let victim = 1usize;
+    let token = unique_token("leave");
+    let dir = scratch(&token);
+    let host = short_hostname();
+    let cmd = dsmexec(
+        &[
+            "-n",
+            &N.to_string(),
+            &bin("dsmfault").display().to_string(),
+            "leave",
+            &victim.to_string(),
+            &dir.join("unused").display().to_string(),
+        ],
+        &dir,
+    );
+    let out = Running::start(cmd, Duration::from_secs(60)).finish();
+    assert_eq!(out.code, Some(70), "{out:?}");
+    let expected = format!(
+        "dsmexec: rank {victim} (host {host}) exited with status 0 without finalize while the job ran; rank "
+    );
+    assert!(
+        out.launcher_messages()
+            .first()
+            .is_some_and(|m| m.starts_with(&expected)),
+        "expected a first line starting {expected:?}\n{out:?}"
+    );
+    assert!(
+        out.lines_of(victim, &host, "stderr")
+            .iter()
+            .any(|l| l.starts_with(&format!(
+                "dsm: rank {victim} on {host}: exiting without finalize while the job runs"
+            ))),
+        "{out:?}"
+    );
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,6 +3,9 @@
 //! (`bigspace 3G`, a 1 TiB space, a 128 MiB cache per rank). Every page is
 //! checked, no cgroup saw an OOM, and every cgroup's peak stays under the cap.
 //!
+//! And the kernel's OOM killer named: a rank that outgrows its cgroup with
+//! memory of its own is reported by dsmexec as killed, likely out of memory.
+//!
 //! Needs root (skipped otherwise); cgroup v1 or v2. With
 //! DSM_TEST_REQUIRE_CGROUP=1 a missing root or memory cgroup is a failure.
 
@@ -10,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use dsm_tests::{bin, dsmexec, run, short_hostname, unique_token};
+use dsm_tests::{assert_no_leftovers, bin, dsmexec, run, short_hostname, unique_token};
 
 const RANKS: usize = 4;
 const CAP: u64 = 1 << 30;
@@ -172,7 +175,9 @@ struct Cgroups {
 }
 
 impl Cgroups {
-    fn create(h: &Hierarchy, name: &str) -> Result<Cgroups, String> {
+    /// A cgroup `name` holding one child per rank, each capped at `cap`
+    /// bytes without swap.
+    fn create(h: &Hierarchy, name: &str, ranks: usize, cap: u64) -> Result<Cgroups, String> {
         let mut reasons = Vec::new();
         for parent in [&h.own, &h.mount] {
             if reasons.iter().any(|(p, _)| p == parent) {
@@ -202,7 +207,7 @@ impl Cgroups {
                 top,
                 ranks: Vec::new(),
             };
-            groups.populate()?;
+            groups.populate(ranks, cap)?;
             return Ok(groups);
         }
         let reasons: Vec<String> = reasons
@@ -216,12 +221,12 @@ impl Cgroups {
         ))
     }
 
-    fn populate(&mut self) -> Result<(), String> {
-        let cap = CAP.to_string();
+    fn populate(&mut self, ranks: usize, cap_bytes: u64) -> Result<(), String> {
+        let cap = cap_bytes.to_string();
         if self.version == Version::V2 {
             write(&self.top.join("cgroup.subtree_control"), "+memory")?;
         }
-        for rank in 0..RANKS {
+        for rank in 0..ranks {
             let dir = self.top.join(format!("rank{rank}"));
             fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             self.ranks.push(dir.clone());
@@ -234,7 +239,7 @@ impl Cgroups {
                     } else if swap_on() {
                         return Err("swap is on and this kernel has no memory.swap.max to keep a cgroup from using it".into());
                     }
-                    if read_u64(&dir.join("memory.max")) != Some(CAP) {
+                    if read_u64(&dir.join("memory.max")) != Some(cap_bytes) {
                         return Err(format!("{}/memory.max did not take {cap}", dir.display()));
                     }
                 }
@@ -247,7 +252,7 @@ impl Cgroups {
                     if swap_on() && !memsw_set && !no_swappiness {
                         return Err("swap is on and neither memory.memsw.limit_in_bytes nor memory.swappiness can keep a cgroup from using it".into());
                     }
-                    if read_u64(&dir.join("memory.limit_in_bytes")) != Some(CAP) {
+                    if read_u64(&dir.join("memory.limit_in_bytes")) != Some(cap_bytes) {
                         return Err(format!(
                             "{}/memory.limit_in_bytes did not take {cap}",
                             dir.display()
@@ -350,7 +355,7 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
         Err(why) => return skip(&why),
     };
     let token = unique_token("memcg");
-    let groups = match Cgroups::create(&hierarchy, &token) {
+    let groups = match Cgroups::create(&hierarchy, &token, RANKS, CAP) {
         Ok(g) => g,
         Err(why) => return skip(&format!("no usable memory cgroup: {why}")),
     };
@@ -441,4 +446,58 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
             assert!(peak <= CAP, "rank {rank}'s cgroup peaked at {peak} B");
         }
     }
+}
+
+/// Rank 1 of 2, in a 256 MiB cgroup, allocates private memory until the
+/// kernel's OOM killer ends it: dsmexec reports it as killed by SIGKILL,
+/// likely out of memory, and the job ends.
+#[test]
+fn a_rank_killed_by_the_oom_killer_is_reported_as_out_of_memory() {
+    const OOM_RANKS: usize = 2;
+    const OOM_CAP: u64 = 256 << 20;
+    if !nix::unistd::geteuid().is_root() {
+        skip("needs root to create memory cgroups");
+        return;
+    }
+    let hierarchy = match find_hierarchy() {
+        Ok(h) => h,
+        Err(why) => return skip(&why),
+    };
+    let token = unique_token("oom");
+    let groups = match Cgroups::create(&hierarchy, &token, OOM_RANKS, OOM_CAP) {
+        Ok(g) => g,
+        Err(why) => return skip(&format!("no usable memory cgroup: {why}")),
+    };
+    let script = r#"echo $$ > "$1/rank$DSM_RANK/cgroup.procs" && exec "$2" hog 1 "$1""#;
+    let top = groups.top.display().to_string();
+    let command = dsmexec(
+        &[
+            "-n",
+            &OOM_RANKS.to_string(),
+            "/bin/sh",
+            "-c",
+            script,
+            "sh",
+            &top,
+            &bin("dsmfault").display().to_string(),
+        ],
+        &std::env::temp_dir(),
+    );
+    let out = run(command, Duration::from_secs(120));
+    let host = short_hostname();
+    let (_, ooms, text) = groups.counters(&groups.ranks[1]);
+    eprintln!("memory_bound: the hog's cgroup: {text}");
+    assert_eq!(out.code, Some(137), "{out:?}");
+    let expected = format!(
+        "dsmexec: rank 1 (host {host}) was killed by signal 9 (SIGKILL), likely out of memory: the kernel's OOM killer ran on "
+    );
+    assert!(
+        out.launcher_messages()
+            .first()
+            .is_some_and(|m| m.starts_with(&expected)),
+        "expected a first line starting {expected:?}\n{out:?}"
+    );
+    assert!(ooms.unwrap_or(1) > 0, "the cgroup saw no OOM: {text}");
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    drop(groups);
 }

@@ -11,6 +11,12 @@
 //!   that page: with the victim stopped (SIGSTOP) it waits in the fault.
 //! * `barrier`: the victim prints `ready` and idles; the others print
 //!   `rank R entering barrier` and wait in a barrier it never joins.
+//! * `leave`: after the first barrier the victim exits with status 0
+//!   without finalize; the others print `rank R entering barrier` and
+//!   wait in a barrier it never joins.
+//! * `hog`: after the first barrier the victim allocates and touches
+//!   private memory until the kernel stops it; the others wait in a
+//!   barrier.
 //! * `quiet SECONDS`: every rank runs two threads of pure computation for
 //!   SECONDS without a DSM call, then adds its result to a shared word;
 //!   after a barrier each prints `rank R total T` (T exact only if no rank
@@ -93,6 +99,25 @@ fn main() {
             say(format!("rank {rank} pid {pid} ready"));
             if rank == victim {
                 idle();
+            }
+            say(format!("rank {rank} entering barrier"));
+            let result = dsm.barrier();
+            say(format!("rank {rank} left the barrier: {result:?}"));
+            idle();
+        }
+        "leave" | "hog" => {
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            say(format!("rank {rank} pid {pid} ready"));
+            if rank == victim && mode == "leave" {
+                std::process::exit(0);
+            }
+            if rank == victim {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    // Touched, so the pages are really taken.
+                    hoard.push(vec![1u8; 64 << 20]);
+                    std::hint::black_box(&hoard);
+                }
             }
             say(format!("rank {rank} entering barrier"));
             let result = dsm.barrier();
