@@ -255,6 +255,28 @@ fn jobs_under_slurm() {
     assert!(out.stderr.contains("Exited with exit code 70"), "{out:?}");
     assert!(out.elapsed < Duration::from_secs(30), "{out:?}");
 
+    // A task stopped (SIGSTOP) in a running job: the others name it as not
+    // responding after DSM_PEER_TIMEOUT and end; with --kill-on-bad-exit
+    // srun then ends the stopped task too (without it srun would wait for
+    // the stopped task, as for any).
+    let mut command = cluster.command("srun", &["-K", "--label", "-n", "4", &dsmdie, "2", "stop"]);
+    command.env("DSM_PEER_TIMEOUT", "3");
+    let out = run(command, LIMIT);
+    assert!(!matches!(out.code, Some(0) | None), "{out:?}");
+    assert!(
+        lines(&out.stdout).contains(&"2: rank 2 stopping"),
+        "{out:?}"
+    );
+    // Whoever notices first names rank 2; a rank whose check comes after
+    // the first survivor's exit may report that exit instead.
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.contains("lost rank 2 on host") && l.contains("not responding")),
+        "nobody named rank 2 as not responding: {out:?}"
+    );
+    assert!(out.elapsed < Duration::from_secs(30), "{out:?}");
+
     // A task that dies before joining: rank 0 names it when the
     // rendezvous times out, and tells the others.
     let mut command = cluster.command("srun", &["--label", "-n", "4", &dsmdie, "2", "before"]);
@@ -294,7 +316,16 @@ fn jobs_under_slurm() {
 }
 
 fn mpirun(dir: &Path, rendezvous: &Path, args: &[&str]) -> Finished {
+    mpirun_with(dir, rendezvous, args, &[])
+}
+
+/// `mpirun` with extra environment variables for the ranks.
+fn mpirun_with(dir: &Path, rendezvous: &Path, args: &[&str], env: &[(&str, &str)]) -> Finished {
     let mut c = Command::new("mpirun");
+    for (name, value) in env.iter() {
+        // Open MPI forwards variables named with -x.
+        c.env(name, value).args(["-x", name]);
+    }
     c.args(["-np", "4", "--oversubscribe"])
         .args(args)
         .current_dir(dir)
@@ -344,6 +375,25 @@ fn jobs_under_mpirun() {
     // them before they noticed.
     assert!(
         out.stderr.contains("lost rank 2 on host") || out.stderr.contains("process rank 2 "),
+        "{out:?}"
+    );
+    assert!(out.elapsed < Duration::from_secs(30), "{out:?}");
+
+    // A stopped rank: the others name it as not responding; mpirun then
+    // ends the job, the stopped rank included.
+    let command_env = [("DSM_PEER_TIMEOUT", "3")];
+    let out = mpirun_with(
+        &dir,
+        &rendezvous,
+        &[&bin("dsmdie").display().to_string(), "2", "stop"],
+        &command_env,
+    );
+    assert!(!matches!(out.code, Some(0) | None), "{out:?}");
+    assert!(lines(&out.stdout).contains(&"rank 2 stopping"), "{out:?}");
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.contains("lost rank 2 on host") && l.contains("not responding")),
         "{out:?}"
     );
     assert!(out.elapsed < Duration::from_secs(30), "{out:?}");

@@ -5,6 +5,8 @@
 //! they must notice the loss and end with the engine's status 70).
 //! `dsmdie RANK before` makes rank RANK
 //! exit with status 3 before joining, so the others never see it arrive.
+//! `dsmdie RANK stop` is `after` with SIGSTOP instead of SIGKILL: rank
+//! RANK prints `rank RANK stopping` and stays, silent, until killed.
 
 use std::io::Write;
 
@@ -33,7 +35,11 @@ fn main() {
         eprintln!("dsmdie: first barrier: {e}");
         std::process::exit(1)
     }
-    if dsm.rank() == victim {
+    if dsm.rank() == victim && when == "stop" {
+        println!("rank {victim} stopping");
+        let _ = std::io::stdout().flush();
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    } else if dsm.rank() == victim {
         println!("rank {victim} dying");
         let _ = std::io::stdout().flush();
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
