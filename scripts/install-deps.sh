@@ -3,11 +3,17 @@
 #   libclang-dev            userfaultfd bindings (bindgen)
 #   libibverbs-dev librdmacm-dev pkg-config   RDMA verbs transport
 #   openssh-client openssh-server iproute2    launcher over SSH, network-namespace test cluster
+#   patchelf                                  scripts/install.sh (libdsm's soname)
+# With --for-tests, also the compilers and build tools the tests build user
+# programs with: g++ (C++), gfortran (Fortran module), cmake (find_package).
 # Idempotent and quiet when everything is present; uses sudo when not root.
 set -euo pipefail
 
 packages=(libclang-dev libibverbs-dev librdmacm-dev pkg-config gcc libc6-dev
-          openssh-client openssh-server iproute2 procps)
+          openssh-client openssh-server iproute2 procps patchelf)
+if [ "${1:-}" = "--for-tests" ]; then
+  packages+=(g++ gfortran cmake make)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
