@@ -136,8 +136,11 @@ pub struct Config {
     /// it is handed on, so the faulting thread always gets to use it (the
     /// Mirage time window); without it, pages can ping-pong forever.
     pub min_hold: Duration,
-    /// Print the statistics at finalize (`DSM_STATS=1`).
-    pub print_stats: bool,
+    /// What to print of the statistics at finalize (`DSM_STATS`).
+    pub stats: StatsOutput,
+    /// With [`StatsOutput::Json`]: the file to write instead of stderr,
+    /// `%r` replaced by the rank (`DSM_STATS_FILE`).
+    pub stats_file: Option<String>,
     /// Most pages requested ahead of a sequential read stream (0: off).
     pub prefetch: usize,
     pub backing: SpaceBacking,
@@ -174,6 +177,16 @@ pub struct Config {
     pub hang_report: Option<Duration>,
 }
 
+/// What a rank prints of its statistics at finalize (`DSM_STATS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatsOutput {
+    Off,
+    /// One line for people.
+    Text,
+    /// One JSON document ([`crate::StatsSnapshot::to_json`]).
+    Json,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -183,7 +196,8 @@ impl Default for Config {
             engine_cpu: EngineCpu::Auto,
             service_sched: ServiceSched::Auto,
             min_hold: Duration::from_micros(500),
-            print_stats: false,
+            stats: StatsOutput::Off,
+            stats_file: None,
             prefetch: 1024,
             backing: SpaceBacking::Auto,
             spin: Duration::ZERO,
@@ -257,7 +271,8 @@ impl Config {
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
     /// | `DSM_HANG_REPORT_S` | seconds a thread may wait on a page, lock or barrier before the rank prints a hang report (what each thread waits for, and since when); `0` or `off`: only on SIGUSR1 | `300` |
-    /// | `DSM_STATS` | `1` prints per-rank statistics at finalize | off |
+    /// | `DSM_STATS` | `1` prints per-rank statistics at finalize; `json` writes them as one JSON document (to stderr, a line starting `dsm-stats-json: `, or to `DSM_STATS_FILE`) | off |
+    /// | `DSM_STATS_FILE` | with `DSM_STATS=json`: the file to write, `%r` replaced by the rank (`stats-%r.json`) | stderr |
     pub fn from_env() -> Result<Config, ConfigError> {
         Self::default().with_env()
     }
@@ -391,7 +406,15 @@ impl Config {
             };
         }
         if let Some(v) = get("DSM_STATS") {
-            self.print_stats = !matches!(v.trim(), "0" | "no" | "false" | "off");
+            self.stats = match v.trim().to_ascii_lowercase().as_str() {
+                "0" | "no" | "false" | "off" => StatsOutput::Off,
+                "json" => StatsOutput::Json,
+                "1" | "yes" | "true" | "on" | "text" => StatsOutput::Text,
+                _ => return Err(err("DSM_STATS", &v, "expected 1 (text), json or 0")),
+            };
+        }
+        if let Some(v) = get("DSM_STATS_FILE") {
+            self.stats_file = Some(v);
         }
         self.validate()
     }

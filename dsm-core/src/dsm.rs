@@ -10,7 +10,9 @@ use crossbeam_channel::Sender;
 
 use crate::bootstrap::BootstrapError;
 use crate::coherence::{CoherenceError, Migratory, Mrsw};
-use crate::config::{Config, ConfigError, FaultDelivery, Protocol, SpaceBacking, PAGE_SIZE};
+use crate::config::{
+    Config, ConfigError, FaultDelivery, Protocol, SpaceBacking, StatsOutput, PAGE_SIZE,
+};
 use crate::engine::{self, Engine, Input, Node, Reply};
 use crate::fault::{Backing, FaultError, FaultHandler, Region};
 use crate::hang::{self, Reporter, ThreadReport, WaitFor, Waiting};
@@ -227,7 +229,7 @@ impl Dsm {
             _ => faults,
         };
         let faults = Arc::new(faults);
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(size));
         let node = match config.protocol {
             Protocol::Migratory => {
                 Node::Migratory(Migratory::new(rank, size, region.pages(), config.min_hold))
@@ -622,10 +624,29 @@ impl Dsm {
         self.stop_engine();
         self.transport.shutdown(SHUTDOWN_TIMEOUT)?;
         let stats = self.stats();
-        if self.config.print_stats {
-            eprintln!("{stats}");
-        }
+        self.report_stats(&stats);
         Ok(stats)
+    }
+
+    /// Prints (or writes) the statistics as `DSM_STATS` and
+    /// `DSM_STATS_FILE` say.
+    fn report_stats(&self, stats: &StatsSnapshot) {
+        match (self.config.stats, &self.config.stats_file) {
+            (StatsOutput::Off, _) => {}
+            (StatsOutput::Text, _) => eprintln!("{stats}"),
+            (StatsOutput::Json, None) => {
+                eprintln!("{}{}", crate::stats::JSON_LINE_PREFIX, stats.to_json())
+            }
+            (StatsOutput::Json, Some(pattern)) => {
+                let path = pattern.replace("%r", &self.rank.to_string());
+                if let Err(e) = std::fs::write(&path, stats.to_json() + "\n") {
+                    eprintln!(
+                        "dsm: rank {}: cannot write the statistics to {path} (DSM_STATS_FILE): {e}",
+                        self.rank
+                    );
+                }
+            }
+        }
     }
 
     fn stop_engine(&mut self) {

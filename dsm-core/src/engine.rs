@@ -1737,7 +1737,7 @@ impl Engine {
                     } else {
                         self.out.send(to, Msg::grant_header(page, false));
                     }
-                    Stats::add(&self.stats.pages_sent, 1);
+                    self.stats.page_sent(to);
                 }
                 Action::InstallGranted { page }
                 | Action::Install {
@@ -1812,7 +1812,7 @@ impl Engine {
                     }
                     self.out
                         .send_page(to, Msg::write_back_header(page), page, data);
-                    Stats::add(&self.stats.pages_sent, 1);
+                    self.stats.page_sent(to);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                 }
                 Action::EvictWriteBack { to, page } => {
@@ -1820,7 +1820,7 @@ impl Engine {
                     self.faults.take(page, Arc::make_mut(&mut data))?;
                     self.out
                         .send_page(to, Msg::evicted_write_back_header(page), page, data);
-                    Stats::add(&self.stats.pages_sent, 1);
+                    self.stats.page_sent(to);
                     Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
                     Stats::add(&self.stats.evictions_written_back, 1);
                     Stats::add(&self.stats.bytes_written_back, PAGE_SIZE as u64);
@@ -1847,7 +1847,7 @@ impl Engine {
                     if !write && to != self.rank && self.home_copy_is_mapped(page) {
                         self.out.send_read_grant(to, page, PageSource::Mapped);
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
-                        Stats::add(&self.stats.pages_sent, 1);
+                        self.stats.page_sent(to);
                         continue;
                     }
                     let data = self.home_copy_bytes(page);
@@ -1890,7 +1890,7 @@ impl Engine {
                             self.out.send(to, msg.header());
                         }
                     }
-                    Stats::add(&self.stats.pages_sent, 1);
+                    self.stats.page_sent(to);
                 }
                 Action::Wake { page } => self.faults.wake(page)?,
                 Action::SealedWrite { page } => {

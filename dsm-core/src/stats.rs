@@ -6,6 +6,9 @@ use std::time::Duration;
 
 /// Latency samples kept for percentiles; beyond this, every other sample is kept.
 const MAX_SAMPLES: usize = 1 << 20;
+/// Fault latency histogram buckets: bucket i counts latencies in
+/// [2^i, 2^(i+1)) ns (bucket 0 also holds 0), the last everything longer.
+pub const LATENCY_BUCKETS: usize = 40;
 
 #[derive(Default)]
 pub struct Stats {
@@ -37,6 +40,10 @@ pub struct Stats {
     pub bytes_written_back: AtomicU64,
     /// Most bytes of pages homed elsewhere held at once.
     pub peak_cached_bytes: AtomicU64,
+    /// Pages sent to each rank (the job's traffic matrix is every rank's row).
+    pages_sent_to: Box<[AtomicU64]>,
+    /// Remote fault latencies by power-of-two bucket (`LATENCY_BUCKETS`).
+    latency_buckets: Box<[AtomicU64]>,
     latencies_ns: Mutex<Samples>,
 }
 
@@ -47,7 +54,7 @@ struct Samples {
 }
 
 /// A copy of the counters at one moment, with latency percentiles.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub rank: usize,
     pub read_faults: u64,
@@ -69,14 +76,42 @@ pub struct StatsSnapshot {
     pub bytes_written_back: u64,
     pub peak_cached_bytes: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
+    #[serde(rename = "fault_latency_p50_ns", with = "nanoseconds")]
     pub fault_latency_p50: Duration,
+    #[serde(rename = "fault_latency_p90_ns", with = "nanoseconds")]
     pub fault_latency_p90: Duration,
+    #[serde(rename = "fault_latency_p99_ns", with = "nanoseconds")]
     pub fault_latency_p99: Duration,
+    #[serde(rename = "fault_latency_max_ns", with = "nanoseconds")]
     pub fault_latency_max: Duration,
     pub fault_latency_samples: u64,
+    /// Pages this rank sent to each rank, by rank.
+    #[serde(default)]
+    pub pages_sent_to: Vec<u64>,
+    /// Remote faults by latency: entry i counts those in [2^i, 2^(i+1)) ns.
+    #[serde(default)]
+    pub fault_latency_histogram: Vec<u64>,
 }
 
 impl Stats {
+    /// Counters for a rank of a job of `size` ranks.
+    pub fn new(size: usize) -> Stats {
+        let counters = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect();
+        Stats {
+            pages_sent_to: counters(size),
+            latency_buckets: counters(LATENCY_BUCKETS),
+            ..Stats::default()
+        }
+    }
+
+    /// A page sent to rank `to`.
+    pub fn page_sent(&self, to: usize) {
+        Stats::add(&self.pages_sent, 1);
+        if let Some(counter) = self.pages_sent_to.get(to) {
+            Stats::add(counter, 1);
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -87,6 +122,11 @@ impl Stats {
     }
 
     pub fn record_latency(&self, d: Duration) {
+        let ns = d.as_nanos().min(u64::MAX as u128) as u64;
+        let bucket = (ns.max(1).ilog2() as usize).min(LATENCY_BUCKETS - 1);
+        if let Some(counter) = self.latency_buckets.get(bucket) {
+            Stats::add(counter, 1);
+        }
         let mut s = self.latencies_ns.lock().unwrap_or_else(|p| p.into_inner());
         s.seen += 1;
         if s.values.len() < MAX_SAMPLES {
@@ -139,7 +179,37 @@ impl Stats {
                 .map(|v| Duration::from_nanos(*v))
                 .unwrap_or_default(),
             fault_latency_samples: seen,
+            pages_sent_to: self.pages_sent_to.iter().map(get).collect(),
+            fault_latency_histogram: self.latency_buckets.iter().map(get).collect(),
         }
+    }
+}
+
+/// Durations in JSON as whole nanoseconds (fields named `..._ns`).
+mod nanoseconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_nanos().min(u64::MAX as u128) as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_nanos)
+    }
+}
+
+/// How a line of stderr carrying a rank's JSON statistics begins
+/// (`DSM_STATS=json` without `DSM_STATS_FILE`): `dsmexec --stats-report`
+/// collects these lines.
+pub const JSON_LINE_PREFIX: &str = "dsm-stats-json: ";
+
+impl StatsSnapshot {
+    /// The snapshot as one JSON document (`DSM_STATS=json`); durations in
+    /// whole nanoseconds.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 }
 

@@ -15,13 +15,14 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::dsm::EXIT_FATAL;
+use dsm_core::stats::JSON_LINE_PREFIX;
 use dsm_core::transport::LostPeer;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, killpg, Signal};
@@ -30,6 +31,7 @@ use nix::unistd::Pid;
 use crate::control::{self, signal_name, ExecToWrap, ExitCause, WrapToExec};
 use crate::machinefile::{self, Slot};
 use crate::output::{self, LastLine, Stream};
+use crate::report;
 use crate::EXIT_USAGE;
 
 /// Time a wrapper's control connection gets to deliver its last message
@@ -66,6 +68,8 @@ pub struct JobSpec {
     pub bind: Option<IpAddr>,
     /// Display name of local slots when no machine file named them.
     pub local_name: Option<String>,
+    /// Where to write the statistics report (`--stats-report`).
+    pub stats_report: Option<PathBuf>,
 }
 
 enum Event {
@@ -111,6 +115,8 @@ struct Proc {
     program_pid: Option<Pid>,
     result: Option<ExitCause>,
     last_stderr: LastLine,
+    /// The rank's JSON statistics lines, with `--stats-report`.
+    stats: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -487,14 +493,19 @@ impl Runner {
         if let Some(out) = child.stdout.take() {
             let p = prefix(Stream::Stdout);
             self.outputs.push(thread::spawn(move || {
-                output::forward(out, Stream::Stdout, p, LastLine::default())
+                output::forward(out, Stream::Stdout, p, LastLine::default(), None)
             }));
         }
+        let stats = Arc::new(Mutex::new(Vec::new()));
         if let Some(err) = child.stderr.take() {
             let p = prefix(Stream::Stderr);
             let last = Arc::clone(&last_stderr);
+            let collect = spec.stats_report.as_ref().map(|_| output::Collect {
+                marker: JSON_LINE_PREFIX,
+                lines: Arc::clone(&stats),
+            });
             self.outputs.push(thread::spawn(move || {
-                output::forward(err, Stream::Stderr, p, last)
+                output::forward(err, Stream::Stderr, p, last, collect)
             }));
         }
         let pid = Pid::from_raw(child.id() as i32);
@@ -516,6 +527,7 @@ impl Runner {
             program_pid: None,
             result: None,
             last_stderr,
+            stats,
         });
         Ok(())
     }
@@ -528,6 +540,9 @@ impl Runner {
         }
         self.run_to_end();
         self.drain_outputs();
+        if started {
+            self.write_stats_report();
+        }
         match &self.outcome {
             None => 0,
             Some(Outcome::StartFailed) => EXIT_USAGE,
@@ -866,6 +881,34 @@ impl Runner {
                 Ok(_) => {}
                 Err(_) => return,
             }
+        }
+    }
+
+    /// With `--stats-report`: gathers the ranks' statistics into the
+    /// report. A failure to write it is said, and does not change the
+    /// job's status.
+    fn write_stats_report(&self) {
+        let Some(path) = &self.spec.stats_report else {
+            return;
+        };
+        let mut ranks = Vec::new();
+        for (rank, p) in self.procs.iter().enumerate() {
+            let lines = p.stats.lock().map(|l| l.clone()).unwrap_or_default();
+            if let Some(json) = lines.last() {
+                match report::RankStats::parse(rank, &p.host, json) {
+                    Ok(stats) => ranks.push(stats),
+                    Err(e) => say(format!("--stats-report: {e}")),
+                }
+            }
+        }
+        match report::write(path, self.procs.len(), &ranks) {
+            Ok(()) => say(format!(
+                "statistics of {} of {} rank(s) written to {}",
+                ranks.len(),
+                self.procs.len(),
+                path.display()
+            )),
+            Err(e) => say(format!("--stats-report: {e}")),
         }
     }
 

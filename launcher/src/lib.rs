@@ -7,6 +7,7 @@ pub mod control;
 pub mod exec;
 pub mod machinefile;
 pub mod output;
+pub mod report;
 pub mod wrap;
 
 /// Exit code for bad input and start-up failures (as for usage errors).

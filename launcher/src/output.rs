@@ -29,8 +29,23 @@ impl Stream {
 /// (e.g. ssh's own complaint when a host is unreachable).
 pub type LastLine = Arc<Mutex<String>>;
 
-/// Copies `source` to our own `stream` until end of file.
-pub fn forward(source: impl Read, stream: Stream, prefix: Option<String>, last: LastLine) {
+/// Lines a process wrote that start with a given marker, taken out of its
+/// output (`dsmexec --stats-report` collects the ranks' JSON statistics).
+#[derive(Clone)]
+pub struct Collect {
+    pub marker: &'static str,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// Copies `source` to our own `stream` until end of file; lines starting
+/// with `collect`'s marker go to it (without the marker) instead.
+pub fn forward(
+    source: impl Read,
+    stream: Stream,
+    prefix: Option<String>,
+    last: LastLine,
+    collect: Option<Collect>,
+) {
     let mut reader = BufReader::with_capacity(64 << 10, source);
     let mut line = Vec::with_capacity(256);
     let mut broken_pipe = false;
@@ -48,8 +63,17 @@ pub fn forward(source: impl Read, stream: Stream, prefix: Option<String>, last: 
         if !complete {
             line.push(b'\n');
         }
+        let text = String::from_utf8_lossy(&line[start..line.len() - 1]);
+        if let Some(collect) = &collect {
+            if let Some(rest) = text.strip_prefix(collect.marker) {
+                if let Ok(mut lines) = collect.lines.lock() {
+                    lines.push(rest.to_string());
+                }
+                continue;
+            }
+        }
         if let Ok(mut l) = last.lock() {
-            *l = String::from_utf8_lossy(&line[start..line.len() - 1]).into_owned();
+            *l = text.into_owned();
         }
         if broken_pipe {
             continue; // keep draining so the process is never blocked on us

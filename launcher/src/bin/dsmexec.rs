@@ -75,6 +75,10 @@ struct Cli {
     #[arg(short = 'x', long = "export", value_name = "NAME[=VALUE]")]
     export: Vec<String>,
 
+    /// Gather every rank's statistics into FILE at the end of the job: an HTML page with the counters, the rank-to-rank page traffic as a heat map and each rank's fault latency histogram (sets DSM_STATS=json for the ranks; their JSON lines are kept out of the output)
+    #[arg(long, value_name = "FILE")]
+    stats_report: Option<PathBuf>,
+
     /// [MACHINEFILE] PROGRAM [ARGS]...
     #[arg(trailing_var_arg = true, required = true, value_name = "ARGS")]
     rest: Vec<String>,
@@ -91,6 +95,16 @@ fn seconds(name: &str, value: f64) -> Duration {
             "--{name} {value}: expected a non-negative number of seconds"
         ))
     })
+}
+
+/// With `--stats-report`, the ranks print their statistics as JSON on
+/// stderr (where dsmexec collects them), whatever DSM_STATS said.
+fn with_stats_report(mut env: Vec<(String, String)>, report: bool) -> Vec<(String, String)> {
+    if report {
+        env.retain(|(name, _)| name != "DSM_STATS" && name != "DSM_STATS_FILE");
+        env.push(("DSM_STATS".into(), "json".into()));
+    }
+    env
 }
 
 fn exported_env(export: &[String]) -> Vec<(String, String)> {
@@ -194,9 +208,10 @@ fn main() {
         prefix: !cli.no_prefix,
         grace: seconds("grace", cli.grace),
         startup_timeout: seconds("startup-timeout", cli.startup_timeout),
-        env: exported_env(&cli.export),
+        env: with_stats_report(exported_env(&cli.export), cli.stats_report.is_some()),
         bind: cli.bind,
         local_name,
+        stats_report: cli.stats_report,
     };
     dsm_core::logging::init();
     std::process::exit(exec::run(spec));
