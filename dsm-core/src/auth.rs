@@ -29,6 +29,7 @@ const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 /// Bound on handshake frames: nothing legitimate comes near it.
 const MAX_HANDSHAKE_FRAME: u32 = 1024;
+/// Longest identity (bytes) a connector may present.
 pub const MAX_IDENT_LEN: usize = 512;
 
 /// The per-job random secret shared by the launcher and every rank.
@@ -36,18 +37,22 @@ pub const MAX_IDENT_LEN: usize = 512;
 pub struct JobSecret([u8; 32]);
 
 impl JobSecret {
+    /// Length of the hex form: two digits per byte.
     pub const HEX_LEN: usize = 64;
 
+    /// A fresh secret from the operating system's random source.
     pub fn generate() -> Result<Self, getrandom::Error> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes)?;
         Ok(JobSecret(bytes))
     }
 
+    /// The secret with these bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         JobSecret(bytes)
     }
 
+    /// The 64-digit lowercase hex form, as [`JobSecret::from_hex`] reads it.
     pub fn to_hex(&self) -> String {
         hex_encode(&self.0)
     }
@@ -82,19 +87,25 @@ impl fmt::Debug for JobSecret {
     }
 }
 
+/// `bytes` as lowercase hex, two digits per byte.
 pub fn hex_encode(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("peer failed authentication: it does not know the job secret")]
+    /// The peer's MAC did not verify: it does not hold the job secret.
     BadProof,
     #[error("malformed handshake: {0}")]
+    /// A handshake frame had the wrong length (or the identity was too long).
     Malformed(&'static str),
     #[error("handshake: {0}")]
+    /// Reading or writing a handshake frame failed.
     Wire(#[from] WireError),
     #[error("cannot draw a random nonce: {0}")]
+    /// The operating system's random source failed.
     Random(getrandom::Error),
 }
 

@@ -34,39 +34,63 @@ pub use crate::auth::JobSecret;
 use crate::rendezvous::{self, RendezvousError};
 use crate::transport::Rank;
 
+/// This process's rank, `0..DSM_SIZE`.
 pub const ENV_RANK: &str = "DSM_RANK";
+/// Number of ranks in the job.
 pub const ENV_SIZE: &str = "DSM_SIZE";
+/// Comma-separated `ip:port` of every rank's DSM listener, in rank order.
 pub const ENV_PEERS: &str = "DSM_PEERS";
+/// Comma-separated host name of every rank, in rank order.
 pub const ENV_HOSTS: &str = "DSM_HOSTS";
+/// Inherited descriptor of this rank's already-listening TCP socket.
 pub const ENV_LISTEN_FD: &str = "DSM_LISTEN_FD";
+/// Inherited pipe holding the job secret (64 hex digits).
 pub const ENV_SECRET_FD: &str = "DSM_SECRET_FD";
+/// Short job identifier for logs (optional).
 pub const ENV_JOB_ID: &str = "DSM_JOB_ID";
 
 /// The launcher's hand-over can be taken once per process: the descriptors
 /// become owned objects and must not be wrapped twice.
 static TAKEN: AtomicBool = AtomicBool::new(false);
 
+/// Why a process could not join its job.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error("no launcher started this program ({ENV_RANK}, SLURM_PROCID and OMPI_COMM_WORLD_RANK are unset): start it with e.g. `dsmexec -n 4 PROGRAM`, `dsmexec MACHINEFILE PROGRAM`, `srun -n 4 PROGRAM` or `mpirun -np 4 PROGRAM`")]
+    /// Neither dsmexec nor a known scheduler started this process.
     NotLaunched,
     #[error("joining the job: {0}")]
+    /// Meeting the other ranks through rank 0 failed (srun, mpirun).
     Rendezvous(#[from] RendezvousError),
     #[error("{name}={value:?} is invalid: {why}")]
+    /// A launcher variable has an unusable value.
     BadVariable {
+        /// The variable.
         name: &'static str,
+        /// Its value.
         value: String,
+        /// What is wrong with it.
         why: String,
     },
     #[error("{0} is required but not set (was the program started by dsmwrap?)")]
+    /// A required launcher variable (named) is unset.
     Missing(&'static str),
     #[error("the launcher hand-over was already taken by an earlier Bootstrap::from_env in this process")]
+    /// The hand-over can be taken once per process, and already was.
     AlreadyTaken,
     #[error("reading the job secret from descriptor {fd}: {source}")]
-    Secret { fd: RawFd, source: io::Error },
+    /// The secret pipe could not be read, or did not hold a valid secret.
+    Secret {
+        /// The pipe's descriptor.
+        fd: RawFd,
+        /// The read error, or `InvalidData` for a malformed secret.
+        source: io::Error,
+    },
     #[error("cannot create a loopback listener: {0}")]
+    /// Binding a loopback listener failed ([`Bootstrap::loopback_group`]).
     Listener(io::Error),
     #[error("handing the job over to a child process: {0}")]
+    /// Preparing the hand-over to a child failed ([`Bootstrap::hand_over`]).
     HandOver(io::Error),
 }
 
@@ -79,19 +103,26 @@ pub struct InheritedFds {
 /// One rank as the peer table lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
+    /// Host name, for messages.
     pub host: String,
+    /// Address of the rank's DSM listener.
     pub addr: SocketAddr,
 }
 
 /// Everything a rank needs to join its job.
 #[derive(Debug)]
 pub struct Bootstrap {
+    /// This process's rank, below `size`.
     pub rank: Rank,
+    /// Number of ranks in the job.
     pub size: usize,
+    /// Every rank, this one included, in rank order (`size` entries).
     pub peers: Vec<PeerInfo>,
     /// This rank's listener, bound and listening before the program started.
     pub listener: TcpListener,
+    /// The job secret every connection authenticates with.
     pub secret: JobSecret,
+    /// Short job identifier for logs; may be empty.
     pub job_id: String,
 }
 

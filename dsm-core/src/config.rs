@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+/// Bytes of a page: the unit of coherence and of transfer.
 pub const PAGE_SIZE: usize = 4096;
 /// The seed's base address of the shared space.
 pub const DEFAULT_BASE: usize = 0x4000_0000;
@@ -31,7 +32,9 @@ pub use crate::sched::ServiceSched;
 pub enum SpaceBacking {
     /// A memfd where the kernel supports it, else anonymous memory.
     Auto,
+    /// Private anonymous memory (`DSM_BACKING=anon`).
     Anonymous,
+    /// A memfd mapped twice; fails where the kernel cannot (`DSM_BACKING=memfd`).
     Memfd,
 }
 
@@ -81,6 +84,7 @@ pub enum CacheSize {
     /// [`AUTO_CACHE_SHARE`] of the node's memory, split among the job's
     /// ranks on this host.
     Auto,
+    /// This many bytes.
     Bytes(usize),
     /// This percentage of the node's memory (for this rank alone).
     PercentOfNode(f64),
@@ -122,13 +126,17 @@ impl CacheSize {
     }
 }
 
+/// Settings of one rank's shared space; [`Config::from_env`] lists the
+/// environment variables that set them.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address of the shared space, the same on every rank.
     pub base: usize,
     /// Size in bytes (rounded up to whole pages).
     pub size: usize,
+    /// Coherence protocol (`DSM_PROTOCOL`).
     pub protocol: Protocol,
+    /// CPU of the engine and the other service threads (`DSM_ENGINE_CPU`).
     pub engine_cpu: EngineCpu,
     /// How the service threads ask to be scheduled (`DSM_SERVICE_SCHED`).
     pub service_sched: ServiceSched,
@@ -143,6 +151,7 @@ pub struct Config {
     pub stats_file: Option<String>,
     /// Most pages requested ahead of a sequential read stream (0: off).
     pub prefetch: usize,
+    /// What the space's memory is made of (`DSM_BACKING`).
     pub backing: SpaceBacking,
     /// How long the fault and engine threads poll for work before they
     /// sleep (0: sleep at once, right for machines with more threads than
@@ -157,6 +166,7 @@ pub struct Config {
     /// (auto): [`AUTO_WAIT_SPIN`] when this host runs no more of the job's
     /// ranks than the process may use CPUs, else 0.
     pub wait_spin: Option<Duration>,
+    /// How faults reach the engine (`DSM_FAULTS`).
     pub faults: FaultDelivery,
     /// Messages are handled in the transport's receive thread when the
     /// engine is free (no hand-off to the engine thread); false queues
@@ -180,6 +190,7 @@ pub struct Config {
 /// What a rank prints of its statistics at finalize (`DSM_STATS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatsOutput {
+    /// Nothing.
     Off,
     /// One line for people.
     Text,
@@ -212,11 +223,15 @@ impl Default for Config {
     }
 }
 
+/// A setting that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{name}={value:?}: {why}")]
 pub struct ConfigError {
+    /// The environment variable concerned (`DSM_BASE`, ...).
     pub name: &'static str,
+    /// Its value, as given (or as configured, from [`Config::validate`]).
     pub value: String,
+    /// What is wrong, or what was expected.
     pub why: String,
 }
 
@@ -439,6 +454,8 @@ impl Config {
         Ok(self)
     }
 
+    /// Pages of the space (`size` in pages, rounded down: whole once
+    /// validated).
     pub fn pages(&self) -> usize {
         self.size / PAGE_SIZE
     }

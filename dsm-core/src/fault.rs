@@ -30,39 +30,76 @@ use crate::sigbus::Waiters;
 use crate::transport::Landing;
 use smallvec::SmallVec;
 
+/// A failure of the shared mapping or its userfaultfd. The messages name
+/// the setting or kernel feature to check.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
+    /// Something is already mapped where the shared space must go.
     #[error("the shared space {start:#x}-{end:#x} overlaps an existing mapping{what}; move it with DSM_BASE (e.g. DSM_BASE=0x{suggest:x})")]
     RangeTaken {
+        /// Address of the space's first byte.
         start: usize,
+        /// Address one past its last byte.
         end: usize,
+        /// The mapping found there, from /proc/self/maps (`" (range name)"`,
+        /// or empty if none was found).
         what: String,
+        /// A base to try instead: the first 1 GiB boundary after `end`.
         suggest: usize,
     },
+    /// `mmap` of the space, or of its memfd alias, failed.
     #[error("cannot map the shared space {start:#x}-{end:#x} ({size} bytes): {errno}; {hint}")]
     MapFailed {
+        /// Requested address of the first byte (0 for the alias: anywhere).
         start: usize,
+        /// Address one past the last byte (the length, for the alias).
         end: usize,
+        /// Length in bytes.
         size: usize,
+        /// What `mmap` returned.
         errno: nix::errno::Errno,
+        /// What to check (`DSM_BASE`, `DSM_SPACE_SIZE`, `ulimit -v`).
         hint: &'static str,
     },
+    /// The kernel denies this user a userfaultfd (EPERM).
     #[error("userfaultfd is not permitted for this user ({detail}): allow it with `sysctl vm.unprivileged_userfaultfd=1`, or give read-write access to /dev/userfaultfd (e.g. `setfacl -m u:$USER:rw /dev/userfaultfd`), or run as root")]
-    UffdForbidden { detail: String },
+    UffdForbidden {
+        /// How opening one failed (device, system call).
+        detail: String,
+    },
+    /// The kernel has no userfaultfd (ENOSYS).
     #[error("this kernel has no userfaultfd (ENOSYS): dsm needs Linux >= 5.7 built with CONFIG_USERFAULTFD")]
     UffdMissing,
+    /// Setting up the userfaultfd, or SIGBUS delivery (`crate::sigbus`),
+    /// failed otherwise; the text says why.
     #[error("userfaultfd setup failed: {0}")]
     Uffd(String),
+    /// Registering the anonymous space for missing and write-protect
+    /// faults failed (typically a kernel older than 5.7); the text is the
+    /// cause.
     #[error("registering the shared space with userfaultfd (missing + write-protect) failed: {0}; dsm needs Linux >= 5.7 (write-protect on anonymous memory)")]
     Register(String),
+    /// A userfaultfd operation on mapped pages (copy, write-protect,
+    /// unprotect, wake) failed.
     #[error("installing page at {addr:#x} failed: {detail}")]
-    Install { addr: usize, detail: String },
+    Install {
+        /// Address of the first page concerned.
+        addr: usize,
+        /// The operation and the error it got.
+        detail: String,
+    },
+    /// A memfd-backed space (`DSM_BACKING=memfd`) cannot be set up on this
+    /// kernel; the text says which step failed.
     #[error("a memfd-backed shared space (DSM_BACKING=memfd) is not available here: {0}; use DSM_BACKING=anon (or auto)")]
     MemfdUnsupported(String),
+    /// A raw page ioctl or `madvise` failed.
     #[error("{op} on page at {addr:#x} failed: {errno}")]
     PageOp {
+        /// The operation (`"UFFDIO_CONTINUE"`, `"MADV_DONTNEED"`, ...).
         op: &'static str,
+        /// Address of the first page concerned.
         addr: usize,
+        /// What the system call returned.
         errno: nix::errno::Errno,
     },
 }
@@ -248,10 +285,12 @@ impl Region {
         Ok(region)
     }
 
+    /// Address of the space's first byte (the same on every rank).
     pub fn base(&self) -> usize {
         self.base
     }
 
+    /// What the space's pages are made of: a memfd if it has an alias.
     pub fn backing(&self) -> Backing {
         if self.alias.is_some() {
             Backing::Memfd
@@ -267,18 +306,22 @@ impl Region {
         self.alias.as_ref().map(|alias| alias.addr)
     }
 
+    /// Length of the space in bytes (whole pages).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the space has no bytes (never, once mapped).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Pages of the space.
     pub fn pages(&self) -> usize {
         self.len / PAGE_SIZE
     }
 
+    /// Address of the first byte of `page` (not checked against the length).
     pub fn page_addr(&self, page: usize) -> usize {
         self.base + page * PAGE_SIZE
     }
@@ -387,7 +430,9 @@ impl Region {
 /// A page fault reported by the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
+    /// Page index in the shared space.
     pub page: usize,
+    /// The access was a store (always so for a write-protect fault).
     pub write: bool,
     /// A store to a write-protected page (rather than an access to a missing one).
     pub write_protect: bool,
@@ -396,10 +441,14 @@ pub struct Fault {
 /// Whether an install found the page already present (a benign race).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Installed {
+    /// The page was mapped by this call.
     Fresh,
+    /// The page was already mapped; the call only woke its waiters.
     AlreadyPresent,
 }
 
+/// The userfaultfd of a [`Region`]: installs, protects and drops its pages,
+/// wakes the threads waiting on them, and reads fault events.
 pub struct FaultHandler {
     uffd: Uffd,
     base: usize,
@@ -469,7 +518,7 @@ impl Landing for AliasLanding {
     }
 }
 
-/// Default bound of [`Frames`]: 256 MiB of dropped pages per rank.
+/// Default bound of `Frames`: 256 MiB of dropped pages per rank.
 pub const DEFAULT_RETAINED_PAGES: usize = (256 << 20) / PAGE_SIZE;
 
 fn create_uffd(delivery: FaultDelivery) -> Result<Uffd, FaultError> {
@@ -974,6 +1023,7 @@ impl FaultHandler {
         Ok(())
     }
 
+    /// The userfaultfd's descriptor (non-blocking), to poll for fault events.
     pub fn fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self.uffd`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.uffd.as_raw_fd()) }

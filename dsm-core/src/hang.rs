@@ -9,7 +9,7 @@
 //! milliseconds, so its record stays fresh), a barrier, a lock. The report
 //! joins those records to the engine's own state (requests in flight, and
 //! what this rank holds up for others: barrier arrivals it counts, locks
-//! it manages), which [`crate::engine`] writes as lines.
+//! it manages), which `crate::engine` writes as lines.
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -34,10 +34,14 @@ pub const DEFAULT_HANG_REPORT: Duration = Duration::from_secs(300);
 pub enum WaitFor {
     /// A page fault on shared page `page`.
     Page {
+        /// Page number in the shared space.
         page: usize,
+        /// A write fault (else a read fault).
         write: bool,
     },
+    /// A barrier of the job.
     Barrier,
+    /// Distributed lock with this id.
     Lock(u64),
 }
 
@@ -60,8 +64,11 @@ impl ThreadWait {
 /// One thread's wait as a report shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadReport {
+    /// The thread's kernel id (`gettid`).
     pub tid: i32,
+    /// What it waits for.
     pub what: WaitFor,
+    /// How long it has waited so far (retried faults included).
     pub waited: Duration,
 }
 

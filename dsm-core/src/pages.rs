@@ -25,6 +25,8 @@ pub struct PageTable<T> {
 }
 
 impl<T: Clone> PageTable<T> {
+    /// A table of `pages` pages, all holding `default`; allocates only the
+    /// chunk index.
     pub fn new(pages: usize, default: T) -> Self {
         PageTable {
             // `vec![None; n]` of boxes is one zeroed allocation: the index
@@ -103,12 +105,14 @@ pub struct PageMap<T> {
 }
 
 impl<T: Clone> PageMap<T> {
+    /// An empty map over `pages` pages.
     pub fn new(pages: usize) -> Self {
         PageMap {
             table: PageTable::new(pages, None),
         }
     }
 
+    /// `page`'s value; `None` if it has none or is beyond the table.
     pub fn get(&self, page: usize) -> Option<&T> {
         self.table.get(page)?.as_ref()
     }
@@ -119,6 +123,7 @@ impl<T: Clone> PageMap<T> {
         self.table.get_mut(page)?.replace(value)
     }
 
+    /// Takes `page`'s value out, if it has one; allocates nothing.
     pub fn remove(&mut self, page: usize) -> Option<T> {
         if self.table.get(page)?.is_none() {
             return None; // no chunk allocated for nothing
@@ -136,6 +141,7 @@ impl<T: Clone> PageMap<T> {
             .get_or_insert_with(make)
     }
 
+    /// The values of the pages that have one, in page order.
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.table.iter().filter_map(|(_, v)| v.as_ref())
     }
@@ -152,6 +158,7 @@ pub struct PageSet {
 }
 
 impl PageSet {
+    /// An empty set over `pages` pages.
     pub fn new(pages: usize) -> Self {
         PageSet {
             chunks: vec![None; pages.div_ceil(CHUNK_PAGES)],
@@ -179,6 +186,7 @@ impl PageSet {
         Some(&mut chunk[page % CHUNK_PAGES / 64])
     }
 
+    /// Whether `page` is in (false beyond the set).
     pub fn contains(&self, page: usize) -> bool {
         self.word(page).is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
@@ -195,6 +203,7 @@ impl PageSet {
         new
     }
 
+    /// Adds every page of `pages`; those beyond the set are ignored.
     pub fn extend(&mut self, pages: std::ops::Range<usize>) {
         for page in pages {
             self.insert(page);

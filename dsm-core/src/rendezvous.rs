@@ -51,12 +51,17 @@ use crate::auth::{self, JobSecret};
 use crate::bootstrap::{Bootstrap, PeerInfo};
 use crate::wire;
 
+/// Directory of the rendezvous files: private to the user, on a file
+/// system every node sees (default `$HOME/.dsm/rendezvous`).
 pub const ENV_DIR: &str = "DSM_RENDEZVOUS_DIR";
+/// Seconds the whole rendezvous may take (default [`DEFAULT_TIMEOUT`]).
 pub const ENV_TIMEOUT: &str = "DSM_RENDEZVOUS_TIMEOUT";
+/// Comma-separated IPs rank 0 publishes instead of the ones it finds.
 pub const ENV_ADDR: &str = "DSM_RENDEZVOUS_ADDR";
 /// `any`: rank 0 binds its rendezvous and DSM listeners on every interface
 /// (for addresses that are not local, e.g. behind NAT); default `published`.
 pub const ENV_BIND: &str = "DSM_RENDEZVOUS_BIND";
+/// Default for [`ENV_TIMEOUT`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 const FILE_MAGIC: &str = "dsm-rendezvous 1";
@@ -76,7 +81,9 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Which scheduler started this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheduler {
+    /// Slurm's `srun`.
     Slurm,
+    /// Open MPI's `mpirun`.
     OpenMpi,
 }
 
@@ -92,8 +99,11 @@ impl std::fmt::Display for Scheduler {
 /// This process's place in a job started by a scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerJob {
+    /// The scheduler that started this process.
     pub scheduler: Scheduler,
+    /// This process's rank, below `size`.
     pub rank: usize,
+    /// Number of ranks in the job step.
     pub size: usize,
     /// Names the rendezvous file: identical on every rank of the job step,
     /// different for any other step.
@@ -104,67 +114,121 @@ pub struct SchedulerJob {
     pub host: String,
 }
 
+/// Why a rank could not join a scheduler-started job.
 #[derive(Debug, thiserror::Error)]
 pub enum RendezvousError {
     #[error("{name} is required when started by {scheduler} but not set")]
+    /// A variable the scheduler should have set is unset.
     Missing {
+        /// The scheduler detected.
         scheduler: Scheduler,
+        /// The variable.
         name: &'static str,
     },
     #[error("{name}={value:?} is invalid: {why}")]
+    /// A variable has an unusable value.
     BadVariable {
+        /// The variable.
         name: &'static str,
+        /// Its value.
         value: String,
+        /// What is wrong with it.
         why: String,
     },
     #[error("SLURM_PROCID is set but SLURM_STEP_ID is not: this is the batch script itself, not a job step; start the program with `srun PROGRAM` (or dsmexec / mpirun)")]
+    /// Running in a Slurm batch script rather than in a job step.
     BatchStep,
     #[error("rendezvous directory {dir}: {why}")]
-    Directory { dir: PathBuf, why: String },
-    #[error("rendezvous file {path}: {why}")]
-    File { path: PathBuf, why: String },
-    #[error("rank {rank}: rank 0's rendezvous file {path} did not appear within {secs} s; is rank 0 running, and is {ENV_DIR} ({dir}) on a file system shared by every node of the job?", secs = .waited.as_secs())]
-    NoFile {
-        rank: usize,
-        path: PathBuf,
+    /// The rendezvous directory cannot be named (no `HOME`), created or
+    /// used, or is not private to the user.
+    Directory {
+        /// The directory.
         dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    #[error("rendezvous file {path}: {why}")]
+    /// A rendezvous file could not be written, read or parsed, or was
+    /// published for another job (key or size).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+    #[error("rank {rank}: rank 0's rendezvous file {path} did not appear within {secs} s; is rank 0 running, and is {ENV_DIR} ({dir}) on a file system shared by every node of the job?", secs = .waited.as_secs())]
+    /// Rank 0's file did not appear before the deadline.
+    NoFile {
+        /// This rank.
+        rank: usize,
+        /// The file waited for.
+        path: PathBuf,
+        /// The rendezvous directory.
+        dir: PathBuf,
+        /// How long this rank waited.
         waited: Duration,
     },
     #[error("rank {rank}: cannot reach rank 0 on host {host} at {addrs} (from {path}) within {secs} s: {last}", secs = .waited.as_secs())]
+    /// Rank 0 published its addresses but none answered before the deadline.
     Unreachable {
+        /// This rank.
         rank: usize,
+        /// Rank 0's host, as published.
         host: String,
+        /// The published addresses, comma-separated.
         addrs: String,
+        /// The rendezvous file.
         path: PathBuf,
+        /// How long this rank tried.
         waited: Duration,
+        /// The last connection error.
         last: String,
     },
     #[error("rank {rank}: rank 0 on host {host} ended the rendezvous: {why}")]
+    /// Rank 0 ended the rendezvous with an error, or the exchange with it
+    /// failed (no peer table in time, a malformed one).
     FromRankZero {
+        /// This rank.
         rank: usize,
+        /// Rank 0's host.
         host: String,
+        /// Rank 0's message, or what went wrong.
         why: String,
     },
     #[error("rank 0: {missing} of {size} did not register within {secs} s (rendezvous file {path}); did they start, and do they see {ENV_DIR} ({dir})?", secs = .waited.as_secs())]
+    /// Rank 0: some ranks had not registered by the deadline.
     Incomplete {
+        /// The missing ranks, as text (`rank 3`, `ranks 2, 5`).
         missing: String,
+        /// Number of ranks in the job.
         size: usize,
+        /// The rendezvous file.
         path: PathBuf,
+        /// The rendezvous directory.
         dir: PathBuf,
+        /// How long rank 0 waited.
         waited: Duration,
     },
     #[error(
         "rank 0: rank {rank} on host {host} says the job has {theirs} ranks, rank 0 says {ours}"
     )]
+    /// Rank 0: a rank registered with another job size.
     SizeMismatch {
+        /// The registering rank.
         rank: usize,
+        /// Its host.
         host: String,
+        /// The size it reported.
         theirs: usize,
+        /// Rank 0's size.
         ours: usize,
     },
     #[error("rendezvous: {what}: {source}")]
+    /// An I/O operation of the rendezvous failed.
     Io {
+        /// What was being done.
         what: String,
+        /// The error.
         #[source]
         source: io::Error,
     },
@@ -293,7 +357,9 @@ fn sanitize(text: &str) -> String {
 /// Where and how long to meet.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Directory of the rendezvous files ([`ENV_DIR`]).
     pub dir: PathBuf,
+    /// Bound on the whole rendezvous ([`ENV_TIMEOUT`]).
     pub timeout: Duration,
     /// Addresses rank 0 publishes; empty: found from the host name and interfaces.
     pub addrs: Vec<IpAddr>,
@@ -302,6 +368,9 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Reads [`ENV_DIR`], [`ENV_TIMEOUT`], [`ENV_ADDR`] and [`ENV_BIND`];
+    /// fails on a malformed value, or when neither `DSM_RENDEZVOUS_DIR` nor
+    /// `HOME` is set.
     pub fn from_env() -> Result<Settings, RendezvousError> {
         let bad = |name, value: &str, why: &str| RendezvousError::BadVariable {
             name,

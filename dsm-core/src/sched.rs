@@ -55,6 +55,7 @@ pub enum CpuChoice {
     Auto,
     /// Not pinned.
     Unpinned,
+    /// This CPU number.
     Fixed(usize),
 }
 

@@ -30,10 +30,19 @@ use crate::Rank;
 /// Where a segment's pages live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
+    /// Page `p` homed at rank `p mod N`; coherent.
     Distributed,
+    /// Every page homed at the given rank (a rank of the job); coherent.
     Localized(Rank),
+    /// Homed at its creator; coherent until [`crate::Dsm::seal`], then
+    /// read-only copies everywhere, never invalidated, and a store is an
+    /// error naming the segment.
     Replicated,
+    /// Node-local: every rank has its own pages, no directory traffic.
     Private,
+    /// Homed at its creator, which reads the file: the pages start with its
+    /// contents (the segment is at least the file's size), and
+    /// [`crate::Dsm::sync`] writes them back.
     File(PathBuf),
 }
 
@@ -49,6 +58,8 @@ impl Placement {
         }
     }
 
+    /// Lowercase name of the placement (`distributed`, `localized`, ...),
+    /// for messages.
     pub fn name(&self) -> &'static str {
         match self {
             Placement::Distributed => "distributed",
@@ -70,6 +81,7 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// Id given by the reference rank, unique in the job (from 1 up).
     pub fn id(&self) -> u32 {
         self.info.id
     }
@@ -79,20 +91,25 @@ impl Segment {
         (self.base + self.info.first_page as usize * crate::PAGE_SIZE) as *mut u8
     }
 
+    /// Size in bytes: as asked (or the file's size, if larger).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// True if `len` is 0 (never for a segment from `Dsm::alloc`, which
+    /// refuses empty ones).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Its pages, as indices in the shared space (whole pages covering
+    /// `len`).
     pub fn pages(&self) -> std::ops::Range<usize> {
         let first = self.info.first_page as usize;
         first..first + self.info.pages as usize
     }
 
-    /// The rank that created it (the home of replicated and file segments).
+    /// Name of its placement, as [`Placement::name`].
     pub fn kind_name(&self) -> &'static str {
         kind_name(self.info.kind)
     }

@@ -10,15 +10,27 @@ const MAX_SAMPLES: usize = 1 << 20;
 /// [2^i, 2^(i+1)) ns (bucket 0 also holds 0), the last everything longer.
 pub const LATENCY_BUCKETS: usize = 40;
 
+/// One rank's counters, bumped by the engine (relaxed atomics) and read
+/// with [`Stats::snapshot`].
 #[derive(Default)]
 pub struct Stats {
+    /// Faults on a load handled by the engine.
     pub read_faults: AtomicU64,
+    /// Faults on a store (missing or read-only page) handled by the engine.
     pub write_faults: AtomicU64,
+    /// Pages sent to other ranks: grants, given pages and write-backs
+    /// (zero pages included).
     pub pages_sent: AtomicU64,
+    /// Page grants received (with bytes, zeros or an upgrade).
     pub pages_received: AtomicU64,
+    /// Bytes of page contents sent (`PAGE_SIZE` per page that carried them).
     pub bytes_sent: AtomicU64,
+    /// Bytes of the messages that brought those grants, as received.
     pub bytes_received: AtomicU64,
+    /// Requests passed on along a probable-owner hint (migratory protocol).
     pub requests_forwarded: AtomicU64,
+    /// Requests queued until their page was free
+    /// (`ProtocolCounters::deferred`).
     pub requests_deferred: AtomicU64,
     /// Pages this rank granted as their home (multi-reader protocol).
     pub grants_served: AtomicU64,
@@ -56,34 +68,57 @@ struct Samples {
 /// A copy of the counters at one moment, with latency percentiles.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
+    /// The rank these counters belong to.
     pub rank: usize,
+    /// Faults on a load handled by the engine.
     pub read_faults: u64,
+    /// Faults on a store handled by the engine.
     pub write_faults: u64,
+    /// Pages sent to other ranks (grants, given pages, write-backs).
     pub pages_sent: u64,
+    /// Page grants received.
     pub pages_received: u64,
+    /// Bytes of page contents sent.
     pub bytes_sent: u64,
+    /// Bytes of the messages that brought page grants.
     pub bytes_received: u64,
+    /// Requests passed on along a probable-owner hint (migratory).
     pub requests_forwarded: u64,
+    /// Requests queued until their page was free.
     pub requests_deferred: u64,
+    /// Pages this rank granted as their home (multi-reader).
     pub grants_served: u64,
+    /// Read-only copies requested ahead of a sequential read stream.
     pub pages_prefetched: u64,
+    /// Pages asked back with a faulting one, lost with it.
     pub pages_regained: u64,
+    /// Transport messages that carried several DSM messages.
     pub batches_sent: u64,
+    /// Messages handled in the transport's receive thread.
     pub messages_inline: u64,
+    /// Pages received by the transport straight into their frames.
     pub pages_landed: u64,
+    /// Read-only copies dropped to bound the cache.
     pub evictions_clean: u64,
+    /// Writable copies given back to their home to bound the cache.
     pub evictions_written_back: u64,
+    /// Bytes of those write-backs.
     pub bytes_written_back: u64,
+    /// Most bytes of pages homed elsewhere held at once.
     pub peak_cached_bytes: u64,
     /// Remote fault latency (fault seen by the engine -> page installed).
     #[serde(rename = "fault_latency_p50_ns", with = "nanoseconds")]
     pub fault_latency_p50: Duration,
+    /// 90th percentile of the remote fault latency.
     #[serde(rename = "fault_latency_p90_ns", with = "nanoseconds")]
     pub fault_latency_p90: Duration,
+    /// 99th percentile of the remote fault latency.
     #[serde(rename = "fault_latency_p99_ns", with = "nanoseconds")]
     pub fault_latency_p99: Duration,
+    /// Longest remote fault latency among the samples kept.
     #[serde(rename = "fault_latency_max_ns", with = "nanoseconds")]
     pub fault_latency_max: Duration,
+    /// Remote faults timed; past 2^20, percentiles come from a subsample.
     pub fault_latency_samples: u64,
     /// Pages this rank sent to each rank, by rank.
     #[serde(default)]
@@ -112,6 +147,7 @@ impl Stats {
         }
     }
 
+    /// Adds `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -121,6 +157,8 @@ impl Stats {
         counter.fetch_max(n, Ordering::Relaxed);
     }
 
+    /// Records one remote fault's latency: its histogram bucket, and a
+    /// sample for the percentiles (every other one once 2^20 are kept).
     pub fn record_latency(&self, d: Duration) {
         let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         let bucket = (ns.max(1).ilog2() as usize).min(LATENCY_BUCKETS - 1);
@@ -137,6 +175,8 @@ impl Stats {
         }
     }
 
+    /// The counters now, labelled with `rank`, and the latency percentiles
+    /// of the samples kept (zero without any).
     pub fn snapshot(&self, rank: usize) -> StatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let (mut values, seen) = {

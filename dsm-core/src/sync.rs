@@ -22,11 +22,16 @@ pub struct LockTable {
     locks: HashMap<u64, LockState>,
 }
 
+/// A release of a lock by a request that does not hold it (a protocol
+/// error).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("rank {rank} released lock {lock} (ticket {ticket}) which it does not hold")]
 pub struct NotHeld {
+    /// The lock's id.
     pub lock: u64,
+    /// The releasing rank.
     pub rank: Rank,
+    /// The ticket it released under.
     pub ticket: u64,
 }
 

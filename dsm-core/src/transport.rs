@@ -16,25 +16,47 @@ pub type Rank = usize;
 /// One message as received: who sent it and its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
+    /// The sending rank.
     pub from: Rank,
+    /// The message's bytes, as sent.
     pub payload: Vec<u8>,
 }
 
+/// Why a transport could not send or deliver.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("lost rank {rank} on host {host}: {reason}")]
+    /// The connection to a rank failed, closed without goodbye, or went
+    /// silent for the peer timeout (reason starting with [`NOT_RESPONDING`]).
     PeerLost {
+        /// The lost rank.
         rank: Rank,
+        /// Its host name.
         host: String,
+        /// What happened.
         reason: String,
     },
     #[error("rank {rank} is outside the job (size {size})")]
-    NoSuchRank { rank: Rank, size: usize },
+    /// A rank not in `0..size` was addressed.
+    NoSuchRank {
+        /// The rank addressed.
+        rank: Rank,
+        /// Number of ranks in the job.
+        size: usize,
+    },
     #[error("message of {len} bytes exceeds the transport's limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    /// A message longer than the transport can carry.
+    TooLarge {
+        /// Message length, bytes.
+        len: usize,
+        /// The transport's limit, bytes.
+        max: usize,
+    },
     #[error("connecting the job: {0}")]
+    /// Connecting the ranks of the job failed.
     Setup(String),
     #[error("the transport was shut down")]
+    /// The transport was shut down; nothing more is sent or received.
     Shutdown,
 }
 
@@ -48,8 +70,11 @@ pub const NOT_RESPONDING: &str = "not responding";
 /// line of the rank that noticed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LostPeer {
+    /// The lost rank.
     pub rank: Rank,
+    /// Its host name.
     pub host: String,
+    /// Why it was lost, without a trailing `; aborting`.
     pub reason: String,
 }
 
@@ -111,7 +136,9 @@ pub trait Landing: Send {
 /// a buffer as usual. The rules of [`InlineDelivery`] apply: it must never
 /// block on the network.
 pub struct PayloadPlacement {
+    /// Bytes read before asking `place`; at most [`PayloadPlacement::MAX_HEAD`].
     pub head_len: usize,
+    /// The choice: `(from, head, len)` to memory for the rest, or `None`.
     #[allow(clippy::type_complexity)]
     pub place: Box<dyn Fn(Rank, &[u8], usize) -> Option<Box<dyn Landing>> + Send + Sync>,
 }
@@ -129,13 +156,16 @@ impl PayloadPlacement {
 ///   delivered whole, never interleaved with another.
 /// * Sending to oneself is allowed and loops back.
 pub trait Transport: Send + Sync {
+    /// This process's rank.
     fn rank(&self) -> Rank;
+    /// Number of ranks in the job.
     fn size(&self) -> usize;
 
     /// Sends one message made of the concatenation of `parts` (a header and
     /// a page, say) without the caller having to copy them together.
     fn send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<(), TransportError>;
 
+    /// Sends one message to `to`.
     fn send(&self, to: Rank, payload: &[u8]) -> Result<(), TransportError> {
         self.send_parts(to, &[payload])
     }

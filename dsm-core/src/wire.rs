@@ -8,25 +8,46 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+/// First two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"DS";
+/// Protocol version this build writes and accepts (header byte 2).
 pub const VERSION: u8 = 1;
+/// Length of a frame header, bytes.
 pub const HEADER_LEN: usize = 8;
 
+/// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("connection closed")]
+    /// The stream ended cleanly before a frame began.
     Closed,
     #[error("connection closed in the middle of a frame")]
+    /// The stream ended inside a frame.
     Truncated,
     #[error("not a dsm frame (bad magic {0:02x?})")]
+    /// The header does not start with [`MAGIC`] (the bytes found).
     BadMagic([u8; 2]),
     #[error("unsupported dsm protocol version {0} (this build speaks {VERSION})")]
+    /// The header carries another protocol version (the one found).
     BadVersion(u8),
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
-    TooLong { len: u32, max: u32 },
+    /// The payload length exceeds the caller's bound.
+    TooLong {
+        /// Announced payload length, bytes.
+        len: u32,
+        /// The bound, bytes.
+        max: u32,
+    },
     #[error("unexpected frame kind {got} (expected {expected})")]
-    UnexpectedKind { got: u8, expected: u8 },
+    /// A frame of another kind than the one required ([`read_frame_of`]).
+    UnexpectedKind {
+        /// Kind received.
+        got: u8,
+        /// Kind required.
+        expected: u8,
+    },
     #[error(transparent)]
+    /// Any other I/O error, timeouts included (see [`WireError::is_timeout`]).
     Io(#[from] io::Error),
 }
 
@@ -37,13 +58,17 @@ impl WireError {
     }
 }
 
+/// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// Frame kind, chosen by the layer using the frames.
     pub kind: u8,
+    /// Payload length, bytes.
     pub len: u32,
 }
 
 impl FrameHeader {
+    /// The header's 8 bytes, with this build's [`MAGIC`] and [`VERSION`].
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let l = self.len.to_le_bytes();
         [
@@ -51,6 +76,8 @@ impl FrameHeader {
         ]
     }
 
+    /// Parses a header, rejecting a bad magic or version and a payload
+    /// longer than `max_len` bytes.
     pub fn decode(buf: &[u8; HEADER_LEN], max_len: u32) -> Result<Self, WireError> {
         if buf[0..2] != MAGIC {
             return Err(WireError::BadMagic([buf[0], buf[1]]));
@@ -97,6 +124,7 @@ pub fn write_frame_parts(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> io::R
     Ok(())
 }
 
+/// Writes one frame whose payload is `payload`; see [`write_frame_parts`].
 pub fn write_frame(w: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
     write_frame_parts(w, kind, &[payload])
 }

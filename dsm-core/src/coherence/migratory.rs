@@ -37,6 +37,8 @@ struct PageState {
     deferred: VecDeque<Rank>,
 }
 
+/// One rank's migratory state machine: ownership and probable-owner hint
+/// of every page.
 pub struct Migratory {
     rank: Rank,
     size: usize,
@@ -44,10 +46,14 @@ pub struct Migratory {
     min_hold: Duration,
     /// Pages with deferred requests (checked on timer ticks).
     waiting: BTreeSet<usize>,
+    /// Requests forwarded along hints and requests deferred.
     pub counters: ProtocolCounters,
 }
 
 impl Migratory {
+    /// Rank `rank` of a job of `size` ranks over `pages` pages: each page
+    /// starts owned, untouched, by its home (`page mod size`); a page that
+    /// arrives for a local fault is held at least `min_hold`.
     pub fn new(rank: Rank, size: usize, pages: usize, min_hold: Duration) -> Self {
         let pages = (0..pages)
             .map(|page| {
@@ -79,6 +85,7 @@ impl Migratory {
             .ok_or(CoherenceError::NoSuchPage { page, pages })
     }
 
+    /// Whether this rank owns `page` now (false for a page outside the space).
     pub fn owns(&self, page: usize) -> bool {
         self.pages.get(page).is_some_and(|p| p.owned)
     }

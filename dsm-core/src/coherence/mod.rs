@@ -17,64 +17,145 @@ pub use mrsw::Mrsw;
 use crate::proto::Msg;
 use crate::Rank;
 
+/// An effect a state machine asks the engine to carry out: it touches the
+/// mapping, the network or the waiting threads, which the machine never does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Send a control message.
-    Send { to: Rank, msg: Msg },
+    Send {
+        /// Destination rank (possibly this one).
+        to: Rank,
+        /// The message.
+        msg: Msg,
+    },
     /// Give `page` to `to`: copy it out of memory and drop it if `present`,
     /// else send it as all zeros (it was never touched here).
     GivePage {
+        /// The new owner.
         to: Rank,
+        /// Page index in the shared space.
         page: usize,
+        /// Mapped here (holds bytes), rather than owned but never touched.
         present: bool,
     },
     /// Map the page that just arrived (the grant being handled).
-    InstallGranted { page: usize },
+    InstallGranted {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Map a zero page: first touch of a page we own that was never written.
-    InstallZero { page: usize },
+    InstallZero {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Wake threads whose fault turned out to be moot.
-    Wake { page: usize },
+    Wake {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Multi-reader: map the page carried by the grant being handled
     /// (its bytes, or zeros), read-only or writable.
-    Install { page: usize, writable: bool },
+    Install {
+        /// Page index in the shared space.
+        page: usize,
+        /// Map it writable (a write grant) rather than write-protected.
+        writable: bool,
+    },
     /// Multi-reader upgrade: lift the write protection of our read-only copy.
-    MakeWritable { page: usize },
+    MakeWritable {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Drop our read-only copy (invalidation).
-    DropPage { page: usize },
+    DropPage {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Send our exclusive copy to the home: write-protect it, copy it out,
     /// and drop it unless `keep_shared` (then it stays mapped read-only).
     WriteBack {
+        /// The page's home.
         to: Rank,
+        /// Page index in the shared space.
         page: usize,
+        /// Keep the copy mapped read-only instead of dropping it.
         keep_shared: bool,
     },
     /// Eviction of our writable copy (multi-reader): write-protect it, copy
     /// it out, drop it and release its frame, and send the bytes to the
     /// home (`Msg::EvictedWriteBack`).
-    EvictWriteBack { to: Rank, page: usize },
+    EvictWriteBack {
+        /// The page's home.
+        to: Rank,
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Home: keep the page carried by the write-back being handled.
-    StoreBacking { page: usize },
+    StoreBacking {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Home: grant `to` the page from the home's copy (zeros if never written).
-    GrantFromBacking { to: Rank, page: usize, write: bool },
+    GrantFromBacking {
+        /// The requester.
+        to: Rank,
+        /// Page index in the shared space.
+        page: usize,
+        /// A write grant (exclusive copy) rather than a read-only copy.
+        write: bool,
+    },
     /// A store hit a sealed page: the application made an error.
-    SealedWrite { page: usize },
+    SealedWrite {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// The home finished sealing or flushing `page`: no writable copy is
     /// left and the home's copy is current.
-    Settled { page: usize },
+    Settled {
+        /// Page index in the shared space.
+        page: usize,
+    },
 }
 
+/// An event a state machine cannot accept: a bad page or rank, or a
+/// message that breaks the protocol (a bug or a corrupted peer, not a
+/// condition to retry).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CoherenceError {
+    /// The page index is not below the number of pages of the space.
     #[error("page {page} is outside the shared space ({pages} pages)")]
-    NoSuchPage { page: usize, pages: usize },
+    NoSuchPage {
+        /// The page asked about.
+        page: usize,
+        /// Pages of the space.
+        pages: usize,
+    },
+    /// Migratory: a page arrived that this rank is not fetching, or already owns.
     #[error("rank {from} granted page {page}, which this rank did not request")]
-    UnexpectedGrant { page: usize, from: Rank },
+    UnexpectedGrant {
+        /// The page granted.
+        page: usize,
+        /// The rank that sent it.
+        from: Rank,
+    },
+    /// A message claims to come from a rank not below the job's size.
     #[error("request for page {page} from rank {requester}, outside the job")]
-    BadRequester { page: usize, requester: Rank },
+    BadRequester {
+        /// The page asked for (0 from `Mrsw::on_message`, which checks the
+        /// sender before the message).
+        page: usize,
+        /// The out-of-range rank.
+        requester: Rank,
+    },
+    /// Multi-reader: a message that the page's state at this rank does
+    /// not allow (wrong sender, not asked for, or of another protocol).
     #[error("rank {from} sent {what} for page {page}, which does not fit its state here")]
     Unexpected {
+        /// The page concerned (0 for a message of another protocol).
         page: usize,
+        /// The sender.
         from: Rank,
+        /// What was received, as a phrase ("an unexpected write-back").
         what: &'static str,
     },
 }
@@ -82,6 +163,10 @@ pub enum CoherenceError {
 /// Counters the state machine keeps itself.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProtocolCounters {
+    /// Requests passed on to a probable owner (migratory).
     pub forwarded: u64,
+    /// Requests queued until the page is free: behind the home's
+    /// transaction in progress (multi-reader), or until the page's own
+    /// fetch or hold ends (migratory).
     pub deferred: u64,
 }

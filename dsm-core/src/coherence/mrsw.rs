@@ -56,17 +56,23 @@ use crate::Rank;
 /// Abstract time (nanoseconds since the engine started; ticks in the model).
 pub type Time = u64;
 
+/// The access a fault or a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Access {
+    /// A load: a read-only copy will do.
     Read,
+    /// A store: needs the only, writable copy.
     Write,
 }
 
 /// A rank's own copy of a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Copy {
+    /// No copy: any access faults.
     Invalid,
+    /// A read-only copy, mapped write-protected; others may exist.
     Shared,
+    /// The only copy, mapped writable.
     Modified,
 }
 
@@ -103,11 +109,15 @@ impl LocalPage {
 /// `Mrsw::home` of a page whose home is the default, `page mod size`.
 const DEFAULT_HOME: u32 = u32::MAX;
 
+/// The home's record of who holds copies of one of its pages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Directory {
+    /// No rank holds a copy: the home's copy is current.
     #[default]
     Uncached,
+    /// These ranks hold read-only copies; the home's copy is current.
     Shared(Readers),
+    /// This rank holds the only, writable copy; the home's may be stale.
     Exclusive(Rank),
 }
 
@@ -185,6 +195,8 @@ struct HomePage {
     sealed: bool,
 }
 
+/// One rank's multi-reader / single-writer state machine: its own copy of
+/// every page, and the directory of the pages it is home of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mrsw {
     rank: Rank,
@@ -208,12 +220,17 @@ pub struct Mrsw {
     waiting: BTreeMap<usize, VecDeque<Command>>,
     /// Pages homed elsewhere that this rank holds a copy of (its cache).
     cached: usize,
+    /// Requests queued behind a transaction in progress (`deferred`).
     pub counters: ProtocolCounters,
 }
 
 type Actions = Result<Vec<Action>, CoherenceError>;
 
 impl Mrsw {
+    /// Rank `rank` of a job of `size` ranks over a space of `pages` pages,
+    /// nothing held yet and every page at its default home (`page mod
+    /// size`); a granted page is kept at least `min_hold` before an
+    /// invalidation or recall takes it.
     pub fn new(rank: Rank, size: usize, pages: usize, min_hold: Time) -> Self {
         Mrsw {
             rank,
@@ -229,6 +246,8 @@ impl Mrsw {
         }
     }
 
+    /// The home rank of `page`: its segment's placement (`set_home`),
+    /// else `page mod size`.
     pub fn home_of(&self, page: usize) -> Rank {
         match self.home.get(page) {
             Some(&home) if home != DEFAULT_HOME => home as Rank,
@@ -478,7 +497,6 @@ impl Mrsw {
             })
     }
 
-    /// A message from `from` arrived.
     /// A read grant carrying the page's bytes (the engine keeps them): the
     /// same as `on_message` with that grant, for a run of grants handled
     /// without a message per page.
@@ -492,6 +510,9 @@ impl Mrsw {
         self.home_write_back(page, from)
     }
 
+    /// A message from `from` arrived. Errors on a sender outside the job, a
+    /// message of the migratory protocol, or one that does not fit the
+    /// page's state here.
     pub fn on_message(&mut self, from: Rank, msg: &Msg, now: Time) -> Actions {
         if from >= self.size {
             return Err(CoherenceError::BadRequester {
