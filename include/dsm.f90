@@ -11,7 +11,7 @@ module dsm
   implicit none
   private
   public :: dsm_init, dsm_finalize, dsm_rank, dsm_size, dsm_barrier
-  public :: dsm_malloc, dsm_remote_malloc, dsm_alloc, dsm_seal
+  public :: dsm_malloc, dsm_remote_malloc, dsm_alloc, dsm_coalloc, dsm_seal
   public :: dsm_lock, dsm_unlock, dsm_set_error_mode, dsm_strerror
   public :: dsm_last_error, dsm_stats, dsm_stats_t
 
@@ -90,6 +90,14 @@ module dsm
       integer(c_int), value :: placement, rank
       type(c_ptr) :: addr
     end function dsm_alloc
+
+    ! Collective: every rank calls it with the same arguments, and gets the same address.
+    function dsm_coalloc(size, placement, rank) bind(c, name="dsm_coalloc") result(addr)
+      import :: c_size_t, c_int, c_ptr
+      integer(c_size_t), value :: size
+      integer(c_int), value :: placement, rank
+      type(c_ptr) :: addr
+    end function dsm_coalloc
 
     function dsm_seal(addr) bind(c, name="dsm_seal") result(err)
       import :: c_int, c_ptr

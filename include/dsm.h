@@ -79,7 +79,7 @@ int dsm_size(void);
 /* Waits until every rank reached the barrier. 0 or an error code. */
 int dsm_barrier(void);
 
-/* Allocates shared memory from any rank, no collective call needed; the
+/* Allocates shared memory from any one rank, no collective call needed; the
  * address is the same on every rank (pass it to the others through shared
  * memory or your own messages). Returns NULL on error (DSM_ERRORS_RETURN).
  * dsm_malloc spreads the pages over the ranks; dsm_remote_malloc keeps them
@@ -89,6 +89,14 @@ int dsm_barrier(void);
 void *dsm_malloc(size_t size);
 void *dsm_remote_malloc(size_t size, int rank);
 void *dsm_alloc(size_t size, int placement, int rank);
+/* Collective allocation: every rank calls it, in the same order, with the
+ * same arguments, and every rank gets the same address (as MPI_Win_allocate;
+ * a DSM_REPLICATED segment is then created, and sealed, by rank 0). Use it
+ * when every rank works on a part of the data: dsm_malloc / dsm_alloc
+ * called on every rank would give each rank a segment of its own.
+ * Different arguments on different ranks end the job with an error naming
+ * both calls. NULL on error (DSM_ERRORS_RETURN). */
+void *dsm_coalloc(size_t size, int placement, int rank);
 /* Seals a DSM_REPLICATED segment this rank allocated (`addr` as returned):
  * from then on every rank reads it from a local read-only copy, and a
  * store to it is a fatal error naming the segment. 0 or an error code. */

@@ -29,46 +29,89 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a rank that lost a peer waits before exiting (see its use).
 const SECONDARY_FAILURE_DELAY: Duration = Duration::from_millis(500);
 
+/// Why a DSM call (or the DSM itself) failed. Each message names the
+/// problem and, where there is one, the setting that fixes it.
 #[derive(Debug, thiserror::Error)]
 pub enum DsmError {
+    /// A bad `DSM_*` setting.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The process was not started by a launcher, or its start-up data is wrong.
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
+    /// Mapping the space or an operation on its pages (userfaultfd) failed.
     #[error(transparent)]
     Fault(#[from] FaultError),
+    /// A peer was lost, or the transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The coherence protocol met an event its state forbids.
     #[error("coherence: {0}")]
     Coherence(#[from] CoherenceError),
+    /// A peer sent a message this rank's state forbids.
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("the shared space ({size} bytes) is larger than this machine's memory ({ram} bytes RAM + {swap} bytes swap), and the migratory protocol evicts nothing (any rank may end up holding every page); lower DSM_SPACE_SIZE, or use DSM_PROTOCOL=mrsw (the default), whose per-rank cache is bounded by DSM_CACHE_SIZE")]
-    TooLarge { size: usize, ram: u64, swap: u64 },
+    /// The space cannot fit this machine under the migratory protocol.
+    TooLarge {
+        /// Bytes of the space.
+        size: usize,
+        /// Bytes of RAM on this machine.
+        ram: u64,
+        /// Bytes of swap on this machine.
+        swap: u64,
+    },
     #[error("rank {rank} on {host}: {what} needs {need} bytes on {host}, which has {memory} bytes of RAM + swap; {fix}")]
+    /// Something would not fit in a host's memory (checked at start and at
+    /// each allocation).
     NoRoom {
+        /// The rank that checked.
         rank: Rank,
+        /// The host that lacks the room.
         host: String,
+        /// What needs it.
         what: String,
+        /// Bytes needed on that host.
         need: u64,
+        /// Bytes of RAM + swap of a node.
         memory: u64,
+        /// The setting to change.
         fix: &'static str,
     },
     #[error("out of memory: {available} bytes left of {total} in {scope}, while this rank holds {cached} bytes of other ranks' pages (its cache) beside the pages it is home of; spread the data over more ranks or hosts, or lower DSM_CACHE_SIZE")]
+    /// The rank is about to run out of memory (checked as pages arrive).
     OutOfMemory {
+        /// Bytes left.
         available: u64,
+        /// Bytes in all.
         total: u64,
+        /// Where: the node, or the rank's memory cgroup.
         scope: &'static str,
+        /// Bytes of other ranks' pages this rank holds.
         cached: u64,
     },
+    /// A service thread (fault reader, engine) could not start or failed.
     #[error("the fault reader failed: {0}")]
     FaultReader(String),
+    /// The engine has stopped (after a fatal error, or at finalize).
     #[error("the DSM engine has stopped")]
     Stopped,
     #[error("store to sealed replicated segment {segment} at {addr:#x}: the segment is read-only after seal()")]
-    SealedWrite { segment: u32, addr: usize },
+    /// A store to a sealed replicated segment.
+    SealedWrite {
+        /// The segment's id.
+        segment: u32,
+        /// The address stored to.
+        addr: usize,
+    },
     #[error("access to unallocated shared memory at {addr:#x} (the upper half of the space is the heap: allocate with dsm.alloc / dsm_malloc first)")]
-    Unallocated { addr: usize },
+    /// An access to heap memory no segment covers.
+    Unallocated {
+        /// The address accessed.
+        addr: usize,
+    },
+    /// An allocation or a segment operation was refused (heap full, wrong
+    /// rank, not a replicated segment...).
     #[error("{0}")]
     Segment(String),
 }
@@ -356,18 +399,23 @@ impl Dsm {
         })
     }
 
+    /// This process's rank, `0..size()`.
     pub fn rank(&self) -> Rank {
         self.rank
     }
 
+    /// Number of ranks in the job.
     pub fn size(&self) -> usize {
         self.size
     }
 
+    /// The host `rank` runs on, as the launcher named it (`"?"` for a rank
+    /// outside the job).
     pub fn host(&self, rank: Rank) -> &str {
         self.hosts.get(rank).map(String::as_str).unwrap_or("?")
     }
 
+    /// The configuration this rank runs with.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -388,10 +436,12 @@ impl Dsm {
         self.region().len()
     }
 
+    /// Whether the space has no bytes (never, once started).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Bytes per page: the unit of coherence and of transfer.
     pub fn page_size(&self) -> usize {
         PAGE_SIZE
     }
@@ -563,6 +613,49 @@ impl Dsm {
         })
     }
 
+    /// Allocates one segment collectively: every rank calls it, in the same
+    /// order, with the same size and placement, and every rank gets the
+    /// same segment (as `MPI_Win_allocate` does). Use it where each rank
+    /// works on a part of shared data; [`Dsm::alloc`] makes a segment of
+    /// the caller's own, which other ranks learn only by its address. A
+    /// replicated segment allocated this way is created (and sealed) by
+    /// rank 0. Different arguments on different ranks end the job with an
+    /// error naming both calls; a file segment is refused (use `alloc` on
+    /// the rank that holds the file).
+    pub fn coalloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
+        if let Placement::Localized(r) = placement {
+            if r >= self.size {
+                return Err(DsmError::Segment(format!(
+                    "cannot place a segment at rank {r}: the job has {} ranks",
+                    self.size
+                )));
+            }
+        }
+        if matches!(placement, Placement::File(_)) {
+            return Err(DsmError::Segment(
+                "a file segment cannot be allocated collectively: allocate it with alloc on the rank that holds the file".into(),
+            ));
+        }
+        if bytes == 0 {
+            return Err(DsmError::Segment("cannot allocate an empty segment".into()));
+        }
+        self.check_room(bytes, &placement)?;
+        let pages = bytes.div_ceil(PAGE_SIZE) as u64;
+        // The creator of a replicated segment is the same on every rank.
+        let (kind, rank) = placement.code(0);
+        let info = self.ask(|reply| Input::CoAlloc {
+            pages,
+            kind,
+            rank,
+            reply,
+        })?;
+        Ok(Segment {
+            info,
+            base: self.base() as usize,
+            len: bytes,
+        })
+    }
+
     /// The segment's memory as 64-bit atomics.
     pub fn segment_words(&self, segment: &Segment) -> &[AtomicU64] {
         let start = segment.info.first_page as usize * PAGE_SIZE / 8;
@@ -593,6 +686,7 @@ impl Dsm {
         })
     }
 
+    /// This rank's statistics so far (faults, traffic, latency, evictions).
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot(self.rank)
     }
@@ -748,6 +842,7 @@ pub struct LockGuard<'a> {
 }
 
 impl LockGuard<'_> {
+    /// The lock's id.
     pub fn id(&self) -> u64 {
         self.id
     }

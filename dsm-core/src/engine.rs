@@ -64,6 +64,13 @@ pub(crate) enum Input {
         contents: Option<Vec<u8>>,
         reply: Reply<SegmentInfo>,
     },
+    /// This rank's part of a collective allocation (every rank calls it).
+    CoAlloc {
+        pages: u64,
+        kind: u8,
+        rank: u32,
+        reply: Reply<SegmentInfo>,
+    },
     Seal {
         segment: SegmentInfo,
         reply: Reply<()>,
@@ -134,6 +141,17 @@ enum Parked {
     Message(Message),
 }
 
+/// Rank 0's record of a collective allocation under way: the arguments
+/// of the first rank that asked (every rank must pass the same) and who
+/// asked, with the ticket to answer each under.
+struct PendingCoAlloc {
+    pages: u64,
+    kind: u8,
+    rank: u32,
+    first: Rank,
+    askers: Vec<(Rank, u64)>,
+}
+
 /// A seal or sync waiting for its pages to settle at this home.
 struct Settling {
     pages: FxHashSet<usize>,
@@ -181,6 +199,10 @@ pub(crate) struct Engine {
     lock_waiters: HashMap<u64, (u64, Reply<u64>)>,
     locks: LockTable,
     alloc_waiters: HashMap<u64, (Reply<SegmentInfo>, Option<Vec<u8>>)>,
+    /// Collective allocations this rank asked for so far (their numbers).
+    coalloc_epoch: u64,
+    /// Rank 0: the collective allocations some ranks have asked for.
+    coallocs: BTreeMap<u64, PendingCoAlloc>,
     settling: Vec<Settling>,
     zero_page: Box<[u8; PAGE_SIZE]>,
     stream: Stream,
@@ -456,6 +478,8 @@ impl Engine {
             lock_waiters: HashMap::new(),
             locks: LockTable::default(),
             alloc_waiters: HashMap::new(),
+            coalloc_epoch: 0,
+            coallocs: BTreeMap::new(),
             settling: Vec::new(),
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
@@ -767,6 +791,35 @@ impl Engine {
                     0,
                     Msg::AllocReq {
                         ticket,
+                        pages,
+                        kind,
+                        rank,
+                    }
+                    .header(),
+                );
+                Ok(())
+            }
+            Input::CoAlloc {
+                pages,
+                kind,
+                rank,
+                reply,
+            } => {
+                if !matches!(self.node, Node::Mrsw(_)) {
+                    let _ = reply.send(Err(DsmError::Segment(
+                        "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
+                            .into(),
+                    )));
+                    return Ok(());
+                }
+                let ticket = self.ticket();
+                self.alloc_waiters.insert(ticket, (reply, None));
+                self.coalloc_epoch += 1;
+                self.out.send(
+                    0,
+                    Msg::CoAllocReq {
+                        ticket,
+                        epoch: self.coalloc_epoch,
                         pages,
                         kind,
                         rank,
@@ -1276,6 +1329,13 @@ impl Engine {
                     .send(from, Msg::AllocReply { ticket, segment }.header());
                 Ok(())
             }
+            Msg::CoAllocReq {
+                ticket,
+                epoch,
+                pages,
+                kind,
+                rank,
+            } => self.on_coalloc_request(from, ticket, epoch, (pages, kind, rank)),
             Msg::AllocReply { ticket, segment } => {
                 let Some((reply, contents)) = self.alloc_waiters.remove(&ticket) else {
                     return Err(DsmError::Protocol(format!(
@@ -1505,6 +1565,65 @@ impl Engine {
                 "from rank {from}: unexpected {other:?}"
             ))),
         }
+    }
+
+    /// Rank 0: rank `from`'s part of collective allocation `epoch`. Once
+    /// every rank has asked, with the same arguments, the segment is
+    /// allocated once and every rank answered with it; different arguments
+    /// are a program error that ends the job, naming both calls.
+    fn on_coalloc_request(
+        &mut self,
+        from: Rank,
+        ticket: u64,
+        epoch: u64,
+        (pages, kind, rank): (u64, u8, u32),
+    ) -> Result<(), DsmError> {
+        if self.rank != 0 {
+            return Err(DsmError::Protocol(format!(
+                "rank {from} sent a collective allocation to rank {}",
+                self.rank
+            )));
+        }
+        let pending = self.coallocs.entry(epoch).or_insert(PendingCoAlloc {
+            pages,
+            kind,
+            rank,
+            first: from,
+            askers: Vec::new(),
+        });
+        if (pending.pages, pending.kind, pending.rank) != (pages, kind, rank) {
+            let describe = |pages: u64, kind: u8, rank: u32| match kind {
+                1 => format!("{pages} page(s) localized at rank {rank}"),
+                _ => format!("{pages} page(s) {}", kind_name(kind)),
+            };
+            return Err(DsmError::Segment(format!(
+                "collective allocation {epoch}: rank {from} asked for {}, rank {} for {}; every rank must call it with the same size and placement, in the same order",
+                describe(pages, kind, rank),
+                pending.first,
+                describe(pending.pages, pending.kind, pending.rank)
+            )));
+        }
+        if pending.askers.iter().any(|(r, _)| *r == from) {
+            return Err(DsmError::Protocol(format!(
+                "rank {from} asked twice for collective allocation {epoch}"
+            )));
+        }
+        pending.askers.push((from, ticket));
+        if pending.askers.len() < self.size {
+            return Ok(());
+        }
+        let Some(done) = self.coallocs.remove(&epoch) else {
+            return Ok(());
+        };
+        let segment = self.registry.allocate(done.pages, done.kind, done.rank);
+        if let Some(info) = segment {
+            self.register(info);
+        }
+        for (asker, ticket) in done.askers {
+            self.out
+                .send(asker, Msg::AllocReply { ticket, segment }.header());
+        }
+        Ok(())
     }
 
     /// A thread's wait, with what the engine knows of it.

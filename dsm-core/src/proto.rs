@@ -47,6 +47,7 @@ const PLACED_READ_RUN: u8 = 29;
 /// writable copy back (with the bytes), to make room in its cache.
 const EVICTED: u8 = 30;
 const EVICTED_WRITE_BACK: u8 = 31;
+const COALLOC_REQ: u8 = 32;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
@@ -55,12 +56,16 @@ pub const BATCH_MAX_BYTES: usize = 256 << 10;
 /// A segment as the registry describes it on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SegmentInfo {
+    /// Id given by the reference rank, from 1 up; 0 for a raw chunk.
     pub id: u32,
+    /// Index of its first page in the shared space.
     pub first_page: u64,
+    /// Number of pages it spans.
     pub pages: u64,
-    /// 0 distributed, 1 localized, 2 replicated, 3 private, 4 file
+    /// 0 distributed, 1 localized, 2 replicated, 3 private, 4 file, 5 raw
+    /// chunk.
     pub kind: u8,
-    /// The localized rank, or the creator (replicated, file).
+    /// The localized rank, or the creator (replicated, file); 0 otherwise.
     pub rank: u32,
 }
 
@@ -97,119 +102,203 @@ pub enum Payload {
     Upgrade,
 }
 
+/// A DSM message: [`Msg::header`] and [`Msg::page_data`] (or
+/// [`Msg::encode`]) give its wire bytes, [`Msg::decode`] reads them back.
+/// Page numbers are indices in the shared space.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// `requester` wants page `page` (Migratory: ownership moves to it).
+    /// Sent to the probable owner, forwarded along the hints.
     PageRequest {
+        /// The page wanted.
         page: u64,
+        /// The rank that faulted (kept when the request is forwarded).
         requester: u32,
+        /// Write access wanted; the migratory protocol always sets it (the
+        /// page moves either way).
         write: bool,
     },
-    /// The page, for the requester; `None` means all zeros (never written).
+    /// Migratory, owner -> requester: the page and its ownership.
     PageGrant {
+        /// The page granted.
         page: u64,
+        /// Its bytes; `None` means all zeros (never written).
         data: Option<PageData>,
     },
+    /// Any rank -> rank 0: this rank reached barrier `epoch`.
     BarrierEnter {
+        /// The barrier's number: every rank counts its barriers from 1.
         epoch: u64,
     },
+    /// Rank 0 -> every rank (itself too): all ranks reached barrier `epoch`.
     BarrierRelease {
+        /// The barrier's number, as in its `BarrierEnter`.
         epoch: u64,
     },
-    /// Multi-reader protocol, requester -> home.
+    /// Multi-reader protocol, requester -> home: a read-only copy of `page`.
     ReadReq {
+        /// The page wanted.
         page: u64,
     },
+    /// Multi-reader, requester -> home: a writable copy of `page` (an
+    /// upgrade if the requester holds a read-only copy).
     WriteReq {
+        /// The page wanted.
         page: u64,
     },
     /// Home -> sharer: drop your read-only copy and acknowledge.
     Invalidate {
+        /// The page to drop.
         page: u64,
     },
+    /// Sharer -> home, answering `Invalidate`: the read-only copy is gone.
     InvalidateAck {
+        /// The page invalidated.
         page: u64,
     },
     /// Home -> exclusive owner: send the page back; keep a read-only copy if `keep_shared`.
     Recall {
+        /// The page recalled.
         page: u64,
+        /// Keep a read-only copy (for a reader, or a seal or flush);
+        /// otherwise drop it (for a writer).
         keep_shared: bool,
     },
     /// Owner -> home, answering a recall.
     WriteBack {
+        /// The page written back.
         page: u64,
+        /// Its latest bytes.
         data: PageData,
     },
     /// Reader -> home: this rank dropped its read-only copy to make room
     /// in its cache (`DSM_CACHE_SIZE`); it is no longer a sharer.
     Evicted {
+        /// The page dropped.
         page: u64,
     },
     /// Owner -> home, unasked: this rank gave up its writable copy to make
     /// room in its cache; the bytes are the page's latest, and no copy is
     /// left here. Also answers a recall that crossed it.
     EvictedWriteBack {
+        /// The page given back.
         page: u64,
+        /// Its latest bytes.
         data: PageData,
     },
-    /// Home -> requester.
+    /// Home -> requester, answering `ReadReq` or `WriteReq`.
     Grant {
+        /// The page granted.
         page: u64,
+        /// A writable (exclusive) copy if true, else a read-only one.
         write: bool,
+        /// The page's contents; `Payload::Upgrade` only with `write`.
         payload: Payload,
     },
     /// Home -> requester: no writes to this page (a sealed segment).
     Denied {
+        /// The page whose write request is refused.
         page: u64,
     },
     /// Locks, held at the lock's home rank; `ticket` tells apart the
-    /// requests of one process.
+    /// requests of one process. Requester -> home: take `lock`.
     LockAcquire {
+        /// The lock's id (its home is rank `lock mod N`).
         lock: u64,
+        /// The requesting process's number for this request.
         ticket: u64,
     },
+    /// Home -> requester: `lock` is now held by the request `ticket`.
     LockGrant {
+        /// The lock's id.
         lock: u64,
+        /// The ticket of the request granted.
         ticket: u64,
     },
+    /// Holder -> home: `lock` is free again; the next in line gets it.
     LockRelease {
+        /// The lock's id.
         lock: u64,
+        /// The ticket it was granted under.
         ticket: u64,
     },
-    /// Segment registry at the reference rank (0).
+    /// Segment registry at the reference rank (0). Any rank -> rank 0:
+    /// carve a segment off the heap.
     AllocReq {
+        /// The asking process's number for this request, echoed in the reply.
         ticket: u64,
+        /// Size of the segment, in pages.
         pages: u64,
+        /// Placement code, as [`SegmentInfo::kind`].
         kind: u8,
+        /// Placement's rank, as [`SegmentInfo::rank`].
         rank: u32,
     },
-    AllocReply {
+    /// Any rank -> rank 0: this rank's part of collective allocation
+    /// number `epoch` (every rank calls it, in the same order, with the
+    /// same arguments); rank 0 allocates once all ranks have asked and
+    /// answers each with `AllocReply`.
+    CoAllocReq {
+        /// The asking process's number for this request, echoed in the reply.
         ticket: u64,
+        /// The collective allocation's number, counted by each rank.
+        epoch: u64,
+        /// Size of the segment, in pages.
+        pages: u64,
+        /// Placement code, as [`SegmentInfo::kind`].
+        kind: u8,
+        /// Placement's rank, as [`SegmentInfo::rank`].
+        rank: u32,
+    },
+    /// Rank 0 -> requester, answering `AllocReq` or `CoAllocReq`.
+    AllocReply {
+        /// The request's ticket.
+        ticket: u64,
+        /// The new segment; `None` if it could not be allocated (heap full).
         segment: Option<SegmentInfo>,
     },
+    /// Any rank -> rank 0: which segment holds heap page `page`? Sent on a
+    /// first fault or message about a page of a segment this rank does not
+    /// know yet.
     Lookup {
+        /// The page looked up.
         page: u64,
     },
+    /// Rank 0 -> requester, answering `Lookup`.
     LookupReply {
+        /// The page looked up.
         page: u64,
+        /// The segment holding it, or the raw chunk around it; `None` if
+        /// the page is not in the heap (an access to unallocated memory).
         segment: Option<SegmentInfo>,
     },
 }
 
+/// Why bytes received are not a well-formed DSM message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtoError {
+    /// No bytes at all.
     #[error("empty DSM message")]
     Empty,
+    /// The first byte is no message kind [`Msg::decode`] knows.
     #[error("unknown DSM message kind {0}")]
     UnknownKind(u8),
+    /// The length does not fit the kind's fixed layout.
     #[error("DSM message kind {kind} has {len} bytes, expected {expected}")]
     BadLength {
+        /// The message kind (first byte).
         kind: u8,
+        /// Bytes received.
         len: usize,
+        /// Bytes the layout needs (at least that many, for a reply shorter
+        /// than its fixed part).
         expected: usize,
     },
+    /// A batch [`batch_parts`] refuses; says what is wrong.
     #[error("malformed batch: {0}")]
     BadBatch(&'static str),
+    /// A run of read grants [`read_grant_run`] refuses (or one given to
+    /// [`Msg::decode`]); says what is wrong.
     #[error("malformed run of read grants: {0}")]
     BadRun(&'static str),
 }
@@ -384,6 +473,7 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 impl Msg {
+    /// A migratory `PageRequest` by `requester` for `page`.
     pub fn request(page: usize, requester: Rank, write: bool) -> Msg {
         Msg::PageRequest {
             page: page as u64,
@@ -459,6 +549,20 @@ impl Msg {
             } => {
                 out.push(ALLOC_REQ);
                 out.extend_from_slice(&ticket.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+                out.push(*kind);
+                out.extend_from_slice(&rank.to_le_bytes());
+            }
+            Msg::CoAllocReq {
+                ticket,
+                epoch,
+                pages,
+                kind,
+                rank,
+            } => {
+                out.push(COALLOC_REQ);
+                out.extend_from_slice(&ticket.to_le_bytes());
+                out.extend_from_slice(&epoch.to_le_bytes());
                 out.extend_from_slice(&pages.to_le_bytes());
                 out.push(*kind);
                 out.extend_from_slice(&rank.to_le_bytes());
@@ -555,6 +659,10 @@ impl Msg {
         out
     }
 
+    /// Decodes one whole message (header and any page bytes), copying the
+    /// page it carries into a new buffer. Batches ([`batch_parts`]), runs of
+    /// read grants ([`read_grant_run`]) and placed-run notices
+    /// ([`placed_read_run`]) are errors here.
     pub fn decode(bytes: &[u8]) -> Result<Msg, ProtoError> {
         Msg::decode_with(bytes, &mut page_from)
     }
@@ -682,6 +790,16 @@ impl Msg {
                     rank: u32_at(bytes, 18),
                 })
             }
+            COALLOC_REQ => {
+                expect(30)?;
+                Ok(Msg::CoAllocReq {
+                    ticket: u64_at(bytes, 1),
+                    epoch: u64_at(bytes, 9),
+                    pages: u64_at(bytes, 17),
+                    kind: bytes[25],
+                    rank: u32_at(bytes, 26),
+                })
+            }
             ALLOC_REPLY | LOOKUP_REPLY => {
                 if bytes.len() < 10 {
                     return Err(ProtoError::BadLength {
@@ -799,6 +917,13 @@ mod tests {
                 pages: 10,
                 kind: 1,
                 rank: 3,
+            },
+            Msg::CoAllocReq {
+                ticket: 4,
+                epoch: 2,
+                pages: 10,
+                kind: 0,
+                rank: 0,
             },
             Msg::AllocReply {
                 ticket: 1,

@@ -252,7 +252,13 @@ pub extern "C" fn dsm_remote_malloc(size: usize, rank: c_int) -> *mut c_void {
 /// `DSM_LOCALIZED` at `rank`, `DSM_REPLICATED`, `DSM_PRIVATE`).
 #[no_mangle]
 pub extern "C" fn dsm_alloc(size: usize, placement: c_int, rank: c_int) -> *mut c_void {
-    let placement = match placement {
+    let result = placement_arg(placement, rank).and_then(|p| allocate(size, p));
+    address("dsm_alloc", result)
+}
+
+/// The placement of dsm.h's `placement` and `rank` arguments.
+fn placement_arg(placement: c_int, rank: c_int) -> Result<Placement, Failure> {
+    match placement {
         DSM_DISTRIBUTED => Ok(Placement::Distributed),
         DSM_LOCALIZED => rank_arg(rank).map(Placement::Localized),
         DSM_REPLICATED => Ok(Placement::Replicated),
@@ -260,8 +266,25 @@ pub extern "C" fn dsm_alloc(size: usize, placement: c_int, rank: c_int) -> *mut 
         other => Err(Failure::invalid(format!(
             "unknown placement {other} (DSM_DISTRIBUTED, DSM_LOCALIZED, DSM_REPLICATED or DSM_PRIVATE)"
         ))),
-    };
-    address("dsm_alloc", placement.and_then(|p| allocate(size, p)))
+    }
+}
+
+/// Allocates one segment collectively: every rank calls it with the same
+/// arguments and gets the same address.
+#[no_mangle]
+pub extern "C" fn dsm_coalloc(size: usize, placement: c_int, rank: c_int) -> *mut c_void {
+    let result = placement_arg(placement, rank).and_then(|placement| {
+        with_dsm(|d| {
+            let segment = d.coalloc(size, placement)?;
+            SEGMENTS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(segment.addr() as usize, segment);
+            Ok(segment.addr() as *mut c_void)
+        })
+    });
+    address("dsm_coalloc", result)
 }
 
 /// Seals a replicated segment this rank allocated (at `addr`).

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! dsm: processes started by `dsmexec` (or `srun`, `mpirun`) share one address space.
 //!
 //! ```no_run
@@ -12,8 +13,81 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! From C, `include/dsm.h` gives the seed's API (`dsm_init`, `dsm_finalize`,
-//! `dsm_rank`, `dsm_size`, `dsm_barrier`); link with `-ldsm`.
+//! Start it with `dsmexec -n 4 target/release/my_program` (a rank per
+//! process; see `dsmexec --help`). Memory is sequentially consistent at
+//! page granularity: a store is seen by every later load of any rank, and
+//! atomics on shared words are atomic across ranks.
+//!
+//! # A tour of the API
+//!
+//! **Segments** ([`Dsm::alloc`], [`Placement`]): any rank allocates alone,
+//! and the segment has the same address on every rank. Hand it to the
+//! others through shared memory (or your own messages):
+//!
+//! ```no_run
+//! # use std::sync::atomic::Ordering::Relaxed;
+//! # let dsm = dsm::init_from_env()?;
+//! use dsm::Placement;
+//! if dsm.rank() == 0 {
+//!     let rows = dsm.alloc(1 << 20, Placement::Localized(1))?; // pages live at rank 1
+//!     dsm.words()[0].store(rows.addr() as u64, Relaxed);       // publish the address
+//! }
+//! dsm.barrier()?;
+//! let rows = dsm.words()[0].load(Relaxed) as *mut u64;         // same address everywhere
+//! # let _ = rows;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! **Read-only tables** ([`Placement::Replicated`], [`Dsm::seal`]): the
+//! creator writes, seals, and every rank then reads a local copy that is
+//! never invalidated; a store after the seal is an error naming the segment.
+//!
+//! ```no_run
+//! # use std::sync::atomic::Ordering::Relaxed;
+//! # let dsm = dsm::init_from_env()?;
+//! let table = dsm.alloc(64 << 10, dsm::Placement::Replicated)?;
+//! for (i, word) in dsm.segment_words(&table).iter().enumerate() {
+//!     word.store(i as u64 * i as u64, Relaxed);
+//! }
+//! dsm.seal(&table)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! **Locks** ([`Dsm::lock`]): FIFO, managed at rank `id mod N`; a waiting
+//! thread sleeps. The guard releases the lock when dropped.
+//!
+//! ```no_run
+//! # use std::sync::atomic::Ordering::Relaxed;
+//! # let dsm = dsm::init_from_env()?;
+//! let total = &dsm.words()[8];
+//! {
+//!     let _held = dsm.lock(7)?;
+//!     total.store(total.load(Relaxed) + 1, Relaxed); // no other rank in between
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! **Memory beyond a node** ([`Dsm::set_cache_size`], `DSM_CACHE_SIZE`):
+//! each rank holds the pages it is home of plus a bounded cache of the
+//! others, evicting the oldest; [`Dsm::stats`] counts what moved.
+//!
+//! ```no_run
+//! # let dsm = dsm::init_from_env()?;
+//! dsm.set_cache_size(Some(512 << 20))?; // at most 512 MiB of other ranks' pages
+//! // ... work ...
+//! let stats = dsm.stats();
+//! println!("{} faults, {} pages evicted", stats.read_faults + stats.write_faults,
+//!          stats.evictions_clean + stats.evictions_written_back);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! **Ending**: [`Dsm::finalize`] waits for every rank, so no rank leaves
+//! while another may still need a page it holds. A rank that ends without
+//! it is reported by its peers (and named by dsmexec).
+//!
+//! From C, C++ and Fortran: `include/dsm.h` and `include/dsm.f90`, installed
+//! with `scripts/install.sh --prefix DIR` (pkg-config `dsm`, CMake
+//! `dsm::dsm`).
 
 use std::sync::Arc;
 

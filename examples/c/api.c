@@ -58,6 +58,23 @@ int main(int argc, char **argv) {
   }
   if (check(dsm_barrier(), "dsm_barrier")) return 1;
 
+  /* A collective allocation: the same segment on every rank, each rank
+   * writes its slot, every rank reads them all. */
+  uint64_t *slots = (uint64_t *)dsm_coalloc(4096, DSM_DISTRIBUTED, 0);
+  if (slots == NULL) {
+    fprintf(stderr, "dsm_coalloc: %s\n", dsm_last_error());
+    return 1;
+  }
+  slots[rank] = (uint64_t)rank + 1;
+  if (check(dsm_barrier(), "dsm_barrier")) return 1;
+  uint64_t slot_sum = 0;
+  for (int r = 0; r < size; r++) slot_sum += slots[r];
+  if (slot_sum != (uint64_t)(size * (size + 1) / 2)) {
+    fprintf(stderr, "rank %d: the collective segment's slots add up to %llu\n", rank,
+            (unsigned long long)slot_sum);
+    return 1;
+  }
+
   uint64_t total = counters[0], mine = counters[1 + rank];
   dsm_stats_t stats;
   if (check(dsm_stats(&stats), "dsm_stats")) return 1;

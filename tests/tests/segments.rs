@@ -34,6 +34,31 @@ fn placements_are_honoured_and_pointers_work_across_ranks() {
 }
 
 #[test]
+fn a_collective_allocation_gives_every_rank_the_same_segment() {
+    for n in [2, 4] {
+        let out = job(n, &bin("segments"), &["collective"]);
+        out.expect_each_rank(
+            n,
+            "collective segments verified: same addresses on every rank, sums exact",
+        );
+    }
+}
+
+#[test]
+fn collective_allocations_with_different_arguments_end_the_job_naming_both() {
+    let out = job(3, &bin("segments"), &["collective-mismatch"]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("collective allocation 1: rank ")
+            && out
+                .stderr
+                .contains("every rank must call it with the same size and placement"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
 fn a_store_to_a_sealed_segment_is_an_error_naming_it() {
     let out = job(3, &bin("segments"), &["sealed-write"]);
     assert_ne!(out.code, Some(0), "{out:?}");

@@ -12,6 +12,13 @@
 //!   checks its bytes, the last rank changes one word, rank 0 syncs the file.
 //! * `segments locks THREADS N`: every thread increments one counter N times
 //!   under distributed lock 7, with a plain load and store.
+//! * `segments collective`: every rank calls `coalloc` twice (a distributed
+//!   segment and one localized at the last rank) and gets the same segments;
+//!   each rank writes its share of the words, and every rank's sum over all
+//!   of them is exact (with `alloc` on every rank, each would sum only its
+//!   own segment).
+//! * `segments collective-mismatch`: rank 1 asks for a different size: the
+//!   job ends with an error naming both calls.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -36,6 +43,50 @@ fn raw(dsm: &Dsm, i: usize) -> &AtomicU64 {
 /// The 64-bit word at an address published by another rank.
 fn word_at(dsm: &Dsm, addr: u64) -> &AtomicU64 {
     &dsm.words()[(addr as usize - dsm.base() as usize) / 8]
+}
+
+/// `collective`: two collective segments, each rank writing every
+/// size-th word from its rank on, every rank summing all of them.
+fn collective(dsm: &Dsm) -> Result<String> {
+    let (rank, size) = (dsm.rank(), dsm.size());
+    const WORDS: usize = 3 * 512 + 17; // over several pages, not a whole number of them
+    let spread = dsm.coalloc(WORDS * 8, Placement::Distributed)?;
+    let at_last = dsm.coalloc(WORDS * 8, Placement::Localized(size - 1))?;
+    // The same segments everywhere: rank 0 publishes its addresses.
+    if rank == 0 {
+        raw(dsm, 8).store(spread.addr() as u64, Relaxed);
+        raw(dsm, 9).store(at_last.addr() as u64, Relaxed);
+    }
+    dsm.barrier()?;
+    check(
+        raw(dsm, 8).load(Relaxed) == spread.addr() as u64
+            && raw(dsm, 9).load(Relaxed) == at_last.addr() as u64,
+        || format!("rank {rank} got other segments than rank 0"),
+    )?;
+    for segment in [&spread, &at_last] {
+        let words = &dsm.segment_words(segment)[..WORDS];
+        for (i, word) in words.iter().enumerate().skip(rank).step_by(size) {
+            word.store(i as u64 + 1, Relaxed);
+        }
+    }
+    dsm.barrier()?;
+    let expected = (WORDS * (WORDS + 1) / 2) as u64;
+    for segment in [&spread, &at_last] {
+        let sum: u64 = dsm.segment_words(segment)[..WORDS]
+            .iter()
+            .map(|w| w.load(Relaxed))
+            .sum();
+        check(sum == expected, || {
+            format!(
+                "rank {rank}: sum {sum} over segment {}, expected {expected}",
+                segment.id()
+            )
+        })?;
+    }
+    dsm.barrier()?;
+    Ok(format!(
+        "collective segments verified: same addresses on every rank, sums exact ({expected})"
+    ))
 }
 
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
@@ -67,6 +118,13 @@ fn run() -> Result<()> {
                 word_at(&dsm, addr).store(2, Relaxed); // must not return
                 return Err("a store to a sealed segment was allowed".into());
             }
+            dsm.barrier()?;
+            "unreachable".to_string()
+        }
+        "collective" => collective(&dsm)?,
+        "collective-mismatch" => {
+            let bytes = if rank == 1 { 2 * 4096 } else { 4096 };
+            dsm.coalloc(bytes, Placement::Distributed)?; // rank 0 ends the job
             dsm.barrier()?;
             "unreachable".to_string()
         }
