@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Core of the dsm distributed shared memory system.
 //!
 //! This crate owns what every layer shares: the launcher-to-process
