@@ -3,7 +3,7 @@
 //! the ranks' fates into one exit status.
 //!
 //! Everything that happens (a connection, a control message, a process
-//! exit, a signal) becomes an [`Event`] on one channel, handled by one loop:
+//! exit, a signal) becomes an `Event` on one channel, handled by one loop:
 //! no shared mutable state between threads.
 
 use std::io::{BufWriter, Write};
@@ -52,19 +52,31 @@ const HANG_REPORT_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
 
 /// Everything dsmexec was asked to do.
 pub struct JobSpec {
+    /// One entry per process; the index is the rank.
     pub slots: Vec<Slot>,
+    /// The program each rank runs (a path, or a name looked up in `PATH` on
+    /// each host).
     pub program: String,
+    /// The program's arguments.
     pub args: Vec<String>,
     /// The ssh command and its options, already split into words.
     pub ssh: Vec<String>,
     /// Path of dsmwrap, on this machine and on every remote host.
     pub wrap: PathBuf,
+    /// Directory the ranks run in.
     pub cwd: PathBuf,
+    /// Prefix each forwarded output line with `[RANK HOST stdout|stderr] `.
     pub prefix: bool,
+    /// Time the ranks get to exit after a failure or a forwarded signal,
+    /// between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// Time every slot gets to start and connect back (also the ssh
+    /// `ConnectTimeout`).
     pub startup_timeout: Duration,
     /// Variables exported to every rank.
     pub env: Vec<(String, String)>,
+    /// Address dsmexec listens on for control connections (`None`: the one
+    /// facing the remote hosts, 127.0.0.1 for a local job).
     pub bind: Option<IpAddr>,
     /// Display name of local slots when no machine file named them.
     pub local_name: Option<String>,

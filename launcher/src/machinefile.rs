@@ -9,25 +9,43 @@
 
 use std::path::Path;
 
+/// One process of the job: its index in the list is its rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
+    /// Host to run it on, as written in the machine file (may be `user@host`).
     pub host: String,
 }
 
+/// Why a machine file cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MachineFileError {
+    /// The file cannot be read.
     #[error("cannot read machine file {path}: {reason}")]
-    Unreadable { path: String, reason: String },
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The file has no host lines.
     #[error("machine file {path} lists no hosts (one host per line, e.g. `node1 slots=2`)")]
-    Empty { path: String },
+    Empty {
+        /// The file.
+        path: String,
+    },
+    /// A line is not `HOST [slots=K]`.
     #[error("machine file {path}, line {line}: {reason}")]
     BadLine {
+        /// The file.
         path: String,
+        /// Line number, from 1.
         line: usize,
+        /// What is wrong with it.
         reason: String,
     },
 }
 
+/// Reads and parses the machine file at `path`.
 pub fn read(path: &Path) -> Result<Vec<Slot>, MachineFileError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| MachineFileError::Unreadable {
@@ -37,6 +55,8 @@ pub fn read(path: &Path) -> Result<Vec<Slot>, MachineFileError> {
     parse(&text, &name)
 }
 
+/// Parses machine file `text` into slots, one per process in file order;
+/// `name` identifies the file in errors.
 pub fn parse(text: &str, name: &str) -> Result<Vec<Slot>, MachineFileError> {
     let mut slots = Vec::new();
     for (index, raw) in text.lines().enumerate() {

@@ -10,13 +10,17 @@ use std::sync::{Arc, Mutex};
 
 const MAX_LINE: usize = 1 << 20;
 
+/// One of a process's output streams, forwarded to the same one of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
+    /// Standard output.
     Stdout,
+    /// Standard error.
     Stderr,
 }
 
 impl Stream {
+    /// `"stdout"` or `"stderr"`, as in the line prefix.
     pub fn name(self) -> &'static str {
         match self {
             Stream::Stdout => "stdout",
@@ -33,7 +37,9 @@ pub type LastLine = Arc<Mutex<String>>;
 /// output (`dsmexec --stats-report` collects the ranks' JSON statistics).
 #[derive(Clone)]
 pub struct Collect {
+    /// The prefix that marks a line to collect.
     pub marker: &'static str,
+    /// Collected lines, marker removed, in arrival order.
     pub lines: Arc<Mutex<Vec<String>>>,
 }
 

@@ -14,10 +14,13 @@ use plotters::prelude::*;
 
 /// One rank's statistics as the report uses them.
 pub struct RankStats {
+    /// The rank the statistics are from.
     pub rank: usize,
+    /// The host it ran on.
     pub host: String,
     /// The JSON document the rank printed.
     pub json: String,
+    /// The same document, parsed.
     pub stats: StatsSnapshot,
 }
 

@@ -28,12 +28,18 @@ use crate::control::{self, ExecToWrap, ExitCause, WrapToExec};
 const ORPHAN_GRACE: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// dsmwrap's command line.
 pub struct WrapArgs {
     /// `IP:PORT`, or `ssh-client:PORT` to take dsmexec's address from `SSH_CLIENT`.
     pub connect: String,
+    /// This process's slot in the job (its rank).
     pub slot: usize,
+    /// Directory to run the program in; one that cannot be entered is
+    /// reported and the current one kept.
     pub cwd: Option<PathBuf>,
+    /// The program, as given to dsmexec (see [`resolve_program`]).
     pub program: String,
+    /// The program's arguments.
     pub args: Vec<String>,
 }
 

@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use crate::verbs::{self, PortSummary};
 
+/// Environment variable choosing the transport: `rdma`, `tcp` or `auto`.
 pub const ENV_TRANSPORT: &str = "DSM_TRANSPORT";
 /// Device to use (default: the first with an active port), e.g. `rxe0`, `mlx5_0`.
 pub const ENV_DEVICE: &str = "DSM_RDMA_DEVICE";
@@ -15,8 +16,11 @@ pub const ENV_DEVICE: &str = "DSM_RDMA_DEVICE";
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransportChoice {
+    /// RDMA, failing without a usable device (also spelt `verbs` or `ib`).
     Rdma,
+    /// TCP, whatever the machine has.
     Tcp,
+    /// RDMA when an active port exists, else TCP (also an empty value).
     #[default]
     Auto,
 }
@@ -24,14 +28,19 @@ pub enum TransportChoice {
 /// What will be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selected {
+    /// RDMA over this active port.
     Rdma(PortSummary),
+    /// TCP.
     Tcp,
 }
 
+/// Why no transport could be selected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SelectError {
+    /// `DSM_TRANSPORT` holds something other than rdma, tcp or auto.
     #[error("{ENV_TRANSPORT}={0:?} is invalid: expected rdma, tcp or auto")]
     BadValue(String),
+    /// RDMA was required but no active port exists; holds the reason.
     #[error(
         "{ENV_TRANSPORT}=rdma but no usable RDMA device ({0}); set {ENV_TRANSPORT}=tcp to use TCP"
     )]

@@ -56,20 +56,32 @@ const SETUP_READY: u8 = 2;
 const SEND_ID_BIT: u64 = 1 << 63;
 const TICK: Duration = Duration::from_millis(100);
 
+/// What failed in the RDMA transport. Converts into a [`TransportError`]
+/// (a `Transport` error as is, anything else as `TransportError::Setup`).
 #[derive(Debug, thiserror::Error)]
 pub enum RdmaError {
+    /// A verbs call failed (no device, a device or queue pair error).
     #[error(transparent)]
     Verbs(#[from] VerbsError),
+    /// The bootstrap transport failed, or a peer was lost.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// Connecting the queue pairs failed (exchange with peers, threads).
     #[error("connection setup: {0}")]
     Setup(String),
+    /// A bad option, environment value or argument (e.g. a range outside
+    /// its region).
     #[error("{0}")]
     Invalid(String),
+    /// A one-sided operation, or the wait for a send-queue slot, took
+    /// longer than `RdmaOptions::op_timeout`.
     #[error("RDMA {op} with rank {rank} did not complete within {timeout:?}")]
     Timeout {
+        /// `"READ"` or `"WRITE"`.
         op: &'static str,
+        /// The peer the operation targeted.
         rank: Rank,
+        /// The limit that passed.
         timeout: Duration,
     },
 }
@@ -247,6 +259,8 @@ pub struct RdmaDevice {
 }
 
 impl RdmaDevice {
+    /// Opens the device and port `opts` name (default: the first active
+    /// port), chooses its GID index and allocates a protection domain.
     pub fn open(opts: &RdmaOptions) -> Result<Arc<Self>, RdmaError> {
         let first = verbs::first_active_port(opts.device.as_deref())?;
         let ctx = Context::open(Some(&first.device))?;
@@ -260,10 +274,12 @@ impl RdmaDevice {
         }))
     }
 
+    /// The device's name, e.g. `rxe0`.
     pub fn name(&self) -> &str {
         self.ctx.name()
     }
 
+    /// The port and GID index in use.
     pub fn port(&self) -> PortConfig {
         self.port
     }
@@ -291,8 +307,11 @@ impl RdmaDevice {
 /// A region registered by a peer: enough to READ or WRITE it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteRegion {
+    /// Start address in the peer's address space.
     pub addr: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// Remote key the peer registered it with.
     pub rkey: u32,
 }
 
@@ -760,6 +779,7 @@ impl RdmaTransport {
         Ok(out)
     }
 
+    /// The device the transport was connected on.
     pub fn device(&self) -> &Arc<RdmaDevice> {
         &self.shared.device
     }

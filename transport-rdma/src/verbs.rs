@@ -26,25 +26,36 @@ const LINK_LAYER_ETHERNET: u8 = 2;
 /// Page alignment for buffers this crate allocates and registers.
 const BUFFER_ALIGN: usize = 4096;
 
+/// What a verbs wrapper failed at.
 #[derive(Debug, thiserror::Error)]
 pub enum VerbsError {
     /// No usable RDMA device (no kernel support, no device, none active).
     #[error("no RDMA device: {0}")]
     NoDevice(String),
+    /// No device of this name exists.
     #[error("RDMA device {0:?} not found")]
     DeviceNotFound(String),
+    /// A verbs (or libc) call failed.
     #[error("{call} failed: {source}")]
     Call {
+        /// The call, e.g. `ibv_reg_mr`.
         call: &'static str,
+        /// Its errno.
         #[source]
         source: io::Error,
     },
+    /// A bad argument (a range outside its region, a `wr_id` already in
+    /// flight) or a buffer that could not be allocated.
     #[error("{0}")]
     Invalid(String),
+    /// A work request completed with an error status.
     #[error("work request failed: {status} ({text}), vendor error {vendor_err:#x}")]
     Completion {
+        /// `ibv_wc_status` value.
         status: u32,
+        /// `ibv_wc_status_str` of the status.
         text: String,
+        /// The provider's own error code.
         vendor_err: u32,
     },
 }
@@ -67,9 +78,13 @@ fn rc_err(call: &'static str, rc: c_int) -> VerbsError {
 /// One port of one device, as `ibv_devinfo` would summarise it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortSummary {
+    /// Device name, e.g. `rxe0`, `mlx5_0`.
     pub device: String,
+    /// Port number (from 1).
     pub port: u8,
+    /// Whether the port state is `IBV_PORT_ACTIVE`.
     pub active: bool,
+    /// Whether the link layer is Ethernet (RoCE) rather than InfiniBand.
     pub link_layer_ethernet: bool,
 }
 
@@ -223,6 +238,7 @@ impl Context {
         Ok(Context { ctx, name })
     }
 
+    /// The device's name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -231,6 +247,7 @@ impl Context {
         self.ctx.as_ptr()
     }
 
+    /// Number of physical ports of the device (`ibv_query_device`).
     pub fn port_count(&self) -> Result<u8, VerbsError> {
         // SAFETY: all-zero is a valid value of this plain C struct.
         let mut attr: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
@@ -242,6 +259,7 @@ impl Context {
         Ok(attr.phys_port_cnt)
     }
 
+    /// Attributes of `port` (`ibv_query_port`): state, LID, MTU, link layer.
     pub fn query_port(&self, port: u8) -> Result<sys::ibv_port_attr, VerbsError> {
         // SAFETY: all-zero is a valid value of this plain C struct.
         let mut attr: sys::ibv_port_attr = unsafe { std::mem::zeroed() };
@@ -253,6 +271,7 @@ impl Context {
         Ok(attr)
     }
 
+    /// The GID at `index` of `port`'s GID table.
     pub fn query_gid(&self, port: u8, index: u8) -> Result<[u8; 16], VerbsError> {
         let mut gid = sys::ibv_gid { raw: [0; 16] };
         // SAFETY: live context, valid out-pointer to a 16-byte union.
@@ -285,6 +304,7 @@ unsafe impl Send for ProtectionDomain {}
 unsafe impl Sync for ProtectionDomain {}
 
 impl ProtectionDomain {
+    /// Allocates a protection domain on `ctx`.
     pub fn new(ctx: &Arc<Context>) -> Result<Arc<Self>, VerbsError> {
         // SAFETY: live context.
         let pd = unsafe { sys::ibv_alloc_pd(ctx.raw()) };
@@ -295,6 +315,7 @@ impl ProtectionDomain {
         }))
     }
 
+    /// The context the domain belongs to.
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
     }
@@ -403,27 +424,35 @@ impl MemoryRegion {
         }))
     }
 
+    /// Start address, as peers address it in RDMA READ / WRITE.
     pub fn addr(&self) -> u64 {
         self.addr as u64
     }
 
+    /// Start of the registered range. Its bytes may change at any time
+    /// through the device.
     pub fn as_ptr(&self) -> *mut u8 {
         self.addr
     }
 
+    /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the region has no bytes (never true: empty ranges are not
+    /// registered).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Local key, for this side's scatter/gather elements.
     pub fn lkey(&self) -> u32 {
         // SAFETY: the ibv_mr stays valid until deregistered in Drop.
         unsafe { self.mr.as_ref().lkey }
     }
 
+    /// Remote key, which peers need to READ or WRITE the region.
     pub fn rkey(&self) -> u32 {
         // SAFETY: as above.
         unsafe { self.mr.as_ref().rkey }
@@ -491,19 +520,27 @@ unsafe impl Sync for CompletionQueue {}
 /// One work completion, reduced to what the transport needs.
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
+    /// The id the work request was posted with.
     pub wr_id: u64,
+    /// `ibv_wc_status` value (0: success).
     pub status: u32,
+    /// `ibv_wc_opcode` value: which kind of request completed.
     pub opcode: u32,
+    /// Bytes received (meaningful for receives).
     pub byte_len: u32,
+    /// Number of the local queue pair the request was posted on.
     pub qp_num: u32,
+    /// The provider's own error code.
     pub vendor_err: u32,
 }
 
 impl Completion {
+    /// Whether the work request succeeded.
     pub fn ok(&self) -> bool {
         self.status == sys::ibv_wc_status::IBV_WC_SUCCESS
     }
 
+    /// The failure as a [`VerbsError::Completion`].
     pub fn error(&self) -> VerbsError {
         // SAFETY: ibv_wc_status_str accepts any value and returns a static
         // NUL-terminated string.
@@ -519,6 +556,8 @@ impl Completion {
 }
 
 impl CompletionQueue {
+    /// Creates a queue of at least `entries` entries with its own
+    /// (non-blocking) completion channel, armed for the first event.
     pub fn new(ctx: &Arc<Context>, entries: usize) -> Result<Arc<Self>, VerbsError> {
         // SAFETY: live context.
         let channel = unsafe { sys::ibv_create_comp_channel(ctx.raw()) };
@@ -666,9 +705,13 @@ impl Drop for CompletionQueue {
 /// What a peer needs to connect its queue pair to ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QpEndpoint {
+    /// Queue pair number.
     pub qpn: u32,
+    /// First packet sequence number of our send queue (24 bits).
     pub psn: u32,
+    /// LID of the port (InfiniBand; 0 on RoCE).
     pub lid: u16,
+    /// GID of the port at the chosen GID index.
     pub gid: [u8; 16],
     /// `ibv_mtu` enum value of the sender's port.
     pub mtu: u32,
@@ -679,24 +722,42 @@ pub struct QpEndpoint {
 /// How a queue pair uses its port.
 #[derive(Debug, Clone, Copy)]
 pub struct PortConfig {
+    /// Port number (from 1).
     pub port: u8,
+    /// Index of the source GID in the port's GID table.
     pub gid_index: u8,
 }
 
 /// One scatter/gather element of a work request: a range of a region.
 #[derive(Clone)]
 pub struct Segment {
+    /// The registered region; held until the request completes.
     pub region: Arc<MemoryRegion>,
+    /// Start of the range in the region (bytes).
     pub offset: usize,
+    /// Length of the range (bytes).
     pub len: usize,
 }
 
 /// What a send-queue work request does.
 #[derive(Debug, Clone, Copy)]
 pub enum SendOp {
+    /// A SEND, consuming one receive buffer posted by the peer.
     Send,
-    RdmaRead { remote_addr: u64, rkey: u32 },
-    RdmaWrite { remote_addr: u64, rkey: u32 },
+    /// One-sided READ of the peer's memory into the segments.
+    RdmaRead {
+        /// Address in the peer's registered region.
+        remote_addr: u64,
+        /// The region's remote key.
+        rkey: u32,
+    },
+    /// One-sided WRITE of the segments into the peer's memory.
+    RdmaWrite {
+        /// Address in the peer's registered region.
+        remote_addr: u64,
+        /// The region's remote key.
+        rkey: u32,
+    },
 }
 
 /// An RC queue pair. Every posted work request keeps its memory regions
@@ -719,11 +780,15 @@ unsafe impl Sync for QueuePair {}
 /// Sizes of a queue pair's queues.
 #[derive(Debug, Clone, Copy)]
 pub struct QpCaps {
+    /// Work requests the send queue holds at once.
     pub max_send_wr: u32,
+    /// Work requests the receive queue holds at once.
     pub max_recv_wr: u32,
 }
 
 impl QueuePair {
+    /// Creates an RC queue pair on `pd` using these completion queues and
+    /// moves it to INIT on `port`; [`QueuePair::connect`] completes it.
     pub fn new_rc(
         pd: &Arc<ProtectionDomain>,
         send_cq: &Arc<CompletionQueue>,
@@ -756,6 +821,7 @@ impl QueuePair {
         Ok(out)
     }
 
+    /// The queue pair number peers address.
     pub fn qp_num(&self) -> u32 {
         // SAFETY: the ibv_qp lives until destroyed in Drop.
         unsafe { self.qp.as_ref().qp_num }

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! TCP transport: every pair of ranks is connected once (the higher rank
 //! connects to the lower one's listener), each connection authenticated by
 //! the job-secret handshake of [`dsm_core::auth`], TCP_NODELAY, frames in the
@@ -7,7 +8,7 @@
 //! senders write whole frames under a per-peer lock, so any number of
 //! threads may send at once. A peer that closes without its goodbye frame is
 //! reported as lost, with its rank and host; so is one from which nothing
-//! arrived for the peer timeout (see [`liveness`]): a thread of each rank
+//! arrived for the peer timeout (see `liveness`): a thread of each rank
 //! sends heartbeats while the application computes.
 
 mod liveness;
@@ -49,6 +50,8 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bounds accepted for `DSM_PEER_TIMEOUT` (keepalive works in whole seconds).
 const PEER_TIMEOUT_RANGE: (f64, f64) = (1.0, 3600.0);
 
+/// Settings of a [`TcpTransport`]: timeouts, message size limit and where
+/// its receive threads run. [`TcpOptions::default`] reads the environment.
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
     /// How long connecting the whole job may take.
@@ -58,7 +61,7 @@ pub struct TcpOptions {
     /// Largest message accepted from a peer (bytes).
     pub max_message: usize,
     /// A peer is reported as `PeerLost` when nothing arrived from it for
-    /// this long (every rank sends heartbeats meanwhile, see [`liveness`]),
+    /// this long (every rank sends heartbeats meanwhile, see `liveness`),
     /// or when its connection acknowledged nothing for this long (TCP
     /// keepalive plus TCP_USER_TIMEOUT): a stopped process, a cut link or a
     /// vanished host is detected even when neither side has anything to send.
@@ -75,8 +78,11 @@ pub struct TcpOptions {
 #[derive(Debug, thiserror::Error)]
 #[error("{name}={value:?}: {why}")]
 pub struct OptionsError {
+    /// The environment variable, e.g. `DSM_PEER_TIMEOUT`.
     pub name: &'static str,
+    /// Its value as set.
     pub value: String,
+    /// What is wrong with the value.
     pub why: String,
 }
 
@@ -229,6 +235,9 @@ struct Goodbyes {
     arrived: Condvar,
 }
 
+/// The TCP [`Transport`] of one rank: an authenticated connection to every
+/// other rank, a reader thread per peer and a heartbeat thread. Built by
+/// [`TcpTransport::connect`].
 pub struct TcpTransport {
     rank: Rank,
     peers_info: Vec<PeerInfo>,

@@ -60,6 +60,7 @@ impl Liveness {
         !self.retired[peer].swap(true, Ordering::SeqCst)
     }
 
+    /// Whether `peer` is still watched (not retired).
     pub(crate) fn watched(&self, peer: Rank) -> bool {
         !self.retired[peer].load(Ordering::SeqCst)
     }
