@@ -91,7 +91,8 @@ void *dsm_remote_malloc(size_t size, int rank);
 void *dsm_alloc(size_t size, int placement, int rank);
 /* Collective allocation: every rank calls it, in the same order, with the
  * same arguments, and every rank gets the same address (as MPI_Win_allocate;
- * a DSM_REPLICATED segment is then created, and sealed, by rank 0). Use it
+ * a DSM_REPLICATED segment made this way has rank 0 as its creator: rank 0
+ * writes it and calls dsm_seal). Use it
  * when every rank works on a part of the data: dsm_malloc / dsm_alloc
  * called on every rank would give each rank a segment of its own.
  * Different arguments on different ranks end the job with an error naming

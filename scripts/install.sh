@@ -17,7 +17,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: scripts/install.sh --prefix DIR [--debug] [--no-deps]
+usage: scripts/install.sh --prefix DIR [--debug] [--with-deps]
        PREFIX=DIR scripts/install.sh
 
 Builds dsm (cargo, release profile) and installs the launcher, libdsm
@@ -26,8 +26,10 @@ a pkg-config file and a CMake package into DIR.
 
   --prefix DIR   where to install (or the PREFIX variable); created if missing
   --debug        install the debug build instead of the release build
-  --no-deps      do not run scripts/install-deps.sh first (system packages:
-                 libclang, rdma-core headers, a C compiler, pkg-config)
+  --with-deps    run scripts/install-deps.sh first (Debian/Ubuntu, apt via
+                 sudo): libclang, rdma-core headers, a C compiler,
+                 pkg-config, patchelf. Without it they must be there already.
+  --no-deps      the default (kept for scripts that pass it)
   -h, --help     this text
 
 Then, for example:
@@ -39,7 +41,7 @@ EOF
 
 prefix="${PREFIX:-}"
 profile=release
-deps=1
+deps=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) [ $# -ge 2 ] || { echo "install.sh: --prefix needs a directory" >&2; exit 2; }
@@ -47,6 +49,7 @@ while [ $# -gt 0 ]; do
     --prefix=*) prefix="${1#--prefix=}"; shift ;;
     --debug) profile=debug; shift ;;
     --no-deps) deps=0; shift ;;
+    --with-deps) deps=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -59,10 +62,11 @@ fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 [ "$deps" -eq 0 ] || scripts/install-deps.sh
+command -v cargo >/dev/null || { echo "install.sh: cargo not found: install a Rust toolchain (rustup) first" >&2; exit 1; }
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
 major="${version%%.*}"
-cargo_profile=()
+cargo_profile=(--profile dev)
 [ "$profile" = release ] && cargo_profile=(--release)
 target_dir="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 out="$target_dir/$profile"
@@ -79,13 +83,18 @@ install -d "$prefix/bin" "$prefix/lib/pkgconfig" "$prefix/lib/cmake/dsm" "$prefi
 install -m 0755 "$out/dsmexec" "$out/dsmwrap" "$prefix/bin/"
 install -m 0755 "$out/libdsm.so" "$prefix/lib/libdsm.so.$version"
 # The soname programs record: a later compatible version can replace the file.
-patchelf --set-soname "libdsm.so.$major" "$prefix/lib/libdsm.so.$version"
+if command -v patchelf >/dev/null; then
+  patchelf --set-soname "libdsm.so.$major" "$prefix/lib/libdsm.so.$version"
+else
+  echo "install.sh: no patchelf: libdsm.so has no soname (programs record libdsm.so); install patchelf or use --with-deps" >&2
+fi
 ln -sfn "libdsm.so.$version" "$prefix/lib/libdsm.so.$major"
 ln -sfn "libdsm.so.$major" "$prefix/lib/libdsm.so"
 install -m 0644 "$out/libdsm.a" "$prefix/lib/libdsm.a"
 install -m 0644 include/dsm.h include/dsm.f90 "$prefix/include/"
 if command -v gfortran >/dev/null; then
   scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
   gfortran -O2 -fPIC -c -J "$prefix/include" -o "$scratch/dsm_fortran.o" include/dsm.f90
   rm -f "$prefix/lib/libdsmf.a"
   ar rcs "$prefix/lib/libdsmf.a" "$scratch/dsm_fortran.o"

@@ -424,7 +424,9 @@ impl Config {
             self.stats = match v.trim().to_ascii_lowercase().as_str() {
                 "0" | "no" | "false" | "off" => StatsOutput::Off,
                 "json" => StatsOutput::Json,
-                "1" | "yes" | "true" | "on" | "text" => StatsOutput::Text,
+                "yes" | "true" | "on" | "text" => StatsOutput::Text,
+                // Any other number meant "on" before json existed.
+                n if n.parse::<u64>().is_ok() => StatsOutput::Text,
                 _ => return Err(err("DSM_STATS", &v, "expected 1 (text), json or 0")),
             };
         }

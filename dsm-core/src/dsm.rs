@@ -28,6 +28,9 @@ pub const EXIT_FATAL: i32 = 70;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a rank that lost a peer waits before exiting (see its use).
 const SECONDARY_FAILURE_DELAY: Duration = Duration::from_millis(500);
+/// How long, beyond that delay, a call the engine can no longer serve waits
+/// for the failing engine to end the process before it returns its error.
+const ENGINE_EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a DSM call (or the DSM itself) failed. Each message names the
 /// problem and, where there is one, the setting that fixes it.
@@ -472,7 +475,20 @@ impl Dsm {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.serve(make(tx))?;
         sched::poll_until(self.wait_spin, || !rx.is_empty());
-        rx.recv().map_err(|_| DsmError::Stopped)?
+        rx.recv().map_err(|_| self.stopped())?
+    }
+
+    /// The error of a call the engine can no longer serve. The engine,
+    /// failing, ends the process with status 70 after naming the cause
+    /// (within `SECONDARY_FAILURE_DELAY`); this waits for that end, boundedly,
+    /// so that a caller that exits on the error (status 1, say) does not
+    /// hide the cause from the launcher.
+    fn stopped(&self) -> DsmError {
+        let until = std::time::Instant::now() + SECONDARY_FAILURE_DELAY + ENGINE_EXIT_WAIT;
+        while std::time::Instant::now() < until {
+            thread::sleep(Duration::from_millis(50));
+        }
+        DsmError::Stopped
     }
 
     /// Carries out an API call on the engine's state in the calling thread,
@@ -484,7 +500,7 @@ impl Dsm {
         engine::serve_here(&self.state, &self.inputs, |engine| engine.on_input(input)).map_err(
             |e| {
                 let _ = self.inputs.send(Input::Failed(e));
-                DsmError::Stopped
+                self.stopped()
             },
         )
     }
@@ -512,7 +528,12 @@ impl Dsm {
     /// pages live: on every host, the part of it homed there plus the caches
     /// of the job's ranks there must fit in a node's memory (this node's:
     /// the nodes of a job are taken to be alike).
-    fn check_room(&self, bytes: usize, placement: &Placement) -> Result<(), DsmError> {
+    fn check_room(
+        &self,
+        bytes: usize,
+        placement: &Placement,
+        creator: Rank,
+    ) -> Result<(), DsmError> {
         let Some((ram, swap)) = crate::memory::node_total() else {
             return Ok(());
         };
@@ -530,7 +551,7 @@ impl Dsm {
                     }
                 }
                 Placement::Replicated | Placement::File(_) => {
-                    if rank == self.rank {
+                    if rank == creator {
                         pages
                     } else {
                         0
@@ -596,7 +617,7 @@ impl Dsm {
         if bytes == 0 {
             return Err(DsmError::Segment("cannot allocate an empty segment".into()));
         }
-        self.check_room(bytes, &placement)?;
+        self.check_room(bytes, &placement, self.rank)?;
         let pages = bytes.div_ceil(PAGE_SIZE) as u64;
         let (kind, rank) = placement.code(self.rank);
         let info = self.ask(|reply| Input::Alloc {
@@ -618,8 +639,8 @@ impl Dsm {
     /// same segment (as `MPI_Win_allocate` does). Use it where each rank
     /// works on a part of shared data; [`Dsm::alloc`] makes a segment of
     /// the caller's own, which other ranks learn only by its address. A
-    /// replicated segment allocated this way is created (and sealed) by
-    /// rank 0. Different arguments on different ranks end the job with an
+    /// replicated segment allocated this way has rank 0 as its creator:
+    /// rank 0 writes it and calls [`Dsm::seal`]. Different arguments on different ranks end the job with an
     /// error naming both calls; a file segment is refused (use `alloc` on
     /// the rank that holds the file).
     pub fn coalloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
@@ -639,7 +660,10 @@ impl Dsm {
         if bytes == 0 {
             return Err(DsmError::Segment("cannot allocate an empty segment".into()));
         }
-        self.check_room(bytes, &placement)?;
+        // Every rank checks the same thing (the nodes of a job are taken to
+        // be alike), so all refuse together rather than leave the others
+        // waiting for them.
+        self.check_room(bytes, &placement, 0)?;
         let pages = bytes.div_ceil(PAGE_SIZE) as u64;
         // The creator of a replicated segment is the same on every rank.
         let (kind, rank) = placement.code(0);
@@ -713,8 +737,10 @@ impl Dsm {
     /// (so no rank leaves while another may still need a page it holds),
     /// then closes the connections. Prints the statistics with `DSM_STATS=1`.
     pub fn finalize(mut self) -> Result<StatsSnapshot, DsmError> {
-        self.barrier()?;
+        // Called: a failure from here on is reported as itself, not as an
+        // exit without finalize.
         hang::left_job();
+        self.barrier()?;
         self.stop_engine();
         self.transport.shutdown(SHUTDOWN_TIMEOUT)?;
         let stats = self.stats();

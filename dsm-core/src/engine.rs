@@ -2250,9 +2250,14 @@ pub(crate) fn signal_fault_server(
                 std::thread::park();
             }
         }
-        // Timed out or not, the access is retried (and faults again).
-        let _ = waiters.wait(ticket, spin, SIGNAL_WAIT);
-        waiting.pause();
+        // Timed out or not, the access is retried (and faults again if the
+        // page is still missing). A wait an install ended is over: a thread
+        // faulting again later on a busy page starts a new one.
+        if waiters.wait(ticket, spin, SIGNAL_WAIT) {
+            waiting.leave();
+        } else {
+            waiting.pause();
+        }
     })
 }
 

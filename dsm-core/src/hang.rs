@@ -191,7 +191,13 @@ enum Membership {
     Out,
     /// In the job as this rank on this host, not finalized: an exit now
     /// takes this rank's pages from the others, and is reported.
-    In { rank: crate::Rank, host: String },
+    In {
+        rank: crate::Rank,
+        host: String,
+        /// The process that joined: a child it forks inherits the atexit
+        /// hook but is not the rank.
+        pid: u32,
+    },
     /// Ending for a failure, whose line must stay the rank's last (the
     /// launcher reads it): no more reports.
     Failing,
@@ -218,6 +224,7 @@ pub(crate) fn joined_job(rank: crate::Rank, host: &str) {
     *membership() = Membership::In {
         rank,
         host: host.to_string(),
+        pid: std::process::id(),
     };
 }
 
@@ -234,9 +241,12 @@ pub(crate) fn left_job() {
 /// does; true if it did.
 pub(crate) fn report_leaving_without_finalize() -> bool {
     let mut state = membership();
-    let Membership::In { rank, host } = &*state else {
+    let Membership::In { rank, host, pid } = &*state else {
         return false;
     };
+    if *pid != std::process::id() {
+        return false;
+    }
     eprintln!(
         "dsm: rank {rank} on {host}: exiting without finalize while the job runs: the other ranks lose the pages this rank holds; call finalize (dsm_finalize) before the program ends"
     );
@@ -248,9 +258,10 @@ extern "C" fn report_exit_without_finalize() {
     report_leaving_without_finalize();
 }
 
-/// Stops every hang report of this process: it is ending for a failure.
-/// Returns once no report is being written.
-pub(crate) fn process_ending() {
+/// Stops every hang report of this process, and the report of an exit
+/// without finalize: it is ending for a failure, whose message is already
+/// out. Returns once no report is being written.
+pub fn process_ending() {
     *membership() = Membership::Failing;
 }
 
@@ -361,10 +372,12 @@ pub fn parse_threshold(text: &str) -> Result<Option<Duration>, String> {
     let secs: f64 = text
         .parse()
         .map_err(|_| "expected a number of seconds, or off".to_string())?;
-    if !secs.is_finite() || secs < 0.0 {
-        return Err("expected a number of seconds, or off".into());
+    if secs == 0.0 {
+        return Ok(None);
     }
-    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
+    Duration::try_from_secs_f64(secs)
+        .map(Some)
+        .map_err(|_| "expected a number of seconds, or off".to_string())
 }
 
 #[cfg(test)]
@@ -404,5 +417,6 @@ mod tests {
         );
         assert!(parse_threshold("soon").is_err());
         assert!(parse_threshold("-1").is_err());
+        assert!(parse_threshold("1e30").is_err());
     }
 }

@@ -89,6 +89,8 @@ impl From<DsmError> for Failure {
 fn failed(what: &str, failure: Failure) -> c_int {
     let message = format!("{what}: {}", failure.message);
     if !ERRORS_RETURN.load(Ordering::SeqCst) {
+        // The message says why: no "exiting without finalize" after it.
+        dsm_core::hang::process_ending();
         eprintln!("{message}");
         std::process::exit(1)
     }

@@ -3,8 +3,8 @@
 //! pkg-config (or CMake's `find_package`) against P, run by P/bin/dsmexec
 //! from another directory, computing exact results.
 //!
-//! The install uses the debug build the test run already has (`--debug
-//! --no-deps`). A missing compiler (g++, gfortran, cmake) skips its test
+//! The install uses the debug build the test run already has (`--debug`).
+//! A missing compiler (g++, gfortran, cmake) skips its test
 //! with a SKIPPED line, or fails it with DSM_TEST_REQUIRE_TOOLCHAINS=1 (as
 //! `scripts/test.sh` sets, having installed them).
 
@@ -55,7 +55,7 @@ fn prefix() -> &'static Path {
         // Twice: installing again over an installation must work.
         for _ in 0..2 {
             let out = Command::new(repo_root().join("scripts/install.sh"))
-                .args(["--debug", "--no-deps", "--prefix"])
+                .args(["--debug", "--prefix"])
                 .arg(&prefix)
                 .output()
                 .expect("run scripts/install.sh");

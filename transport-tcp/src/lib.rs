@@ -856,6 +856,8 @@ fn read_loop(
                 return;
             }
         };
+        // A long payload kept the sender's writer (and its heartbeats) busy.
+        liveness.heard(from);
         match header.kind {
             KIND_DATA if !said_goodbye => {
                 if !delivery.message(Message { from, payload }) {

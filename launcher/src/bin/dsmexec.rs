@@ -103,6 +103,8 @@ fn with_stats_report(mut env: Vec<(String, String)>, report: bool) -> Vec<(Strin
     if report {
         env.retain(|(name, _)| name != "DSM_STATS" && name != "DSM_STATS_FILE");
         env.push(("DSM_STATS".into(), "json".into()));
+        // Empty is unset: a DSM_STATS_FILE local ranks inherit is overridden.
+        env.push(("DSM_STATS_FILE".into(), String::new()));
     }
     env
 }
