@@ -12,6 +12,7 @@ module dsm
   private
   public :: dsm_init, dsm_finalize, dsm_rank, dsm_size, dsm_barrier
   public :: dsm_malloc, dsm_remote_malloc, dsm_alloc, dsm_coalloc, dsm_seal
+  public :: dsm_alloc_file, dsm_sync
   public :: dsm_lock, dsm_unlock, dsm_set_error_mode, dsm_strerror
   public :: dsm_last_error, dsm_stats, dsm_stats_t
 
@@ -98,6 +99,21 @@ module dsm
       integer(c_int), value :: placement, rank
       type(c_ptr) :: addr
     end function dsm_coalloc
+
+    ! path: a NUL-terminated string, e.g. trim(name) // c_null_char
+    function dsm_alloc_file(path, size) bind(c, name="dsm_alloc_file") result(addr)
+      import :: c_char, c_size_t, c_ptr
+      character(kind=c_char), dimension(*), intent(in) :: path
+      integer(c_size_t), value :: size
+      type(c_ptr) :: addr
+    end function dsm_alloc_file
+
+    function dsm_sync(addr, path) bind(c, name="dsm_sync") result(err)
+      import :: c_char, c_ptr, c_int
+      type(c_ptr), value :: addr
+      character(kind=c_char), dimension(*), intent(in) :: path
+      integer(c_int) :: err
+    end function dsm_sync
 
     function dsm_seal(addr) bind(c, name="dsm_seal") result(err)
       import :: c_int, c_ptr

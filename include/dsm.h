@@ -98,6 +98,13 @@ void *dsm_alloc(size_t size, int placement, int rank);
  * Different arguments on different ranks end the job with an error naming
  * both calls. NULL on error (DSM_ERRORS_RETURN). */
 void *dsm_coalloc(size_t size, int placement, int rank);
+/* A segment of this rank's own, homed at it, whose initial contents are the
+ * file at `path` (its size, or `size` bytes if larger; the rest zeros).
+ * NULL on error. dsm_sync writes such a segment (its creator only) back to
+ * `path`, each page as it is once every rank's writes to it have settled.
+ * 0 or an error code. */
+void *dsm_alloc_file(const char *path, size_t size);
+int dsm_sync(void *addr, const char *path);
 /* Seals a DSM_REPLICATED segment this rank allocated (`addr` as returned):
  * from then on every rank reads it from a local read-only copy, and a
  * store to it is a fatal error naming the segment. 0 or an error code. */

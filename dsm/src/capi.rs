@@ -289,6 +289,46 @@ pub extern "C" fn dsm_coalloc(size: usize, placement: c_int, rank: c_int) -> *mu
     address("dsm_coalloc", result)
 }
 
+/// A C string argument as a path.
+fn path_arg(path: *const c_char) -> Result<std::path::PathBuf, Failure> {
+    if path.is_null() {
+        return Err(Failure::invalid("the path is NULL"));
+    }
+    // SAFETY: dsm.h asks for a NUL-terminated string, checked non-null; it
+    // is only read here, before the call returns.
+    let text = unsafe { CStr::from_ptr(path) };
+    let text = text
+        .to_str()
+        .map_err(|_| Failure::invalid("the path is not UTF-8"))?;
+    Ok(std::path::PathBuf::from(text))
+}
+
+/// A segment of this rank's own whose initial contents are the file at
+/// `path` (at least `size` bytes), homed at this rank.
+#[no_mangle]
+pub extern "C" fn dsm_alloc_file(path: *const c_char, size: usize) -> *mut c_void {
+    let result = path_arg(path).and_then(|path| allocate(size, Placement::File(path)));
+    address("dsm_alloc_file", result)
+}
+
+/// Writes a file segment this rank allocated (at `addr`) back to `path`.
+#[no_mangle]
+pub extern "C" fn dsm_sync(addr: *mut c_void, path: *const c_char) -> c_int {
+    let segment = SEGMENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .get(&(addr as usize))
+        .copied();
+    let result = path_arg(path).and_then(|path| match segment {
+        Some(segment) => with_dsm(|d| Ok(d.sync(&segment, &path)?)),
+        None => Err(Failure::invalid(format!(
+            "{addr:?} is not the address of a segment this rank allocated"
+        ))),
+    });
+    status("dsm_sync", result)
+}
+
 /// Seals a replicated segment this rank allocated (at `addr`).
 #[no_mangle]
 pub extern "C" fn dsm_seal(addr: *mut c_void) -> c_int {

@@ -75,6 +75,50 @@ int main(int argc, char **argv) {
     return 1;
   }
 
+  /* A file segment: rank 0 maps a file it wrote, every rank reads it, the
+   * last rank changes a byte, rank 0 writes the segment back to the file. */
+  static const char path[] = "api_file_segment.bin";
+  enum { FILE_BYTES = 5000 };
+  if (rank == 0) {
+    FILE *f = fopen(path, "wb");
+    for (int i = 0; f != NULL && i < FILE_BYTES; i++) fputc(i % 251, f);
+    if (f == NULL || fclose(f) != 0) {
+      fprintf(stderr, "rank 0: cannot write %s\n", path);
+      return 1;
+    }
+    unsigned char *file = (unsigned char *)dsm_alloc_file(path, 0);
+    if (file == NULL) {
+      fprintf(stderr, "dsm_alloc_file: %s\n", dsm_last_error());
+      return 1;
+    }
+    base[2] = (uint64_t)(uintptr_t)file;
+  }
+  if (check(dsm_barrier(), "dsm_barrier")) return 1;
+  unsigned char *file = (unsigned char *)(uintptr_t)base[2];
+  for (int i = 0; i < FILE_BYTES; i++) {
+    if (file[i] != i % 251) {
+      fprintf(stderr, "rank %d: file byte %d is %d\n", rank, i, file[i]);
+      return 1;
+    }
+  }
+  if (check(dsm_barrier(), "dsm_barrier")) return 1;
+  if (rank == size - 1) file[4097] = 0xEE;
+  if (check(dsm_barrier(), "dsm_barrier")) return 1;
+  if (rank == 0) {
+    if (check(dsm_sync(file, path), "dsm_sync")) return 1;
+    FILE *f = fopen(path, "rb");
+    int changed = -1;
+    for (int i = 0; f != NULL && i < FILE_BYTES; i++) {
+      int c = fgetc(f);
+      if (c != (i == 4097 ? 0xEE : i % 251)) changed = i;
+    }
+    if (f == NULL || changed != -1) {
+      fprintf(stderr, "rank 0: the synced file differs at byte %d\n", changed);
+      return 1;
+    }
+    fclose(f);
+  }
+
   uint64_t total = counters[0], mine = counters[1 + rank];
   dsm_stats_t stats;
   if (check(dsm_stats(&stats), "dsm_stats")) return 1;
