@@ -1044,12 +1044,12 @@ impl Transport for TcpTransport {
 
 impl Drop for TcpTransport {
     /// Closing both directions wakes the reader threads, and peers see the
-    /// connection end (as a loss unless `shutdown` said goodbye first).
+    /// connection end (as a loss unless `shutdown` said goodbye first). It
+    /// goes through the socket's clone, not the writer: a writer blocked on
+    /// a peer that stopped reading would hold its lock forever.
     fn drop(&mut self) {
         for peer in self.peers.iter().flatten() {
-            if let Ok(w) = peer.writer.lock() {
-                let _ = w.stream.get_ref().shutdown(Shutdown::Both);
-            }
+            let _ = peer.socket.shutdown(Shutdown::Both);
         }
     }
 }
