@@ -16,6 +16,7 @@ use crate::config::{
 use crate::engine::{self, Engine, Input, Node, Reply};
 use crate::fault::{Backing, FaultError, FaultHandler, Region};
 use crate::hang::{self, Reporter, ThreadReport, WaitFor, Waiting};
+use crate::proto::SegmentInfo;
 use crate::sched;
 use crate::segment::{Placement, Segment};
 use crate::stats::{Stats, StatsSnapshot};
@@ -595,14 +596,7 @@ impl Dsm {
     /// any rank, without a collective call (see [`crate::segment`]). Its
     /// address is the same on every rank.
     pub fn alloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
-        if let Placement::Localized(r) = placement {
-            if r >= self.size {
-                return Err(DsmError::Segment(format!(
-                    "cannot place a segment at rank {r}: the job has {} ranks",
-                    self.size
-                )));
-            }
-        }
+        self.check_placement(&placement)?;
         let contents = match &placement {
             Placement::File(path) => Some(
                 std::fs::read(path)
@@ -614,11 +608,8 @@ impl Dsm {
             .as_ref()
             .map(|c| c.len().max(bytes))
             .unwrap_or(bytes);
-        if bytes == 0 {
-            return Err(DsmError::Segment("cannot allocate an empty segment".into()));
-        }
         self.check_room(bytes, &placement, self.rank)?;
-        let pages = bytes.div_ceil(PAGE_SIZE) as u64;
+        let pages = segment_pages(bytes)?;
         let (kind, rank) = placement.code(self.rank);
         let info = self.ask(|reply| Input::Alloc {
             pages,
@@ -627,11 +618,27 @@ impl Dsm {
             contents,
             reply,
         })?;
-        Ok(Segment {
+        Ok(self.segment(info, bytes))
+    }
+
+    /// Refuses a placement at a rank outside the job.
+    fn check_placement(&self, placement: &Placement) -> Result<(), DsmError> {
+        match placement {
+            Placement::Localized(r) if *r >= self.size => Err(DsmError::Segment(format!(
+                "cannot place a segment at rank {r}: the job has {} ranks",
+                self.size
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The program's view of segment `info`, allocated for `bytes`.
+    fn segment(&self, info: SegmentInfo, bytes: usize) -> Segment {
+        Segment {
             info,
             base: self.base() as usize,
             len: bytes,
-        })
+        }
     }
 
     /// Allocates one segment collectively: every rank calls it, in the same
@@ -644,27 +651,17 @@ impl Dsm {
     /// error naming both calls; a file segment is refused (use `alloc` on
     /// the rank that holds the file).
     pub fn coalloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
-        if let Placement::Localized(r) = placement {
-            if r >= self.size {
-                return Err(DsmError::Segment(format!(
-                    "cannot place a segment at rank {r}: the job has {} ranks",
-                    self.size
-                )));
-            }
-        }
+        self.check_placement(&placement)?;
         if matches!(placement, Placement::File(_)) {
             return Err(DsmError::Segment(
                 "a file segment cannot be allocated collectively: allocate it with alloc on the rank that holds the file".into(),
             ));
         }
-        if bytes == 0 {
-            return Err(DsmError::Segment("cannot allocate an empty segment".into()));
-        }
         // Every rank checks the same thing (the nodes of a job are taken to
         // be alike), so all refuse together rather than leave the others
         // waiting for them.
         self.check_room(bytes, &placement, 0)?;
-        let pages = bytes.div_ceil(PAGE_SIZE) as u64;
+        let pages = segment_pages(bytes)?;
         // The creator of a replicated segment is the same on every rank.
         let (kind, rank) = placement.code(0);
         let info = self.ask(|reply| Input::CoAlloc {
@@ -673,11 +670,7 @@ impl Dsm {
             rank,
             reply,
         })?;
-        Ok(Segment {
-            info,
-            base: self.base() as usize,
-            len: bytes,
-        })
+        Ok(self.segment(info, bytes))
     }
 
     /// The segment's memory as 64-bit atomics.
@@ -785,6 +778,14 @@ impl Dsm {
             let _ = reporter.join();
         }
     }
+}
+
+/// Pages of a segment of `bytes`; an empty segment is refused.
+fn segment_pages(bytes: usize) -> Result<u64, DsmError> {
+    if bytes == 0 {
+        return Err(DsmError::Segment("cannot allocate an empty segment".into()));
+    }
+    Ok(bytes.div_ceil(PAGE_SIZE) as u64)
 }
 
 /// How long a hang report waits for the engine's lock before it reports

@@ -778,25 +778,12 @@ impl Engine {
                 contents,
                 reply,
             } => {
-                if !matches!(self.node, Node::Mrsw(_)) {
-                    let _ = reply.send(Err(DsmError::Segment(
-                        "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
-                            .into(),
-                    )));
-                    return Ok(());
-                }
-                let ticket = self.ticket();
-                self.alloc_waiters.insert(ticket, (reply, contents));
-                self.out.send(
-                    0,
-                    Msg::AllocReq {
-                        ticket,
-                        pages,
-                        kind,
-                        rank,
-                    }
-                    .header(),
-                );
+                self.ask_rank0_for_segment(reply, contents, |ticket| Msg::AllocReq {
+                    ticket,
+                    pages,
+                    kind,
+                    rank,
+                });
                 Ok(())
             }
             Input::CoAlloc {
@@ -805,27 +792,16 @@ impl Engine {
                 rank,
                 reply,
             } => {
-                if !matches!(self.node, Node::Mrsw(_)) {
-                    let _ = reply.send(Err(DsmError::Segment(
-                        "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
-                            .into(),
-                    )));
-                    return Ok(());
+                let epoch = self.coalloc_epoch + 1;
+                if self.ask_rank0_for_segment(reply, None, |ticket| Msg::CoAllocReq {
+                    ticket,
+                    epoch,
+                    pages,
+                    kind,
+                    rank,
+                }) {
+                    self.coalloc_epoch = epoch;
                 }
-                let ticket = self.ticket();
-                self.alloc_waiters.insert(ticket, (reply, None));
-                self.coalloc_epoch += 1;
-                self.out.send(
-                    0,
-                    Msg::CoAllocReq {
-                        ticket,
-                        epoch: self.coalloc_epoch,
-                        pages,
-                        kind,
-                        rank,
-                    }
-                    .header(),
-                );
                 Ok(())
             }
             Input::Seal { segment, reply } => {
@@ -1565,6 +1541,28 @@ impl Engine {
                 "from rank {from}: unexpected {other:?}"
             ))),
         }
+    }
+
+    /// Sends rank 0 the request `make(ticket)` for a segment, its answer
+    /// (`AllocReply`) to go to `reply` (with `contents` loaded into the
+    /// segment, for a file). False, having answered `reply` with the error,
+    /// under the migratory protocol, which has no segments.
+    fn ask_rank0_for_segment(
+        &mut self,
+        reply: Reply<SegmentInfo>,
+        contents: Option<Vec<u8>>,
+        make: impl FnOnce(u64) -> Msg,
+    ) -> bool {
+        if !matches!(self.node, Node::Mrsw(_)) {
+            let _ = reply.send(Err(DsmError::Segment(
+                "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)".into(),
+            )));
+            return false;
+        }
+        let ticket = self.ticket();
+        self.alloc_waiters.insert(ticket, (reply, contents));
+        self.out.send(0, make(ticket).header());
+        true
     }
 
     /// Rank 0: rank `from`'s part of collective allocation `epoch`. Once

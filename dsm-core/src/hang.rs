@@ -3,19 +3,20 @@
 //! `DSM_HANG_REPORT_S`. Without it, a stuck job needs a debugger on every
 //! node to say which page, lock or barrier it is stuck on.
 //!
-//! [`Waiting`] records, per thread, the wait it is in and since when: a
-//! page fault (registered by the SIGBUS handler at each entry; a thread
-//! whose page has not come retries the access every few tens of
-//! milliseconds, so its record stays fresh), a barrier, a lock. The report
+//! Each thread keeps its own record of the wait it is in and since when
+//! (a slot of atomics only it writes, so the fault path takes no lock;
+//! [`Waiting`] names a rank's records): a page fault (registered by the
+//! SIGBUS handler at each entry; a thread whose page has not come retries
+//! the access every few tens of milliseconds, so its record stays fresh),
+//! a barrier, a lock. The report
 //! joins those records to the engine's own state (requests in flight, and
 //! what this rank holds up for others: barrier arrivals it counts, locks
 //! it manages), which `crate::engine` writes as lines.
 
-use std::cell::Cell;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-use rustc_hash::FxHashMap;
 
 /// A thread out of its fault handler for longer than this has its page (a
 /// thread still waiting re-enters the handler every `SIGNAL_WAIT`).
@@ -45,20 +46,91 @@ pub enum WaitFor {
     Lock(u64),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct ThreadWait {
-    what: WaitFor,
-    since: Instant,
-    /// Inside the wait now (a fault handler, a barrier call).
-    inside: bool,
-    /// When it last left the wait (meaningful when not `inside`).
-    left: Instant,
+impl WaitFor {
+    /// As two words for a thread's slot: a kind (never 0) and a value.
+    fn encode(self) -> (u8, u64) {
+        match self {
+            WaitFor::Page { page, write } => (1 + u8::from(write), page as u64),
+            WaitFor::Barrier => (3, 0),
+            WaitFor::Lock(lock) => (4, lock),
+        }
+    }
+
+    fn decode(kind: u8, value: u64) -> Option<WaitFor> {
+        match kind {
+            1 | 2 => Some(WaitFor::Page {
+                page: value as usize,
+                write: kind == 2,
+            }),
+            3 => Some(WaitFor::Barrier),
+            4 => Some(WaitFor::Lock(value)),
+            _ => None,
+        }
+    }
 }
 
-impl ThreadWait {
-    fn live(&self, now: Instant) -> bool {
-        self.inside || now.saturating_duration_since(self.left) < RETRY_WINDOW
+/// One thread's wait, written only by that thread, so the fault path takes
+/// no lock: relaxed atomics (a report may read a record mid-update, which a
+/// diagnostic tolerates; the thread's own reads are exact).
+#[derive(Default)]
+struct Slot {
+    tid: AtomicI32,
+    /// The [`Waiting`] the wait belongs to (its id; 0: no wait).
+    owner: AtomicU64,
+    /// [`WaitFor::encode`].
+    kind: AtomicU8,
+    value: AtomicU64,
+    /// Nanoseconds since [`clock`]'s origin.
+    since_ns: AtomicU64,
+    /// When it last left the wait (meaningful when not `inside`).
+    left_ns: AtomicU64,
+    /// Inside the wait now (a fault handler, a barrier call).
+    inside: AtomicBool,
+    /// Its thread has ended.
+    gone: AtomicBool,
+}
+
+impl Slot {
+    fn live(&self, owner: u64, now_ns: u64) -> bool {
+        self.owner.load(Relaxed) == owner
+            && (self.inside.load(Relaxed)
+                || now_ns.saturating_sub(self.left_ns.load(Relaxed))
+                    < RETRY_WINDOW.as_nanos() as u64)
     }
+}
+
+/// Every thread's slot, registered at its first wait.
+static SLOTS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
+
+/// Nanoseconds since the first call in this process.
+fn clock() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// The calling thread's slot; marked gone when the thread ends.
+struct MySlot(Arc<Slot>);
+
+impl MySlot {
+    fn new() -> MySlot {
+        let slot = Arc::new(Slot::default());
+        slot.tid.store(nix::unistd::gettid().as_raw(), Relaxed);
+        SLOTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&slot));
+        MySlot(slot)
+    }
+}
+
+impl Drop for MySlot {
+    fn drop(&mut self) {
+        self.0.gone.store(true, Relaxed);
+    }
+}
+
+thread_local! {
+    static MINE: MySlot = MySlot::new();
 }
 
 /// One thread's wait as a report shows it.
@@ -72,25 +144,20 @@ pub struct ThreadReport {
     pub waited: Duration,
 }
 
-/// The waits of a rank's threads, by thread id.
-#[derive(Debug, Default)]
+/// The waits of a rank's threads (each thread keeps its own record; this
+/// names the rank's among them).
+#[derive(Debug)]
 pub struct Waiting {
-    threads: Mutex<FxHashMap<i32, ThreadWait>>,
+    id: u64,
 }
 
-thread_local! {
-    /// This thread's id, read once (a system call otherwise; usable in a
-    /// signal handler: const-initialised, no destructor).
-    static TID: Cell<i32> = const { Cell::new(0) };
-}
-
-fn current_tid() -> i32 {
-    TID.with(|tid| {
-        if tid.get() == 0 {
-            tid.set(nix::unistd::gettid().as_raw());
+impl Default for Waiting {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Waiting {
+            id: NEXT.fetch_add(1, Relaxed),
         }
-        tid.get()
-    })
+    }
 }
 
 impl Waiting {
@@ -98,42 +165,39 @@ impl Waiting {
     /// previous one if that was for the same thing and recent (a fault
     /// retried), else a new one.
     pub fn enter(&self, what: WaitFor) {
-        let tid = current_tid();
-        let now = Instant::now();
-        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        let since = match threads.get(&tid) {
-            Some(w) if w.what == what && w.live(now) => w.since,
-            _ => now,
-        };
-        threads.insert(
-            tid,
-            ThreadWait {
-                what,
-                since,
-                inside: true,
-                left: now,
-            },
-        );
+        let now = clock();
+        let (kind, value) = what.encode();
+        // A thread past its thread-local teardown goes unrecorded.
+        let _ = MINE.try_with(|mine| {
+            let slot = &mine.0;
+            let same = slot.live(self.id, now)
+                && WaitFor::decode(slot.kind.load(Relaxed), slot.value.load(Relaxed)) == Some(what);
+            if !same {
+                slot.since_ns.store(now, Relaxed);
+                slot.kind.store(kind, Relaxed);
+                slot.value.store(value, Relaxed);
+            }
+            slot.left_ns.store(now, Relaxed);
+            slot.inside.store(true, Relaxed);
+            slot.owner.store(self.id, Relaxed);
+        });
     }
 
     /// The calling thread leaves its wait for now: a fault handler returns
     /// to retry the access, which may fault again.
     pub fn pause(&self) {
-        let tid = current_tid();
-        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = threads.get_mut(&tid) {
-            w.inside = false;
-            w.left = Instant::now();
-        }
+        let _ = MINE.try_with(|mine| {
+            mine.0.left_ns.store(clock(), Relaxed);
+            mine.0.inside.store(false, Relaxed);
+        });
     }
 
     /// The calling thread's wait is over.
     pub fn leave(&self) {
-        let tid = current_tid();
-        self.threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&tid);
+        let _ = MINE.try_with(|mine| {
+            mine.0.inside.store(false, Relaxed);
+            mine.0.owner.store(0, Relaxed);
+        });
     }
 
     /// Registers a wait for the caller until the guard is dropped.
@@ -142,17 +206,21 @@ impl Waiting {
         WaitGuard { waiting: self }
     }
 
-    /// The threads waiting now, the longest first; forgets the finished.
+    /// The threads waiting now, the longest first; forgets ended threads.
     pub fn snapshot(&self) -> Vec<ThreadReport> {
-        let now = Instant::now();
-        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        threads.retain(|_, w| w.live(now));
-        let mut waits: Vec<ThreadReport> = threads
+        let now = clock();
+        let mut slots = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|slot| !slot.gone.load(Relaxed));
+        let mut waits: Vec<ThreadReport> = slots
             .iter()
-            .map(|(tid, w)| ThreadReport {
-                tid: *tid,
-                what: w.what,
-                waited: now.saturating_duration_since(w.since),
+            .filter(|slot| slot.live(self.id, now))
+            .filter_map(|slot| {
+                let what = WaitFor::decode(slot.kind.load(Relaxed), slot.value.load(Relaxed))?;
+                Some(ThreadReport {
+                    tid: slot.tid.load(Relaxed),
+                    what,
+                    waited: Duration::from_nanos(now.saturating_sub(slot.since_ns.load(Relaxed))),
+                })
             })
             .collect();
         waits.sort_by_key(|w| std::cmp::Reverse(w.waited));

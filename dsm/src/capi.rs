@@ -219,15 +219,33 @@ pub extern "C" fn dsm_barrier() -> c_int {
 
 /// Allocates with `placement`; remembers the segment for `dsm_seal`.
 fn allocate(size: usize, placement: Placement) -> Result<*mut c_void, Failure> {
-    with_dsm(|d| {
-        let segment = d.alloc(size, placement)?;
-        SEGMENTS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(HashMap::new)
-            .insert(segment.addr() as usize, segment);
-        Ok(segment.addr() as *mut c_void)
-    })
+    with_dsm(|d| Ok(remember(d.alloc(size, placement)?)))
+}
+
+/// Keeps a segment this rank allocated, by address (for `dsm_seal` and
+/// `dsm_sync`); returns its address.
+fn remember(segment: Segment) -> *mut c_void {
+    SEGMENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(segment.addr() as usize, segment);
+    segment.addr() as *mut c_void
+}
+
+/// The segment this rank allocated at `addr`.
+fn remembered(addr: *mut c_void) -> Result<Segment, Failure> {
+    SEGMENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .get(&(addr as usize))
+        .copied()
+        .ok_or_else(|| {
+            Failure::invalid(format!(
+                "{addr:?} is not the address of a segment this rank allocated"
+            ))
+        })
 }
 
 fn rank_arg(rank: c_int) -> Result<usize, Failure> {
@@ -275,17 +293,8 @@ fn placement_arg(placement: c_int, rank: c_int) -> Result<Placement, Failure> {
 /// arguments and gets the same address.
 #[no_mangle]
 pub extern "C" fn dsm_coalloc(size: usize, placement: c_int, rank: c_int) -> *mut c_void {
-    let result = placement_arg(placement, rank).and_then(|placement| {
-        with_dsm(|d| {
-            let segment = d.coalloc(size, placement)?;
-            SEGMENTS
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert_with(HashMap::new)
-                .insert(segment.addr() as usize, segment);
-            Ok(segment.addr() as *mut c_void)
-        })
-    });
+    let result = placement_arg(placement, rank)
+        .and_then(|placement| with_dsm(|d| Ok(remember(d.coalloc(size, placement)?))));
     address("dsm_coalloc", result)
 }
 
@@ -314,17 +323,9 @@ pub extern "C" fn dsm_alloc_file(path: *const c_char, size: usize) -> *mut c_voi
 /// Writes a file segment this rank allocated (at `addr`) back to `path`.
 #[no_mangle]
 pub extern "C" fn dsm_sync(addr: *mut c_void, path: *const c_char) -> c_int {
-    let segment = SEGMENTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .get(&(addr as usize))
-        .copied();
-    let result = path_arg(path).and_then(|path| match segment {
-        Some(segment) => with_dsm(|d| Ok(d.sync(&segment, &path)?)),
-        None => Err(Failure::invalid(format!(
-            "{addr:?} is not the address of a segment this rank allocated"
-        ))),
+    let result = path_arg(path).and_then(|path| {
+        let segment = remembered(addr)?;
+        with_dsm(|d| Ok(d.sync(&segment, &path)?))
     });
     status("dsm_sync", result)
 }
@@ -332,18 +333,7 @@ pub extern "C" fn dsm_sync(addr: *mut c_void, path: *const c_char) -> c_int {
 /// Seals a replicated segment this rank allocated (at `addr`).
 #[no_mangle]
 pub extern "C" fn dsm_seal(addr: *mut c_void) -> c_int {
-    let segment = SEGMENTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .get(&(addr as usize))
-        .copied();
-    let result = match segment {
-        Some(segment) => with_dsm(|d| Ok(d.seal(&segment)?)),
-        None => Err(Failure::invalid(format!(
-            "{addr:?} is not the address of a segment this rank allocated"
-        ))),
-    };
+    let result = remembered(addr).and_then(|segment| with_dsm(|d| Ok(d.seal(&segment)?)));
     status("dsm_seal", result)
 }
 

@@ -211,6 +211,16 @@ pub fn in_sigbus_handler(tid: u64) -> bool {
         .is_some_and(|mask| mask & (1 << (libc::SIGBUS - 1)) != 0)
 }
 
+/// A fresh, empty directory named `token` under the system's temporary
+/// directory. With a `unique_token`, programs given a path inside it are
+/// found by [`processes_with`] (their command line carries the token).
+pub fn scratch_dir(token: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(token);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
 /// Live (non-zombie) processes whose command line contains `token`.
 pub fn processes_with(token: &str) -> Vec<u32> {
     let mut found = Vec::new();

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use dsm_tests::{run, short_hostname, unique_token, Finished};
+use dsm_tests::{run, scratch_dir, short_hostname, unique_token, Finished};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const RANKS: usize = 3;
@@ -69,14 +69,6 @@ fn prefix() -> &'static Path {
     })
 }
 
-/// A scratch directory for one test's build, away from the repository.
-fn workdir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique_token(label));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("work directory");
-    dir
-}
-
 /// `pkg-config ARGS` against the installed prefix only, as words.
 fn pkg_config(args: &[&str]) -> Vec<String> {
     let out = Command::new("pkg-config")
@@ -108,7 +100,7 @@ fn build(mut command: Command, what: &str) {
 /// Runs `program` on RANKS ranks with the installed dsmexec, from a
 /// directory that is neither the repository nor the program's.
 fn run_installed(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Finished {
-    let elsewhere = workdir("elsewhere");
+    let elsewhere = scratch_dir(&unique_token("elsewhere"));
     let mut command = Command::new(prefix().join("bin/dsmexec"));
     command
         .args(["-n", &RANKS.to_string()])
@@ -185,7 +177,7 @@ fn the_prefix_holds_the_launcher_the_library_the_header_and_the_build_files() {
 
 #[test]
 fn a_c_program_built_with_pkg_config_alone_runs_under_the_installed_dsmexec() {
-    let dir = workdir("cuser");
+    let dir = scratch_dir(&unique_token("cuser"));
     let program = dir.join("api");
     let mut cc = Command::new("gcc");
     cc.arg(repo_root().join("examples/c/api.c"))
@@ -226,7 +218,7 @@ fn the_same_program_compiled_as_cpp_by_gxx_runs() {
     if !have("g++", "the_same_program_compiled_as_cpp_by_gxx_runs") {
         return;
     }
-    let dir = workdir("cppuser");
+    let dir = scratch_dir(&unique_token("cppuser"));
     let program = dir.join("api_cpp");
     let mut cxx = Command::new("g++");
     cxx.args(["-x", "c++", "-Wall", "-Werror"])
@@ -244,7 +236,7 @@ fn cmake_find_package_gives_the_dsm_dsm_target() {
     if !have("cmake", "cmake_find_package_gives_the_dsm_dsm_target") {
         return;
     }
-    let dir = workdir("cmakeuser");
+    let dir = scratch_dir(&unique_token("cmakeuser"));
     std::fs::write(
         dir.join("CMakeLists.txt"),
         format!(
@@ -274,7 +266,7 @@ fn a_fortran_jacobi_through_the_dsm_module_matches_the_serial_run() {
     ) {
         return;
     }
-    let dir = workdir("fortranuser");
+    let dir = scratch_dir(&unique_token("fortranuser"));
     let program = dir.join("jacobi");
     let mut fc = Command::new("gfortran");
     fc.arg(repo_root().join("examples/fortran/jacobi.f90"))

@@ -5,11 +5,11 @@
 //! their threads wait for (SIGUSR1 to dsmexec, or DSM_HANG_REPORT_S).
 //! docs/RELIABILITY.md lists these cases.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use dsm_tests::{
-    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, short_hostname, unique_token, Running,
+    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, scratch_dir, short_hostname,
+    unique_token, Running,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -18,13 +18,14 @@ use nix::unistd::Pid;
 /// The peer timeout the stop scenarios run under.
 const TIMEOUT_S: u64 = 3;
 
-/// A private scratch directory whose path carries `token`, so the ranks
-/// (given a path inside it) are found by `processes_with(token)`.
-fn scratch(token: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(token);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir
+/// The pid rank `rank` printed (`rank R pid P ready`) among `lines`.
+fn pid_of(lines: &[String], rank: usize) -> Pid {
+    let pid = lines
+        .iter()
+        .filter(|l| field(l, "rank") == Some(rank as u32))
+        .find_map(|l| field(l, "pid"))
+        .expect("the rank's pid");
+    Pid::from_raw(pid as i32)
 }
 
 /// The value after `key ` in `line` (`rank 2 pid 1234 ready`).
@@ -41,7 +42,7 @@ fn field(line: &str, key: &str) -> Option<u32> {
 fn stop_scenario(mode: &str, victim: usize) {
     const N: usize = 3;
     let token = unique_token(&format!("stop{mode}"));
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let host = short_hostname();
     let mut cmd = dsmexec(
         &[
@@ -62,13 +63,7 @@ fn stop_scenario(mode: &str, victim: usize) {
     if mode == "barrier" {
         job.await_lines(N - 1, |l| l.contains("entering barrier"));
     }
-    let victim_pid = job
-        .stdout_lines()
-        .iter()
-        .filter(|l| field(l, "rank") == Some(victim as u32))
-        .find_map(|l| field(l, "pid"))
-        .expect("the victim's pid");
-    let victim_pid = Pid::from_raw(victim_pid as i32);
+    let victim_pid = pid_of(job.stdout_lines(), victim);
     let stopped_at = Instant::now();
     kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
     let out = job.finish();
@@ -115,7 +110,7 @@ fn a_long_computation_without_dsm_calls_is_not_a_lost_rank() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let token = unique_token("quiet");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let host = short_hostname();
     let mut cmd = dsmexec(
         &[
@@ -160,7 +155,7 @@ fn hang_report_scenario(ask: Ask) {
     const N: usize = 3;
     let (victim, waiter) = (1usize, 2usize);
     let token = unique_token("hang");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let go = dir.join("go");
     let host = short_hostname();
     let mut cmd = dsmexec(
@@ -182,20 +177,16 @@ fn hang_report_scenario(ask: Ask) {
     );
     let mut job = Running::start(cmd, Duration::from_secs(60));
     job.await_lines(N, |l| l.ends_with(" ready"));
-    let pid_of = |rank: usize| -> u32 {
-        job.stdout_lines()
-            .iter()
-            .filter(|l| field(l, "rank") == Some(rank as u32))
-            .find_map(|l| field(l, "pid"))
-            .expect("a rank's pid")
-    };
-    let (victim_pid, waiter_pid) = (pid_of(victim), pid_of(waiter));
-    kill(Pid::from_raw(victim_pid as i32), Signal::SIGSTOP).expect("stop the victim");
+    let (victim_pid, waiter_pid) = (
+        pid_of(job.stdout_lines(), victim),
+        pid_of(job.stdout_lines(), waiter),
+    );
+    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
     std::fs::write(&go, "").expect("go file");
     job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
     if ask == Ask::Signal {
         let until = Instant::now() + Duration::from_secs(10);
-        while !in_sigbus_handler(u64::from(waiter_pid)) {
+        while !in_sigbus_handler(waiter_pid.as_raw() as u64) {
             assert!(
                 Instant::now() < until,
                 "rank {waiter} never waited in its page fault"
@@ -269,7 +260,7 @@ fn a_hang_report_names_the_ranks_a_barrier_waits_for() {
     const N: usize = 3;
     let victim = 1usize;
     let token = unique_token("hangbarrier");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let host = short_hostname();
     let mut cmd = dsmexec(
         &[
@@ -287,15 +278,10 @@ fn a_hang_report_names_the_ranks_a_barrier_waits_for() {
     let mut job = Running::start(cmd, Duration::from_secs(60));
     job.await_lines(N, |l| l.ends_with(" ready"));
     job.await_lines(N - 1, |l| l.contains("entering barrier"));
-    let victim_pid = job
-        .stdout_lines()
-        .iter()
-        .filter(|l| field(l, "rank") == Some(victim as u32))
-        .find_map(|l| field(l, "pid"))
-        .expect("the victim's pid");
+    let victim_pid = pid_of(job.stdout_lines(), victim);
     // Stopped only so that the job ends (on the peer timeout) after the
     // reports: the barrier waits for it either way.
-    kill(Pid::from_raw(victim_pid as i32), Signal::SIGSTOP).expect("stop the victim");
+    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
     let out = job.finish();
     let rank0 = out.lines_of(0, &host, "stderr");
     assert!(
@@ -321,7 +307,7 @@ fn a_rank_that_exits_without_finalize_is_named_as_the_cause() {
     const N: usize = 3;
     let victim = 1usize;
     let token = unique_token("leave");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let host = short_hostname();
     let cmd = dsmexec(
         &[

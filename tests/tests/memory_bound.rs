@@ -344,20 +344,25 @@ impl Drop for Cgroups {
     }
 }
 
-#[test]
-fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
+/// `ranks` memory cgroups capped at `cap` bytes, named after `token`; or
+/// `None`, the test skipped (or failed when cgroups are required), when
+/// there is no root or no usable memory controller.
+fn cgroups_or_skip(token: &str, ranks: usize, cap: u64) -> Option<Cgroups> {
     if !nix::unistd::geteuid().is_root() {
         skip("needs root to create memory cgroups");
-        return;
+        return None;
     }
-    let hierarchy = match find_hierarchy() {
-        Ok(h) => h,
-        Err(why) => return skip(&why),
-    };
+    let hierarchy = find_hierarchy().map_err(|why| skip(&why)).ok()?;
+    Cgroups::create(&hierarchy, token, ranks, cap)
+        .map_err(|why| skip(&format!("no usable memory cgroup: {why}")))
+        .ok()
+}
+
+#[test]
+fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
     let token = unique_token("memcg");
-    let groups = match Cgroups::create(&hierarchy, &token, RANKS, CAP) {
-        Ok(g) => g,
-        Err(why) => return skip(&format!("no usable memory cgroup: {why}")),
+    let Some(groups) = cgroups_or_skip(&token, RANKS, CAP) else {
+        return;
     };
     eprintln!(
         "memory_bound: cgroup {:?} {} (one child per rank, {} MiB each, no swap; swap on: {}; limit above: {})",
@@ -455,18 +460,9 @@ fn four_ranks_in_1_gib_cgroups_hold_and_check_3_gib() {
 fn a_rank_killed_by_the_oom_killer_is_reported_as_out_of_memory() {
     const OOM_RANKS: usize = 2;
     const OOM_CAP: u64 = 256 << 20;
-    if !nix::unistd::geteuid().is_root() {
-        skip("needs root to create memory cgroups");
-        return;
-    }
-    let hierarchy = match find_hierarchy() {
-        Ok(h) => h,
-        Err(why) => return skip(&why),
-    };
     let token = unique_token("oom");
-    let groups = match Cgroups::create(&hierarchy, &token, OOM_RANKS, OOM_CAP) {
-        Ok(g) => g,
-        Err(why) => return skip(&format!("no usable memory cgroup: {why}")),
+    let Some(groups) = cgroups_or_skip(&token, OOM_RANKS, OOM_CAP) else {
+        return;
     };
     let script = r#"echo $$ > "$1/rank$DSM_RANK/cgroup.procs" && exec "$2" hog 1 "$1""#;
     let top = groups.top.display().to_string();

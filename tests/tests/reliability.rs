@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::wire;
 use dsm_tests::{
-    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, processes_with, short_hostname,
-    unique_token,
+    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, processes_with, scratch_dir,
+    short_hostname, unique_token,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -32,15 +32,6 @@ fn repo_root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf()
-}
-
-/// A private scratch directory whose path carries `token` (so programs
-/// given a file inside it are found by `processes_with(token)`).
-fn scratch(token: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(token);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir
 }
 
 /// A child whose stdout and stderr lines are collected as they come.
@@ -407,7 +398,7 @@ fn attack_all(addrs: &[SocketAddr], ident: &[u8], scan: usize) -> usize {
 fn kill_scenario(mode: &str, victim: usize) {
     const N: usize = 4;
     let token = unique_token(&format!("kill{mode}"));
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let go = dir.join("go");
     let host = short_hostname();
     let mut cmd = dsmexec(
@@ -541,7 +532,7 @@ fn soak_ok(out: &Ended, host: &str, n: usize) {
 fn hostile_input_on_dsm_ports_during_setup() {
     const N: usize = 4;
     let token = unique_token("dsmports");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let go = dir.join("go");
     let host = short_hostname();
     let cmd = dsmexec(
@@ -620,7 +611,7 @@ fn hostile_input_on_dsm_ports_during_setup() {
 #[test]
 fn hostile_input_on_the_launcher_port_during_startup() {
     let token = unique_token("ctlport");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     std::fs::write(dir.join("machines"), "localhost slots=3\n127.0.0.2\n").expect("machinefile");
     let ssh = format!("{} {}", bin("fakessh").display(), dir.display());
     let cmd = dsmexec(
@@ -706,7 +697,7 @@ fn hostile_input_on_the_rendezvous_port() {
     const N: usize = 4;
     // (N ranks, started as srun would: SLURM_* variables, no dsmexec.)
     let token = unique_token("rvport");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let rv = dir.join("rv");
     std::fs::create_dir(&rv).expect("rendezvous dir");
     std::fs::set_permissions(&rv, std::fs::Permissions::from_mode(0o700)).expect("chmod");
@@ -856,7 +847,7 @@ fn soak_eight_ranks_under_hostile_connections() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30.0);
     let token = unique_token("soak");
-    let dir = scratch(&token);
+    let dir = scratch_dir(&token);
     let go = dir.join("go");
     let host = short_hostname();
     let cmd = dsmexec(

@@ -6,17 +6,10 @@
 use std::time::Duration;
 
 use dsm_core::StatsSnapshot;
-use dsm_tests::{bin, dsmexec, run, unique_token};
+use dsm_tests::{bin, dsmexec, run, scratch_dir, unique_token};
 
 const RANKS: usize = 3;
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn scratch(label: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(unique_token(label));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir
-}
 
 /// The cells of the report's table `id`, row by row (header cells out).
 fn table(html: &str, id: &str) -> Vec<Vec<String>> {
@@ -39,7 +32,7 @@ fn table(html: &str, id: &str) -> Vec<Vec<String>> {
 
 #[test]
 fn the_stats_report_shows_the_numbers_the_ranks_sent() {
-    let dir = scratch("statsreport");
+    let dir = scratch_dir(&unique_token("statsreport"));
     let report = dir.join("report.html");
     let mut cmd = dsmexec(
         &[
@@ -113,7 +106,7 @@ fn the_stats_report_shows_the_numbers_the_ranks_sent() {
 
 #[test]
 fn dsm_stats_json_writes_one_file_per_rank() {
-    let dir = scratch("statsjson");
+    let dir = scratch_dir(&unique_token("statsjson"));
     let mut cmd = dsmexec(
         &[
             "-n",
