@@ -11,7 +11,7 @@ module dsm
   implicit none
   private
   public :: dsm_init, dsm_finalize, dsm_rank, dsm_size, dsm_barrier
-  public :: dsm_malloc, dsm_remote_malloc, dsm_alloc, dsm_coalloc, dsm_seal
+  public :: dsm_malloc, dsm_remote_malloc, dsm_alloc, dsm_coalloc, dsm_free, dsm_seal
   public :: dsm_alloc_file, dsm_sync
   public :: dsm_lock, dsm_unlock, dsm_set_error_mode, dsm_strerror
   public :: dsm_last_error, dsm_stats, dsm_stats_t
@@ -99,6 +99,13 @@ module dsm
       integer(c_int), value :: placement, rank
       type(c_ptr) :: addr
     end function dsm_coalloc
+
+    ! Collective: every rank frees the same segment (the address an allocation returned).
+    function dsm_free(addr) bind(c, name="dsm_free") result(err)
+      import :: c_ptr, c_int
+      type(c_ptr), value :: addr
+      integer(c_int) :: err
+    end function dsm_free
 
     ! path: a NUL-terminated string, e.g. trim(name) // c_null_char
     function dsm_alloc_file(path, size) bind(c, name="dsm_alloc_file") result(addr)

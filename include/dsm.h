@@ -85,7 +85,7 @@ int dsm_barrier(void);
  * dsm_malloc spreads the pages over the ranks; dsm_remote_malloc keeps them
  * at `rank`; dsm_alloc takes a placement (above; `rank` is read for
  * DSM_LOCALIZED only). The heap is the upper half of the shared space
- * (DSM_SPACE_SIZE). Segments are not freed before the job ends. */
+ * (DSM_SPACE_SIZE); dsm_free gives a segment back. */
 void *dsm_malloc(size_t size);
 void *dsm_remote_malloc(size_t size, int rank);
 void *dsm_alloc(size_t size, int placement, int rank);
@@ -105,6 +105,17 @@ void *dsm_coalloc(size_t size, int placement, int rank);
  * 0 or an error code. */
 void *dsm_alloc_file(const char *path, size_t size);
 int dsm_sync(void *addr, const char *path);
+/* Frees the segment at `addr` (as an allocation returned it, on any
+ * rank), collectively: every rank calls it, in the same order as its other
+ * frees, once none of its threads touches the segment any more (whichever
+ * rank allocated it). Returns when no rank holds anything of it: cached
+ * copies, home pages and their memory are gone, and the range may hold a
+ * later segment. A file segment's changes not written by dsm_sync are lost.
+ * Touching the segment afterwards ends the job with an error (or reads the
+ * segment allocated there since). Ranks freeing different segments at the
+ * same point end the job with an error naming both. 0 or an error code
+ * (DSM_ERR_INVALID_ARG: not a segment's address, or freed already). */
+int dsm_free(void *addr);
 /* Seals a DSM_REPLICATED segment this rank allocated (`addr` as returned):
  * from then on every rank reads it from a local read-only copy, and a
  * store to it is a fatal error naming the segment. 0 or an error code. */

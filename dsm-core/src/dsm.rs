@@ -703,6 +703,47 @@ impl Dsm {
         })
     }
 
+    /// The segment at `addr`, as [`Segment::addr`] gives it on any rank:
+    /// how a rank gets hold of a segment another rank allocated with
+    /// [`Dsm::alloc`] (its address handed over in shared memory or a
+    /// message), to free it, say. Its [`Segment::len`] is then its whole
+    /// pages. An error if no segment starts there.
+    pub fn segment_at(&self, addr: *const u8) -> Result<Segment, DsmError> {
+        let base = self.base() as usize;
+        let offset = (addr as usize)
+            .checked_sub(base)
+            .filter(|o| *o < self.len() && o % PAGE_SIZE == 0)
+            .ok_or_else(|| {
+                DsmError::Segment(format!(
+                    "{addr:?} is not the address of a segment: segments start at page boundaries of the shared space ({base:#x}, {} bytes)",
+                    self.len()
+                ))
+            })?;
+        let page = offset / PAGE_SIZE;
+        let info = self.ask(|reply| Input::FindSegment { page, reply })?;
+        Ok(self.segment(info, info.pages as usize * PAGE_SIZE))
+    }
+
+    /// Frees a segment, collectively: every rank calls it, in the same
+    /// order as its other frees, once all its threads are done with the
+    /// segment (whoever allocated it, with [`Dsm::alloc`] or
+    /// [`Dsm::coalloc`]). Returns when no rank holds anything of it any
+    /// more: the caches' copies, the homes' pages and their memory are
+    /// gone, and the range may hold a later segment. A file segment's
+    /// changes not written by [`Dsm::sync`] are lost. An access to the
+    /// segment afterwards is an error that ends the job (or reads the
+    /// segment allocated there since). Ranks that free different segments
+    /// at the same point end the job with an error naming both; a second
+    /// free of a segment is an error.
+    pub fn free(&self, segment: Segment) -> Result<(), DsmError> {
+        let _waiting = self.waiting.guard(WaitFor::Free(segment.id()));
+        let info = segment.info;
+        self.ask(|reply| Input::Free {
+            segment: info,
+            reply,
+        })
+    }
+
     /// This rank's statistics so far (faults, traffic, latency, evictions).
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot(self.rank)

@@ -35,6 +35,8 @@ use crate::sync::{BarrierCounter, LockTable};
 use crate::transport::{Incoming, InlineDelivery, Landing, PayloadPlacement};
 use crate::{Message, Rank, Transport};
 
+mod free;
+
 /// Most messages handled before the replies of the first leave.
 const DRAIN_AT_ONCE: usize = 64;
 
@@ -79,6 +81,16 @@ pub(crate) enum Input {
         segment: SegmentInfo,
         path: PathBuf,
         len: usize,
+        reply: Reply<()>,
+    },
+    /// The segment starting at page `page` (a segment another rank made).
+    FindSegment {
+        page: usize,
+        reply: Reply<SegmentInfo>,
+    },
+    /// This rank's part of the collective free of a segment.
+    Free {
+        segment: SegmentInfo,
         reply: Reply<()>,
     },
     /// A new bound on the pages held from other homes (`usize::MAX`: none).
@@ -203,6 +215,16 @@ pub(crate) struct Engine {
     coalloc_epoch: u64,
     /// Rank 0: the collective allocations some ranks have asked for.
     coallocs: BTreeMap<u64, PendingCoAlloc>,
+    /// Callers of `Dsm::segment_at` waiting for rank 0's answer, by page.
+    finds: BTreeMap<usize, Vec<Reply<SegmentInfo>>>,
+    /// Collective frees this rank called so far (their numbers).
+    free_epoch: u64,
+    /// Collective frees under way here, by number (`free.rs`).
+    frees: BTreeMap<u64, free::Freeing>,
+    /// Ids of the segments freed (a second free of one is an error).
+    freed_segments: FxHashSet<u32>,
+    /// Rank 0: freed segments not yet forgotten by every rank, by id.
+    forgetting: BTreeMap<u32, free::Forgetting>,
     settling: Vec<Settling>,
     zero_page: Box<[u8; PAGE_SIZE]>,
     stream: Stream,
@@ -248,6 +270,11 @@ pub(crate) struct Engine {
     /// Pages received or stored as home since memory was last checked.
     pages_since_memory_check: usize,
 }
+
+/// How often the engine thread looks again at a collective free waiting
+/// on this rank's own requests or transactions (answers handled in a
+/// receive thread do not wake it).
+const FREE_POLL: Duration = Duration::from_millis(1);
 
 /// Pages received or stored (4 MiB) between two checks that memory is
 /// not running out (`check_memory`: a read of /proc/meminfo, ~20 µs).
@@ -480,6 +507,11 @@ impl Engine {
             alloc_waiters: HashMap::new(),
             coalloc_epoch: 0,
             coallocs: BTreeMap::new(),
+            finds: BTreeMap::new(),
+            free_epoch: 0,
+            frees: BTreeMap::new(),
+            freed_segments: FxHashSet::default(),
+            forgetting: BTreeMap::new(),
             settling: Vec::new(),
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
@@ -634,10 +666,18 @@ impl Engine {
     ) -> Result<(), DsmError> {
         loop {
             crate::sched::poll_until(spin, || !inbox.is_empty() || !inputs.is_empty());
-            let timeout = lock(engine)
-                .next_deadline()
-                .map(|t| t.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_secs(3600));
+            let timeout = {
+                let this = lock(engine);
+                let timeout = this
+                    .next_deadline()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .unwrap_or(Duration::from_secs(3600));
+                if this.free_stalled() {
+                    timeout.min(FREE_POLL)
+                } else {
+                    timeout
+                }
+            };
             // Wait for something to arrive without taking it: messages leave
             // the queue only under the engine's lock, so a receive thread
             // that finds the lock free and the queue empty knows nothing
@@ -673,6 +713,9 @@ impl Engine {
             }
             let mut this = lock(engine);
             this.check_memory()?;
+            if this.free_stalled() {
+                this.advance_frees()?;
+            }
             if this.eviction_due() {
                 let low = this.cache.low;
                 this.evict_to(low)?;
@@ -832,6 +875,20 @@ impl Engine {
                     return Ok(());
                 }
                 self.settle_segment(segment, reply, Some((path, len)), false)
+            }
+            Input::Free { segment, reply } => self.start_free(segment, reply),
+            Input::FindSegment { page, reply } => {
+                if let Some(info) = self.registry.find(page).copied() {
+                    let _ = reply.send(self.segment_starting_at(page, Some(info)));
+                    return Ok(());
+                }
+                let asked = self.finds.contains_key(&page);
+                self.finds.entry(page).or_default().push(reply);
+                if !asked {
+                    self.out
+                        .send(0, Msg::FindSegment { page: page as u64 }.header());
+                }
+                Ok(())
             }
             Input::CacheLimit { pages } => {
                 self.cache.bound(pages);
@@ -1339,6 +1396,29 @@ impl Engine {
                 Ok(())
             }
             Msg::LookupReply { page, segment } => self.on_lookup_reply(page as usize, segment),
+            Msg::FindSegment { page } => {
+                let segment = self.registry.find(page as usize).copied();
+                self.out
+                    .send(from, Msg::FoundSegment { page, segment }.header());
+                Ok(())
+            }
+            Msg::FoundSegment { page, segment } => {
+                let page = page as usize;
+                if let Ok(info) = self.segment_starting_at(page, segment) {
+                    if self.registry.find(page).is_none() {
+                        self.register(info);
+                    }
+                }
+                for reply in self.finds.remove(&page).unwrap_or_default() {
+                    let _ = reply.send(self.segment_starting_at(page, segment));
+                }
+                Ok(())
+            }
+            Msg::Free {
+                step,
+                epoch,
+                segment,
+            } => self.on_free_step(from, step, epoch, segment),
             Msg::PageRequest {
                 page, requester, ..
             } => {
@@ -1399,6 +1479,21 @@ impl Engine {
                 info.first_page as usize + i,
                 HomeCopy::Bytes(proto::page_from(chunk)),
             );
+        }
+    }
+
+    /// `segment_at`'s answer: `segment`, if it is one and starts at `page`.
+    fn segment_starting_at(
+        &self,
+        page: usize,
+        segment: Option<SegmentInfo>,
+    ) -> Result<SegmentInfo, DsmError> {
+        match segment {
+            Some(info) if info.id != 0 && info.first_page as usize == page => Ok(info),
+            _ => Err(DsmError::Segment(format!(
+                "{:#x} is not the address of a segment of this job (as alloc or coalloc returned it)",
+                self.base + page * PAGE_SIZE
+            ))),
         }
     }
 
@@ -1646,6 +1741,7 @@ impl Engine {
             WaitFor::Lock(lock) => {
                 format!("lock {lock} (managed at rank {})", lock % self.size as u64)
             }
+            WaitFor::Free(segment) => format!("the collective free of segment {segment}"),
         }
     }
 
@@ -1687,6 +1783,7 @@ impl Engine {
                 list(missing.iter())
             ));
         }
+        lines.extend(self.frees_report());
         for (lock, (holder, _), queue) in self.locks.contended() {
             lines.push(format!(
                 "lock {lock} (managed here): held by rank {holder}; waiting: rank(s) {}",

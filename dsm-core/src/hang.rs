@@ -44,6 +44,8 @@ pub enum WaitFor {
     Barrier,
     /// Distributed lock with this id.
     Lock(u64),
+    /// The collective free of the segment with this id.
+    Free(u32),
 }
 
 impl WaitFor {
@@ -53,6 +55,7 @@ impl WaitFor {
             WaitFor::Page { page, write } => (1 + u8::from(write), page as u64),
             WaitFor::Barrier => (3, 0),
             WaitFor::Lock(lock) => (4, lock),
+            WaitFor::Free(segment) => (5, u64::from(segment)),
         }
     }
 
@@ -64,6 +67,7 @@ impl WaitFor {
             }),
             3 => Some(WaitFor::Barrier),
             4 => Some(WaitFor::Lock(value)),
+            5 => u32::try_from(value).ok().map(WaitFor::Free),
             _ => None,
         }
     }
@@ -248,6 +252,7 @@ impl std::fmt::Display for WaitFor {
             }
             WaitFor::Barrier => write!(f, "a barrier"),
             WaitFor::Lock(lock) => write!(f, "lock {lock}"),
+            WaitFor::Free(segment) => write!(f, "the free of segment {segment}"),
         }
     }
 }

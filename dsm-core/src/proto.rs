@@ -48,6 +48,9 @@ const PLACED_READ_RUN: u8 = 29;
 const EVICTED: u8 = 30;
 const EVICTED_WRITE_BACK: u8 = 31;
 const COALLOC_REQ: u8 = 32;
+const FREE_STEP: u8 = 33;
+const FIND_SEGMENT: u8 = 34;
+const FOUND_SEGMENT: u8 = 35;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
@@ -87,6 +90,41 @@ impl SegmentInfo {
             pages: u64_at(b, 12),
             kind: b[20],
             rank: u32_at(b, 21),
+        }
+    }
+}
+
+/// The steps of the collective free of a segment ([`Msg::Free`]), in
+/// order: each rank sends every rank the first, each home sends every rank
+/// the second, each rank sends rank 0 the third.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FreeStep {
+    /// The sender gave up its copies of the segment's pages (after their
+    /// eviction notices, which therefore reach each home first).
+    Released,
+    /// The sender, having heard `Released` from every rank, reset the
+    /// pages it is home of (after every command it sent about them).
+    Reset,
+    /// The sender heard `Reset` from every rank and forgot the segment:
+    /// once every rank has, rank 0 may hand its range out again.
+    Forgotten,
+}
+
+impl FreeStep {
+    fn code(self) -> u8 {
+        match self {
+            FreeStep::Released => 1,
+            FreeStep::Reset => 2,
+            FreeStep::Forgotten => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<FreeStep> {
+        match code {
+            1 => Some(FreeStep::Released),
+            2 => Some(FreeStep::Reset),
+            3 => Some(FreeStep::Forgotten),
+            _ => None,
         }
     }
 }
@@ -272,6 +310,30 @@ pub enum Msg {
         /// the page is not in the heap (an access to unallocated memory).
         segment: Option<SegmentInfo>,
     },
+    /// Any rank -> rank 0: which segment holds heap page `page`? Unlike
+    /// `Lookup`, a page outside every segment is not made raw: the answer
+    /// is then `None`.
+    FindSegment {
+        /// The page looked up.
+        page: u64,
+    },
+    /// Rank 0 -> requester, answering `FindSegment`.
+    FoundSegment {
+        /// The page looked up.
+        page: u64,
+        /// The segment holding it, if any.
+        segment: Option<SegmentInfo>,
+    },
+    /// A step of the collective free of `segment`, this rank's free number
+    /// `epoch` (every rank frees the same segments in the same order).
+    Free {
+        /// Which step.
+        step: FreeStep,
+        /// The free's number, counted by each rank.
+        epoch: u64,
+        /// The segment being freed.
+        segment: SegmentInfo,
+    },
 }
 
 /// Why bytes received are not a well-formed DSM message.
@@ -301,6 +363,14 @@ pub enum ProtoError {
     /// [`Msg::decode`]); says what is wrong.
     #[error("malformed run of read grants: {0}")]
     BadRun(&'static str),
+    /// A field holds a value its kind does not define.
+    #[error("DSM message kind {kind} has an invalid {what}")]
+    BadField {
+        /// The message kind (first byte).
+        kind: u8,
+        /// The field, as a phrase ("free step").
+        what: &'static str,
+    },
 }
 
 /// A batch on the wire: the kind byte [`BATCH`], then for every message its
@@ -571,11 +641,12 @@ impl Msg {
                 ticket: key,
                 segment,
             }
-            | Msg::LookupReply { page: key, segment } => {
-                out.push(if matches!(self, Msg::AllocReply { .. }) {
-                    ALLOC_REPLY
-                } else {
-                    LOOKUP_REPLY
+            | Msg::LookupReply { page: key, segment }
+            | Msg::FoundSegment { page: key, segment } => {
+                out.push(match self {
+                    Msg::AllocReply { .. } => ALLOC_REPLY,
+                    Msg::LookupReply { .. } => LOOKUP_REPLY,
+                    _ => FOUND_SEGMENT,
                 });
                 out.extend_from_slice(&key.to_le_bytes());
                 match segment {
@@ -587,6 +658,17 @@ impl Msg {
                 }
             }
             Msg::Lookup { page } => Msg::page_only(&mut out, LOOKUP, *page),
+            Msg::FindSegment { page } => Msg::page_only(&mut out, FIND_SEGMENT, *page),
+            Msg::Free {
+                step,
+                epoch,
+                segment,
+            } => {
+                out.push(FREE_STEP);
+                out.push(step.code());
+                out.extend_from_slice(&epoch.to_le_bytes());
+                segment.put(&mut out);
+            }
             Msg::Grant {
                 page,
                 write,
@@ -763,13 +845,13 @@ impl Msg {
                     },
                 })
             }
-            DENIED | LOOKUP => {
+            DENIED | LOOKUP | FIND_SEGMENT => {
                 expect(9)?;
                 let page = u64_at(bytes, 1);
-                Ok(if kind == DENIED {
-                    Msg::Denied { page }
-                } else {
-                    Msg::Lookup { page }
+                Ok(match kind {
+                    DENIED => Msg::Denied { page },
+                    LOOKUP => Msg::Lookup { page },
+                    _ => Msg::FindSegment { page },
                 })
             }
             LOCK_ACQUIRE | LOCK_GRANT | LOCK_RELEASE => {
@@ -800,7 +882,7 @@ impl Msg {
                     rank: u32_at(bytes, 26),
                 })
             }
-            ALLOC_REPLY | LOOKUP_REPLY => {
+            ALLOC_REPLY | LOOKUP_REPLY | FOUND_SEGMENT => {
                 if bytes.len() < 10 {
                     return Err(ProtoError::BadLength {
                         kind,
@@ -819,13 +901,25 @@ impl Msg {
                         Some(SegmentInfo::get(&bytes[10..]))
                     }
                 };
-                Ok(if kind == ALLOC_REPLY {
-                    Msg::AllocReply {
+                Ok(match kind {
+                    ALLOC_REPLY => Msg::AllocReply {
                         ticket: key,
                         segment,
-                    }
-                } else {
-                    Msg::LookupReply { page: key, segment }
+                    },
+                    LOOKUP_REPLY => Msg::LookupReply { page: key, segment },
+                    _ => Msg::FoundSegment { page: key, segment },
+                })
+            }
+            FREE_STEP => {
+                expect(10 + SegmentInfo::LEN)?;
+                let step = FreeStep::from_code(bytes[1]).ok_or(ProtoError::BadField {
+                    kind,
+                    what: "free step",
+                })?;
+                Ok(Msg::Free {
+                    step,
+                    epoch: u64_at(bytes, 2),
+                    segment: SegmentInfo::get(&bytes[10..]),
                 })
             }
             GRANT_READ_RUN => Err(ProtoError::BadRun(
@@ -940,6 +1034,22 @@ mod tests {
                 }),
             },
             Msg::Lookup { page: 9 },
+            Msg::FindSegment { page: 10 },
+            Msg::FoundSegment {
+                page: 10,
+                segment: None,
+            },
+            Msg::Free {
+                step: FreeStep::Reset,
+                epoch: 3,
+                segment: SegmentInfo {
+                    id: 2,
+                    first_page: 40,
+                    pages: 8,
+                    kind: 1,
+                    rank: 1,
+                },
+            },
             Msg::LookupReply {
                 page: 9,
                 segment: Some(SegmentInfo {

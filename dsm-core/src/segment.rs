@@ -143,6 +143,9 @@ pub(crate) struct Registry {
     next_id: u32,
     /// Reference rank only: chunks used directly, never to be allocated.
     raw_chunks: std::collections::BTreeSet<usize>,
+    /// Reference rank only: ranges of freed segments above `heap_low`,
+    /// by first page (their length in pages), handed out again first.
+    free_ranges: BTreeMap<usize, usize>,
 }
 
 impl Registry {
@@ -153,6 +156,7 @@ impl Registry {
             heap_low: pages,
             next_id: 1,
             raw_chunks: std::collections::BTreeSet::new(),
+            free_ranges: BTreeMap::new(),
         }
     }
 
@@ -172,22 +176,14 @@ impl Registry {
         self.segments.insert(info.first_page as usize, info);
     }
 
-    /// Reference rank: carves `pages` pages off the top of the free heap.
+    /// Reference rank: takes `pages` pages from a freed range that fits
+    /// (the smallest), else carves them off the top of the free heap.
     pub fn allocate(&mut self, pages: u64, kind: u8, rank: u32) -> Option<SegmentInfo> {
         let pages_usize = usize::try_from(pages).ok().filter(|p| *p > 0)?;
-        let first = self
-            .heap_low
-            .checked_sub(pages_usize)
-            .filter(|f| *f >= self.heap_start)?;
-        if self
-            .raw_chunks
-            .range(first / RAW_CHUNK..=(self.heap_low - 1) / RAW_CHUNK)
-            .next()
-            .is_some()
-        {
-            return None;
-        }
-        self.heap_low = first;
+        let first = match self.take_free_range(pages_usize) {
+            Some(first) => first,
+            None => self.carve(pages_usize)?,
+        };
         let info = SegmentInfo {
             id: self.next_id,
             first_page: first as u64,
@@ -198,6 +194,80 @@ impl Registry {
         self.next_id += 1;
         self.insert(info);
         Some(info)
+    }
+
+    /// The top `pages` pages of the smallest freed range that holds them.
+    fn take_free_range(&mut self, pages: usize) -> Option<usize> {
+        let (&start, &len) = self
+            .free_ranges
+            .iter()
+            .filter(|(_, len)| **len >= pages)
+            .min_by_key(|(_, len)| **len)?;
+        self.free_ranges.remove(&start);
+        if len > pages {
+            self.free_ranges.insert(start, len - pages);
+        }
+        Some(start + len - pages)
+    }
+
+    /// `pages` pages off the top of the never-allocated heap.
+    fn carve(&mut self, pages: usize) -> Option<usize> {
+        let first = self
+            .heap_low
+            .checked_sub(pages)
+            .filter(|f| *f >= self.heap_start)?;
+        if self
+            .raw_chunks
+            .range(first / RAW_CHUNK..=(self.heap_low - 1) / RAW_CHUNK)
+            .next()
+            .is_some()
+        {
+            return None;
+        }
+        self.heap_low = first;
+        Some(first)
+    }
+
+    /// Forgets `segment` (freed), if it is the one known at its place.
+    pub fn forget(&mut self, segment: &SegmentInfo) {
+        let first = segment.first_page as usize;
+        if self
+            .segments
+            .get(&first)
+            .is_some_and(|s| s.id == segment.id)
+        {
+            self.segments.remove(&first);
+        }
+    }
+
+    /// Reference rank: the segment at `first` is being freed: lookups of
+    /// its pages find nothing from now on (an access is an error), and its
+    /// range is not handed out until `reclaim`.
+    pub fn retire(&mut self, first: usize) {
+        self.segments.remove(&first);
+    }
+
+    /// Reference rank: every rank forgot freed `segment`: its range may be
+    /// handed out again, merged with the free ranges beside it; a free
+    /// range at the bottom of the allocated heap goes back to it.
+    pub fn reclaim(&mut self, segment: SegmentInfo) {
+        let mut start = segment.first_page as usize;
+        let mut len = segment.pages as usize;
+        if let Some(next_len) = self.free_ranges.remove(&(start + len)) {
+            len += next_len;
+        }
+        if let Some((&prev, &prev_len)) = self.free_ranges.range(..start).next_back() {
+            if prev + prev_len == start {
+                self.free_ranges.remove(&prev);
+                start = prev;
+                len += prev_len;
+            }
+        }
+        if start == self.heap_low {
+            self.heap_low += len;
+        } else {
+            self.free_ranges.insert(start, len);
+        }
     }
 
     /// Reference rank: the segment holding `page`, or else the raw chunk
@@ -227,7 +297,7 @@ impl Registry {
     /// Free heap pages left (reference rank).
     #[cfg(test)]
     pub fn free_pages(&self) -> usize {
-        self.heap_low - self.heap_start
+        self.heap_low - self.heap_start + self.free_ranges.values().sum::<usize>()
     }
 }
 
@@ -266,5 +336,33 @@ mod tests {
             "pages 600..700 overlap the raw chunk"
         );
         assert!(r.allocate(60, 0, 0).is_some(), "pages 640..700 are free");
+    }
+
+    #[test]
+    fn freed_ranges_are_handed_out_again_and_merge() {
+        let mut r = Registry::new(200); // heap: pages 100..200
+        let a = r.allocate(10, 0, 0).unwrap(); // 190..200
+        let b = r.allocate(20, 0, 0).unwrap(); // 170..190
+        let c = r.allocate(10, 0, 0).unwrap(); // 160..170
+        assert_eq!(r.free_pages(), 60);
+        r.retire(b.first_page as usize);
+        assert_eq!(r.find(175), None, "a retired segment is not found");
+        assert_eq!(r.lookup(175), None, "nor made a raw chunk");
+        assert_eq!(r.free_pages(), 60, "nor handed out before reclaim");
+        r.reclaim(b);
+        assert_eq!(r.free_pages(), 80);
+        let d = r.allocate(5, 0, 0).unwrap();
+        assert_eq!(d.first_page, 185, "the top of the freed range");
+        assert_eq!(r.free_pages(), 75);
+        r.retire(a.first_page as usize);
+        r.reclaim(a);
+        r.forget(&d);
+        r.retire(d.first_page as usize);
+        r.reclaim(d); // 170..200 free again, in one range
+        assert_eq!(r.allocate(30, 0, 0).unwrap().first_page, 170);
+        r.retire(c.first_page as usize);
+        r.reclaim(c); // at the bottom: back to the never-allocated heap
+        assert_eq!(r.free_pages(), 70);
+        assert_eq!(r.allocate(70, 0, 0).unwrap().first_page, 100);
     }
 }

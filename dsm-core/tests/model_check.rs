@@ -15,6 +15,14 @@
 //! With `evictions`, any rank may also evict any copy it holds of a page
 //! homed elsewhere at any moment the state machine allows it (a bounded
 //! cache under pressure), interleaved with everything else.
+//!
+//! A program may free the pages (`Free`: the collective free of a segment
+//! spanning them, as the engine runs it): each rank gives up its copies
+//! and tells every rank (`Freed`); a home that heard from every rank and
+//! has no transaction left resets its pages and tells every rank
+//! (`Reset`); a rank that heard from every home forgets the pages and goes
+//! on. Operations after a free use the pages anew: they start at zero, and
+//! no state of before may leak into them.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -27,6 +35,8 @@ use dsm_core::PAGE_SIZE;
 enum Op {
     Read(usize),
     Write(usize),
+    /// The collective free of all the pages (at most one per program).
+    Free,
 }
 
 /// A message in flight, with the page value it carries (the model of its bytes).
@@ -42,6 +52,10 @@ enum M {
     EvictedWriteBack(usize, u64),
     /// page, write, value (`None`: an upgrade, no bytes)
     Grant(usize, bool, Option<u64>),
+    /// Free, first step: the sender gave up its copies.
+    Freed,
+    /// Free, second step: the sender reset the pages it is home of.
+    Reset,
 }
 
 impl M {
@@ -66,8 +80,11 @@ impl M {
         }
     }
 
-    fn to_msg(&self) -> (Msg, Option<u64>) {
-        match *self {
+    /// The state machine's message and its value (`None` for the free's
+    /// steps, which the engine handles itself).
+    fn to_msg(&self) -> Option<(Msg, Option<u64>)> {
+        Some(match *self {
+            M::Freed | M::Reset => return None,
             M::ReadReq(p) => (Msg::ReadReq { page: p as u64 }, None),
             M::WriteReq(p) => (Msg::WriteReq { page: p as u64 }, None),
             M::Invalidate(p) => (Msg::Invalidate { page: p as u64 }, None),
@@ -106,8 +123,21 @@ impl M {
                 },
                 v,
             ),
-        }
+        })
     }
+}
+
+/// Where a rank is in the collective free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Freeing {
+    /// It gave up its copies and sent `Freed`.
+    released: bool,
+    /// `Freed` notices received (as a home).
+    freed_heard: usize,
+    /// It reset the pages it is home of and sent `Reset`.
+    reset: bool,
+    /// `Reset` notices received.
+    resets_heard: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -125,6 +155,7 @@ struct World {
     /// Evictions still allowed (bounds the state space: each eviction
     /// can be followed by a refetch, and so on).
     evictions_left: usize,
+    freeing: Vec<Freeing>,
 }
 
 struct Model {
@@ -158,6 +189,15 @@ impl Model {
             time: vec![0; self.n],
             last_write: vec![0; self.pages],
             evictions_left: self.evictions,
+            freeing: vec![
+                Freeing {
+                    released: false,
+                    freed_heard: 0,
+                    reset: false,
+                    resets_heard: 0,
+                };
+                self.n
+            ],
         }
     }
 
@@ -248,11 +288,17 @@ impl Model {
         let mut next = Vec::new();
         for rank in 0..self.n {
             // A program step: perform the op if the copy allows it, else fault.
-            if let Some(op) = self.programs[rank].get(w.pc[rank]).copied() {
+            let op = self.programs[rank].get(w.pc[rank]).copied();
+            if op == Some(Op::Free) {
+                if let Some(s) = self.release_for_free(w, rank)? {
+                    next.push(s);
+                }
+            } else if let Some(op) = op {
                 let mut s = w.clone();
                 let (page, write) = match op {
                     Op::Read(p) => (p, false),
                     Op::Write(p) => (p, true),
+                    Op::Free => unreachable!("handled above"),
                 };
                 let copy = s.nodes[rank].copy_of(page).unwrap();
                 let allowed = if write {
@@ -307,6 +353,10 @@ impl Model {
                 self.apply(&mut s, rank, actions, None)?;
                 next.push(s);
             }
+            // A home resets its pages once every rank has freed them.
+            if let Some(s) = self.reset_homes(w, rank)? {
+                next.push(s);
+            }
             // A hold timer expires.
             if let Some(deadline) = w.nodes[rank].next_deadline() {
                 let mut s = w.clone();
@@ -325,7 +375,11 @@ impl Model {
             let (from, to) = (link / self.n, link % self.n);
             let mut s = w.clone();
             let m = s.links[link].pop_front().ok_or("empty link")?;
-            let (msg, value) = m.to_msg();
+            let Some((msg, value)) = m.to_msg() else {
+                self.free_notice(&mut s, from, to, &m)?;
+                next.push(s);
+                continue;
+            };
             let now = s.time[to];
             let actions = s.nodes[to]
                 .on_message(from, &msg, now)
@@ -334,6 +388,98 @@ impl Model {
             next.push(s);
         }
         Ok(next)
+    }
+
+    /// Free, first step at `rank` (its program is at `Free`): once
+    /// nothing is in flight for its pages, it gives up its copies and tells
+    /// every rank. `None` while it cannot, or once it did.
+    fn release_for_free(&self, w: &World, rank: usize) -> Result<Option<World>, String> {
+        let node = &w.nodes[rank];
+        if w.freeing[rank].released || !(0..self.pages).all(|p| node.free_ready(p)) {
+            return Ok(None);
+        }
+        let mut s = w.clone();
+        for page in 0..self.pages {
+            let actions = s.nodes[rank]
+                .release_for_free(page)
+                .map_err(|e| e.to_string())?;
+            self.apply(&mut s, rank, actions, None)?;
+            if s.nodes[rank].home_of(page) != rank && s.mem[rank][page].is_some() {
+                return Err(format!(
+                    "rank {rank} still maps page {page} after releasing it"
+                ));
+            }
+        }
+        s.freeing[rank].released = true;
+        for to in 0..self.n {
+            s.links[rank * self.n + to].push_back(M::Freed);
+        }
+        Ok(Some(s))
+    }
+
+    /// Free, second step at `rank`: once every rank freed the pages and no
+    /// transaction is left on those it is home of, it resets them (they
+    /// read as zeros again) and tells every rank.
+    fn reset_homes(&self, w: &World, rank: usize) -> Result<Option<World>, String> {
+        let f = w.freeing[rank];
+        let homed: Vec<usize> = (0..self.pages)
+            .filter(|p| w.nodes[rank].home_of(*p) == rank)
+            .collect();
+        if f.reset || f.freed_heard < self.n || !homed.iter().all(|p| w.nodes[rank].home_idle(*p)) {
+            return Ok(None);
+        }
+        let mut s = w.clone();
+        for page in homed {
+            for other in (0..self.n).filter(|r| *r != rank) {
+                if s.mem[other][page].is_some() {
+                    return Err(format!(
+                        "rank {rank} resets page {page} while rank {other} maps it"
+                    ));
+                }
+            }
+            let actions = s.nodes[rank]
+                .reset_home_page(page)
+                .map_err(|e| e.to_string())?;
+            self.apply(&mut s, rank, actions, None)?;
+            if s.mem[rank][page].is_some() {
+                return Err(format!(
+                    "home {rank} still maps page {page} after its reset"
+                ));
+            }
+            s.backing[page] = 0;
+            s.last_write[page] = 0;
+        }
+        s.freeing[rank].reset = true;
+        for to in 0..self.n {
+            s.links[rank * self.n + to].push_back(M::Reset);
+        }
+        Ok(Some(s))
+    }
+
+    /// A free's notice `m` from `from` reaches `to`.
+    fn free_notice(&self, s: &mut World, from: usize, to: usize, m: &M) -> Result<(), String> {
+        match m {
+            M::Freed => s.freeing[to].freed_heard += 1,
+            M::Reset => {
+                let node = &mut s.nodes[to];
+                for page in 0..self.pages {
+                    if from != to && node.home_of(page) == from {
+                        node.forget_page(page, from)
+                            .map_err(|e| format!("rank {to} forgetting page {page}: {e}"))?;
+                    }
+                }
+                let f = &mut s.freeing[to];
+                f.resets_heard += 1;
+                if f.resets_heard == self.n {
+                    if !(f.released && f.freed_heard == self.n) {
+                        return Err(format!("rank {to} heard every reset before its own free"));
+                    }
+                    s.pc[to] += 1;
+                }
+            }
+            other => return Err(format!("{other:?} is no free notice")),
+        }
+        Ok(())
     }
 
     fn explore(&self, hold: u64) -> usize {
@@ -401,7 +547,7 @@ fn check_model(model: Model) {
     }
 }
 
-use Op::{Read, Write};
+use Op::{Free, Read, Write};
 
 #[test]
 fn three_ranks_two_pages_writers_and_readers_cross() {
@@ -516,4 +662,39 @@ fn evicted_writable_copies_cross_recalls() {
         Some(0),
         1,
     );
+}
+
+#[test]
+fn a_free_crosses_reads_writes_and_evictions_and_the_pages_start_anew() {
+    // Every rank uses the pages, frees them, and uses them again: reads
+    // after the free see zeros or writes made after it, never a value of
+    // before; invalidations, recalls and evictions cross the releases.
+    check_programs_evicting(
+        vec![
+            vec![Write(0), Read(1), Free, Read(0)],
+            vec![Read(0), Write(1), Free, Write(0)],
+            vec![Read(1), Free, Read(1)],
+        ],
+        2,
+        None,
+        1,
+    );
+}
+
+#[test]
+fn a_free_of_pages_homed_at_one_rank_crosses_its_transactions() {
+    // Pages homed at rank 0; others hold writable and read copies when the
+    // free begins, and write again after it.
+    let programs = vec![
+        vec![Read(0), Free, Read(1)],
+        vec![Write(0), Write(1), Free, Write(1)],
+        vec![Read(1), Read(0), Free, Read(0)],
+    ];
+    check_model(Model {
+        n: programs.len(),
+        pages: 2,
+        programs,
+        home: Some(0),
+        evictions: 0,
+    });
 }

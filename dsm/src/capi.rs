@@ -233,6 +233,13 @@ fn remember(segment: Segment) -> *mut c_void {
     segment.addr() as *mut c_void
 }
 
+/// Drops the segment at `addr` from those remembered (freed).
+fn forget(addr: *mut c_void) {
+    if let Some(segments) = SEGMENTS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        segments.remove(&(addr as usize));
+    }
+}
+
 /// The segment this rank allocated at `addr`.
 fn remembered(addr: *mut c_void) -> Result<Segment, Failure> {
     SEGMENTS
@@ -328,6 +335,21 @@ pub extern "C" fn dsm_sync(addr: *mut c_void, path: *const c_char) -> c_int {
         with_dsm(|d| Ok(d.sync(&segment, &path)?))
     });
     status("dsm_sync", result)
+}
+
+/// Frees the segment at `addr`, collectively (every rank calls it).
+#[no_mangle]
+pub extern "C" fn dsm_free(addr: *mut c_void) -> c_int {
+    let result = with_dsm(|d| {
+        let segment = match remembered(addr) {
+            Ok(segment) => segment,
+            Err(_) => d.segment_at(addr as *const u8)?,
+        };
+        d.free(segment)?;
+        forget(addr);
+        Ok(())
+    });
+    status("dsm_free", result)
 }
 
 /// Seals a replicated segment this rank allocated (at `addr`).

@@ -74,6 +74,19 @@ int main(int argc, char **argv) {
             (unsigned long long)slot_sum);
     return 1;
   }
+  /* Freed collectively: the next collective segment reads as zeros, and a
+   * second free of the same address is an error. */
+  if (check(dsm_free(slots), "dsm_free")) return 1;
+  if (dsm_free(slots) != DSM_ERR_INVALID_ARG) {
+    fprintf(stderr, "rank %d: a second dsm_free did not fail\n", rank);
+    return 1;
+  }
+  uint64_t *fresh = (uint64_t *)dsm_coalloc(4096, DSM_DISTRIBUTED, 0);
+  if (fresh == NULL || fresh[(rank + 1) % size] != 0) {
+    fprintf(stderr, "rank %d: the segment after a free is not all zeros\n", rank);
+    return 1;
+  }
+  if (check(dsm_free(fresh), "dsm_free")) return 1;
 
   /* A file segment: rank 0 maps a file it wrote, every rank reads it, the
    * last rank changes a byte, rank 0 writes the segment back to the file. */

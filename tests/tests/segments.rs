@@ -58,6 +58,57 @@ fn collective_allocations_with_different_arguments_end_the_job_naming_both() {
     );
 }
 
+/// `segments free ROUNDS` under `env`, in a 4 MiB space: its 2 MiB heap
+/// holds fewer than a quarter of the rounds' segments unless freed ones
+/// are handed out again.
+fn free_job(n: usize, env: &[(&str, &str)]) -> Finished {
+    let n_arg = n.to_string();
+    let prog = bin("segments").display().to_string();
+    let mut command = dsmexec(&["-n", &n_arg, &prog, "free", "40"], &temp_dir());
+    command
+        .env("DSM_SPACE_SIZE", "4M")
+        .envs(env.iter().copied());
+    run(command, LIMIT)
+}
+
+#[test]
+fn freed_segments_leave_nothing_behind_and_their_range_is_reused() {
+    for (n, env) in [
+        (2, vec![]),
+        (4, vec![]),
+        // Evictions cross the frees' releases, and faults go through the
+        // fault thread.
+        (3, vec![("DSM_CACHE_SIZE", "32K"), ("DSM_FAULTS", "thread")]),
+    ] {
+        let out = free_job(n, &env);
+        out.expect_each_rank(
+            n,
+            "free verified: 40 rounds in 2 distinct places, new segments all zeros, values exact; segment_at found rank 1's segment",
+        );
+        assert!(
+            out.stdout
+                .contains("is not the address of a segment of this job")
+                && out.stdout.contains("was freed already"),
+            "{}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn frees_of_different_segments_end_the_job_naming_both() {
+    let out = job(3, &bin("segments"), &["free-mismatch"]);
+    assert_eq!(out.code, Some(70), "{out:?}");
+    assert!(
+        out.stderr.contains("collective free 1: rank ")
+            && out
+                .stderr
+                .contains("every rank must free the same segments in the same order"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn a_store_to_a_sealed_segment_is_an_error_naming_it() {
     let out = job(3, &bin("segments"), &["sealed-write"]);

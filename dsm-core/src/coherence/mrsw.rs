@@ -497,6 +497,108 @@ impl Mrsw {
             })
     }
 
+    // ---- freeing a segment (collective: every rank takes part) ----
+
+    /// Free, first step, at every rank: true when nothing is in flight for
+    /// `page` here (no request of this rank's, no command deferred), so
+    /// `release_for_free` may act on it.
+    pub fn free_ready(&self, page: usize) -> bool {
+        !self.waiting.contains_key(&page)
+            && self.local.get(page).is_none_or(|l| l.pending.is_none())
+    }
+
+    /// Free, first step: gives up this rank's copy of `page`, as `evict`
+    /// does but without waiting out the minimum hold (every thread of the
+    /// program is done with the segment). A page of a private segment is
+    /// dropped; a page homed here stays, for its home's reset. Call only
+    /// when `free_ready`.
+    pub fn release_for_free(&mut self, page: usize) -> Actions {
+        if self.private.contains(page) {
+            let lp = self.local(page)?;
+            let held = lp.copy != Copy::Invalid;
+            *lp = LocalPage::UNTOUCHED;
+            return Ok(if held {
+                vec![Action::DropPage { page }]
+            } else {
+                Vec::new()
+            });
+        }
+        let actions = self.evict(page, Time::MAX)?;
+        // Given up: a command that crosses the notice must not wait for
+        // the hold to end (it is answered by the notice, or acknowledged).
+        self.local(page)?.held_until = 0;
+        Ok(actions)
+    }
+
+    /// Free, second step, at `page`'s home once every rank has released
+    /// its copies: true when no transaction is under way or queued for it
+    /// (acknowledgements of invalidations crossed by evictions may still
+    /// be due).
+    pub fn home_idle(&self, page: usize) -> bool {
+        self.free_ready(page)
+            && self
+                .home_page_if_any(page)
+                .is_none_or(|h| h.txn.is_none() && h.queue.is_empty())
+    }
+
+    /// Free, second step: this home forgets `page` (homed here, not
+    /// private; `home_idle`): its directory entry and its own copy go, and
+    /// the page is as if never touched. Errors if another rank still holds
+    /// a copy (it touched the segment during the free).
+    pub fn reset_home_page(&mut self, page: usize) -> Actions {
+        let me = self.rank;
+        let hp = self.home_page(page, me, "a reset")?;
+        let others_hold = match &hp.dir {
+            Directory::Uncached => false,
+            Directory::Shared(readers) => readers.iter().any(|r| *r != me),
+            Directory::Exclusive(owner) => *owner != me,
+        };
+        if others_hold || hp.txn.is_some() || !hp.queue.is_empty() {
+            return Err(Self::unexpected(
+                page,
+                me,
+                "a free while another rank still holds or asks for the page",
+            ));
+        }
+        self.homes.remove(page);
+        let lp = self.local(page)?;
+        let held = lp.copy != Copy::Invalid;
+        *lp = LocalPage::UNTOUCHED;
+        Ok(if held {
+            vec![Action::DropPage { page }]
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Free, third step, at every rank once `home` has reset its pages:
+    /// this rank forgets its state of `page` (homed there), which it gave
+    /// up in the first step: no command about it can still be on its way.
+    pub fn forget_page(&mut self, page: usize, home: Rank) -> Result<(), CoherenceError> {
+        let deferred = self.waiting.contains_key(&page);
+        let lp = self.local(page)?;
+        if lp.copy != Copy::Invalid || lp.pending.is_some() || deferred {
+            return Err(Self::unexpected(
+                page,
+                home,
+                "the end of a free while this rank holds or asks for the page",
+            ));
+        }
+        *lp = LocalPage::UNTOUCHED;
+        Ok(())
+    }
+
+    /// Free, last step: the pages' placement is forgotten (home back to
+    /// `page mod size`, not private), so the range can hold a new segment.
+    pub fn forget_placement(&mut self, pages: std::ops::Range<usize>) {
+        for p in pages {
+            if let Some(h) = self.home.get_mut(p) {
+                *h = DEFAULT_HOME;
+            }
+            self.private.remove(p);
+        }
+    }
+
     /// A read grant carrying the page's bytes (the engine keeps them): the
     /// same as `on_message` with that grant, for a run of grants handled
     /// without a message per page.

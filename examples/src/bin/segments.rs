@@ -19,6 +19,16 @@
 //!   own segment).
 //! * `segments collective-mismatch`: rank 1 asks for a different size: the
 //!   job ends with an error naming both calls.
+//! * `segments free ROUNDS`: ROUNDS times, every rank allocates three
+//!   segments collectively (distributed, localized at the last rank,
+//!   private), checks they read as zeros everywhere (nothing of a freed
+//!   segment shows), writes its share, checks every rank's values, dirties
+//!   pages of others' shares, and frees the three. More rounds than the
+//!   heap holds without freeing. Then rank 1 allocates a segment of its
+//!   own, the others find it by address (`segment_at`) and all free it; a
+//!   second free and a bad address are errors.
+//! * `segments free-mismatch`: rank 1 frees two segments in the other
+//!   order: the job ends with an error naming both.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -89,6 +99,100 @@ fn collective(dsm: &Dsm) -> Result<String> {
     ))
 }
 
+/// `free`: allocate, use and free collective segments ROUNDS times, then
+/// free a segment of one rank's own found by address.
+fn free_rounds(dsm: &Dsm, rounds: usize) -> Result<String> {
+    let (rank, size) = (dsm.rank(), dsm.size());
+    const WORDS: usize = 16 * 512; // 16 pages
+    let value = |round: usize, i: usize| (round * WORDS + i) as u64 + 1;
+    let mut addresses = std::collections::BTreeSet::new();
+    for round in 0..rounds {
+        let spread = dsm.coalloc(WORDS * 8, Placement::Distributed)?;
+        let local = dsm.coalloc(WORDS * 8, Placement::Localized(size - 1))?;
+        let private = dsm.coalloc(WORDS * 8, Placement::Private)?;
+        addresses.extend([spread.addr() as usize, local.addr() as usize]);
+        for segment in [&spread, &local, &private] {
+            let words = dsm.segment_words(segment);
+            if let Some((i, w)) = words.iter().enumerate().find(|(_, w)| w.load(Relaxed) != 0) {
+                return Err(format!(
+                    "round {round}: word {i} of a new {} segment reads {} at rank {rank}: left from a freed segment",
+                    segment.kind_name(),
+                    w.load(Relaxed)
+                )
+                .into());
+            }
+        }
+        dsm.barrier()?; // every rank saw zeros before anyone writes
+        for segment in [&spread, &local] {
+            let words = dsm.segment_words(segment);
+            for (i, word) in words.iter().enumerate().skip(rank).step_by(size) {
+                word.store(value(round, i), Relaxed);
+            }
+        }
+        for word in dsm.segment_words(&private) {
+            word.store((rank * 1000 + round) as u64, Relaxed);
+        }
+        dsm.barrier()?;
+        for segment in [&spread, &local] {
+            let words = dsm.segment_words(segment);
+            if let Some(i) = (0..WORDS).find(|i| words[*i].load(Relaxed) != value(round, *i)) {
+                return Err(format!(
+                    "round {round}: word {i} of the {} segment reads {} at rank {rank}, expected {}",
+                    segment.kind_name(),
+                    words[i].load(Relaxed),
+                    value(round, i)
+                )
+                .into());
+            }
+        }
+        check(
+            dsm.segment_words(&private)
+                .iter()
+                .all(|w| w.load(Relaxed) == (rank * 1000 + round) as u64),
+            || format!("round {round}: rank {rank}'s private segment changed"),
+        )?;
+        dsm.barrier()?; // every rank checked before anyone dirties
+                        // Writable copies of pages homed elsewhere are held as the free
+                        // begins: their bytes go home, then everything goes.
+        for segment in [&spread, &local] {
+            let page = (rank + round) % 16;
+            dsm.segment_words(segment)[page * 512 + 7].store(u64::MAX, Relaxed);
+        }
+        dsm.free(spread)?;
+        dsm.free(local)?;
+        dsm.free(private)?;
+    }
+    // A segment of rank 1's own, handed to the others by its address.
+    if rank == 1 {
+        let own = dsm.alloc(3 * 4096, Placement::Localized(0))?;
+        dsm.segment_words(&own)[5].store(55, Relaxed);
+        raw(dsm, 12).store(own.addr() as u64, Relaxed);
+    }
+    dsm.barrier()?;
+    let addr = raw(dsm, 12).load(Relaxed) as *const u8;
+    let found = dsm.segment_at(addr)?;
+    check(
+        std::ptr::eq(found.addr(), addr) && found.len() == 3 * 4096,
+        || format!("segment_at({addr:?}) found {:?}", found.addr()),
+    )?;
+    check(dsm.segment_words(&found)[5].load(Relaxed) == 55, || {
+        "the handed-over segment's word 5 is not 55".into()
+    })?;
+    let inside = addr.wrapping_add(4096);
+    let Err(not_a_segment) = dsm.segment_at(inside) else {
+        return Err(format!("segment_at({inside:?}), inside a segment, succeeded").into());
+    };
+    dsm.free(found)?;
+    let Err(twice) = dsm.free(found) else {
+        return Err("a second free of a segment succeeded".into());
+    };
+    dsm.barrier()?;
+    Ok(format!(
+        "free verified: {rounds} rounds in {} distinct places, new segments all zeros, values exact; segment_at found rank 1's segment; errors: \"{not_a_segment}\"; \"{twice}\"",
+        addresses.len()
+    ))
+}
+
 fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
@@ -122,6 +226,22 @@ fn run() -> Result<()> {
             "unreachable".to_string()
         }
         "collective" => collective(&dsm)?,
+        "free" => {
+            let rounds = args.get(1).map_or(Ok(20), |r| r.parse())?;
+            free_rounds(&dsm, rounds)?
+        }
+        "free-mismatch" => {
+            let first = dsm.coalloc(4096, Placement::Distributed)?;
+            let second = dsm.coalloc(4096, Placement::Distributed)?;
+            let (a, b) = if rank == 1 {
+                (second, first)
+            } else {
+                (first, second)
+            };
+            dsm.free(a)?; // the job ends here
+            dsm.free(b)?;
+            "unreachable".to_string()
+        }
         "collective-mismatch" => {
             let bytes = if rank == 1 { 2 * 4096 } else { 4096 };
             dsm.coalloc(bytes, Placement::Distributed)?; // rank 0 ends the job
