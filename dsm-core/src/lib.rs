@@ -26,6 +26,7 @@ pub mod sigbus;
 pub mod stats;
 pub mod sync;
 pub mod transport;
+pub mod typed;
 pub mod wire;
 
 pub use bootstrap::{Bootstrap, BootstrapError, JobSecret};
@@ -34,3 +35,4 @@ pub use dsm::{Dsm, DsmError};
 pub use segment::{Placement, Segment};
 pub use stats::StatsSnapshot;
 pub use transport::{Message, Rank, Transport, TransportError};
+pub use typed::{Epoch, Locked, Reads, SharedArray};

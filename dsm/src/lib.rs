@@ -95,6 +95,7 @@ pub use dsm_core::config::EngineCpu;
 pub use dsm_core::dsm::LockGuard;
 use dsm_core::{Bootstrap, Transport};
 pub use dsm_core::{Config, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE};
+pub use dsm_core::typed::{self, Epoch, Locked, Reads, SharedArray};
 use transport_rdma::Selected;
 use transport_tcp::{TcpOptions, TcpTransport};
 

@@ -1,5 +1,7 @@
 //! Application kernels on the shared space, each checked against a serial
-//! run of the same code (on rank 0, after the parallel run):
+//! run of the same code (on rank 0, after the parallel run). Jacobi and
+//! matmul work on plain `f64` slices through the typed API
+//! (`SharedArray`, `Epoch`); the histogram's counters are atomics.
 //!
 //! * `kernels jacobi [N [ITERATIONS]]` (default 2048, 50): 2-D Jacobi
 //!   relaxation on N x N doubles, rows split across ranks (each rank's rows
@@ -14,11 +16,10 @@
 //!
 //! Each prints the parallel time beside the serial time of the same code.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use dsm::{Dsm, Placement};
+use dsm::{Dsm, Epoch, Placement, SharedArray};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -44,10 +45,10 @@ fn rows_of(rank: usize, size: usize, n: usize) -> (usize, usize) {
 
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dsm = dsm::init_from_env()?;
+    let mut dsm = dsm::init_from_env()?;
     let line = match args.first().map(String::as_str).unwrap_or("jacobi") {
-        "jacobi" => jacobi(&dsm, arg(&args, 1, 2048)?, arg(&args, 2, 50)?)?,
-        "matmul" => matmul(&dsm, arg(&args, 1, 256)?)?,
+        "jacobi" => jacobi(&mut dsm, arg(&args, 1, 2048)?, arg(&args, 2, 50)?)?,
+        "matmul" => matmul(&mut dsm, arg(&args, 1, 256)?)?,
         "histogram" => histogram(&dsm, arg(&args, 1, 200_000)?)?,
         other => return Err(format!("unknown kernel {other}").into()),
     };
@@ -59,15 +60,6 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-/// A view of f64 values stored in shared atomics.
-fn get(w: &AtomicU64) -> f64 {
-    f64::from_bits(w.load(Relaxed))
-}
-
-fn set(w: &AtomicU64, v: f64) {
-    w.store(v.to_bits(), Relaxed)
-}
-
 fn initial(i: usize, j: usize, n: usize) -> f64 {
     if i == 0 || j == 0 || i == n - 1 || j == n - 1 {
         ((i * 31 + j * 17) % 100) as f64 // fixed boundary
@@ -77,12 +69,12 @@ fn initial(i: usize, j: usize, n: usize) -> f64 {
 }
 
 /// One Jacobi sweep of rows `[first, end)` from the rows of `src` into
-/// the rows of `dst` (each row `n` values). The parallel run (rows in the
-/// shared space) and the serial run (rows in private memory) run this same
-/// code on the same element type.
+/// `dst`, which holds rows `first..end` (each row `n` values). The parallel
+/// run (rows in the shared space) and the serial run (rows in private
+/// memory) run this same code on the same element type.
 fn sweep<'a>(
-    src: impl Fn(usize) -> &'a [AtomicU64],
-    dst: impl Fn(usize) -> &'a [AtomicU64],
+    src: impl Fn(usize) -> &'a [f64],
+    dst: &mut [f64],
     n: usize,
     first: usize,
     end: usize,
@@ -92,7 +84,7 @@ fn sweep<'a>(
             &src(i - 1)[..n],
             &src(i)[..n],
             &src(i + 1)[..n],
-            &dst(i)[..n],
+            &mut dst[(i - first) * n..][..n],
         );
     }
 }
@@ -103,7 +95,7 @@ fn sweep<'a>(
 /// differently (one kept two bounds checks in the loop) and the shared-space
 /// one ran up to 1.4x slower on the same memory.
 #[inline(never)]
-fn relax_row(up: &[AtomicU64], mid: &[AtomicU64], down: &[AtomicU64], out: &[AtomicU64]) {
+fn relax_row(up: &[f64], mid: &[f64], down: &[f64], out: &mut [f64]) {
     if mid.len() < 3 {
         return; // no inner point
     }
@@ -113,8 +105,8 @@ fn relax_row(up: &[AtomicU64], mid: &[AtomicU64], down: &[AtomicU64], out: &[Ato
         .iter()
         .zip(&down[inner.clone()])
         .zip(mid.iter().zip(&mid[2..]));
-    for (o, ((u, d), (left, right))) in out[inner].iter().zip(neighbours) {
-        set(o, 0.25 * (get(u) + get(d) + get(left) + get(right)));
+    for (o, ((u, d), (left, right))) in out[inner].iter_mut().zip(neighbours) {
+        *o = 0.25 * (u + d + left + right);
     }
 }
 
@@ -124,69 +116,76 @@ fn checksum(value: impl Fn(usize, usize) -> f64, n: usize) -> f64 {
         .sum()
 }
 
-fn jacobi(dsm: &Dsm, n: usize, iterations: usize) -> Result<Option<String>> {
+fn jacobi(dsm: &mut Dsm, n: usize, iterations: usize) -> Result<Option<String>> {
     let (rank, size) = (dsm.rank(), dsm.size());
-    // Each rank allocates its rows of both grids, at itself, and publishes
-    // the addresses at raw words 64 + 2 * rank (+1).
-    let (first, end) = rows_of(rank, size, n);
-    let rows = end - first;
-    let a = dsm.alloc(rows.max(1) * n * 8, Placement::Localized(rank))?;
-    let b = dsm.alloc(rows.max(1) * n * 8, Placement::Localized(rank))?;
-    let raw = dsm.words();
-    raw[64 + 2 * rank].store(a.addr() as u64, Relaxed);
-    raw[65 + 2 * rank].store(b.addr() as u64, Relaxed);
-    dsm.barrier()?;
-    let base = dsm.base() as usize;
-    let blocks: Vec<[usize; 2]> = (0..size)
-        .map(|r| [0, 1].map(|g| (raw[64 + 2 * r + g].load(Relaxed) as usize - base) / 8))
-        .collect();
-    // Word index of the start of row i of each grid.
-    let row_start: Vec<[usize; 2]> = (0..n)
-        .map(|i| {
-            let r = (0..size).find(|r| i < rows_of(*r, size, n).1).unwrap_or(0);
-            blocks[r].map(|block| block + (i - rows_of(r, size, n).0) * n)
-        })
-        .collect();
-    let row = |grid: usize, i: usize| -> &[AtomicU64] { &raw[row_start[i][grid]..][..n] };
-    let cell = |grid: usize, i: usize, j: usize| -> &AtomicU64 { &row(grid, i)[j] };
-    for i in first..end {
-        for j in 0..n {
-            set(cell(0, i, j), initial(i, j, n));
-            set(cell(1, i, j), initial(i, j, n));
+    // Every rank's rows of each grid are an array localized at it,
+    // allocated collectively (every rank gets every rank's handles).
+    let mut grids: [Vec<SharedArray<f64>>; 2] = Default::default();
+    for grid in &mut grids {
+        for r in 0..size {
+            let (first, end) = rows_of(r, size, n);
+            let rows = (end - first).max(1);
+            grid.push(SharedArray::coalloc(
+                dsm,
+                rows * n,
+                Placement::Localized(r),
+            )?);
         }
     }
-    dsm.barrier()?;
+    let (first, end) = rows_of(rank, size, n);
+    // Row i: its rank's array and the index of its first value there.
+    let row_at: Vec<(usize, usize)> = (0..n)
+        .map(|i| {
+            let r = (0..size).find(|r| i < rows_of(*r, size, n).1).unwrap_or(0);
+            (r, (i - rows_of(r, size, n).0) * n)
+        })
+        .collect();
+    let mut epoch = Epoch::new(dsm);
+    for grid in &grids {
+        let mine = epoch.write(&grid[rank], ..(end - first) * n);
+        for (k, value) in mine.iter_mut().enumerate() {
+            *value = initial(first + k / n, k % n, n);
+        }
+    }
+    epoch.barrier()?;
     let start = Instant::now();
     let mut waiting = std::time::Duration::ZERO;
     for it in 0..iterations {
         let (from, to) = (it % 2, 1 - it % 2);
-        sweep(|i| row(from, i), |i| row(to, i), n, first, end);
+        {
+            let (mine, reads) = epoch.split_write(&grids[to][rank], ..(end - first) * n);
+            let src: Vec<&[f64]> = grids[from].iter().map(|a| reads.read(a, ..)).collect();
+            sweep(|i| &src[row_at[i].0][row_at[i].1..], mine, n, first, end);
+        }
         let arrived = Instant::now();
-        dsm.barrier()?;
+        epoch.barrier()?;
         waiting += arrived.elapsed();
     }
     let parallel = start.elapsed();
     if rank != 0 {
         return Ok(None);
     }
-    let result = iterations % 2;
-    let sum = checksum(|i, j| get(cell(result, i, j)), n);
+    let result: Vec<&[f64]> = grids[iterations % 2]
+        .iter()
+        .map(|a| epoch.read(a, ..))
+        .collect();
+    let sum = checksum(|i, j| result[row_at[i].0][row_at[i].1 + j], n);
 
     // The same code, serially, in private memory (initialized, like the
     // shared grids, before the clock starts).
-    let grids = [0, 1].map(|_| {
+    let mut grids = [0, 1].map(|_| {
         (0..n * n)
-            .map(|k| AtomicU64::new(initial(k / n, k % n, n).to_bits()))
-            .collect::<Vec<AtomicU64>>()
+            .map(|k| initial(k / n, k % n, n))
+            .collect::<Vec<f64>>()
     });
-    let private_row = |grid: usize, i: usize| -> &[AtomicU64] { &grids[grid][i * n..][..n] };
     let start = Instant::now();
     for it in 0..iterations {
-        let (from, to) = (it % 2, 1 - it % 2);
-        sweep(|i| private_row(from, i), |i| private_row(to, i), n, 0, n);
+        let [g0, g1] = &mut grids;
+        let (src, dst) = if it % 2 == 0 { (g0, g1) } else { (g1, g0) };
+        sweep(|i| &src[i * n..], dst, n, 0, n);
     }
     let serial = start.elapsed();
-    let expected = checksum(|i, j| get(&private_row(result, i)[j]), n);
+    let expected = checksum(|i, j| grids[iterations % 2][i * n + j], n);
     if sum.to_bits() != expected.to_bits() {
         return Err(format!("jacobi checksum {sum} differs from the serial {expected}").into());
     }
@@ -202,41 +201,38 @@ fn matrix(seed: u64, i: usize, j: usize) -> f64 {
     ((i as u64 * 131 + j as u64 * 7 + seed) % 19) as f64 - 9.0
 }
 
-fn matmul(dsm: &Dsm, n: usize) -> Result<Option<String>> {
+fn matmul(dsm: &mut Dsm, n: usize) -> Result<Option<String>> {
     let (rank, size) = (dsm.rank(), dsm.size());
-    let raw = dsm.words();
+    // Collective: rank 0 is the creator of the replicated A and B.
+    let a = SharedArray::<f64>::coalloc(dsm, n * n, Placement::Replicated)?;
+    let b = SharedArray::<f64>::coalloc(dsm, n * n, Placement::Replicated)?;
+    let c = SharedArray::<f64>::coalloc(dsm, n * n, Placement::Distributed)?;
+    let mut epoch = Epoch::new(dsm);
     if rank == 0 {
-        let a = dsm.alloc(n * n * 8, Placement::Replicated)?;
-        let b = dsm.alloc(n * n * 8, Placement::Replicated)?;
-        let c = dsm.alloc(n * n * 8, Placement::Distributed)?;
-        for (seg, seed) in [(&a, 1), (&b, 2)] {
-            let w = dsm.segment_words(seg);
-            for i in 0..n {
-                for j in 0..n {
-                    set(&w[i * n + j], matrix(seed, i, j));
-                }
+        for (m, seed) in [(&a, 1), (&b, 2)] {
+            for (k, value) in epoch.write(m, ..).iter_mut().enumerate() {
+                *value = matrix(seed, k / n, k % n);
             }
-            dsm.seal(seg)?;
-        }
-        for (k, seg) in [a, b, c].iter().enumerate() {
-            raw[80 + k].store(seg.addr() as u64, Relaxed);
+            epoch.dsm().seal(m.segment())?;
         }
     }
-    dsm.barrier()?;
-    let base = dsm.base() as usize;
-    let [a, b, c] = [0, 1, 2].map(|k| (raw[80 + k].load(Relaxed) as usize - base) / 8);
+    epoch.barrier()?;
     let (first, end) = rows_of(rank, size, n);
     let start = Instant::now();
-    for i in first..end {
-        for j in 0..n {
-            let mut acc = 0.0;
-            for k in 0..n {
-                acc += get(&raw[a + i * n + k]) * get(&raw[b + k * n + j]);
+    {
+        let (rows, reads) = epoch.split_write(&c, first * n..end * n);
+        let (a, b) = (reads.read(&a, ..), reads.read(&b, ..));
+        for i in first..end {
+            for j in 0..n {
+                let mut acc = 0.0;
+                for k in 0..n {
+                    acc += a[i * n + k] * b[k * n + j];
+                }
+                rows[(i - first) * n + j] = acc;
             }
-            set(&raw[c + i * n + j], acc);
         }
     }
-    dsm.barrier()?;
+    epoch.barrier()?;
     let parallel = start.elapsed();
     if rank != 0 {
         return Ok(None);
@@ -257,8 +253,7 @@ fn matmul(dsm: &Dsm, n: usize) -> Result<Option<String>> {
         }
     }
     let serial = start.elapsed();
-    for (k, expected) in sc.iter().enumerate() {
-        let got = get(&raw[c + k]);
+    for (k, (got, expected)) in epoch.read(&c, ..).iter().zip(&sc).enumerate() {
         if got.to_bits() != expected.to_bits() {
             return Err(format!("C[{}][{}] = {got}, serial {expected}", k / n, k % n).into());
         }
