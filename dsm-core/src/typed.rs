@@ -118,8 +118,8 @@ use crate::{Dsm, DsmError, Placement, Rank, Segment};
 ///
 /// It is only an address: each access checks that it lies in the epoch's
 /// space, so a handle whose segment is gone still reaches only mapped
-/// shared memory (what such an access does is what any access to that
-/// memory does).
+/// shared memory. After [`Dsm::free`] an access to it ends the job with
+/// an error, or reaches the segment allocated there since.
 pub struct SharedArray<T> {
     segment: Segment,
     len: usize,
@@ -163,8 +163,8 @@ impl<T: Pod> SharedArray<T> {
 
     /// The segment's memory as an array of as many whole `T` as it holds:
     /// a segment allocated untyped, or one another rank allocated and
-    /// handed over. Refused for a zero-sized `T` or one aligned beyond a
-    /// page.
+    /// handed over (its address, through [`Dsm::segment_at`]). Refused for
+    /// a zero-sized `T` or one aligned beyond a page.
     pub fn from_segment(segment: &Segment) -> Result<Self, DsmError> {
         Self::bytes(0)?;
         Ok(SharedArray {
