@@ -16,6 +16,10 @@
 //!   `.../dsm_remote_read_fault_4KiB_sigbus_evicting` the same with rank
 //!   1's cache bounded to 64 pages (`Dsm::set_cache_size`): past 60 its
 //!   engine thread evicts in the background, a few pages every few faults;
+//! * `fault_latency_shm/raw_round_trip_16B_4KiB` and
+//!   `fault_latency_shm/dsm_remote_read_fault_4KiB_sigbus`: the same over
+//!   rings in shared memory, as co-located ranks talk (TCP runs only), with
+//!   the ratio to the loopback TCP fault of the run;
 //! * with RDMA, `fault_latency_rdma/...` for the same two figures (the DSM
 //!   over `transport_rdma::connect_job`, as `dsm::init` does it) plus
 //!   `fault_latency_rdma/raw_rdma_read_4KiB`, a one-sided READ.
@@ -82,12 +86,17 @@ fn selected() -> Selected {
 
 /// Two connected endpoints of `kind`, rank 0 first.
 fn pair(kind: &Selected) -> Vec<Arc<dyn Transport>> {
+    pair_with(kind, dsm_bench::tcp_options)
+}
+
+/// Two endpoints of `kind` whose TCP part has `options` (rank -> options).
+fn pair_with(kind: &Selected, options: fn(usize) -> TcpOptions) -> Vec<Arc<dyn Transport>> {
     let boots = Bootstrap::loopback_group(2).expect("loopback job");
     let handles: Vec<_> = boots
         .into_iter()
         .map(|b| {
             let kind = kind.clone();
-            let options = dsm_bench::tcp_options(b.rank);
+            let options = options(b.rank);
             thread::spawn(move || -> Arc<dyn Transport> {
                 let tcp = TcpTransport::connect(b, &options).expect("TCP connects");
                 match kind {
@@ -409,6 +418,45 @@ fn fault_latency(c: &mut Criterion) {
         println!(
             "{group}: ratio dsm_remote_read_fault_4KiB_sigbus_evicting / dsm_remote_read_fault_4KiB_sigbus = {:.2}x",
             with / without
+        );
+    }
+    if let Selected::Tcp = kind {
+        co_located(c, &fault_sigbus);
+    }
+}
+
+/// Co-located ranks over rings in shared memory (what `dsm::init` sets up
+/// for ranks on one host): the raw round trip and the read fault on a
+/// `fault_latency_shm` pair, beside the loopback TCP fault of this run.
+fn co_located(c: &mut Criterion, tcp_fault: &Samples) {
+    let group = "fault_latency_shm";
+    let [raw, fault] = std::array::from_fn(|_| Samples::default());
+    raw_round_trip(
+        c,
+        group,
+        &pair_with(&Selected::Tcp, dsm_bench::shm_options),
+        &raw,
+    );
+    let by_signal = (group, "dsm_remote_read_fault_4KiB_sigbus");
+    dsm_read_fault(
+        c,
+        by_signal,
+        FaultDelivery::Sigbus,
+        pair_with(&Selected::Tcp, dsm_bench::shm_options),
+        &fault,
+        None,
+    );
+    print_summary(
+        group,
+        &[
+            ("raw_round_trip_16B_4KiB", &raw),
+            ("dsm_remote_read_fault_4KiB_sigbus", &fault),
+        ],
+    );
+    if let (Some((shm, ..)), Some((tcp, ..))) = (fault.summary(), tcp_fault.summary()) {
+        println!(
+            "{group}: ratio dsm_remote_read_fault_4KiB_sigbus / fault_latency_tcp dsm_remote_read_fault_4KiB_sigbus = {:.2}x",
+            shm / tcp
         );
     }
 }

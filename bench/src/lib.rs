@@ -102,13 +102,25 @@ pub fn print_ratio(suite: &str, figure: (&str, &Samples), baseline: (&str, &Samp
 
 /// The TCP options of `rank`, as `dsm::init` sets them up: its receive
 /// threads on the CPU `DSM_ENGINE_CPU` gives its engine, scheduled as
-/// `DSM_SERVICE_SCHED` says.
+/// `DSM_SERVICE_SCHED` says; loopback TCP between the ranks (the suites'
+/// endpoints share a host, where `dsm::init` would use shared memory: see
+/// [`shm_options`]).
 pub fn tcp_options(rank: usize) -> TcpOptions {
     let config = Config::from_env().expect("DSM_* variables");
     TcpOptions {
         receiver_cpu: config.engine_cpu.for_rank(rank),
         receiver_sched: config.service_sched,
+        shared_memory: false,
         ..TcpOptions::default()
+    }
+}
+
+/// [`tcp_options`] with rings in shared memory between the ranks, as
+/// `dsm::init` sets up co-located ranks (`DSM_SHM_SPIN_US` applies).
+pub fn shm_options(rank: usize) -> TcpOptions {
+    TcpOptions {
+        shared_memory: true,
+        ..tcp_options(rank)
     }
 }
 

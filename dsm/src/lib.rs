@@ -93,9 +93,9 @@ use std::sync::Arc;
 
 pub use dsm_core::config::EngineCpu;
 pub use dsm_core::dsm::LockGuard;
+pub use dsm_core::typed::{self, Epoch, Locked, Reads, SharedArray};
 use dsm_core::{Bootstrap, Transport};
 pub use dsm_core::{Config, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE};
-pub use dsm_core::typed::{self, Epoch, Locked, Reads, SharedArray};
 use transport_rdma::Selected;
 use transport_tcp::{TcpOptions, TcpTransport};
 
@@ -123,7 +123,13 @@ pub fn init(config: Config) -> Result<Dsm, DsmError> {
     let tcp_options = TcpOptions {
         receiver_cpu: config.engine_cpu.for_rank(boot.rank),
         receiver_sched: config.service_sched,
-        ..TcpOptions::default()
+        ..TcpOptions::from_env().map_err(|e| {
+            DsmError::Config(dsm_core::config::ConfigError {
+                name: e.name,
+                value: e.value,
+                why: e.why,
+            })
+        })?
     };
     let transport: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options)?;
     // RDMA: the TCP transport becomes the bootstrap channel of the queue

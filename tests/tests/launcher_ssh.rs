@@ -161,6 +161,46 @@ fn jobs_across_three_ssh_hosts() {
         );
     }
 
+    // A DSM job mixing transports: ranks 1 and 2 share a host and talk
+    // through rings in shared memory, every other pair over TCP between
+    // the namespaces; the sums are exact.
+    let segments = bin("segments").display().to_string();
+    let mut mixed = dsmexec(
+        &["--ssh", &ssh, &machines, &segments, "collective"],
+        &cluster.dir,
+    );
+    mixed.env("DSM_LOG", "info");
+    let out = run(mixed, LIMIT);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for (rank, host) in rank_host.into_iter().enumerate() {
+        let stdout = out.lines_of(rank, host, "stdout");
+        assert!(
+            stdout.len() == 1
+                && stdout[0].starts_with(&format!(
+                    "rank {rank}: collective segments verified: same addresses on every rank, sums exact"
+                )),
+            "rank {rank}: {stdout:?}"
+        );
+        let shared = out
+            .lines_of(rank, host, "stderr")
+            .into_iter()
+            .filter(|l| l.contains("shared memory with rank(s)"))
+            .collect::<Vec<_>>();
+        let expected: Vec<String> = match rank {
+            1 => vec!["rank 1: shared memory with rank(s) 2".into()],
+            2 => vec!["rank 2: shared memory with rank(s) 1".into()],
+            _ => vec![],
+        };
+        assert!(
+            shared.len() == expected.len()
+                && shared
+                    .iter()
+                    .zip(&expected)
+                    .all(|(l, e)| l.ends_with(e.as_str())),
+            "rank {rank}: {shared:?}"
+        );
+    }
+
     // A remote rank that exits 3 fails the job with its status; the others stop.
     let token = unique_token("sshfail");
     let out = run(

@@ -10,8 +10,16 @@
 //! reported as lost, with its rank and host; so is one from which nothing
 //! arrived for the peer timeout (see `liveness`): a thread of each rank
 //! sends heartbeats while the application computes.
+//!
+//! Ranks on the same host send their frames through rings in shared memory
+//! instead (`shm`, `ring`; `DSM_SHM=0` keeps them on TCP): the same frames,
+//! the same reader loop, and the connection only says when the peer ends.
 
 mod liveness;
+mod ring;
+mod shm;
+
+pub use shm::{auto_spin, AUTO_SHM_SPIN, ENV_SHM, ENV_SHM_SPIN_US};
 
 use std::io::{BufRead, BufReader, BufWriter, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -72,6 +80,12 @@ pub struct TcpOptions {
     pub receiver_cpu: Option<usize>,
     /// How the receive threads ask to be scheduled (see `dsm_core::sched`).
     pub receiver_sched: ServiceSched,
+    /// Ranks on the same host talk through rings in shared memory
+    /// (`DSM_SHM`, default on) rather than loopback TCP.
+    pub shared_memory: bool,
+    /// How long a ring's reader polls before it sleeps (`DSM_SHM_SPIN_US`);
+    /// `None`: [`shm::auto_spin`] for the ranks on this host.
+    pub shm_spin: Option<Duration>,
 }
 
 /// A bad value in the transport's environment settings.
@@ -105,7 +119,8 @@ pub fn parse_peer_timeout(text: &str) -> Result<Duration, OptionsError> {
 }
 
 impl TcpOptions {
-    /// The defaults, with `DSM_PEER_TIMEOUT` applied when set.
+    /// The defaults, with `DSM_PEER_TIMEOUT`, `DSM_SHM` and
+    /// `DSM_SHM_SPIN_US` applied when set.
     pub fn from_env() -> Result<Self, OptionsError> {
         let mut opts = TcpOptions::builtin();
         if let Ok(text) = std::env::var(ENV_PEER_TIMEOUT) {
@@ -113,6 +128,8 @@ impl TcpOptions {
                 opts.peer_timeout = parse_peer_timeout(&text)?;
             }
         }
+        opts.shared_memory = shm::enabled_from_env()?;
+        opts.shm_spin = shm::spin_from_env()?;
         Ok(opts)
     }
 
@@ -125,19 +142,18 @@ impl TcpOptions {
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             receiver_cpu: None,
             receiver_sched: ServiceSched::Auto,
+            shared_memory: true,
+            shm_spin: None,
         }
     }
 }
 
 impl Default for TcpOptions {
-    /// [`TcpOptions::from_env`]; a bad `DSM_PEER_TIMEOUT` is reported on
-    /// stderr and the default timeout used instead.
+    /// [`TcpOptions::from_env`]; a bad setting is reported on stderr and
+    /// the built-in defaults used instead (`dsm::init` refuses it).
     fn default() -> Self {
         TcpOptions::from_env().unwrap_or_else(|e| {
-            eprintln!(
-                "dsm: ignoring {e}; using the default of {} s",
-                DEFAULT_PEER_TIMEOUT.as_secs()
-            );
+            eprintln!("dsm: ignoring {e}; using the built-in defaults");
             TcpOptions::builtin()
         })
     }
@@ -172,9 +188,68 @@ struct Peer {
     socket: TcpStream,
 }
 
+/// Where a peer's frames go: its connection, or the ring of a co-located
+/// pair.
+enum Link {
+    Tcp(BufWriter<TcpStream>),
+    Ring(ring::RingWriter),
+}
+
+impl Write for Link {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.write(bytes),
+            Link::Ring(r) => r.write(bytes),
+        }
+    }
+
+    fn write_vectored(&mut self, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.write_vectored(slices),
+            Link::Ring(r) => r.write_vectored(slices),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Tcp(s) => s.flush(),
+            Link::Ring(r) => r.flush(),
+        }
+    }
+}
+
+impl Link {
+    /// One attempt at sending `frame` that never waits: the bytes taken.
+    fn send_now(&mut self, frame: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => send_now(s.get_ref(), frame),
+            Link::Ring(r) => {
+                let mut taken = 0;
+                for slice in frame {
+                    let n = r.write_now(slice);
+                    taken += n;
+                    if n < slice.len() {
+                        break;
+                    }
+                }
+                r.publish();
+                Ok(taken)
+            }
+        }
+    }
+
+    /// Nothing written and kept back (every writer flushes its frame).
+    fn nothing_buffered(&self) -> bool {
+        match self {
+            Link::Tcp(s) => s.buffer().is_empty(),
+            Link::Ring(_) => true,
+        }
+    }
+}
+
 /// The sending side of a connection.
 struct PeerWriter {
-    stream: BufWriter<TcpStream>,
+    link: Link,
     /// The end of a message `try_send_parts` could write only part of:
     /// written before anything else.
     unfinished: Vec<u8>,
@@ -184,7 +259,8 @@ impl PeerWriter {
     /// Writes the end of a message left unfinished, waiting as needed.
     fn finish(&mut self) -> std::io::Result<()> {
         if !self.unfinished.is_empty() {
-            self.stream.get_mut().write_all(&self.unfinished)?;
+            self.link.write_all(&self.unfinished)?;
+            self.link.flush()?;
             self.unfinished.clear();
         }
         Ok(())
@@ -197,7 +273,7 @@ impl PeerWriter {
             return Ok(true);
         }
         let frame = [IoSlice::new(&self.unfinished)];
-        let written = send_now(self.stream.get_ref(), &frame)?;
+        let written = self.link.send_now(&frame)?;
         self.unfinished.drain(..written);
         Ok(self.unfinished.is_empty())
     }
@@ -324,6 +400,13 @@ impl TcpTransport {
         for (higher, stream) in acc_rx.try_iter() {
             streams[higher] = Some(stream);
         }
+        let mut rings = shm::negotiate(
+            rank,
+            &peers_info,
+            &mut streams,
+            opts.shared_memory,
+            opts.shm_spin,
+        )?;
 
         let inbox: Inbox = crossbeam_channel::unbounded();
         let goodbyes = Arc::new(Goodbyes {
@@ -360,6 +443,45 @@ impl TcpTransport {
             let inline = Arc::clone(&inline);
             let placement = Arc::clone(&placement);
             let liveness = Arc::clone(&liveness);
+            let said_goodbye = Arc::new(AtomicBool::new(false));
+            let (link, reader_stream) = match rings[peer_rank].take() {
+                Some(shm::Rings {
+                    reader,
+                    writer,
+                    reader_stop,
+                    writer_stop,
+                }) => {
+                    let probe = reader.probe();
+                    let said_goodbye = Arc::clone(&said_goodbye);
+                    let (tx, liveness, host) = (tx.clone(), Arc::clone(&liveness), host.clone());
+                    thread::Builder::new()
+                        .name(format!("dsm-shm-watch{peer_rank}"))
+                        .spawn(move || {
+                            let stops = (&*reader_stop, &*writer_stop);
+                            shm::watch_connection(
+                                read_half,
+                                &probe,
+                                stops,
+                                &said_goodbye,
+                                |reason| {
+                                    if liveness.retire(peer_rank) {
+                                        let _ = tx.send(Err(TransportError::PeerLost {
+                                            rank: peer_rank,
+                                            host,
+                                            reason,
+                                        }));
+                                    }
+                                },
+                            )
+                        })
+                        .map_err(|e| setup_err(format!("spawning a watcher: {e}")))?;
+                    (Link::Ring(writer), Incoming::Ring(reader))
+                }
+                None => (
+                    Link::Tcp(BufWriter::with_capacity(64 << 10, stream)),
+                    Incoming::Tcp(read_half),
+                ),
+            };
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
                 .spawn(move || {
@@ -371,12 +493,24 @@ impl TcpTransport {
                         payloads: &payloads,
                         liveness: &liveness,
                     };
-                    read_loop(read_half, peer_rank, host, max_frame, delivery, goodbyes)
+                    let ends = Ends {
+                        host,
+                        goodbyes,
+                        said_goodbye,
+                    };
+                    match reader_stream {
+                        Incoming::Tcp(stream) => {
+                            read_loop(stream, peer_rank, max_frame, delivery, ends)
+                        }
+                        Incoming::Ring(ring) => {
+                            read_loop(ring, peer_rank, max_frame, delivery, ends)
+                        }
+                    }
                 })
                 .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
             peers.push(Some(Peer {
                 writer: Mutex::new(PeerWriter {
-                    stream: BufWriter::with_capacity(64 << 10, stream),
+                    link,
                     unfinished: Vec::new(),
                 }),
                 socket,
@@ -429,7 +563,7 @@ impl TcpTransport {
                 return Ok(());
             }
             let header = wire::header_for(KIND_ALIVE, &[])?.encode();
-            let written = send_now(w.stream.get_ref(), &[IoSlice::new(&header)])?;
+            let written = w.link.send_now(&[IoSlice::new(&header)])?;
             if written > 0 && written < header.len() {
                 w.unfinished.extend_from_slice(&header[written..]);
             }
@@ -473,8 +607,8 @@ impl TcpTransport {
             .lock()
             .map_err(|_| self.lost(to, "a sender panicked mid-frame"))?;
         w.finish()
-            .and_then(|_| wire::write_frame_parts(&mut w.stream, kind, parts))
-            .and_then(|_| w.stream.flush())
+            .and_then(|_| wire::write_frame_parts(&mut w.link, kind, parts))
+            .and_then(|_| w.link.flush())
             .map_err(|e| self.lost(to, format!("send failed: {e}")))
     }
 
@@ -802,20 +936,32 @@ impl Delivery<'_> {
     }
 }
 
-fn read_loop(
-    stream: TcpStream,
-    from: Rank,
+/// What a reader reads: the connection, or a co-located pair's ring.
+enum Incoming {
+    Tcp(TcpStream),
+    Ring(ring::RingReader),
+}
+
+/// How a reader's stream ends: the peer's host (for a loss), the goodbye
+/// count `shutdown` waits on, and the flag the ring's watcher reads.
+struct Ends {
     host: String,
-    max_frame: u32,
-    delivery: Delivery<'_>,
     goodbyes: Arc<Goodbyes>,
-) {
+    said_goodbye: Arc<AtomicBool>,
+}
+
+fn read_loop<R: Read>(stream: R, from: Rank, max_frame: u32, delivery: Delivery<'_>, ends: Ends) {
     let Delivery {
         inbox,
         payloads,
         liveness,
         ..
     } = &delivery;
+    let Ends {
+        host,
+        goodbyes,
+        said_goodbye: goodbye_flag,
+    } = ends;
     let mut reader = BufReader::with_capacity(64 << 10, stream);
     let mut said_goodbye = false;
     // Reported once, unless the heartbeat thread reported the peer first
@@ -867,6 +1013,7 @@ fn read_loop(
             KIND_ALIVE if !said_goodbye && payload.is_empty() => {}
             KIND_GOODBYE if !said_goodbye => {
                 said_goodbye = true;
+                goodbye_flag.store(true, Ordering::SeqCst);
                 liveness.retire(from);
                 let mut count = goodbyes.count.lock().unwrap_or_else(|p| p.into_inner());
                 *count += 1;
@@ -921,7 +1068,7 @@ impl Transport for TcpTransport {
             return Ok(TrySent::WouldWait);
         }
         // Every writer flushes its frame before it lets go of the lock.
-        debug_assert!(w.stream.buffer().is_empty());
+        debug_assert!(w.link.nothing_buffered());
         let header = wire::header_for(KIND_DATA, parts)
             .map_err(|e| self.lost(to, format!("send failed: {e}")))?
             .encode();
@@ -930,7 +1077,9 @@ impl Transport for TcpTransport {
             .map(IoSlice::new)
             .collect();
         let total: usize = frame.iter().map(|s| s.len()).sum();
-        let written = send_now(w.stream.get_ref(), &frame)
+        let written = w
+            .link
+            .send_now(&frame)
             .map_err(|e| self.lost(to, format!("send failed: {e}")))?;
         if written == 0 {
             return Ok(TrySent::WouldWait);
@@ -1005,8 +1154,9 @@ impl Transport for TcpTransport {
         for (rank, peer) in self.peers.iter().enumerate() {
             let Some(peer) = peer else { continue };
             let sent = self.write_to(rank, KIND_GOODBYE, &[]);
-            if let Ok(w) = peer.writer.lock() {
-                let _ = w.stream.get_ref().shutdown(Shutdown::Write);
+            // After the goodbye (on the ring of a co-located pair too).
+            if let Ok(_w) = peer.writer.lock() {
+                let _ = peer.socket.shutdown(Shutdown::Write);
             }
             if let Err(e) = sent {
                 first_error.get_or_insert(e);

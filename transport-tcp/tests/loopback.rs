@@ -428,6 +428,8 @@ fn a_connected_but_silent_peer_is_reported_not_responding() {
     let silent = boots.pop().unwrap();
     let opts = TcpOptions {
         peer_timeout: TIMEOUT,
+        // The hand-made peer does not set up shared memory.
+        shared_memory: false,
         ..TcpOptions::builtin()
     };
     // Before the transport exists: its clock of rank 1's silence starts later.
