@@ -37,6 +37,13 @@ const BUCKETS: usize = 64;
 pub struct Waiters {
     epoch: [AtomicU32; BUCKETS],
     waiting: [AtomicU32; BUCKETS],
+    /// Threads polling for their page now, and how many may at once (a
+    /// quarter of the CPUs, at least one): more polling waiters than that
+    /// take the CPUs the receive and engine threads need to bring their
+    /// pages (8 threads faulting at once on 2 CPUs: 0.80x the fault rate of
+    /// one; the later ones sleeping at once: see bench `concurrent_faults`).
+    polling: AtomicUsize,
+    polling_limit: usize,
 }
 
 /// What a thread about to wait for a page has seen: its bucket's epoch
@@ -49,9 +56,12 @@ pub struct WaitTicket {
 
 impl Default for Waiters {
     fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Waiters {
             epoch: std::array::from_fn(|_| AtomicU32::new(0)),
             waiting: std::array::from_fn(|_| AtomicU32::new(0)),
+            polling: AtomicUsize::new(0),
+            polling_limit: (cpus / 4).max(1),
         }
     }
 }
@@ -76,10 +86,16 @@ impl Waiters {
     /// bumps the epoch before it looks at the count (both sequentially
     /// consistent): either the waiter sees the new epoch or the install
     /// sees the waiter. A fault served at once (its page installed by the
-    /// fault path itself) costs no futex call.
+    /// fault path itself) costs no futex call. Only so many threads poll at
+    /// once (`polling_limit`); the others sleep at once.
     pub fn wait(&self, ticket: WaitTicket, spin: Duration, timeout: Duration) -> bool {
         let word = &self.epoch[ticket.bucket];
-        crate::sched::poll_until(spin, || word.load(SeqCst) != ticket.epoch);
+        if !spin.is_zero() && self.polling.fetch_add(1, SeqCst) < self.polling_limit {
+            crate::sched::poll_until(spin, || word.load(SeqCst) != ticket.epoch);
+        }
+        if !spin.is_zero() {
+            self.polling.fetch_sub(1, SeqCst);
+        }
         self.waiting[ticket.bucket].fetch_add(1, SeqCst);
         if word.load(SeqCst) == ticket.epoch {
             let limit = libc::timespec {
