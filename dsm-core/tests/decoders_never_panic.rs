@@ -2,6 +2,9 @@
 //! and truncations and mutations of valid frames, give an error or a value.
 //! Bounded case counts keep this a few seconds in `cargo test`.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{self, Read, Write};
 
 use dsm_core::auth::{self, JobSecret};

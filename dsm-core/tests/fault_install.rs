@@ -2,6 +2,9 @@
 //! network): every page of the run holds its bytes and is write-protected,
 //! and a page already present is left as it was.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use dsm_core::fault::{Backing, FaultHandler, Region};
 use dsm_core::PAGE_SIZE;
 

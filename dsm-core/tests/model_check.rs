@@ -24,6 +24,9 @@
 //! on. Operations after a free use the pages anew: they start at zero, and
 //! no state of before may leak into them.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{HashSet, VecDeque};
 
 use dsm_core::coherence::mrsw::{Copy, Mrsw};

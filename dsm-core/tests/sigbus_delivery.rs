@@ -4,6 +4,9 @@
 //! until an install of its page wakes it, and leaves a SIGBUS outside
 //! every space fatal.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};

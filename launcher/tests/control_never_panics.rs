@@ -2,6 +2,9 @@
 //! bytes, arbitrary JSON in valid frames, and truncations and mutations of
 //! genuine messages give an error or a message.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::io::BufWriter;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 

@@ -3,6 +3,9 @@
 //! Without a device each test prints a SKIPPED line and passes, unless
 //! `DSM_TEST_REQUIRE_RDMA=1`, where it fails.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::net::TcpListener;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};

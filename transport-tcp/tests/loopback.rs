@@ -1,5 +1,8 @@
 //! The TCP transport inside one process: a whole job on loopback.
 
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
