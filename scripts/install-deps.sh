@@ -5,14 +5,15 @@
 #   openssh-client openssh-server iproute2    launcher over SSH, network-namespace test cluster
 #   patchelf                                  scripts/install.sh (libdsm's soname)
 # With --for-tests, also the compilers and build tools the tests build user
-# programs with: g++ (C++), gfortran (Fortran module), cmake (find_package).
+# programs with: g++ (C++), gfortran (Fortran module), cmake (find_package),
+# Open MPI's compiler and launcher (the Jacobi baseline, bench/jacobi-vs-mpi.sh).
 # Idempotent and quiet when everything is present; uses sudo when not root.
 set -euo pipefail
 
 packages=(libclang-dev libibverbs-dev librdmacm-dev pkg-config gcc libc6-dev
           openssh-client openssh-server iproute2 procps patchelf)
 if [ "${1:-}" = "--for-tests" ]; then
-  packages+=(g++ gfortran cmake make)
+  packages+=(g++ gfortran cmake make openmpi-bin libopenmpi-dev)
 fi
 missing=()
 for p in "${packages[@]}"; do
