@@ -27,21 +27,33 @@
 //!   then pinned to the engine's CPU. The page was never written, so the
 //!   install is a zero page. `..._sigbus`: the same with the fault served
 //!   by the faulting thread's SIGBUS handler (`DSM_FAULTS=sigbus`), no
-//!   thread hand-off at all, unpinned.
+//!   thread hand-off at all, unpinned. These three take one fault per page
+//!   (`DSM_POPULATE=0`): a first touch would otherwise map the pages after
+//!   the faulting one with it (below).
+//! * `local_fault/dsm_1_rank_first_touch_per_page` and
+//!   `..._one_fault_per_page`: a one-rank DSM allocates a 64 MiB segment
+//!   homed at itself (`Placement::Localized(0)`), and the time to store one
+//!   word to each of its pages, in order, is divided by its 16384 pages (a
+//!   rank initializing its own rows). The first with the default
+//!   `DSM_POPULATE` (each fault maps 64 never-touched pages at once,
+//!   `Mrsw::populate_ahead`), the second with `DSM_POPULATE=0`, one fault
+//!   and one install per page as before; the segment is freed (untimed)
+//!   after each pass. SIGBUS delivery (the default), unpinned.
 //!
-//! Every timed figure is one load from a page not yet present. Making the
-//! pages absent again is not timed: `MADV_DONTNEED` (+ `PROT_NONE` for the
-//! SIGSEGV region), or a new one-rank DSM once all its pages were read.
+//! Every other timed figure is one load from a page not yet present. Making
+//! the pages absent again is not timed: `MADV_DONTNEED` (+ `PROT_NONE` for
+//! the SIGSEGV region), or a new one-rank DSM once all its pages were read.
 
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use dsm_bench::{config, print_figures, print_ratio, transports, Samples, WORDS_PER_PAGE};
+use dsm_core::segment::Placement;
 use dsm_core::{Config, Dsm, FaultDelivery, PAGE_SIZE};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::mman::{madvise, mmap_anonymous, mprotect, munmap, MapFlags, MmapAdvise, ProtFlags};
@@ -502,10 +514,12 @@ fn dsm_one_rank(
 ) {
     let start = || {
         let t = transports(1).pop().expect("one transport");
-        // One fault per page: no read-ahead (a sequential walk would
-        // otherwise find most pages already there).
+        // One fault per page: no read-ahead and no first touch mapping the
+        // pages after the faulting one (a sequential walk would otherwise
+        // find most pages already there).
         let config = Config {
             prefetch: 0,
+            populate: 0,
             faults,
             ..config(0, DSM_PAGES)
         };
@@ -546,9 +560,52 @@ fn dsm_one_rank(
     sched_setaffinity(Pid::from_raw(0), &saved).expect("sched_setaffinity");
 }
 
+/// Pages of the segment the first-touch figures write (64 MiB).
+const FIRST_TOUCH_PAGES: usize = 16384;
+
+/// A one-rank DSM stores one word to each page of a fresh segment homed at
+/// itself; `out` gets each pass's time per page. `populate`: most pages a
+/// first touch maps (`DSM_POPULATE`).
+fn dsm_first_touch(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    populate: usize,
+    out: &Samples,
+) {
+    let t = transports(1).pop().expect("one transport");
+    // The heap, where segments go, is the upper half of the space.
+    let config = Config {
+        populate,
+        ..config(0, 4 * FIRST_TOUCH_PAGES)
+    };
+    let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+    let dsm = Dsm::start(space, t, vec!["localhost".into()], config).expect("starting the DSM");
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let segment = dsm
+                    .alloc(FIRST_TOUCH_PAGES * PAGE_SIZE, Placement::Localized(0))
+                    .expect("alloc");
+                let words = dsm.segment_words(&segment);
+                let start = Instant::now();
+                for page in 0..FIRST_TOUCH_PAGES {
+                    words[page * WORDS_PER_PAGE].store(1, Relaxed);
+                }
+                let took = start.elapsed();
+                out.push(took / FIRST_TOUCH_PAGES as u32);
+                total += took;
+                dsm.free(segment).expect("free");
+            }
+            total
+        })
+    });
+    dsm.finalize().expect("finalize");
+}
+
 fn local_fault(c: &mut Criterion) {
     let suite = "local_fault";
-    let [segv, uffd, uffd_pinned, cont_pinned, dsm, dsm_pinned, sigbus, dsm_sigbus] =
+    let [segv, uffd, uffd_pinned, cont_pinned, dsm, dsm_pinned, sigbus, dsm_sigbus, touch, touch_each] =
         std::array::from_fn(|_| Samples::default());
     let mut g = c.benchmark_group(suite);
     sigsegv_mprotect(&mut g, &segv);
@@ -562,6 +619,10 @@ fn local_fault(c: &mut Criterion) {
     dsm_one_rank(&mut g, name, (true, events), &dsm_pinned);
     let name = "dsm_1_rank_read_fault_sigbus";
     dsm_one_rank(&mut g, name, (false, sigbus_mode), &dsm_sigbus);
+    let populate = Config::default().populate;
+    dsm_first_touch(&mut g, "dsm_1_rank_first_touch_per_page", populate, &touch);
+    let name = "dsm_1_rank_first_touch_one_fault_per_page";
+    dsm_first_touch(&mut g, name, 0, &touch_each);
     g.finish();
     let rows = [
         ("sigsegv_mprotect_4KiB", &segv),
@@ -579,6 +640,14 @@ fn local_fault(c: &mut Criterion) {
     }
     // How a page that arrived in a landing buffer is best installed.
     print_ratio(suite, rows[3], rows[2]);
+    // A first touch of a rank's own pages, per page: populating ahead
+    // against one fault per page.
+    let touch_rows = [
+        ("dsm_1_rank_first_touch_per_page", &touch),
+        ("dsm_1_rank_first_touch_one_fault_per_page", &touch_each),
+    ];
+    print_figures(suite, &touch_rows);
+    print_ratio(suite, touch_rows[0], touch_rows[1]);
 }
 
 criterion_group! {

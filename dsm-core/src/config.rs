@@ -9,6 +9,9 @@ pub const PAGE_SIZE: usize = 4096;
 pub const DEFAULT_BASE: usize = 0x4000_0000;
 /// The seed's 100 pages.
 pub const DEFAULT_PAGES: usize = 100;
+/// Most pages one first touch maps by default ([`Config::populate`]):
+/// 256 KiB, one system call.
+pub const DEFAULT_POPULATE: usize = 64;
 
 /// Coherence protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +154,11 @@ pub struct Config {
     pub stats_file: Option<String>,
     /// Most pages requested ahead of a sequential read stream (0: off).
     pub prefetch: usize,
+    /// Most pages a first touch of a never-touched page homed here (or
+    /// private) maps at once, with the pages after it that are untouched
+    /// too, all zeros and writable (`DSM_POPULATE`; 0: off, a first touch
+    /// asks the home, itself, as any fault does).
+    pub populate: usize,
     /// What the space's memory is made of (`DSM_BACKING`).
     pub backing: SpaceBacking,
     /// How long the fault and engine threads poll for work before they
@@ -210,6 +218,7 @@ impl Default for Config {
             stats: StatsOutput::Off,
             stats_file: None,
             prefetch: 1024,
+            populate: DEFAULT_POPULATE,
             backing: SpaceBacking::Auto,
             spin: Duration::ZERO,
             wait_spin: None,
@@ -277,6 +286,7 @@ impl Config {
     /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
+    /// | `DSM_POPULATE` | most pages a first touch maps at once: a fault on a never-touched page homed at this rank (or private) also maps the untouched pages after it in its segment, zeros, writable, in one system call (0: off, one fault per page) | `64` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |
@@ -352,6 +362,15 @@ impl Config {
                     "DSM_PREFETCH",
                     &v,
                     "expected a number of pages (0 turns prefetch off)",
+                )
+            })?;
+        }
+        if let Some(v) = get("DSM_POPULATE") {
+            self.populate = v.trim().parse().map_err(|_| {
+                err(
+                    "DSM_POPULATE",
+                    &v,
+                    "expected a number of pages (0 turns it off)",
                 )
             })?;
         }

@@ -304,6 +304,7 @@ impl Dsm {
                 Arc::clone(&stats),
             )
             .with_prefetch(config.prefetch)
+            .with_populate(config.populate)
             .with_cache_limit(cache_bytes.map_or(usize::MAX, |bytes| bytes / PAGE_SIZE)),
         ));
         if config.receive_inline {

@@ -228,6 +228,8 @@ pub(crate) struct Engine {
     settling: Vec<Settling>,
     zero_page: Box<[u8; PAGE_SIZE]>,
     stream: Stream,
+    /// Most pages a first touch maps (`first_touch`; 0: off).
+    populate: usize,
     /// Messages of the event being handled, sent when it is done.
     out: Outbox,
     /// Pages this rank holds writable (as their home) that were
@@ -515,6 +517,7 @@ impl Engine {
             settling: Vec::new(),
             zero_page: Box::new([0u8; PAGE_SIZE]),
             stream: Stream::default(),
+            populate: 0,
             out: Outbox::default(),
             protected_ahead: PageSet::new(pages),
             staged: StagedRun::default(),
@@ -636,6 +639,12 @@ impl Engine {
     /// Requests up to `depth` pages ahead of sequential read streams.
     pub fn with_prefetch(mut self, depth: usize) -> Engine {
         self.stream.max_depth = depth;
+        self
+    }
+
+    /// Maps up to `pages` never-touched pages at a first touch (0: off).
+    pub fn with_populate(mut self, pages: usize) -> Engine {
+        self.populate = pages;
         self
     }
 
@@ -971,6 +980,9 @@ impl Engine {
             &self.stats.read_faults
         };
         Stats::add(counter, 1);
+        if self.first_touch(fault.page)? {
+            return Ok(());
+        }
         let actions = match &mut self.node {
             Node::Migratory(n) => n.on_fault(fault.page)?,
             Node::Mrsw(n) => n.on_fault(fault.page, fault.write)?,
@@ -991,6 +1003,66 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// A first touch of a page homed here (or private) that was never
+    /// touched: maps it and the untouched pages after it, up to
+    /// `DSM_POPULATE` pages within its segment, zeros and writable, in one
+    /// system call (`Mrsw::populate_ahead`) instead of one fault and one
+    /// install per page. True when it served the fault.
+    fn first_touch(&mut self, page: usize) -> Result<bool, DsmError> {
+        let end = self.populate_end(page);
+        if end <= page {
+            return Ok(false);
+        }
+        let now = self.now();
+        let Node::Mrsw(node) = &mut self.node else {
+            return Ok(false);
+        };
+        let actions = node.populate_ahead(page, end, now)?;
+        if actions.is_empty() {
+            return Ok(false);
+        }
+        for action in &actions {
+            if let Action::InstallZeros { count, .. } = action {
+                Stats::add(&self.stats.pages_populated, *count as u64 - 1);
+                // New memory, as a grant's page is (`check_memory`).
+                self.pages_since_memory_check += count;
+            }
+        }
+        self.apply(actions, Carried::Nothing)?;
+        Ok(true)
+    }
+
+    /// Where a first touch of `page` stops taking pages (exclusive): the
+    /// end of its segment (of the fixed space below the heap), at most
+    /// `populate` pages on, and before the first page whose home's copy
+    /// holds bytes (a file segment's contents, which the state machine
+    /// does not see). `page` itself when no first touch applies here: the
+    /// page is homed elsewhere (no lookup of the home's copies then).
+    fn populate_end(&self, page: usize) -> usize {
+        let Node::Mrsw(node) = &self.node else {
+            return page;
+        };
+        if self.populate == 0 {
+            return page;
+        }
+        let segment = self.registry.find(page);
+        let private = segment.is_some_and(|s| s.kind == 3);
+        if !private && node.home_of(page) != self.rank {
+            return page;
+        }
+        let limit = match segment {
+            Some(s) => (s.first_page + s.pages) as usize,
+            None if !self.registry.in_heap(page) => self.registry.heap_start,
+            None => return page,
+        };
+        let limit = limit
+            .min(page.saturating_add(self.populate))
+            .min(node.pages());
+        (page..limit)
+            .find(|p| self.backing.get(*p).is_some())
+            .unwrap_or(limit)
     }
 
     /// Asks back the pages after a faulting one that this rank lost with
@@ -1970,6 +2042,9 @@ impl Engine {
                 }
                 Action::InstallZero { page } => {
                     self.faults.install(page, &self.zero_page)?;
+                }
+                Action::InstallZeros { first, count } => {
+                    self.faults.install_zero_run(first, count)?;
                 }
                 Action::MakeWritable { page } => {
                     self.supersede_home_copy(page);

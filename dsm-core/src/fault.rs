@@ -462,7 +462,15 @@ pub struct FaultHandler {
     waiters: Option<Waiters>,
     /// With a memfd: which pages have a frame in it.
     frames: Option<Mutex<Frames>>,
+    /// Anonymous memory: [`ZERO_RUN_PAGES`] pages of zeros, the source of
+    /// `install_zero_run`'s copies (allocated on first use, never written:
+    /// its pages stay the kernel's zero page).
+    zeros: std::sync::OnceLock<Box<[u8]>>,
 }
+
+/// Most pages of zeros one `UFFDIO_COPY` of `install_zero_run` maps with
+/// anonymous memory (256 KiB, [`crate::config::DEFAULT_POPULATE`]).
+pub const ZERO_RUN_PAGES: usize = crate::config::DEFAULT_POPULATE;
 
 /// The frames of a memfd-backed space. A page dropped keeps its frame: when
 /// it is fetched again, its bytes are written over it through the alias
@@ -626,6 +634,7 @@ impl FaultHandler {
                     limit: DEFAULT_RETAINED_PAGES,
                 })
             }),
+            zeros: std::sync::OnceLock::new(),
         })
     }
 
@@ -1179,6 +1188,124 @@ impl FaultHandler {
                 )
             },
         )
+    }
+
+    /// Maps pages `first..first + count`, all zeros and writable (pages
+    /// never touched, taken at once by a first touch, `Mrsw::populate_ahead`),
+    /// in as few system calls as the kernel allows, and wakes the threads
+    /// waiting on them. With a memfd, a page with no frame gets a zeroed one
+    /// from `UFFDIO_ZEROPAGE` (no copy); one that kept its frame is zeroed
+    /// through the alias and mapped by `UFFDIO_CONTINUE`. Anonymous memory
+    /// is filled by `UFFDIO_COPY` from a buffer of zeros, up to
+    /// [`ZERO_RUN_PAGES`] pages per call (its `UFFDIO_ZEROPAGE` maps the
+    /// shared zero page, which each page's first store would then copy in
+    /// a fault of its own). A page already present is skipped and its
+    /// waiters woken.
+    pub fn install_zero_run(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        let mapped = self.map_zero_run(first, count);
+        if let Some(waiters) = &self.waiters {
+            waiters.woken_run(first, count);
+        }
+        mapped
+    }
+
+    fn map_zero_run(&self, first: usize, count: usize) -> Result<(), FaultError> {
+        debug_assert!((first + count) * PAGE_SIZE <= self.len);
+        if let (Some(alias), Some(frames)) = (self.alias, &self.frames) {
+            for segment in self.claim_frames(frames, first, count) {
+                let start = self.addr(segment.start);
+                let len = segment.count * PAGE_SIZE;
+                if segment.framed {
+                    self.continue_zeros(alias, segment.start, segment.count)?;
+                    continue;
+                }
+                let mut done = 0;
+                while done < len {
+                    let (result, mapped) = self.zero_pages(start + done, len - done);
+                    if result == 0 {
+                        break;
+                    }
+                    let errno = nix::errno::Errno::last();
+                    if mapped > 0 {
+                        done += mapped as usize;
+                        continue;
+                    }
+                    match errno {
+                        // A frame this tracking missed (or, were the page
+                        // mapped, which the protocol rules out, a page
+                        // holding what it should): as in `continue_page`,
+                        // zeroed and mapped through the alias.
+                        nix::errno::Errno::EEXIST => {
+                            self.continue_zeros(alias, segment.start + done / PAGE_SIZE, 1)?;
+                            done += PAGE_SIZE;
+                        }
+                        nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR => {}
+                        errno => {
+                            return Err(FaultError::PageOp {
+                                op: "UFFDIO_ZEROPAGE (memfd run)",
+                                addr: start + done,
+                                errno,
+                            })
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let zeros = self
+            .zeros
+            .get_or_init(|| vec![0u8; ZERO_RUN_PAGES * PAGE_SIZE].into_boxed_slice());
+        for part in (first..first + count).step_by(ZERO_RUN_PAGES) {
+            let len = (first + count - part).min(ZERO_RUN_PAGES) * PAGE_SIZE;
+            let start = self.addr(part);
+            self.map_run(part, len, "UFFDIO_COPY (zeros)", |done| {
+                self.copy_pages(start + done, &zeros[done..len], 0)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the frames of `count` pages from `first` of a memfd-backed
+    /// space through the alias and maps them writable with
+    /// `UFFDIO_CONTINUE` (a page already mapped is skipped and its waiters
+    /// woken).
+    fn continue_zeros(&self, alias: usize, first: usize, count: usize) -> Result<(), FaultError> {
+        let (start, len) = (self.addr(first), count * PAGE_SIZE);
+        // SAFETY: pages of the alias mapping of our memfd, which no Rust
+        // reference points into; their view in the space is not mapped
+        // (this rank holds no copy of them: the protocol maps zeros only
+        // over pages never touched).
+        unsafe { std::ptr::write_bytes((alias + first * PAGE_SIZE) as *mut u8, 0, len) };
+        self.map_run(first, len, "UFFDIO_CONTINUE (zeros)", |done| {
+            self.continue_pages(start + done, len - done, 0)
+        })
+    }
+
+    /// One UFFDIO_ZEROPAGE of `len` bytes at `addr` (missing pages of the
+    /// region; with a memfd, pages without a frame, which it allocates
+    /// zeroed and maps writable): the ioctl's result, and the bytes it
+    /// mapped (or a negative errno).
+    fn zero_pages(&self, addr: usize, len: usize) -> (libc::c_int, i64) {
+        debug_assert!(addr + len <= self.base + self.len);
+        let mut zero = userfaultfd_sys::uffdio_zeropage {
+            range: userfaultfd_sys::uffdio_range {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: UFFDIO_ZEROPAGE fills missing pages of a range of the
+        // registered region with zeros and writes its progress into `zero`,
+        // which lives across the call.
+        let result = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                userfaultfd_sys::UFFDIO_ZEROPAGE as _,
+                &mut zero,
+            )
+        };
+        (result, zero.zeropage)
     }
 
     /// Lifts the write protection of a read-only copy and wakes the writers.

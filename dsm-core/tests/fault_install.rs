@@ -1,6 +1,7 @@
-//! Installing runs of read-only pages with userfaultfd (no DSM, no
-//! network): every page of the run holds its bytes and is write-protected,
-//! and a page already present is left as it was.
+//! Installing runs of pages with userfaultfd (no DSM, no network): every
+//! page of a read-only run holds its bytes and is write-protected, every
+//! page of a run of zeros (a first touch) reads zeros and is writable, and
+//! a page already present is left as it was.
 
 // A test reports failure by panicking: unwrap is its assertion.
 #![allow(clippy::unwrap_used)]
@@ -111,4 +112,88 @@ fn a_memfd_keeps_dropped_pages_up_to_its_limit_then_releases_them() {
         .install_readonly_run(3, &[7u8; PAGE_SIZE])
         .expect("installing 3 again");
     assert_eq!(byte(3), 7);
+}
+
+#[test]
+fn a_run_of_zero_pages_is_mapped_writable_around_a_page_already_present() {
+    const PAGES: usize = 6;
+    let region =
+        Region::map(BASE + (128 << 20), PAGES * PAGE_SIZE, Backing::Anonymous).expect("mapping");
+    let faults = FaultHandler::register(&region, dsm_core::FaultDelivery::Events)
+        .expect("registering userfaultfd");
+    // Page 3 is there first (a stale install the run must not overwrite).
+    faults
+        .install(3, &Box::new([0xee; PAGE_SIZE]))
+        .expect("installing page 3");
+    faults.install_zero_run(1, 4).expect("installing 1..5");
+    let bytes = region.bytes();
+    for (page, want) in [(1, 0u8), (2, 0), (3, 0xee), (4, 0)] {
+        let (present, wp) = pagemap_flags(region.page_addr(page));
+        assert!(
+            present && !wp,
+            "page {page}: present {present}, write-protected {wp}"
+        );
+        let byte = &bytes[page * PAGE_SIZE + PAGE_SIZE / 2];
+        assert_eq!(byte.load(std::sync::atomic::Ordering::Relaxed), want);
+        byte.store(7, std::sync::atomic::Ordering::Relaxed);
+    }
+    for page in [0, 5] {
+        assert!(
+            !pagemap_flags(region.page_addr(page)).0,
+            "page {page} was mapped"
+        );
+    }
+}
+
+#[test]
+fn a_memfd_run_of_zero_pages_zeroes_a_frame_kept_from_before() {
+    const PAGES: usize = 6;
+    if let Err(e) = dsm_core::fault::memfd_supported() {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let region =
+        Region::map(BASE + (192 << 20), PAGES * PAGE_SIZE, Backing::Memfd).expect("mapping");
+    let faults = FaultHandler::register(&region, dsm_core::FaultDelivery::Events)
+        .expect("registering userfaultfd");
+    let alias = region.alias().expect("a memfd has an alias");
+    // Page 2 held bytes, then was dropped: its frame keeps them.
+    faults
+        .install_readonly_run(2, &[0x55; PAGE_SIZE])
+        .expect("installing page 2");
+    faults.drop_page(2).expect("dropping page 2");
+    assert!(resident(alias + 2 * PAGE_SIZE), "page 2's frame is kept");
+    // Page 1 gets a frame behind the tracking's back (written through
+    // the alias): the run must still map it, zeroed.
+    // SAFETY: page 1 of the alias mapping, which nothing else references;
+    // the space does not map it.
+    unsafe { std::ptr::write_bytes((alias + PAGE_SIZE) as *mut u8, 0x66, PAGE_SIZE) };
+    // A run over pages without a frame (UFFDIO_ZEROPAGE), page 1 and
+    // page 2 (their frames zeroed and mapped).
+    faults.install_zero_run(0, 4).expect("installing 0..4");
+    let bytes = region.bytes();
+    for page in 0..4 {
+        let (present, wp) = pagemap_flags(region.page_addr(page));
+        assert!(
+            present && !wp,
+            "page {page}: present {present}, write-protected {wp}"
+        );
+        let byte = &bytes[page * PAGE_SIZE + PAGE_SIZE / 2];
+        assert_eq!(
+            byte.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "page {page}"
+        );
+        byte.store(7, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            resident(alias + page * PAGE_SIZE),
+            "page {page} has a frame"
+        );
+    }
+    for page in [4, 5] {
+        assert!(
+            !pagemap_flags(region.page_addr(page)).0,
+            "page {page} was mapped"
+        );
+    }
 }

@@ -12,6 +12,13 @@
 //! * no deadlock and no lost request: a state with nothing left to do has
 //!   every program finished, every rank quiescent and no message in flight.
 //!
+//! A fault takes the path the engine's does: a first touch of a page
+//! homed at the faulting rank that no rank ever asked for takes it, and the
+//! following pages in the same state, at once (`Mrsw::populate_ahead`,
+//! zeros, writable); any other fault asks the page's home, and asks back
+//! the pages after it lost with it (`Mrsw::regain_ahead`). With `populate`
+//! off (`DSM_POPULATE=0`), every fault asks the home.
+//!
 //! With `evictions`, any rank may also evict any copy it holds of a page
 //! homed elsewhere at any moment the state machine allows it (a bounded
 //! cache under pressure), interleaved with everything else.
@@ -171,6 +178,10 @@ struct Model {
     /// Evictions of copies of pages homed elsewhere, by any rank at any
     /// time, in one run.
     evictions: usize,
+    /// First touches populate ahead, as the engine does by default.
+    populate: bool,
+    /// The longest run of pages a first touch took in any state explored.
+    longest_populated: std::cell::Cell<usize>,
 }
 
 impl Model {
@@ -225,6 +236,18 @@ impl Model {
                         ));
                     }
                     w.mem[rank][page] = Some(value.ok_or("install without a value")?);
+                }
+                Action::InstallZeros { first, count } => {
+                    self.longest_populated
+                        .set(self.longest_populated.get().max(count));
+                    for page in first..first + count {
+                        if w.mem[rank][page].is_some() {
+                            return Err(format!(
+                                "rank {rank} populates page {page} over a present copy"
+                            ));
+                        }
+                        w.mem[rank][page] = Some(0);
+                    }
                 }
                 Action::MakeWritable { page } => {
                     if w.mem[rank][page].is_none() {
@@ -324,15 +347,27 @@ impl Model {
                     s.pc[rank] += 1;
                     next.push(s);
                 } else {
-                    let mut actions = s.nodes[rank]
-                        .on_fault(page, write)
-                        .map_err(|e| e.to_string())?;
-                    // As the engine does: ask back the pages after it
-                    // lost with it.
-                    let regained = s.nodes[rank]
-                        .regain_ahead(page, write, self.pages)
-                        .map_err(|e| e.to_string())?;
-                    actions.extend(regained);
+                    // As the engine does: a first touch takes the page, and
+                    // the untouched pages after it in its segment (all the
+                    // pages here), at once.
+                    let now = s.time[rank];
+                    let mut actions = if self.populate {
+                        s.nodes[rank]
+                            .populate_ahead(page, self.pages, now)
+                            .map_err(|e| e.to_string())?
+                    } else {
+                        Vec::new()
+                    };
+                    if actions.is_empty() {
+                        actions = s.nodes[rank]
+                            .on_fault(page, write)
+                            .map_err(|e| e.to_string())?;
+                        // Ask back the pages after it lost with it.
+                        let regained = s.nodes[rank]
+                            .regain_ahead(page, write, self.pages)
+                            .map_err(|e| e.to_string())?;
+                        actions.extend(regained);
+                    }
                     if !actions.is_empty() {
                         self.apply(&mut s, rank, actions, None)?;
                         next.push(s);
@@ -520,6 +555,8 @@ fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
         programs,
         home: None,
         evictions: 0,
+        populate: true,
+        longest_populated: Default::default(),
     });
 }
 
@@ -536,18 +573,28 @@ fn check_programs_evicting(
         programs,
         home,
         evictions,
+        populate: true,
+        longest_populated: Default::default(),
     });
 }
 
 fn check_model(model: Model) {
+    check_model_populating(model);
+}
+
+/// Explores `model`; returns the longest run of pages a first touch took.
+fn check_model_populating(model: Model) -> usize {
     let pages = model.pages;
     for hold in [0, 1] {
         let states = model.explore(hold);
         eprintln!(
-            "{} ranks, {pages} pages, hold {hold}: {states} states explored",
-            model.n
+            "{} ranks, {pages} pages, hold {hold}, populate {}: {states} states explored, longest run populated {}",
+            model.n,
+            if model.populate { "on" } else { "off" },
+            model.longest_populated.get()
         );
     }
+    model.longest_populated.get()
 }
 
 use Op::{Free, Read, Write};
@@ -562,6 +609,25 @@ fn three_ranks_two_pages_writers_and_readers_cross() {
         ],
         2,
     );
+}
+
+#[test]
+fn three_ranks_two_pages_writers_and_readers_cross_every_fault_asking_the_home() {
+    // DSM_POPULATE=0: a first touch asks the home (itself, here) too.
+    let programs = vec![
+        vec![Write(0), Read(1)],
+        vec![Write(1), Read(0)],
+        vec![Read(0), Write(0), Read(1)],
+    ];
+    check_model(Model {
+        n: programs.len(),
+        pages: 2,
+        programs,
+        home: None,
+        evictions: 0,
+        populate: false,
+        longest_populated: Default::default(),
+    });
 }
 
 #[test]
@@ -618,6 +684,8 @@ fn runs_lost_together_are_asked_back_together() {
         programs,
         home: Some(0),
         evictions: 0,
+        populate: true,
+        longest_populated: Default::default(),
     });
 }
 
@@ -699,5 +767,71 @@ fn a_free_of_pages_homed_at_one_rank_crosses_its_transactions() {
         programs,
         home: Some(0),
         evictions: 0,
+        populate: true,
+        longest_populated: Default::default(),
     });
+}
+
+#[test]
+fn a_home_first_touching_its_pages_while_others_write_and_read_them() {
+    // Pages homed at rank 0, which writes page 0 first (taking page 1 with
+    // it if nobody asked for it yet), then reads and writes page 1; the
+    // others read and write both meanwhile, before, during and after.
+    let programs = vec![
+        vec![Write(0), Read(1), Write(1)],
+        vec![Read(1), Write(0)],
+        vec![Write(1), Read(0)],
+    ];
+    let longest = check_model_populating(Model {
+        n: programs.len(),
+        pages: 2,
+        programs,
+        home: Some(0),
+        evictions: 0,
+        populate: true,
+        longest_populated: Default::default(),
+    });
+    assert_eq!(longest, 2, "a first touch takes both pages in some run");
+}
+
+#[test]
+fn a_home_first_reading_its_pages_while_others_write_and_read_them() {
+    // A read first touch takes the pages writable: a later store of the
+    // home's costs nothing, another rank's read or write recalls them.
+    let programs = vec![
+        vec![Read(0), Write(1), Read(1), Write(0)],
+        vec![Write(0), Read(1)],
+        vec![Read(1), Write(0)],
+    ];
+    let longest = check_model_populating(Model {
+        n: programs.len(),
+        pages: 2,
+        programs,
+        home: Some(0),
+        evictions: 1,
+        populate: true,
+        longest_populated: Default::default(),
+    });
+    assert_eq!(longest, 2, "a first touch takes both pages in some run");
+}
+
+#[test]
+fn a_home_first_touches_its_pages_again_after_a_free() {
+    // After the free the pages are untouched again: the home's next touch
+    // populates them anew, never with a value of before.
+    let programs = vec![
+        vec![Write(1), Free, Read(0), Write(1)],
+        vec![Read(1), Write(0), Free, Read(1)],
+        vec![Free, Write(0)],
+    ];
+    let longest = check_model_populating(Model {
+        n: programs.len(),
+        pages: 2,
+        programs,
+        home: Some(0),
+        evictions: 0,
+        populate: true,
+        longest_populated: Default::default(),
+    });
+    assert_eq!(longest, 2, "a first touch takes both pages in some run");
 }

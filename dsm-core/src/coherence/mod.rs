@@ -48,6 +48,16 @@ pub enum Action {
         /// Page index in the shared space.
         page: usize,
     },
+    /// Map pages `first..first + count`, all zeros and writable, in one
+    /// system call: never touched, they were taken by this rank at once
+    /// (a first touch populating ahead at their home, `Mrsw::populate_ahead`,
+    /// or private pages).
+    InstallZeros {
+        /// The first page (the one faulted on).
+        first: usize,
+        /// Pages of the run (at least one).
+        count: usize,
+    },
     /// Wake threads whose fault turned out to be moot.
     Wake {
         /// Page index in the shared space.

@@ -33,6 +33,11 @@
 //! a fault on it may ask back the pages after it lost the same way
 //! (`regain_ahead`), as ordinary requests nobody waits for yet.
 //!
+//! First touch (`populate_ahead`): a fault on a page homed here that no
+//! rank ever asked for takes it, and the following pages in the same
+//! state, exclusive here at once (zeros, writable), with no request to
+//! itself: one install for the run instead of one fault per page.
+//!
 //! Eviction (a bounded cache, `evict`): a rank may give up a copy of a page
 //! homed elsewhere when nothing is in flight for it. A read-only copy is
 //! dropped and the home told (`Evicted`): the directory stays exact. A
@@ -382,6 +387,68 @@ impl Mrsw {
         };
         lp.pending = Some(want);
         Ok(vec![Action::Send { to: home, msg }])
+    }
+
+    /// A first touch: if `page` was never touched (homed here with no
+    /// directory entry yet, so no rank ever asked for it since its placement
+    /// or its last reset and the home's copy is zeros; or private), and this
+    /// rank holds no copy of it nor asks for one, takes it and the pages
+    /// after it, below `end`, that are in the same state (up to the first
+    /// that is not), exclusive and writable here, exactly as a write request
+    /// to itself would (granted at once: no other copy exists), held as a
+    /// grant is: one `InstallZeros` maps them all. A read takes them
+    /// writable too (as a cache's "exclusive" state): no copy exists
+    /// elsewhere, and a rank initializing its own pages (`a[i] += ...`)
+    /// would otherwise fault again on each store; another rank's read later
+    /// recalls the page (kept here read-only), as after a write.
+    ///
+    /// The caller bounds `end` (the segment's end, a most number of pages,
+    /// and any page whose home's copy holds bytes not from the protocol,
+    /// such as a file's). No actions when `page` is not such a page: the
+    /// fault goes to `on_fault`.
+    pub fn populate_ahead(&mut self, page: usize, end: usize, now: Time) -> Actions {
+        let private = self.private.contains(page);
+        if page >= end || !self.untouched(page, private) {
+            return Ok(Vec::new());
+        }
+        let end = end.min(self.pages());
+        let mut count = 1;
+        while page + count < end && self.untouched(page + count, private) {
+            count += 1;
+        }
+        let held_until = if private {
+            0
+        } else {
+            now.saturating_add(self.min_hold)
+        };
+        let me = self.rank;
+        for p in page..page + count {
+            if !private {
+                self.home_entry(p).dir = Directory::Exclusive(me);
+            }
+            let lp = self.local(p)?;
+            lp.copy = Copy::Modified;
+            lp.held_until = held_until;
+        }
+        Ok(vec![Action::InstallZeros { first: page, count }])
+    }
+
+    /// True when `page` is never touched at this rank, as `populate_ahead`
+    /// takes it: private (`private`) and unmapped here, or homed here with no
+    /// directory entry, no copy here and no request or command in flight.
+    fn untouched(&self, page: usize, private: bool) -> bool {
+        if page >= self.pages() || self.private.contains(page) != private {
+            return false;
+        }
+        let unmapped = self
+            .local
+            .get(page)
+            .is_some_and(|l| l.copy == Copy::Invalid && l.pending.is_none());
+        unmapped
+            && (private
+                || (self.home_of(page) == self.rank
+                    && self.homes.get(page).is_none()
+                    && !self.waiting.contains_key(&page)))
     }
 
     /// Asks for a read-only copy of `page` before any thread faults on it
