@@ -2254,9 +2254,13 @@ pub(crate) fn serve_here(
     let timer_set = {
         let mut this = lock(engine);
         let before = this.next_deadline();
+        let free_stalled_before = this.free_stalled();
         work(&mut this)?;
         let evict_behind = this.bound_memory()?;
         let after = this.next_deadline();
+        // A free left waiting on this rank's requests needs the engine
+        // thread to look again (`FREE_POLL`), which it may be asleep for.
+        let free_stalled = this.free_stalled() && !free_stalled_before;
         // With nothing to send, nothing is: a message a receive thread left
         // part-written is the engine thread's to finish (woken for it).
         // Otherwise the turn is taken under the engine's lock, so what this
@@ -2282,7 +2286,7 @@ pub(crate) fn serve_here(
                 None => this.flush_in_turn()?,
             }
         }
-        evict_behind || (after.is_some() && after != before)
+        evict_behind || free_stalled || (after.is_some() && after != before)
     };
     if timer_set {
         events.send(Input::Wake).map_err(|_| DsmError::Stopped)?;
@@ -2316,6 +2320,7 @@ pub(crate) fn inline_delivery(
             return Some(message);
         }
         let before = this.next_deadline();
+        let free_stalled_before = this.free_stalled();
         let from = message.from;
         this.sends_deferred = true;
         // A panic here would otherwise end this receive thread silently,
@@ -2335,7 +2340,9 @@ pub(crate) fn inline_delivery(
         });
         this.sends_deferred = false;
         Stats::add(&this.stats.messages_inline, 1);
-        let wake = !matches!(handled, Ok(false)) || this.next_deadline() != before;
+        let wake = !matches!(handled, Ok(false))
+            || this.next_deadline() != before
+            || (this.free_stalled() && !free_stalled_before);
         let handled = handled.map(|_| ());
         drop(this);
         match handled {

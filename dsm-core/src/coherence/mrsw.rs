@@ -574,6 +574,31 @@ impl Mrsw {
             && self.local.get(page).is_none_or(|l| l.pending.is_none())
     }
 
+    /// `page`'s state here in a few words, for a hang report: this rank's
+    /// copy, its request and deferred commands, and as its home the
+    /// directory, the transaction and the queue.
+    pub fn describe_page(&self, page: usize) -> String {
+        let mut text = match self.local.get(page) {
+            Some(l) => format!(
+                "copy {:?}, request {:?}, held until {} ns",
+                l.copy, l.pending, l.held_until
+            ),
+            None => "outside the space".into(),
+        };
+        if let Some(commands) = self.waiting.get(&page) {
+            text.push_str(&format!(", deferred {commands:?}"));
+        }
+        if let Some(h) = self.home_page_if_any(page) {
+            text.push_str(&format!(
+                "; home: {:?}, transaction {:?}, {} queued",
+                h.dir,
+                h.txn,
+                h.queue.len()
+            ));
+        }
+        text
+    }
+
     /// Free, first step: gives up this rank's copy of `page`, as `evict`
     /// does but without waiting out the minimum hold (every thread of the
     /// program is done with the segment). A page of a private segment is

@@ -376,7 +376,19 @@ impl Engine {
                 if f.reply.is_none() {
                     format!("{what}: called by other ranks, not by this one yet")
                 } else if !f.released {
-                    format!("{what}: waiting for this rank's requests in flight to end")
+                    let busy: Vec<String> = match &self.node {
+                        Node::Mrsw(n) => f
+                            .pages()
+                            .filter(|p| !n.free_ready(*p))
+                            .take(4)
+                            .map(|p| format!("page {p}: {}", n.describe_page(p)))
+                            .collect(),
+                        Node::Migratory(_) => Vec::new(),
+                    };
+                    format!(
+                        "{what}: waiting for this rank's requests in flight to end ({})",
+                        busy.join("; ")
+                    )
                 } else if !f.released_by.iter().all(|r| *r) {
                     format!(
                         "{what}: waiting for rank(s) {} to call it",
