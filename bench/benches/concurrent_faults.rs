@@ -120,11 +120,7 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
             .push((threads, counted as f64 / timed.as_secs_f64().max(1e-9)));
     }
     g.finish();
-    thread::scope(|s| {
-        for d in dsms {
-            s.spawn(move || d.finalize().expect("finalize"));
-        }
-    });
+    dsm_bench::finalize(dsms);
     rates
 }
 

@@ -224,14 +224,7 @@ impl Link {
         match self {
             Link::Tcp(s) => send_now(s.get_ref(), frame),
             Link::Ring(r) => {
-                let mut taken = 0;
-                for slice in frame {
-                    let n = r.write_now(slice);
-                    taken += n;
-                    if n < slice.len() {
-                        break;
-                    }
-                }
+                let taken = r.write_slices_now(frame);
                 r.publish();
                 Ok(taken)
             }

@@ -411,6 +411,20 @@ impl RingWriter {
         n
     }
 
+    /// Copies in as much of `slices`, in order, as fits now, unpublished;
+    /// how much.
+    pub fn write_slices_now(&mut self, slices: &[std::io::IoSlice<'_>]) -> usize {
+        let mut taken = 0;
+        for slice in slices {
+            let n = self.write_now(slice);
+            taken += n;
+            if n < slice.len() {
+                break;
+            }
+        }
+        taken
+    }
+
     /// Publishes what was copied in and wakes the reader if it sleeps.
     pub fn publish(&mut self) {
         if self.pending == 0 {
@@ -447,14 +461,7 @@ impl Write for RingWriter {
     /// Copies in every slice that fits now (a frame's header and parts in
     /// one go), else waits as `write` does.
     fn write_vectored(&mut self, slices: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        let mut taken = 0;
-        for slice in slices {
-            let n = self.write_now(slice);
-            taken += n;
-            if n < slice.len() {
-                break;
-            }
-        }
+        let taken = self.write_slices_now(slices);
         if taken > 0 {
             return Ok(taken);
         }
