@@ -250,10 +250,14 @@ pub(crate) struct Engine {
     /// what it produces stays in `out` until `try_flush` sends what the
     /// transport takes at once.
     sends_deferred: bool,
-    /// Held by whoever sends the outbox's messages, and taken under the
-    /// engine's lock (never the other way round): messages leave in the
+    /// Held by whoever sends the outbox's messages, taken under the
+    /// engine's lock and never waited for there: messages leave in the
     /// order they were produced, also when a thread sends them after
-    /// letting go of the engine's lock (`serve_here`).
+    /// letting go of the engine's lock (`serve_here`). A thread that finds
+    /// the turn taken leaves its messages queued: the only holder without
+    /// the engine's lock is such a sender, which looks at the outbox again
+    /// under the lock before it lets the turn go, and sends them with what
+    /// else was queued meanwhile (faults of several threads share batches).
     send_turn: Arc<Mutex<()>>,
     /// False once the engine thread has stopped: messages are then queued,
     /// as nobody would send what handling them produces.
@@ -663,8 +667,13 @@ impl Engine {
         let mut this = lock(engine);
         this.serving = false;
         // Messages handled in a receive thread may have left output whose
-        // `Wake` arrived after `Stop`.
-        result.and_then(|()| this.flush())
+        // `Wake` arrived after `Stop`; they leave before the transport
+        // closes, so this waits for the turn.
+        result.and_then(|()| {
+            let turn = Arc::clone(&this.send_turn);
+            let _turn = take_turn(&turn);
+            this.flush_in_turn()
+        })
     }
 
     fn serve(
@@ -756,7 +765,11 @@ impl Engine {
             return Ok(());
         }
         let turn = Arc::clone(&self.send_turn);
-        let _turn = take_turn(&turn);
+        let Ok(_turn) = turn.try_lock() else {
+            // A thread sending without the engine's lock: it sends these
+            // too (see `send_turn`).
+            return Ok(());
+        };
         self.flush_in_turn()
     }
 
@@ -790,9 +803,9 @@ impl Engine {
     /// send the rest (messages left queued, or one left part-written).
     fn try_flush(&mut self) -> Result<bool, DsmError> {
         let Ok(_turn) = self.send_turn.try_lock() else {
-            // Another thread is sending: this output waits for the engine
-            // thread, behind what that thread sends.
-            return Ok(!self.out.is_empty());
+            // A thread sending without the engine's lock: it sends this
+            // output too (see `send_turn`).
+            return Ok(false);
         };
         debug_assert!(self
             .out
@@ -991,12 +1004,21 @@ impl Engine {
             self.fetch_started.insert(fault.page, Instant::now());
         }
         self.apply(actions, Carried::Nothing)?;
-        // The demand request leaves alone, ahead of the batch asked for
-        // with it.
-        self.flush()?;
+        let ahead = if fault.write {
+            0..0
+        } else {
+            self.stream.on_read_fault(fault.page)
+        };
+        let regaining = matches!(&self.node, Node::Mrsw(n) if n.lost(fault.page).is_some());
+        if !ahead.is_empty() || regaining {
+            // The demand request leaves alone, ahead of the batch asked for
+            // with it. Otherwise it leaves when the lock is let go
+            // (`serve_here`), with other threads' requests queued meanwhile.
+            self.flush()?;
+        }
         let regained = self.regain_after(fault.page, fault.write)?;
         if !fault.write {
-            self.prefetch_after(fault.page)?;
+            self.prefetch(ahead)?;
             if regained > 0 {
                 // Already asked for: a read stream that reaches them goes on.
                 self.stream.requested(fault.page + 1 + regained);
@@ -1086,10 +1108,9 @@ impl Engine {
         Ok(regained)
     }
 
-    /// Requests read-only copies ahead of a sequential read stream, within
-    /// the space and within pages whose segment is known here.
-    fn prefetch_after(&mut self, page: usize) -> Result<(), DsmError> {
-        let ahead = self.stream.on_read_fault(page);
+    /// Requests read-only copies of the pages `ahead` of a sequential read
+    /// stream, within the space and within pages whose segment is known here.
+    fn prefetch(&mut self, ahead: std::ops::Range<usize>) -> Result<(), DsmError> {
         for next in ahead {
             let known = !self.registry.in_heap(next) || self.registry.find(next).is_some();
             let Node::Mrsw(node) = &mut self.node else {
@@ -2261,36 +2282,55 @@ pub(crate) fn serve_here(
         // A free left waiting on this rank's requests needs the engine
         // thread to look again (`FREE_POLL`), which it may be asleep for.
         let free_stalled = this.free_stalled() && !free_stalled_before;
+        let timer_set = evict_behind || free_stalled || (after.is_some() && after != before);
         // With nothing to send, nothing is: a message a receive thread left
         // part-written is the engine thread's to finish (woken for it).
-        // Otherwise the turn is taken under the engine's lock, so what this
-        // thread produced leaves before what others produce after it; then
-        // requests leave without the engine's lock: a send can take long
-        // (loopback delivery, preemption), and receive threads landing
-        // pages need the lock meanwhile.
         if !this.out.is_empty() {
-            let turn = Arc::clone(&this.send_turn);
-            let _turn = take_turn(&turn);
-            match this.detach_output() {
-                Some(mut output) => {
-                    let (transport, faults, stats) = (
-                        Arc::clone(&this.transport),
-                        Arc::clone(&this.faults),
-                        Arc::clone(&this.stats),
-                    );
-                    drop(this);
-                    transport.finish_sends()?;
-                    output.flush(&*transport, &faults)?;
-                    Stats::add(&stats.batches_sent, output.batches);
-                }
-                None => this.flush_in_turn()?,
-            }
+            send_queued(engine, this)?;
         }
-        evict_behind || free_stalled || (after.is_some() && after != before)
+        timer_set
     };
     if timer_set {
         events.send(Input::Wake).map_err(|_| DsmError::Stopped)?;
     }
+    Ok(())
+}
+
+/// Sends the outbox from a thread that may wait (a faulting thread, an
+/// API call), holding the engine's lock on entry. The turn is taken under
+/// that lock, so what is queued now leaves before what is queued after;
+/// requests then leave without the lock, as a send can take long (loopback
+/// delivery, preemption) and receive threads landing pages need the lock
+/// meanwhile. What other threads queue during the send (they find the turn
+/// taken) goes out next in one batch, until nothing is left: the turn is let
+/// go under the engine's lock, with the outbox empty (see `send_turn`).
+fn send_queued<'a>(
+    engine: &'a Mutex<Engine>,
+    mut this: MutexGuard<'a, Engine>,
+) -> Result<(), DsmError> {
+    let turn = Arc::clone(&this.send_turn);
+    let Ok(held) = turn.try_lock() else {
+        return Ok(()); // the holder sends it
+    };
+    while !this.out.is_empty() {
+        let Some(mut output) = this.detach_output() else {
+            // Grants read from the mapping: sent under the engine's lock.
+            this.flush_in_turn()?;
+            break;
+        };
+        let (transport, faults, stats) = (
+            Arc::clone(&this.transport),
+            Arc::clone(&this.faults),
+            Arc::clone(&this.stats),
+        );
+        drop(this);
+        transport.finish_sends()?;
+        output.flush(&*transport, &faults)?;
+        Stats::add(&stats.batches_sent, output.batches);
+        this = lock(engine);
+    }
+    drop(held);
+    drop(this);
     Ok(())
 }
 

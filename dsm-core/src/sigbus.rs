@@ -37,12 +37,16 @@ const BUCKETS: usize = 64;
 pub struct Waiters {
     epoch: [AtomicU32; BUCKETS],
     waiting: [AtomicU32; BUCKETS],
-    /// Threads polling for their page now, and how many may at once (a
-    /// quarter of the CPUs, at least one): more polling waiters than that
-    /// take the CPUs the receive and engine threads need to bring their
-    /// pages (8 threads faulting at once on 2 CPUs: 0.80x the fault rate of
-    /// one; the later ones sleeping at once: see bench `concurrent_faults`).
-    polling: AtomicUsize,
+    /// Threads waiting for their page now, and up to how many of them a
+    /// waiter polls (a quarter of the CPUs, at least one). Polling pays
+    /// when one thread waits: its page is a round trip away and a sleep
+    /// would add a wake-up to it. With more waiting, faults are in flight
+    /// together and the CPUs are better spent bringing their pages: a
+    /// polling waiter takes a CPU the receive and engine threads need
+    /// (8 threads faulting at once on 2 CPUs: 0.80x the fault rate of one
+    /// while one of them polled), so it stops polling once more threads
+    /// wait (bench `concurrent_faults`).
+    waiting_now: AtomicUsize,
     polling_limit: usize,
 }
 
@@ -60,7 +64,7 @@ impl Default for Waiters {
         Waiters {
             epoch: std::array::from_fn(|_| AtomicU32::new(0)),
             waiting: std::array::from_fn(|_| AtomicU32::new(0)),
-            polling: AtomicUsize::new(0),
+            waiting_now: AtomicUsize::new(0),
             polling_limit: (cpus / 4).max(1),
         }
     }
@@ -90,11 +94,12 @@ impl Waiters {
     /// once (`polling_limit`); the others sleep at once.
     pub fn wait(&self, ticket: WaitTicket, spin: Duration, timeout: Duration) -> bool {
         let word = &self.epoch[ticket.bucket];
-        if !spin.is_zero() && self.polling.fetch_add(1, SeqCst) < self.polling_limit {
-            crate::sched::poll_until(spin, || word.load(SeqCst) != ticket.epoch);
-        }
-        if !spin.is_zero() {
-            self.polling.fetch_sub(1, SeqCst);
+        let others = self.waiting_now.fetch_add(1, SeqCst);
+        if !spin.is_zero() && others < self.polling_limit {
+            crate::sched::poll_until(spin, || {
+                word.load(SeqCst) != ticket.epoch
+                    || self.waiting_now.load(SeqCst) > self.polling_limit
+            });
         }
         self.waiting[ticket.bucket].fetch_add(1, SeqCst);
         if word.load(SeqCst) == ticket.epoch {
@@ -117,6 +122,7 @@ impl Waiters {
             };
         }
         self.waiting[ticket.bucket].fetch_sub(1, SeqCst);
+        self.waiting_now.fetch_sub(1, SeqCst);
         word.load(SeqCst) != ticket.epoch
     }
 
