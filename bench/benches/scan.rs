@@ -253,7 +253,7 @@ fn cold_scan(
 /// each holds its pages of the data and rewrites them between scans until
 /// told to finish.
 fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
-    let boot = Bootstrap::from_env()?;
+    let boot = dsm_rendezvous::bootstrap_from_env()?;
     let rank = boot.rank;
     let t: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options(rank))?;
     let ranks = t.size();

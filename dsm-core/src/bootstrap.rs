@@ -15,10 +15,12 @@
 //! The secret travels through a pipe, never through argv or the environment,
 //! so `ps` and `/proc/PID/environ` never show it.
 //!
-//! Without `DSM_RANK`, a process started by Slurm's `srun` (`SLURM_PROCID`,
-//! `SLURM_STEP_ID`, ...) or Open MPI's `mpirun` (`OMPI_COMM_WORLD_RANK`, ...)
-//! builds the same [`Bootstrap`] through a rendezvous with rank 0: see
-//! [`crate::rendezvous`].
+//! [`Bootstrap::from_launcher_env`] reads them. A process started by a
+//! scheduler instead (Slurm's `srun`, Open MPI's `mpirun`) builds the same
+//! [`Bootstrap`] through a rendezvous with rank 0: that is the launcher's
+//! business, done by the `dsm-rendezvous` crate, whose `bootstrap_from_env`
+//! takes whichever of the two started the process (it reports its
+//! failures here as [`BootstrapError::Join`]).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -31,7 +33,6 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::stat::{fstat, SFlag};
 
 pub use crate::auth::JobSecret;
-use crate::rendezvous::{self, RendezvousError};
 use crate::transport::Rank;
 
 /// This process's rank, `0..DSM_SIZE`.
@@ -56,12 +57,12 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// Why a process could not join its job.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("no launcher started this program ({ENV_RANK}, SLURM_PROCID and OMPI_COMM_WORLD_RANK are unset): start it with e.g. `dsmexec -n 4 PROGRAM`, `dsmexec MACHINEFILE PROGRAM`, `srun -n 4 PROGRAM` or `mpirun -np 4 PROGRAM`")]
-    /// Neither dsmexec nor a known scheduler started this process.
-    NotLaunched,
-    #[error("joining the job: {0}")]
-    /// Meeting the other ranks through rank 0 failed (srun, mpirun).
-    Rendezvous(#[from] RendezvousError),
+    #[error(transparent)]
+    /// Joining the job another way than through dsmexec's hand-over failed,
+    /// or no launcher started this process: the typed error of the crate
+    /// that tried (`dsm_rendezvous::JoinError`, under srun or mpirun), which
+    /// this crate cannot name (it sits below it).
+    Join(Box<dyn std::error::Error + Send + Sync>),
     #[error("{name}={value:?} is invalid: {why}")]
     /// A launcher variable has an unusable value.
     BadVariable {
@@ -75,7 +76,7 @@ pub enum BootstrapError {
     #[error("{0} is required but not set (was the program started by dsmwrap?)")]
     /// A required launcher variable (named) is unset.
     Missing(&'static str),
-    #[error("the launcher hand-over was already taken by an earlier Bootstrap::from_env in this process")]
+    #[error("the launcher hand-over was already taken by an earlier bootstrap in this process (Bootstrap::from_launcher_env, dsm_rendezvous::bootstrap_from_env)")]
     /// The hand-over can be taken once per process, and already was.
     AlreadyTaken,
     #[error("reading the job secret from descriptor {fd}: {source}")]
@@ -175,36 +176,13 @@ fn take_inherited_fd(name: &'static str, expect: SFlag) -> Result<OwnedFd, Boots
 }
 
 impl Bootstrap {
-    /// True when this process was started by a launcher: dsmexec, or a
-    /// scheduler this crate can meet through (srun, mpirun).
-    pub fn launched() -> bool {
-        std::env::var_os(ENV_RANK).is_some()
-            || ["OMPI_COMM_WORLD_RANK", "SLURM_PROCID"]
-                .iter()
-                .any(|v| std::env::var_os(v).is_some())
-    }
-
-    /// Joins the job: reads dsmexec's hand-over when `DSM_RANK` is set (see
-    /// the module documentation), or meets the other ranks through rank 0
-    /// when `srun` or `mpirun` started this process ([`crate::rendezvous`];
-    /// this blocks until every rank has arrived, at most
-    /// `DSM_RENDEZVOUS_TIMEOUT`).
-    pub fn from_env() -> Result<Self, BootstrapError> {
-        if std::env::var_os(ENV_RANK).is_some() {
-            return Self::from_launcher_env();
+    /// dsmexec's hand-over (see the module documentation): `Ok(None)` when
+    /// `DSM_RANK` is unset (dsmexec did not start this process). It can be
+    /// taken once per process.
+    pub fn from_launcher_env() -> Result<Option<Self>, BootstrapError> {
+        if std::env::var_os(ENV_RANK).is_none() {
+            return Ok(None);
         }
-        let Some(job) = rendezvous::detect()? else {
-            return Err(BootstrapError::NotLaunched);
-        };
-        if TAKEN.swap(true, Ordering::SeqCst) {
-            return Err(BootstrapError::AlreadyTaken);
-        }
-        let settings = rendezvous::Settings::from_env()?;
-        Ok(rendezvous::join(&job, &settings)?)
-    }
-
-    /// dsmexec's hand-over (see the module documentation).
-    fn from_launcher_env() -> Result<Self, BootstrapError> {
         let rank = parse_number(ENV_RANK)?;
         let size = parse_number(ENV_SIZE)?;
         if size == 0 || rank >= size {
@@ -261,14 +239,14 @@ impl Bootstrap {
             fd: secret_fd_number,
             source: io::Error::new(io::ErrorKind::InvalidData, "not a 64-digit hex secret"),
         })?;
-        Ok(Bootstrap {
+        Ok(Some(Bootstrap {
             rank,
             size,
             peers,
             listener,
             secret,
             job_id,
-        })
+        }))
     }
 
     /// A whole job inside one process, on loopback: for tests and benchmarks
@@ -305,11 +283,12 @@ impl Bootstrap {
     }
 
     /// Makes `command` start a program that joins the job as this rank
-    /// ([`Bootstrap::from_env`] in it), as dsmwrap hands a rank over: the
-    /// `DSM_*` variables, the listener and a pipe holding the secret,
-    /// inherited. Keep the returned descriptors until the child is spawned,
-    /// then drop them. Until then any program this process starts inherits
-    /// them too: call it where no other thread starts one meanwhile.
+    /// ([`Bootstrap::from_launcher_env`] in it), as dsmwrap hands a rank
+    /// over: the `DSM_*` variables, the listener and a pipe holding the
+    /// secret, inherited. Keep the returned descriptors until the child is
+    /// spawned, then drop them. Until then any program this process starts
+    /// inherits them too: call it where no other thread starts one
+    /// meanwhile.
     pub fn hand_over(self, command: &mut Command) -> Result<InheritedFds, BootstrapError> {
         let failed = |e: nix::Error| BootstrapError::HandOver(e.into());
         let (secret_read, secret_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(failed)?;

@@ -12,6 +12,9 @@ pub const DEFAULT_PAGES: usize = 100;
 /// Most pages one first touch maps by default ([`Config::populate`]):
 /// 256 KiB, one system call.
 pub const DEFAULT_POPULATE: usize = 64;
+/// Pages of dropped frames a memfd-backed space keeps for their next
+/// install by default ([`Config::memfd_retain`], in bytes): 256 MiB per rank.
+pub const DEFAULT_RETAINED_PAGES: usize = (256 << 20) / PAGE_SIZE;
 
 /// Coherence protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +228,7 @@ impl Default for Config {
             faults: FaultDelivery::DEFAULT,
             receive_inline: true,
             receive_in_frames: true,
-            memfd_retain: crate::fault::DEFAULT_RETAINED_PAGES * PAGE_SIZE,
+            memfd_retain: DEFAULT_RETAINED_PAGES * PAGE_SIZE,
             cache: CacheSize::Auto,
             hang_report: Some(crate::hang::DEFAULT_HANG_REPORT),
         }

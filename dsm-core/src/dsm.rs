@@ -346,7 +346,8 @@ impl Dsm {
                     wait_spin,
                     Arc::clone(&waiting),
                 );
-                let registration = crate::sigbus::register(region.base(), region.len(), server)?;
+                let registration = crate::sigbus::register(region.base(), region.len(), server)
+                    .map_err(FaultError::from)?;
                 (None, None, Some(registration))
             }
         };

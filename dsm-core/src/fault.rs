@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use userfaultfd::{Event, FaultKind, FeatureFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
 pub use crate::config::FaultDelivery;
-use crate::config::PAGE_SIZE;
+use crate::config::{DEFAULT_RETAINED_PAGES, PAGE_SIZE};
 use crate::pages::PageSet;
-use crate::sigbus::Waiters;
+use crate::sigbus::{SigbusError, Waiters};
 use crate::transport::Landing;
 use smallvec::SmallVec;
 
@@ -70,10 +70,13 @@ pub enum FaultError {
     /// The kernel has no userfaultfd (ENOSYS).
     #[error("this kernel has no userfaultfd (ENOSYS): dsm needs Linux >= 5.7 built with CONFIG_USERFAULTFD")]
     UffdMissing,
-    /// Setting up the userfaultfd, or SIGBUS delivery (`crate::sigbus`),
-    /// failed otherwise; the text says why.
+    /// Setting up the userfaultfd failed otherwise; the text says why.
     #[error("userfaultfd setup failed: {0}")]
     Uffd(String),
+    /// SIGBUS delivery (`DSM_FAULTS=sigbus`) cannot be set up
+    /// ([`crate::sigbus::register`]).
+    #[error("userfaultfd setup failed: {0}")]
+    Sigbus(#[from] SigbusError),
     /// Registering the anonymous space for missing and write-protect
     /// faults failed (typically a kernel older than 5.7); the text is the
     /// cause.
@@ -525,9 +528,6 @@ impl Landing for AliasLanding {
         self.notice
     }
 }
-
-/// Default bound of `Frames`: 256 MiB of dropped pages per rank.
-pub const DEFAULT_RETAINED_PAGES: usize = (256 << 20) / PAGE_SIZE;
 
 fn create_uffd(delivery: FaultDelivery) -> Result<Uffd, FaultError> {
     let sigbus = delivery == FaultDelivery::Sigbus;

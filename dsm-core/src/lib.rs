@@ -19,7 +19,6 @@ pub mod memory;
 mod outbox;
 mod pages;
 pub mod proto;
-pub mod rendezvous;
 pub mod sched;
 pub mod segment;
 pub mod sigbus;

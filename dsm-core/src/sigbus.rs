@@ -27,7 +27,6 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::config::PAGE_SIZE;
-use crate::fault::FaultError;
 
 /// Buckets of pages sharing a futex word: an install wakes only the threads
 /// waiting on pages of its bucket.
@@ -186,28 +185,34 @@ pub struct Registration {
     slot: usize,
 }
 
+/// Why the SIGBUS handler cannot serve a space's faults ([`register`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SigbusError {
+    /// Not x86-64: the handler could not tell reads from writes.
+    #[error("DSM_FAULTS=sigbus reads the fault's write bit from the x86-64 signal context; use DSM_FAULTS=thread on this architecture")]
+    Architecture,
+    /// The thread starting the DSM blocks SIGBUS.
+    #[error("SIGBUS is blocked in the thread starting the DSM (and so in the threads it starts): the kernel would end the process at the first page fault; unblock SIGBUS, or use DSM_FAULTS=thread")]
+    Blocked,
+    /// `sigaction` refused the handler.
+    #[error("installing the SIGBUS handler: {0}")]
+    Install(nix::errno::Errno),
+    /// Every slot of the table of spaces is taken.
+    #[error("more than {SLOTS} shared spaces in one process")]
+    TableFull,
+}
+
 /// Serves the SIGBUS faults of `[start, start + len)` with `server`,
 /// installing the process's handler the first time.
-pub fn register(start: usize, len: usize, server: Server) -> Result<Registration, FaultError> {
+pub fn register(start: usize, len: usize, server: Server) -> Result<Registration, SigbusError> {
     if !cfg!(target_arch = "x86_64") {
-        return Err(FaultError::Uffd(
-            "DSM_FAULTS=sigbus reads the fault's write bit from the x86-64 signal context; \
-             use DSM_FAULTS=thread on this architecture"
-                .into(),
-        ));
+        return Err(SigbusError::Architecture);
     }
     if sigbus_blocked_here() {
-        return Err(FaultError::Uffd(
-            "SIGBUS is blocked in the thread starting the DSM (and so in the threads it \
-             starts): the kernel would end the process at the first page fault; unblock \
-             SIGBUS, or use DSM_FAULTS=thread"
-                .into(),
-        ));
+        return Err(SigbusError::Blocked);
     }
     if let Err(errno) = PREVIOUS.get_or_init(install_handler) {
-        return Err(FaultError::Uffd(format!(
-            "installing the SIGBUS handler: {errno}"
-        )));
+        return Err(SigbusError::Install(*errno));
     }
     let server = Box::into_raw(Box::new(server));
     for (i, slot) in TABLE.iter().enumerate() {
@@ -224,9 +229,7 @@ pub fn register(start: usize, len: usize, server: Server) -> Result<Registration
     // SAFETY: the pointer came from Box::into_raw above and was published
     // nowhere.
     drop(unsafe { Box::from_raw(server) });
-    Err(FaultError::Uffd(format!(
-        "more than {SLOTS} shared spaces in one process"
-    )))
+    Err(SigbusError::TableFull)
 }
 
 impl Drop for Registration {

@@ -94,7 +94,7 @@ use std::sync::Arc;
 pub use dsm_core::config::EngineCpu;
 pub use dsm_core::dsm::LockGuard;
 pub use dsm_core::typed::{self, Epoch, Locked, Reads, SharedArray};
-use dsm_core::{Bootstrap, Transport};
+use dsm_core::{BootstrapError, Transport};
 pub use dsm_core::{Config, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE};
 use transport_rdma::Selected;
 use transport_tcp::{TcpOptions, TcpTransport};
@@ -107,8 +107,8 @@ mod capi;
 pub fn init(config: Config) -> Result<Dsm, DsmError> {
     dsm_core::logging::init();
     let config = config.validate()?;
-    if !Bootstrap::launched() {
-        return Err(dsm_core::BootstrapError::NotLaunched.into());
+    if !dsm_rendezvous::launched() {
+        return Err(BootstrapError::from(dsm_rendezvous::JoinError::NotLaunched).into());
     }
     // Map first: a bad base or size fails before anyone waits for us (under
     // srun or mpirun, before this rank registers with rank 0).
@@ -117,7 +117,7 @@ pub fn init(config: Config) -> Result<Dsm, DsmError> {
     // device fails before anyone waits for us.
     let selected = transport_rdma::select_from_env()
         .map_err(|e| dsm_core::TransportError::Setup(e.to_string()))?;
-    let boot = Bootstrap::from_env()?;
+    let boot = dsm_rendezvous::bootstrap_from_env().map_err(BootstrapError::from)?;
     let hosts: Vec<String> = boot.peers.iter().map(|p| p.host.clone()).collect();
     // The receive threads share the engine's CPU (see dsm_core::sched).
     let tcp_options = TcpOptions {

@@ -1,7 +1,7 @@
 //! dsm programs started by the schedulers HPC users have, unchanged: Slurm's
 //! `srun` (and `sbatch`) on a one-node cluster started for the test
 //! (scripts/slurm-cluster.sh), and Open MPI's `mpirun`. Ranks meet through
-//! the rank-0 rendezvous of `dsm_core::rendezvous`.
+//! the rank-0 rendezvous of the `dsm-rendezvous` crate.
 //!
 //! Needs root (slurmd, and Debian's packages are installed when missing);
 //! skipped otherwise, with a SKIPPED line. With DSM_TEST_REQUIRE_SLURM=1

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use dsm_core::bootstrap::Bootstrap;
 use dsm_core::Transport;
 use transport_tcp::{TcpOptions, TcpTransport};
 
@@ -30,7 +29,7 @@ fn main() -> Result<()> {
         Some(s) => s.parse().with_context(|| format!("bad size {s:?}"))?,
         None => 1 << 20,
     };
-    let boot = Bootstrap::from_env()?;
+    let boot = dsm_rendezvous::bootstrap_from_env()?;
     let host = boot.host_of(boot.rank).to_string();
     let transport = TcpTransport::connect(boot, &TcpOptions::default())?;
     let (rank, size) = (transport.rank(), transport.size());
