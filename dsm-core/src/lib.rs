@@ -12,6 +12,7 @@ pub mod coherence;
 pub mod config;
 pub mod dsm;
 mod engine;
+pub mod error;
 pub mod fault;
 pub mod hang;
 pub mod logging;

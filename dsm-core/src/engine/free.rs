@@ -22,7 +22,7 @@
 //!    the old segment).
 
 use super::{Carried, Engine, Node, Reply};
-use crate::dsm::DsmError;
+use crate::error::DsmError;
 use crate::proto::{FreeStep, Msg, SegmentInfo};
 use crate::segment::kind_name;
 use crate::{Rank, PAGE_SIZE};

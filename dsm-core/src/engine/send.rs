@@ -1,0 +1,122 @@
+//! Sending the outbox: who holds the send turn, and how messages leave in
+//! the order they were produced whichever thread sends them (the engine
+//! thread, a faulting thread after letting go of the engine's lock, a
+//! receive thread only what goes without waiting).
+
+use super::{lock, Engine};
+use crate::error::DsmError;
+use crate::outbox::Outbox;
+use crate::stats::Stats;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The send turn (`Engine::send_turn`), taken under the engine's lock.
+pub(super) fn take_turn(turn: &Mutex<()>) -> MutexGuard<'_, ()> {
+    turn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends the outbox from a thread that may wait (a faulting thread, an
+/// API call), holding the engine's lock on entry. The turn is taken under
+/// that lock, so what is queued now leaves before what is queued after;
+/// requests then leave without the lock, as a send can take long (loopback
+/// delivery, preemption) and receive threads landing pages need the lock
+/// meanwhile. What other threads queue during the send (they find the turn
+/// taken) goes out next in one batch, until nothing is left: the turn is let
+/// go under the engine's lock, with the outbox empty (see `send_turn`).
+pub(super) fn send_queued<'a>(
+    engine: &'a Mutex<Engine>,
+    mut this: MutexGuard<'a, Engine>,
+) -> Result<(), DsmError> {
+    let turn = Arc::clone(&this.send_turn);
+    let Ok(held) = turn.try_lock() else {
+        return Ok(()); // the holder sends it
+    };
+    while !this.out.is_empty() {
+        let Some(mut output) = this.detach_output() else {
+            // Grants read from the mapping: sent under the engine's lock.
+            this.flush_in_turn()?;
+            break;
+        };
+        let (transport, faults, stats) = (
+            Arc::clone(&this.transport),
+            Arc::clone(&this.faults),
+            Arc::clone(&this.stats),
+        );
+        drop(this);
+        transport.finish_sends()?;
+        output.flush(&*transport, &faults)?;
+        Stats::add(&stats.batches_sent, output.batches);
+        this = lock(engine);
+    }
+    drop(held);
+    drop(this);
+    Ok(())
+}
+
+impl Engine {
+    /// Sends the messages the handling of the last events produced.
+    pub(super) fn flush(&mut self) -> Result<(), DsmError> {
+        if self.sends_deferred {
+            return Ok(());
+        }
+        if self.out.is_empty() {
+            // Only a message a receive thread left part-written may be
+            // waiting; a thread holding the turn finishes it first anyway,
+            // so this one does not wait for the turn under the lock.
+            if let Ok(_turn) = self.send_turn.try_lock() {
+                self.transport.finish_sends()?;
+            }
+            return Ok(());
+        }
+        let turn = Arc::clone(&self.send_turn);
+        let Ok(_turn) = turn.try_lock() else {
+            // A thread sending without the engine's lock: it sends these
+            // too (see `send_turn`).
+            return Ok(());
+        };
+        self.flush_in_turn()
+    }
+
+    /// [`Engine::flush`] for a thread holding the send turn.
+    pub(super) fn flush_in_turn(&mut self) -> Result<(), DsmError> {
+        // Grants read from the mapping only while it holds the home's copy.
+        debug_assert!(self
+            .out
+            .mapped_pages()
+            .all(|page| self.home_copy_is_mapped(page)));
+        // Messages a receive thread left part-written go first.
+        self.transport.finish_sends()?;
+        let batches = self.out.batches;
+        self.out.flush(&*self.transport, &self.faults)?;
+        Stats::add(&self.stats.batches_sent, self.out.batches - batches);
+        Ok(())
+    }
+
+    /// The queued messages, for a thread holding the send turn to send
+    /// after letting go of the engine's lock: only when none reads a page
+    /// from the mapping (which may change once the lock is free).
+    pub(super) fn detach_output(&mut self) -> Option<Outbox> {
+        if self.sends_deferred || self.out.is_empty() || self.out.mapped_pages().next().is_some() {
+            return None;
+        }
+        Some(self.out.detach())
+    }
+
+    /// In a receive thread, after handling a message: sends what the
+    /// transport takes without waiting. True when the engine thread must
+    /// send the rest (messages left queued, or one left part-written).
+    pub(super) fn try_flush(&mut self) -> Result<bool, DsmError> {
+        let Ok(_turn) = self.send_turn.try_lock() else {
+            // A thread sending without the engine's lock: it sends this
+            // output too (see `send_turn`).
+            return Ok(false);
+        };
+        debug_assert!(self
+            .out
+            .mapped_pages()
+            .all(|page| self.home_copy_is_mapped(page)));
+        let batches = self.out.batches;
+        let started = self.out.try_flush(&*self.transport, &self.faults)?;
+        Stats::add(&self.stats.batches_sent, self.out.batches - batches);
+        Ok(started || !self.out.is_empty())
+    }
+}
