@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! Core of the dsm distributed shared memory system.
 //!
 //! This crate owns what every layer shares: the launcher-to-process

@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! dsm: processes started by `dsmexec` (or `srun`, `mpirun`) share one address space.
 //!
 //! ```no_run

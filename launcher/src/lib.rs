@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! The dsm launcher: `dsmexec` starts one `dsmwrap` per slot (locally, or
 //! over SSH), and each `dsmwrap` connects back, authenticates with the job
 //! secret, receives its rank and the peer table, and runs the program.

@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! Joining a dsm job started by a scheduler (Slurm `srun`, Open MPI
 //! `mpirun`) instead of dsmexec, and [`bootstrap_from_env`]: the
 //! [`Bootstrap`] of this process, whichever launcher started it.

@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! RDMA verbs transport for dsm (issue 5).
 //!
 //! * [`verbs`]: small safe wrappers over `rdma-sys` (device list, context,

@@ -1,4 +1,3 @@
-#![warn(missing_docs)]
 //! TCP transport: every pair of ranks is connected once (the higher rank
 //! connects to the lower one's listener), each connection authenticated by
 //! the job-secret handshake of [`dsm_core::auth`], TCP_NODELAY, frames in the
