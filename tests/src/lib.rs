@@ -270,6 +270,13 @@ pub fn assert_no_leftovers(token: &str, within: Duration) {
 /// Compiles `examples/c/NAME.c` against the built libdsm (`cc`, rpath to
 /// the target directory); returns the executable.
 pub fn compile_c_example(name: &str) -> PathBuf {
+    compile_c(&format!("examples/c/{name}.c"), &format!("{name}_c"))
+}
+
+/// Compiles the C program at `source` (relative to the repository root)
+/// against the built libdsm and POSIX threads (`cc`, rpath to the target
+/// directory) into the target directory as `exe_name`; returns its path.
+pub fn compile_c(source: &str, exe_name: &str) -> PathBuf {
     let out_dir = bin("dsmexec")
         .parent()
         .expect("target directory")
@@ -281,12 +288,13 @@ pub fn compile_c_example(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("repository root");
-    let exe = out_dir.join(format!("{name}_c"));
+    let exe = out_dir.join(exe_name);
     let status = Command::new("cc")
         .arg("-O1")
+        .arg("-pthread")
         .arg("-I")
         .arg(root.join("include"))
-        .arg(root.join(format!("examples/c/{name}.c")))
+        .arg(root.join(source))
         .arg("-L")
         .arg(&out_dir)
         .arg("-ldsm")
@@ -295,10 +303,7 @@ pub fn compile_c_example(name: &str) -> PathBuf {
         .arg(&exe)
         .status()
         .expect("run the C compiler (cc)");
-    assert!(
-        status.success(),
-        "compiling examples/c/{name}.c against libdsm failed"
-    );
+    assert!(status.success(), "compiling {source} against libdsm failed");
     exe
 }
 

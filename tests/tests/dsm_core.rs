@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dsm_tests::{bin, compile_c_example, dsmexec, run, short_hostname, unique_token, Finished};
+use dsm_tests::{
+    bin, compile_c, compile_c_example, dsmexec, run, short_hostname, unique_token, Finished,
+};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -88,6 +90,41 @@ fn a_256_mib_space_touched_by_all_ranks() {
         &["-n", "4", &bin("roundrobin").display().to_string(), "64"],
     );
     out.expect_each_rank(4, "4 rounds over 65536 pages verified");
+}
+
+/// Eight threads of rank 1 fault at once on distinct pages homed at rank
+/// 0 (`bench/c/threaded_faults.c`, no read-ahead: one remote fault each),
+/// and their requests share messages: every value read is the one rank 0
+/// wrote in that round (the program exits 1 otherwise), over TCP and over
+/// the rings co-located ranks use.
+#[test]
+fn eight_threads_of_one_rank_fault_at_once_and_read_what_the_home_wrote() {
+    let exe = compile_c("bench/c/threaded_faults.c", "threaded_faults");
+    let exe = exe.display().to_string();
+    for shm in ["0", "1"] {
+        let out = job(
+            &[
+                ("DSM_PREFETCH", "0"),
+                ("DSM_SHM", shm),
+                ("DSM_SPACE_SIZE", "32M"),
+            ],
+            &["-n", "2", &exe, "-p", "200", "1", "8", "1", "8"],
+        );
+        assert_eq!(out.code, Some(0), "DSM_SHM={shm}: {out:?}");
+        let host = short_hostname();
+        let lines = out.lines_of(1, &host, "stdout");
+        let rounds = lines
+            .iter()
+            .filter(|l| {
+                l.starts_with("threads 8 faults 1600 ") || l.starts_with("threads 1 faults 200 ")
+            })
+            .count();
+        assert_eq!(rounds, 4, "DSM_SHM={shm}: {out:?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("median ratio 8/1 ")),
+            "DSM_SHM={shm}: {out:?}"
+        );
+    }
 }
 
 #[test]
