@@ -9,8 +9,11 @@
 //! the transport or the CPUs saturate.
 //!
 //! Both ranks live in this process (two `Dsm` instances at different
-//! addresses). Between batches rank 0 writes every page (not timed), which
-//! takes rank 1's copies away.
+//! addresses). Each batch reads a fresh segment homed at rank 0, which rank
+//! 0 filled and both free afterwards (not timed): pages rank 1 never held,
+//! so each read is one remote fault carrying 4 KiB (pages rank 1 lost to a
+//! write would be asked back with their neighbours). `bench/c/threaded_faults.c`
+//! is the same measurement through `dsm.h`, as separate processes.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dsm_core::bootstrap::Bootstrap;
-use dsm_core::{Config, Dsm, FaultDelivery, Transport, PAGE_SIZE};
+use dsm_core::{Config, Dsm, FaultDelivery, Placement, Transport, PAGE_SIZE};
 use transport_tcp::{TcpOptions, TcpTransport};
 
-/// The lower half (4096 pages) holds 2048 pages homed at rank 0.
+/// The heap (the upper half) holds one batch's segment of 8 x 256 pages.
 const SPACE_PAGES: usize = 8192;
 const PAGES_PER_THREAD: usize = 256;
 const THREADS: [usize; 4] = [1, 2, 4, 8];
@@ -75,8 +78,6 @@ struct Rates(Vec<(usize, f64)>);
 fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) -> Rates {
     let dsms = start(pair(options));
     let (owner, reader) = (&dsms[0], &dsms[1]);
-    // Pages homed at rank 0 (page p starts at rank p mod 2), lower half.
-    let pages: Vec<usize> = (0..SPACE_PAGES / 2).step_by(2).collect();
     let mut generation = 0u64;
     let mut rates = Rates::default();
     let mut g = c.benchmark_group(group);
@@ -88,11 +89,9 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    // Every page goes back to rank 0 alone (not timed).
                     generation += 1;
-                    for &p in &pages {
-                        owner.words()[p * WORDS_PER_PAGE].store(generation, Relaxed);
-                    }
+                    let (filled, read) = fresh_segment(owner, reader, faults, generation);
+                    let pages: Vec<usize> = read.pages().collect();
                     let words = reader.words();
                     let expected = generation;
                     let t0 = Instant::now();
@@ -108,6 +107,10 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
                         }
                     });
                     let d = t0.elapsed();
+                    thread::scope(|s| {
+                        s.spawn(|| owner.free(filled).expect("free at rank 0"));
+                        reader.free(read).expect("free at rank 1");
+                    });
                     total += d;
                     timed += d;
                     counted += faults;
@@ -122,6 +125,34 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
     g.finish();
     dsm_bench::finalize(dsms);
     rates
+}
+
+/// A segment of `pages` pages homed at rank 0, allocated by both ranks
+/// (collectively) and filled by rank 0 with `generation` in each page's
+/// first word; rank 0's handle, then rank 1's.
+fn fresh_segment(
+    owner: &Dsm,
+    reader: &Dsm,
+    pages: usize,
+    generation: u64,
+) -> (dsm_core::Segment, dsm_core::Segment) {
+    let bytes = pages * PAGE_SIZE;
+    let (filled, read) = thread::scope(|s| {
+        let at_owner = s.spawn(|| {
+            owner
+                .coalloc(bytes, Placement::Localized(0))
+                .expect("coalloc at rank 0")
+        });
+        let read = reader
+            .coalloc(bytes, Placement::Localized(0))
+            .expect("coalloc at rank 1");
+        (at_owner.join().expect("allocating thread"), read)
+    });
+    let words = owner.words();
+    for p in filled.pages() {
+        words[p * WORDS_PER_PAGE].store(generation, Relaxed);
+    }
+    (filled, read)
 }
 
 fn print_rates(group: &str, rates: &Rates) {

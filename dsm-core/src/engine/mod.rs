@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -207,12 +208,15 @@ pub(crate) struct Engine {
     /// Held by whoever sends the outbox's messages, taken under the
     /// engine's lock and never waited for there: messages leave in the
     /// order they were produced, also when a thread sends them after
-    /// letting go of the engine's lock (`serve_here`). A thread that finds
-    /// the turn taken leaves its messages queued: the only holder without
-    /// the engine's lock is such a sender, which looks at the outbox again
-    /// under the lock before it lets the turn go, and sends them with what
-    /// else was queued meanwhile (faults of several threads share batches).
+    /// letting go of the engine's lock (`send::send_queued`). A thread that
+    /// finds the turn taken leaves its messages queued and says so
+    /// (`output_left`); the only holder without the engine's lock is such a
+    /// sender, which, once it lets the turn go, takes the lock again to send
+    /// them if it was told (faults of several threads share batches).
     send_turn: Arc<Mutex<()>>,
+    /// Set by a thread that left its output to the holder of the send
+    /// turn (`send::claim_turn`), read by that holder once it lets go.
+    output_left: Arc<AtomicBool>,
     /// False once the engine thread has stopped: messages are then queued,
     /// as nobody would send what handling them produces.
     serving: bool,
@@ -303,6 +307,7 @@ impl Engine {
             spare_pages: Vec::new(),
             sends_deferred: false,
             send_turn: Arc::default(),
+            output_left: Arc::default(),
             serving: true,
             landing: VecDeque::new(),
             landing_tokens: std::collections::hash_map::RandomState::new(),

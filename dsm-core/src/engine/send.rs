@@ -7,11 +7,26 @@ use super::{lock, Engine};
 use crate::error::DsmError;
 use crate::outbox::Outbox;
 use crate::stats::Stats;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The send turn (`Engine::send_turn`), taken under the engine's lock.
 pub(super) fn take_turn(turn: &Mutex<()>) -> MutexGuard<'_, ()> {
     turn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes the send turn for output queued under the engine's lock, or leaves
+/// that output to the thread holding the turn (a sender without the lock,
+/// see [`send_queued`]). The mark `left` is set before the turn is tried:
+/// a sender that lets the turn go and then finds the mark unset knows that
+/// no output was left to it, and does not take the engine's lock again
+/// (which the receive threads landing pages would then miss).
+fn claim_turn<'t>(turn: &'t Mutex<()>, left: &AtomicBool) -> Option<MutexGuard<'t, ()>> {
+    left.store(true, SeqCst);
+    let held = turn.try_lock().ok()?;
+    // Everything queued is this thread's to send now.
+    left.store(false, SeqCst);
+    Some(held)
 }
 
 /// Sends the outbox from a thread that may wait (a faulting thread, an
@@ -20,21 +35,24 @@ pub(super) fn take_turn(turn: &Mutex<()>) -> MutexGuard<'_, ()> {
 /// requests then leave without the lock, as a send can take long (loopback
 /// delivery, preemption) and receive threads landing pages need the lock
 /// meanwhile. What other threads queue during the send (they find the turn
-/// taken) goes out next in one batch, until nothing is left: the turn is let
-/// go under the engine's lock, with the outbox empty (see `send_turn`).
+/// taken and leave their output, see [`claim_turn`]) goes out next in one
+/// batch, until nothing was left.
 pub(super) fn send_queued<'a>(
     engine: &'a Mutex<Engine>,
     mut this: MutexGuard<'a, Engine>,
 ) -> Result<(), DsmError> {
-    let turn = Arc::clone(&this.send_turn);
-    let Ok(held) = turn.try_lock() else {
-        return Ok(()); // the holder sends it
-    };
-    while !this.out.is_empty() {
+    loop {
+        if this.out.is_empty() {
+            return Ok(());
+        }
+        let turn = Arc::clone(&this.send_turn);
+        let left = Arc::clone(&this.output_left);
+        let Some(held) = claim_turn(&turn, &left) else {
+            return Ok(()); // the holder sends it
+        };
         let Some(mut output) = this.detach_output() else {
             // Grants read from the mapping: sent under the engine's lock.
-            this.flush_in_turn()?;
-            break;
+            return this.flush_in_turn();
         };
         let (transport, faults, stats) = (
             Arc::clone(&this.transport),
@@ -45,11 +63,12 @@ pub(super) fn send_queued<'a>(
         transport.finish_sends()?;
         output.flush(&*transport, &faults)?;
         Stats::add(&stats.batches_sent, output.batches);
+        drop(held);
+        if !left.load(SeqCst) {
+            return Ok(());
+        }
         this = lock(engine);
     }
-    drop(held);
-    drop(this);
-    Ok(())
 }
 
 impl Engine {
@@ -68,10 +87,8 @@ impl Engine {
             return Ok(());
         }
         let turn = Arc::clone(&self.send_turn);
-        let Ok(_turn) = turn.try_lock() else {
-            // A thread sending without the engine's lock: it sends these
-            // too (see `send_turn`).
-            return Ok(());
+        let Some(_turn) = claim_turn(&turn, &self.output_left) else {
+            return Ok(()); // the holder sends it
         };
         self.flush_in_turn()
     }
@@ -105,10 +122,20 @@ impl Engine {
     /// transport takes without waiting. True when the engine thread must
     /// send the rest (messages left queued, or one left part-written).
     pub(super) fn try_flush(&mut self) -> Result<bool, DsmError> {
-        let Ok(_turn) = self.send_turn.try_lock() else {
-            // A thread sending without the engine's lock: it sends this
-            // output too (see `send_turn`).
-            return Ok(false);
+        if self.out.is_empty() {
+            // Only a message left part-written may wait: the engine
+            // thread's (woken for it) unless the turn is free now.
+            let Ok(_turn) = self.send_turn.try_lock() else {
+                return Ok(false);
+            };
+            let batches = self.out.batches;
+            let started = self.out.try_flush(&*self.transport, &self.faults)?;
+            Stats::add(&self.stats.batches_sent, self.out.batches - batches);
+            return Ok(started);
+        }
+        let turn = Arc::clone(&self.send_turn);
+        let Some(_turn) = claim_turn(&turn, &self.output_left) else {
+            return Ok(false); // the holder sends it
         };
         debug_assert!(self
             .out
