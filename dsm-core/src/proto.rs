@@ -51,6 +51,12 @@ const COALLOC_REQ: u8 = 32;
 const FREE_STEP: u8 = 33;
 const FIND_SEGMENT: u8 = 34;
 const FOUND_SEGMENT: u8 = 35;
+/// Release consistency: a writer's changed words of a page, and the home's
+/// acknowledgement (see [`crate::coherence::release`]).
+const DIFF: u8 = 36;
+const DIFF_ACK: u8 = 37;
+/// 8-byte words in a page: diffs count in words.
+const PAGE_WORDS: usize = PAGE_SIZE / 8;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
@@ -334,6 +340,28 @@ pub enum Msg {
         /// The segment being freed.
         segment: SegmentInfo,
     },
+    /// Release consistency, writer -> home: the words of `page` the writer
+    /// changed since it took its twin, for the home to write into its copy.
+    Diff {
+        /// The page.
+        page: u64,
+        /// Runs of changed words, in increasing order, not overlapping.
+        runs: Vec<DiffRun>,
+    },
+    /// Release consistency, home -> writer: the diff of `page` is applied.
+    DiffAck {
+        /// The page.
+        page: u64,
+    },
+}
+
+/// Consecutive changed words of a page ([`Msg::Diff`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiffRun {
+    /// Index of the first word (8 bytes each) in the page.
+    pub first_word: u16,
+    /// The words' new values, little-endian as in memory.
+    pub words: Vec<u64>,
 }
 
 /// Why bytes received are not a well-formed DSM message.
@@ -659,6 +687,18 @@ impl Msg {
             }
             Msg::Lookup { page } => Msg::page_only(&mut out, LOOKUP, *page),
             Msg::FindSegment { page } => Msg::page_only(&mut out, FIND_SEGMENT, *page),
+            Msg::DiffAck { page } => Msg::page_only(&mut out, DIFF_ACK, *page),
+            Msg::Diff { page, runs } => {
+                Msg::page_only(&mut out, DIFF, *page);
+                out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+                for run in runs {
+                    out.extend_from_slice(&run.first_word.to_le_bytes());
+                    out.extend_from_slice(&(run.words.len() as u16).to_le_bytes());
+                    for word in &run.words {
+                        out.extend_from_slice(&word.to_le_bytes());
+                    }
+                }
+            }
             Msg::Free {
                 step,
                 epoch,
@@ -922,12 +962,65 @@ impl Msg {
                     segment: SegmentInfo::get(&bytes[10..]),
                 })
             }
+            DIFF_ACK => {
+                expect(9)?;
+                Ok(Msg::DiffAck {
+                    page: u64_at(bytes, 1),
+                })
+            }
+            DIFF => decode_diff(bytes),
             GRANT_READ_RUN => Err(ProtoError::BadRun(
                 "a run of read grants is read with read_grant_run, not decoded",
             )),
             other => Err(ProtoError::UnknownKind(other)),
         }
     }
+}
+
+/// A [`Msg::Diff`]: page, run count, then each run's first word, word count
+/// and words; runs in order, inside the page, none empty.
+fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
+    let bad = |what: &'static str| ProtoError::BadField { kind: DIFF, what };
+    if bytes.len() < 11 {
+        return Err(ProtoError::BadLength {
+            kind: DIFF,
+            len: bytes.len(),
+            expected: 11,
+        });
+    }
+    let page = u64_at(bytes, 1);
+    let count = u16::from_le_bytes([bytes[9], bytes[10]]) as usize;
+    let mut at = 11;
+    let mut runs = Vec::with_capacity(count.min(PAGE_WORDS));
+    let mut next_free = 0usize;
+    for _ in 0..count {
+        let head = bytes.get(at..at + 4).ok_or(bad("diff run header"))?;
+        let first = u16::from_le_bytes([head[0], head[1]]) as usize;
+        let len = u16::from_le_bytes([head[2], head[3]]) as usize;
+        if len == 0 || first < next_free || first + len > PAGE_WORDS {
+            return Err(bad("diff run (empty, out of order or beyond the page)"));
+        }
+        at += 4;
+        let body = bytes.get(at..at + 8 * len).ok_or(bad("diff run words"))?;
+        let words = body
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        runs.push(DiffRun {
+            first_word: first as u16,
+            words,
+        });
+        at += 8 * len;
+        next_free = first + len;
+    }
+    if at != bytes.len() {
+        return Err(ProtoError::BadLength {
+            kind: DIFF,
+            len: bytes.len(),
+            expected: at,
+        });
+    }
+    Ok(Msg::Diff { page, runs })
 }
 
 #[cfg(test)]
@@ -1035,6 +1128,20 @@ mod tests {
             },
             Msg::Lookup { page: 9 },
             Msg::FindSegment { page: 10 },
+            Msg::DiffAck { page: 12 },
+            Msg::Diff {
+                page: 13,
+                runs: vec![
+                    DiffRun {
+                        first_word: 0,
+                        words: vec![1, 2],
+                    },
+                    DiffRun {
+                        first_word: 511,
+                        words: vec![u64::MAX],
+                    },
+                ],
+            },
             Msg::FoundSegment {
                 page: 10,
                 segment: None,

@@ -7,9 +7,13 @@
 //! * [`mrsw::Mrsw`]: the default, sequentially consistent multi-reader /
 //!   single-writer protocol with a directory at each page's home.
 //! * [`migratory::Migratory`]: the seed's single-owner protocol.
+//! * [`release::Release`]: release consistency with multiple writers
+//!   (twins and diffs), for false sharing; model-checked, not yet run by
+//!   the engine.
 
 pub mod migratory;
 pub mod mrsw;
+pub mod release;
 
 pub use migratory::Migratory;
 pub use mrsw::Mrsw;
@@ -119,6 +123,29 @@ pub enum Action {
         /// Page index in the shared space.
         page: usize,
     },
+    /// Release consistency: keep a twin of `page` (its bytes as they are
+    /// now), before it is made writable.
+    TakeTwin {
+        /// Page index in the shared space.
+        page: usize,
+    },
+    /// Release consistency: write-protect `page`, compare it with its twin,
+    /// send the words that differ to `to` (`Msg::Diff`), drop the twin.
+    SendDiff {
+        /// The page's home.
+        to: Rank,
+        /// Page index in the shared space.
+        page: usize,
+    },
+    /// Release consistency, home: write the diff being handled into the
+    /// home's copy of `page` (mapping it first, zeros, if never touched).
+    ApplyDiff {
+        /// Page index in the shared space.
+        page: usize,
+    },
+    /// Release consistency: every diff of the release is acknowledged; the
+    /// synchronization waiting on it may go on.
+    Released,
     /// The home finished sealing or flushing `page`: no writable copy is
     /// left and the home's copy is current.
     Settled {

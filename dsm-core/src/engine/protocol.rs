@@ -457,6 +457,16 @@ impl Engine {
                     });
                 }
                 Action::Settled { page } => self.settled(page)?,
+                // Only `coherence::Release` asks for these, and no `Node`
+                // runs it yet.
+                other @ (Action::TakeTwin { .. }
+                | Action::SendDiff { .. }
+                | Action::ApplyDiff { .. }
+                | Action::Released) => {
+                    return Err(DsmError::Protocol(format!(
+                        "{other:?} from a protocol the engine does not run"
+                    )))
+                }
             }
         }
         Ok(())

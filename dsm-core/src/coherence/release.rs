@@ -1,0 +1,527 @@
+//! Release consistency with multiple writers (issue 26's protocol; the
+//! engine does not run it yet): false sharing without ping-pong.
+//!
+//! Every page has a home whose own mapping is the page's master copy: the
+//! home reads and writes it in place and never faults on it again. Other
+//! ranks keep copies, and several ranks may write the same page at once:
+//!
+//! * read fault: `ReadReq` to the home, whose grant (`Grant`, read) is
+//!   installed write-protected (a clean copy);
+//! * write fault: on a clean copy, the rank keeps a twin of the page (its
+//!   bytes as they are) and makes it writable, with no message (a dirty
+//!   copy); on no copy, it fetches one first, then does the same;
+//! * release (before an unlock, a barrier, a lock request): every dirty
+//!   copy is write-protected and compared with its twin, and the words that
+//!   differ go to the home (`Diff`), which writes them into its master copy
+//!   and acknowledges (`DiffAck`); the release is done once every diff is
+//!   acknowledged, so whoever synchronizes with this rank afterwards finds
+//!   the writes at the homes;
+//! * acquire (after a lock grant, a barrier's release): every copy of a
+//!   page homed elsewhere is dropped, so the next access fetches what the
+//!   homes hold now. A fetch in flight across the acquire may carry bytes
+//!   of before it: its grant is not installed, the page is asked for again.
+//!
+//! What programs see: a data-race-free program (conflicting accesses of
+//! different ranks ordered by locks or barriers) sees sequential
+//! consistency. A racy one may read stale words (a copy fetched before
+//! another rank's write is read until the next acquire), and two ranks
+//! writing the same word between two synchronizations leave one of the two
+//! values (the last diff the home applied), never a mix of bytes of a word.
+//!
+//! Checked exhaustively in `tests/model_check_release.rs` (no lost diff;
+//! data-race-free programs read what sequential consistency allows).
+
+use std::collections::BTreeSet;
+
+use super::{Action, CoherenceError};
+use crate::pages::PageTable;
+use crate::proto::{Msg, Payload};
+use crate::Rank;
+
+/// `Release::home` of a page whose home is the default, `page mod size`.
+const DEFAULT_HOME: u32 = u32::MAX;
+
+/// A rank's copy of a page homed elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RcCopy {
+    /// No copy: any access faults.
+    Invalid,
+    /// A read request is in flight. `write`: a store waits for it (the copy
+    /// becomes dirty on arrival). `stale`: an acquire happened since it was
+    /// sent, so its grant may predate writes this rank must now see.
+    Fetching {
+        /// A store waits for the copy.
+        write: bool,
+        /// Asked for before the last acquire.
+        stale: bool,
+    },
+    /// A write-protected copy, identical to the home's when fetched.
+    Clean,
+    /// A writable copy with its twin: the words that differ from the twin
+    /// are this rank's writes since the copy was taken.
+    Dirty,
+}
+
+/// What a rank's release is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+struct Releasing {
+    /// Diffs sent and not yet acknowledged.
+    acks_due: usize,
+    /// A release waits for them (`Action::Released` once they are in).
+    waiting: bool,
+}
+
+/// The release-consistent, multiple-writer protocol at one rank: pure
+/// state (events in, [`Action`]s out), as [`super::Mrsw`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Release {
+    rank: Rank,
+    size: usize,
+    /// This rank's copy of every page homed elsewhere.
+    local: PageTable<RcCopy>,
+    /// Home rank of every page; `DEFAULT_HOME`: `page mod size`.
+    home: PageTable<u32>,
+    /// Pages homed here that this rank has mapped (its master copies).
+    mapped_here: BTreeSet<usize>,
+    /// Pages homed elsewhere that this rank holds or fetches: what an
+    /// acquire drops (kept apart so an acquire costs the copies, not the
+    /// space).
+    held: BTreeSet<usize>,
+    /// Pages with a twin (dirty copies), in page order.
+    dirty: BTreeSet<usize>,
+    releasing: Releasing,
+}
+
+type Actions = Result<Vec<Action>, CoherenceError>;
+
+impl Release {
+    /// Rank `rank` of a job of `size` ranks over a space of `pages` pages,
+    /// nothing held and every page at its default home (`page mod size`).
+    pub fn new(rank: Rank, size: usize, pages: usize) -> Self {
+        Release {
+            rank,
+            size,
+            local: PageTable::new(pages, RcCopy::Invalid),
+            home: PageTable::new(pages, DEFAULT_HOME),
+            mapped_here: BTreeSet::new(),
+            held: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            releasing: Releasing::default(),
+        }
+    }
+
+    /// The home rank of `page`.
+    pub fn home_of(&self, page: usize) -> Rank {
+        match self.home.get(page) {
+            Some(&home) if home != DEFAULT_HOME => home as Rank,
+            _ => page % self.size,
+        }
+    }
+
+    /// Places `pages` at `home` (a segment's placement), before any traffic
+    /// about them, on every rank.
+    pub fn set_home(&mut self, pages: std::ops::Range<usize>, home: Rank) {
+        for p in pages {
+            if let Some(h) = self.home.get_mut(p) {
+                *h = home as u32;
+            }
+        }
+    }
+
+    /// Pages of the space.
+    pub fn pages(&self) -> usize {
+        self.local.pages()
+    }
+
+    /// This rank's copy of `page` (homed elsewhere).
+    pub fn copy_of(&self, page: usize) -> Option<RcCopy> {
+        self.local.get(page).copied()
+    }
+
+    /// Pages holding writes not yet sent to their homes.
+    pub fn dirty_pages(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Nothing in flight: no fetch, no unacknowledged diff, no release
+    /// waiting.
+    pub fn quiescent(&self) -> bool {
+        self.releasing == Releasing::default()
+            && self
+                .held
+                .iter()
+                .all(|&p| !matches!(self.local.get(p), Some(RcCopy::Fetching { .. })))
+    }
+
+    fn check(&self, page: usize) -> Result<(), CoherenceError> {
+        if page < self.pages() {
+            Ok(())
+        } else {
+            Err(CoherenceError::NoSuchPage {
+                page,
+                pages: self.pages(),
+            })
+        }
+    }
+
+    fn set(&mut self, page: usize, copy: RcCopy) {
+        if let Some(c) = self.local.get_mut(page) {
+            *c = copy;
+        }
+        if copy == RcCopy::Invalid {
+            self.held.remove(&page);
+        } else {
+            self.held.insert(page);
+        }
+        if copy == RcCopy::Dirty {
+            self.dirty.insert(page);
+        } else {
+            self.dirty.remove(&page);
+        }
+    }
+
+    /// A fault on `page` (a store if `write`).
+    pub fn on_fault(&mut self, page: usize, write: bool) -> Actions {
+        self.check(page)?;
+        let home = self.home_of(page);
+        if home == self.rank {
+            // The master copy: mapped once, writable, never taken away.
+            if self.mapped_here.insert(page) {
+                return Ok(vec![Action::InstallZero { page }]);
+            }
+            return Ok(vec![Action::Wake { page }]);
+        }
+        let copy = self.copy_of(page).unwrap_or(RcCopy::Invalid);
+        Ok(match copy {
+            RcCopy::Invalid => {
+                self.set(
+                    page,
+                    RcCopy::Fetching {
+                        write,
+                        stale: false,
+                    },
+                );
+                vec![Action::Send {
+                    to: home,
+                    msg: Msg::ReadReq { page: page as u64 },
+                }]
+            }
+            RcCopy::Fetching { write: w, stale } => {
+                self.set(
+                    page,
+                    RcCopy::Fetching {
+                        write: w || write,
+                        stale,
+                    },
+                );
+                Vec::new()
+            }
+            RcCopy::Clean if write => {
+                self.set(page, RcCopy::Dirty);
+                vec![Action::TakeTwin { page }, Action::MakeWritable { page }]
+            }
+            RcCopy::Clean | RcCopy::Dirty => vec![Action::Wake { page }],
+        })
+    }
+
+    /// A message from `from`.
+    pub fn on_message(&mut self, from: Rank, msg: &Msg) -> Actions {
+        if from >= self.size {
+            return Err(CoherenceError::BadRequester {
+                page: 0,
+                requester: from,
+            });
+        }
+        match *msg {
+            Msg::ReadReq { page } => {
+                let page = self.page_homed_here(page, from, "a read request")?;
+                // A page its home never touched is all zeros: granted as such.
+                Ok(vec![Action::GrantFromBacking {
+                    to: from,
+                    page,
+                    write: false,
+                }])
+            }
+            Msg::Grant {
+                page,
+                write: false,
+                ref payload,
+            } if !matches!(payload, Payload::Upgrade) => self.on_grant(from, page as usize),
+            Msg::Diff { page, .. } => {
+                let page = self.page_homed_here(page, from, "a diff")?;
+                self.mapped_here.insert(page);
+                Ok(vec![
+                    Action::ApplyDiff { page },
+                    Action::Send {
+                        to: from,
+                        msg: Msg::DiffAck { page: page as u64 },
+                    },
+                ])
+            }
+            Msg::DiffAck { page } => {
+                if self.releasing.acks_due == 0 || self.home_of(page as usize) != from {
+                    return Err(CoherenceError::Unexpected {
+                        page: page as usize,
+                        from,
+                        what: "an acknowledgement of a diff it was not sent",
+                    });
+                }
+                self.releasing.acks_due -= 1;
+                Ok(self.release_done())
+            }
+            _ => Err(CoherenceError::Unexpected {
+                page: 0,
+                from,
+                what: "a message of another protocol",
+            }),
+        }
+    }
+
+    fn page_homed_here(
+        &self,
+        page: u64,
+        from: Rank,
+        what: &'static str,
+    ) -> Result<usize, CoherenceError> {
+        let page = page as usize;
+        self.check(page)?;
+        if self.home_of(page) != self.rank || from == self.rank {
+            return Err(CoherenceError::Unexpected { page, from, what });
+        }
+        Ok(page)
+    }
+
+    fn on_grant(&mut self, from: Rank, page: usize) -> Actions {
+        self.check(page)?;
+        let copy = self.copy_of(page).unwrap_or(RcCopy::Invalid);
+        let RcCopy::Fetching { write, stale } = copy else {
+            return Err(CoherenceError::Unexpected {
+                page,
+                from,
+                what: "a grant it did not ask for",
+            });
+        };
+        if from != self.home_of(page) {
+            return Err(CoherenceError::Unexpected {
+                page,
+                from,
+                what: "a grant of a page it is not home of",
+            });
+        }
+        if stale {
+            // Asked for before the last acquire: the home has more now.
+            self.set(
+                page,
+                RcCopy::Fetching {
+                    write,
+                    stale: false,
+                },
+            );
+            return Ok(vec![Action::Send {
+                to: from,
+                msg: Msg::ReadReq { page: page as u64 },
+            }]);
+        }
+        let mut actions = vec![Action::Install {
+            page,
+            writable: false,
+        }];
+        if write {
+            self.set(page, RcCopy::Dirty);
+            actions.extend([Action::TakeTwin { page }, Action::MakeWritable { page }]);
+        } else {
+            self.set(page, RcCopy::Clean);
+        }
+        Ok(actions)
+    }
+
+    /// A release (before an unlock, a barrier, a lock request): the dirty
+    /// copies' diffs go to their homes, each copy clean again. The release
+    /// is done when [`Action::Released`] comes out, now or once the last
+    /// acknowledgement arrives. One release at a time.
+    pub fn release(&mut self) -> Actions {
+        if self.releasing.waiting {
+            return Err(CoherenceError::Unexpected {
+                page: 0,
+                from: self.rank,
+                what: "a release while another waits",
+            });
+        }
+        let mut actions = Vec::with_capacity(self.dirty.len() + 1);
+        for page in std::mem::take(&mut self.dirty) {
+            if let Some(c) = self.local.get_mut(page) {
+                *c = RcCopy::Clean;
+            }
+            actions.push(Action::SendDiff {
+                to: self.home_of(page),
+                page,
+            });
+        }
+        self.releasing.acks_due += actions.len();
+        self.releasing.waiting = true;
+        actions.extend(self.release_done());
+        Ok(actions)
+    }
+
+    fn release_done(&mut self) -> Vec<Action> {
+        if self.releasing.waiting && self.releasing.acks_due == 0 {
+            self.releasing.waiting = false;
+            vec![Action::Released]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// An acquire (after a lock grant, a barrier's release): every copy of
+    /// a page homed elsewhere is dropped; a fetch in flight is asked again
+    /// when its grant arrives. It follows a completed release, so no copy is
+    /// dirty.
+    pub fn acquire(&mut self) -> Actions {
+        if self.releasing.waiting || !self.dirty.is_empty() {
+            return Err(CoherenceError::Unexpected {
+                page: self.dirty.first().copied().unwrap_or(0),
+                from: self.rank,
+                what: "an acquire before its release completed",
+            });
+        }
+        let mut actions = Vec::new();
+        for page in std::mem::take(&mut self.held) {
+            match self.copy_of(page) {
+                Some(RcCopy::Fetching { write, .. }) => {
+                    self.held.insert(page);
+                    if let Some(c) = self.local.get_mut(page) {
+                        *c = RcCopy::Fetching { write, stale: true };
+                    }
+                }
+                Some(RcCopy::Clean) => {
+                    if let Some(c) = self.local.get_mut(page) {
+                        *c = RcCopy::Invalid;
+                    }
+                    actions.push(Action::DropPage { page });
+                }
+                _ => {}
+            }
+        }
+        Ok(actions)
+    }
+
+    /// Drops a clean copy to make room (a bounded cache). `None`, and
+    /// nothing done, for a copy that is dirty, being fetched, or absent.
+    pub fn evict(&mut self, page: usize) -> Option<Action> {
+        if self.copy_of(page) != Some(RcCopy::Clean) {
+            return None;
+        }
+        self.set(page, RcCopy::Invalid);
+        Some(Action::DropPage { page })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(page: u64) -> Msg {
+        Msg::Grant {
+            page,
+            write: false,
+            payload: Payload::Zero,
+        }
+    }
+
+    #[test]
+    fn two_writers_of_one_page_write_at_once_and_send_diffs_at_release() {
+        // Page 0 is homed at rank 0; ranks 1 and 2 both write it.
+        let mut a = Release::new(1, 3, 4);
+        let mut b = Release::new(2, 3, 4);
+        for node in [&mut a, &mut b] {
+            let actions = node.on_fault(0, true).unwrap();
+            assert_eq!(
+                actions,
+                vec![Action::Send {
+                    to: 0,
+                    msg: Msg::ReadReq { page: 0 }
+                }]
+            );
+            let actions = node.on_message(0, &grant(0)).unwrap();
+            assert!(actions.contains(&Action::TakeTwin { page: 0 }));
+            assert!(actions.contains(&Action::MakeWritable { page: 0 }));
+            assert_eq!(node.copy_of(0), Some(RcCopy::Dirty));
+        }
+        let released = a.release().unwrap();
+        assert_eq!(released, vec![Action::SendDiff { to: 0, page: 0 }]);
+        assert!(!a.quiescent());
+        assert_eq!(
+            a.on_message(0, &Msg::DiffAck { page: 0 }).unwrap(),
+            vec![Action::Released]
+        );
+        assert!(a.quiescent());
+        assert_eq!(a.copy_of(0), Some(RcCopy::Clean));
+        assert_eq!(a.acquire().unwrap(), vec![Action::DropPage { page: 0 }]);
+    }
+
+    #[test]
+    fn the_home_applies_a_diff_and_acknowledges_it() {
+        let mut home = Release::new(0, 2, 2);
+        let diff = Msg::Diff {
+            page: 0,
+            runs: Vec::new(),
+        };
+        assert_eq!(
+            home.on_message(1, &diff).unwrap(),
+            vec![
+                Action::ApplyDiff { page: 0 },
+                Action::Send {
+                    to: 1,
+                    msg: Msg::DiffAck { page: 0 }
+                }
+            ]
+        );
+        // Not its page: a protocol error, not a silent write.
+        assert!(home
+            .on_message(
+                1,
+                &Msg::Diff {
+                    page: 1,
+                    runs: Vec::new()
+                }
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn a_release_with_nothing_dirty_is_done_at_once() {
+        let mut node = Release::new(1, 2, 2);
+        assert_eq!(node.release().unwrap(), vec![Action::Released]);
+        assert_eq!(node.acquire().unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn a_fetch_that_crossed_an_acquire_is_asked_again() {
+        let mut node = Release::new(1, 2, 2);
+        node.on_fault(0, false).unwrap();
+        node.release().unwrap();
+        node.acquire().unwrap();
+        assert_eq!(
+            node.on_message(0, &grant(0)).unwrap(),
+            vec![Action::Send {
+                to: 0,
+                msg: Msg::ReadReq { page: 0 }
+            }]
+        );
+        assert_eq!(
+            node.on_message(0, &grant(0)).unwrap(),
+            vec![Action::Install {
+                page: 0,
+                writable: false
+            }]
+        );
+    }
+
+    #[test]
+    fn unasked_grants_and_acknowledgements_are_errors() {
+        let mut node = Release::new(1, 2, 2);
+        assert!(node.on_message(0, &grant(0)).is_err());
+        assert!(node.on_message(0, &Msg::DiffAck { page: 0 }).is_err());
+        assert!(node.on_message(5, &grant(0)).is_err());
+    }
+}

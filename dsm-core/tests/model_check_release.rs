@@ -1,0 +1,556 @@
+//! Exhaustive model checking of the release-consistent, multiple-writer
+//! protocol (the production code in `coherence::release`), without sockets
+//! or kernel.
+//!
+//! A world of N ranks runs small programs of word reads and writes on P
+//! pages of W words, and barriers (a release, then, once every rank's
+//! release is done, an acquire). Every reachable state is explored
+//! (breadth first, deduplicated): any order of message deliveries between
+//! different pairs of ranks (in order within a pair), of program steps and
+//! of extra read faults a rank's other threads could take at any moment
+//! (a fetch that may cross a barrier). Checked:
+//! * the state machine never reports a protocol error;
+//! * a data-race-free program reads what sequential consistency gives: a
+//!   word this rank wrote since the last barrier reads its own last value,
+//!   any other word the last value written before that barrier (programs
+//!   are built race-free: a word written in an epoch is read in it only by
+//!   its writer);
+//! * no lost diff: at the end every home's copy holds the last value
+//!   written to each of its words;
+//! * no deadlock: a state with nothing left to do has every program done,
+//!   every rank quiescent and no message in flight.
+
+// A test reports failure by panicking: unwrap is its assertion.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashSet, VecDeque};
+
+use dsm_core::coherence::release::Release;
+use dsm_core::coherence::Action;
+use dsm_core::proto::{DiffRun, Msg, Payload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Op {
+    /// Read word `.1` of page `.0`.
+    Read(usize, usize),
+    /// Write word `.1` of page `.0` (a value unique to this op).
+    Write(usize, usize),
+    /// A barrier: release, wait for every rank, acquire.
+    Barrier,
+}
+
+/// A message in flight, with the words it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum M {
+    ReadReq(usize),
+    Grant(usize, Vec<u64>),
+    /// page, (word, value) changed
+    Diff(usize, Vec<(usize, u64)>),
+    DiffAck(usize),
+}
+
+/// Where a rank is in a barrier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum InBarrier {
+    No,
+    /// Released: waits for its acknowledgements.
+    Releasing,
+    /// Its release is done: waits for the others.
+    Arrived,
+}
+
+/// A rank's mapped copy of a page: its words, and whether it is writable.
+type Mapped = Option<(Vec<u64>, bool)>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct World {
+    nodes: Vec<Release>,
+    /// Index `from * n + to`.
+    links: Vec<VecDeque<M>>,
+    /// Each rank's mapped copy of each page homed elsewhere, and whether
+    /// it is writable.
+    mem: Vec<Vec<Mapped>>,
+    twin: Vec<Vec<Option<Vec<u64>>>>,
+    /// The homes' copies (a home reads and writes its own in place).
+    master: Vec<Vec<u64>>,
+    pc: Vec<usize>,
+    barrier: Vec<InBarrier>,
+    /// Extra read faults still allowed (bounds the state space).
+    extra_faults_left: usize,
+}
+
+struct Model {
+    n: usize,
+    pages: usize,
+    words: usize,
+    /// Page p is homed at `homes[p]`.
+    homes: Vec<usize>,
+    programs: Vec<Vec<Op>>,
+    extra_faults: usize,
+}
+
+impl Model {
+    fn value(rank: usize, pc: usize) -> u64 {
+        (rank as u64 + 1) * 1000 + pc as u64 + 1
+    }
+
+    fn epoch_of(&self, rank: usize, pc: usize) -> usize {
+        self.programs[rank][..pc]
+            .iter()
+            .filter(|op| **op == Op::Barrier)
+            .count()
+    }
+
+    /// What sequential consistency gives the read at `pc` of `rank` (the
+    /// programs being race-free, see the module documentation).
+    fn expected(&self, rank: usize, pc: usize) -> u64 {
+        let Op::Read(page, word) = self.programs[rank][pc] else {
+            unreachable!("a read")
+        };
+        let epoch = self.epoch_of(rank, pc);
+        // Its own write since the last barrier.
+        let own = (0..pc)
+            .rev()
+            .take_while(|&i| self.programs[rank][i] != Op::Barrier);
+        for i in own {
+            if self.programs[rank][i] == Op::Write(page, word) {
+                return Model::value(rank, i);
+            }
+        }
+        self.last_write_before(page, word, epoch)
+    }
+
+    /// The last value written to the word in epochs before `epoch` (0 if
+    /// none): in the latest such epoch, by its one writer, its last write.
+    fn last_write_before(&self, page: usize, word: usize, epoch: usize) -> u64 {
+        let mut best: Option<(usize, u64)> = None;
+        for (r, program) in self.programs.iter().enumerate() {
+            for (i, op) in program.iter().enumerate() {
+                let e = self.epoch_of(r, i);
+                if *op == Op::Write(page, word) && e < epoch && best.is_none_or(|(be, _)| e >= be) {
+                    best = Some((e, Model::value(r, i)));
+                }
+            }
+        }
+        best.map_or(0, |(_, v)| v)
+    }
+
+    fn initial(&self) -> World {
+        World {
+            nodes: (0..self.n)
+                .map(|r| {
+                    let mut node = Release::new(r, self.n, self.pages);
+                    for (p, &h) in self.homes.iter().enumerate() {
+                        node.set_home(p..p + 1, h);
+                    }
+                    node
+                })
+                .collect(),
+            links: vec![VecDeque::new(); self.n * self.n],
+            mem: vec![vec![None; self.pages]; self.n],
+            twin: vec![vec![None; self.pages]; self.n],
+            master: vec![vec![0; self.words]; self.pages],
+            pc: vec![0; self.n],
+            barrier: vec![InBarrier::No; self.n],
+            extra_faults_left: self.extra_faults,
+        }
+    }
+
+    /// Carries out `actions` of `rank`; `carried` is what the message being
+    /// handled carries (a grant's words, a diff's changes).
+    fn apply(
+        &self,
+        w: &mut World,
+        rank: usize,
+        actions: Vec<Action>,
+        carried: &M,
+    ) -> Result<(), String> {
+        let n = self.n;
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => {
+                    let m = match msg {
+                        Msg::ReadReq { page } => M::ReadReq(page as usize),
+                        Msg::DiffAck { page } => M::DiffAck(page as usize),
+                        other => return Err(format!("rank {rank} sends {other:?}")),
+                    };
+                    w.links[rank * n + to].push_back(m);
+                }
+                Action::GrantFromBacking {
+                    to,
+                    page,
+                    write: false,
+                } => {
+                    let words = w.master[page].clone();
+                    w.links[rank * n + to].push_back(M::Grant(page, words));
+                }
+                Action::Install {
+                    page,
+                    writable: false,
+                } => {
+                    let M::Grant(p, words) = carried else {
+                        return Err(format!("rank {rank} installs page {page} without a grant"));
+                    };
+                    if *p != page || w.mem[rank][page].is_some() {
+                        return Err(format!("rank {rank} installs page {page} wrongly"));
+                    }
+                    w.mem[rank][page] = Some((words.clone(), false));
+                }
+                Action::InstallZero { page } => {
+                    if self.homes[page] != rank {
+                        return Err(format!("rank {rank} maps page {page} as its home"));
+                    }
+                }
+                Action::TakeTwin { page } => {
+                    let (words, _) = w.mem[rank][page]
+                        .clone()
+                        .ok_or(format!("rank {rank} twins page {page} it does not hold"))?;
+                    w.twin[rank][page] = Some(words);
+                }
+                Action::MakeWritable { page } => {
+                    let copy = w.mem[rank][page].as_mut().ok_or(format!(
+                        "rank {rank} unprotects page {page} it does not hold"
+                    ))?;
+                    if w.twin[rank][page].is_none() {
+                        return Err(format!("rank {rank} unprotects page {page} without a twin"));
+                    }
+                    copy.1 = true;
+                }
+                Action::SendDiff { to, page } => {
+                    let copy = w.mem[rank][page]
+                        .as_mut()
+                        .ok_or(format!("rank {rank} diffs page {page} it does not hold"))?;
+                    copy.1 = false;
+                    let twin = w.twin[rank][page]
+                        .take()
+                        .ok_or(format!("rank {rank} diffs page {page} without a twin"))?;
+                    let changed = (0..self.words)
+                        .filter(|&i| copy.0[i] != twin[i])
+                        .map(|i| (i, copy.0[i]))
+                        .collect();
+                    w.links[rank * n + to].push_back(M::Diff(page, changed));
+                }
+                Action::ApplyDiff { page } => {
+                    let M::Diff(p, changed) = carried else {
+                        return Err(format!(
+                            "rank {rank} applies a diff of page {page} it was not sent"
+                        ));
+                    };
+                    if *p != page || self.homes[page] != rank {
+                        return Err(format!("rank {rank} applies a diff of page {page} wrongly"));
+                    }
+                    for &(i, v) in changed {
+                        w.master[page][i] = v;
+                    }
+                }
+                Action::DropPage { page } => {
+                    if w.twin[rank][page].is_some() {
+                        return Err(format!(
+                            "rank {rank} drops page {page} with its twin (lost writes)"
+                        ));
+                    }
+                    w.mem[rank][page] = None;
+                }
+                Action::Released => {
+                    if w.barrier[rank] != InBarrier::Releasing {
+                        return Err(format!("rank {rank}: a release done it did not start"));
+                    }
+                    w.barrier[rank] = InBarrier::Arrived;
+                }
+                Action::Wake { .. } => {}
+                other => return Err(format!("release protocol emitted {other:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads (or writes) the word if this rank's mapping allows it.
+    fn access(
+        &self,
+        w: &mut World,
+        rank: usize,
+        page: usize,
+        word: usize,
+        write: Option<u64>,
+    ) -> Option<u64> {
+        if self.homes[page] == rank {
+            if let Some(v) = write {
+                w.master[page][word] = v;
+            }
+            return Some(w.master[page][word]);
+        }
+        let (words, writable) = w.mem[rank][page].as_mut()?;
+        match write {
+            Some(_) if !*writable => None,
+            Some(v) => {
+                words[word] = v;
+                Some(v)
+            }
+            None => Some(words[word]),
+        }
+    }
+
+    /// Every successor of `w`, or the first error found.
+    fn successors(&self, w: &World) -> Result<Vec<World>, String> {
+        let n = self.n;
+        let mut next = Vec::new();
+        for rank in 0..n {
+            let pc = w.pc[rank];
+            match self.programs[rank].get(pc).copied() {
+                None => {}
+                Some(Op::Barrier) => match w.barrier[rank] {
+                    InBarrier::No => {
+                        let mut s = w.clone();
+                        s.barrier[rank] = InBarrier::Releasing;
+                        let actions = s.nodes[rank].release().map_err(|e| e.to_string())?;
+                        self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                        next.push(s);
+                    }
+                    InBarrier::Releasing => {}
+                    InBarrier::Arrived => {
+                        // Every rank arrived at this barrier (or went past it).
+                        let epoch = self.epoch_of(rank, pc);
+                        let all = (0..n).all(|r| {
+                            w.barrier[r] == InBarrier::Arrived && self.epoch_of(r, w.pc[r]) == epoch
+                                || self.epoch_of(r, w.pc[r]) > epoch
+                        });
+                        if all {
+                            let mut s = w.clone();
+                            let actions = s.nodes[rank].acquire().map_err(|e| e.to_string())?;
+                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            s.barrier[rank] = InBarrier::No;
+                            s.pc[rank] += 1;
+                            next.push(s);
+                        }
+                    }
+                },
+                Some(op @ (Op::Read(page, word) | Op::Write(page, word))) => {
+                    let mut s = w.clone();
+                    let write = matches!(op, Op::Write(..)).then(|| Model::value(rank, pc));
+                    match self.access(&mut s, rank, page, word, write) {
+                        Some(v) => {
+                            if write.is_none() && v != self.expected(rank, pc) {
+                                return Err(format!(
+                                    "rank {rank} op {pc} {op:?} read {v}, sequential consistency gives {}",
+                                    self.expected(rank, pc)
+                                ));
+                            }
+                            s.pc[rank] += 1;
+                            next.push(s);
+                        }
+                        None => {
+                            let actions = s.nodes[rank]
+                                .on_fault(page, write.is_some())
+                                .map_err(|e| e.to_string())?;
+                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            if s != *w {
+                                next.push(s);
+                            }
+                        }
+                    }
+                }
+            }
+            // Another thread of this rank reads a page homed elsewhere.
+            if w.extra_faults_left > 0 {
+                for page in (0..self.pages).filter(|&p| self.homes[p] != rank) {
+                    if w.mem[rank][page].is_none() {
+                        let mut s = w.clone();
+                        s.extra_faults_left -= 1;
+                        let actions = s.nodes[rank]
+                            .on_fault(page, false)
+                            .map_err(|e| e.to_string())?;
+                        self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                        next.push(s);
+                    }
+                }
+            }
+        }
+        // Deliveries: the head of each link.
+        for from in 0..n {
+            for to in 0..n {
+                let Some(m) = w.links[from * n + to].front().cloned() else {
+                    continue;
+                };
+                let mut s = w.clone();
+                s.links[from * n + to].pop_front();
+                let msg = match &m {
+                    M::ReadReq(p) => Msg::ReadReq { page: *p as u64 },
+                    M::Grant(p, _) => Msg::Grant {
+                        page: *p as u64,
+                        write: false,
+                        payload: Payload::Zero,
+                    },
+                    M::Diff(p, changed) => Msg::Diff {
+                        page: *p as u64,
+                        runs: changed
+                            .iter()
+                            .map(|&(i, v)| DiffRun {
+                                first_word: i as u16,
+                                words: vec![v],
+                            })
+                            .collect(),
+                    },
+                    M::DiffAck(p) => Msg::DiffAck { page: *p as u64 },
+                };
+                let actions = s.nodes[to]
+                    .on_message(from, &msg)
+                    .map_err(|e| format!("rank {to} handling {m:?} from {from}: {e}"))?;
+                self.apply(&mut s, to, actions, &m)?;
+                next.push(s);
+            }
+        }
+        Ok(next)
+    }
+
+    fn finished(&self, w: &World) -> Result<(), String> {
+        let done = (0..self.n).all(|r| w.pc[r] == self.programs[r].len());
+        if !done || !w.nodes.iter().all(Release::quiescent) || w.links.iter().any(|l| !l.is_empty())
+        {
+            return Err(format!("stuck: {w:?}"));
+        }
+        let end = self
+            .programs
+            .iter()
+            .map(|p| p.iter().filter(|op| **op == Op::Barrier).count())
+            .max()
+            .unwrap_or(0);
+        for page in 0..self.pages {
+            for word in 0..self.words {
+                let want = self.last_write_before(page, word, end + 1);
+                if w.master[page][word] != want {
+                    return Err(format!(
+                        "lost write: page {page} word {word} holds {} at its home, last written {want}",
+                        w.master[page][word]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Explores every reachable state; returns how many.
+    fn run(&self) -> usize {
+        let start = self.initial();
+        let mut seen = HashSet::new();
+        let mut queue = VecDeque::from([start.clone()]);
+        seen.insert(start);
+        while let Some(w) = queue.pop_front() {
+            let next = self
+                .successors(&w)
+                .unwrap_or_else(|e| panic!("{e}\nin {w:?}"));
+            if next.is_empty() {
+                self.finished(&w).unwrap();
+            }
+            for s in next {
+                if seen.insert(s.clone()) {
+                    queue.push_back(s);
+                }
+            }
+        }
+        seen.len()
+    }
+}
+
+use Op::{Barrier, Read, Write};
+
+#[test]
+fn two_writers_of_one_page_homed_at_a_third_rank_lose_no_word() {
+    // Ranks 0 and 1 write their own words of page 0 (homed at rank 2) at
+    // once; after the barrier each reads and overwrites the other's word;
+    // after the next, everyone reads both.
+    let model = Model {
+        n: 3,
+        pages: 1,
+        words: 2,
+        homes: vec![2],
+        programs: vec![
+            vec![
+                Write(0, 0),
+                Barrier,
+                Read(0, 1),
+                Write(0, 1),
+                Barrier,
+                Read(0, 0),
+                Read(0, 1),
+            ],
+            vec![
+                Write(0, 1),
+                Barrier,
+                Read(0, 0),
+                Write(0, 0),
+                Barrier,
+                Read(0, 0),
+                Read(0, 1),
+            ],
+            vec![Barrier, Barrier, Read(0, 0), Read(0, 1)],
+        ],
+        extra_faults: 0,
+    };
+    let states = model.run();
+    assert!(states > 100, "{states} states");
+}
+
+#[test]
+fn the_home_writes_its_own_page_beside_a_remote_writer() {
+    let model = Model {
+        n: 2,
+        pages: 1,
+        words: 2,
+        homes: vec![0],
+        programs: vec![
+            vec![
+                Write(0, 0),
+                Barrier,
+                Read(0, 1),
+                Write(0, 1),
+                Barrier,
+                Read(0, 0),
+            ],
+            vec![
+                Read(0, 1),
+                Write(0, 1),
+                Barrier,
+                Read(0, 0),
+                Write(0, 0),
+                Barrier,
+                Read(0, 1),
+            ],
+        ],
+        extra_faults: 0,
+    };
+    model.run();
+}
+
+#[test]
+fn fetches_by_other_threads_across_barriers_never_leave_stale_words() {
+    // Extra read faults may be in flight across a barrier: a grant sent
+    // before the writer's diff arrived must not be read after it.
+    let model = Model {
+        n: 3,
+        pages: 2,
+        words: 2,
+        homes: vec![2, 0],
+        programs: vec![
+            vec![
+                Write(0, 0),
+                Write(1, 0),
+                Barrier,
+                Read(0, 1),
+                Barrier,
+                Read(1, 1),
+            ],
+            vec![
+                Write(0, 1),
+                Barrier,
+                Read(0, 0),
+                Read(1, 0),
+                Write(1, 1),
+                Barrier,
+            ],
+            vec![Barrier, Barrier, Read(0, 0), Read(0, 1)],
+        ],
+        extra_faults: 2,
+    };
+    let states = model.run();
+    assert!(states > 1000, "{states} states");
+}
