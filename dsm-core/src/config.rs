@@ -5,6 +5,8 @@ use std::time::Duration;
 
 /// Bytes of a page: the unit of coherence and of transfer.
 pub const PAGE_SIZE: usize = 4096;
+/// 8-byte words in a page: the unit of a release-consistent diff.
+pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
 /// The seed's base address of the shared space.
 pub const DEFAULT_BASE: usize = 0x4000_0000;
 /// The seed's 100 pages.

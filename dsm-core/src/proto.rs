@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::config::PAGE_SIZE;
+use crate::config::{PAGE_SIZE, PAGE_WORDS};
 use crate::Rank;
 
 const REQUEST: u8 = 1;
@@ -55,8 +55,6 @@ const FOUND_SEGMENT: u8 = 35;
 /// acknowledgement (see [`crate::coherence::release`]).
 const DIFF: u8 = 36;
 const DIFF_ACK: u8 = 37;
-/// 8-byte words in a page: diffs count in words.
-const PAGE_WORDS: usize = PAGE_SIZE / 8;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.

@@ -9,11 +9,12 @@
 //! * [`migratory::Migratory`]: the seed's single-owner protocol.
 //! * [`release::Release`]: release consistency with multiple writers
 //!   (twins and diffs), for false sharing; model-checked, not yet run by
-//!   the engine.
+//!   the engine; [`twin`]: its twins and diffs of page words.
 
 pub mod migratory;
 pub mod mrsw;
 pub mod release;
+pub mod twin;
 
 pub use migratory::Migratory;
 pub use mrsw::Mrsw;
