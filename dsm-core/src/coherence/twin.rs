@@ -55,22 +55,18 @@ pub fn take_twin(page: &[AtomicU64]) -> Result<Twin, DiffError> {
 pub fn diff(page: &[AtomicU64], twin: &[u64; PAGE_WORDS]) -> Result<Vec<DiffRun>, DiffError> {
     check_page(page)?;
     let mut runs: Vec<DiffRun> = Vec::new();
-    let mut open = false;
     for (i, (w, t)) in page.iter().zip(twin.iter()).enumerate() {
         let now = w.load(Relaxed);
         if now == *t {
-            open = false;
             continue;
         }
         match runs.last_mut() {
-            Some(run) if open => run.words.push(now),
-            _ => {
-                runs.push(DiffRun {
-                    first_word: i as u16,
-                    words: vec![now],
-                });
-                open = true;
-            }
+            // The last run ends right before this word: it grows.
+            Some(run) if run.first_word as usize + run.words.len() == i => run.words.push(now),
+            _ => runs.push(DiffRun {
+                first_word: i as u16,
+                words: vec![now],
+            }),
         }
     }
     Ok(runs)

@@ -33,7 +33,7 @@ impl Engine {
                 self.barrier_epoch
             ),
             WaitFor::Lock(lock) => {
-                format!("lock {lock} (managed at rank {})", lock % self.size as u64)
+                format!("lock {lock} (managed at rank {})", self.lock_home(lock))
             }
             WaitFor::Free(segment) => format!("the collective free of segment {segment}"),
         }
@@ -62,7 +62,7 @@ impl Engine {
         for lock in locks {
             lines.push(format!(
                 "lock {lock} requested from rank {}, not granted yet",
-                lock % self.size as u64
+                self.lock_home(lock)
             ));
         }
         if self.barrier_waiter.is_some() {

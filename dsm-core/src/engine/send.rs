@@ -122,19 +122,15 @@ impl Engine {
     /// transport takes without waiting. True when the engine thread must
     /// send the rest (messages left queued, or one left part-written).
     pub(super) fn try_flush(&mut self) -> Result<bool, DsmError> {
-        if self.out.is_empty() {
+        let turn = Arc::clone(&self.send_turn);
+        let held = if self.out.is_empty() {
             // Only a message left part-written may wait: the engine
             // thread's (woken for it) unless the turn is free now.
-            let Ok(_turn) = self.send_turn.try_lock() else {
-                return Ok(false);
-            };
-            let batches = self.out.batches;
-            let started = self.out.try_flush(&*self.transport, &self.faults)?;
-            Stats::add(&self.stats.batches_sent, self.out.batches - batches);
-            return Ok(started);
-        }
-        let turn = Arc::clone(&self.send_turn);
-        let Some(_turn) = claim_turn(&turn, &self.output_left) else {
+            turn.try_lock().ok()
+        } else {
+            claim_turn(&turn, &self.output_left)
+        };
+        let Some(_turn) = held else {
             return Ok(false); // the holder sends it
         };
         debug_assert!(self

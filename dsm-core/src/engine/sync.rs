@@ -71,7 +71,8 @@ impl Engine {
         );
     }
 
-    fn lock_home(&self, lock: u64) -> Rank {
+    /// The rank that queues `lock`'s requests.
+    pub(super) fn lock_home(&self, lock: u64) -> Rank {
         (lock % self.size as u64) as Rank
     }
 
