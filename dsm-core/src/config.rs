@@ -27,6 +27,11 @@ pub enum Protocol {
     /// The seed's protocol: one owner per page, the page moves to whoever
     /// touches it (read or write); requests follow probable-owner hints.
     Migratory,
+    /// Release consistency with multiple writers (twins and diffs, see
+    /// [`crate::coherence::release`]): ranks write disjoint words of one
+    /// page at once, and their writes reach the page's home at the next
+    /// barrier or unlock.
+    Release,
 }
 
 /// Which CPU the fault engine and the rank's other service threads (fault
@@ -286,7 +291,7 @@ impl Config {
     /// | --- | --- | --- |
     /// | `DSM_BASE` | base address (hex `0x...` or decimal) | `0x40000000` |
     /// | `DSM_SPACE_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
-    /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent) or `migratory` (the seed's) | `mrsw` |
+    /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent), `release` (release consistency, multiple writers per page) or `migratory` (the seed's) | `mrsw` |
     /// | `DSM_ENGINE_CPU` | CPU of the engine and the other service threads: `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
@@ -332,11 +337,12 @@ impl Config {
             self.protocol = match v.trim().to_ascii_lowercase().as_str() {
                 "mrsw" | "sc" => Protocol::Mrsw,
                 "migratory" | "seed" => Protocol::Migratory,
+                "release" | "rc" => Protocol::Release,
                 _ => {
                     return Err(err(
                         "DSM_PROTOCOL",
                         &v,
-                        "expected mrsw (the default) or migratory",
+                        "expected mrsw (the default), release or migratory",
                     ))
                 }
             };

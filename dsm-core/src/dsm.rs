@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
+use crate::coherence::release::Release;
 use crate::coherence::{Migratory, Mrsw};
 use crate::config::{Config, FaultDelivery, Protocol, SpaceBacking, StatsOutput, PAGE_SIZE};
 use crate::engine::{self, Engine, Input, Node, Reply};
@@ -161,8 +162,9 @@ impl Dsm {
                 let ram = crate::memory::node_total().map_or(u64::MAX, |(ram, _)| ram);
                 config.cache.resolve(ram, local_ranks)
             }
-            // Nothing is evicted under the seed's protocol.
-            Protocol::Migratory => None,
+            // Nothing is evicted under the seed's protocol; release
+            // consistency drops copies at each acquire, and evicts nothing.
+            Protocol::Migratory | Protocol::Release => None,
         };
         if let (Some(cache), Some((ram, swap))) = (cache_bytes, crate::memory::node_total()) {
             let need = cache as u64 * local_ranks.max(1) as u64;
@@ -198,6 +200,7 @@ impl Dsm {
                 region.pages(),
                 config.min_hold.as_nanos() as u64,
             )),
+            Protocol::Release => Node::Release(Release::new(rank, size, region.pages())),
         };
         let cpu = config.engine_cpu.for_rank(rank);
         let service_sched = config.service_sched;

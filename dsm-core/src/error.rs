@@ -3,6 +3,7 @@
 //! depending on the API's module.
 
 use crate::bootstrap::BootstrapError;
+use crate::coherence::twin::DiffError;
 use crate::coherence::CoherenceError;
 use crate::config::ConfigError;
 use crate::fault::FaultError;
@@ -27,6 +28,9 @@ pub enum DsmError {
     /// The coherence protocol met an event its state forbids.
     #[error("coherence: {0}")]
     Coherence(#[from] CoherenceError),
+    /// A diff that does not fit a page (release consistency).
+    #[error("diff: {0}")]
+    Diff(#[from] DiffError),
     /// A peer sent a message this rank's state forbids.
     #[error("protocol violation: {0}")]
     Protocol(String),

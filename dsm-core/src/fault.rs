@@ -1372,6 +1372,20 @@ impl FaultHandler {
         unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE_SIZE) }
     }
 
+    /// The words of a present page, read and written in place as atomics
+    /// (the release-consistent protocol's twins, diffs, and a home's
+    /// master copy that its own threads write meanwhile). The caller
+    /// guarantees the page is present: an access to a missing page would
+    /// wait for the engine that makes it.
+    pub fn page_words(&self, page: usize) -> &[AtomicU64] {
+        let addr = self.addr(page);
+        // SAFETY: the page lies in the region, which stays mapped while
+        // the handler lives (the borrow ties the slice to it); it is
+        // page-aligned, so 8-byte aligned; atomics allow the application's
+        // threads to read and write the same words meanwhile.
+        unsafe { std::slice::from_raw_parts(addr as *const AtomicU64, PAGE_SIZE / 8) }
+    }
+
     /// Takes the page away from this process: writes are stopped first
     /// (write-protect), then the contents are copied into `out`, then the
     /// page is dropped so the next access faults again.

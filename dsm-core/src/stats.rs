@@ -55,6 +55,10 @@ pub struct Stats {
     pub bytes_written_back: AtomicU64,
     /// Most bytes of pages homed elsewhere held at once.
     pub peak_cached_bytes: AtomicU64,
+    /// Diffs of dirty copies sent to their homes (release consistency).
+    pub diffs_sent: AtomicU64,
+    /// Words those diffs carried.
+    pub diff_words_sent: AtomicU64,
     /// Pages sent to each rank (the job's traffic matrix is every rank's row).
     pages_sent_to: Box<[AtomicU64]>,
     /// Remote fault latencies by power-of-two bucket (`LATENCY_BUCKETS`).
@@ -108,6 +112,12 @@ pub struct StatsSnapshot {
     pub evictions_clean: u64,
     /// Writable copies given back to their home to bound the cache.
     pub evictions_written_back: u64,
+    /// Diffs of dirty copies sent to their homes (release consistency).
+    #[serde(default)]
+    pub diffs_sent: u64,
+    /// Words those diffs carried.
+    #[serde(default)]
+    pub diff_words_sent: u64,
     /// Bytes of those write-backs.
     pub bytes_written_back: u64,
     /// Most bytes of pages homed elsewhere held at once.
@@ -218,6 +228,8 @@ impl Stats {
             evictions_written_back: get(&self.evictions_written_back),
             bytes_written_back: get(&self.bytes_written_back),
             peak_cached_bytes: get(&self.peak_cached_bytes),
+            diffs_sent: get(&self.diffs_sent),
+            diff_words_sent: get(&self.diff_words_sent),
             fault_latency_p50: pct(0.5),
             fault_latency_p90: pct(0.9),
             fault_latency_p99: pct(0.99),
@@ -265,7 +277,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} populated {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} populated {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -286,6 +298,8 @@ impl std::fmt::Display for StatsSnapshot {
             self.evictions_written_back,
             self.bytes_written_back,
             self.peak_cached_bytes,
+            self.diffs_sent,
+            self.diff_words_sent,
             us(self.fault_latency_p50),
             us(self.fault_latency_p90),
             us(self.fault_latency_p99),

@@ -89,6 +89,11 @@ pub struct Release {
     held: BTreeSet<usize>,
     /// Pages with a twin (dirty copies), in page order.
     dirty: BTreeSet<usize>,
+    /// Pages whose diffs were sent since the last acquire: the next
+    /// acquire asks their homes for them again at once (an iterative
+    /// program writes the same pages every step), one round trip for all
+    /// instead of one fault after another.
+    written: BTreeSet<usize>,
     releasing: Releasing,
 }
 
@@ -106,6 +111,7 @@ impl Release {
             mapped_here: BTreeSet::new(),
             held: BTreeSet::new(),
             dirty: BTreeSet::new(),
+            written: BTreeSet::new(),
             releasing: Releasing::default(),
         }
     }
@@ -136,6 +142,17 @@ impl Release {
     /// This rank's copy of `page` (homed elsewhere).
     pub fn copy_of(&self, page: usize) -> Option<RcCopy> {
         self.local.get(page).copied()
+    }
+
+    /// True when `page`, homed here, is mapped here (its master copy holds
+    /// bytes); false: it is all zeros.
+    pub fn mapped_here(&self, page: usize) -> bool {
+        self.mapped_here.contains(&page)
+    }
+
+    /// Pages homed elsewhere held or being fetched here.
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     /// Pages holding writes not yet sent to their homes.
@@ -246,17 +263,22 @@ impl Release {
                 page,
                 write: false,
                 ref payload,
-            } if !matches!(payload, Payload::Upgrade) => self.on_grant(from, page as usize),
+            } if !matches!(payload, Payload::Upgrade) => self.on_read_grant(from, page as usize),
             Msg::Diff { page, .. } => {
                 let page = self.page_homed_here(page, from, "a diff")?;
-                self.mapped_here.insert(page);
-                Ok(vec![
+                let mut actions = Vec::with_capacity(3);
+                if self.mapped_here.insert(page) {
+                    // Never touched here: mapped (zeros) to take the words.
+                    actions.push(Action::InstallZero { page });
+                }
+                actions.extend([
                     Action::ApplyDiff { page },
                     Action::Send {
                         to: from,
                         msg: Msg::DiffAck { page: page as u64 },
                     },
-                ])
+                ]);
+                Ok(actions)
             }
             Msg::DiffAck { page } => {
                 if self.releasing.acks_due == 0 || self.home_of(page as usize) != from {
@@ -291,7 +313,9 @@ impl Release {
         Ok(page)
     }
 
-    fn on_grant(&mut self, from: Rank, page: usize) -> Actions {
+    /// The home's grant of a copy of `page` (its bytes travel beside:
+    /// the state machine does not need them).
+    pub fn on_read_grant(&mut self, from: Rank, page: usize) -> Actions {
         self.check(page)?;
         let copy = self.copy_of(page).unwrap_or(RcCopy::Invalid);
         let RcCopy::Fetching { write, stale } = copy else {
@@ -352,6 +376,7 @@ impl Release {
             if let Some(c) = self.local.get_mut(page) {
                 *c = RcCopy::Clean;
             }
+            self.written.insert(page);
             actions.push(Action::SendDiff {
                 to: self.home_of(page),
                 page,
@@ -372,36 +397,52 @@ impl Release {
         }
     }
 
-    /// An acquire (after a lock grant, a barrier's release): every copy of
-    /// a page homed elsewhere is dropped; a fetch in flight is asked again
-    /// when its grant arrives. It follows a completed release, so no copy is
-    /// dirty.
+    /// An acquire (after a lock grant, a barrier's release): every clean
+    /// copy of a page homed elsewhere is dropped, and those this rank wrote
+    /// since the last acquire are asked for again at once; a fetch in
+    /// flight is asked again when its grant arrives. It follows a completed release, so a
+    /// dirty copy is one another thread of this rank wrote since: it is
+    /// kept (dropping it would lose those writes), and its other words may
+    /// stay as old as the copy until the next acquire after its release.
     pub fn acquire(&mut self) -> Actions {
-        if self.releasing.waiting || !self.dirty.is_empty() {
+        if self.releasing.waiting {
             return Err(CoherenceError::Unexpected {
-                page: self.dirty.first().copied().unwrap_or(0),
+                page: 0,
                 from: self.rank,
                 what: "an acquire before its release completed",
             });
         }
         let mut actions = Vec::new();
-        for page in std::mem::take(&mut self.held) {
+        let mut refetch = Vec::new();
+        let held = std::mem::take(&mut self.held);
+        let written = std::mem::take(&mut self.written);
+        for page in held {
             match self.copy_of(page) {
                 Some(RcCopy::Fetching { write, .. }) => {
-                    self.held.insert(page);
-                    if let Some(c) = self.local.get_mut(page) {
-                        *c = RcCopy::Fetching { write, stale: true };
-                    }
+                    self.set(page, RcCopy::Fetching { write, stale: true });
+                }
+                Some(RcCopy::Clean) if written.contains(&page) => {
+                    let fetching = RcCopy::Fetching {
+                        write: false,
+                        stale: false,
+                    };
+                    self.set(page, fetching);
+                    actions.push(Action::DropPage { page });
+                    refetch.push(Action::Send {
+                        to: self.home_of(page),
+                        msg: Msg::ReadReq { page: page as u64 },
+                    });
                 }
                 Some(RcCopy::Clean) => {
-                    if let Some(c) = self.local.get_mut(page) {
-                        *c = RcCopy::Invalid;
-                    }
+                    self.set(page, RcCopy::Invalid);
                     actions.push(Action::DropPage { page });
                 }
-                _ => {}
+                Some(RcCopy::Dirty) => self.set(page, RcCopy::Dirty),
+                Some(RcCopy::Invalid) | None => {}
             }
         }
+        // Every drop first: the requests leave after them.
+        actions.extend(refetch);
         Ok(actions)
     }
 
@@ -456,6 +497,22 @@ mod tests {
         );
         assert!(a.quiescent());
         assert_eq!(a.copy_of(0), Some(RcCopy::Clean));
+        // Written since the last acquire: dropped and asked for again.
+        assert_eq!(
+            a.acquire().unwrap(),
+            vec![
+                Action::DropPage { page: 0 },
+                Action::Send {
+                    to: 0,
+                    msg: Msg::ReadReq { page: 0 }
+                }
+            ]
+        );
+        assert!(!a.quiescent());
+        a.on_message(0, &grant(0)).unwrap();
+        assert_eq!(a.copy_of(0), Some(RcCopy::Clean));
+        // Not written since: only dropped.
+        assert_eq!(a.release().unwrap(), vec![Action::Released]);
         assert_eq!(a.acquire().unwrap(), vec![Action::DropPage { page: 0 }]);
     }
 
@@ -469,6 +526,8 @@ mod tests {
         assert_eq!(
             home.on_message(1, &diff).unwrap(),
             vec![
+                // Never touched at its home: mapped first.
+                Action::InstallZero { page: 0 },
                 Action::ApplyDiff { page: 0 },
                 Action::Send {
                     to: 1,
@@ -476,6 +535,8 @@ mod tests {
                 }
             ]
         );
+        assert!(home.mapped_here(0));
+        assert_eq!(home.on_message(1, &diff).unwrap().len(), 2);
         // Not its page: a protocol error, not a silent write.
         assert!(home
             .on_message(

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::config::PAGE_WORDS;
+use crate::config::{PAGE_SIZE, PAGE_WORDS};
 use crate::proto::DiffRun;
 
 /// A page's words as they were when it was made writable.
@@ -87,6 +87,16 @@ pub fn apply(page: &[AtomicU64], runs: &[DiffRun]) -> Result<(), DiffError> {
         for (w, v) in target.iter().zip(&run.words) {
             w.store(*v, Relaxed);
         }
+    }
+    Ok(())
+}
+
+/// Copies `page`'s words into `out`, each whole (a home's master copy
+/// granted while its own threads may write it).
+pub fn copy_words(page: &[AtomicU64], out: &mut [u8; PAGE_SIZE]) -> Result<(), DiffError> {
+    check_page(page)?;
+    for (bytes, w) in out.chunks_exact_mut(8).zip(page) {
+        bytes.copy_from_slice(&w.load(Relaxed).to_ne_bytes());
     }
     Ok(())
 }

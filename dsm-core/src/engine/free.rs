@@ -99,10 +99,19 @@ impl Engine {
             let _ = reply.send(Err(DsmError::Segment(why)));
             Ok(())
         };
-        if !matches!(self.node, Node::Mrsw(_)) {
-            return refuse(
-                "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)".into(),
-            );
+        match self.node {
+            Node::Mrsw(_) => {}
+            Node::Release(_) => {
+                return refuse(
+                    "freeing a segment needs the multi-reader protocol (DSM_PROTOCOL=mrsw, the default): under DSM_PROTOCOL=release segments live until the job ends".into(),
+                )
+            }
+            Node::Migratory(_) => {
+                return refuse(
+                    "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
+                        .into(),
+                )
+            }
         }
         if segment.id == 0 {
             return refuse(format!(
@@ -197,7 +206,7 @@ impl Engine {
         let released = pages.into_iter().try_for_each(|page| {
             let actions = self.counted(|node| match node {
                 Node::Mrsw(n) => n.release_for_free(page),
-                Node::Migratory(_) => Ok(Vec::new()),
+                Node::Migratory(_) | Node::Release(_) => Ok(Vec::new()),
             })?;
             self.apply(actions, Carried::Nothing)
         });
@@ -237,7 +246,7 @@ impl Engine {
         for page in homed {
             let actions = self.counted(|node| match node {
                 Node::Mrsw(n) => n.reset_home_page(page),
-                Node::Migratory(_) => Ok(Vec::new()),
+                Node::Migratory(_) | Node::Release(_) => Ok(Vec::new()),
             })?;
             self.apply(actions, Carried::Nothing)?;
             self.supersede_home_copy(page);
@@ -383,7 +392,7 @@ impl Engine {
                             .take(4)
                             .map(|p| format!("page {p}: {}", n.describe_page(p)))
                             .collect(),
-                        Node::Migratory(_) => Vec::new(),
+                        Node::Migratory(_) | Node::Release(_) => Vec::new(),
                     };
                     format!(
                         "{what}: waiting for this rank's requests in flight to end ({})",

@@ -300,6 +300,7 @@ impl Engine {
         let actions = match &mut self.node {
             Node::Migratory(n) => n.on_fault(fault.page)?,
             Node::Mrsw(n) => n.on_fault(fault.page, fault.write)?,
+            Node::Release(n) => n.on_fault(fault.page, fault.write)?,
         };
         if actions.iter().any(|a| matches!(a, Action::Send { .. })) {
             self.fetch_started.insert(fault.page, Instant::now());

@@ -110,6 +110,7 @@ impl Engine {
             let page = first + i;
             let actions = match &mut self.node {
                 Node::Mrsw(node) => node.on_read_grant(from, page, now)?,
+                Node::Release(node) => node.on_read_grant(from, page)?,
                 Node::Migratory(_) => {
                     return Err(DsmError::Protocol(format!(
                         "rank {from} sent read grants of the multi-reader protocol, but this rank runs the migratory one"

@@ -75,6 +75,7 @@ impl Engine {
     pub(super) fn cached(&self) -> usize {
         match &self.node {
             Node::Mrsw(n) => n.cached(),
+            Node::Release(n) => n.held(),
             Node::Migratory(_) => 0,
         }
     }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::coherence::release::Release;
+use crate::coherence::twin::Twin;
 use crate::coherence::{Migratory, Mrsw, ProtocolCounters};
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
@@ -120,6 +122,7 @@ pub(crate) enum Input {
 pub(crate) enum Node {
     Migratory(Migratory),
     Mrsw(Mrsw),
+    Release(Release),
 }
 
 impl Node {
@@ -128,6 +131,7 @@ impl Node {
         match self {
             Node::Migratory(_) => None,
             Node::Mrsw(n) => Some(n.home_of(page)),
+            Node::Release(n) => Some(n.home_of(page)),
         }
     }
 
@@ -135,6 +139,7 @@ impl Node {
         match self {
             Node::Migratory(n) => n.counters,
             Node::Mrsw(n) => n.counters,
+            Node::Release(_) => ProtocolCounters::default(),
         }
     }
 }
@@ -233,6 +238,11 @@ pub(crate) struct Engine {
     cache: Cache,
     /// Pages received or stored as home since memory was last checked.
     pages_since_memory_check: usize,
+    /// Release consistency: the twins of this rank's dirty copies.
+    twins: FxHashMap<usize, Twin>,
+    /// Release consistency: synchronizations waiting for a release, in
+    /// order (`sync.rs`); the first one's release is under way.
+    after_release: VecDeque<sync::AfterRelease>,
 }
 
 /// How often the engine thread looks again at a collective free waiting
@@ -252,7 +262,9 @@ fn page_of(msg: &Msg) -> Option<usize> {
         | Msg::Evicted { page }
         | Msg::EvictedWriteBack { page, .. }
         | Msg::Grant { page, .. }
-        | Msg::Denied { page } => Some(*page as usize),
+        | Msg::Denied { page }
+        | Msg::Diff { page, .. }
+        | Msg::DiffAck { page } => Some(*page as usize),
         _ => None,
     }
 }
@@ -314,6 +326,8 @@ impl Engine {
             landings_made: 0,
             cache: Cache::new(pages),
             pages_since_memory_check: 0,
+            twins: FxHashMap::default(),
+            after_release: VecDeque::new(),
         }
     }
 
@@ -427,6 +441,7 @@ impl Engine {
                 let actions = match &mut this.node {
                     Node::Migratory(n) => n.on_tick(Instant::now())?,
                     Node::Mrsw(n) => n.on_tick(now)?,
+                    Node::Release(_) => Vec::new(),
                 };
                 this.apply(actions, Carried::Nothing)?;
             }
@@ -438,14 +453,12 @@ impl Engine {
         match input {
             Input::Failed(e) => Err(e),
             Input::Wake => Ok(()),
-            Input::Barrier(reply) => self.start_barrier(reply),
+            Input::Barrier(reply) => self.synchronize(sync::AfterRelease::Barrier(reply)),
             Input::Lock { lock, reply } => {
-                self.acquire_lock(lock, reply);
-                Ok(())
+                self.synchronize(sync::AfterRelease::Lock { lock, reply })
             }
             Input::Unlock { lock, ticket } => {
-                self.release_lock(lock, ticket);
-                Ok(())
+                self.synchronize(sync::AfterRelease::Unlock { lock, ticket })
             }
             Input::Alloc {
                 pages,
@@ -454,7 +467,7 @@ impl Engine {
                 contents,
                 reply,
             } => {
-                self.ask_rank0_for_segment(reply, contents, |ticket| Msg::AllocReq {
+                self.ask_rank0_for_segment(reply, contents, kind, |ticket| Msg::AllocReq {
                     ticket,
                     pages,
                     kind,
@@ -469,7 +482,7 @@ impl Engine {
                 reply,
             } => {
                 let epoch = self.coalloc_epoch + 1;
-                if self.ask_rank0_for_segment(reply, None, |ticket| Msg::CoAllocReq {
+                if self.ask_rank0_for_segment(reply, None, kind, |ticket| Msg::CoAllocReq {
                     ticket,
                     epoch,
                     pages,
@@ -550,6 +563,7 @@ impl Engine {
             Node::Mrsw(n) => n
                 .next_deadline()
                 .map(|t| self.started + Duration::from_nanos(t)),
+            Node::Release(_) => None,
         }
     }
 

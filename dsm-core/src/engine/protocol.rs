@@ -6,7 +6,7 @@
 //! reused for them.
 
 use super::{Engine, Node};
-use crate::coherence::Action;
+use crate::coherence::{twin, Action};
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
 use crate::outbox::PageSource;
@@ -170,7 +170,7 @@ impl Engine {
                 let now = Instant::now();
                 let actions = self.counted(|node| match node {
                     Node::Migratory(n) => n.on_request(page as usize, requester as usize, now),
-                    Node::Mrsw(_) => Ok(Vec::new()),
+                    Node::Mrsw(_) | Node::Release(_) => Ok(Vec::new()),
                 })?;
                 self.apply(actions, Carried::Nothing)
             }
@@ -178,7 +178,7 @@ impl Engine {
                 let page = page as usize;
                 let actions = match &mut self.node {
                     Node::Migratory(n) => n.on_grant(page, from, Instant::now())?,
-                    Node::Mrsw(_) => Vec::new(),
+                    Node::Mrsw(_) | Node::Release(_) => Vec::new(),
                 };
                 self.received_page(page, wire_len);
                 self.apply(actions, Carried::Msg(&msg))
@@ -187,6 +187,7 @@ impl Engine {
                 let now = self.now();
                 let actions = self.counted(|node| match node {
                     Node::Mrsw(n) => n.on_message(from, &msg, now),
+                    Node::Release(n) => n.on_message(from, &msg),
                     Node::Migratory(_) => Ok(Vec::new()),
                 })?;
                 if let Msg::Grant { page, .. } = msg {
@@ -254,6 +255,62 @@ impl Engine {
             Some(HomeCopy::Bytes(old)) => self.recycle(old),
             Some(HomeCopy::Mapped) | None => {}
         }
+    }
+
+    /// Release consistency, home: grants `to` a copy of `page` from the
+    /// master copy, this rank's mapping (`mapped`), or zeros. Its words
+    /// are copied out as atomics: the home's threads may write the page
+    /// meanwhile (a racy program then reads either value of a word).
+    fn grant_master_copy(&mut self, to: Rank, page: usize, mapped: bool) -> Result<(), DsmError> {
+        if !mapped {
+            let msg = Msg::Grant {
+                page: page as u64,
+                write: false,
+                payload: Payload::Zero,
+            };
+            self.out.send(to, msg.header());
+        } else {
+            let mut data = self.page_buffer();
+            twin::copy_words(self.faults.page_words(page), Arc::make_mut(&mut data))?;
+            self.out.send_read_grant(to, page, PageSource::Bytes(data));
+            Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
+        }
+        self.stats.page_sent(to);
+        Ok(())
+    }
+
+    /// Release consistency: write-protects this rank's dirty copy of
+    /// `page`, so no store lands during the comparison, and sends the
+    /// words that differ from its twin to the home.
+    fn send_diff(&mut self, to: Rank, page: usize) -> Result<(), DsmError> {
+        let Some(twin) = self.twins.remove(&page) else {
+            return Err(DsmError::Protocol(format!(
+                "a diff of page {page}, which has no twin"
+            )));
+        };
+        self.faults.write_protect(page, 1)?;
+        let runs = twin::diff(self.faults.page_words(page), &twin)?;
+        Stats::add(&self.stats.diffs_sent, 1);
+        let words = runs.iter().map(|r| r.words.len() as u64).sum();
+        Stats::add(&self.stats.diff_words_sent, words);
+        let msg = Msg::Diff {
+            page: page as u64,
+            runs,
+        };
+        self.out.send(to, msg.header());
+        Ok(())
+    }
+
+    /// Applies actions outside a batch with their page operations staged
+    /// into runs of consecutive pages, as a batch's are (one system call
+    /// and one TLB shootdown per run); every one is done on return.
+    pub(super) fn apply_in_runs(&mut self, actions: Vec<Action>) -> Result<(), DsmError> {
+        self.run_staged()?;
+        let outer = self.batch_clock.replace(self.now());
+        let applied = self.apply(actions, Carried::Nothing);
+        self.batch_clock = outer;
+        applied?;
+        self.run_staged()
     }
 
     /// Carries out the state machine's actions. `current` is the message
@@ -334,7 +391,7 @@ impl Engine {
                     let rank = self.rank;
                     let actions = self.counted(|node| match node {
                         Node::Mrsw(n) => n.on_write_back(rank, page),
-                        Node::Migratory(_) => Ok(Vec::new()),
+                        Node::Migratory(_) | Node::Release(_) => Ok(Vec::new()),
                     })?;
                     self.apply(actions, Carried::OwnCopy)?;
                 }
@@ -400,6 +457,12 @@ impl Engine {
                 }
                 Action::GrantFromBacking { to, page, write } => {
                     Stats::add(&self.stats.grants_served, 1);
+                    if let Node::Release(node) = &self.node {
+                        // The home's mapping is the master copy.
+                        let mapped = node.mapped_here(page);
+                        self.grant_master_copy(to, page, mapped)?;
+                        continue;
+                    }
                     if !write && to != self.rank && self.home_copy_is_mapped(page) {
                         self.out.send_read_grant(to, page, PageSource::Mapped);
                         Stats::add(&self.stats.bytes_sent, PAGE_SIZE as u64);
@@ -457,16 +520,20 @@ impl Engine {
                     });
                 }
                 Action::Settled { page } => self.settled(page)?,
-                // Only `coherence::Release` asks for these, and no `Node`
-                // runs it yet.
-                other @ (Action::TakeTwin { .. }
-                | Action::SendDiff { .. }
-                | Action::ApplyDiff { .. }
-                | Action::Released) => {
-                    return Err(DsmError::Protocol(format!(
-                        "{other:?} from a protocol the engine does not run"
-                    )))
+                Action::TakeTwin { page } => {
+                    let twin = twin::take_twin(self.faults.page_words(page))?;
+                    self.twins.insert(page, twin);
                 }
+                Action::SendDiff { to, page } => self.send_diff(to, page)?,
+                Action::ApplyDiff { page } => {
+                    let Carried::Msg(Msg::Diff { runs, .. }) = current else {
+                        return Err(DsmError::Protocol(format!(
+                            "a diff of page {page} applied without one"
+                        )));
+                    };
+                    twin::apply(self.faults.page_words(page), runs)?;
+                }
+                Action::Released => self.released()?,
             }
         }
         Ok(())

@@ -56,7 +56,7 @@ impl Engine {
     /// True when `page` is in a heap segment this rank does not know yet:
     /// events about it wait (`park`) until the segment is looked up.
     pub(super) fn segment_unknown(&self, page: usize) -> bool {
-        matches!(self.node, Node::Mrsw(_))
+        matches!(self.node, Node::Mrsw(_) | Node::Release(_))
             && self.registry.in_heap(page)
             && self.registry.find(page).is_none()
     }
@@ -75,12 +75,20 @@ impl Engine {
     pub(super) fn register(&mut self, info: SegmentInfo) {
         self.registry.insert(info);
         let range = info.first_page as usize..(info.first_page + info.pages) as usize;
-        if let Node::Mrsw(node) = &mut self.node {
-            match info.kind {
+        match &mut self.node {
+            Node::Mrsw(node) => match info.kind {
                 1 | 2 | 4 => node.set_home(range, info.rank as Rank),
                 3 => node.set_private(range),
                 _ => {}
-            }
+            },
+            Node::Release(node) => match info.kind {
+                1 | 2 | 4 => node.set_home(range, info.rank as Rank),
+                // Each rank is the home of its own private pages: mapped
+                // at first touch, never a message about them.
+                3 => node.set_home(range, self.rank),
+                _ => {}
+            },
+            Node::Migratory(_) => {}
         }
     }
 
@@ -165,7 +173,7 @@ impl Engine {
             let actions = match &mut self.node {
                 Node::Mrsw(n) if seal => n.seal(page)?,
                 Node::Mrsw(n) => n.settle(page)?,
-                Node::Migratory(_) => vec![Action::Settled { page }],
+                Node::Migratory(_) | Node::Release(_) => vec![Action::Settled { page }],
             };
             self.apply(actions, Carried::Nothing)?;
         }
@@ -216,12 +224,22 @@ impl Engine {
         &mut self,
         reply: Reply<SegmentInfo>,
         contents: Option<Vec<u8>>,
+        kind: u8,
         make: impl FnOnce(u64) -> Msg,
     ) -> bool {
-        if !matches!(self.node, Node::Mrsw(_)) {
-            let _ = reply.send(Err(DsmError::Segment(
-                "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)".into(),
-            )));
+        let refused = match self.node {
+            Node::Mrsw(_) => None,
+            Node::Release(_) if matches!(kind, 2 | 4) => Some(format!(
+                "{} segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default): under DSM_PROTOCOL=release only distributed, localized and private segments exist",
+                kind_name(kind)
+            )),
+            Node::Release(_) => None,
+            Node::Migratory(_) => Some(
+                "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default) or release consistency (DSM_PROTOCOL=release)".into(),
+            ),
+        };
+        if let Some(why) = refused {
+            let _ = reply.send(Err(DsmError::Segment(why)));
             return false;
         }
         let ticket = self.ticket();

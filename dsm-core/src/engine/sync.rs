@@ -2,13 +2,109 @@
 //! sent to every rank, the waiting caller answered) and locks (queued FIFO
 //! at each lock's home, `lock mod size`, in [`crate::sync::LockTable`]; a
 //! waiting caller answered with the ticket it releases the lock with).
+//!
+//! Under release consistency (`DSM_PROTOCOL=release`) each of them is also
+//! a release and, where it waits for others, an acquire: the rank's writes
+//! reach their homes before its barrier entry, lock request or unlock
+//! leaves (`synchronize`), and its copies of other homes' pages are
+//! dropped before a barrier or a lock grant returns to the caller.
 
-use super::{Engine, Reply};
+use super::protocol::Carried;
+use super::{Engine, Node, Reply};
 use crate::error::DsmError;
 use crate::proto::Msg;
 use crate::Rank;
 
+/// A synchronization that goes on once this rank's release is done.
+pub(crate) enum AfterRelease {
+    /// Enter the barrier.
+    Barrier(Reply<()>),
+    /// Ask for the lock.
+    Lock { lock: u64, reply: Reply<u64> },
+    /// Let the lock go.
+    Unlock { lock: u64, ticket: u64 },
+    /// The barrier was passed: acquire, then answer the caller.
+    BarrierPassed(Reply<()>),
+    /// The lock was granted: acquire, then answer the caller.
+    LockGranted { ticket: u64, reply: Reply<u64> },
+}
+
 impl Engine {
+    /// Carries out a synchronization: at once under the sequentially
+    /// consistent protocols, after a release under release consistency
+    /// (one release at a time, in the order they were asked for: each
+    /// takes the writes made before it).
+    pub(super) fn synchronize(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
+        if !matches!(self.node, Node::Release(_)) {
+            return self.go_on(sync);
+        }
+        self.after_release.push_back(sync);
+        if self.after_release.len() == 1 {
+            self.start_release()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the diffs of this rank's dirty copies for the first
+    /// synchronization waiting; `released` follows once they are in.
+    fn start_release(&mut self) -> Result<(), DsmError> {
+        let Node::Release(node) = &mut self.node else {
+            return Ok(());
+        };
+        let actions = node.release()?;
+        self.apply(actions, Carried::Nothing)
+    }
+
+    /// The release of the first synchronization waiting is done: it goes
+    /// on, and the next one's release starts.
+    pub(super) fn released(&mut self) -> Result<(), DsmError> {
+        let Some(sync) = self.after_release.pop_front() else {
+            return Err(DsmError::Protocol(
+                "a release completed that no synchronization waited for".into(),
+            ));
+        };
+        self.go_on(sync)?;
+        if !self.after_release.is_empty() {
+            self.start_release()?;
+        }
+        Ok(())
+    }
+
+    fn go_on(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
+        match sync {
+            AfterRelease::Barrier(reply) => self.start_barrier(reply),
+            AfterRelease::Lock { lock, reply } => {
+                self.acquire_lock(lock, reply);
+                Ok(())
+            }
+            AfterRelease::Unlock { lock, ticket } => {
+                self.release_lock(lock, ticket);
+                Ok(())
+            }
+            AfterRelease::BarrierPassed(reply) => {
+                self.acquire()?;
+                let _ = reply.send(Ok(()));
+                Ok(())
+            }
+            AfterRelease::LockGranted { ticket, reply } => {
+                self.acquire()?;
+                let _ = reply.send(Ok(ticket));
+                Ok(())
+            }
+        }
+    }
+
+    /// Release consistency: drops this rank's copies of other homes' pages
+    /// (in runs of consecutive pages), so the next access reads what the
+    /// homes hold now.
+    fn acquire(&mut self) -> Result<(), DsmError> {
+        let Node::Release(node) = &mut self.node else {
+            return Ok(());
+        };
+        let actions = node.acquire()?;
+        self.apply_in_runs(actions)
+    }
+
     pub(super) fn on_barrier_message(&mut self, from: Rank, msg: Msg) -> Result<(), DsmError> {
         match msg {
             Msg::BarrierEnter { epoch } => {
@@ -29,7 +125,7 @@ impl Engine {
             Msg::BarrierRelease { epoch } => {
                 if epoch == self.barrier_epoch {
                     if let Some(waiter) = self.barrier_waiter.take() {
-                        let _ = waiter.send(Ok(()));
+                        return self.passed(AfterRelease::BarrierPassed(waiter));
                     }
                 }
                 Ok(())
@@ -37,6 +133,17 @@ impl Engine {
             other => Err(DsmError::Protocol(format!(
                 "from rank {from}: unexpected {other:?}"
             ))),
+        }
+    }
+
+    /// A barrier passed or a lock granted: under release consistency an
+    /// acquire, after any release asked for before it (a thread's unlock
+    /// may still be releasing); at once otherwise.
+    fn passed(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
+        if matches!(self.node, Node::Release(_)) && !self.after_release.is_empty() {
+            self.synchronize(sync)
+        } else {
+            self.go_on(sync)
         }
     }
 
@@ -98,8 +205,8 @@ impl Engine {
                 }
             }
             Msg::LockGrant { ticket, .. } => {
-                if let Some((_, waiter)) = self.lock_waiters.remove(&ticket) {
-                    let _ = waiter.send(Ok(ticket));
+                if let Some((_, reply)) = self.lock_waiters.remove(&ticket) {
+                    return self.passed(AfterRelease::LockGranted { ticket, reply });
                 }
             }
             other => {

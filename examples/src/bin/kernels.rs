@@ -14,6 +14,16 @@
 //!   adds its values into 256 shared buckets with atomic `fetch_add`; the
 //!   buckets must equal the serial histogram of all ranks' values.
 //!
+//! * `kernels falseshare [INCREMENTS [COUNTERS]]` (default 100000, 512):
+//!   every rank increments its own COUNTERS 8-byte counters, INCREMENTS
+//!   times in all, in one shared array where all ranks' counters
+//!   interleave (counter i of rank r at index i x ranks + r, so every page
+//!   holds every rank's counters), with a barrier every 10 000 increments;
+//!   every counter must hold its exact count. False sharing: under the
+//!   default protocol the pages move at every turn, under
+//!   `DSM_PROTOCOL=release` each rank writes its copy and the words it
+//!   changed reach the homes at the barriers.
+//!
 //! Each prints the parallel time beside the serial time of the same code
 //! (Jacobi also the time rank 0 took to initialize its rows: their first
 //! touch).
@@ -52,6 +62,7 @@ fn run() -> Result<()> {
         "jacobi" => jacobi(&mut dsm, arg(&args, 1, 2048)?, arg(&args, 2, 50)?)?,
         "matmul" => matmul(&mut dsm, arg(&args, 1, 256)?)?,
         "histogram" => histogram(&dsm, arg(&args, 1, 200_000)?)?,
+        "falseshare" => falseshare(&mut dsm, arg(&args, 1, 100_000)?, arg(&args, 2, 512)?)?,
         other => return Err(format!("unknown kernel {other}").into()),
     };
     let rank = dsm.rank();
@@ -320,5 +331,46 @@ fn histogram(dsm: &Dsm, values: usize) -> Result<Option<String>> {
         values * size,
         parallel.as_secs_f64(),
         serial.as_secs_f64()
+    )))
+}
+
+fn falseshare(dsm: &mut Dsm, increments: usize, counters: usize) -> Result<Option<String>> {
+    const BARRIER_EVERY: usize = 10_000;
+    if counters == 0 {
+        return Err("falseshare needs at least one counter per rank".into());
+    }
+    let (rank, size) = (dsm.rank(), dsm.size());
+    let array = SharedArray::<u64>::coalloc(dsm, counters * size, Placement::Distributed)?;
+    let mut epoch = Epoch::new(dsm);
+    epoch.barrier()?;
+    let start = Instant::now();
+    for k in 0..increments {
+        let i = (k % counters) * size + rank;
+        epoch.write(&array, i..i + 1)[0] += 1;
+        if (k + 1) % BARRIER_EVERY == 0 {
+            epoch.barrier()?;
+        }
+    }
+    epoch.barrier()?;
+    let parallel = start.elapsed();
+    if rank != 0 {
+        return Ok(None);
+    }
+    for (index, got) in epoch.read(&array, ..).iter().enumerate() {
+        let counter = index / size;
+        let want = (increments / counters + usize::from(counter < increments % counters)) as u64;
+        if *got != want {
+            return Err(format!(
+                "counter {counter} of rank {} = {got}, expected {want}",
+                index % size
+            )
+            .into());
+        }
+    }
+    let pages = (counters * size * 8).div_ceil(dsm::PAGE_SIZE);
+    Ok(Some(format!(
+        "falseshare: {size} ranks x {increments} increments of their own {counters} counters, interleaved in {pages} pages, a barrier every {BARRIER_EVERY}: every counter exact; parallel {:.3} s ({:.0} increments/s per rank)",
+        parallel.as_secs_f64(),
+        increments as f64 / parallel.as_secs_f64()
     )))
 }
