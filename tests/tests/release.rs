@@ -1,0 +1,132 @@
+//! Release consistency (`DSM_PROTOCOL=release`) through dsmexec: false
+//! sharing with exact counts (C and Rust), threads of one rank writing the
+//! same pages, locks and barriers as the points where writes become
+//! visible, collective segments, Jacobi bit for bit, and the segments the
+//! mode refuses with an error that names the fix.
+
+use std::path::Path;
+use std::time::Duration;
+
+use dsm_tests::Finished;
+use dsm_tests::{bin, compile_c, compile_c_example, dsmexec, run, short_hostname, unique_token};
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// `program args` on `n` ranks under release consistency, with `env`.
+fn release_job(n: usize, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let dir = std::env::temp_dir().join(unique_token("release"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = n.to_string();
+    let prog = program.display().to_string();
+    let mut all = vec!["-n", n.as_str(), prog.as_str()];
+    all.extend_from_slice(args);
+    let mut command = dsmexec(&all, &dir);
+    command
+        .env("DSM_PROTOCOL", "release")
+        .env("DSM_SPACE_SIZE", "64M");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    run(command, LIMIT)
+}
+
+/// Each rank's own counters interleaved in the same pages (every rank
+/// checks every counter after the last barrier: the program exits 1 on a
+/// wrong one); the words travel as diffs, not as pages taken away.
+#[test]
+fn false_sharing_counters_are_exact_and_travel_as_diffs() {
+    let exe = compile_c("bench/c/falseshare.c", "falseshare");
+    let host = short_hostname();
+    for n in [2, 4] {
+        let out = release_job(
+            n,
+            &exe,
+            &["-i", "50000", "-c", "512", "-b", "5000"],
+            &[("DSM_STATS", "1")],
+        );
+        assert_eq!(out.code, Some(0), "{n} ranks: {out:?}");
+        let line = out.lines_of(0, &host, "stdout").join("\n");
+        assert!(
+            line.starts_with(&format!(
+                "falseshare ranks {n} increments 50000 counters 512 pages {n} barriers 11 "
+            )),
+            "{line}"
+        );
+        for rank in 0..n {
+            let stats = out.lines_of(rank, &host, "stderr").join("\n");
+            // Every rank wrote the n - 1 pages homed elsewhere in each of
+            // the 10 epochs that end with a barrier of the loop: one diff
+            // per page and epoch (the last barrier has nothing new).
+            let diffs = format!("diffs sent {} (", (n - 1) * 10);
+            assert!(stats.contains(&diffs), "rank {rank}: {stats}");
+        }
+    }
+}
+
+#[test]
+fn the_rust_false_sharing_kernel_counts_exactly() {
+    let out = release_job(4, &bin("kernels"), &["falseshare", "40000", "100"], &[]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+    assert!(line.contains("every counter exact"), "{line}");
+}
+
+/// Four threads of each rank write their own counters of two shared pages
+/// at once (one twin per page and rank, written by all its threads) and
+/// yield mid-loop; after the barrier every counter is exact everywhere.
+#[test]
+fn threads_of_every_rank_write_the_same_pages_and_lose_nothing() {
+    let out = release_job(4, &bin("contention"), &["4", "10000", "100"], &[]);
+    out.expect_each_rank(4, "all 16 counters are exactly 10000");
+}
+
+/// A counter incremented under a lock with a plain load and store: each
+/// unlock sends the increment home, each lock grant drops the stale copy.
+/// Threads of one rank ask for the lock while another's release is under
+/// way (the releases queue in order).
+#[test]
+fn locks_order_plain_increments_exactly() {
+    let out = release_job(4, &bin("segments"), &["locks", "3", "200"], &[]);
+    out.expect_each_rank(4, "locks exact: 2400 increments");
+    let exe = compile_c_example("locks");
+    let out = release_job(3, &exe, &[], &[]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for rank in 0..3 {
+        let lines = out.lines_of(rank, &short_hostname(), "stdout");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == &format!("[{rank}] counter = 600 under dsm_lock, block verified")),
+            "{out:?}"
+        );
+    }
+}
+
+#[test]
+fn collective_segments_give_exact_sums() {
+    let out = release_job(4, &bin("segments"), &["collective"], &[]);
+    out.expect_each_rank(4, "collective segments verified");
+}
+
+#[test]
+fn jacobi_matches_the_serial_run_bit_for_bit() {
+    let out = release_job(3, &bin("kernels"), &["jacobi", "192", "12"], &[]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+    assert!(line.contains("equals the serial run"), "{line}");
+}
+
+/// Sealing needs the single-writer protocol: a replicated segment is
+/// refused, naming the setting that allows it.
+#[test]
+fn a_replicated_segment_is_refused_with_the_fix() {
+    let out = release_job(3, &bin("segments"), &["placement"], &[]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let stderr = out.lines_of(0, &short_hostname(), "stderr").join("\n");
+    assert!(
+        stderr.contains(
+            "replicated segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
+        ),
+        "{stderr}"
+    );
+}
