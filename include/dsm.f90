@@ -29,6 +29,9 @@ module dsm
   integer(c_int), parameter, public :: DSM_LOCALIZED = 1
   integer(c_int), parameter, public :: DSM_REPLICATED = 2
   integer(c_int), parameter, public :: DSM_PRIVATE = 3
+  ! Added to a placement: the segment's consistency (see dsm.h).
+  integer(c_int), parameter, public :: DSM_SEQUENTIAL = 256
+  integer(c_int), parameter, public :: DSM_RELEASE = 512
 
   ! dsm_stats_t of dsm.h.
   type, bind(c) :: dsm_stats_t

@@ -49,6 +49,15 @@ extern "C" {
 #define DSM_LOCALIZED 1   /* every page at the rank given */
 #define DSM_REPLICATED 2  /* at its creator until dsm_seal, then read-only copies everywhere */
 #define DSM_PRIVATE 3     /* each rank its own pages, no coherence traffic */
+/* Or-ed into a placement (dsm_alloc, dsm_coalloc): the segment's
+ * consistency, whatever DSM_PROTOCOL says. DSM_SEQUENTIAL: one writer per
+ * page, every access sequentially consistent, atomics work across ranks
+ * (keep flags and counters updated with atomics there under
+ * DSM_PROTOCOL=release). DSM_RELEASE: several writers per page, writes seen
+ * by others after the writer's next barrier/lock/unlock and the reader's
+ * next barrier/lock; not with DSM_REPLICATED. */
+#define DSM_SEQUENTIAL 0x100
+#define DSM_RELEASE 0x200
 
 /* Sets the error mode (above) for the whole process, before or after
  * dsm_init. Returns the previous mode, or -1 for an unknown mode. */

@@ -8,8 +8,10 @@
  * every rank checks every counter of every rank.
  *
  * Usage: dsmexec -n 4 falseshare [-i INCREMENTS] [-c COUNTERS] [-b BARRIER]
+ *                                [-r]
  * (defaults 1000000 increments per rank, 512 counters per rank, a barrier
- * every 10000 increments). Prints, on rank 0, one line:
+ * every 10000 increments). -r allocates the counters DSM_RELEASE whatever
+ * DSM_PROTOCOL says (release-consistent pages in any job). Prints, on rank 0, one line:
  * "falseshare ranks R increments I counters C pages P barriers B seconds S".
  * Exit 1 on a wrong count. */
 #include <stdint.h>
@@ -30,15 +32,20 @@ static double now(void)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: falseshare [-i INCREMENTS] [-c COUNTERS] [-b BARRIER] (each at least 1)\n");
+    fprintf(stderr, "usage: falseshare [-i INCREMENTS] [-c COUNTERS] [-b BARRIER] [-r] (each at least 1)\n");
     return 2;
 }
 
 int main(int argc, char **argv)
 {
     long increments = 1000000, counters = 512, barrier_every = 10000;
+    int consistency = 0;
     for (int i = 1; i < argc; i++) {
         long *target = NULL;
+        if (strcmp(argv[i], "-r") == 0) {
+            consistency = DSM_RELEASE;
+            continue;
+        }
         if (strcmp(argv[i], "-i") == 0)
             target = &increments;
         else if (strcmp(argv[i], "-c") == 0)
@@ -54,7 +61,7 @@ int main(int argc, char **argv)
     dsm_init(argc, argv);
     long rank = dsm_rank(), ranks = dsm_size();
     size_t bytes = (size_t)(counters * ranks) * sizeof(uint64_t);
-    uint64_t *count = dsm_coalloc(bytes, DSM_DISTRIBUTED, 0);
+    uint64_t *count = dsm_coalloc(bytes, DSM_DISTRIBUTED | consistency, 0);
     if (count == NULL) {
         fprintf(stderr, "falseshare: dsm_coalloc of %zu bytes failed\n", bytes);
         dsm_finalize();

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use crate::coherence::release::Release;
 use crate::coherence::{Migratory, Mrsw};
 use crate::config::{Config, FaultDelivery, Protocol, SpaceBacking, StatsOutput, PAGE_SIZE};
 use crate::engine::{self, Engine, Input, Node, Reply};
@@ -17,7 +16,7 @@ use crate::fault::{Backing, FaultError, FaultHandler, Region};
 use crate::hang::{self, Reporter, ThreadReport, WaitFor, Waiting};
 use crate::proto::SegmentInfo;
 use crate::sched;
-use crate::segment::{Placement, Segment};
+use crate::segment::{Consistency, Placement, Segment};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Rank, Transport, TransportError};
 
@@ -194,13 +193,14 @@ impl Dsm {
             Protocol::Migratory => {
                 Node::Migratory(Migratory::new(rank, size, region.pages(), config.min_hold))
             }
-            Protocol::Mrsw => Node::Mrsw(Mrsw::new(
+            // Under release consistency, segments allocated sequentially
+            // consistent run the multi-reader protocol.
+            Protocol::Mrsw | Protocol::Release => Node::Mrsw(Mrsw::new(
                 rank,
                 size,
                 region.pages(),
                 config.min_hold.as_nanos() as u64,
             )),
-            Protocol::Release => Node::Release(Release::new(rank, size, region.pages())),
         };
         let cpu = config.engine_cpu.for_rank(rank);
         let service_sched = config.service_sched;
@@ -215,6 +215,7 @@ impl Dsm {
                 Arc::clone(&transport),
                 Arc::clone(&faults),
                 node,
+                config.protocol == Protocol::Release,
                 Arc::clone(&stats),
             )
             .with_prefetch(config.prefetch)
@@ -512,6 +513,28 @@ impl Dsm {
     /// any rank, without a collective call (see [`crate::segment`]). Its
     /// address is the same on every rank.
     pub fn alloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
+        self.alloc_with(bytes, placement, self.consistency())
+    }
+
+    /// The consistency of segments allocated without choosing: the job's
+    /// protocol's (`DSM_PROTOCOL`).
+    pub fn consistency(&self) -> Consistency {
+        match self.config.protocol {
+            Protocol::Release => Consistency::Release,
+            Protocol::Mrsw | Protocol::Migratory => Consistency::Sequential,
+        }
+    }
+
+    /// [`Dsm::alloc`] with the segment's consistency chosen, whatever the
+    /// job's protocol (refused under the migratory protocol, which has no
+    /// segments; a release-consistent segment cannot be replicated or a
+    /// file's, whose seal and sync need a single writer).
+    pub fn alloc_with(
+        &self,
+        bytes: usize,
+        placement: Placement,
+        consistency: Consistency,
+    ) -> Result<Segment, DsmError> {
         self.check_placement(&placement)?;
         let contents = match &placement {
             Placement::File(path) => Some(
@@ -527,6 +550,7 @@ impl Dsm {
         self.check_room(bytes, &placement, self.rank)?;
         let pages = segment_pages(bytes)?;
         let (kind, rank) = placement.code(self.rank);
+        let kind = kind | release_flag(consistency);
         let info = self.ask(|reply| Input::Alloc {
             pages,
             kind,
@@ -567,6 +591,17 @@ impl Dsm {
     /// error naming both calls; a file segment is refused (use `alloc` on
     /// the rank that holds the file).
     pub fn coalloc(&self, bytes: usize, placement: Placement) -> Result<Segment, DsmError> {
+        self.coalloc_with(bytes, placement, self.consistency())
+    }
+
+    /// [`Dsm::coalloc`] with the segment's consistency chosen (every rank
+    /// chooses the same), as [`Dsm::alloc_with`].
+    pub fn coalloc_with(
+        &self,
+        bytes: usize,
+        placement: Placement,
+        consistency: Consistency,
+    ) -> Result<Segment, DsmError> {
         self.check_placement(&placement)?;
         if matches!(placement, Placement::File(_)) {
             return Err(DsmError::Segment(
@@ -580,6 +615,7 @@ impl Dsm {
         let pages = segment_pages(bytes)?;
         // The creator of a replicated segment is the same on every rank.
         let (kind, rank) = placement.code(0);
+        let kind = kind | release_flag(consistency);
         let info = self.ask(|reply| Input::CoAlloc {
             pages,
             kind,
@@ -862,5 +898,13 @@ impl Drop for Dsm {
         // The userfaultfd goes before the mapping it watches.
         drop(self.faults.take());
         drop(self.region.take());
+    }
+}
+
+/// The bit an allocation request's kind carries for `consistency`.
+fn release_flag(consistency: Consistency) -> u8 {
+    match consistency {
+        Consistency::Release => crate::proto::KIND_RELEASE,
+        Consistency::Sequential => 0,
     }
 }

@@ -31,7 +31,7 @@ pub mod wire;
 pub use bootstrap::{Bootstrap, BootstrapError, JobSecret};
 pub use config::{Config, FaultDelivery, Protocol, PAGE_SIZE};
 pub use dsm::{Dsm, DsmError};
-pub use segment::{Placement, Segment};
+pub use segment::{Consistency, Placement, Segment};
 pub use stats::StatsSnapshot;
 pub use transport::{Message, Rank, Transport, TransportError};
 pub use typed::{Epoch, Locked, Reads, SharedArray};

@@ -74,10 +74,17 @@ pub struct SegmentInfo {
     pub kind: u8,
     /// The localized rank, or the creator (replicated, file); 0 otherwise.
     pub rank: u32,
+    /// Its pages are release-consistent (`coherence::release`) rather than
+    /// sequentially consistent.
+    pub release: bool,
 }
 
+/// Set in the kind of an allocation request for a release-consistent
+/// segment (the registry keeps it as [`SegmentInfo::release`]).
+pub const KIND_RELEASE: u8 = 0x80;
+
 impl SegmentInfo {
-    const LEN: usize = 4 + 8 + 8 + 1 + 4;
+    const LEN: usize = 4 + 8 + 8 + 1 + 4 + 1;
 
     fn put(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.id.to_le_bytes());
@@ -85,6 +92,7 @@ impl SegmentInfo {
         out.extend_from_slice(&self.pages.to_le_bytes());
         out.push(self.kind);
         out.extend_from_slice(&self.rank.to_le_bytes());
+        out.push(u8::from(self.release));
     }
 
     fn get(b: &[u8]) -> SegmentInfo {
@@ -94,6 +102,7 @@ impl SegmentInfo {
             pages: u64_at(b, 12),
             kind: b[20],
             rank: u32_at(b, 21),
+            release: b[25] != 0,
         }
     }
 }
@@ -1122,6 +1131,7 @@ mod tests {
                     pages: 4,
                     kind: 2,
                     rank: 1,
+                    release: false,
                 }),
             },
             Msg::Lookup { page: 9 },
@@ -1153,6 +1163,7 @@ mod tests {
                     pages: 8,
                     kind: 1,
                     rank: 1,
+                    release: true,
                 },
             },
             Msg::LookupReply {
@@ -1163,6 +1174,7 @@ mod tests {
                     pages: 1,
                     kind: 4,
                     rank: 0,
+                    release: false,
                 }),
             },
             Msg::LookupReply {

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::proto::SegmentInfo;
+use crate::proto::{SegmentInfo, KIND_RELEASE};
 use crate::Rank;
 
 /// Where a segment's pages live.
@@ -44,6 +44,23 @@ pub enum Placement {
     /// contents (the segment is at least the file's size), and
     /// [`crate::Dsm::sync`] writes them back.
     File(PathBuf),
+}
+
+/// How a segment's pages are kept coherent: the job's protocol
+/// (`DSM_PROTOCOL`) unless the allocation chose ([`crate::Dsm::alloc_with`]).
+/// A job under release consistency keeps its synchronization data (atomics,
+/// flags spun on) in sequentially consistent segments; a sequentially
+/// consistent job may put falsely shared arrays in release-consistent ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// One writer per page at a time, every access sequentially consistent
+    /// (the multi-reader protocol); atomics work across ranks.
+    Sequential,
+    /// Several writers per page; writes reach other ranks at the writer's
+    /// next barrier, lock or unlock, and are seen after the reader's next
+    /// barrier or lock (see [`crate::coherence::release`]). Atomic
+    /// read-modify-writes of one word by several ranks lose updates.
+    Release,
 }
 
 impl Placement {
@@ -107,6 +124,15 @@ impl Segment {
     pub fn pages(&self) -> std::ops::Range<usize> {
         let first = self.info.first_page as usize;
         first..first + self.info.pages as usize
+    }
+
+    /// How its pages are kept coherent.
+    pub fn consistency(&self) -> Consistency {
+        if self.info.release {
+            Consistency::Release
+        } else {
+            Consistency::Sequential
+        }
     }
 
     /// Name of its placement, as [`Placement::name`].
@@ -178,6 +204,8 @@ impl Registry {
 
     /// Reference rank: takes `pages` pages from a freed range that fits
     /// (the smallest), else carves them off the top of the free heap.
+    /// `kind` is the request's: the placement, with [`KIND_RELEASE`] for a
+    /// release-consistent segment.
     pub fn allocate(&mut self, pages: u64, kind: u8, rank: u32) -> Option<SegmentInfo> {
         let pages_usize = usize::try_from(pages).ok().filter(|p| *p > 0)?;
         let first = match self.take_free_range(pages_usize) {
@@ -188,8 +216,9 @@ impl Registry {
             id: self.next_id,
             first_page: first as u64,
             pages,
-            kind,
+            kind: kind & !KIND_RELEASE,
             rank,
+            release: kind & KIND_RELEASE != 0,
         };
         self.next_id += 1;
         self.insert(info);
@@ -289,6 +318,8 @@ impl Registry {
             pages: (end - first) as u64,
             kind: KIND_RAW,
             rank: 0,
+            // Raw chunks follow the job's protocol, whatever this says.
+            release: false,
         };
         self.insert(info);
         Some(info)

@@ -66,6 +66,17 @@
 //! * since `T: Pod`, every such value is a valid `T`: no invalid value,
 //!   no memory unsafety.
 //!
+//! In a release-consistent segment ([`crate::Consistency::Release`],
+//! `DSM_PROTOCOL=release`) data-race-free programs still see SC, with one
+//! more way for other ranks' writes to arrive: the page's home writes the
+//! words other ranks changed into its own copy in place, as the engine
+//! receives them (8-byte atomic stores, between this rank's
+//! synchronizations). Only words those ranks wrote are stored, so a
+//! program whose slices cover what this rank reads or writes in the epoch
+//! (its own elements, e.g. `epoch.write(&a, i..i + 1)` for interleaved
+//! counters) never holds a slice over them; a slice over words another
+//! rank writes in the same epoch is a data race, as above.
+//!
 //! A store to a sealed replicated segment ends the job with an error
 //! naming the segment, as it does through any other access.
 //!
@@ -470,6 +481,7 @@ mod tests {
                 pages: len.div_ceil(PAGE_SIZE) as u64,
                 kind: 0,
                 rank: 0,
+                release: false,
             },
             base: 0x1000_0000,
             len,

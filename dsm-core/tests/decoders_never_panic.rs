@@ -62,13 +62,15 @@ fn arb_segment() -> impl Strategy<Value = Option<SegmentInfo>> {
             any::<u64>(),
             any::<u8>(),
             any::<u32>(),
+            any::<bool>(),
         )
-            .prop_map(|(id, first_page, pages, kind, rank)| SegmentInfo {
+            .prop_map(|(id, first_page, pages, kind, rank, release)| SegmentInfo {
                 id,
                 first_page,
                 pages,
                 kind,
                 rank,
+                release,
             }),
     )
 }

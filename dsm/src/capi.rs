@@ -14,7 +14,7 @@ use std::sync::{Mutex, RwLock};
 
 use dsm_core::TransportError;
 
-use crate::{Dsm, DsmError, Placement, Segment, StatsSnapshot};
+use crate::{Consistency, Dsm, DsmError, Placement, Segment, StatsSnapshot};
 
 static DSM: RwLock<Option<Dsm>> = RwLock::new(None);
 /// Tickets of the locks this process holds, by lock id (C releases by id).
@@ -45,6 +45,10 @@ const DSM_DISTRIBUTED: c_int = 0;
 const DSM_LOCALIZED: c_int = 1;
 const DSM_REPLICATED: c_int = 2;
 const DSM_PRIVATE: c_int = 3;
+/// Flags or-ed into a placement: the segment's consistency, whatever the
+/// job's protocol.
+const DSM_SEQUENTIAL: c_int = 0x100;
+const DSM_RELEASE: c_int = 0x200;
 
 /// A failed call: its code and message.
 struct Failure {
@@ -222,6 +226,16 @@ fn allocate(size: usize, placement: Placement) -> Result<*mut c_void, Failure> {
     with_dsm(|d| Ok(remember(d.alloc(size, placement)?)))
 }
 
+/// [`allocate`] with dsm.h's `placement` argument, which may carry a
+/// consistency flag.
+fn allocate_with(size: usize, placement: c_int, rank: c_int) -> Result<*mut c_void, Failure> {
+    let (placement, consistency) = placement_arg(placement, rank)?;
+    with_dsm(|d| {
+        let consistency = consistency.unwrap_or_else(|| d.consistency());
+        Ok(remember(d.alloc_with(size, placement, consistency)?))
+    })
+}
+
 /// Keeps a segment this rank allocated, by address (for `dsm_seal` and
 /// `dsm_sync`); returns its address.
 fn remember(segment: Segment) -> *mut c_void {
@@ -276,32 +290,53 @@ pub extern "C" fn dsm_remote_malloc(size: usize, rank: c_int) -> *mut c_void {
 }
 
 /// Allocates `size` bytes with a placement (`DSM_DISTRIBUTED`,
-/// `DSM_LOCALIZED` at `rank`, `DSM_REPLICATED`, `DSM_PRIVATE`).
+/// `DSM_LOCALIZED` at `rank`, `DSM_REPLICATED`, `DSM_PRIVATE`), or-ed with
+/// `DSM_SEQUENTIAL` or `DSM_RELEASE` to choose its consistency.
 #[no_mangle]
 pub extern "C" fn dsm_alloc(size: usize, placement: c_int, rank: c_int) -> *mut c_void {
-    let result = placement_arg(placement, rank).and_then(|p| allocate(size, p));
-    address("dsm_alloc", result)
+    address("dsm_alloc", allocate_with(size, placement, rank))
 }
 
-/// The placement of dsm.h's `placement` and `rank` arguments.
-fn placement_arg(placement: c_int, rank: c_int) -> Result<Placement, Failure> {
-    match placement {
-        DSM_DISTRIBUTED => Ok(Placement::Distributed),
-        DSM_LOCALIZED => rank_arg(rank).map(Placement::Localized),
-        DSM_REPLICATED => Ok(Placement::Replicated),
-        DSM_PRIVATE => Ok(Placement::Private),
-        other => Err(Failure::invalid(format!(
-            "unknown placement {other} (DSM_DISTRIBUTED, DSM_LOCALIZED, DSM_REPLICATED or DSM_PRIVATE)"
-        ))),
-    }
+/// The placement of dsm.h's `placement` and `rank` arguments, and the
+/// consistency its flag chose (`None`: the job's).
+fn placement_arg(
+    placement: c_int,
+    rank: c_int,
+) -> Result<(Placement, Option<Consistency>), Failure> {
+    let consistency = match placement & (DSM_SEQUENTIAL | DSM_RELEASE) {
+        0 => None,
+        DSM_SEQUENTIAL => Some(Consistency::Sequential),
+        DSM_RELEASE => Some(Consistency::Release),
+        _ => {
+            return Err(Failure::invalid(
+                "a placement with both DSM_SEQUENTIAL and DSM_RELEASE: choose one",
+            ))
+        }
+    };
+    let placement = match placement & !(DSM_SEQUENTIAL | DSM_RELEASE) {
+        DSM_DISTRIBUTED => Placement::Distributed,
+        DSM_LOCALIZED => Placement::Localized(rank_arg(rank)?),
+        DSM_REPLICATED => Placement::Replicated,
+        DSM_PRIVATE => Placement::Private,
+        other => {
+            return Err(Failure::invalid(format!(
+                "unknown placement {other} (DSM_DISTRIBUTED, DSM_LOCALIZED, DSM_REPLICATED or DSM_PRIVATE, optionally | DSM_SEQUENTIAL or | DSM_RELEASE)"
+            )))
+        }
+    };
+    Ok((placement, consistency))
 }
 
 /// Allocates one segment collectively: every rank calls it with the same
 /// arguments and gets the same address.
 #[no_mangle]
 pub extern "C" fn dsm_coalloc(size: usize, placement: c_int, rank: c_int) -> *mut c_void {
-    let result = placement_arg(placement, rank)
-        .and_then(|placement| with_dsm(|d| Ok(remember(d.coalloc(size, placement)?))));
+    let result = placement_arg(placement, rank).and_then(|(placement, consistency)| {
+        with_dsm(|d| {
+            let consistency = consistency.unwrap_or_else(|| d.consistency());
+            Ok(remember(d.coalloc_with(size, placement, consistency)?))
+        })
+    });
     address("dsm_coalloc", result)
 }
 

@@ -94,7 +94,9 @@ pub use dsm_core::config::EngineCpu;
 pub use dsm_core::dsm::LockGuard;
 pub use dsm_core::typed::{self, Epoch, Locked, Reads, SharedArray};
 use dsm_core::{BootstrapError, Transport};
-pub use dsm_core::{Config, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE};
+pub use dsm_core::{
+    Config, Consistency, Dsm, DsmError, Placement, Protocol, Segment, StatsSnapshot, PAGE_SIZE,
+};
 use transport_rdma::Selected;
 use transport_tcp::{TcpOptions, TcpTransport};
 

@@ -116,8 +116,36 @@ fn jacobi_matches_the_serial_run_bit_for_bit() {
     assert!(line.contains("equals the serial run"), "{line}");
 }
 
-/// Sealing needs the single-writer protocol: a replicated segment is
-/// refused, naming the setting that allows it.
+/// Atomic read-modify-writes of several ranks need one writer at a time:
+/// the histogram's buckets are a sequentially consistent segment of the
+/// release-consistent job, and every bucket is exact.
+#[test]
+fn atomics_in_a_sequential_segment_of_a_release_job_are_exact() {
+    let out = release_job(4, &bin("kernels"), &["histogram", "20000"], &[]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let line = out.lines_of(0, &short_hostname(), "stdout").join("\n");
+    assert!(line.contains("equals the serial histogram"), "{line}");
+}
+
+/// A release-consistent segment in a job of the default protocol
+/// (`DSM_RELEASE` in C): exact counts, its words travel as diffs.
+#[test]
+fn a_release_segment_in_a_sequential_job_counts_exactly() {
+    let exe = compile_c("bench/c/falseshare.c", "falseshare");
+    let dir = std::env::temp_dir().join(unique_token("release"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = exe.display().to_string();
+    let args = ["-n", "3", &prog, "-i", "30000", "-b", "3000", "-r"];
+    let mut command = dsmexec(&args, &dir);
+    command.env("DSM_SPACE_SIZE", "64M").env("DSM_STATS", "1");
+    let out = run(command, LIMIT);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let stats = out.lines_of(1, &short_hostname(), "stderr").join("\n");
+    assert!(stats.contains("diffs sent 20 ("), "{stats}");
+}
+
+/// Sealing needs a single writer: a replicated segment of the job's
+/// default (release) consistency is refused, naming the fix.
 #[test]
 fn a_replicated_segment_is_refused_with_the_fix() {
     let out = release_job(3, &bin("segments"), &["placement"], &[]);
@@ -125,7 +153,7 @@ fn a_replicated_segment_is_refused_with_the_fix() {
     let stderr = out.lines_of(0, &short_hostname(), "stderr").join("\n");
     assert!(
         stderr.contains(
-            "replicated segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
+            "a release-consistent replicated segment cannot exist: sealing and file sync need sequential consistency (allocate it with Consistency::Sequential, or DSM_SEQUENTIAL in C)"
         ),
         "{stderr}"
     );

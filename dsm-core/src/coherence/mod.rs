@@ -8,8 +8,8 @@
 //!   single-writer protocol with a directory at each page's home.
 //! * [`migratory::Migratory`]: the seed's single-owner protocol.
 //! * [`release::Release`]: release consistency with multiple writers
-//!   (twins and diffs), for false sharing; model-checked, not yet run by
-//!   the engine; [`twin`]: its twins and diffs of page words.
+//!   (twins and diffs), for false sharing (`DSM_PROTOCOL=release`, or per
+//!   segment); [`twin`]: its twins and diffs of page words.
 
 pub mod migratory;
 pub mod mrsw;

@@ -1,5 +1,7 @@
-//! Release consistency with multiple writers (issue 26's protocol; the
-//! engine does not run it yet): false sharing without ping-pong.
+//! Release consistency with multiple writers: false sharing without
+//! ping-pong (`DSM_PROTOCOL=release`, or segments allocated with
+//! `Consistency::Release`; the engine's side is in `engine/sync.rs` and
+//! `engine/protocol.rs`).
 //!
 //! Every page has a home whose own mapping is the page's master copy: the
 //! home reads and writes it in place and never faults on it again. Other
@@ -16,10 +18,12 @@
 //!   and acknowledges (`DiffAck`); the release is done once every diff is
 //!   acknowledged, so whoever synchronizes with this rank afterwards finds
 //!   the writes at the homes;
-//! * acquire (after a lock grant, a barrier's release): every copy of a
-//!   page homed elsewhere is dropped, so the next access fetches what the
-//!   homes hold now. A fetch in flight across the acquire may carry bytes
-//!   of before it: its grant is not installed, the page is asked for again.
+//! * acquire (after a lock grant, a barrier's release): every clean copy
+//!   of a page homed elsewhere is dropped, so the next access fetches what
+//!   the homes hold now; those this rank wrote since the last acquire are
+//!   asked for again at once (iterative programs write the same pages each
+//!   step). A fetch in flight across the acquire may carry bytes of before
+//!   it: its grant is not installed, the page is asked for again.
 //!
 //! What programs see: a data-race-free program (conflicting accesses of
 //! different ranks ordered by locks or barriers) sees sequential
@@ -125,11 +129,13 @@ impl Release {
     }
 
     /// Places `pages` at `home` (a segment's placement), before any traffic
-    /// about them, on every rank.
-    pub fn set_home(&mut self, pages: std::ops::Range<usize>, home: Rank) {
+    /// about them, on every rank; `None`: back at their default home (a
+    /// segment freed).
+    pub fn set_home(&mut self, pages: std::ops::Range<usize>, home: impl Into<Option<Rank>>) {
+        let home = home.into().map_or(DEFAULT_HOME, |h| h as u32);
         for p in pages {
             if let Some(h) = self.home.get_mut(p) {
-                *h = home as u32;
+                *h = home;
             }
         }
     }

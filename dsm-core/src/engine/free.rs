@@ -99,19 +99,16 @@ impl Engine {
             let _ = reply.send(Err(DsmError::Segment(why)));
             Ok(())
         };
-        match self.node {
-            Node::Mrsw(_) => {}
-            Node::Release(_) => {
-                return refuse(
-                    "freeing a segment needs the multi-reader protocol (DSM_PROTOCOL=mrsw, the default): under DSM_PROTOCOL=release segments live until the job ends".into(),
-                )
-            }
-            Node::Migratory(_) => {
-                return refuse(
-                    "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)"
-                        .into(),
-                )
-            }
+        if !matches!(self.node, Node::Mrsw(_)) {
+            return refuse(
+                "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)".into(),
+            );
+        }
+        if segment.release {
+            return refuse(format!(
+                "segment {} is release-consistent, and such segments live until the job ends: allocate it with Consistency::Sequential (DSM_SEQUENTIAL in C) to free it",
+                segment.id
+            ));
         }
         if segment.id == 0 {
             return refuse(format!(
@@ -206,7 +203,7 @@ impl Engine {
         let released = pages.into_iter().try_for_each(|page| {
             let actions = self.counted(|node| match node {
                 Node::Mrsw(n) => n.release_for_free(page),
-                Node::Migratory(_) | Node::Release(_) => Ok(Vec::new()),
+                Node::Migratory(_) => Ok(Vec::new()),
             })?;
             self.apply(actions, Carried::Nothing)
         });
@@ -246,7 +243,7 @@ impl Engine {
         for page in homed {
             let actions = self.counted(|node| match node {
                 Node::Mrsw(n) => n.reset_home_page(page),
-                Node::Migratory(_) | Node::Release(_) => Ok(Vec::new()),
+                Node::Migratory(_) => Ok(Vec::new()),
             })?;
             self.apply(actions, Carried::Nothing)?;
             self.supersede_home_copy(page);
@@ -352,8 +349,10 @@ impl Engine {
             return Ok(());
         };
         if let Node::Mrsw(node) = &mut self.node {
-            node.forget_placement(pages);
+            node.forget_placement(pages.clone());
         }
+        self.release.set_home(pages.clone(), None);
+        self.rc.set(pages, None);
         self.registry.forget(&f.segment);
         self.freed_segments.insert(f.segment.id);
         self.out.send(
@@ -392,7 +391,7 @@ impl Engine {
                             .take(4)
                             .map(|p| format!("page {p}: {}", n.describe_page(p)))
                             .collect(),
-                        Node::Migratory(_) | Node::Release(_) => Vec::new(),
+                        Node::Migratory(_) => Vec::new(),
                     };
                     format!(
                         "{what}: waiting for this rank's requests in flight to end ({})",

@@ -297,16 +297,17 @@ impl Engine {
         if self.first_touch(fault.page)? {
             return Ok(());
         }
+        let rc = self.rc.contains(fault.page);
         let actions = match &mut self.node {
+            _ if rc => self.release.on_fault(fault.page, fault.write)?,
             Node::Migratory(n) => n.on_fault(fault.page)?,
             Node::Mrsw(n) => n.on_fault(fault.page, fault.write)?,
-            Node::Release(n) => n.on_fault(fault.page, fault.write)?,
         };
         if actions.iter().any(|a| matches!(a, Action::Send { .. })) {
             self.fetch_started.insert(fault.page, Instant::now());
         }
         self.apply(actions, Carried::Nothing)?;
-        let ahead = if fault.write {
+        let ahead = if fault.write || rc {
             0..0
         } else {
             self.stream.on_read_fault(fault.page)
@@ -368,7 +369,7 @@ impl Engine {
         let Node::Mrsw(node) = &self.node else {
             return page;
         };
-        if self.populate == 0 {
+        if self.populate == 0 || self.rc.contains(page) {
             return page;
         }
         let segment = self.registry.find(page);

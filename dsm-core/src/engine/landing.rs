@@ -108,9 +108,10 @@ impl Engine {
         let mut direct = 0;
         for i in 0..count {
             let page = first + i;
+            let rc = self.rc.contains(page);
             let actions = match &mut self.node {
+                _ if rc => self.release.on_read_grant(from, page)?,
                 Node::Mrsw(node) => node.on_read_grant(from, page, now)?,
-                Node::Release(node) => node.on_read_grant(from, page)?,
                 Node::Migratory(_) => {
                     return Err(DsmError::Protocol(format!(
                         "rank {from} sent read grants of the multi-reader protocol, but this rank runs the migratory one"
@@ -256,7 +257,9 @@ impl Engine {
         let mut spans: Vec<Vec<usize>> = Vec::new();
         for page in parts.iter().filter_map(|p| proto::read_request_page(p)) {
             let page = page as usize;
-            if self.protected_ahead.contains(page) || !node.read_request_downgrades_here(page, now)
+            if self.protected_ahead.contains(page)
+                || self.rc.contains(page)
+                || !node.read_request_downgrades_here(page, now)
             {
                 continue;
             }
@@ -290,7 +293,7 @@ impl Engine {
         Stats::add(&self.stats.pages_received, 1);
         Stats::add(&self.stats.bytes_received, bytes as u64);
         if let Node::Mrsw(node) = &self.node {
-            if node.home_of(page) != self.rank {
+            if node.home_of(page) != self.rank && !self.rc.contains(page) {
                 self.cache.installed(page);
                 Stats::raise(
                     &self.stats.peak_cached_bytes,

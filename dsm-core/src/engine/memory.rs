@@ -73,11 +73,11 @@ impl Cache {
 impl Engine {
     /// Pages homed elsewhere held here.
     pub(super) fn cached(&self) -> usize {
-        match &self.node {
+        let sc = match &self.node {
             Node::Mrsw(n) => n.cached(),
-            Node::Release(n) => n.held(),
             Node::Migratory(_) => 0,
-        }
+        };
+        sc + self.release.held()
     }
 
     /// True when the cache holds more than its background watermark: the

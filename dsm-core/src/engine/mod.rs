@@ -119,27 +119,57 @@ pub(crate) enum Input {
 }
 
 /// The coherence state machine of the configured protocol.
+/// (Pages of the release-consistent protocol have their own state
+/// machine beside it, `Engine::release`, see [`RcPages`].)
 pub(crate) enum Node {
     Migratory(Migratory),
     Mrsw(Mrsw),
-    Release(Release),
 }
 
 impl Node {
-    /// The page's home, under the protocol that has homes.
-    fn home_of(&self, page: usize) -> Option<Rank> {
-        match self {
-            Node::Migratory(_) => None,
-            Node::Mrsw(n) => Some(n.home_of(page)),
-            Node::Release(n) => Some(n.home_of(page)),
-        }
-    }
-
     fn counters(&self) -> ProtocolCounters {
         match self {
             Node::Migratory(n) => n.counters,
             Node::Mrsw(n) => n.counters,
-            Node::Release(_) => ProtocolCounters::default(),
+        }
+    }
+}
+
+/// Which pages run the release-consistent protocol (`Engine::release`)
+/// rather than the job's sequentially consistent one (`Engine::node`):
+/// every page of a job started with `DSM_PROTOCOL=release`, except the
+/// segments allocated sequentially consistent, and in other jobs only the
+/// segments allocated release-consistent. Every rank registers the same
+/// segments, so every rank sorts a page the same way.
+pub(crate) struct RcPages {
+    /// The protocol of the fixed space and of raw heap chunks.
+    default: bool,
+    /// Pages of segments that chose the other protocol.
+    flipped: PageSet,
+}
+
+impl RcPages {
+    pub(crate) fn new(pages: usize, default: bool) -> RcPages {
+        RcPages {
+            default,
+            flipped: PageSet::new(pages),
+        }
+    }
+
+    /// True when `page` is release-consistent.
+    pub(crate) fn contains(&self, page: usize) -> bool {
+        self.default != self.flipped.contains(page)
+    }
+
+    /// The pages of a segment registered (`release`: release-consistent)
+    /// or forgotten (`None`: back to the default).
+    fn set(&mut self, pages: std::ops::Range<usize>, release: Option<bool>) {
+        for page in pages {
+            if release.unwrap_or(self.default) != self.default {
+                self.flipped.insert(page);
+            } else {
+                self.flipped.remove(page);
+            }
         }
     }
 }
@@ -152,6 +182,9 @@ pub(crate) struct Engine {
     pub transport: Arc<dyn Transport>,
     pub faults: Arc<FaultHandler>,
     pub node: Node,
+    /// The release-consistent protocol's state, for the pages `rc` names.
+    pub release: Release,
+    pub rc: RcPages,
     pub stats: Arc<Stats>,
     /// Origin of the multi-reader protocol's clock.
     started: Instant,
@@ -279,6 +312,7 @@ impl Engine {
         transport: Arc<dyn Transport>,
         faults: Arc<FaultHandler>,
         node: Node,
+        release_by_default: bool,
         stats: Arc<Stats>,
     ) -> Engine {
         Engine {
@@ -288,6 +322,8 @@ impl Engine {
             transport,
             faults,
             node,
+            release: Release::new(rank, size, pages),
+            rc: RcPages::new(pages, release_by_default),
             stats,
             started: Instant::now(),
             backing: PageMap::new(pages),
@@ -441,7 +477,6 @@ impl Engine {
                 let actions = match &mut this.node {
                     Node::Migratory(n) => n.on_tick(Instant::now())?,
                     Node::Mrsw(n) => n.on_tick(now)?,
-                    Node::Release(_) => Vec::new(),
                 };
                 this.apply(actions, Carried::Nothing)?;
             }
@@ -544,6 +579,17 @@ impl Engine {
         }
     }
 
+    /// The page's home, under the protocols that have homes.
+    fn home_of(&self, page: usize) -> Option<Rank> {
+        if self.rc.contains(page) {
+            return Some(self.release.home_of(page));
+        }
+        match &self.node {
+            Node::Migratory(_) => None,
+            Node::Mrsw(n) => Some(n.home_of(page)),
+        }
+    }
+
     fn ticket(&mut self) -> u64 {
         self.next_ticket += 1;
         self.next_ticket
@@ -563,7 +609,6 @@ impl Engine {
             Node::Mrsw(n) => n
                 .next_deadline()
                 .map(|t| self.started + Duration::from_nanos(t)),
-            Node::Release(_) => None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! own copies of pages (mapped or kept as bytes) and the page buffers
 //! reused for them.
 
-use super::{Engine, Node};
+use super::{page_of, Engine, Node};
 use crate::coherence::{twin, Action};
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
@@ -170,7 +170,7 @@ impl Engine {
                 let now = Instant::now();
                 let actions = self.counted(|node| match node {
                     Node::Migratory(n) => n.on_request(page as usize, requester as usize, now),
-                    Node::Mrsw(_) | Node::Release(_) => Ok(Vec::new()),
+                    Node::Mrsw(_) => Ok(Vec::new()),
                 })?;
                 self.apply(actions, Carried::Nothing)
             }
@@ -178,18 +178,21 @@ impl Engine {
                 let page = page as usize;
                 let actions = match &mut self.node {
                     Node::Migratory(n) => n.on_grant(page, from, Instant::now())?,
-                    Node::Mrsw(_) | Node::Release(_) => Vec::new(),
+                    Node::Mrsw(_) => Vec::new(),
                 };
                 self.received_page(page, wire_len);
                 self.apply(actions, Carried::Msg(&msg))
             }
             msg => {
                 let now = self.now();
-                let actions = self.counted(|node| match node {
-                    Node::Mrsw(n) => n.on_message(from, &msg, now),
-                    Node::Release(n) => n.on_message(from, &msg),
-                    Node::Migratory(_) => Ok(Vec::new()),
-                })?;
+                let actions = if page_of(&msg).is_some_and(|p| self.rc.contains(p)) {
+                    self.release.on_message(from, &msg)?
+                } else {
+                    self.counted(|node| match node {
+                        Node::Mrsw(n) => n.on_message(from, &msg, now),
+                        Node::Migratory(_) => Ok(Vec::new()),
+                    })?
+                };
                 if let Msg::Grant { page, .. } = msg {
                     self.received_page(page as usize, wire_len);
                 }
@@ -391,7 +394,7 @@ impl Engine {
                     let rank = self.rank;
                     let actions = self.counted(|node| match node {
                         Node::Mrsw(n) => n.on_write_back(rank, page),
-                        Node::Migratory(_) | Node::Release(_) => Ok(Vec::new()),
+                        Node::Migratory(_) => Ok(Vec::new()),
                     })?;
                     self.apply(actions, Carried::OwnCopy)?;
                 }
@@ -457,9 +460,9 @@ impl Engine {
                 }
                 Action::GrantFromBacking { to, page, write } => {
                     Stats::add(&self.stats.grants_served, 1);
-                    if let Node::Release(node) = &self.node {
+                    if self.rc.contains(page) {
                         // The home's mapping is the master copy.
-                        let mapped = node.mapped_here(page);
+                        let mapped = self.release.mapped_here(page);
                         self.grant_master_copy(to, page, mapped)?;
                         continue;
                     }

@@ -97,6 +97,9 @@ impl Engine {
     pub(super) fn prefetch(&mut self, ahead: std::ops::Range<usize>) -> Result<(), DsmError> {
         for next in ahead {
             let known = !self.registry.in_heap(next) || self.registry.find(next).is_some();
+            if self.rc.contains(next) {
+                break; // a release-consistent segment's: fetched on demand
+            }
             let Node::Mrsw(node) = &mut self.node else {
                 return Ok(());
             };

@@ -18,7 +18,7 @@ impl Engine {
         match what {
             WaitFor::Page { page, write } => {
                 let kind = if write { "write" } else { "read" };
-                let home = match self.node.home_of(page) {
+                let home = match self.home_of(page) {
                     Some(home) if home == self.rank => "homed here".to_string(),
                     Some(home) => format!("homed at rank {home}"),
                     None => "migratory".to_string(),
@@ -48,7 +48,7 @@ impl Engine {
         fetches.sort_by_key(|(_, started)| **started);
         for (page, started) in fetches {
             let addr = self.base + page * PAGE_SIZE;
-            let from = match self.node.home_of(*page) {
+            let from = match self.home_of(*page) {
                 Some(home) => format!("home rank {home}"),
                 None => "its owner".into(),
             };

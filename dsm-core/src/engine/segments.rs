@@ -9,8 +9,8 @@ use crate::coherence::Action;
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
 use crate::fault::Fault;
-use crate::proto::{Msg, SegmentInfo};
-use crate::segment::kind_name;
+use crate::proto::{Msg, SegmentInfo, KIND_RELEASE};
+use crate::segment::{kind_name, KIND_RAW};
 use crate::{proto, Message, Rank};
 use rustc_hash::FxHashSet;
 use std::path::PathBuf;
@@ -56,7 +56,7 @@ impl Engine {
     /// True when `page` is in a heap segment this rank does not know yet:
     /// events about it wait (`park`) until the segment is looked up.
     pub(super) fn segment_unknown(&self, page: usize) -> bool {
-        matches!(self.node, Node::Mrsw(_) | Node::Release(_))
+        matches!(self.node, Node::Mrsw(_))
             && self.registry.in_heap(page)
             && self.registry.find(page).is_none()
     }
@@ -75,20 +75,22 @@ impl Engine {
     pub(super) fn register(&mut self, info: SegmentInfo) {
         self.registry.insert(info);
         let range = info.first_page as usize..(info.first_page + info.pages) as usize;
-        match &mut self.node {
-            Node::Mrsw(node) => match info.kind {
-                1 | 2 | 4 => node.set_home(range, info.rank as Rank),
-                3 => node.set_private(range),
+        if let Node::Mrsw(node) = &mut self.node {
+            match info.kind {
+                1 | 2 | 4 => node.set_home(range.clone(), info.rank as Rank),
+                3 => node.set_private(range.clone()),
                 _ => {}
-            },
-            Node::Release(node) => match info.kind {
-                1 | 2 | 4 => node.set_home(range, info.rank as Rank),
-                // Each rank is the home of its own private pages: mapped
-                // at first touch, never a message about them.
-                3 => node.set_home(range, self.rank),
-                _ => {}
-            },
-            Node::Migratory(_) => {}
+            }
+        }
+        match info.kind {
+            1 | 2 | 4 => self.release.set_home(range.clone(), info.rank as Rank),
+            // Under release consistency each rank is the home of its own
+            // private pages: mapped at first touch, never a message.
+            3 => self.release.set_home(range.clone(), self.rank),
+            _ => {}
+        }
+        if info.kind != KIND_RAW {
+            self.rc.set(range, Some(info.release));
         }
     }
 
@@ -173,7 +175,7 @@ impl Engine {
             let actions = match &mut self.node {
                 Node::Mrsw(n) if seal => n.seal(page)?,
                 Node::Mrsw(n) => n.settle(page)?,
-                Node::Migratory(_) | Node::Release(_) => vec![Action::Settled { page }],
+                Node::Migratory(_) => vec![Action::Settled { page }],
             };
             self.apply(actions, Carried::Nothing)?;
         }
@@ -227,13 +229,13 @@ impl Engine {
         kind: u8,
         make: impl FnOnce(u64) -> Msg,
     ) -> bool {
+        let placement = kind & !KIND_RELEASE;
         let refused = match self.node {
-            Node::Mrsw(_) => None,
-            Node::Release(_) if matches!(kind, 2 | 4) => Some(format!(
-                "{} segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default): under DSM_PROTOCOL=release only distributed, localized and private segments exist",
-                kind_name(kind)
+            Node::Mrsw(_) if kind & KIND_RELEASE != 0 && matches!(placement, 2 | 4) => Some(format!(
+                "a release-consistent {} segment cannot exist: sealing and file sync need sequential consistency (allocate it with Consistency::Sequential, or DSM_SEQUENTIAL in C)",
+                kind_name(placement)
             )),
-            Node::Release(_) => None,
+            Node::Mrsw(_) => None,
             Node::Migratory(_) => Some(
                 "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default) or release consistency (DSM_PROTOCOL=release)".into(),
             ),

@@ -10,7 +10,7 @@
 //! dropped before a barrier or a lock grant returns to the caller.
 
 use super::protocol::Carried;
-use super::{Engine, Node, Reply};
+use super::{Engine, Reply};
 use crate::error::DsmError;
 use crate::proto::Msg;
 use crate::Rank;
@@ -35,9 +35,6 @@ impl Engine {
     /// (one release at a time, in the order they were asked for: each
     /// takes the writes made before it).
     pub(super) fn synchronize(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
-        if !matches!(self.node, Node::Release(_)) {
-            return self.go_on(sync);
-        }
         self.after_release.push_back(sync);
         if self.after_release.len() == 1 {
             self.start_release()?;
@@ -48,10 +45,7 @@ impl Engine {
     /// Sends the diffs of this rank's dirty copies for the first
     /// synchronization waiting; `released` follows once they are in.
     fn start_release(&mut self) -> Result<(), DsmError> {
-        let Node::Release(node) = &mut self.node else {
-            return Ok(());
-        };
-        let actions = node.release()?;
+        let actions = self.release.release()?;
         self.apply(actions, Carried::Nothing)
     }
 
@@ -98,10 +92,7 @@ impl Engine {
     /// (in runs of consecutive pages), so the next access reads what the
     /// homes hold now.
     fn acquire(&mut self) -> Result<(), DsmError> {
-        let Node::Release(node) = &mut self.node else {
-            return Ok(());
-        };
-        let actions = node.acquire()?;
+        let actions = self.release.acquire()?;
         self.apply_in_runs(actions)
     }
 
@@ -140,7 +131,7 @@ impl Engine {
     /// acquire, after any release asked for before it (a thread's unlock
     /// may still be releasing); at once otherwise.
     fn passed(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
-        if matches!(self.node, Node::Release(_)) && !self.after_release.is_empty() {
+        if !self.after_release.is_empty() {
             self.synchronize(sync)
         } else {
             self.go_on(sync)

@@ -12,7 +12,9 @@
 //!   C; every element must equal the serial product bit for bit.
 //! * `kernels histogram [VALUES]` (default 200000 per rank): every rank
 //!   adds its values into 256 shared buckets with atomic `fetch_add`; the
-//!   buckets must equal the serial histogram of all ranks' values.
+//!   buckets must equal the serial histogram of all ranks' values. The
+//!   buckets are a sequentially consistent segment whatever `DSM_PROTOCOL`
+//!   says (atomics need one writer at a time).
 //!
 //! * `kernels falseshare [INCREMENTS [COUNTERS]]` (default 100000, 512):
 //!   every rank increments its own COUNTERS 8-byte counters, INCREMENTS
@@ -31,7 +33,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use dsm::{Dsm, Epoch, Placement, SharedArray};
+use dsm::{Consistency, Dsm, Epoch, Placement, SharedArray};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -297,7 +299,9 @@ fn histogram(dsm: &Dsm, values: usize) -> Result<Option<String>> {
     let (rank, size) = (dsm.rank(), dsm.size());
     let raw = dsm.words();
     if rank == 0 {
-        let seg = dsm.alloc(BUCKETS * 8, Placement::Distributed)?;
+        // Atomic read-modify-writes by several ranks need a single writer
+        // at a time: sequentially consistent, also under DSM_PROTOCOL=release.
+        let seg = dsm.alloc_with(BUCKETS * 8, Placement::Distributed, Consistency::Sequential)?;
         raw[90].store(seg.addr() as u64, Relaxed);
     }
     dsm.barrier()?;
