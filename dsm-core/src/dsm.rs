@@ -157,13 +157,12 @@ impl Dsm {
             .wait_spin
             .unwrap_or_else(|| crate::config::auto_wait_spin(local_ranks.max(1)));
         let cache_bytes = match config.protocol {
-            Protocol::Mrsw => {
+            Protocol::Mrsw | Protocol::Release => {
                 let ram = crate::memory::node_total().map_or(u64::MAX, |(ram, _)| ram);
                 config.cache.resolve(ram, local_ranks)
             }
-            // Nothing is evicted under the seed's protocol; release
-            // consistency drops copies at each acquire, and evicts nothing.
-            Protocol::Migratory | Protocol::Release => None,
+            // Nothing is evicted under the seed's protocol.
+            Protocol::Migratory => None,
         };
         if let (Some(cache), Some((ram, swap))) = (cache_bytes, crate::memory::node_total()) {
             let need = cache as u64 * local_ranks.max(1) as u64;
@@ -711,7 +710,7 @@ impl Dsm {
     /// a lower bound are evicted at once. Under the migratory protocol,
     /// which evicts nothing, this changes nothing.
     pub fn set_cache_size(&self, bytes: Option<usize>) -> Result<(), DsmError> {
-        if self.config.protocol != Protocol::Mrsw {
+        if self.config.protocol == Protocol::Migratory {
             return Ok(());
         }
         *self.cache_bytes.lock().unwrap_or_else(|p| p.into_inner()) = bytes;

@@ -116,6 +116,31 @@ fn jacobi_matches_the_serial_run_bit_for_bit() {
     assert!(line.contains("equals the serial run"), "{line}");
 }
 
+/// A cache of 64 pages while every rank reads a space of 2048: clean
+/// copies are evicted without a message, every value read is right.
+#[test]
+fn clean_copies_are_evicted_to_bound_the_cache() {
+    let out = release_job(
+        3,
+        &bin("roundrobin"),
+        &[],
+        &[
+            ("DSM_CACHE_SIZE", "64p"),
+            ("DSM_SPACE_SIZE", "8M"),
+            ("DSM_STATS", "1"),
+        ],
+    );
+    out.expect_each_rank(3, "3 rounds over 2048 pages verified");
+    let stats = out.lines_of(1, &short_hostname(), "stderr").join("\n");
+    let evicted: u64 = stats
+        .split("evictions clean ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(evicted > 1000, "{stats}");
+}
+
 /// Atomic read-modify-writes of several ranks need one writer at a time:
 /// the histogram's buckets are a sequentially consistent segment of the
 /// release-consistent job, and every bucket is exact.

@@ -292,14 +292,17 @@ impl Engine {
         self.pages_since_memory_check += 1;
         Stats::add(&self.stats.pages_received, 1);
         Stats::add(&self.stats.bytes_received, bytes as u64);
-        if let Node::Mrsw(node) = &self.node {
-            if node.home_of(page) != self.rank && !self.rc.contains(page) {
-                self.cache.installed(page);
-                Stats::raise(
-                    &self.stats.peak_cached_bytes,
-                    (node.cached() * PAGE_SIZE) as u64,
-                );
-            }
+        let elsewhere = match &self.node {
+            _ if self.rc.contains(page) => self.release.home_of(page) != self.rank,
+            Node::Mrsw(node) => node.home_of(page) != self.rank,
+            Node::Migratory(_) => false,
+        };
+        if elsewhere {
+            self.cache.installed(page);
+            Stats::raise(
+                &self.stats.peak_cached_bytes,
+                (self.cached() * PAGE_SIZE) as u64,
+            );
         }
         if let Some(start) = self.fetch_started.remove(&page) {
             self.stats.record_latency(start.elapsed());

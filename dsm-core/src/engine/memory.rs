@@ -6,6 +6,7 @@
 use super::protocol::Carried;
 use super::{Engine, Node};
 use crate::coherence::mrsw::Copy;
+use crate::coherence::release::RcCopy;
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
 use crate::pages::PageSet;
@@ -113,6 +114,25 @@ impl Engine {
                 break;
             };
             self.cache.queued.remove(page);
+            if self.rc.contains(page) {
+                // Release consistency: a clean copy goes without a word (its
+                // home keeps no directory); a dirty one waits for its diff,
+                // a fetch for its grant.
+                match self.release.copy_of(page) {
+                    Some(RcCopy::Invalid) | None => {}
+                    Some(RcCopy::Clean) => {
+                        if let Some(drop) = self.release.evict(page) {
+                            Stats::add(&self.stats.evictions_clean, 1);
+                            self.apply(vec![drop], Carried::Nothing)?;
+                        }
+                    }
+                    Some(RcCopy::Dirty | RcCopy::Fetching { .. }) => {
+                        self.cache.installed(page);
+                        passed += 1;
+                    }
+                }
+                continue;
+            }
             let Node::Mrsw(node) = &mut self.node else {
                 return Ok(());
             };
