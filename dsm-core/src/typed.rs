@@ -122,7 +122,7 @@ use std::ops::{Bound, Deref, DerefMut, Range, RangeBounds};
 pub use bytemuck::{self, Pod, Zeroable};
 
 use crate::config::PAGE_SIZE;
-use crate::{Dsm, DsmError, Placement, Rank, Segment};
+use crate::{Consistency, Dsm, DsmError, Placement, Rank, Segment};
 
 /// A typed handle to `len` values of `T` at the start of a segment: the
 /// same address on every rank. Read and write it through an [`Epoch`].
@@ -163,6 +163,19 @@ impl<T: Pod> SharedArray<T> {
     /// the same array.
     pub fn coalloc(dsm: &Dsm, len: usize, placement: Placement) -> Result<Self, DsmError> {
         Self::from_segment(&dsm.coalloc(Self::bytes(len)?, placement)?)
+    }
+
+    /// [`SharedArray::coalloc`] with the array's consistency chosen
+    /// ([`Dsm::coalloc_with`]): e.g. [`Consistency::Release`] for values
+    /// every rank writes interleaved (false sharing), whatever the job's
+    /// protocol.
+    pub fn coalloc_with(
+        dsm: &Dsm,
+        len: usize,
+        placement: Placement,
+        consistency: Consistency,
+    ) -> Result<Self, DsmError> {
+        Self::from_segment(&dsm.coalloc_with(Self::bytes(len)?, placement, consistency)?)
     }
 
     /// Allocates `len` values for this rank alone ([`Dsm::alloc`]); other
