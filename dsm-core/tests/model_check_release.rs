@@ -554,3 +554,53 @@ fn fetches_by_other_threads_across_barriers_never_leave_stale_words() {
     let states = model.run();
     assert!(states > 1000, "{states} states");
 }
+
+#[test]
+fn a_page_asked_again_at_an_acquire_holds_every_writer_of_that_barrier() {
+    // Ranks 0 and 1 write page 1 (homed at rank 2) for the second barrier
+    // while rank 2 may not have passed the first yet: the copy each asks
+    // for again at the second barrier's acquire must hold both ranks' words.
+    let model = Model {
+        n: 3,
+        pages: 2,
+        words: 2,
+        homes: vec![2, 2],
+        programs: vec![
+            vec![Write(0, 0), Barrier, Write(1, 0), Barrier, Read(1, 1)],
+            vec![Write(0, 1), Barrier, Write(1, 1), Barrier, Read(1, 0)],
+            vec![
+                Barrier,
+                Barrier,
+                Read(0, 0),
+                Read(0, 1),
+                Read(1, 0),
+                Read(1, 1),
+            ],
+        ],
+        extra_faults: 0,
+    };
+    let states = model.run();
+    assert!(states > 1000, "{states} states");
+}
+
+#[test]
+fn a_page_asked_again_after_one_barrier_is_not_taken_for_the_next() {
+    // Rank 0 writes page 0 before the first barrier, so it asks for it
+    // again at that barrier's acquire; the copy may still be on its way
+    // when rank 0 passes the second, after which it must read rank 1's
+    // later word.
+    let model = Model {
+        n: 3,
+        pages: 1,
+        words: 2,
+        homes: vec![2],
+        programs: vec![
+            vec![Write(0, 0), Barrier, Barrier, Read(0, 1)],
+            vec![Barrier, Write(0, 1), Barrier, Read(0, 0)],
+            vec![Barrier, Barrier, Read(0, 0), Read(0, 1)],
+        ],
+        extra_faults: 0,
+    };
+    let states = model.run();
+    assert!(states > 100, "{states} states");
+}
