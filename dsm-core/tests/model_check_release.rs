@@ -224,11 +224,16 @@ impl Model {
                     let twin = w.twin[rank][page]
                         .take()
                         .ok_or(format!("rank {rank} diffs page {page} without a twin"))?;
-                    let changed = (0..self.words)
+                    let changed: Vec<(usize, u64)> = (0..self.words)
                         .filter(|&i| copy.0[i] != twin[i])
                         .map(|i| (i, copy.0[i]))
                         .collect();
-                    w.links[rank * n + to].push_back(M::Diff(page, changed));
+                    if changed.is_empty() {
+                        let more = w.nodes[rank].diff_empty(page).map_err(|e| e.to_string())?;
+                        self.apply(w, rank, more, carried)?;
+                    } else {
+                        w.links[rank * n + to].push_back(M::Diff(page, changed));
+                    }
                 }
                 Action::ApplyDiff { page } => {
                     let M::Diff(p, changed) = carried else {
@@ -314,7 +319,16 @@ impl Model {
                             w.barrier[r] == InBarrier::Arrived && self.epoch_of(r, w.pc[r]) == epoch
                                 || self.epoch_of(r, w.pc[r]) > epoch
                         });
-                        if all {
+                        if all && w.nodes[rank].dirty_pages() > 0 {
+                            // A copy came back writable since the release
+                            // (asked for again at an earlier acquire): the
+                            // engine releases again before the acquire.
+                            let mut s = w.clone();
+                            s.barrier[rank] = InBarrier::Releasing;
+                            let actions = s.nodes[rank].release().map_err(|e| e.to_string())?;
+                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            next.push(s);
+                        } else if all {
                             let mut s = w.clone();
                             let actions = s.nodes[rank].acquire().map_err(|e| e.to_string())?;
                             self.apply(&mut s, rank, actions, &M::ReadReq(0))?;

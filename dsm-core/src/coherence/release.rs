@@ -21,9 +21,12 @@
 //! * acquire (after a lock grant, a barrier's release): every clean copy
 //!   of a page homed elsewhere is dropped, so the next access fetches what
 //!   the homes hold now; those this rank wrote since the last acquire are
-//!   asked for again at once (iterative programs write the same pages each
-//!   step). A fetch in flight across the acquire may carry bytes of before
-//!   it: its grant is not installed, the page is asked for again.
+//!   asked for again at once, to come back writable with a twin (iterative
+//!   programs write the same pages each step; an empty diff at the next
+//!   release is not sent, and stops that). A fetch in flight across the
+//!   acquire may carry bytes of before it: its grant is not installed, the
+//!   page is asked for again. No copy is dirty at an acquire: the engine
+//!   releases again first if one became dirty since the release.
 //!
 //! What programs see: a data-race-free program (conflicting accesses of
 //! different ranks ordered by locks or barriers) sees sequential
@@ -394,6 +397,22 @@ impl Release {
         Ok(actions)
     }
 
+    /// The diff of `page` (an [`Action::SendDiff`] of the release under
+    /// way) turned out empty: nothing changed since the twin, nothing is
+    /// sent, and the page is not one this rank writes every step (the next
+    /// acquire does not ask for it again).
+    pub fn diff_empty(&mut self, page: usize) -> Actions {
+        if self.releasing.acks_due == 0 || !self.written.remove(&page) {
+            return Err(CoherenceError::Unexpected {
+                page,
+                from: self.rank,
+                what: "an empty diff it did not send",
+            });
+        }
+        self.releasing.acks_due -= 1;
+        Ok(self.release_done())
+    }
+
     fn release_done(&mut self) -> Vec<Action> {
         if self.releasing.waiting && self.releasing.acks_due == 0 {
             self.releasing.waiting = false;
@@ -403,17 +422,18 @@ impl Release {
         }
     }
 
-    /// An acquire (after a lock grant, a barrier's release): every clean
-    /// copy of a page homed elsewhere is dropped, and those this rank wrote
-    /// since the last acquire are asked for again at once; a fetch in
-    /// flight is asked again when its grant arrives. It follows a completed release, so a
-    /// dirty copy is one another thread of this rank wrote since: it is
-    /// kept (dropping it would lose those writes), and its other words may
-    /// stay as old as the copy until the next acquire after its release.
+    /// An acquire (after a lock grant, a barrier's release): every copy of
+    /// a page homed elsewhere is dropped, and those this rank wrote since
+    /// the last acquire are asked for again at once, writable (most likely
+    /// written again); a fetch in flight is asked again when its grant
+    /// arrives. It follows a completed release with no copy dirty since
+    /// (the caller releases again while one is: another thread's write, or
+    /// a copy that came back writable): a dirty copy would keep words older
+    /// than the acquire.
     pub fn acquire(&mut self) -> Actions {
-        if self.releasing.waiting {
+        if self.releasing.waiting || !self.dirty.is_empty() {
             return Err(CoherenceError::Unexpected {
-                page: 0,
+                page: self.dirty.first().copied().unwrap_or(0),
                 from: self.rank,
                 what: "an acquire before its release completed",
             });
@@ -428,8 +448,11 @@ impl Release {
                     self.set(page, RcCopy::Fetching { write, stale: true });
                 }
                 Some(RcCopy::Clean) if written.contains(&page) => {
+                    // Written last step, most likely written again: it
+                    // comes back writable, with its twin (an empty diff at
+                    // the next release says it was not).
                     let fetching = RcCopy::Fetching {
-                        write: false,
+                        write: true,
                         stale: false,
                     };
                     self.set(page, fetching);
@@ -443,8 +466,7 @@ impl Release {
                     self.set(page, RcCopy::Invalid);
                     actions.push(Action::DropPage { page });
                 }
-                Some(RcCopy::Dirty) => self.set(page, RcCopy::Dirty),
-                Some(RcCopy::Invalid) | None => {}
+                Some(RcCopy::Dirty | RcCopy::Invalid) | None => {}
             }
         }
         // Every drop first: the requests leave after them.
@@ -503,7 +525,8 @@ mod tests {
         );
         assert!(a.quiescent());
         assert_eq!(a.copy_of(0), Some(RcCopy::Clean));
-        // Written since the last acquire: dropped and asked for again.
+        // Written since the last acquire: dropped and asked for again,
+        // to come back writable with its twin.
         assert_eq!(
             a.acquire().unwrap(),
             vec![
@@ -515,10 +538,17 @@ mod tests {
             ]
         );
         assert!(!a.quiescent());
-        a.on_message(0, &grant(0)).unwrap();
-        assert_eq!(a.copy_of(0), Some(RcCopy::Clean));
-        // Not written since: only dropped.
-        assert_eq!(a.release().unwrap(), vec![Action::Released]);
+        let back = a.on_message(0, &grant(0)).unwrap();
+        assert!(back.contains(&Action::TakeTwin { page: 0 }), "{back:?}");
+        assert_eq!(a.copy_of(0), Some(RcCopy::Dirty));
+        // Not written this time: its diff is empty, nothing is sent, and
+        // the next acquire only drops it.
+        assert_eq!(
+            a.release().unwrap(),
+            vec![Action::SendDiff { to: 0, page: 0 }]
+        );
+        assert_eq!(a.diff_empty(0).unwrap(), vec![Action::Released]);
+        assert!(a.diff_empty(0).is_err());
         assert_eq!(a.acquire().unwrap(), vec![Action::DropPage { page: 0 }]);
     }
 

@@ -293,6 +293,10 @@ impl Engine {
         };
         self.faults.write_protect(page, 1)?;
         let runs = twin::diff(self.faults.page_words(page), &twin)?;
+        if runs.is_empty() {
+            let actions = self.release.diff_empty(page)?;
+            return self.apply(actions, Carried::Nothing);
+        }
         Stats::add(&self.stats.diffs_sent, 1);
         let words = runs.iter().map(|r| r.words.len() as u64).sum();
         Stats::add(&self.stats.diff_words_sent, words);

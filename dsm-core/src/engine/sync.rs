@@ -29,6 +29,16 @@ pub(crate) enum AfterRelease {
     LockGranted { ticket: u64, reply: Reply<u64> },
 }
 
+impl AfterRelease {
+    /// An acquire: it drops the copies, so no copy may be dirty then.
+    fn acquires(&self) -> bool {
+        matches!(
+            self,
+            AfterRelease::BarrierPassed(_) | AfterRelease::LockGranted { .. }
+        )
+    }
+}
+
 impl Engine {
     /// Carries out a synchronization: at once under the sequentially
     /// consistent protocols, after a release under release consistency
@@ -57,6 +67,13 @@ impl Engine {
                 "a release completed that no synchronization waited for".into(),
             ));
         };
+        if sync.acquires() && self.release.dirty_pages() > 0 {
+            // Copies dirtied while the diffs travelled (another thread's
+            // stores, or a page that came back writable): released too
+            // before the acquire, which drops every copy.
+            self.after_release.push_front(sync);
+            return self.start_release();
+        }
         self.go_on(sync)?;
         if !self.after_release.is_empty() {
             self.start_release()?;
@@ -127,11 +144,11 @@ impl Engine {
         }
     }
 
-    /// A barrier passed or a lock granted: under release consistency an
-    /// acquire, after any release asked for before it (a thread's unlock
-    /// may still be releasing); at once otherwise.
+    /// A barrier passed or a lock granted: an acquire, after any release
+    /// asked for before it (a thread's unlock may still be releasing) and
+    /// after one of the copies dirtied since the last; at once otherwise.
     fn passed(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
-        if !self.after_release.is_empty() {
+        if !self.after_release.is_empty() || self.release.dirty_pages() > 0 {
             self.synchronize(sync)
         } else {
             self.go_on(sync)
