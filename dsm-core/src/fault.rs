@@ -1360,7 +1360,8 @@ impl FaultHandler {
     }
 
     /// The bytes of a present, write-protected page, read in place (the
-    /// home sends its own read-only copy without copying it out).
+    /// home sends its own read-only copy without copying it out; a
+    /// release-consistent copy is twinned and diffed).
     pub fn mapped_page(&self, page: usize) -> &[u8] {
         let addr = self.addr(page);
         // SAFETY: the page is present (caller's invariant: the engine's

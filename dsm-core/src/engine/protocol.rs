@@ -292,7 +292,7 @@ impl Engine {
             )));
         };
         self.faults.write_protect(page, 1)?;
-        let runs = twin::diff(self.faults.page_words(page), &twin)?;
+        let runs = twin::diff(self.faults.mapped_page(page), &twin)?;
         if runs.is_empty() {
             let actions = self.release.diff_empty(page)?;
             return self.apply(actions, Carried::Nothing);
@@ -528,7 +528,8 @@ impl Engine {
                 }
                 Action::Settled { page } => self.settled(page)?,
                 Action::TakeTwin { page } => {
-                    let twin = twin::take_twin(self.faults.page_words(page))?;
+                    // Installed write-protected: read in place.
+                    let twin = twin::take_twin(self.faults.mapped_page(page))?;
                     self.twins.insert(page, twin);
                 }
                 Action::SendDiff { to, page } => self.send_diff(to, page)?,
