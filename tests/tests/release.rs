@@ -102,6 +102,28 @@ fn locks_order_plain_increments_exactly() {
     }
 }
 
+/// Forty rounds of collective segments (distributed, localized, private)
+/// allocated, written, checked, dirtied and freed in a heap that holds a
+/// quarter of them: no copy, twin or master copy of a freed segment is
+/// left, the range comes back all zeros; also with a tiny cache (evictions
+/// cross the frees) and faults through the fault thread.
+#[test]
+fn freed_release_segments_leave_nothing_behind() {
+    for (n, env) in [
+        (2, vec![]),
+        (4, vec![]),
+        (3, vec![("DSM_CACHE_SIZE", "32K"), ("DSM_FAULTS", "thread")]),
+    ] {
+        let mut env = env;
+        env.push(("DSM_SPACE_SIZE", "4M"));
+        let out = release_job(n, &bin("segments"), &["free", "40"], &env);
+        out.expect_each_rank(
+            n,
+            "free verified: 40 rounds in 2 distinct places, new segments all zeros, values exact",
+        );
+    }
+}
+
 #[test]
 fn collective_segments_give_exact_sums() {
     let out = release_job(4, &bin("segments"), &["collective"], &[]);

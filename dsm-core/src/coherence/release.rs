@@ -474,6 +474,32 @@ impl Release {
         Ok(actions)
     }
 
+    /// True when a collective free may take `page` away here: no fetch of
+    /// it in flight, and no diff waiting for its acknowledgement (which
+    /// names a page whose home is about to be forgotten).
+    pub fn free_ready(&self, page: usize) -> bool {
+        !self.releasing.waiting && !matches!(self.copy_of(page), Some(RcCopy::Fetching { .. }))
+    }
+
+    /// A collective free's first step: this rank's copy of `page` goes,
+    /// writes to it included (the memory is being freed).
+    pub fn release_for_free(&mut self, page: usize) -> Vec<Action> {
+        self.written.remove(&page);
+        match self.copy_of(page) {
+            Some(RcCopy::Clean | RcCopy::Dirty) => {
+                self.set(page, RcCopy::Invalid);
+                vec![Action::DropPage { page }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A collective free's second step at a page's home (or a private
+    /// page's rank): its master copy is forgotten (the engine unmaps it).
+    pub fn reset_home_page(&mut self, page: usize) {
+        self.mapped_here.remove(&page);
+    }
+
     /// Drops a clean copy to make room (a bounded cache). `None`, and
     /// nothing done, for a copy that is dirty, being fetched, or absent.
     pub fn evict(&mut self, page: usize) -> Option<Action> {

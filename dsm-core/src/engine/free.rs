@@ -104,12 +104,6 @@ impl Engine {
                 "segments need the multi-reader protocol (DSM_PROTOCOL=mrsw, the default)".into(),
             );
         }
-        if segment.release {
-            return refuse(format!(
-                "segment {} is release-consistent, and such segments live until the job ends: allocate it with Consistency::Sequential (DSM_SEQUENTIAL in C) to free it",
-                segment.id
-            ));
-        }
         if segment.id == 0 {
             return refuse(format!(
                 "{addr:#x} is heap memory used without a segment: only a segment from alloc or coalloc can be freed"
@@ -193,7 +187,14 @@ impl Engine {
         let Node::Mrsw(node) = &self.node else {
             return Ok(());
         };
-        if f.reply.is_none() || f.released || !pages.clone().all(|p| node.free_ready(p)) {
+        let ready = |p: usize| {
+            if segment.release {
+                self.release.free_ready(p)
+            } else {
+                node.free_ready(p)
+            }
+        };
+        if f.reply.is_none() || f.released || !pages.clone().all(ready) {
             return Ok(());
         }
         // As an eviction: drops of consecutive pages go in runs, and their
@@ -201,10 +202,16 @@ impl Engine {
         self.run_staged()?;
         self.batch_clock = Some(self.now());
         let released = pages.into_iter().try_for_each(|page| {
-            let actions = self.counted(|node| match node {
-                Node::Mrsw(n) => n.release_for_free(page),
-                Node::Migratory(_) => Ok(Vec::new()),
-            })?;
+            let actions = if segment.release {
+                // Writes to memory being freed are dropped with their twin.
+                self.twins.remove(&page);
+                self.release.release_for_free(page)
+            } else {
+                self.counted(|node| match node {
+                    Node::Mrsw(n) => n.release_for_free(page),
+                    Node::Migratory(_) => Ok(Vec::new()),
+                })?
+            };
             self.apply(actions, Carried::Nothing)
         });
         self.batch_clock = None;
@@ -232,8 +239,15 @@ impl Engine {
             return Ok(());
         };
         let me = self.rank;
-        let homed: Vec<usize> = if segment.kind == 3 {
-            Vec::new() // private: no homes
+        if segment.release {
+            // No directory: the master copies (private pages' too) are
+            // forgotten, and dropped with the range below.
+            for page in pages.clone() {
+                self.release.reset_home_page(page);
+            }
+        }
+        let homed: Vec<usize> = if segment.kind == 3 || segment.release {
+            Vec::new() // private, or release-consistent: no directory
         } else {
             pages.clone().filter(|p| node.home_of(*p) == me).collect()
         };
@@ -302,7 +316,7 @@ impl Engine {
                 f.reset_by[from] = true;
                 let pages = f.pages();
                 let done = f.reset_by.iter().all(|r| *r);
-                if from != self.rank && segment.kind != 3 {
+                if from != self.rank && segment.kind != 3 && !segment.release {
                     if let Node::Mrsw(node) = &mut self.node {
                         for page in pages.clone() {
                             if node.home_of(page) == from {
