@@ -253,6 +253,49 @@ fn a_wait_past_dsm_hang_report_s_is_reported_by_the_rank_itself() {
     hang_report_scenario(Ask::Threshold);
 }
 
+/// Release consistency's side of a hang report: a barrier whose release
+/// waits for a stopped home's acknowledgement of a diff says so.
+#[test]
+fn a_hang_report_names_a_release_waiting_for_its_diffs() {
+    const N: usize = 3;
+    let (victim, waiter) = (1usize, 2usize);
+    let token = unique_token("hangrelease");
+    let dir = scratch_dir(&token);
+    let go = dir.join("go");
+    let host = short_hostname();
+    let mut cmd = dsmexec(
+        &[
+            "-n",
+            &N.to_string(),
+            &bin("dsmfault").display().to_string(),
+            "release",
+            &victim.to_string(),
+            &go.display().to_string(),
+        ],
+        &dir,
+    );
+    cmd.env("DSM_PEER_TIMEOUT", "6")
+        .env("DSM_HANG_REPORT_S", "1")
+        .env("DSM_PROTOCOL", "release");
+    let mut job = Running::start(cmd, Duration::from_secs(60));
+    job.await_lines(N, |l| l.contains(" ready ("));
+    let victim_pid = pid_of(job.stdout_lines(), victim);
+    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+    std::fs::write(&go, "").expect("go file");
+    job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
+    let out = job.finish();
+    let report = out.lines_of(waiter, &host, "stderr");
+    assert!(
+        report.iter().any(|l| l
+            == &format!(
+                "dsm: rank {waiter}: releasing before a barrier entry: 1 diff(s) sent to their homes not acknowledged yet"
+            )),
+        "{report:#?}\n{out:?}"
+    );
+    assert_no_leftovers(&token, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The barrier's side of a hang report: rank 0, which counts arrivals,
 /// names the rank that never came.
 #[test]

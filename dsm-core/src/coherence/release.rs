@@ -164,6 +164,11 @@ impl Release {
         self.held.len()
     }
 
+    /// Diffs sent and not acknowledged yet.
+    pub fn diffs_unacknowledged(&self) -> usize {
+        self.releasing.acks_due
+    }
+
     /// Pages holding writes not yet sent to their homes.
     pub fn dirty_pages(&self) -> usize {
         self.dirty.len()

@@ -65,6 +65,13 @@ impl Engine {
                 self.lock_home(lock)
             ));
         }
+        if let Some(sync) = self.after_release.front() {
+            lines.push(format!(
+                "releasing before {}: {} diff(s) sent to their homes not acknowledged yet",
+                sync.name(),
+                self.release.diffs_unacknowledged()
+            ));
+        }
         if self.barrier_waiter.is_some() {
             lines.push(format!(
                 "in barrier {}, whose arrivals rank 0 counts",

@@ -30,6 +30,17 @@ pub(crate) enum AfterRelease {
 }
 
 impl AfterRelease {
+    /// What it is, for a hang report.
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            AfterRelease::Barrier(_) => "a barrier entry",
+            AfterRelease::Lock { .. } => "a lock request",
+            AfterRelease::Unlock { .. } => "an unlock",
+            AfterRelease::BarrierPassed(_) => "the acquire of a barrier passed",
+            AfterRelease::LockGranted { .. } => "the acquire of a lock granted",
+        }
+    }
+
     /// An acquire: it drops the copies, so no copy may be dirty then.
     fn acquires(&self) -> bool {
         matches!(

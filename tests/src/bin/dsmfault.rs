@@ -9,6 +9,12 @@
 //!   copy); after a barrier every rank prints `ready`. The waiter (rank
 //!   VICTIM+1 mod N) waits for GO_FILE, prints `rank R touching`, and reads
 //!   that page: with the victim stopped (SIGSTOP) it waits in the fault.
+//! * `release` (under `DSM_PROTOCOL=release`): the waiter (rank VICTIM+1
+//!   mod N) writes a word of page VICTIM (homed at the victim) and holds
+//!   the page again after a barrier; every rank prints `ready`. The waiter
+//!   waits for GO_FILE, prints `rank R touching`, writes the word again and
+//!   enters a barrier, whose release waits for the victim's acknowledgement
+//!   of its diff: with the victim stopped it waits there.
 //! * `barrier`: the victim prints `ready` and idles; the others print
 //!   `rank R entering barrier` and wait in a barrier it never joins.
 //! * `leave`: after the first barrier the victim exits with status 0
@@ -92,6 +98,32 @@ fn main() {
             say(format!("rank {rank} touching"));
             let value = word.load(Relaxed);
             say(format!("rank {rank} read {value}"));
+            idle();
+        }
+        "release" => {
+            let waiter = (victim + 1) % size;
+            let word = &words[(victim % size) * per_page + 1];
+            if rank == waiter {
+                word.store(1, Relaxed);
+            }
+            dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
+            // The page back here before the victim may be stopped.
+            let before = word.load(Relaxed);
+            say(format!("rank {rank} pid {pid} ready ({before})"));
+            if rank != waiter {
+                idle();
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !Path::new(&go).exists() {
+                if Instant::now() >= deadline {
+                    fail(format!("{go} never appeared"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            say(format!("rank {rank} touching"));
+            word.store(2, Relaxed);
+            let result = dsm.barrier();
+            say(format!("rank {rank} left the barrier: {result:?}"));
             idle();
         }
         "barrier" => {
