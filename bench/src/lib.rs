@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::BenchmarkGroup;
 use dsm_core::bootstrap::Bootstrap;
-use dsm_core::{Config, Dsm, Transport, PAGE_SIZE};
+use dsm_core::{Config, Dsm, Protocol, Transport, PAGE_SIZE};
 use transport_tcp::{TcpOptions, TcpTransport};
 
 pub const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
@@ -176,6 +176,32 @@ pub fn start_dsms(transports: Vec<Arc<dyn Transport>>, pages: usize) -> Vec<Dsm>
     transports
         .into_iter()
         .map(|t| start_dsm(t, pages))
+        .collect()
+}
+
+/// [`start_dsm`] under coherence protocol `protocol`, whatever
+/// `DSM_PROTOCOL` says (the other `DSM_*` variables apply).
+pub fn start_dsm_with(transport: Arc<dyn Transport>, pages: usize, protocol: Protocol) -> Dsm {
+    let hosts = vec!["localhost".to_string(); transport.size()];
+    let config = Config {
+        protocol,
+        ..config(transport.rank(), pages)
+    }
+    .validate()
+    .expect("bench configuration");
+    let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+    Dsm::start(space, transport, hosts, config).expect("starting the DSM")
+}
+
+/// [`start_dsms`] under coherence protocol `protocol`.
+pub fn start_dsms_with(
+    transports: Vec<Arc<dyn Transport>>,
+    pages: usize,
+    protocol: Protocol,
+) -> Vec<Dsm> {
+    transports
+        .into_iter()
+        .map(|t| start_dsm_with(t, pages, protocol))
         .collect()
 }
 
