@@ -451,7 +451,6 @@ impl TcpTransport {
                         .spawn(move || {
                             let stops = (&*reader_stop, &*writer_stop);
                             shm::watch_connection(
-                                peer_rank,
                                 read_half,
                                 &probe,
                                 stops,
@@ -1147,9 +1146,6 @@ impl Transport for TcpTransport {
         for (rank, peer) in self.peers.iter().enumerate() {
             let Some(peer) = peer else { continue };
             let sent = self.write_to(rank, KIND_GOODBYE, &[]);
-            if let Err(e) = &sent {
-                tracing::warn!("rank {}: goodbye to rank {rank} failed: {e}", self.rank);
-            }
             // After the goodbye (on the ring of a co-located pair too).
             if let Ok(_w) = peer.writer.lock() {
                 let _ = peer.socket.shutdown(Shutdown::Write);

@@ -316,14 +316,6 @@ pub struct RingProbe {
 }
 
 impl RingProbe {
-    /// The reader's and the writer's positions (tail, head), for a report.
-    pub fn positions(&self) -> (u64, u64) {
-        (
-            self.ring.tail().load(Ordering::SeqCst),
-            self.ring.head().load(Ordering::SeqCst),
-        )
-    }
-
     /// True when the reader waits on a ring with nothing published left:
     /// whatever came before was handled.
     pub fn waiting_for_more(&self) -> bool {

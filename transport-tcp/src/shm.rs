@@ -240,7 +240,6 @@ fn read_frame(s: &mut TcpStream) -> Result<Vec<u8>, String> {
 /// goodbye on its ring first is lost: `report_lost` says so, and the
 /// writer's waits end too.
 pub(crate) fn watch_connection(
-    peer: usize,
     mut socket: TcpStream,
     ring: &RingProbe,
     (reader_stop, writer_stop): (&AtomicBool, &AtomicBool),
@@ -260,12 +259,6 @@ pub(crate) fn watch_connection(
         std::thread::sleep(Duration::from_millis(1));
     }
     if !said_goodbye.load(Ordering::SeqCst) {
-        // Logged too: at shutdown nobody reads the loss from the inbox, and
-        // the goodbye this rank then fails to send is all that shows.
-        let (tail, head) = ring.positions();
-        tracing::warn!(
-            "the connection with rank {peer}, which talks through shared memory, ended: {why}; no goodbye read from its ring (reader waiting, ring tail {tail} head {head})"
-        );
         report_lost(why);
         writer_stop.store(true, Ordering::SeqCst);
     }
