@@ -51,10 +51,13 @@ impl AfterRelease {
 }
 
 impl Engine {
-    /// Carries out a synchronization: at once under the sequentially
-    /// consistent protocols, after a release under release consistency
-    /// (one release at a time, in the order they were asked for: each
-    /// takes the writes made before it).
+    /// Carries out a synchronization once this rank's release is done:
+    /// one release at a time, in the order they were asked for, each taking
+    /// the writes made before it (with no dirty copy, as under the
+    /// sequentially consistent protocols, it is done at once). A barrier
+    /// passed or a lock granted goes through here too: its acquire waits
+    /// for a thread's unlock still releasing, and for the copies dirtied
+    /// since the last release.
     pub(super) fn synchronize(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
         self.after_release.push_back(sync);
         if self.after_release.len() == 1 {
@@ -144,7 +147,7 @@ impl Engine {
             Msg::BarrierRelease { epoch } => {
                 if epoch == self.barrier_epoch {
                     if let Some(waiter) = self.barrier_waiter.take() {
-                        return self.passed(AfterRelease::BarrierPassed(waiter));
+                        return self.synchronize(AfterRelease::BarrierPassed(waiter));
                     }
                 }
                 Ok(())
@@ -152,17 +155,6 @@ impl Engine {
             other => Err(DsmError::Protocol(format!(
                 "from rank {from}: unexpected {other:?}"
             ))),
-        }
-    }
-
-    /// A barrier passed or a lock granted: an acquire, after any release
-    /// asked for before it (a thread's unlock may still be releasing) and
-    /// after one of the copies dirtied since the last; at once otherwise.
-    fn passed(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
-        if !self.after_release.is_empty() || self.release.dirty_pages() > 0 {
-            self.synchronize(sync)
-        } else {
-            self.go_on(sync)
         }
     }
 
@@ -225,7 +217,7 @@ impl Engine {
             }
             Msg::LockGrant { ticket, .. } => {
                 if let Some((_, reply)) = self.lock_waiters.remove(&ticket) {
-                    return self.passed(AfterRelease::LockGranted { ticket, reply });
+                    return self.synchronize(AfterRelease::LockGranted { ticket, reply });
                 }
             }
             other => {

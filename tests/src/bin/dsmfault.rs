@@ -49,6 +49,17 @@ fn fail(why: String) -> ! {
     std::process::exit(1)
 }
 
+/// Waits (at most a minute) for the test to create `go`.
+fn wait_for(go: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !Path::new(go).exists() {
+        if Instant::now() >= deadline {
+            fail(format!("{go} never appeared"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().cloned().unwrap_or_default();
@@ -88,13 +99,7 @@ fn main() {
             if rank != (victim + 1) % size {
                 idle();
             }
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !Path::new(&go).exists() {
-                if Instant::now() >= deadline {
-                    fail(format!("{go} never appeared"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_for(&go);
             say(format!("rank {rank} touching"));
             let value = word.load(Relaxed);
             say(format!("rank {rank} read {value}"));
@@ -113,13 +118,7 @@ fn main() {
             if rank != waiter {
                 idle();
             }
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !Path::new(&go).exists() {
-                if Instant::now() >= deadline {
-                    fail(format!("{go} never appeared"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_for(&go);
             say(format!("rank {rank} touching"));
             word.store(2, Relaxed);
             let result = dsm.barrier();
