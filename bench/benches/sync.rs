@@ -7,12 +7,20 @@
 //!   nothing waits for); uncontended.
 //! * `lock_2_ranks/dsm_lock_local`: rank 0 takes and releases the same
 //!   lock at its home (no network).
+//! * `lock_handoff_2_ranks/dsm_counter_under_lock`: both ranks at once
+//!   take lock 0 in turn and add 1 to a counter on page 0 (homed at rank
+//!   0) with a plain load and store, so the page follows the lock from one
+//!   rank to the other. The figure is one round: each rank's critical
+//!   section once (two hand-offs of the lock and of the page); the counter
+//!   is checked exact at the end. Beside `raw_round_trip_16B_16B` of the
+//!   same transports.
 //! * `barrier_N_ranks/raw_barrier` (N = 2, 4, 8): every rank other than 0
 //!   sends 16 B to rank 0, which answers each once all arrived (the shape
 //!   of the DSM's barrier) on the raw transport; `dsm_barrier`: every rank
 //!   calls `Dsm::barrier` in a loop. One thread per rank; the figure is
 //!   rank 0's time per barrier.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,7 +32,8 @@ use dsm_bench::{
 };
 use dsm_core::{Dsm, Transport};
 
-/// The barrier and lock benchmarks touch no shared page.
+/// The barrier and lock benchmarks touch no shared page; the lock
+/// hand-off touches page 0.
 const SPACE_PAGES: usize = 64;
 
 fn lock(c: &mut Criterion) {
@@ -66,6 +75,63 @@ fn lock(c: &mut Criterion) {
     ];
     print_figures(suite, &rows);
     print_ratio(suite, rows[1], rows[0]);
+}
+
+fn lock_handoff(c: &mut Criterion) {
+    let suite = "lock_handoff_2_ranks";
+    let (raw, rounds) = (Samples::default(), Samples::default());
+    let t = transports(2);
+    let mut g = c.benchmark_group(suite);
+    raw_round_trip(
+        &mut g,
+        "raw_round_trip_16B_16B",
+        &t[1],
+        &t[0],
+        (16, 16),
+        &raw,
+    );
+    let dsms = start_dsms(t, SPACE_PAGES);
+    let mut increments = 0;
+    g.bench_function("dsm_counter_under_lock", |b| {
+        b.iter_custom(|iters| {
+            increments += iters * dsms.len() as u64;
+            handoff_rounds(&dsms, iters, &rounds)
+        })
+    });
+    g.finish();
+    let counter = dsms[0].lock(0).expect("lock");
+    let total = dsms[0].words()[0].load(Relaxed);
+    counter.unlock().expect("unlock");
+    assert_eq!(total, increments, "a lock-protected increment was lost");
+    finalize(dsms);
+    let rows = [
+        ("raw_round_trip_16B_16B", &raw),
+        ("dsm_counter_under_lock", &rounds),
+    ];
+    print_figures(suite, &rows);
+    print_ratio(suite, rows[1], rows[0]);
+}
+
+/// `iters` rounds of the lock hand-off, every rank in its own thread: in
+/// each, the rank takes lock 0 and adds 1 to word 0 with a plain load and
+/// store. Returns the run's time; records the mean round.
+fn handoff_rounds(dsms: &[Dsm], iters: u64, out: &Samples) -> Duration {
+    let start = Instant::now();
+    thread::scope(|s| {
+        for dsm in dsms {
+            s.spawn(move || {
+                let counter = &dsm.words()[0];
+                for _ in 0..iters {
+                    let guard = dsm.lock(0).expect("lock");
+                    counter.store(counter.load(Relaxed) + 1, Relaxed);
+                    guard.unlock().expect("unlock");
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    out.push(elapsed.div_f64(iters.max(1) as f64));
+    elapsed
 }
 
 /// `iters` barriers on every rank: `wait(r)` is rank r's barrier; the
@@ -155,6 +221,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = lock, barrier
+    targets = lock, lock_handoff, barrier
 }
 criterion_main!(benches);

@@ -294,7 +294,7 @@ impl Config {
     /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent), `release` (release consistency, multiple writers per page) or `migratory` (the seed's) | `mrsw` |
     /// | `DSM_ENGINE_CPU` | CPU of the engine and the other service threads: `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
-    /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on | `500` |
+    /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on (a barrier entry or an unlock ends the wait) | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
     /// | `DSM_POPULATE` | most pages a first touch maps at once: a fault on a never-touched page homed at this rank (or private) also maps the untouched pages after it in its segment, zeros, writable, in one system call (0: off, one fault per page) | `64` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |

@@ -5,7 +5,9 @@
 //! Every reachable state is explored (breadth first, states deduplicated):
 //! any order of message deliveries between different pairs of ranks
 //! (in order within a pair, as the transports guarantee), of program steps
-//! and of hold-timer expiries. Checked in every state:
+//! of hold-timer expiries, and of synchronization points that end a rank's
+//! holds early (`Mrsw::end_holds`, a barrier entry or an unlock), taken
+//! while a command waits for a hold. Checked in every state:
 //! * at most one writer per page, and no reader while there is a writer;
 //! * every read returns the value of the last completed write;
 //! * the state machine never reports a protocol error;
@@ -395,8 +397,14 @@ impl Model {
             if let Some(s) = self.reset_homes(w, rank)? {
                 next.push(s);
             }
-            // A hold timer expires.
+            // A hold timer expires, or the rank reaches a synchronization
+            // point first, which ends its holds.
             if let Some(deadline) = w.nodes[rank].next_deadline() {
+                let mut s = w.clone();
+                let now = s.time[rank];
+                let actions = s.nodes[rank].end_holds(now).map_err(|e| e.to_string())?;
+                self.apply(&mut s, rank, actions, None)?;
+                next.push(s);
                 let mut s = w.clone();
                 s.time[rank] = s.time[rank].max(deadline);
                 let now = s.time[rank];

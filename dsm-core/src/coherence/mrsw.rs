@@ -28,6 +28,10 @@
 //!
 //! Progress: a page that arrives is kept at least `min_hold` before an
 //! invalidation or recall takes it, so the faulting thread gets to use it.
+//! A synchronization point of the rank (`end_holds`: a barrier entry, an
+//! unlock) ends the holds of the pages granted before it: its threads got
+//! there, so they used them. Holds only delay commands, as a timer would:
+//! ending one early is the same as its deadline passing.
 //!
 //! Each local page remembers how it was lost since its last grant (`lost`):
 //! a fault on it may ask back the pages after it lost the same way
@@ -207,6 +211,9 @@ pub struct Mrsw {
     rank: Rank,
     size: usize,
     min_hold: Time,
+    /// Holds that end by this time were granted before the rank's last
+    /// synchronization point (`end_holds`) and no longer count.
+    holds_void_until: Time,
     /// This rank's copy of every page (a chunk allocated on first use: a
     /// huge space costs nothing until touched).
     local: PageTable<LocalPage>,
@@ -241,6 +248,7 @@ impl Mrsw {
             rank,
             size,
             min_hold,
+            holds_void_until: 0,
             local: PageTable::new(pages, LocalPage::UNTOUCHED),
             home: PageTable::new(pages, DEFAULT_HOME),
             private: PageSet::new(pages),
@@ -319,7 +327,7 @@ impl Mrsw {
             && self
                 .local
                 .get(page)
-                .is_some_and(|l| l.copy == Copy::Modified && l.held_until <= now)
+                .is_some_and(|l| l.copy == Copy::Modified && l.held_until <= self.hold_clock(now))
     }
 
     /// The directory entry, if this rank is the page's home.
@@ -525,8 +533,9 @@ impl Mrsw {
             return Ok(Vec::new());
         }
         let deferred = self.waiting.contains_key(&page);
+        let hold_clock = self.hold_clock(now);
         let lp = self.local(page)?;
-        if lp.pending.is_some() || deferred || lp.held_until > now {
+        if lp.pending.is_some() || deferred || lp.held_until > hold_clock {
             return Ok(Vec::new());
         }
         let evicted = lp.copy;
@@ -560,7 +569,9 @@ impl Mrsw {
             && !self.private_or_beyond(page)
             && !self.waiting.contains_key(&page)
             && self.local.get(page).is_some_and(|l| {
-                l.copy != Copy::Invalid && l.pending.is_none() && l.held_until <= now
+                l.copy != Copy::Invalid
+                    && l.pending.is_none()
+                    && l.held_until <= self.hold_clock(now)
             })
     }
 
@@ -1097,7 +1108,8 @@ impl Mrsw {
                 "a command from a rank that is not the page's home",
             ));
         }
-        let held = self.local(page)?.held_until > now;
+        let hold_clock = self.hold_clock(now);
+        let held = self.local(page)?.held_until > hold_clock;
         if held || self.waiting.contains_key(&page) {
             self.waiting.entry(page).or_default().push_back(command);
             return Ok(Vec::new());
@@ -1250,8 +1262,30 @@ impl Mrsw {
         self.waiting
             .keys()
             .filter_map(|p| self.local.get(*p))
-            .map(|l| l.held_until)
+            .map(|l| l.held_until.max(self.holds_void_until))
             .min()
+    }
+
+    /// The time holds are compared with at `now`: holds granted before the
+    /// last synchronization point have ended, whatever their deadline.
+    fn hold_clock(&self, now: Time) -> Time {
+        now.max(self.holds_void_until)
+    }
+
+    /// The rank reached a synchronization point (a barrier entry, an
+    /// unlock): the threads that faulted for the pages it holds got past
+    /// their faults, so every hold granted until `now` ends, and the
+    /// commands they deferred are executed. Without this, a neighbour's
+    /// boundary row read just before a barrier keeps its writer waiting
+    /// for the hold after it (the hold only guards a thread that has not
+    /// used its page yet).
+    pub fn end_holds(&mut self, now: Time) -> Actions {
+        // A grant at `now` or later is held until `now + min_hold` or
+        // later: it keeps its hold.
+        self.holds_void_until = self
+            .holds_void_until
+            .max(now.saturating_add(self.min_hold).saturating_sub(1));
+        self.on_tick(now)
     }
 
     /// Moves the clock's origin to `now`: hold deadlines become relative to
@@ -1259,9 +1293,17 @@ impl Mrsw {
     /// nothing in its behaviour (the model checker uses it to fold states
     /// that differ only by the absolute time).
     pub fn rebase_clock(&mut self, now: Time) {
+        // Holds ended by a synchronization point end for good, and a hold
+        // granted from now on ends after `holds_void_until`: it is spent.
+        let void = self.holds_void_until;
         for page in self.local.values_mut() {
-            page.held_until = page.held_until.saturating_sub(now);
+            page.held_until = if page.held_until <= void {
+                0
+            } else {
+                page.held_until.saturating_sub(now)
+            };
         }
+        self.holds_void_until = 0;
     }
 
     /// Executes deferred commands whose page is no longer held.
@@ -1270,7 +1312,11 @@ impl Mrsw {
             .waiting
             .keys()
             .copied()
-            .filter(|p| self.local.get(*p).is_some_and(|l| l.held_until <= now))
+            .filter(|p| {
+                self.local
+                    .get(*p)
+                    .is_some_and(|l| l.held_until <= self.hold_clock(now))
+            })
             .collect();
         let mut actions = Vec::new();
         for page in due {

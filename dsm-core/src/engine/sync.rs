@@ -10,7 +10,7 @@
 //! dropped before a barrier or a lock grant returns to the caller.
 
 use super::protocol::Carried;
-use super::{Engine, Reply};
+use super::{Engine, Node, Reply};
 use crate::error::DsmError;
 use crate::proto::Msg;
 use crate::Rank;
@@ -41,6 +41,12 @@ impl AfterRelease {
         }
     }
 
+    /// A point the caller reached past its work on shared data (a barrier
+    /// entry, an unlock): the pages its faults fetched were used.
+    fn ends_holds(&self) -> bool {
+        matches!(self, AfterRelease::Barrier(_) | AfterRelease::Unlock { .. })
+    }
+
     /// An acquire: it drops the copies, so no copy may be dirty then.
     fn acquires(&self) -> bool {
         matches!(
@@ -59,11 +65,28 @@ impl Engine {
     /// for a thread's unlock still releasing, and for the copies dirtied
     /// since the last release.
     pub(super) fn synchronize(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
+        if sync.ends_holds() {
+            self.end_holds()?;
+        }
         self.after_release.push_back(sync);
         if self.after_release.len() == 1 {
             self.start_release()?;
         }
         Ok(())
+    }
+
+    /// Ends the minimum hold of the pages granted so far
+    /// (`Mrsw::end_holds`): at a barrier entry or an unlock, a page read or
+    /// written just before moves on at once, instead of making the next
+    /// epoch's writer or reader wait out the hold.
+    fn end_holds(&mut self) -> Result<(), DsmError> {
+        let now = self.now();
+        let actions = match &mut self.node {
+            Node::Mrsw(node) => node.end_holds(now)?,
+            // The seed's protocol keeps its holds as they are.
+            Node::Migratory(_) => return Ok(()),
+        };
+        self.apply(actions, Carried::Nothing)
     }
 
     /// Sends the diffs of this rank's dirty copies for the first
