@@ -98,7 +98,8 @@ done
 
 echo "=== kernel $(uname -r); userfaultfd: $(if [ -e /dev/userfaultfd ]; then echo /dev/userfaultfd present; else echo system call only; fi)"
 # dsm_job NAME RANKS ARGS...: one DSM job over RDMA; output kept in /tmp/job-NAME.log
-# (/tmp/job-NAME-send.log with PAGES=send: pages in SEND messages).
+# (/tmp/job-NAME-send.log with PAGES=send: pages in SEND messages). Every pair
+# over the adapter (DSM_RDMA_LOCAL=rdma), though the ranks share the VM.
 dsm_job() {
   name=$1; n=$2; shift 2
   mode=${PAGES:-write}
@@ -107,7 +108,7 @@ dsm_job() {
   for attempt in 1 2; do
     echo "=== DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode dsmexec -n $n $name $*"
     t=$(date +%s)
-    DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode DSM_LOG=info DSM_STATS=1 timeout 300 \
+    DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode DSM_RDMA_LOCAL=rdma DSM_LOG=info DSM_STATS=1 timeout 300 \
       "$DSM_BIN_DIR/dsmexec" -n "$n" "$DSM_BIN_DIR/$name" "$@" >"$log" 2>&1
     st=$?
     cat "$log"
@@ -157,6 +158,30 @@ for r in 0 1 2 3; do
   expect contention "rank $r: all 16 counters are exactly 10000"
   expect contention-send "rank $r: all 16 counters are exactly 10000"
 done
+
+# Two hosts of two ranks (a fake ssh runs the second host here, named
+# 127.0.0.2): each host pair talks through shared memory, the other pairs
+# over RDMA, in one job (the default DSM_RDMA_LOCAL=shm).
+echo "=== DSM_TRANSPORT=rdma dsmexec machines (localhost slots=2, 127.0.0.2 slots=2) roundrobin: rings within a host, RDMA across"
+mixdir=$(mktemp -d)
+printf "localhost slots=2\n127.0.0.2 slots=2\n" >"$mixdir/machines"
+touch "$mixdir/go"
+log=/tmp/job-mixed.log
+DSM_TRANSPORT=rdma DSM_LOG=info DSM_STATS=1 timeout 300 "$DSM_BIN_DIR/dsmexec" \
+  --ssh "$DSM_BIN_DIR/fakessh $mixdir" "$mixdir/machines" "$DSM_BIN_DIR/roundrobin" >"$log" 2>&1
+st=$?
+cat "$log"
+[ "$st" = 0 ] || fail "mixed: dsmexec exited with status $st"
+for r in 0 1 2 3; do
+  expect mixed "rank $r: 4 rounds over 100 pages verified"
+done
+expect mixed "rank 0: transport rdma (device"
+grep -q "rank 0: transport rdma (device.*co-located rank(s) 1 through shared memory" "$log" ||
+  fail "mixed: rank 0 did not log rank 1 as co-located"
+grep -q "rank 3: transport rdma (device.*co-located rank(s) 2 through shared memory" "$log" ||
+  fail "mixed: rank 3 did not log rank 2 as co-located"
+grep -Eq "transport rdma: [1-9][0-9]* pages sent by RDMA WRITE" "$log" ||
+  fail "mixed: no page crossed hosts by RDMA WRITE"
 
 for mode in write send; do
   echo "=== fault_latency bench, DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode ($FAULT_ARGS)"

@@ -127,6 +127,8 @@ fn rdma_pair(port: &PortSummary) -> Vec<Arc<RdmaTransport>> {
                 let tcp = TcpTransport::connect(b, &TcpOptions::default()).expect("TCP connects");
                 let mut opts = RdmaOptions::from_env().expect("DSM_RDMA_* settings");
                 opts.device.get_or_insert(device);
+                // Both ends share this host: measure the adapter, not the rings.
+                opts.local = transport_rdma::LocalPath::Rdma;
                 let dev = RdmaDevice::open(&opts).expect("RDMA device");
                 let region = dev.alloc(1 << 20).expect("registered region");
                 RdmaTransport::connect(tcp, dev, vec![region], &opts).expect("RDMA connects")

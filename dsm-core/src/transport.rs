@@ -254,6 +254,14 @@ pub trait Transport: Send + Sync {
         false
     }
 
+    /// True when messages to and from `peer` go through shared memory on
+    /// this host (a co-located rank), not the network: a transport built
+    /// on this one may route that pair through it.
+    fn shares_memory_with(&self, peer: Rank) -> bool {
+        let _ = peer;
+        false
+    }
+
     /// Gives back a received message's bytes once the consumer is done
     /// with them, for the transport to receive into again.
     fn recycle(&self, payload: Vec<u8>) {

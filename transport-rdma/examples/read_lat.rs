@@ -32,7 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             thread::spawn(move || -> Result<_, String> {
                 let tcp =
                     TcpTransport::connect(b, &TcpOptions::default()).map_err(|e| e.to_string())?;
-                let opts = RdmaOptions::from_env().map_err(|e| e.to_string())?;
+                let mut opts = RdmaOptions::from_env().map_err(|e| e.to_string())?;
+                // Both ends share this host: measure the adapter, not the rings.
+                opts.local = transport_rdma::LocalPath::Rdma;
                 let dev = RdmaDevice::open(&opts).map_err(|e| e.to_string())?;
                 let region = dev.alloc(1 << 20).map_err(|e| e.to_string())?;
                 RdmaTransport::connect(tcp, dev, vec![region], &opts).map_err(|e| e.to_string())

@@ -7,7 +7,9 @@
 //! DSM messages then travel over SEND/RECV on one RC queue pair per peer,
 //! and page data by RDMA WRITE into the receiver's landing arena (one
 //! registered page slot per page of the shared space), unless
-//! `DSM_RDMA_PAGES=send`.
+//! `DSM_RDMA_PAGES=send`. Ranks on the same host whose TCP transport
+//! talks through rings in shared memory keep to those rings
+//! (`DSM_RDMA_LOCAL`, see [`RdmaTransport`]).
 
 use std::sync::Arc;
 
@@ -47,8 +49,20 @@ pub fn connect_job(
             format!("page data by RDMA WRITE into a landing arena of {n} pages")
         }
     };
+    let co_located: Vec<String> = (0..transport.size())
+        .filter(|r| transport.shares_memory_with(*r))
+        .map(|r| r.to_string())
+        .collect();
+    let local = if co_located.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; co-located rank(s) {} through shared memory (DSM_RDMA_LOCAL=rdma for the adapter)",
+            co_located.join(", ")
+        )
+    };
     tracing::info!(
-        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, {pages_by})",
+        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, {pages_by}{local})",
         cfg.port,
         cfg.gid_index
     );

@@ -23,7 +23,7 @@ pub mod verbs;
 pub use job::connect_job;
 pub use select::{rdma_available, select, select_from_env, SelectError, Selected, TransportChoice};
 pub use transport::{
-    PageCounts, PageMode, PollCpu, RdmaDevice, RdmaError, RdmaOptions, RdmaTransport, RemoteRegion,
-    PAGE_BYTES,
+    LocalPath, PageCounts, PageMode, PollCpu, RdmaDevice, RdmaError, RdmaOptions, RdmaTransport,
+    RemoteRegion, PAGE_BYTES,
 };
 pub use verbs::{MemoryRegion, VerbsError};

@@ -22,6 +22,15 @@
 //!   this is race-free (an invariant of the DSM protocol).
 //! * A peer is reported lost when a work request to it fails or when the
 //!   bootstrap transport reports it lost, unless it said goodbye.
+//! * Co-located peers (`DSM_RDMA_LOCAL=shm`, the default): a peer the
+//!   bootstrap transport reaches through shared memory on this host
+//!   ([`Transport::shares_memory_with`], the TCP transport's rings) gets
+//!   every DSM message through it instead of the adapter's loopback; its
+//!   queue pair stays connected for one-sided READ/WRITE and the goodbye.
+//!   What the bootstrap transport receives is offered to the consumer's
+//!   handler in its receive threads, or handed on in order by the
+//!   bootstrap watcher (`boot_watch_loop`); `boot_order` keeps the two
+//!   from overtaking each other.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,6 +143,19 @@ pub struct RdmaOptions {
     /// How they ask to be scheduled (`DSM_SERVICE_SCHED`, like the rank's
     /// other service threads).
     pub poll_sched: ServiceSched,
+    /// How messages reach co-located peers (`DSM_RDMA_LOCAL`).
+    pub local: LocalPath,
+}
+
+/// How messages reach a peer on the same host (`DSM_RDMA_LOCAL=shm|rdma`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalPath {
+    /// Through the bootstrap transport when it shares memory with the peer
+    /// (the TCP transport's rings, `DSM_SHM`); over the adapter otherwise.
+    #[default]
+    Shm,
+    /// Always over the adapter (its loopback for a co-located peer).
+    Rdma,
 }
 
 /// How page data travels (`DSM_RDMA_PAGES=write|send`).
@@ -178,6 +200,7 @@ impl Default for RdmaOptions {
             landing_pages: 0,
             poll_cpu: PollCpu::default(),
             poll_sched: ServiceSched::default(),
+            local: LocalPath::default(),
         }
     }
 }
@@ -193,6 +216,7 @@ impl RdmaOptions {
     /// | `DSM_RDMA_SPIN_US` | µs the completion threads poll before sleeping | `50` |
     /// | `DSM_RDMA_PAGES` | `write` (RDMA WRITE into the landing arena) or `send` (SEND/RECV) | `write` |
     /// | `DSM_RDMA_POLL_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
+    /// | `DSM_RDMA_LOCAL` | co-located peers: `shm` (through the bootstrap transport's shared memory when it has it, `DSM_SHM`) or `rdma` (the adapter's loopback) | `shm` |
     /// | `DSM_SERVICE_SCHED` | `auto` (completion threads `SCHED_FIFO` 1 where permitted) or `fair` | `auto` |
     pub fn from_env() -> Result<Self, RdmaError> {
         Self::from_lookup(|n| std::env::var(n).ok())
@@ -238,6 +262,17 @@ impl RdmaOptions {
                     ServiceSched::ENV
                 ))
             })?;
+        }
+        if let Some(v) = var("DSM_RDMA_LOCAL") {
+            o.local = match v.trim().to_ascii_lowercase().as_str() {
+                "shm" => LocalPath::Shm,
+                "rdma" => LocalPath::Rdma,
+                _ => {
+                    return Err(RdmaError::Invalid(format!(
+                        "DSM_RDMA_LOCAL={v:?}: expected shm (the default) or rdma"
+                    )))
+                }
+            };
         }
         if let Some(v) = var("DSM_RDMA_POLL_CPU") {
             o.poll_cpu = PollCpu::parse(&v).ok_or_else(|| {
@@ -413,6 +448,12 @@ struct Shared {
     stop: AtomicBool,
     shut_down: AtomicBool,
     boot: Arc<dyn Transport>,
+    /// Peers whose messages go through `boot` (co-located, `LocalPath::Shm`).
+    via_boot: Vec<bool>,
+    /// Held while a message received by `boot` is handed on (offered to the
+    /// consumer's handler, or queued): one at a time, so none overtakes an
+    /// earlier one of its sender.
+    boot_order: Mutex<()>,
 }
 
 /// The RDMA transport. See the module documentation.
@@ -731,6 +772,9 @@ impl RdmaTransport {
                     .unwrap_or_else(|| "?".to_string())
             })
             .collect();
+        let via_boot: Vec<bool> = (0..size)
+            .map(|r| r != rank && opts.local == LocalPath::Shm && boot.shares_memory_with(r))
+            .collect();
         let shared = Arc::new(Shared {
             rank,
             size,
@@ -755,8 +799,20 @@ impl RdmaTransport {
             shut_down: AtomicBool::new(false),
             payloads: PayloadPool::default(),
             inline: OnceLock::new(),
+            via_boot,
+            boot_order: Mutex::new(()),
             boot,
         });
+        if shared.via_boot.iter().any(|v| *v) {
+            let weak = Arc::downgrade(&shared);
+            let boot_inbox = shared.boot.inbox();
+            shared
+                .boot
+                .deliver_inline(Box::new(move |message| match weak.upgrade() {
+                    Some(s) => s.offer_from_boot(message, &boot_inbox),
+                    None => Some(message),
+                }));
+        }
         let mut threads = Vec::new();
         let spawn = |name: &str, f: fn(Arc<Shared>), s: &Arc<Shared>| {
             let s = Arc::clone(s);
@@ -1022,6 +1078,37 @@ impl Shared {
             }
         }
         err
+    }
+
+    /// The bootstrap transport, when messages to `to` go through it.
+    fn boot_for(&self, to: Rank) -> Option<&Arc<dyn Transport>> {
+        self.via_boot
+            .get(to)
+            .copied()
+            .unwrap_or(false)
+            .then_some(&self.boot)
+    }
+
+    /// A message a co-located peer sent through the bootstrap transport,
+    /// in its receive thread: offered to the consumer's handler only when
+    /// nothing received by `boot` before it waits to be handed on (in
+    /// `boot_inbox`, or in the watcher's hands); otherwise given back to be
+    /// queued behind those.
+    fn offer_from_boot(
+        &self,
+        message: Message,
+        boot_inbox: &Receiver<Incoming>,
+    ) -> Option<Message> {
+        let Ok(_order) = self.boot_order.try_lock() else {
+            return Some(message);
+        };
+        if !boot_inbox.is_empty() {
+            return Some(message);
+        }
+        match self.inline.get() {
+            Some(handler) => handler(message),
+            None => Some(message),
+        }
     }
 
     /// A message received from a peer: offered to the consumer's handler
@@ -1499,12 +1586,25 @@ fn send_completion_loop(s: Arc<Shared>) {
     }
 }
 
-/// Forwards the bootstrap transport's news of lost peers.
+/// Forwards the bootstrap transport's news of lost peers, and hands on in
+/// order the messages co-located peers sent through it that its receive
+/// threads could not hand to the consumer at once.
 fn boot_watch_loop(s: Arc<Shared>) {
+    let inbox = s.boot.inbox();
     while !s.stop.load(Ordering::SeqCst) {
-        match s.boot.recv_timeout(TICK) {
-            Ok(_) => {}
-            Err(TransportError::PeerLost { rank, reason, .. }) => {
+        let mut ready = crossbeam_channel::Select::new();
+        ready.recv(&inbox);
+        if ready.ready_timeout(TICK).is_err() {
+            continue;
+        }
+        let order = s.boot_order.lock().unwrap_or_else(|p| p.into_inner());
+        let next = inbox.try_recv();
+        match next {
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+            Ok(Ok(message)) => s.deliver_received(message),
+            Ok(Err(TransportError::PeerLost { rank, reason, .. })) => {
+                drop(order);
                 let gone = s
                     .peer(rank)
                     .map(|p| p.said_goodbye.load(Ordering::SeqCst))
@@ -1513,7 +1613,7 @@ fn boot_watch_loop(s: Arc<Shared>) {
                     s.lose(rank, format!("{reason} (bootstrap connection)"));
                 }
             }
-            Err(_) => return,
+            Ok(Err(_)) => return,
         }
     }
 }
@@ -1528,11 +1628,24 @@ impl Transport for RdmaTransport {
     }
 
     fn send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<(), TransportError> {
+        if let Some(boot) = self.shared.boot_for(to) {
+            return boot.send_parts(to, parts);
+        }
         self.shared.send_frame(to, FRAG_LAST, parts)
     }
 
     fn try_send_parts(&self, to: Rank, parts: &[&[u8]]) -> Result<TrySent, TransportError> {
+        if let Some(boot) = self.shared.boot_for(to) {
+            return boot.try_send_parts(to, parts);
+        }
         self.shared.try_send_frame(to, parts)
+    }
+
+    fn finish_sends(&self) -> Result<(), TransportError> {
+        if self.shared.via_boot.iter().any(|v| *v) {
+            return self.shared.boot.finish_sends();
+        }
+        Ok(())
     }
 
     /// A page that would go by RDMA WRITE is left to `send_page` (the
@@ -1544,6 +1657,9 @@ impl Transport for RdmaTransport {
         page: usize,
         data: &[u8],
     ) -> Result<TrySent, TransportError> {
+        if let Some(boot) = self.shared.boot_for(to) {
+            return boot.try_send_page(to, header, page, data);
+        }
         if self
             .shared
             .page_target(to, page, header.len(), data.len())
@@ -1567,7 +1683,14 @@ impl Transport for RdmaTransport {
         page: usize,
         data: &[u8],
     ) -> Result<(), TransportError> {
+        if let Some(boot) = self.shared.boot_for(to) {
+            return boot.send_page(to, header, page, data);
+        }
         self.shared.send_page(to, header, page, data)
+    }
+
+    fn shares_memory_with(&self, peer: Rank) -> bool {
+        self.shared.boot_for(peer).is_some()
     }
 
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {
@@ -1840,6 +1963,8 @@ mod tests {
                     let opts = RdmaOptions {
                         landing_pages: 4,
                         inbox_capacity,
+                        // Both ranks share this host: keep them on the adapter.
+                        local: LocalPath::Rdma,
                         ..RdmaOptions::from_env().unwrap()
                     };
                     let tcp = transport_tcp::TcpTransport::connect(

@@ -17,7 +17,7 @@ use dsm_core::auth::JobSecret;
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::transport::TrySent;
 use dsm_core::Transport;
-use transport_rdma::{MemoryRegion, PageMode, RdmaDevice, RdmaOptions, RdmaTransport};
+use transport_rdma::{LocalPath, MemoryRegion, PageMode, RdmaDevice, RdmaOptions, RdmaTransport};
 use transport_tcp::{TcpOptions, TcpTransport};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -45,8 +45,18 @@ struct Rank {
     region: Arc<MemoryRegion>,
 }
 
+/// The environment's options with every peer over the adapter, even a
+/// co-located one (these in-process ranks share a host): what most tests
+/// exercise.
+fn over_adapter() -> RdmaOptions {
+    RdmaOptions {
+        local: LocalPath::Rdma,
+        ..RdmaOptions::from_env().unwrap()
+    }
+}
+
 fn rdma_over(boot: Bootstrap) -> Rank {
-    rdma_with(boot, RdmaOptions::from_env().unwrap())
+    rdma_with(boot, over_adapter())
 }
 
 fn rdma_with(boot: Bootstrap, opts: RdmaOptions) -> Rank {
@@ -61,12 +71,23 @@ fn rdma_with(boot: Bootstrap, opts: RdmaOptions) -> Rank {
 }
 
 fn job(size: usize) -> Vec<Rank> {
-    job_with(size, |_| RdmaOptions::from_env().unwrap())
+    job_with(size, |_| over_adapter())
 }
 
 /// A job whose rank `r` connects with `opts(r)`.
 fn job_with(size: usize, opts: impl Fn(usize) -> RdmaOptions) -> Vec<Rank> {
-    let boots = Bootstrap::loopback_group(size).unwrap();
+    job_on_hosts(&vec!["localhost"; size], opts)
+}
+
+/// A job of one rank per entry of `hosts`, which the peer table gives as
+/// each rank's host (ranks of one host name share memory).
+fn job_on_hosts(hosts: &[&str], opts: impl Fn(usize) -> RdmaOptions) -> Vec<Rank> {
+    let mut boots = Bootstrap::loopback_group(hosts.len()).unwrap();
+    for boot in &mut boots {
+        for (peer, host) in boot.peers.iter_mut().zip(hosts) {
+            peer.host = host.to_string();
+        }
+    }
     let hs: Vec<_> = boots
         .into_iter()
         .map(|b| {
@@ -148,10 +169,18 @@ fn many_messages_from_many_threads_arrive_whole_and_in_order() {
     if !device_or_skip("many_messages_from_many_threads_arrive_whole_and_in_order") {
         return;
     }
-    const N: usize = 3;
+    let ranks = job(3);
+    messages_arrive_whole_and_in_order(&ranks, 500);
+    shutdown_all(ranks);
+}
+
+/// Every rank's 3 threads send every rank (itself too) `per_thread`
+/// messages, every 50th of 40 000 bytes (fragmented), thread 0 trying
+/// `try_send_parts` first; each rank checks every message whole and in
+/// order per sending thread.
+fn messages_arrive_whole_and_in_order(ranks: &[Rank], per_thread: u32) {
     const THREADS: usize = 3;
-    const PER_THREAD: u32 = 500;
-    let ranks = job(N);
+    let n = ranks.len();
     let ts: Vec<Arc<RdmaTransport>> = ranks.iter().map(|r| Arc::clone(&r.t)).collect();
     let start = Instant::now();
     let tries = Arc::new(AtomicUsize::new(0));
@@ -161,8 +190,8 @@ fn many_messages_from_many_threads_arrive_whole_and_in_order() {
             let t = Arc::clone(t);
             let tries_taken = Arc::clone(&tries);
             senders.push(thread::spawn(move || {
-                for seq in 0..PER_THREAD {
-                    for to in 0..N {
+                for seq in 0..per_thread {
+                    for to in 0..n {
                         // Every 50th message is large (fragmented).
                         let len = if seq % 50 == 0 {
                             40_000
@@ -193,8 +222,8 @@ fn many_messages_from_many_threads_arrive_whole_and_in_order() {
         .map(|t| {
             let t = Arc::clone(t);
             thread::spawn(move || {
-                let mut next = [[0u32; THREADS]; N];
-                for _ in 0..(N * THREADS) as u32 * PER_THREAD {
+                let mut next = vec![[0u32; THREADS]; n];
+                for _ in 0..(n * THREADS) as u32 * per_thread {
                     let m = t.recv_timeout(LIMIT).unwrap().expect("message");
                     let p = &m.payload;
                     let from = u32::from_le_bytes(p[..4].try_into().unwrap()) as usize;
@@ -220,13 +249,66 @@ fn many_messages_from_many_threads_arrive_whole_and_in_order() {
     for h in receivers {
         h.join().unwrap();
     }
-    let total = N * N * THREADS * PER_THREAD as usize;
+    let total = n * n * THREADS * per_thread as usize;
     let tries = tries.load(Ordering::Relaxed);
     println!(
-        "{total} messages among {N} ranks in {:?}, {tries} sent by try_send_parts",
+        "{total} messages among {n} ranks in {:?}, {tries} sent by try_send_parts",
         start.elapsed()
     );
     assert!(tries > 0, "try_send_parts never sent a message");
+}
+
+/// Ranks 0-1 on one host and 2-3 on another (`DSM_RDMA_LOCAL=shm`): each
+/// pair of a host talks through the bootstrap transport's rings, every
+/// other pair over the adapter, in one job; messages (sent, tried,
+/// fragmented) and pages keep their order and bytes on both paths.
+#[test]
+fn co_located_ranks_talk_through_shared_memory_the_others_over_rdma() {
+    if !device_or_skip("co_located_ranks_talk_through_shared_memory_the_others_over_rdma") {
+        return;
+    }
+    const PAGES: usize = 16;
+    let hosts = ["h0", "h0", "h1", "h1"];
+    let ranks = job_on_hosts(&hosts, |_| RdmaOptions {
+        local: LocalPath::Shm,
+        landing_pages: PAGES,
+        ..RdmaOptions::from_env().unwrap()
+    });
+    for (me, rank) in ranks.iter().enumerate() {
+        for peer in 0..hosts.len() {
+            assert_eq!(
+                rank.t.shares_memory_with(peer),
+                peer != me && hosts[peer] == hosts[me],
+                "rank {me}: is rank {peer} reached through shared memory?"
+            );
+        }
+    }
+    messages_arrive_whole_and_in_order(&ranks, 300);
+    // Every rank sends every other rank all pages, then a small message;
+    // each receiver consumes one sender at a time.
+    let ts: Vec<Arc<RdmaTransport>> = ranks.iter().map(|r| Arc::clone(&r.t)).collect();
+    for to in 0..ts.len() {
+        for from in (0..ts.len()).filter(|f| *f != to) {
+            let t = Arc::clone(&ts[from]);
+            let sender = thread::spawn(move || {
+                for page in 0..PAGES {
+                    t.send_page(to, &page_header(from, page), page, &page_bytes(from, page))
+                        .unwrap();
+                }
+                t.send(to, b"pages done").unwrap();
+            });
+            for page in 0..PAGES {
+                expect_page(&ts[to], from, from, page);
+            }
+            let m = ts[to]
+                .recv_timeout(LIMIT)
+                .unwrap()
+                .expect("after the pages");
+            assert_eq!((m.from, m.payload.as_slice()), (from, &b"pages done"[..]));
+            sender.join().unwrap();
+        }
+    }
+    drop(ts);
     shutdown_all(ranks);
 }
 
@@ -278,7 +360,7 @@ fn pages_by_rdma_write_arrive_whole_and_in_order() {
         } else {
             PageMode::Write
         },
-        ..RdmaOptions::from_env().unwrap()
+        ..over_adapter()
     });
     let ts: Vec<Arc<RdmaTransport>> = ranks.iter().map(|r| Arc::clone(&r.t)).collect();
     assert_eq!(ts[1].landing_pages(), PAGES);

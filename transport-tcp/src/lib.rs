@@ -325,6 +325,8 @@ pub struct TcpTransport {
     /// When each peer was last heard from.
     liveness: Arc<Liveness>,
     peer_timeout: Duration,
+    /// The peers whose frames go through rings in shared memory.
+    shared_memory: Vec<bool>,
 }
 
 fn setup_err(msg: impl Into<String>) -> TransportError {
@@ -399,6 +401,7 @@ impl TcpTransport {
             opts.shared_memory,
             opts.shm_spin,
         )?;
+        let shared_memory: Vec<bool> = rings.iter().map(Option::is_some).collect();
 
         let inbox: Inbox = crossbeam_channel::unbounded();
         let goodbyes = Arc::new(Goodbyes {
@@ -522,6 +525,7 @@ impl TcpTransport {
             shut_down: AtomicBool::new(false),
             liveness,
             peer_timeout: opts.peer_timeout,
+            shared_memory,
         });
         let watched = Arc::downgrade(&transport);
         thread::Builder::new()
@@ -1132,6 +1136,10 @@ impl Transport for TcpTransport {
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Shutdown),
         }
+    }
+
+    fn shares_memory_with(&self, peer: Rank) -> bool {
+        self.shared_memory.get(peer).copied().unwrap_or(false)
     }
 
     fn recycle(&self, payload: Vec<u8>) {

@@ -43,6 +43,64 @@ fn recv(t: &TcpTransport) -> dsm_core::Message {
         .expect("no message within the time limit")
 }
 
+/// Ranks 0 and 1 on one host, 2 on another: only the pair of the same host
+/// talks through shared memory, and says so (what the RDMA transport routes
+/// by); messages between every pair still arrive.
+#[test]
+fn only_ranks_of_one_host_share_memory() {
+    let hosts = ["h0", "h0", "h1"];
+    let mut boots = Bootstrap::loopback_group(hosts.len()).unwrap();
+    for boot in &mut boots {
+        for (peer, host) in boot.peers.iter_mut().zip(hosts) {
+            peer.host = host.to_string();
+        }
+    }
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_secs(20),
+        shared_memory: true,
+        ..TcpOptions::builtin()
+    };
+    let handles: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            let opts = opts.clone();
+            thread::spawn(move || TcpTransport::connect(b, &opts).unwrap())
+        })
+        .collect();
+    let ranks: Vec<Arc<TcpTransport>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (me, t) in ranks.iter().enumerate() {
+        for peer in 0..hosts.len() {
+            assert_eq!(
+                t.shares_memory_with(peer),
+                peer != me && hosts[peer] == hosts[me],
+                "rank {me}: shares memory with rank {peer}?"
+            );
+        }
+        for to in (0..hosts.len()).filter(|to| *to != me) {
+            t.send(to, &[me as u8, to as u8]).unwrap();
+        }
+    }
+    for (me, t) in ranks.iter().enumerate() {
+        let mut from: Vec<usize> = (0..hosts.len() - 1)
+            .map(|_| {
+                let m = recv(t);
+                assert_eq!(m.payload, [m.from as u8, me as u8]);
+                m.from
+            })
+            .collect();
+        from.sort_unstable();
+        let others: Vec<usize> = (0..hosts.len()).filter(|r| *r != me).collect();
+        assert_eq!(from, others);
+    }
+    let ends: Vec<_> = ranks
+        .into_iter()
+        .map(|t| thread::spawn(move || t.shutdown(RECV_LIMIT).unwrap()))
+        .collect();
+    for end in ends {
+        end.join().unwrap();
+    }
+}
+
 #[test]
 fn many_small_messages_arrive_in_order_between_all_pairs() {
     const N: usize = 4;

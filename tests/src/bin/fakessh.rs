@@ -2,7 +2,8 @@
 //! COMMAND to `DIR/ssh-HOST.cmd`, waits (at most 120 s) until `DIR/go`
 //! exists, then runs COMMAND with `sh -c` on this machine, as sshd would,
 //! with SSH_CLIENT set to loopback. It lets a test hold a slot's start-up
-//! (dsmexec's control port stays open) and read the remote command line.
+//! (dsmexec's control port stays open) and read the remote command line
+//! (the last slot's, when a host has several).
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -17,7 +18,8 @@ fn main() {
     let dir = Path::new(&args[0]);
     let command = &args[args.len() - 1];
     let host = &args[args.len() - 2];
-    let tmp = dir.join(format!("ssh-{host}.tmp"));
+    // Per process: two slots of one host start at once.
+    let tmp = dir.join(format!("ssh-{host}.{}.tmp", std::process::id()));
     if let Err(e) = std::fs::write(&tmp, command)
         .and_then(|_| std::fs::rename(&tmp, dir.join(format!("ssh-{host}.cmd"))))
     {
