@@ -7,8 +7,8 @@
 //! release is done, an acquire). Every reachable state is explored
 //! (breadth first, deduplicated): any order of message deliveries between
 //! different pairs of ranks (in order within a pair), of program steps and
-//! of extra read faults a rank's other threads could take at any moment
-//! (a fetch that may cross a barrier). Checked:
+//! of extra read faults a rank's other threads, or its read-ahead, could
+//! take at any moment (a fetch that may cross a barrier). Checked:
 //! * the state machine never reports a protocol error;
 //! * a data-race-free program reads what sequential consistency gives: a
 //!   word this rank wrote since the last barrier reads its own last value,
@@ -364,17 +364,24 @@ impl Model {
                     }
                 }
             }
-            // Another thread of this rank reads a page homed elsewhere.
+            // Another thread of this rank reads a page homed elsewhere, or
+            // the engine reads it ahead of a sequential stream.
             if w.extra_faults_left > 0 {
                 for page in (0..self.pages).filter(|&p| self.homes[p] != rank) {
                     if w.mem[rank][page].is_none() {
-                        let mut s = w.clone();
-                        s.extra_faults_left -= 1;
-                        let actions = s.nodes[rank]
-                            .on_fault(page, false)
+                        for read_ahead in [false, true] {
+                            let mut s = w.clone();
+                            s.extra_faults_left -= 1;
+                            let node = &mut s.nodes[rank];
+                            let actions = if read_ahead {
+                                node.prefetch(page)
+                            } else {
+                                node.on_fault(page, false)
+                            }
                             .map_err(|e| e.to_string())?;
-                        self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
-                        next.push(s);
+                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            next.push(s);
+                        }
                     }
                 }
             }

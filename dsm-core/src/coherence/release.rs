@@ -255,6 +255,29 @@ impl Release {
         })
     }
 
+    /// Read-ahead of `page` (a sequential read stream): asked for as a
+    /// read fault would ask, when it is homed elsewhere and neither held
+    /// nor asked for already; no actions otherwise. Nobody waits for it:
+    /// its grant installs a clean copy, as another thread's read would.
+    pub fn prefetch(&mut self, page: usize) -> Actions {
+        self.check(page)?;
+        let home = self.home_of(page);
+        if home == self.rank || self.copy_of(page).unwrap_or(RcCopy::Invalid) != RcCopy::Invalid {
+            return Ok(Vec::new());
+        }
+        self.set(
+            page,
+            RcCopy::Fetching {
+                write: false,
+                stale: false,
+            },
+        );
+        Ok(vec![Action::Send {
+            to: home,
+            msg: Msg::ReadReq { page: page as u64 },
+        }])
+    }
+
     /// A message from `from`.
     pub fn on_message(&mut self, from: Rank, msg: &Msg) -> Actions {
         if from >= self.size {

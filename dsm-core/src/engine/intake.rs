@@ -307,7 +307,7 @@ impl Engine {
             self.fetch_started.insert(fault.page, Instant::now());
         }
         self.apply(actions, Carried::Nothing)?;
-        let ahead = if fault.write || rc {
+        let ahead = if fault.write {
             0..0
         } else {
             self.stream.on_read_fault(fault.page)

@@ -93,12 +93,20 @@ impl Engine {
     }
 
     /// Requests read-only copies of the pages `ahead` of a sequential read
-    /// stream, within the space and within pages whose segment is known here.
+    /// stream, within the space and within pages whose segment is known here
+    /// (under release consistency too: clean copies, dropped at the next
+    /// acquire like any).
     pub(super) fn prefetch(&mut self, ahead: std::ops::Range<usize>) -> Result<(), DsmError> {
         for next in ahead {
             let known = !self.registry.in_heap(next) || self.registry.find(next).is_some();
             if self.rc.contains(next) {
-                break; // a release-consistent segment's: fetched on demand
+                if !known {
+                    break;
+                }
+                let actions = self.release.prefetch(next)?;
+                Stats::add(&self.stats.pages_prefetched, actions.len() as u64);
+                self.apply(actions, Carried::Nothing)?;
+                continue;
             }
             let Node::Mrsw(node) = &mut self.node else {
                 return Ok(());
