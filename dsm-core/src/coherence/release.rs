@@ -41,7 +41,7 @@
 use std::collections::BTreeSet;
 
 use super::{Action, CoherenceError};
-use crate::pages::PageTable;
+use crate::pages::{PageSet, PageTable};
 use crate::proto::{Msg, Payload};
 use crate::Rank;
 
@@ -101,8 +101,16 @@ pub struct Release {
     /// program writes the same pages every step), one round trip for all
     /// instead of one fault after another.
     written: BTreeSet<usize>,
+    /// Clean copies acquires dropped and not asked for since (pages read
+    /// in an earlier step): a fault on one asks for the run of them after
+    /// it too, up to `REFETCH_RUN` pages, in one round trip (a stencil
+    /// reading a neighbour's row again, in grids that alternate).
+    dropped: PageSet,
     releasing: Releasing,
 }
+
+/// Most pages a fault on a dropped copy asks for with it (64 KiB).
+const REFETCH_RUN: usize = 16;
 
 type Actions = Result<Vec<Action>, CoherenceError>;
 
@@ -119,6 +127,7 @@ impl Release {
             held: BTreeSet::new(),
             dirty: BTreeSet::new(),
             written: BTreeSet::new(),
+            dropped: PageSet::new(pages),
             releasing: Releasing::default(),
         }
     }
@@ -232,10 +241,21 @@ impl Release {
                         stale: false,
                     },
                 );
-                vec![Action::Send {
+                let mut asks = vec![Action::Send {
                     to: home,
                     msg: Msg::ReadReq { page: page as u64 },
-                }]
+                }];
+                if self.dropped.remove(page) {
+                    // The pages dropped with it after it, read last step:
+                    // most likely read again now.
+                    for next in page + 1..(page + 1 + REFETCH_RUN).min(self.pages()) {
+                        if !self.dropped.contains(next) {
+                            break;
+                        }
+                        asks.extend(self.prefetch(next)?);
+                    }
+                }
+                asks
             }
             RcCopy::Fetching { write: w, stale } => {
                 self.set(
@@ -265,6 +285,7 @@ impl Release {
         if home == self.rank || self.copy_of(page).unwrap_or(RcCopy::Invalid) != RcCopy::Invalid {
             return Ok(Vec::new());
         }
+        self.dropped.remove(page);
         self.set(
             page,
             RcCopy::Fetching {
@@ -492,6 +513,7 @@ impl Release {
                 }
                 Some(RcCopy::Clean) => {
                     self.set(page, RcCopy::Invalid);
+                    self.dropped.insert(page);
                     actions.push(Action::DropPage { page });
                 }
                 Some(RcCopy::Dirty | RcCopy::Invalid) | None => {}
@@ -513,6 +535,7 @@ impl Release {
     /// writes to it included (the memory is being freed).
     pub fn release_for_free(&mut self, page: usize) -> Vec<Action> {
         self.written.remove(&page);
+        self.dropped.remove(page);
         match self.copy_of(page) {
             Some(RcCopy::Clean | RcCopy::Dirty) => {
                 self.set(page, RcCopy::Invalid);
@@ -604,6 +627,52 @@ mod tests {
         assert_eq!(a.diff_empty(0).unwrap(), vec![Action::Released]);
         assert!(a.diff_empty(0).is_err());
         assert_eq!(a.acquire().unwrap(), vec![Action::DropPage { page: 0 }]);
+    }
+
+    /// The read requests among `actions`, by page.
+    fn asked(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    msg: Msg::ReadReq { page },
+                    ..
+                } => Some(*page),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fault_on_a_copy_the_acquire_dropped_asks_for_the_run_dropped_with_it() {
+        let mut node = Release::new(1, 2, 8);
+        node.set_home(0..8, 0);
+        for page in 0..4 {
+            assert_eq!(asked(&node.on_fault(page, false).unwrap()), [page as u64]);
+            node.on_message(0, &grant(page as u64)).unwrap();
+        }
+        assert_eq!(node.release().unwrap(), vec![Action::Released]);
+        assert_eq!(asked(&node.acquire().unwrap()), Vec::<u64>::new());
+        // Pages 1-3 read last step, dropped together: asked for together.
+        assert_eq!(asked(&node.on_fault(1, false).unwrap()), [1, 2, 3]);
+        // Already on their way: a fault on one waits for it.
+        assert!(asked(&node.on_fault(2, false).unwrap()).is_empty());
+        // Page 0 (before the fault) on its own fault; page 4 was never read.
+        assert_eq!(asked(&node.on_fault(0, false).unwrap()), [0]);
+        assert_eq!(asked(&node.on_fault(4, false).unwrap()), [4]);
+        assert!(node.on_fault(5, false).is_ok());
+        assert!((0..8).all(|p| !node.dropped.contains(p)));
+        // Pages dropped at an earlier acquire still count: grids that
+        // alternate read one row one step, another the next.
+        for page in 6..8 {
+            node.on_fault(page, false).unwrap();
+        }
+        for page in 0..8 {
+            node.on_message(0, &grant(page)).unwrap();
+        }
+        node.acquire().unwrap();
+        node.acquire().unwrap();
+        assert_eq!(asked(&node.on_fault(6, false).unwrap()), [6, 7]);
     }
 
     #[test]
