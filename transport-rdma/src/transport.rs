@@ -1940,6 +1940,19 @@ mod tests {
             err,
             "DSM_RDMA_PAGES=\"read\": expected write (the default) or send"
         );
+        assert_eq!(
+            RdmaOptions::from_lookup(lookup(&[])).unwrap().local,
+            LocalPath::Shm
+        );
+        let o = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_LOCAL", " RDMA ")])).unwrap();
+        assert_eq!(o.local, LocalPath::Rdma);
+        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_LOCAL", "tcp")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "DSM_RDMA_LOCAL=\"tcp\": expected shm (the default) or rdma"
+        );
     }
 
     /// A page marker naming a page outside the receiver's arena loses the
