@@ -83,6 +83,42 @@ fn round_robin_at_16_ranks() {
     out.expect_each_rank(16, "16 rounds over 100 pages verified");
 }
 
+/// The latency programs of bench/README run as documented: the raw round
+/// trip between the two processes names the path it took (rings by
+/// default, TCP with `DSM_SHM=0`; each answer is checked 4 KiB), and
+/// faultlat's faults read what the home sealed (it exits non-zero
+/// otherwise).
+#[test]
+fn the_two_process_latency_programs_run_over_rings_and_tcp() {
+    for (shm, path) in [("1", "shared-memory rings"), ("0", "TCP")] {
+        let out = job(
+            &[("DSM_SHM", shm)],
+            &["-n", "2", &bin("rawlat").display().to_string(), "300"],
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let host = short_hostname();
+        let line = format!("raw round trip 16 B / 4 KiB over {path}: median ");
+        assert!(
+            out.lines_of(1, &host, "stdout")
+                .iter()
+                .any(|l| l.starts_with(&line) && l.ends_with("(300 round trips)")),
+            "{out:?}"
+        );
+    }
+    let out = job(
+        &[("DSM_PREFETCH", "0"), ("DSM_SPACE_SIZE", "16M")],
+        &["-n", "2", &bin("faultlat").display().to_string(), "300"],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let host = short_hostname();
+    assert!(
+        out.lines_of(0, &host, "stdout")
+            .iter()
+            .any(|l| l.starts_with("remote read fault ") && l.contains("(299 faults")),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn a_256_mib_space_touched_by_all_ranks() {
     let out = job(
