@@ -1262,7 +1262,14 @@ impl Mrsw {
         self.waiting
             .keys()
             .filter_map(|p| self.local.get(*p))
-            .map(|l| l.held_until.max(self.holds_void_until))
+            // A hold a synchronization point ended is due at once.
+            .map(|l| {
+                if l.held_until <= self.holds_void_until {
+                    0
+                } else {
+                    l.held_until
+                }
+            })
             .min()
     }
 
