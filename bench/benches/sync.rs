@@ -36,20 +36,19 @@ use dsm_core::{Dsm, Transport};
 /// hand-off touches page 0.
 const SPACE_PAGES: usize = 64;
 
+/// Two ranks' DSMs, after the raw 16 B / 16 B round trip between their
+/// endpoints was measured into `raw` in group `g`.
+fn two_ranks_beside_raw(g: &mut BenchmarkGroup<'_, WallTime>, raw: &Samples) -> Vec<Dsm> {
+    let t = transports(2);
+    raw_round_trip(g, "raw_round_trip_16B_16B", &t[1], &t[0], (16, 16), raw);
+    start_dsms(t, SPACE_PAGES)
+}
+
 fn lock(c: &mut Criterion) {
     let suite = "lock_2_ranks";
     let (raw, remote, local) = (Samples::default(), Samples::default(), Samples::default());
-    let t = transports(2);
     let mut g = c.benchmark_group(suite);
-    raw_round_trip(
-        &mut g,
-        "raw_round_trip_16B_16B",
-        &t[1],
-        &t[0],
-        (16, 16),
-        &raw,
-    );
-    let dsms = start_dsms(t, SPACE_PAGES);
+    let dsms = two_ranks_beside_raw(&mut g, &raw);
     for (name, rank, out) in [
         ("dsm_lock_remote", 1, &remote),
         ("dsm_lock_local", 0, &local),
@@ -80,17 +79,8 @@ fn lock(c: &mut Criterion) {
 fn lock_handoff(c: &mut Criterion) {
     let suite = "lock_handoff_2_ranks";
     let (raw, rounds) = (Samples::default(), Samples::default());
-    let t = transports(2);
     let mut g = c.benchmark_group(suite);
-    raw_round_trip(
-        &mut g,
-        "raw_round_trip_16B_16B",
-        &t[1],
-        &t[0],
-        (16, 16),
-        &raw,
-    );
-    let dsms = start_dsms(t, SPACE_PAGES);
+    let dsms = two_ranks_beside_raw(&mut g, &raw);
     let mut increments = 0;
     g.bench_function("dsm_counter_under_lock", |b| {
         b.iter_custom(|iters| {

@@ -1641,11 +1641,10 @@ impl Transport for RdmaTransport {
         self.shared.try_send_frame(to, parts)
     }
 
+    /// Only co-located peers' messages can be left part-sent (by the
+    /// bootstrap transport; a plain load when nothing is).
     fn finish_sends(&self) -> Result<(), TransportError> {
-        if self.shared.via_boot.iter().any(|v| *v) {
-            return self.shared.boot.finish_sends();
-        }
-        Ok(())
+        self.shared.boot.finish_sends()
     }
 
     /// A page that would go by RDMA WRITE is left to `send_page` (the

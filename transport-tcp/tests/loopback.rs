@@ -27,6 +27,10 @@ fn connect_all(boots: Vec<Bootstrap>) -> Vec<Arc<TcpTransport>> {
         connect_timeout: Duration::from_secs(20),
         ..TcpOptions::default()
     };
+    connect_with(boots, &opts)
+}
+
+fn connect_with(boots: Vec<Bootstrap>, opts: &TcpOptions) -> Vec<Arc<TcpTransport>> {
     let handles: Vec<_> = boots
         .into_iter()
         .map(|b| {
@@ -60,14 +64,7 @@ fn only_ranks_of_one_host_share_memory() {
         shared_memory: true,
         ..TcpOptions::builtin()
     };
-    let handles: Vec<_> = boots
-        .into_iter()
-        .map(|b| {
-            let opts = opts.clone();
-            thread::spawn(move || TcpTransport::connect(b, &opts).unwrap())
-        })
-        .collect();
-    let ranks: Vec<Arc<TcpTransport>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ranks = connect_with(boots, &opts);
     for (me, t) in ranks.iter().enumerate() {
         for peer in 0..hosts.len() {
             assert_eq!(
