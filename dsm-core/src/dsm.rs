@@ -255,6 +255,7 @@ impl Dsm {
             FaultDelivery::Sigbus => {
                 let server = engine::signal_fault_server(
                     engine_state,
+                    Arc::clone(&transport),
                     faults_served,
                     failures,
                     wait_spin,

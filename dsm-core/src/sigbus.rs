@@ -50,11 +50,20 @@ pub struct Waiters {
 }
 
 /// What a thread about to wait for a page has seen: its bucket's epoch
-/// before it asked for the page.
+/// before it asked for the page; and whether it polls before it sleeps.
 #[must_use]
 pub struct WaitTicket {
     bucket: usize,
     epoch: u32,
+    polls: bool,
+}
+
+impl WaitTicket {
+    /// True when the wait polls for up to its spin before it sleeps (the
+    /// waiter may then read its answer itself).
+    pub fn polls(&self) -> bool {
+        self.polls
+    }
 }
 
 impl Default for Waiters {
@@ -71,31 +80,40 @@ impl Default for Waiters {
 
 impl Waiters {
     /// Called before the fault is served: any install of the page's bucket
-    /// from now on ends the wait.
-    pub fn prepare(&self, page: usize) -> WaitTicket {
+    /// from now on ends the wait. The thread counts as waiting from here:
+    /// only so many threads poll at once (`polling_limit`), the others
+    /// sleep at once; polling is decided here, before the request leaves.
+    pub fn prepare(&self, page: usize, spin: Duration) -> WaitTicket {
         let bucket = page % BUCKETS;
+        let others = self.waiting_now.fetch_add(1, SeqCst);
         WaitTicket {
             bucket,
             epoch: self.epoch[bucket].load(SeqCst),
+            polls: !spin.is_zero() && others < self.polling_limit,
         }
     }
 
     /// Sleeps until a page of the ticket's bucket was installed since the
     /// ticket was taken (at once if one was), or `timeout` passed; says
-    /// whether one was (false: the time ran out). It first polls for up to
-    /// `spin` (`DSM_WAIT_SPIN_US`): an install seen then costs neither
-    /// side a futex call nor a wake-up. The
-    /// waiter counts itself before it looks at the epoch, and an install
-    /// bumps the epoch before it looks at the count (both sequentially
-    /// consistent): either the waiter sees the new epoch or the install
-    /// sees the waiter. A fault served at once (its page installed by the
-    /// fault path itself) costs no futex call. Only so many threads poll at
-    /// once (`polling_limit`); the others sleep at once.
-    pub fn wait(&self, ticket: WaitTicket, spin: Duration, timeout: Duration) -> bool {
+    /// whether one was (false: the time ran out). A ticket that polls first
+    /// polls for up to `spin` (`DSM_WAIT_SPIN_US`) with `poll(spin, done)`
+    /// (the waiter may receive its page itself meanwhile): an install seen
+    /// then costs neither side a futex call nor a wake-up. The waiter
+    /// counts itself before it looks at the epoch, and an install bumps the
+    /// epoch before it looks at the count (both sequentially consistent):
+    /// either the waiter sees the new epoch or the install sees the waiter.
+    /// A fault served at once (its page installed by the fault path
+    /// itself) costs no futex call.
+    pub fn wait(
+        &self,
+        ticket: WaitTicket,
+        spin: Duration,
+        timeout: Duration,
+        poll: impl FnOnce(Duration, &dyn Fn() -> bool) -> bool,
+    ) -> bool {
         let word = &self.epoch[ticket.bucket];
-        let others = self.waiting_now.fetch_add(1, SeqCst);
-        if !spin.is_zero() && others < self.polling_limit {
-            crate::sched::poll_until(spin, || {
+        if ticket.polls {
+            poll(spin, &|| {
                 word.load(SeqCst) != ticket.epoch
                     || self.waiting_now.load(SeqCst) > self.polling_limit
             });

@@ -107,6 +107,15 @@ impl LostPeer {
 /// buffers are full in both directions.
 pub type InlineDelivery = Box<dyn Fn(Message) -> Option<Message> + Send + Sync>;
 
+/// A thread's poll of the links it reads itself (see
+/// [`Transport::poll_answers`]); dropping it ends the poll, and a receive
+/// thread takes over what is left.
+pub trait AnswerPoll {
+    /// Hands on the messages that arrived whole and that no receive thread
+    /// is reading. It never blocks, so a SIGBUS handler may call it.
+    fn receive(&mut self);
+}
+
 /// What [`Transport::try_send_parts`] did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrySent {
@@ -252,6 +261,18 @@ pub trait Transport: Send + Sync {
     fn place_payloads(&self, placement: PayloadPlacement) -> bool {
         drop(placement);
         false
+    }
+
+    /// A poll of the links whose messages the calling thread may read
+    /// itself (rings in shared memory), for a thread about to wait for an
+    /// answer: from now until the poll is dropped, what arrives on them
+    /// wakes no receive thread, and [`AnswerPoll::receive`] hands it on in
+    /// the calling thread, exactly as the receive threads would (offered to
+    /// the [`Transport::deliver_inline`] handler, in order). The answer
+    /// then costs neither a receive thread's wake-up nor the waiter's.
+    /// `None` where no link allows it.
+    fn poll_answers(&self) -> Option<Box<dyn AnswerPoll + '_>> {
+        None
     }
 
     /// True when messages to and from `peer` go through shared memory on

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use dsm_core::sched::ServiceSched;
-use dsm_core::transport::{Incoming, InlineDelivery, PayloadPool, TrySent};
+use dsm_core::transport::{AnswerPoll, Incoming, InlineDelivery, PayloadPool, TrySent};
 use dsm_core::{Message, Rank, Transport, TransportError};
 
 use crate::verbs::{
@@ -1690,6 +1690,17 @@ impl Transport for RdmaTransport {
 
     fn shares_memory_with(&self, peer: Rank) -> bool {
         self.shared.boot_for(peer).is_some()
+    }
+
+    /// The co-located peers' rings, through the bootstrap transport (whose
+    /// receive threads' handler, `offer_from_boot`, the poller's frames
+    /// go through too, in the same order).
+    fn poll_answers(&self) -> Option<Box<dyn AnswerPoll + '_>> {
+        if self.shared.via_boot.iter().any(|&v| v) {
+            self.shared.boot.poll_answers()
+        } else {
+            None
+        }
     }
 
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {

@@ -33,7 +33,7 @@ use dsm_core::auth::{self, JobSecret};
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
 use dsm_core::sched::ServiceSched;
 use dsm_core::transport::PayloadPool;
-use dsm_core::transport::{InlineDelivery, PayloadPlacement, TrySent};
+use dsm_core::transport::{AnswerPoll, InlineDelivery, PayloadPlacement, TrySent};
 use dsm_core::wire::{self, WireError};
 use dsm_core::{Message, Rank, Transport, TransportError};
 use liveness::Liveness;
@@ -327,6 +327,8 @@ pub struct TcpTransport {
     peer_timeout: Duration,
     /// The peers whose frames go through rings in shared memory.
     shared_memory: Vec<bool>,
+    /// Their rings' frames, which waiting threads may read themselves.
+    ring_intakes: Vec<Arc<RingIntake>>,
 }
 
 fn setup_err(msg: impl Into<String>) -> TransportError {
@@ -415,6 +417,7 @@ impl TcpTransport {
         let placement = Arc::new(OnceLock::new());
         let liveness = Arc::new(Liveness::new(size, rank, opts.peer_timeout));
         let mut peers = Vec::with_capacity(size);
+        let mut ring_intakes = Vec::new();
         for (peer_rank, stream) in streams.into_iter().enumerate() {
             let Some(stream) = stream else {
                 peers.push(None);
@@ -439,7 +442,7 @@ impl TcpTransport {
             let placement = Arc::clone(&placement);
             let liveness = Arc::clone(&liveness);
             let said_goodbye = Arc::new(AtomicBool::new(false));
-            let (link, reader_stream) = match rings[peer_rank].take() {
+            let (link, incoming) = match rings[peer_rank].take() {
                 Some(shm::Rings {
                     reader,
                     writer,
@@ -477,30 +480,39 @@ impl TcpTransport {
                     Incoming::Tcp(read_half),
                 ),
             };
+            let delivery = Delivery {
+                inbox: tx,
+                inline,
+                placement,
+                payloads,
+                liveness,
+            };
+            let ends = Ends {
+                host,
+                goodbyes,
+                said_goodbye,
+            };
+            // A ring's frames are shared with the threads that poll it.
+            let read: Box<dyn FnOnce() + Send> = match incoming {
+                Incoming::Ring(reader) => {
+                    let intake = Arc::new(RingIntake {
+                        probe: reader.probe(),
+                        frames: Mutex::new(Frames::new(
+                            reader, 0, peer_rank, max_frame, delivery, ends,
+                        )),
+                    });
+                    ring_intakes.push(Arc::clone(&intake));
+                    Box::new(move || intake.serve())
+                }
+                Incoming::Tcp(stream) => {
+                    Box::new(move || read_loop(stream, peer_rank, max_frame, delivery, ends))
+                }
+            };
             thread::Builder::new()
                 .name(format!("dsm-tcp-rx{peer_rank}"))
                 .spawn(move || {
                     dsm_core::sched::enter_service_thread(receiver_cpu, receiver_sched);
-                    let delivery = Delivery {
-                        inbox: tx,
-                        inline: &inline,
-                        placement: &placement,
-                        payloads: &payloads,
-                        liveness: &liveness,
-                    };
-                    let ends = Ends {
-                        host,
-                        goodbyes,
-                        said_goodbye,
-                    };
-                    match reader_stream {
-                        Incoming::Tcp(stream) => {
-                            read_loop(stream, peer_rank, max_frame, delivery, ends)
-                        }
-                        Incoming::Ring(ring) => {
-                            read_loop(ring, peer_rank, max_frame, delivery, ends)
-                        }
-                    }
+                    read();
                 })
                 .map_err(|e| setup_err(format!("spawning a reader: {e}")))?;
             peers.push(Some(Peer {
@@ -526,6 +538,7 @@ impl TcpTransport {
             liveness,
             peer_timeout: opts.peer_timeout,
             shared_memory,
+            ring_intakes,
         });
         let watched = Arc::downgrade(&transport);
         thread::Builder::new()
@@ -869,17 +882,17 @@ fn watch_peers(transport: Weak<TcpTransport>) {
 }
 
 /// Where a reader thread hands what it received.
-struct Delivery<'a> {
+struct Delivery {
     inbox: Sender<Result<Message, TransportError>>,
     /// Offered each message first, once the consumer has set it.
-    inline: &'a OnceLock<InlineDelivery>,
+    inline: Arc<OnceLock<InlineDelivery>>,
     /// Asked where each message's bytes go, once the consumer has set it.
-    placement: &'a OnceLock<PayloadPlacement>,
-    payloads: &'a PayloadPool,
-    liveness: &'a Liveness,
+    placement: Arc<OnceLock<PayloadPlacement>>,
+    payloads: Arc<PayloadPool>,
+    liveness: Arc<Liveness>,
 }
 
-impl Delivery<'_> {
+impl Delivery {
     /// False once the consumer is gone.
     fn message(&self, message: Message) -> bool {
         let message = match self.inline.get() {
@@ -946,83 +959,216 @@ struct Ends {
     said_goodbye: Arc<AtomicBool>,
 }
 
-fn read_loop<R: Read>(stream: R, from: Rank, max_frame: u32, delivery: Delivery<'_>, ends: Ends) {
-    let Delivery {
-        inbox,
-        payloads,
-        liveness,
-        ..
-    } = &delivery;
-    let Ends {
-        host,
-        goodbyes,
-        said_goodbye: goodbye_flag,
-    } = ends;
-    let mut reader = BufReader::with_capacity(64 << 10, stream);
-    let mut said_goodbye = false;
-    // Reported once, unless the heartbeat thread reported the peer first
-    // (and shut the connection, which ends this loop).
-    let report_lost = |reason: String| {
-        if liveness.retire(from) {
-            let _ = inbox.send(Err(TransportError::PeerLost {
-                rank: from,
-                host: host.clone(),
+/// The frames of one peer's stream, read and handed on one at a time: by
+/// the peer's receive thread, or for a ring, by a thread polling it while
+/// it waits ([`Transport::receive_while_polling`]).
+struct Frames<R: Read> {
+    reader: BufReader<R>,
+    from: Rank,
+    max_frame: u32,
+    delivery: Delivery,
+    ends: Ends,
+    said_goodbye: bool,
+    /// Set once the stream ended (and was reported if it had to be).
+    ended: bool,
+}
+
+impl<R: Read> Frames<R> {
+    /// `buffer` bytes of read-ahead: none for a ring, whose bytes are in
+    /// memory already (and must stay there for [`Frames::whole_frame_ready`]).
+    fn new(
+        stream: R,
+        buffer: usize,
+        from: Rank,
+        max_frame: u32,
+        delivery: Delivery,
+        ends: Ends,
+    ) -> Self {
+        Frames {
+            reader: BufReader::with_capacity(buffer, stream),
+            from,
+            max_frame,
+            delivery,
+            ends,
+            said_goodbye: false,
+            ended: false,
+        }
+    }
+
+    /// Reported once, unless the heartbeat thread reported the peer first
+    /// (and shut the connection, which ends the stream).
+    fn report_lost(&mut self, reason: String) {
+        self.ended = true;
+        if self.delivery.liveness.retire(self.from) {
+            let _ = self.delivery.inbox.send(Err(TransportError::PeerLost {
+                rank: self.from,
+                host: self.ends.host.clone(),
                 reason,
             }));
         }
-    };
-    loop {
-        let header = match wire::read_header(&mut reader, max_frame) {
+    }
+
+    /// Reads one frame (waiting for it) and hands it on; false once the
+    /// stream ended.
+    fn next(&mut self) -> bool {
+        if self.ended {
+            return false;
+        }
+        let from = self.from;
+        let header = match wire::read_header(&mut self.reader, self.max_frame) {
             Ok(h) => h,
-            Err(WireError::Closed) if said_goodbye => return,
+            Err(WireError::Closed) if self.said_goodbye => {
+                self.ended = true;
+                return false;
+            }
             Err(WireError::Closed) => {
-                report_lost("connection closed without goodbye (process died?)".into());
-                return;
+                self.report_lost("connection closed without goodbye (process died?)".into());
+                return false;
             }
             Err(e) => {
-                report_lost(e.to_string());
-                return;
+                self.report_lost(e.to_string());
+                return false;
             }
         };
+        let liveness = &self.delivery.liveness;
         liveness.heard(from);
         let len = header.len as usize;
-        let payload = if header.kind == KIND_DATA && !said_goodbye {
-            delivery.payload(&mut reader, from, len)
+        let payload = if header.kind == KIND_DATA && !self.said_goodbye {
+            self.delivery.payload(&mut self.reader, from, len)
         } else {
-            wire::read_payload_into(&mut reader, len, payloads.take(len)).map_err(|e| e.to_string())
+            wire::read_payload_into(&mut self.reader, len, self.delivery.payloads.take(len))
+                .map_err(|e| e.to_string())
         };
         let payload = match payload {
             Ok(payload) => payload,
             Err(e) => {
-                report_lost(e);
-                return;
+                self.report_lost(e);
+                return false;
             }
         };
         // A long payload kept the sender's writer (and its heartbeats) busy.
-        liveness.heard(from);
+        self.delivery.liveness.heard(from);
         match header.kind {
-            KIND_DATA if !said_goodbye => {
-                if !delivery.message(Message { from, payload }) {
-                    return;
+            KIND_DATA if !self.said_goodbye => {
+                if !self.delivery.message(Message { from, payload }) {
+                    self.ended = true;
+                    return false;
                 }
             }
-            KIND_ALIVE if !said_goodbye && payload.is_empty() => {}
-            KIND_GOODBYE if !said_goodbye => {
-                said_goodbye = true;
-                goodbye_flag.store(true, Ordering::SeqCst);
-                liveness.retire(from);
+            KIND_ALIVE if !self.said_goodbye && payload.is_empty() => {}
+            KIND_GOODBYE if !self.said_goodbye => {
+                self.said_goodbye = true;
+                self.ends.said_goodbye.store(true, Ordering::SeqCst);
+                self.delivery.liveness.retire(from);
+                let goodbyes = &self.ends.goodbyes;
                 let mut count = goodbyes.count.lock().unwrap_or_else(|p| p.into_inner());
                 *count += 1;
                 goodbyes.arrived.notify_all();
             }
             kind => {
-                report_lost(format!(
-                    "protocol violation: frame kind {kind} after goodbye={said_goodbye}"
+                let said = self.said_goodbye;
+                self.report_lost(format!(
+                    "protocol violation: frame kind {kind} after goodbye={said}"
                 ));
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Frames<ring::RingReader> {
+    /// True when a whole frame is published (it can be read without
+    /// waiting), or a malformed header is (reading it reports it).
+    fn whole_frame_ready(&self) -> bool {
+        let ring = self.reader.get_ref();
+        let mut header = [0u8; wire::HEADER_LEN];
+        if !ring.peek(&mut header) {
+            return false;
+        }
+        match wire::FrameHeader::decode(&header, self.max_frame) {
+            Ok(h) => ring.published() >= (wire::HEADER_LEN + h.len as usize) as u64,
+            Err(_) => true,
+        }
+    }
+}
+
+/// A co-located peer's ring and the frames read from it, shared by its
+/// receive thread and the threads polling it.
+struct RingIntake {
+    frames: Mutex<Frames<ring::RingReader>>,
+    probe: ring::RingProbe,
+}
+
+impl RingIntake {
+    /// The receive thread's loop: waits for bytes without holding the
+    /// frames (a polling thread may take them meanwhile), then reads while
+    /// any are left.
+    fn serve(&self) {
+        loop {
+            let open = self.probe.wait_for_bytes();
+            let mut frames = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+            // A broken ring: `next` reads what is left, then the end.
+            while !open || self.probe.has_bytes() {
+                if !frames.next() {
+                    return;
+                }
+            }
+            if frames.ended {
                 return;
             }
         }
     }
+
+    /// Hands on the whole frames published now, unless the receive thread
+    /// is reading them; whether it could look.
+    fn take_whole_frames(&self) -> bool {
+        let mut frames = match self.frames.try_lock() {
+            Ok(frames) => frames,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        while !frames.ended && frames.whole_frame_ready() {
+            frames.next();
+        }
+        true
+    }
+}
+
+/// A thread's poll of the rings (see [`Transport::poll_answers`]).
+struct RingPoll<'a> {
+    rings: &'a [Arc<RingIntake>],
+    /// A bit per ring still polled.
+    polled: u64,
+}
+
+impl AnswerPoll for RingPoll<'_> {
+    fn receive(&mut self) {
+        for (i, ring) in self.rings.iter().enumerate() {
+            let bit = 1u64 << i;
+            // A ring whose receive thread is reading is left to it: it may
+            // wait in the middle of a frame for a wake-up the poll holds back.
+            if self.polled & bit != 0 && ring.probe.has_bytes() && !ring.take_whole_frames() {
+                ring.probe.stop_polling();
+                self.polled &= !bit;
+            }
+        }
+    }
+}
+
+impl Drop for RingPoll<'_> {
+    fn drop(&mut self) {
+        for (i, ring) in self.rings.iter().enumerate() {
+            if self.polled & (1u64 << i) != 0 {
+                ring.probe.stop_polling();
+            }
+        }
+    }
+}
+
+fn read_loop(stream: TcpStream, from: Rank, max_frame: u32, delivery: Delivery, ends: Ends) {
+    let mut frames = Frames::new(stream, 64 << 10, from, max_frame, delivery, ends);
+    while frames.next() {}
 }
 
 impl Transport for TcpTransport {
@@ -1136,6 +1282,21 @@ impl Transport for TcpTransport {
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(TransportError::Shutdown),
         }
+    }
+
+    fn poll_answers(&self) -> Option<Box<dyn AnswerPoll + '_>> {
+        // Rings past the 64th are left to their receive threads.
+        let rings = &self.ring_intakes[..self.ring_intakes.len().min(64)];
+        if rings.is_empty() {
+            return None;
+        }
+        for ring in rings {
+            ring.probe.start_polling();
+        }
+        Some(Box::new(RingPoll {
+            rings,
+            polled: u64::MAX >> (64 - rings.len()),
+        }))
     }
 
     fn shares_memory_with(&self, peer: Rank) -> bool {

@@ -18,6 +18,14 @@
 //! stores its position before looking at the flag: one of them sees the
 //! other). A peer that dies cannot wake anyone: sleeps are bounded, and
 //! the transport marks the ring `broken` when the peer's connection ends.
+//!
+//! Threads of the reader's process other than its receive thread may
+//! poll the ring for a while (a faulting thread waiting for its page):
+//! they count themselves in the header (`pollers`), and the producer skips
+//! its wake-up while any poll, so the answer costs no system call on
+//! either side. A poller that stops wakes the receive thread if bytes are
+//! left (it counts down before it looks at `head`, the producer stores
+//! `head` before it looks at the count: one of them sees the other).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -40,6 +48,7 @@ const HEAD_AT: usize = 64;
 const TAIL_AT: usize = 128;
 const CONSUMER_WAITING_AT: usize = 192;
 const PRODUCER_WAITING_AT: usize = 256;
+const POLLERS_AT: usize = 320;
 /// Longest sleep before a side looks again (and at `broken`).
 const SLEEP_STEP: Duration = Duration::from_millis(50);
 
@@ -132,6 +141,10 @@ impl Mapping {
 
     fn producer_waiting(&self) -> &AtomicU32 {
         self.at(PRODUCER_WAITING_AT)
+    }
+
+    fn pollers(&self) -> &AtomicU32 {
+        self.at(POLLERS_AT)
     }
 
     fn nonce(&self) -> [u8; 16] {
@@ -300,19 +313,44 @@ impl RingReader {
         self.ring.fd.as_raw_fd()
     }
 
-    /// A view that tells whether the reader waits for bytes.
+    /// The reader's view of its ring that other threads share: whether
+    /// bytes wait, a wait for them, and polls by threads other than the
+    /// reader's.
     pub fn probe(&self) -> RingProbe {
         RingProbe {
             ring: Arc::clone(&self.ring),
             idle: Arc::clone(&self.idle),
+            spin: self.spin,
+            broken: Arc::clone(&self.broken),
         }
+    }
+
+    /// Copies the next `out.len()` published bytes without consuming
+    /// them; false if fewer are published.
+    pub fn peek(&self, out: &mut [u8]) -> bool {
+        let ring = &self.ring;
+        let tail = ring.tail().load(Ordering::Relaxed);
+        if ring.head().load(Ordering::Acquire) - tail < out.len() as u64 {
+            return false;
+        }
+        ring.copy_out(tail, out);
+        true
+    }
+
+    /// Bytes published and not read yet.
+    pub fn published(&self) -> u64 {
+        let ring = &self.ring;
+        ring.head().load(Ordering::Acquire) - ring.tail().load(Ordering::Relaxed)
     }
 }
 
-/// Whether a ring's reader has used every byte published so far.
+/// A ring reader's state shared with other threads of its process (see
+/// [`RingReader::probe`]).
 pub struct RingProbe {
     ring: Arc<Mapping>,
     idle: Arc<AtomicBool>,
+    spin: Duration,
+    broken: Arc<AtomicBool>,
 }
 
 impl RingProbe {
@@ -321,6 +359,36 @@ impl RingProbe {
     pub fn waiting_for_more(&self) -> bool {
         self.idle.load(Ordering::SeqCst)
             && self.ring.tail().load(Ordering::SeqCst) == self.ring.head().load(Ordering::SeqCst)
+    }
+
+    /// True while bytes are published and not read yet.
+    pub fn has_bytes(&self) -> bool {
+        self.ring.head().load(Ordering::SeqCst) != self.ring.tail().load(Ordering::SeqCst)
+    }
+
+    /// Polls, then sleeps, until bytes are published (true) or the ring
+    /// broke (false); the reader counts as idle meanwhile.
+    pub fn wait_for_bytes(&self) -> bool {
+        self.idle.store(true, Ordering::SeqCst);
+        let ready = || self.has_bytes();
+        let woken = wait_until(ready, self.ring.consumer_waiting(), self.spin, &self.broken);
+        self.idle.store(false, Ordering::SeqCst);
+        woken
+    }
+
+    /// A thread other than the reader's starts polling the ring: the
+    /// producer stops waking the reader until [`RingProbe::stop_polling`].
+    pub fn start_polling(&self) {
+        self.ring.pollers().fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends a [`RingProbe::start_polling`]; a sleeping reader is woken if
+    /// bytes are left for it.
+    pub fn stop_polling(&self) {
+        self.ring.pollers().fetch_sub(1, Ordering::SeqCst);
+        if self.has_bytes() {
+            wake_if_waiting(self.ring.consumer_waiting());
+        }
     }
 }
 
@@ -433,7 +501,11 @@ impl RingWriter {
         let head = self.ring.head().load(Ordering::Relaxed) + self.pending;
         self.pending = 0;
         self.ring.head().store(head, Ordering::SeqCst);
-        wake_if_waiting(self.ring.consumer_waiting());
+        // A thread of the reader's process polling the ring takes the bytes
+        // (or wakes the reader when it stops).
+        if self.ring.pollers().load(Ordering::SeqCst) == 0 {
+            wake_if_waiting(self.ring.consumer_waiting());
+        }
     }
 }
 

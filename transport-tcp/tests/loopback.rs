@@ -280,6 +280,96 @@ fn sending_to_self_loops_back_and_bad_ranks_are_refused() {
     ));
 }
 
+/// A thread polling the rings (`poll_answers`, as a faulting thread waiting
+/// for its page does) hands on what arrives whole, in the order sent, and
+/// the receive thread takes the rest whenever no poll is on: every message
+/// is handled exactly once, in order, whoever reads it, including messages
+/// larger than the ring, which only the receive thread can read.
+#[test]
+fn a_thread_polling_the_rings_and_the_receive_thread_share_them_in_order() {
+    const MESSAGES: u32 = 3000;
+    let opts = TcpOptions {
+        connect_timeout: Duration::from_secs(20),
+        shared_memory: true,
+        ..TcpOptions::builtin()
+    };
+    let ranks = connect_with(Bootstrap::loopback_group(2).unwrap(), &opts);
+    assert!(ranks[1].shares_memory_with(0));
+    let (handled_tx, handled_rx) = crossbeam_channel::unbounded();
+    assert!(
+        ranks[1].deliver_inline(Box::new(move |m: dsm_core::Message| {
+            let seq = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
+            let fill = (seq % 251) as u8;
+            assert!(
+                m.payload[4..].iter().all(|b| *b == fill),
+                "message {seq} intact"
+            );
+            handled_tx.send((seq, thread::current().id())).unwrap();
+            None
+        }))
+    );
+    const FIRST: u32 = 50;
+    let size = |seq: u32| match seq % 100 {
+        _ if seq < FIRST => 16 + seq as usize,
+        0 => (3 << 20) / 2, // larger than the 1 MiB ring
+        n if n % 7 == 0 => 64 << 10,
+        n if n % 2 == 0 => 4096 + 4,
+        _ => 16,
+    };
+    let poller = thread::current().id();
+    // (next expected, handled by the polling thread)
+    let mut handled = (0u32, 0usize);
+    let mut take_handled = || {
+        while let Ok((seq, by)) = handled_rx.try_recv() {
+            assert_eq!(seq, handled.0, "handled out of order");
+            handled.0 += 1;
+            handled.1 += usize::from(by == poller);
+        }
+        handled
+    };
+    let send = |seq: u32| {
+        let mut message = vec![(seq % 251) as u8; size(seq)];
+        message[..4].copy_from_slice(&seq.to_le_bytes());
+        ranks[0].send(1, &message).unwrap();
+    };
+    let deadline = std::time::Instant::now() + RECV_LIMIT;
+    // First with a poll on before the messages leave, as a faulting thread
+    // polls before its request leaves: the receive thread is not woken.
+    let mut poll = ranks[1].poll_answers().expect("rings can be polled");
+    (0..FIRST).for_each(send);
+    let mut seen = take_handled();
+    while seen.0 < FIRST {
+        assert!(std::time::Instant::now() < deadline, "stuck at {seen:?}");
+        poll.receive();
+        seen = take_handled();
+    }
+    drop(poll);
+    assert!(seen.1 > 0, "the polling thread handled none");
+    // Then polls on and off while a sender streams.
+    thread::scope(|s| {
+        s.spawn(|| (FIRST..MESSAGES).for_each(send));
+        while seen.0 < MESSAGES {
+            assert!(std::time::Instant::now() < deadline, "stuck at {seen:?}");
+            let mut poll = ranks[1].poll_answers().expect("rings can be polled");
+            for _ in 0..300 {
+                poll.receive();
+            }
+            drop(poll);
+            seen = take_handled();
+        }
+    });
+    let by_poller = seen.1;
+    assert!(
+        by_poller < MESSAGES as usize,
+        "the receive thread handled none (not even the large messages)"
+    );
+    thread::scope(|s| {
+        for t in &ranks {
+            s.spawn(|| t.shutdown(RECV_LIMIT).unwrap());
+        }
+    });
+}
+
 #[test]
 fn an_inline_handler_sees_each_message_first_and_what_it_hands_back_is_queued() {
     const MESSAGES: u32 = 1000;

@@ -27,7 +27,7 @@ use crate::fault::{Fault, FaultHandler};
 use crate::hang::{WaitFor, Waiting};
 use crate::proto::Msg;
 use crate::stats::Stats;
-use crate::transport::{Incoming, InlineDelivery, PayloadPlacement};
+use crate::transport::{Incoming, InlineDelivery, PayloadPlacement, Transport};
 use crate::{proto, Message, Rank};
 use crossbeam_channel::{Receiver, Sender};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -170,11 +170,14 @@ const SIGNAL_WAIT: Duration = Duration::from_millis(50);
 /// The fault path run in the faulting thread's SIGBUS handler
 /// (`DSM_FAULTS=sigbus`): serves the fault on the engine's state (a page
 /// homed here is installed at once; otherwise the request leaves from this
-/// thread), then sleeps until a page of its bucket is installed. Errors go
+/// thread), then sleeps until a page of its bucket is installed; while it
+/// polls first, it takes the answers that reach it through shared memory
+/// itself ([`Transport::poll_answers`]). Errors go
 /// to the engine thread, which ends the job; this thread then waits for
 /// that end rather than retrying an access that can no longer be served.
 pub(crate) fn signal_fault_server(
     engine: Arc<Mutex<Engine>>,
+    transport: Arc<dyn Transport>,
     faults: Arc<FaultHandler>,
     events: Sender<Input>,
     spin: Duration,
@@ -187,7 +190,13 @@ pub(crate) fn signal_fault_server(
         // Registered for hang reports: a thread still waiting for its page
         // re-enters here at each retry, so the wait stays on record.
         waiting.enter(WaitFor::Page { page, write });
-        let ticket = waiters.prepare(page);
+        let ticket = waiters.prepare(page, spin);
+        // Before the request leaves: its answer must find the poll.
+        let mut answers = if ticket.polls() {
+            transport.poll_answers()
+        } else {
+            None
+        };
         let fault = Fault {
             page,
             write,
@@ -196,6 +205,7 @@ pub(crate) fn signal_fault_server(
         let served = serve_here(&engine, &events, |this| this.on_fault(fault));
         if let Err(e) = served {
             let _ = events.send(Input::Failed(e));
+            drop(answers);
             loop {
                 std::thread::park();
             }
@@ -203,7 +213,17 @@ pub(crate) fn signal_fault_server(
         // Timed out or not, the access is retried (and faults again if the
         // page is still missing). A wait an install ended is over: a thread
         // faulting again later on a busy page starts a new one.
-        if waiters.wait(ticket, spin, SIGNAL_WAIT) {
+        let poll = |spin, done: &dyn Fn() -> bool| {
+            crate::sched::poll_until(spin, || {
+                if let Some(answers) = answers.as_mut() {
+                    answers.receive();
+                }
+                done()
+            })
+        };
+        let woken = waiters.wait(ticket, spin, SIGNAL_WAIT, poll);
+        drop(answers);
+        if woken {
             waiting.leave();
         } else {
             waiting.pause();
