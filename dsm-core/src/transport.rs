@@ -270,7 +270,8 @@ pub trait Transport: Send + Sync {
     /// the calling thread, exactly as the receive threads would (offered to
     /// the [`Transport::deliver_inline`] handler, in order). The answer
     /// then costs neither a receive thread's wake-up nor the waiter's.
-    /// `None` where no link allows it.
+    /// Drop the poll before sleeping: while it lives, nothing arriving on
+    /// those links wakes anyone. `None` where no link allows it.
     fn poll_answers(&self) -> Option<Box<dyn AnswerPoll + '_>> {
         None
     }

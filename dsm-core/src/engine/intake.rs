@@ -213,7 +213,9 @@ pub(crate) fn signal_fault_server(
         // Timed out or not, the access is retried (and faults again if the
         // page is still missing). A wait an install ended is over: a thread
         // faulting again later on a busy page starts a new one.
-        let poll = |spin, done: &dyn Fn() -> bool| {
+        // The poll of the rings ends with the polling: a thread asleep must
+        // not hold back the receive threads' wake-ups.
+        let poll = move |spin, done: &dyn Fn() -> bool| {
             crate::sched::poll_until(spin, || {
                 if let Some(answers) = answers.as_mut() {
                     answers.receive();
@@ -221,9 +223,7 @@ pub(crate) fn signal_fault_server(
                 done()
             })
         };
-        let woken = waiters.wait(ticket, spin, SIGNAL_WAIT, poll);
-        drop(answers);
-        if woken {
+        if waiters.wait(ticket, spin, SIGNAL_WAIT, poll) {
             waiting.leave();
         } else {
             waiting.pause();
