@@ -112,7 +112,9 @@ pub type InlineDelivery = Box<dyn Fn(Message) -> Option<Message> + Send + Sync>;
 /// thread takes over what is left.
 pub trait AnswerPoll {
     /// Hands on the messages that arrived whole and that no receive thread
-    /// is reading. It never blocks, so a SIGBUS handler may call it.
+    /// is reading. It never waits for the network (at most for room in the
+    /// transport's queue of received messages, as a receive thread does),
+    /// so a SIGBUS handler may call it.
     fn receive(&mut self);
 }
 

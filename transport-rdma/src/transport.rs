@@ -13,7 +13,11 @@
 //!   (a semaphore), the inbox (`inbox_capacity` messages).
 //! * Two completion threads sleep on completion channels: one for receives,
 //!   one for sends / READs / WRITEs (which wake the waiting caller). Both are
-//!   pinned to one CPU (`DSM_RDMA_POLL_CPU`, see [`PollCpu`]).
+//!   pinned to one CPU (`DSM_RDMA_POLL_CPU`, see [`PollCpu`]). A thread
+//!   waiting for an answer may poll the receive queue itself
+//!   ([`Transport::poll_answers`]): polling and handing on what it gives is
+//!   done under one lock (`Shared::receiving`), which the receive thread
+//!   never holds while it sleeps, so messages keep their order.
 //! * Pages ([`Transport::send_page`]) move by one-sided RDMA WRITE into the
 //!   receiver's *landing arena* (one registered slot of 4096 bytes per page
 //!   of the shared space, registered once at connect and announced in the
@@ -434,6 +438,10 @@ struct Shared {
     pages_sent: AtomicU64,
     send_cq: Arc<CompletionQueue>,
     recv_cq: Arc<CompletionQueue>,
+    /// Taken to poll `recv_cq` and hand on what it gives: by the receive
+    /// completion thread, or by a thread polling for its answer
+    /// ([`Transport::poll_answers`]); never held while sleeping.
+    receiving: Mutex<Receiving>,
     send_mr: Arc<MemoryRegion>,
     pool: (Sender<usize>, Receiver<usize>),
     pending: Mutex<HashMap<u64, Pending>>,
@@ -788,6 +796,10 @@ impl RdmaTransport {
             pages_sent: AtomicU64::new(0),
             send_cq,
             recv_cq,
+            receiving: Mutex::new(Receiving {
+                partial: vec![Vec::new(); size],
+                completions: Vec::with_capacity(RECEIVE_BATCH),
+            }),
             send_mr,
             pool,
             pending: Mutex::new(HashMap::new()),
@@ -1444,17 +1456,79 @@ impl Shared {
     }
 }
 
+/// The receive side's state: each peer's message being reassembled from
+/// its fragments, and the completions being handled.
+struct Receiving {
+    partial: Vec<Vec<u8>>,
+    completions: Vec<verbs::Completion>,
+}
+
+/// A thread's poll of the receive completion queue (and of the rings of
+/// co-located peers), see [`Transport::poll_answers`].
+struct RdmaPoll<'a> {
+    shared: &'a Shared,
+    rings: Option<Box<dyn AnswerPoll + 'a>>,
+}
+
+impl AnswerPoll for RdmaPoll<'_> {
+    fn receive(&mut self) {
+        if let Some(rings) = self.rings.as_mut() {
+            rings.receive();
+        }
+        let mut receiving = match self.shared.receiving.try_lock() {
+            Ok(receiving) => receiving,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        // A failed poll is the completion thread's to report: it polls the
+        // same queue next and ends the job.
+        let _ = self.shared.take_receives(&mut receiving);
+    }
+}
+
+/// Receive completions taken per poll.
+const RECEIVE_BATCH: usize = 64;
+
 fn recv_loop(s: Arc<Shared>) {
     pin_poller(&s);
-    let mut partial: Vec<Vec<u8>> = vec![Vec::new(); s.size];
-    let mut wcs = Vec::with_capacity(64);
+    let mut looked_since = Instant::now();
     while !s.stop.load(Ordering::SeqCst) {
-        wcs.clear();
-        if let Err(e) = s.recv_cq.wait(&mut wcs, 64, s.opts.poll_spin, TICK) {
-            tracing::error!("rank {}: receive completion queue: {e}", s.rank);
-            return;
+        let taken = {
+            let mut receiving = s.receiving.lock().unwrap_or_else(|p| p.into_inner());
+            s.take_receives(&mut receiving)
+        };
+        match taken {
+            Err(e) => {
+                tracing::error!("rank {}: receive completion queue: {e}", s.rank);
+                return;
+            }
+            Ok(0) if looked_since.elapsed() >= s.opts.poll_spin => {
+                // Sleeps without the lock: a polling thread may take what
+                // arrives meanwhile (the event still ends this sleep).
+                if let Err(e) = s.recv_cq.sleep_until_event(TICK) {
+                    tracing::error!("rank {}: receive completion queue: {e}", s.rank);
+                    return;
+                }
+                looked_since = Instant::now();
+            }
+            Ok(0) => std::hint::spin_loop(),
+            Ok(_) => looked_since = Instant::now(),
         }
-        for wc in &wcs {
+    }
+}
+
+impl Shared {
+    /// Polls the receive completion queue once and hands on what it gives,
+    /// in order (the caller holds `receiving`); how many completions.
+    fn take_receives(&self, receiving: &mut Receiving) -> Result<usize, VerbsError> {
+        let s = self;
+        let Receiving {
+            partial,
+            completions: wcs,
+        } = receiving;
+        wcs.clear();
+        let taken = s.recv_cq.poll(wcs, RECEIVE_BATCH)?;
+        for wc in wcs.iter() {
             let peer_rank = (wc.wr_id >> 32) as usize;
             let slot = (wc.wr_id & 0xffff_ffff) as usize;
             let Ok(peer) = s.peer(peer_rank) else {
@@ -1543,6 +1617,7 @@ fn recv_loop(s: Arc<Shared>) {
                 }
             }
         }
+        Ok(taken)
     }
 }
 
@@ -1692,15 +1767,20 @@ impl Transport for RdmaTransport {
         self.shared.boot_for(peer).is_some()
     }
 
-    /// The co-located peers' rings, through the bootstrap transport (whose
-    /// receive threads' handler, `offer_from_boot`, the poller's frames
-    /// go through too, in the same order).
+    /// The receive completion queue, polled in the calling thread while the
+    /// completion thread does not hold it, and the co-located peers' rings
+    /// through the bootstrap transport (whose receive threads' handler,
+    /// `offer_from_boot`, the frames the poller reads go through too).
     fn poll_answers(&self) -> Option<Box<dyn AnswerPoll + '_>> {
-        if self.shared.via_boot.iter().any(|&v| v) {
+        let rings = if self.shared.via_boot.iter().any(|&v| v) {
             self.shared.boot.poll_answers()
         } else {
             None
-        }
+        };
+        Some(Box::new(RdmaPoll {
+            shared: &self.shared,
+            rings,
+        }))
     }
 
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {

@@ -655,6 +655,15 @@ impl CompletionQueue {
             }
             std::hint::spin_loop();
         }
+        self.sleep_until_event(timeout)?;
+        self.poll(out, max)
+    }
+
+    /// Sleeps until the channel's next event (a completion since the CQ was
+    /// last armed: one that came before the call ends it at once) or
+    /// `timeout`, then arms the CQ again. The completions stay in the CQ
+    /// for whoever polls it next.
+    pub fn sleep_until_event(&self, timeout: Duration) -> Result<(), VerbsError> {
         // SAFETY: the channel is alive as long as `self`.
         let fd = unsafe { self.channel.as_ref().fd };
         let mut pfd = libc::pollfd {
@@ -680,10 +689,9 @@ impl CompletionQueue {
                 }
             }
         }
-        // Re-arm before polling so that no completion slips between the poll
-        // and the next sleep.
-        self.arm()?;
-        self.poll(out, max)
+        // Re-armed before anyone polls again, so that no completion slips
+        // between that poll and the next sleep.
+        self.arm()
     }
 }
 

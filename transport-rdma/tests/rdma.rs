@@ -312,6 +312,83 @@ fn co_located_ranks_talk_through_shared_memory_the_others_over_rdma() {
     shutdown_all(ranks);
 }
 
+/// A thread polling for answers (`poll_answers`, as a faulting thread
+/// does) and the receive completion thread (and the rings' receive thread,
+/// for a co-located sender) share what arrives: rank 1 of ranks on hosts
+/// h0, h0, h1 gets messages from rank 0 through the rings and from rank 2
+/// over the adapter (small ones and fragmented ones) while its main thread
+/// polls on and off; every message is handled once, whole, in its sender's
+/// order, whoever took it.
+#[test]
+fn a_polling_thread_and_the_completion_thread_keep_each_senders_order() {
+    if !device_or_skip("a_polling_thread_and_the_completion_thread_keep_each_senders_order") {
+        return;
+    }
+    const MESSAGES: u32 = 600;
+    let ranks = job_on_hosts(&["h0", "h0", "h1"], |_| RdmaOptions {
+        local: LocalPath::Shm,
+        ..RdmaOptions::from_env().unwrap()
+    });
+    let (handled_tx, handled_rx) = crossbeam_channel::unbounded();
+    assert!(ranks[1]
+        .t
+        .deliver_inline(Box::new(move |m: dsm_core::Message| {
+            let seq = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
+            let fill = (seq % 251) as u8 ^ m.from as u8;
+            assert!(m.payload[4..].iter().all(|b| *b == fill), "message intact");
+            handled_tx
+                .send((m.from, seq, thread::current().id()))
+                .unwrap();
+            None
+        })));
+    // Every 40th message is fragmented.
+    let len = |seq: u32| match seq % 40 {
+        0 => 40_000,
+        _ => 16 + seq as usize % 64,
+    };
+    let senders: Vec<_> = [0usize, 2]
+        .into_iter()
+        .map(|from| {
+            let t = Arc::clone(&ranks[from].t);
+            thread::spawn(move || {
+                for seq in 0..MESSAGES {
+                    let mut msg = vec![(seq % 251) as u8 ^ from as u8; len(seq)];
+                    msg[..4].copy_from_slice(&seq.to_le_bytes());
+                    t.send(1, &msg).unwrap();
+                }
+            })
+        })
+        .collect();
+    let poller = thread::current().id();
+    let mut next = [0u32; 3];
+    let mut by_poller = [0u32; 3];
+    let deadline = Instant::now() + LIMIT;
+    while next[0] < MESSAGES || next[2] < MESSAGES {
+        assert!(Instant::now() < deadline, "stuck at {next:?}");
+        let mut poll = ranks[1]
+            .t
+            .poll_answers()
+            .expect("the receive queue can be polled");
+        for _ in 0..200 {
+            poll.receive();
+        }
+        drop(poll);
+        while let Ok((from, seq, by)) = handled_rx.try_recv() {
+            assert_eq!(seq, next[from], "order of rank {from}'s messages");
+            next[from] += 1;
+            by_poller[from] += u32::from(by == poller);
+        }
+    }
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    println!(
+        "of {MESSAGES} messages each, the polling thread handled {} from rank 0 (rings), {} from rank 2 (adapter)",
+        by_poller[0], by_poller[2]
+    );
+    shutdown_all(ranks);
+}
+
 /// The bytes of page `page` in version `v` (distinct per page and version).
 fn page_bytes(v: usize, page: usize) -> Vec<u8> {
     (0..4096)
