@@ -198,6 +198,48 @@ pub fn run(command: Command, limit: Duration) -> Finished {
     Running::start(command, limit).finish()
 }
 
+/// Sends SIGSTOP to process `pid` and waits (at most 10 s, else panics)
+/// until every one of its threads is stopped. `kill` returns before that:
+/// one thread takes the signal and then stops the others, so on a loaded
+/// machine another thread (a receive thread, scheduled first) may still
+/// answer a message sent just after `kill` returned.
+pub fn stop_process(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP)
+        .unwrap_or_else(|e| panic!("SIGSTOP to {pid}: {e}"));
+    let stopped = |tid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_comm = &stat[stat.rfind(')')? + 1..];
+                after_comm
+                    .split_whitespace()
+                    .next()
+                    .map(|state| state == "T" || state == "t")
+            })
+            // A thread gone (or unreadable) stops nothing.
+            .unwrap_or(true)
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap_or_else(|e| panic!("threads of {pid}: {e}"));
+        let running: Vec<String> = tasks
+            .flatten()
+            .filter_map(|t| t.file_name().into_string().ok())
+            .filter(|tid| !stopped(tid))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "threads {running:?} of {pid} still not stopped 10 s after SIGSTOP"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Whether thread `tid` runs the DSM's SIGBUS handler (SIGBUS is blocked
 /// while it does): where a thread waiting for a page sits with the default
 /// fault delivery.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dsm_tests::{
     assert_no_leftovers, bin, dsmexec, in_sigbus_handler, scratch_dir, short_hostname,
-    unique_token, Running,
+    stop_process, unique_token, Running,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -65,7 +65,7 @@ fn stop_scenario(mode: &str, victim: usize) {
     }
     let victim_pid = pid_of(job.stdout_lines(), victim);
     let stopped_at = Instant::now();
-    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+    stop_process(victim_pid.as_raw());
     let out = job.finish();
     let took = stopped_at.elapsed();
     eprintln!("{mode}: job ended {took:?} after the SIGSTOP");
@@ -181,7 +181,7 @@ fn hang_report_scenario(ask: Ask) {
         pid_of(job.stdout_lines(), victim),
         pid_of(job.stdout_lines(), waiter),
     );
-    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+    stop_process(victim_pid.as_raw());
     std::fs::write(&go, "").expect("go file");
     job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
     if ask == Ask::Signal {
@@ -280,7 +280,7 @@ fn a_hang_report_names_a_release_waiting_for_its_diffs() {
     let mut job = Running::start(cmd, Duration::from_secs(60));
     job.await_lines(N, |l| l.contains(" ready ("));
     let victim_pid = pid_of(job.stdout_lines(), victim);
-    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+    stop_process(victim_pid.as_raw());
     std::fs::write(&go, "").expect("go file");
     job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
     let out = job.finish();
@@ -324,7 +324,7 @@ fn a_hang_report_names_the_ranks_a_barrier_waits_for() {
     let victim_pid = pid_of(job.stdout_lines(), victim);
     // Stopped only so that the job ends (on the peer timeout) after the
     // reports: the barrier waits for it either way.
-    kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+    stop_process(victim_pid.as_raw());
     let out = job.finish();
     let rank0 = out.lines_of(0, &host, "stderr");
     assert!(

@@ -17,7 +17,7 @@ use dsm_core::auth::{self, JobSecret};
 use dsm_core::wire;
 use dsm_tests::{
     assert_no_leftovers, bin, dsmexec, in_sigbus_handler, processes_with, scratch_dir,
-    short_hostname, unique_token,
+    short_hostname, stop_process, unique_token,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -425,7 +425,7 @@ fn kill_scenario(mode: &str, victim: usize) {
     match mode {
         "fault" => {
             let waiter = (victim + 1) % N;
-            kill(victim_pid, Signal::SIGSTOP).expect("stop the victim");
+            stop_process(victim_pid.as_raw());
             std::fs::write(&go, "").expect("go file");
             job.await_stdout(1, &format!("rank {waiter} touching"));
             // The waiter's main thread parks in its fault: in the kernel's
