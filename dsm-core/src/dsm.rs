@@ -388,11 +388,27 @@ impl Dsm {
 
     /// Serves an API call here and waits for its answer, polling for it
     /// up to `wait_spin` first: an answer within the poll costs the thread
-    /// that sends it no futex wake, and this one no wake-up.
+    /// that sends it no futex wake, and this one no wake-up. Meanwhile it
+    /// reads the rings itself ([`Transport::poll_answers`], started before
+    /// the request leaves, as a faulting thread does): the message that
+    /// brings the answer wakes no receive thread either.
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, DsmError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut answers = if self.wait_spin.is_zero() {
+            None
+        } else {
+            self.transport.poll_answers()
+        };
         self.serve(make(tx))?;
-        sched::poll_until(self.wait_spin, || !rx.is_empty());
+        sched::poll_until(self.wait_spin, || {
+            if let Some(answers) = answers.as_mut() {
+                answers.receive();
+            }
+            !rx.is_empty()
+        });
+        // Ended before sleeping: a poll holds back the receive threads'
+        // wake-ups.
+        drop(answers);
         rx.recv().map_err(|_| self.stopped())?
     }
 
