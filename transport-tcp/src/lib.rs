@@ -961,7 +961,7 @@ struct Ends {
 
 /// The frames of one peer's stream, read and handed on one at a time: by
 /// the peer's receive thread, or for a ring, by a thread polling it while
-/// it waits ([`Transport::receive_while_polling`]).
+/// it waits ([`Transport::poll_answers`]).
 struct Frames<R: Read> {
     reader: BufReader<R>,
     from: Rank,
