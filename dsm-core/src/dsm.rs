@@ -400,12 +400,7 @@ impl Dsm {
             self.transport.poll_answers()
         };
         self.serve(make(tx))?;
-        sched::poll_until(self.wait_spin, || {
-            if let Some(answers) = answers.as_mut() {
-                answers.receive();
-            }
-            !rx.is_empty()
-        });
+        crate::transport::poll_with_answers(&mut answers, self.wait_spin, || !rx.is_empty());
         // Ended before sleeping: a poll holds back the receive threads'
         // wake-ups.
         drop(answers);

@@ -109,7 +109,7 @@ impl Waiters {
         ticket: WaitTicket,
         spin: Duration,
         timeout: Duration,
-        poll: impl FnOnce(Duration, &dyn Fn() -> bool) -> bool,
+        poll: impl FnOnce(Duration, &dyn Fn() -> bool),
     ) -> bool {
         let word = &self.epoch[ticket.bucket];
         if ticket.polls {

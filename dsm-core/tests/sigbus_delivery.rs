@@ -104,7 +104,7 @@ fn parked_thread_sees_the_install(base: usize, spin: Duration) {
             let _ = fault_seen.lock().unwrap().send(page);
             // Far beyond the test's run: only the install ends this wait.
             let woken = waiters.wait(ticket, spin, Duration::from_secs(600), |spin, done| {
-                dsm_core::sched::poll_until(spin, done)
+                dsm_core::sched::poll_until(spin, done);
             });
             assert!(woken, "the wait ended without an install");
         })

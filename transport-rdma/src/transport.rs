@@ -1521,32 +1521,31 @@ impl Shared {
     /// Polls the receive completion queue once and hands on what it gives,
     /// in order (the caller holds `receiving`); how many completions.
     fn take_receives(&self, receiving: &mut Receiving) -> Result<usize, VerbsError> {
-        let s = self;
         let Receiving {
             partial,
             completions: wcs,
         } = receiving;
         wcs.clear();
-        let taken = s.recv_cq.poll(wcs, RECEIVE_BATCH)?;
+        let taken = self.recv_cq.poll(wcs, RECEIVE_BATCH)?;
         for wc in wcs.iter() {
             let peer_rank = (wc.wr_id >> 32) as usize;
             let slot = (wc.wr_id & 0xffff_ffff) as usize;
-            let Ok(peer) = s.peer(peer_rank) else {
+            let Ok(peer) = self.peer(peer_rank) else {
                 continue;
             };
             peer.qp.complete(wc.wr_id);
             if !wc.ok() {
                 if !peer.said_goodbye.load(Ordering::SeqCst) {
-                    s.lose(peer_rank, format!("receive failed: {}", wc.error()));
+                    self.lose(peer_rank, format!("receive failed: {}", wc.error()));
                 }
                 continue;
             }
-            let base = slot * s.opts.slot_size;
-            let len = (wc.byte_len as usize).min(s.opts.slot_size);
+            let base = slot * self.opts.slot_size;
+            let len = (wc.byte_len as usize).min(self.opts.slot_size);
             let data = match peer.recv_mr.to_vec(base, len) {
                 Ok(d) => d,
                 Err(e) => {
-                    s.lose(peer_rank, format!("receive buffer: {e}"));
+                    self.lose(peer_rank, format!("receive buffer: {e}"));
                     continue;
                 }
             };
@@ -1555,35 +1554,35 @@ impl Shared {
                 &Segment {
                     region: Arc::clone(&peer.recv_mr),
                     offset: base,
-                    len: s.opts.slot_size,
+                    len: self.opts.slot_size,
                 },
             );
             if let Err(e) = repost {
-                s.lose(peer_rank, format!("reposting a receive buffer: {e}"));
+                self.lose(peer_rank, format!("reposting a receive buffer: {e}"));
                 continue;
             }
             let Some((&kind, body)) = data.split_first() else {
-                s.lose(peer_rank, "empty RDMA message".into());
+                self.lose(peer_rank, "empty RDMA message".into());
                 continue;
             };
             let buf = &mut partial[peer_rank];
-            if buf.len() + body.len() > s.opts.max_message {
+            if buf.len() + body.len() > self.opts.max_message {
                 buf.clear();
-                s.lose(peer_rank, "message exceeds the size limit".into());
+                self.lose(peer_rank, "message exceeds the size limit".into());
                 continue;
             }
             match kind {
                 FRAG_MORE => {
                     if buf.capacity() == 0 {
                         // The first of several fragments: a large message.
-                        *buf = s.payloads.take(PayloadPool::MIN_POOLED);
+                        *buf = self.payloads.take(PayloadPool::MIN_POOLED);
                     }
                     buf.extend_from_slice(body)
                 }
                 FRAG_LAST => {
                     buf.extend_from_slice(body);
                     let payload = std::mem::take(buf);
-                    s.deliver_received(Message {
+                    self.deliver_received(Message {
                         from: peer_rank,
                         payload,
                     });
@@ -1591,29 +1590,29 @@ impl Shared {
                 FRAG_PAGE => {
                     if !buf.is_empty() {
                         buf.clear();
-                        s.lose(
+                        self.lose(
                             peer_rank,
                             "protocol error: page marker inside a message".into(),
                         );
                         continue;
                     }
-                    match s.landed(body) {
-                        Ok(payload) => s.deliver_received(Message {
+                    match self.landed(body) {
+                        Ok(payload) => self.deliver_received(Message {
                             from: peer_rank,
                             payload,
                         }),
                         Err(why) => {
-                            s.lose(peer_rank, format!("protocol error: {why}"));
+                            self.lose(peer_rank, format!("protocol error: {why}"));
                         }
                     }
                 }
                 FRAG_GOODBYE => {
                     peer.said_goodbye.store(true, Ordering::SeqCst);
-                    *s.goodbyes.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                    s.goodbye_cv.notify_all();
+                    *self.goodbyes.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                    self.goodbye_cv.notify_all();
                 }
                 other => {
-                    s.lose(peer_rank, format!("unknown fragment kind {other}"));
+                    self.lose(peer_rank, format!("unknown fragment kind {other}"));
                 }
             }
         }
@@ -1987,6 +1986,13 @@ mod tests {
         }
     }
 
+    /// The error `RdmaOptions::from_lookup` gives for `name=value`.
+    fn refused(name: &str, value: &str) -> String {
+        RdmaOptions::from_lookup(lookup(&[(name, value)]))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn options_from_the_environment() {
         let o = RdmaOptions::from_lookup(lookup(&[])).unwrap();
@@ -2012,20 +2018,14 @@ mod tests {
         let o = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_POLL_CPU", " ")])).unwrap();
         assert_eq!(o.poll_cpu, PollCpu::Auto);
 
-        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_POLL_CPU", "first")]))
-            .unwrap_err()
-            .to_string();
+        let err = refused("DSM_RDMA_POLL_CPU", "first");
         assert_eq!(
             err,
             "DSM_RDMA_POLL_CPU=\"first\": expected auto, none or a CPU number"
         );
-        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_POLL_CPU", "-1")]))
-            .unwrap_err()
-            .to_string();
+        let err = refused("DSM_RDMA_POLL_CPU", "-1");
         assert!(err.contains("expected auto, none or a CPU number"), "{err}");
-        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_PAGES", "read")]))
-            .unwrap_err()
-            .to_string();
+        let err = refused("DSM_RDMA_PAGES", "read");
         assert_eq!(
             err,
             "DSM_RDMA_PAGES=\"read\": expected write (the default) or send"
@@ -2036,9 +2036,7 @@ mod tests {
         );
         let o = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_LOCAL", " RDMA ")])).unwrap();
         assert_eq!(o.local, LocalPath::Rdma);
-        let err = RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_LOCAL", "tcp")]))
-            .unwrap_err()
-            .to_string();
+        let err = refused("DSM_RDMA_LOCAL", "tcp");
         assert_eq!(
             err,
             "DSM_RDMA_LOCAL=\"tcp\": expected shm (the default) or rdma"
