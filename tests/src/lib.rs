@@ -256,11 +256,37 @@ pub fn in_sigbus_handler(tid: u64) -> bool {
 /// A fresh, empty directory named `token` under the system's temporary
 /// directory. With a `unique_token`, programs given a path inside it are
 /// found by [`processes_with`] (their command line carries the token).
-pub fn scratch_dir(token: &str) -> PathBuf {
+pub fn scratch_dir(token: &str) -> ScratchDir {
     let dir = std::env::temp_dir().join(token);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir
+    ScratchDir(dir)
+}
+
+/// A test's scratch directory, removed when the test passes (a failing
+/// test leaves it behind, for whoever looks into the failure).
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// Live (non-zombie) processes whose command line contains `token`.

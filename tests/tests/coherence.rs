@@ -9,16 +9,14 @@
 //! (`examples/src/bin/litmus.rs`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use dsm_tests::{bin, dsmexec, run, short_hostname, unique_token, Finished};
+use dsm_tests::{bin, dsmexec, run, scratch_dir, short_hostname, unique_token, Finished};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
 fn job(env: &[(&str, &str)], n: usize, program: &str, args: &[&str]) -> Finished {
-    let dir: PathBuf = std::env::temp_dir().join(unique_token("coherence"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&unique_token("coherence"));
     let n = n.to_string();
     let prog = bin(program).display().to_string();
     let mut all = vec!["-n", &n, &prog];

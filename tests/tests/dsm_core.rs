@@ -2,19 +2,18 @@
 //! C), round robin, contention with exact counters, a 256 MiB space, 16
 //! ranks, statistics, and start-up errors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use dsm_tests::{
-    bin, compile_c, compile_c_example, dsmexec, run, short_hostname, unique_token, Finished,
+    bin, compile_c, compile_c_example, dsmexec, run, scratch_dir, short_hostname, unique_token,
+    Finished, ScratchDir,
 };
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique_token(label));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(label: &str) -> ScratchDir {
+    scratch_dir(&unique_token(label))
 }
 
 fn job(env: &[(&str, &str)], args: &[&str]) -> Finished {

@@ -46,11 +46,13 @@ fn have(tool: &str, test: &str) -> bool {
     found
 }
 
-/// The prefix dsm is installed in, once for the whole test binary.
+/// The prefix dsm is installed in, once for the whole test binary. It lives
+/// in cargo's temporary directory under one name, replaced by each run: a
+/// debug installation is 300 MB, too much to leave one per run in /tmp.
 fn prefix() -> &'static Path {
     static PREFIX: OnceLock<PathBuf> = OnceLock::new();
     PREFIX.get_or_init(|| {
-        let prefix = std::env::temp_dir().join(unique_token("prefix"));
+        let prefix = Path::new(env!("CARGO_TARGET_TMPDIR")).join("install-test-prefix");
         let _ = std::fs::remove_dir_all(&prefix);
         // Twice: installing again over an installation must work.
         for _ in 0..2 {

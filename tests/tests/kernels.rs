@@ -16,8 +16,7 @@ fn kernel(ranks: usize, space: &str, args: &[&str]) -> String {
 }
 
 fn kernel_with(ranks: usize, env: &[(&str, &str)], args: &[&str]) -> String {
-    let dir = std::env::temp_dir().join(unique_token("kernels"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&unique_token("kernels"));
     let n = ranks.to_string();
     let prog = bin("kernels").display().to_string();
     let mut all = vec!["-n", n.as_str(), prog.as_str()];

@@ -1,17 +1,17 @@
 //! dsmexec with local processes: output forwarding, exit statuses, signals,
 //! bad input, and no process left behind.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use dsm_tests::{assert_no_leftovers, bin, dsmexec, run, short_hostname, unique_token, Running};
+use dsm_tests::{
+    assert_no_leftovers, bin, dsmexec, run, scratch_dir, short_hostname, unique_token, Running,
+    ScratchDir,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique_token(label));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir(label: &str) -> ScratchDir {
+    scratch_dir(&unique_token(label))
 }
 
 fn testprog() -> String {

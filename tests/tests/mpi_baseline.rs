@@ -41,7 +41,7 @@ fn jacobi_on_mpi_dsm_c_and_rust_gives_one_checksum() {
     if !required() {
         command.arg("--skip-missing");
     }
-    command.args(["256", "5"]).env("TMPDIR", &tmp);
+    command.args(["256", "5"]).env("TMPDIR", &*tmp);
     let out = run(command, LIMIT);
     assert_no_leftovers(&token, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&tmp);

@@ -8,14 +8,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use dsm_tests::Finished;
-use dsm_tests::{bin, compile_c, compile_c_example, dsmexec, run, short_hostname, unique_token};
+use dsm_tests::{
+    bin, compile_c, compile_c_example, dsmexec, run, scratch_dir, short_hostname, unique_token,
+};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
 /// `program args` on `n` ranks under release consistency, with `env`.
 fn release_job(n: usize, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Finished {
-    let dir = std::env::temp_dir().join(unique_token("release"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&unique_token("release"));
     let n = n.to_string();
     let prog = program.display().to_string();
     let mut all = vec!["-n", n.as_str(), prog.as_str()];
@@ -179,8 +180,7 @@ fn atomics_in_a_sequential_segment_of_a_release_job_are_exact() {
 #[test]
 fn a_release_segment_in_a_sequential_job_counts_exactly() {
     let exe = compile_c("bench/c/falseshare.c", "falseshare");
-    let dir = std::env::temp_dir().join(unique_token("release"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&unique_token("release"));
     let prog = exe.display().to_string();
     let args = ["-n", "3", &prog, "-i", "30000", "-b", "3000", "-r"];
     let mut command = dsmexec(&args, &dir);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use dsm_tests::{bin, run, unique_token, Finished};
+use dsm_tests::{bin, run, scratch_dir, unique_token, Finished};
 
 /// Whole jobs take about a second here; the limit only guards against hangs.
 const LIMIT: Duration = Duration::from_secs(90);
@@ -348,8 +348,7 @@ fn jobs_under_mpirun() {
     if !prerequisites("the mpirun test") {
         return;
     }
-    let dir = std::env::temp_dir().join(unique_token("mpirun"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(&unique_token("mpirun"));
     let rendezvous = rendezvous_dir(&dir);
     let no_label = |_: usize| String::new();
 

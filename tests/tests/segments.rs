@@ -3,17 +3,18 @@
 //! by another), sealed replicated segments, file segments, distributed
 //! locks, and the C API (dsm_malloc, dsm_remote_malloc, dsm_lock).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use dsm_tests::{bin, compile_c_example, dsmexec, run, short_hostname, unique_token, Finished};
+use dsm_tests::{
+    bin, compile_c_example, dsmexec, run, scratch_dir, short_hostname, unique_token, Finished,
+    ScratchDir,
+};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(unique_token("segments"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn temp_dir() -> ScratchDir {
+    scratch_dir(&unique_token("segments"))
 }
 
 fn job(n: usize, program: &Path, args: &[&str]) -> Finished {
@@ -64,7 +65,8 @@ fn collective_allocations_with_different_arguments_end_the_job_naming_both() {
 fn free_job(n: usize, env: &[(&str, &str)]) -> Finished {
     let n_arg = n.to_string();
     let prog = bin("segments").display().to_string();
-    let mut command = dsmexec(&["-n", &n_arg, &prog, "free", "40"], &temp_dir());
+    let dir = temp_dir();
+    let mut command = dsmexec(&["-n", &n_arg, &prog, "free", "40"], &dir);
     command
         .env("DSM_SPACE_SIZE", "4M")
         .envs(env.iter().copied());
