@@ -13,6 +13,7 @@ use crate::fault::FaultHandler;
 use crate::proto::{batch_pieces, read_grant_run_header, Msg, PageData, BATCH_MAX_BYTES};
 use crate::transport::TrySent;
 use crate::{Rank, Transport, TransportError};
+use std::collections::VecDeque;
 
 /// Most pages in one run of read grants: a run with its length prefix fits
 /// in a batch.
@@ -121,6 +122,27 @@ impl Outbox {
             queued: std::mem::replace(&mut self.queued, Vec::with_capacity(room)),
             batches: 0,
         }
+    }
+
+    /// Moves the plain messages queued to `rank` onto the end of `into`, in
+    /// order, up to the first message to `rank` carrying a page (that one
+    /// and those after it stay queued, so `rank` still gets them in order).
+    pub fn take_plain_to(&mut self, rank: Rank, into: &mut VecDeque<Vec<u8>>) {
+        if !self.queued.iter().any(|(to, _)| *to == rank) {
+            return;
+        }
+        let mut blocked = false;
+        let mut kept = Vec::with_capacity(self.queued.len());
+        for (to, message) in self.queued.drain(..) {
+            match message {
+                Outgoing::Plain(bytes) if to == rank && !blocked => into.push_back(bytes),
+                other => {
+                    blocked |= to == rank;
+                    kept.push((to, other));
+                }
+            }
+        }
+        self.queued = kept;
     }
 
     /// Pages of queued grants sent from the mapping.
@@ -370,4 +392,35 @@ fn units_of(mine: &[&Outgoing]) -> Vec<Unit> {
         });
     }
     units
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_messages_to_a_rank_are_taken_in_order_up_to_its_first_page() {
+        let mut out = Outbox::default();
+        out.send(0, vec![1]);
+        out.send(1, vec![2]);
+        out.send(0, vec![3]);
+        out.send_page(0, vec![4], 7, std::sync::Arc::new([0; PAGE_SIZE]));
+        out.send(0, vec![5]);
+        out.send(1, vec![6]);
+        let mut taken = VecDeque::from([vec![0]]);
+        out.take_plain_to(0, &mut taken);
+        assert_eq!(taken, [vec![0], vec![1], vec![3]], "appended, in order");
+        let left: Vec<(Rank, bool)> = out
+            .queued
+            .iter()
+            .map(|(to, m)| (*to, matches!(m, Outgoing::Plain(_))))
+            .collect();
+        assert_eq!(
+            left,
+            [(1, true), (0, false), (0, true), (1, true)],
+            "the page to rank 0 and what follows it to rank 0 stay queued, in order"
+        );
+        out.take_plain_to(2, &mut taken);
+        assert_eq!(taken.len(), 3, "nothing queued to rank 2");
+    }
 }

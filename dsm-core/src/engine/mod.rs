@@ -251,6 +251,13 @@ pub(crate) struct Engine {
     /// (`output_left`); the only holder without the engine's lock is such a
     /// sender, which, once it lets the turn go, takes the lock again to send
     /// them if it was told (faults of several threads share batches).
+    /// Messages this rank sent itself (a barrier entry at rank 0, a lock
+    /// homed here), handled under the lock where they were produced instead
+    /// of looping through the transport to the engine thread.
+    own_messages: std::collections::VecDeque<Vec<u8>>,
+    /// True while `own_messages` is being handled (what that handling sends
+    /// itself joins the queue's end).
+    handling_own: bool,
     send_turn: Arc<Mutex<()>>,
     /// Set by a thread that left its output to the holder of the send
     /// turn (`send::claim_turn`), read by that holder once it lets go.
@@ -354,6 +361,8 @@ impl Engine {
             batch_clock: None,
             spare_pages: Vec::new(),
             sends_deferred: false,
+            own_messages: Default::default(),
+            handling_own: false,
             send_turn: Arc::default(),
             output_left: Arc::default(),
             serving: true,

@@ -42,6 +42,7 @@ pub(super) fn send_queued<'a>(
     mut this: MutexGuard<'a, Engine>,
 ) -> Result<(), DsmError> {
     loop {
+        this.handle_own_messages()?;
         if this.out.is_empty() {
             return Ok(());
         }
@@ -77,6 +78,7 @@ impl Engine {
         if self.sends_deferred {
             return Ok(());
         }
+        self.handle_own_messages()?;
         if self.out.is_empty() {
             // Only a message a receive thread left part-written may be
             // waiting; a thread holding the turn finishes it first anyway,
@@ -91,6 +93,31 @@ impl Engine {
             return Ok(()); // the holder sends it
         };
         self.flush_in_turn()
+    }
+
+    /// Handles the messages this rank queued to itself, in order, and those
+    /// their handling queues to itself, before anything is sent: no trip
+    /// through the transport and the engine thread (which cost an empty
+    /// barrier at rank 0 a wake-up of that thread and a fight for this
+    /// lock). Any delivery order is one the network could have chosen: the
+    /// only order kept is per sender, and this sender's messages stay in
+    /// order (see [`Outbox::take_plain_to`]).
+    fn handle_own_messages(&mut self) -> Result<(), DsmError> {
+        if self.handling_own {
+            return Ok(());
+        }
+        self.handling_own = true;
+        let handled = loop {
+            self.out.take_plain_to(self.rank, &mut self.own_messages);
+            let Some(payload) = self.own_messages.pop_front() else {
+                break Ok(());
+            };
+            if let Err(e) = self.on_payload(self.rank, &payload) {
+                break Err(e);
+            }
+        };
+        self.handling_own = false;
+        handled
     }
 
     /// [`Engine::flush`] for a thread holding the send turn.
@@ -122,6 +149,7 @@ impl Engine {
     /// transport takes without waiting. True when the engine thread must
     /// send the rest (messages left queued, or one left part-written).
     pub(super) fn try_flush(&mut self) -> Result<bool, DsmError> {
+        self.handle_own_messages()?;
         let turn = Arc::clone(&self.send_turn);
         let held = if self.out.is_empty() {
             // Only a message left part-written may wait: the engine
