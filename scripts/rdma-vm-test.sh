@@ -14,7 +14,9 @@
 #      WARNING line saying so;
 #   3. the fault_latency benchmark (bench/benches/fault_latency.rs) with
 #      DSM_TRANSPORT=rdma, once per page path (DSM_RDMA_PAGES=write, then send),
-#      beside `ib_read_lat -s 4096` in the same VM run.
+#      and the write_fault benchmark (write fault, upgrades), beside
+#      `ib_read_lat`, `ib_send_lat` and `ib_write_bw` (4 KiB) of the same VM run,
+#      with a summary of the ratios at the end.
 #      Default: a quick smoke run (debug build, ~1 s per figure; its figures are
 #      indicative only). --bench: the release build with criterion's full settings,
 #      plus transport-rdma's read_lat example.
@@ -70,18 +72,25 @@ bench_bin=
 if [ "$BENCH" = 1 ]; then
   cargo build --release -p transport-rdma --example read_lat --quiet
   bench_bin="$TARGET/release/examples/read_lat"
-  cargo bench -p dsm-bench --bench fault_latency --no-run 2>&1 | tee "$build_log" >&2
+  cargo bench -p dsm-bench --bench fault_latency --bench write_fault --no-run 2>&1 | tee "$build_log" >&2
   fault_args="--bench --noplot"
   ib_iters=5000
 else
   # Smoke: the dev profile reuses the debug build of the dependencies.
-  cargo bench --profile dev -p dsm-bench --bench fault_latency --no-run 2>&1 | tee "$build_log" >&2
+  cargo bench --profile dev -p dsm-bench --bench fault_latency --bench write_fault --no-run 2>&1 | tee "$build_log" >&2
   fault_args="--bench --noplot --warm-up-time 0.3 --measurement-time 1 --sample-size 10"
   ib_iters=1000
 fi
-fault_bin=$(sed -n 's/^ *Executable .*(\(.*\))$/\1/p' "$build_log" | tail -1)
-case $fault_bin in /*) ;; ?*) fault_bin="$ROOT/$fault_bin" ;; esac
-[ -x "$fault_bin" ] || { echo "rdma-vm-test: fault_latency bench binary not found" >&2; exit 1; }
+# bench_binary NAME: the path of bench NAME's executable in the build log.
+bench_binary() {
+  local path
+  path=$(sed -n "s/^ *Executable benches\/$1\.rs (\(.*\))\$/\1/p" "$build_log" | tail -1)
+  case $path in /*) ;; ?*) path="$ROOT/$path" ;; esac
+  [ -x "$path" ] || { echo "rdma-vm-test: $1 bench binary not found" >&2; exit 1; }
+  echo "$path"
+}
+fault_bin=$(bench_binary fault_latency)
+write_bin=$(bench_binary write_fault)
 t1=$(date +%s)
 
 # The guest script: every test binary (cwd = crate dir, like cargo test), the DSM jobs,
@@ -185,31 +194,74 @@ grep -Eq "transport rdma: [1-9][0-9]* pages sent by RDMA WRITE" "$log" ||
 
 for mode in write send; do
   echo "=== fault_latency bench, DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode ($FAULT_ARGS)"
-  DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode CRITERION_HOME=/tmp/criterion-$mode "$FAULT_BIN" $FAULT_ARGS ||
-    fail "fault_latency bench (DSM_RDMA_PAGES=$mode)"
+  DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode CRITERION_HOME=/tmp/criterion-$mode "$FAULT_BIN" $FAULT_ARGS \
+    >/tmp/fault-$mode.log 2>&1
+  st=$?
+  cat /tmp/fault-$mode.log
+  [ "$st" = 0 ] || fail "fault_latency bench (DSM_RDMA_PAGES=$mode)"
 done
+echo "=== write_fault bench, DSM_TRANSPORT=rdma ($FAULT_ARGS)"
+DSM_TRANSPORT=rdma CRITERION_HOME=/tmp/criterion-write "$WRITE_BIN" $FAULT_ARGS >/tmp/write.log 2>&1
+st=$?
+cat /tmp/write.log
+[ "$st" = 0 ] || fail "write_fault bench"
 if [ -n "$RDMA_BENCH_BIN" ]; then
   echo "=== 4 KiB RDMA READ latency (same VM session)"
   "$RDMA_BENCH_BIN" 2000 || fail "read_lat"
   echo "(completion threads polling 500 us before sleeping: DSM_RDMA_SPIN_US=500)"
   DSM_RDMA_SPIN_US=500 "$RDMA_BENCH_BIN" 2000 || fail "read_lat (spin 500 us)"
 fi
-echo "=== baseline: ib_read_lat -x 1 -s 4096 -n $IB_ITERS (same VM run)"
-# perftest calibrates the CPU clock first; under emulation that sometimes fails
-# (figures printed as "inf"): try again, up to 3 times.
-try=1
-while :; do
-  timeout 60 ib_read_lat -x 1 -s 4096 -n "$IB_ITERS" >/tmp/srv.log 2>&1 &
-  sleep 1
-  timeout 60 ib_read_lat -x 1 -s 4096 -n "$IB_ITERS" "$RXE_ADDR" >/tmp/cli.log 2>&1
-  st=$?
-  wait
-  cat /tmp/cli.log
-  [ "$st" = 0 ] || { fail "ib_read_lat (status $st)"; break; }
-  grep -q "^ *4096 .* inf " /tmp/cli.log || break
-  [ "$try" -lt 3 ] || { echo "ib_read_lat: no figures (clock calibration failed 3 times)"; break; }
-  try=$((try + 1))
-done
+# perftest TOOL ARGS...: server and client of a perftest tool over rxe0,
+# client output in /tmp/TOOL.log. perftest calibrates the CPU clock first;
+# under emulation that sometimes fails (figures printed as "inf"): try
+# again, up to 3 times.
+perftest() {
+  tool=$1
+  shift
+  echo "=== baseline: $tool $* (same VM run)"
+  try=1
+  while :; do
+    timeout 60 "$tool" "$@" >/tmp/srv.log 2>&1 &
+    sleep 1
+    timeout 60 "$tool" "$@" "$RXE_ADDR" >"/tmp/$tool.log" 2>&1
+    st=$?
+    wait
+    cat "/tmp/$tool.log"
+    [ "$st" = 0 ] || { fail "$tool (status $st)"; break; }
+    grep -q "^ *4096 .* inf " "/tmp/$tool.log" || break
+    [ "$try" -lt 3 ] || { echo "$tool: no figures (clock calibration failed 3 times)"; break; }
+    try=$((try + 1))
+  done
+}
+perftest ib_read_lat -x 1 -s 4096 -n "$IB_ITERS"
+perftest ib_send_lat -x 1 -s 4096 -n "$IB_ITERS"
+perftest ib_write_bw -x 1 -s 4096 -n "$IB_ITERS"
+
+# The DSM figures beside the verbs of this boot (issue 22 targets: read
+# fault <= 1.5x ib_read_lat, write fault <= 2x; typical latencies, median
+# fault times, average bandwidth).
+figure() { sed -n "s/^$1: $2 *median *\([0-9.]*\) .*/\1/p" "$3" | tail -1; }
+perf_column() { awk -v col="$2" '\''$1 == 4096 { v = $col } END { print v }'\'' "/tmp/$1.log"; }
+read_lat=$(perf_column ib_read_lat 5)
+send_lat=$(perf_column ib_send_lat 5)
+write_bw=$(perf_column ib_write_bw 4)
+echo "=== summary: DSM over RDMA beside ib_read_lat ${read_lat:-?} us, ib_send_lat ${send_lat:-?} us (typical, 4 KiB), ib_write_bw ${write_bw:-?} MB/s (average, 4 KiB)"
+ratio_line() {
+  if [ -n "$2" ] && [ -n "$3" ]; then
+    awk -v n="$1" -v f="$2" -v b="$3" -v bn="$4" '\''BEGIN { printf "%s: %.1f us, %.2fx %s\n", n, f, f / b, bn }'\''
+  else
+    echo "$1: no figure"
+  fi
+}
+ratio_line "read fault (SIGBUS, pages by WRITE)" "$(figure fault_latency_rdma dsm_remote_read_fault_4KiB_sigbus /tmp/fault-write.log)" "$read_lat" ib_read_lat
+ratio_line "read fault (SIGBUS, pages by SEND)" "$(figure fault_latency_rdma dsm_remote_read_fault_4KiB_sigbus /tmp/fault-send.log)" "$read_lat" ib_read_lat
+# ib_send_lat reports half a round trip.
+send_rtt=$(awk -v x="${send_lat:-0}" '\''BEGIN { if (x > 0) print 2 * x }'\'')
+ratio_line "raw SEND/RECV round trip 16 B / 4 KiB" "$(figure fault_latency_rdma raw_round_trip_16B_4KiB /tmp/fault-write.log)" "$send_rtt" "2 x ib_send_lat (a round trip)"
+ratio_line "write fault" "$(figure write_fault_rdma_2_ranks dsm_remote_write_fault_4KiB /tmp/write.log)" "$read_lat" ib_read_lat
+ratio_line "upgrade, 1 sharer" "$(figure write_fault_rdma_2_ranks dsm_upgrade_1_sharer /tmp/write.log)" "$read_lat" ib_read_lat
+ratio_line "upgrade, 3 sharers" "$(figure write_fault_rdma_4_ranks dsm_upgrade_3_sharers /tmp/write.log)" "$read_lat" ib_read_lat
+echo "cold scan over RDMA: not measured (the scan suite runs its homes as processes over TCP)"
 if [ -n "$failed" ]; then
   echo "rdma-vm-test: FAILED:$failed"
   exit 1
@@ -217,8 +269,8 @@ fi
 echo "rdma-vm-test: all passed"
 '
 export DSM_TEST_REQUIRE_RDMA=1 RDMA_CRATE_DIR="$ROOT/transport-rdma" RDMA_BENCH_BIN="$bench_bin" \
-  DSM_BIN_DIR="$TARGET/debug" FAULT_BIN="$fault_bin" FAULT_ARGS="$fault_args" IB_ITERS="$ib_iters"
-export RXE_ENV="${RXE_ENV:-} DSM_TEST_REQUIRE_RDMA RDMA_CRATE_DIR RDMA_BENCH_BIN DSM_BIN_DIR FAULT_BIN FAULT_ARGS IB_ITERS"
+  DSM_BIN_DIR="$TARGET/debug" FAULT_BIN="$fault_bin" WRITE_BIN="$write_bin" FAULT_ARGS="$fault_args" IB_ITERS="$ib_iters"
+export RXE_ENV="${RXE_ENV:-} DSM_TEST_REQUIRE_RDMA RDMA_CRATE_DIR RDMA_BENCH_BIN DSM_BIN_DIR FAULT_BIN WRITE_BIN FAULT_ARGS IB_ITERS"
 set +e
 RXE_SHARE="${RXE_SHARE:-$ROOT}" "$ROOT/scripts/run-in-rxe-vm.sh" sh -c "$guest" sh "${bins[@]}"
 rc=$?

@@ -74,16 +74,6 @@ impl Samples {
     }
 }
 
-fn selected() -> Selected {
-    match transport_rdma::select_from_env() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("fault_latency: {e}");
-            std::process::exit(2);
-        }
-    }
-}
-
 /// Two connected endpoints of `kind`, rank 0 first.
 fn pair(kind: &Selected) -> Vec<Arc<dyn Transport>> {
     pair_with(kind, dsm_bench::tcp_options)
@@ -91,29 +81,7 @@ fn pair(kind: &Selected) -> Vec<Arc<dyn Transport>> {
 
 /// Two endpoints of `kind` whose TCP part has `options` (rank -> options).
 fn pair_with(kind: &Selected, options: fn(usize) -> TcpOptions) -> Vec<Arc<dyn Transport>> {
-    let boots = Bootstrap::loopback_group(2).expect("loopback job");
-    let handles: Vec<_> = boots
-        .into_iter()
-        .map(|b| {
-            let kind = kind.clone();
-            let options = options(b.rank);
-            thread::spawn(move || -> Arc<dyn Transport> {
-                let tcp = TcpTransport::connect(b, &options).expect("TCP connects");
-                match kind {
-                    Selected::Tcp => tcp,
-                    Selected::Rdma(port) => {
-                        let hosts = vec!["localhost".to_string(); 2];
-                        transport_rdma::connect_job(tcp, &port, hosts, SPACE_PAGES)
-                            .expect("RDMA connects")
-                    }
-                }
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("connecting thread"))
-        .collect()
+    dsm_bench::job_transports(kind, 2, SPACE_PAGES, options)
 }
 
 /// Two raw RDMA endpoints with a registered 1 MiB region each (for READ).
@@ -363,7 +331,7 @@ fn print_summary(group: &str, rows: &[(&str, &Samples)]) {
 }
 
 fn fault_latency(c: &mut Criterion) {
-    let kind = selected();
+    let kind = dsm_bench::selected_transport("fault_latency");
     let group = match kind {
         Selected::Tcp => "fault_latency_tcp",
         Selected::Rdma(_) => "fault_latency_rdma",

@@ -1,7 +1,9 @@
-//! Remote write faults beside the raw transport, measured in the same run.
+//! Remote write faults beside the raw transport, measured in the same run,
+//! over the transport `DSM_TRANSPORT` selects (TCP unless an RDMA device is
+//! up: the suites are then named `write_fault_rdma_N_ranks`).
 //!
 //! * `write_fault_2_ranks/raw_round_trip_16B_4KiB`: the baseline, a 16 B
-//!   request and a 4 KiB reply between rank 1 and rank 0 over the same TCP
+//!   request and a 4 KiB reply between rank 1 and rank 0 over the same
 //!   transport the DSM then uses.
 //! * `write_fault_2_ranks/dsm_remote_write_fault_4KiB`: rank 1 stores to a
 //!   page it does not hold, homed at rank 0, which rank 0 wrote last: rank 0
@@ -29,10 +31,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dsm_bench::{
-    finalize, page_word, print_figures, print_ratio, raw_round_trip, start_dsms, transports,
-    Samples,
+    finalize, job_transports, page_word, print_figures, print_ratio, raw_round_trip,
+    selected_transport, start_dsms, tcp_options, Samples,
 };
 use dsm_core::{Dsm, Transport};
+use transport_rdma::Selected;
 
 /// Pages per rank's space: the lower half holds the pages used here.
 const SPACE_PAGES: usize = 8192;
@@ -198,10 +201,20 @@ fn raw_fanout(
     }
 }
 
+/// The suite's name over `kind`: `write_fault_N_ranks` over TCP,
+/// `write_fault_rdma_N_ranks` over RDMA.
+fn suite_name(kind: &Selected, ranks: usize) -> String {
+    match kind {
+        Selected::Tcp => format!("write_fault_{ranks}_ranks"),
+        Selected::Rdma(_) => format!("write_fault_rdma_{ranks}_ranks"),
+    }
+}
+
 fn two_ranks(c: &mut Criterion) {
-    let suite = "write_fault_2_ranks";
+    let kind = selected_transport("write_fault");
+    let suite = &suite_name(&kind, 2);
     let (raw, write, up) = (Samples::default(), Samples::default(), Samples::default());
-    let t = transports(2);
+    let t = job_transports(&kind, 2, SPACE_PAGES, tcp_options);
     let mut g = c.benchmark_group(suite);
     raw_round_trip(
         &mut g,
@@ -227,9 +240,10 @@ fn two_ranks(c: &mut Criterion) {
 }
 
 fn four_ranks(c: &mut Criterion) {
-    let suite = "write_fault_4_ranks";
+    let kind = selected_transport("write_fault");
+    let suite = &suite_name(&kind, 4);
     let (raw, fan, up) = (Samples::default(), Samples::default(), Samples::default());
-    let t = transports(4);
+    let t = job_transports(&kind, 4, SPACE_PAGES, tcp_options);
     let mut g = c.benchmark_group(suite);
     raw_round_trip(
         &mut g,

@@ -16,6 +16,7 @@ use criterion::measurement::WallTime;
 use criterion::BenchmarkGroup;
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::{Config, Dsm, Protocol, Transport, PAGE_SIZE};
+use transport_rdma::Selected;
 use transport_tcp::{TcpOptions, TcpTransport};
 
 pub const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
@@ -132,6 +133,51 @@ pub fn tcp_group(n: usize) -> Vec<Arc<TcpTransport>> {
         .map(|b| {
             let options = tcp_options(b.rank);
             thread::spawn(move || TcpTransport::connect(b, &options).expect("TCP connects"))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("connecting thread"))
+        .collect()
+}
+
+/// `DSM_TRANSPORT` resolved against this machine (`auto`: RDMA if a device
+/// is up, else TCP); a suite asked for `rdma` without a device exits
+/// (status 2) saying so.
+pub fn selected_transport(suite: &str) -> Selected {
+    transport_rdma::select_from_env().unwrap_or_else(|e| {
+        eprintln!("{suite}: {e}");
+        std::process::exit(2);
+    })
+}
+
+/// `n` endpoints of one job on this machine over `kind`, rank order: TCP on
+/// loopback with `options` (rank -> options) and, for RDMA, queue pairs over
+/// it (`DSM_RDMA_*` apply; each rank registers landing room for a space of
+/// `space_pages` pages).
+pub fn job_transports(
+    kind: &Selected,
+    n: usize,
+    space_pages: usize,
+    options: fn(usize) -> TcpOptions,
+) -> Vec<Arc<dyn Transport>> {
+    let boots = Bootstrap::loopback_group(n).expect("loopback job");
+    let handles: Vec<_> = boots
+        .into_iter()
+        .map(|b| {
+            let kind = kind.clone();
+            let options = options(b.rank);
+            thread::spawn(move || -> Arc<dyn Transport> {
+                let tcp = TcpTransport::connect(b, &options).expect("TCP connects");
+                match kind {
+                    Selected::Tcp => tcp,
+                    Selected::Rdma(port) => {
+                        let hosts = vec!["localhost".to_string(); n];
+                        transport_rdma::connect_job(tcp, &port, hosts, space_pages)
+                            .expect("RDMA connects")
+                    }
+                }
+            })
         })
         .collect();
     handles
