@@ -36,9 +36,15 @@ pub fn connect_job(
         opts.device = Some(port.device.clone());
         opts.port = opts.port.or(Some(port.port));
     }
+    let rank = boot.rank();
+    if opts.poll_spin_auto {
+        let local_ranks = hosts
+            .get(rank)
+            .map_or(1, |mine| hosts.iter().filter(|h| *h == mine).count());
+        opts.poll_spin = crate::auto_poll_spin(local_ranks);
+    }
     opts.hosts = hosts;
     opts.landing_pages = pages;
-    let rank = boot.rank();
     let device = RdmaDevice::open(&opts)?;
     let (name, cfg) = (device.name().to_string(), device.port());
     let transport = RdmaTransport::connect(boot, device, Vec::new(), &opts)?;
@@ -62,9 +68,10 @@ pub fn connect_job(
         )
     };
     tracing::info!(
-        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, {pages_by}{local})",
+        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, {pages_by}{local}; completion threads poll {} us before sleeping)",
         cfg.port,
-        cfg.gid_index
+        cfg.gid_index,
+        opts.poll_spin.as_micros()
     );
     Ok(transport)
 }

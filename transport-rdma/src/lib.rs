@@ -23,7 +23,7 @@ pub mod verbs;
 pub use job::connect_job;
 pub use select::{rdma_available, select, select_from_env, SelectError, Selected, TransportChoice};
 pub use transport::{
-    LocalPath, PageCounts, PageMode, PollCpu, RdmaDevice, RdmaError, RdmaOptions, RdmaTransport,
-    RemoteRegion, PAGE_BYTES,
+    auto_poll_spin, LocalPath, PageCounts, PageMode, PollCpu, RdmaDevice, RdmaError, RdmaOptions,
+    RdmaTransport, RemoteRegion, PAGE_BYTES, SHARED_CPU_POLL_SPIN, SPARE_CPU_POLL_SPIN,
 };
 pub use verbs::{MemoryRegion, VerbsError};

@@ -134,6 +134,10 @@ pub struct RdmaOptions {
     /// How long the completion threads poll before sleeping on the
     /// completion channel (`DSM_RDMA_SPIN_US`): lower latency, more CPU.
     pub poll_spin: Duration,
+    /// `DSM_RDMA_SPIN_US` unset or `auto`: [`crate::connect_job`] sets
+    /// `poll_spin` from the CPUs the host has per co-located rank
+    /// ([`auto_poll_spin`]).
+    pub poll_spin_auto: bool,
     /// Host names per rank, for error messages (optional).
     pub hosts: Vec<String>,
     /// How pages given to [`Transport::send_page`] travel (`DSM_RDMA_PAGES`).
@@ -198,7 +202,8 @@ impl Default for RdmaOptions {
             inbox_capacity: 1 << 16,
             setup_timeout: Duration::from_secs(60),
             op_timeout: Duration::from_secs(30),
-            poll_spin: Duration::from_micros(50),
+            poll_spin: SHARED_CPU_POLL_SPIN,
+            poll_spin_auto: true,
             hosts: Vec::new(),
             pages: PageMode::default(),
             landing_pages: 0,
@@ -206,6 +211,28 @@ impl Default for RdmaOptions {
             poll_sched: ServiceSched::default(),
             local: LocalPath::default(),
         }
+    }
+}
+
+/// The completion threads' poll where the host has a spare CPU per rank
+/// for them, as HPC nodes dedicate cores to polling (MPI polls all the
+/// time): an answer within it costs no wake-up of the thread that lands it.
+pub const SPARE_CPU_POLL_SPIN: Duration = Duration::from_millis(1);
+
+/// Their poll where ranks share the CPUs: short, as polling there takes
+/// the CPU the ranks need.
+pub const SHARED_CPU_POLL_SPIN: Duration = Duration::from_micros(50);
+
+/// The completion threads' poll (`DSM_RDMA_SPIN_US=auto`) for a host running
+/// `local_ranks` of the job's ranks: [`SPARE_CPU_POLL_SPIN`] if the process
+/// may use two CPUs per local rank (one for the application, one for the
+/// service threads), else [`SHARED_CPU_POLL_SPIN`].
+pub fn auto_poll_spin(local_ranks: usize) -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if 2 * local_ranks.max(1) <= cpus {
+        SPARE_CPU_POLL_SPIN
+    } else {
+        SHARED_CPU_POLL_SPIN
     }
 }
 
@@ -217,7 +244,7 @@ impl RdmaOptions {
     /// | `DSM_RDMA_DEVICE` | device name, e.g. `rxe0`, `mlx5_0` | first with an active port |
     /// | `DSM_RDMA_PORT` | port number | the device's first active port |
     /// | `DSM_RDMA_GID_INDEX` | GID index | first IPv4-mapped GID on RoCE |
-    /// | `DSM_RDMA_SPIN_US` | µs the completion threads poll before sleeping | `50` |
+    /// | `DSM_RDMA_SPIN_US` | µs the completion threads poll before sleeping, or `auto` ([`auto_poll_spin`]) | `auto` |
     /// | `DSM_RDMA_PAGES` | `write` (RDMA WRITE into the landing arena) or `send` (SEND/RECV) | `write` |
     /// | `DSM_RDMA_POLL_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_RDMA_LOCAL` | co-located peers: `shm` (through the bootstrap transport's shared memory when it has it, `DSM_SHM`) or `rdma` (the adapter's loopback) | `shm` |
@@ -242,11 +269,14 @@ impl RdmaOptions {
         };
         o.port = num("DSM_RDMA_PORT")?;
         o.gid_index = num("DSM_RDMA_GID_INDEX")?;
-        if let Some(v) = var("DSM_RDMA_SPIN_US") {
+        if let Some(v) = var("DSM_RDMA_SPIN_US").filter(|v| v.trim() != "auto") {
             let us: u64 = v.trim().parse().map_err(|_| {
-                RdmaError::Invalid(format!("DSM_RDMA_SPIN_US={v:?} is not a number"))
+                RdmaError::Invalid(format!(
+                    "DSM_RDMA_SPIN_US={v:?}: expected auto or a number of microseconds"
+                ))
             })?;
             o.poll_spin = Duration::from_micros(us);
+            o.poll_spin_auto = false;
         }
         if let Some(v) = var("DSM_RDMA_PAGES") {
             o.pages = match v.trim().to_ascii_lowercase().as_str() {
@@ -2008,6 +2038,27 @@ mod tests {
         assert_eq!(o.pages, PageMode::Send);
         assert_eq!(o.poll_cpu, PollCpu::Fixed(1));
         assert_eq!(o.poll_spin, Duration::from_micros(7));
+        assert!(!o.poll_spin_auto, "a number is kept as given");
+        for auto in [None, Some("auto"), Some(" auto ")] {
+            let vars: Vec<(&str, &str)> =
+                auto.map(|a| ("DSM_RDMA_SPIN_US", a)).into_iter().collect();
+            let o = RdmaOptions::from_lookup(lookup(&vars)).unwrap();
+            assert!(o.poll_spin_auto, "{auto:?}: chosen at connect_job");
+        }
+        assert!(RdmaOptions::from_lookup(lookup(&[("DSM_RDMA_SPIN_US", "fast")])).is_err());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            auto_poll_spin(cpus + 1),
+            SHARED_CPU_POLL_SPIN,
+            "ranks outnumber the CPUs"
+        );
+        if cpus >= 2 {
+            assert_eq!(
+                auto_poll_spin(cpus / 2),
+                SPARE_CPU_POLL_SPIN,
+                "two CPUs per rank"
+            );
+        }
         let o = RdmaOptions::from_lookup(lookup(&[
             ("DSM_RDMA_PAGES", "write"),
             ("DSM_RDMA_POLL_CPU", "none"),
