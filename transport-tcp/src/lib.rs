@@ -1128,9 +1128,13 @@ impl RingIntake {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return false,
         };
+        // Counted while it reads: the connection's watcher must not take an
+        // emptied ring for a handled one before a goodbye read here is.
+        self.probe.begin_taking();
         while !frames.ended && frames.whole_frame_ready() {
             frames.next();
         }
+        self.probe.end_taking();
         true
     }
 }

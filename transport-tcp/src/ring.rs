@@ -32,7 +32,7 @@ use std::io::{Read, Write};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -273,6 +273,9 @@ pub struct RingReader {
     /// True while a read waits on an empty ring: everything read before
     /// was handed to (and handled by) the reader's caller.
     idle: Arc<AtomicBool>,
+    /// Threads other than the reader's taking frames now
+    /// ([`RingProbe::begin_taking`]).
+    taking: Arc<AtomicUsize>,
 }
 
 impl RingReader {
@@ -305,6 +308,7 @@ impl RingReader {
             spin,
             broken,
             idle: Arc::new(AtomicBool::new(false)),
+            taking: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -320,6 +324,7 @@ impl RingReader {
         RingProbe {
             ring: Arc::clone(&self.ring),
             idle: Arc::clone(&self.idle),
+            taking: Arc::clone(&self.taking),
             spin: self.spin,
             broken: Arc::clone(&self.broken),
         }
@@ -349,16 +354,33 @@ impl RingReader {
 pub struct RingProbe {
     ring: Arc<Mapping>,
     idle: Arc<AtomicBool>,
+    taking: Arc<AtomicUsize>,
     spin: Duration,
     broken: Arc<AtomicBool>,
 }
 
 impl RingProbe {
-    /// True when the reader waits on a ring with nothing published left:
-    /// whatever came before was handled.
+    /// True when the reader waits on a ring with nothing published left
+    /// and no other thread is taking frames from it: whatever came before
+    /// was handled. (`taking` is read last: a thread that emptied the ring
+    /// counted itself before it read, and hands on what it read, a goodbye
+    /// say, before it stops counting.)
     pub fn waiting_for_more(&self) -> bool {
         self.idle.load(Ordering::SeqCst)
             && self.ring.tail().load(Ordering::SeqCst) == self.ring.head().load(Ordering::SeqCst)
+            && self.taking.load(Ordering::SeqCst) == 0
+    }
+
+    /// A thread other than the reader's starts taking frames (it polls
+    /// while it waits): until [`RingProbe::end_taking`], an empty ring does
+    /// not count as handled, since what the thread read may not be yet.
+    pub fn begin_taking(&self) {
+        self.taking.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends a [`RingProbe::begin_taking`], once what was read is handled.
+    pub fn end_taking(&self) {
+        self.taking.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// True while bytes are published and not read yet.
@@ -593,6 +615,32 @@ mod tests {
         sender.join().unwrap();
         let wrong = got.iter().enumerate().find(|(i, b)| **b != (i % 251) as u8);
         assert_eq!(wrong, None);
+    }
+
+    #[test]
+    fn an_emptied_ring_is_not_handled_while_another_thread_takes_from_it() {
+        let (mut reader, mut writer, _) = pair(Duration::ZERO);
+        let probe = reader.probe();
+        // The reader's thread waits on the empty ring.
+        let waiting = std::thread::spawn(move || {
+            let mut one = [0u8; 1];
+            reader.read_exact(&mut one).unwrap();
+            one[0]
+        });
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !probe.waiting_for_more() {
+            assert!(std::time::Instant::now() < until, "the reader never waited");
+            std::thread::yield_now();
+        }
+        // A poller took frames (the ring is as empty as before) but has not
+        // handed them on yet: nothing may be taken for handled.
+        probe.begin_taking();
+        assert!(!probe.waiting_for_more());
+        probe.end_taking();
+        assert!(probe.waiting_for_more());
+        writer.write_all(&[42]).unwrap();
+        writer.flush().unwrap();
+        assert_eq!(waiting.join().unwrap(), 42);
     }
 
     #[test]
