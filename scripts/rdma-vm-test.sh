@@ -14,7 +14,8 @@
 #      WARNING line saying so;
 #   3. the fault_latency benchmark (bench/benches/fault_latency.rs) with
 #      DSM_TRANSPORT=rdma, once per page path (DSM_RDMA_PAGES=write, then send),
-#      and the write_fault benchmark (write fault, upgrades), beside
+#      the write_fault benchmark (write fault, upgrades) and, with --bench, the
+#      localized 2-rank cold scan of the scan benchmark, beside
 #      `ib_read_lat`, `ib_send_lat` and `ib_write_bw` (4 KiB) of the same VM run,
 #      with a summary of the ratios at the end.
 #      Default: a quick smoke run (debug build, ~1 s per figure; its figures are
@@ -72,7 +73,7 @@ bench_bin=
 if [ "$BENCH" = 1 ]; then
   cargo build --release -p transport-rdma --example read_lat --quiet
   bench_bin="$TARGET/release/examples/read_lat"
-  cargo bench -p dsm-bench --bench fault_latency --bench write_fault --no-run 2>&1 | tee "$build_log" >&2
+  cargo bench -p dsm-bench --bench fault_latency --bench write_fault --bench scan --no-run 2>&1 | tee "$build_log" >&2
   fault_args="--bench --noplot"
   ib_iters=5000
 else
@@ -91,6 +92,8 @@ bench_binary() {
 }
 fault_bin=$(bench_binary fault_latency)
 write_bin=$(bench_binary write_fault)
+scan_bin=
+[ "$BENCH" = 1 ] && scan_bin=$(bench_binary scan)
 t1=$(date +%s)
 
 # The guest script: every test binary (cwd = crate dir, like cargo test), the DSM jobs,
@@ -205,6 +208,15 @@ DSM_TRANSPORT=rdma CRITERION_HOME=/tmp/criterion-write "$WRITE_BIN" $FAULT_ARGS 
 st=$?
 cat /tmp/write.log
 [ "$st" = 0 ] || fail "write_fault bench"
+if [ -n "$SCAN_BIN" ]; then
+  # The localized 2-rank scan only: the other jobs set up but measure nothing.
+  echo "=== scan bench, DSM_TRANSPORT=rdma, scan_rdma_2_ranks"
+  DSM_TRANSPORT=rdma CRITERION_HOME=/tmp/criterion-scan "$SCAN_BIN" $FAULT_ARGS \
+    "scan_rdma_2_ranks/(raw_stream|dsm_cold_scan_64MiB\$)" >/tmp/scan.log 2>&1
+  st=$?
+  cat /tmp/scan.log
+  [ "$st" = 0 ] || fail "scan bench"
+fi
 if [ -n "$RDMA_BENCH_BIN" ]; then
   echo "=== 4 KiB RDMA READ latency (same VM session)"
   "$RDMA_BENCH_BIN" 2000 || fail "read_lat"
@@ -261,7 +273,12 @@ ratio_line "raw SEND/RECV round trip 16 B / 4 KiB" "$(figure fault_latency_rdma 
 ratio_line "write fault" "$(figure write_fault_rdma_2_ranks dsm_remote_write_fault_4KiB /tmp/write.log)" "$read_lat" ib_read_lat
 ratio_line "upgrade, 1 sharer" "$(figure write_fault_rdma_2_ranks dsm_upgrade_1_sharer /tmp/write.log)" "$read_lat" ib_read_lat
 ratio_line "upgrade, 3 sharers" "$(figure write_fault_rdma_4_ranks dsm_upgrade_3_sharers /tmp/write.log)" "$read_lat" ib_read_lat
-echo "cold scan over RDMA: not measured (the scan suite runs its homes as processes over TCP)"
+scan=$(sed -n "s/^scan_rdma_2_ranks: dsm_cold_scan_64MiB \([0-9.]*\) MB\/s.*/\1/p" /tmp/scan.log 2>/dev/null | tail -1)
+if [ -n "$scan" ] && [ -n "$write_bw" ]; then
+  awk -v s="$scan" -v b="$write_bw" '\''BEGIN { printf "cold scan of 64 MiB: %.1f MB/s, %.0f%% of ib_write_bw\n", s, 100 * s / b }'\''
+else
+  echo "cold scan of 64 MiB: not measured (--bench runs it)"
+fi
 if [ -n "$failed" ]; then
   echo "rdma-vm-test: FAILED:$failed"
   exit 1
@@ -269,8 +286,8 @@ fi
 echo "rdma-vm-test: all passed"
 '
 export DSM_TEST_REQUIRE_RDMA=1 RDMA_CRATE_DIR="$ROOT/transport-rdma" RDMA_BENCH_BIN="$bench_bin" \
-  DSM_BIN_DIR="$TARGET/debug" FAULT_BIN="$fault_bin" WRITE_BIN="$write_bin" FAULT_ARGS="$fault_args" IB_ITERS="$ib_iters"
-export RXE_ENV="${RXE_ENV:-} DSM_TEST_REQUIRE_RDMA RDMA_CRATE_DIR RDMA_BENCH_BIN DSM_BIN_DIR FAULT_BIN WRITE_BIN FAULT_ARGS IB_ITERS"
+  DSM_BIN_DIR="$TARGET/debug" FAULT_BIN="$fault_bin" WRITE_BIN="$write_bin" SCAN_BIN="$scan_bin" FAULT_ARGS="$fault_args" IB_ITERS="$ib_iters"
+export RXE_ENV="${RXE_ENV:-} DSM_TEST_REQUIRE_RDMA RDMA_CRATE_DIR RDMA_BENCH_BIN DSM_BIN_DIR FAULT_BIN WRITE_BIN SCAN_BIN FAULT_ARGS IB_ITERS"
 set +e
 RXE_SHARE="${RXE_SHARE:-$ROOT}" "$ROOT/scripts/run-in-rxe-vm.sh" sh -c "$guest" sh "${bins[@]}"
 rc=$?

@@ -1,5 +1,7 @@
-//! Cold sequential scans of 64 MiB of remote data beside raw TCP stream
-//! bandwidth over the same transport, measured in the same run.
+//! Cold sequential scans of 64 MiB of remote data beside raw stream
+//! bandwidth over the same transport, measured in the same run: TCP, or
+//! RDMA where `DSM_TRANSPORT` selects it (the suites are then named
+//! `scan_rdma_...`).
 //!
 //! The ranks are processes, as in a job: the bench process is the last
 //! rank, the reader, and starts itself again for each other rank, a home
@@ -42,10 +44,14 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, BenchmarkGroup, Criterion, SamplingMode, Throughput};
-use dsm_bench::{print_figures, start_dsm, tcp_options, Samples, WORDS_PER_PAGE};
+use dsm_bench::{
+    over_selected, print_figures, selected_transport, start_dsm, tcp_options, Samples,
+    WORDS_PER_PAGE,
+};
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::segment::Placement;
 use dsm_core::{Dsm, Transport, PAGE_SIZE};
+use transport_rdma::Selected;
 use transport_tcp::TcpTransport;
 
 const SEGMENT: usize = 64 << 20;
@@ -255,7 +261,8 @@ fn cold_scan(
 fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
     let boot = dsm_rendezvous::bootstrap_from_env()?;
     let rank = boot.rank;
-    let t: Arc<dyn Transport> = TcpTransport::connect(boot, &tcp_options(rank))?;
+    let tcp = TcpTransport::connect(boot, &tcp_options(rank))?;
+    let t = over_selected(&selected_transport("scan, a home"), tcp, SPACE_PAGES)?;
     let ranks = t.size();
     let data = vec![3u8; MSG];
     loop {
@@ -350,6 +357,7 @@ fn mb_per_s(samples: &Samples, bytes: usize) -> Option<f64> {
 /// raw stream is printed.
 fn job(
     c: &mut Criterion,
+    kind: &Selected,
     suite: &str,
     ranks: usize,
     layout: Layout,
@@ -370,8 +378,8 @@ fn job(
             .push(command.spawn().expect("starting a home's process"));
         drop(inherited);
     }
-    let t: Arc<dyn Transport> =
-        TcpTransport::connect(reader_boot, &tcp_options(ranks - 1)).expect("TCP connects");
+    let tcp = TcpTransport::connect(reader_boot, &tcp_options(ranks - 1)).expect("TCP connects");
+    let t = over_selected(kind, tcp, SPACE_PAGES).expect("RDMA connects");
     let mut g = c.benchmark_group(suite);
     g.sampling_mode(SamplingMode::Flat);
     g.sample_size(10);
@@ -398,7 +406,7 @@ fn job(
     for ((name, _), samples) in runs.iter().zip(&scans) {
         if let Some(dsm) = mb_per_s(samples, SEGMENT) {
             println!(
-                "{suite}: {name} {dsm:.1} MB/s, raw TCP stream {raw:.1} MB/s: ratio {:.4} ({:.2}%)",
+                "{suite}: {name} {dsm:.1} MB/s, raw stream {raw:.1} MB/s: ratio {:.4} ({:.2}%)",
                 dsm / raw,
                 100.0 * dsm / raw
             );
@@ -407,9 +415,15 @@ fn job(
 }
 
 fn scan(c: &mut Criterion) {
+    let kind = selected_transport("scan");
+    let over = match kind {
+        Selected::Tcp => "scan",
+        Selected::Rdma(_) => "scan_rdma",
+    };
     job(
         c,
-        "scan_2_ranks",
+        &kind,
+        &format!("{over}_2_ranks"),
         2,
         Layout::Localized,
         &[
@@ -420,7 +434,8 @@ fn scan(c: &mut Criterion) {
     for ranks in [2, 4] {
         job(
             c,
-            &format!("scan_round_robin_{ranks}_ranks"),
+            &kind,
+            &format!("{over}_round_robin_{ranks}_ranks"),
             ranks,
             Layout::RoundRobin,
             &[("dsm_cold_scan_64MiB", None)],

@@ -169,14 +169,7 @@ pub fn job_transports(
             let options = options(b.rank);
             thread::spawn(move || -> Arc<dyn Transport> {
                 let tcp = TcpTransport::connect(b, &options).expect("TCP connects");
-                match kind {
-                    Selected::Tcp => tcp,
-                    Selected::Rdma(port) => {
-                        let hosts = vec!["localhost".to_string(); n];
-                        transport_rdma::connect_job(tcp, &port, hosts, space_pages)
-                            .expect("RDMA connects")
-                    }
-                }
+                over_selected(&kind, tcp, space_pages).expect("RDMA connects")
             })
         })
         .collect();
@@ -184,6 +177,24 @@ pub fn job_transports(
         .into_iter()
         .map(|h| h.join().expect("connecting thread"))
         .collect()
+}
+
+/// A rank's transport over `kind`, given its connected TCP endpoint: that
+/// endpoint, or RDMA queue pairs set up over it (each rank registers
+/// landing room for a space of `space_pages` pages; every rank on this
+/// machine).
+pub fn over_selected(
+    kind: &Selected,
+    tcp: Arc<TcpTransport>,
+    space_pages: usize,
+) -> Result<Arc<dyn Transport>, transport_rdma::RdmaError> {
+    Ok(match kind {
+        Selected::Tcp => tcp,
+        Selected::Rdma(port) => {
+            let hosts = vec!["localhost".to_string(); tcp.size()];
+            transport_rdma::connect_job(tcp, port, hosts, space_pages)?
+        }
+    })
 }
 
 /// [`tcp_group`] as trait objects, as the DSM takes them.
