@@ -243,6 +243,13 @@ pub(crate) struct Engine {
     /// what it produces stays in `out` until `try_flush` sends what the
     /// transport takes at once.
     sends_deferred: bool,
+    /// Messages this rank sent itself (a barrier entry at rank 0, a lock
+    /// homed here), handled under the lock where they were produced instead
+    /// of looping through the transport to the engine thread.
+    own_messages: std::collections::VecDeque<Vec<u8>>,
+    /// True while `own_messages` is being handled (what that handling sends
+    /// itself joins the queue's end).
+    handling_own: bool,
     /// Held by whoever sends the outbox's messages, taken under the
     /// engine's lock and never waited for there: messages leave in the
     /// order they were produced, also when a thread sends them after
@@ -251,13 +258,6 @@ pub(crate) struct Engine {
     /// (`output_left`); the only holder without the engine's lock is such a
     /// sender, which, once it lets the turn go, takes the lock again to send
     /// them if it was told (faults of several threads share batches).
-    /// Messages this rank sent itself (a barrier entry at rank 0, a lock
-    /// homed here), handled under the lock where they were produced instead
-    /// of looping through the transport to the engine thread.
-    own_messages: std::collections::VecDeque<Vec<u8>>,
-    /// True while `own_messages` is being handled (what that handling sends
-    /// itself joins the queue's end).
-    handling_own: bool,
     send_turn: Arc<Mutex<()>>,
     /// Set by a thread that left its output to the holder of the send
     /// turn (`send::claim_turn`), read by that holder once it lets go.
