@@ -45,8 +45,8 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use dsm_bench::{
-    over_selected, print_figures, selected_transport, start_dsm, tcp_options, Samples,
-    WORDS_PER_PAGE,
+    over_selected, over_selected_or_exit, print_figures, selected_transport, start_dsm,
+    tcp_options, Samples, WORDS_PER_PAGE,
 };
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::segment::Placement;
@@ -379,7 +379,7 @@ fn job(
         drop(inherited);
     }
     let tcp = TcpTransport::connect(reader_boot, &tcp_options(ranks - 1)).expect("TCP connects");
-    let t = over_selected(kind, tcp, SPACE_PAGES).expect("RDMA connects");
+    let t = over_selected_or_exit(kind, tcp, SPACE_PAGES);
     let mut g = c.benchmark_group(suite);
     g.sampling_mode(SamplingMode::Flat);
     g.sample_size(10);

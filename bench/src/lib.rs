@@ -169,7 +169,7 @@ pub fn job_transports(
             let options = options(b.rank);
             thread::spawn(move || -> Arc<dyn Transport> {
                 let tcp = TcpTransport::connect(b, &options).expect("TCP connects");
-                over_selected(&kind, tcp, space_pages).expect("RDMA connects")
+                over_selected_or_exit(&kind, tcp, space_pages)
             })
         })
         .collect();
@@ -194,6 +194,19 @@ pub fn over_selected(
             let hosts = vec!["localhost".to_string(); tcp.size()];
             transport_rdma::connect_job(tcp, port, hosts, space_pages)?
         }
+    })
+}
+
+/// [`over_selected`], or the suite exits (status 2) naming why RDMA did
+/// not connect (a device that is down, `DSM_RDMA_*` settings it refuses).
+pub fn over_selected_or_exit(
+    kind: &Selected,
+    tcp: Arc<TcpTransport>,
+    space_pages: usize,
+) -> Arc<dyn Transport> {
+    over_selected(kind, tcp, space_pages).unwrap_or_else(|e| {
+        eprintln!("rank connecting over RDMA: {e}");
+        std::process::exit(2);
     })
 }
 

@@ -102,6 +102,14 @@ fn pin_current_thread(cpu: usize) -> bool {
         .is_some_and(core_affinity::set_for_current)
 }
 
+/// True when the process may use two CPUs per rank this host runs of the
+/// job (`local_ranks`): one for the application, one for its service
+/// threads, which may then poll instead of sleeping.
+pub fn spare_cpu_per_rank(local_ranks: usize) -> bool {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    2 * local_ranks.max(1) <= cpus
+}
+
 /// What every service thread does first: move to its rank's service CPU
 /// (when there is one; a CPU outside the process's affinity is reported and
 /// the thread stays unpinned) and ask to be scheduled as `sched` says.

@@ -351,6 +351,12 @@ impl Registry {
 mod tests {
     use super::*;
 
+    /// The reference rank's two steps of a free, once every rank forgot it.
+    fn free(r: &mut Registry, segment: SegmentInfo) {
+        r.retire(segment.first_page as usize);
+        r.reclaim(segment);
+    }
+
     #[test]
     fn top_down_allocation_and_lookup() {
         let mut r = Registry::new(100);
@@ -397,12 +403,9 @@ mod tests {
         assert_eq!(r.free_pages(), 488, "the two gaps are free pages");
         let small = r.allocate(1, 0, 0).unwrap();
         assert_eq!(small.first_page, 1742, "a one-page segment fills a gap");
-        r.retire(a.first_page as usize);
-        r.reclaim(a);
-        r.retire(b.first_page as usize);
-        r.reclaim(b);
-        r.retire(small.first_page as usize);
-        r.reclaim(small);
+        for freed in [a, b, small] {
+            free(&mut r, freed);
+        }
         assert_eq!(r.free_pages(), 1000, "gaps merge back with their segments");
         assert_eq!(
             r.allocate(1000, 0, 0).map(|s| s.first_page),
@@ -427,14 +430,11 @@ mod tests {
         let d = r.allocate(5, 0, 0).unwrap();
         assert_eq!(d.first_page, 185, "the top of the freed range");
         assert_eq!(r.free_pages(), 75);
-        r.retire(a.first_page as usize);
-        r.reclaim(a);
+        free(&mut r, a);
         r.forget(&d);
-        r.retire(d.first_page as usize);
-        r.reclaim(d); // 170..200 free again, in one range
+        free(&mut r, d); // 170..200 free again, in one range
         assert_eq!(r.allocate(30, 0, 0).unwrap().first_page, 170);
-        r.retire(c.first_page as usize);
-        r.reclaim(c); // at the bottom: back to the never-allocated heap
+        free(&mut r, c); // at the bottom: back to the never-allocated heap
         assert_eq!(r.free_pages(), 70);
         assert_eq!(r.allocate(70, 0, 0).unwrap().first_page, 100);
     }

@@ -228,8 +228,7 @@ pub const SHARED_CPU_POLL_SPIN: Duration = Duration::from_micros(50);
 /// may use two CPUs per local rank (one for the application, one for the
 /// service threads), else [`SHARED_CPU_POLL_SPIN`].
 pub fn auto_poll_spin(local_ranks: usize) -> Duration {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if 2 * local_ranks.max(1) <= cpus {
+    if dsm_core::sched::spare_cpu_per_rank(local_ranks) {
         SPARE_CPU_POLL_SPIN
     } else {
         SHARED_CPU_POLL_SPIN

@@ -42,8 +42,7 @@ pub const AUTO_SHM_SPIN: Duration = Duration::from_micros(20);
 /// CPUs and 2 ranks, a read fault took 31 us without polling, 52 us
 /// polling 20 us and 250 us polling 200 us).
 pub fn auto_spin(local_ranks: usize) -> Duration {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if 2 * local_ranks <= cpus {
+    if dsm_core::sched::spare_cpu_per_rank(local_ranks) {
         AUTO_SHM_SPIN
     } else {
         Duration::ZERO
