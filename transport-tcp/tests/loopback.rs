@@ -308,9 +308,8 @@ fn a_thread_polling_the_rings_and_the_receive_thread_share_them_in_order() {
             None
         }))
     );
-    const FIRST: u32 = 50;
+    // Sizes of the second phase, by sequence number past the first.
     let size = |seq: u32| match seq % 100 {
-        _ if seq < FIRST => 16 + seq as usize,
         0 => (3 << 20) / 2, // larger than the 1 MiB ring
         n if n % 7 == 0 => 64 << 10,
         n if n % 2 == 0 => 4096 + 4,
@@ -327,27 +326,37 @@ fn a_thread_polling_the_rings_and_the_receive_thread_share_them_in_order() {
         }
         handled
     };
-    let send = |seq: u32| {
-        let mut message = vec![(seq % 251) as u8; size(seq)];
+    let send = |seq: u32, len: usize| {
+        let mut message = vec![(seq % 251) as u8; len];
         message[..4].copy_from_slice(&seq.to_le_bytes());
         ranks[0].send(1, &message).unwrap();
     };
     let deadline = std::time::Instant::now() + RECV_LIMIT;
     // First with a poll on before the messages leave, as a faulting thread
-    // polls before its request leaves: the receive thread is not woken.
-    let mut poll = ranks[1].poll_answers().expect("rings can be polled");
-    (0..FIRST).for_each(send);
+    // polls before its request leaves: the producer does not wake the
+    // receive thread, so once it sleeps the poller takes everything. It may
+    // still be awake from the set-up on a loaded machine: rounds of small
+    // messages until the poller took some.
+    const ROUND: u32 = 10;
+    let mut first = 0u32;
     let mut seen = take_handled();
-    while seen.0 < FIRST {
-        assert!(std::time::Instant::now() < deadline, "stuck at {seen:?}");
-        poll.receive();
-        seen = take_handled();
+    while seen.1 == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the polling thread handled none of {first} messages"
+        );
+        let mut poll = ranks[1].poll_answers().expect("rings can be polled");
+        (first..first + ROUND).for_each(|seq| send(seq, 16 + (seq % 50) as usize));
+        first += ROUND;
+        while seen.0 < first {
+            assert!(std::time::Instant::now() < deadline, "stuck at {seen:?}");
+            poll.receive();
+            seen = take_handled();
+        }
     }
-    drop(poll);
-    assert!(seen.1 > 0, "the polling thread handled none");
     // Then polls on and off while a sender streams.
     thread::scope(|s| {
-        s.spawn(|| (FIRST..MESSAGES).for_each(send));
+        s.spawn(|| (first..MESSAGES).for_each(|seq| send(seq, size(seq - first))));
         while seen.0 < MESSAGES {
             assert!(std::time::Instant::now() < deadline, "stuck at {seen:?}");
             let mut poll = ranks[1].poll_answers().expect("rings can be polled");
