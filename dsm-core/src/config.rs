@@ -14,6 +14,11 @@ pub const DEFAULT_PAGES: usize = 100;
 /// Most pages one first touch maps by default ([`Config::populate`]):
 /// 256 KiB, one system call.
 pub const DEFAULT_POPULATE: usize = 64;
+
+/// `DSM_PUSH`'s default: pushes of a page to a reader without a request of
+/// its own before the home stops (one fault in 9 left for a reader that
+/// keeps consuming, at most 8 pages sent for nothing to one that stopped).
+pub const DEFAULT_PUSH: u32 = 8;
 /// Pages of dropped frames a memfd-backed space keeps for their next
 /// install by default ([`Config::memfd_retain`], in bytes): 256 MiB per rank.
 pub const DEFAULT_RETAINED_PAGES: usize = (256 << 20) / PAGE_SIZE;
@@ -169,6 +174,11 @@ pub struct Config {
     /// too, all zeros and writable (`DSM_POPULATE`; 0: off, a first touch
     /// asks the home, itself, as any fault does).
     pub populate: usize,
+    /// Most pushes of a page to a reader at barriers without a request of
+    /// its own (`DSM_PUSH`; 0: off): a home pushes a page, at its barrier
+    /// entry, to a reader that asked for it again after losing it to a
+    /// write (multi-reader protocol).
+    pub push: u32,
     /// What the space's memory is made of (`DSM_BACKING`).
     pub backing: SpaceBacking,
     /// How long the fault and engine threads poll for work before they
@@ -229,6 +239,7 @@ impl Default for Config {
             stats_file: None,
             prefetch: 1024,
             populate: DEFAULT_POPULATE,
+            push: DEFAULT_PUSH,
             backing: SpaceBacking::Auto,
             spin: Duration::ZERO,
             wait_spin: None,
@@ -297,6 +308,7 @@ impl Config {
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on (a barrier entry or an unlock ends the wait) | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
     /// | `DSM_POPULATE` | most pages a first touch maps at once: a fault on a never-touched page homed at this rank (or private) also maps the untouched pages after it in its segment, zeros, writable, in one system call (0: off, one fault per page) | `64` |
+    /// | `DSM_PUSH` | at a barrier entry, a home pushes the pages it wrote to the readers that asked for them again after losing them to a write, up to this many times without a new request (0: off) | `8` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |
@@ -382,6 +394,15 @@ impl Config {
                     "DSM_POPULATE",
                     &v,
                     "expected a number of pages (0 turns it off)",
+                )
+            })?;
+        }
+        if let Some(v) = get("DSM_PUSH") {
+            self.push = v.trim().parse().map_err(|_| {
+                err(
+                    "DSM_PUSH",
+                    &v,
+                    "expected a number of pushes (0 turns pushing off)",
                 )
             })?;
         }

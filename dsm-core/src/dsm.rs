@@ -219,6 +219,7 @@ impl Dsm {
             )
             .with_prefetch(config.prefetch)
             .with_populate(config.populate)
+            .with_push(config.push)
             .with_cache_limit(cache_bytes.map_or(usize::MAX, |bytes| bytes / PAGE_SIZE)),
         ));
         if config.receive_inline {

@@ -38,6 +38,9 @@ pub struct Stats {
     pub pages_prefetched: AtomicU64,
     /// Pages asked back with a faulting one, lost with it (same access).
     pub pages_regained: AtomicU64,
+    /// Read-only copies this rank pushed as their home to readers that
+    /// consume them, at barrier entries (`DSM_PUSH`).
+    pub pages_pushed: AtomicU64,
     /// Never-touched pages mapped with a first touch of the page before
     /// them (`DSM_POPULATE`): faults saved.
     pub pages_populated: AtomicU64,
@@ -99,6 +102,9 @@ pub struct StatsSnapshot {
     pub pages_prefetched: u64,
     /// Pages asked back with a faulting one, lost with it.
     pub pages_regained: u64,
+    /// Read-only copies pushed to their consumers at barrier entries.
+    #[serde(default)]
+    pub pages_pushed: u64,
     /// Never-touched pages mapped with a first touch of the page before them.
     #[serde(default)]
     pub pages_populated: u64,
@@ -220,6 +226,7 @@ impl Stats {
             grants_served: get(&self.grants_served),
             pages_prefetched: get(&self.pages_prefetched),
             pages_regained: get(&self.pages_regained),
+            pages_pushed: get(&self.pages_pushed),
             pages_populated: get(&self.pages_populated),
             batches_sent: get(&self.batches_sent),
             messages_inline: get(&self.messages_inline),
@@ -277,7 +284,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} populated {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} pushed {} populated {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -290,6 +297,7 @@ impl std::fmt::Display for StatsSnapshot {
             self.grants_served,
             self.pages_prefetched,
             self.pages_regained,
+            self.pages_pushed,
             self.pages_populated,
             self.batches_sent,
             self.messages_inline,

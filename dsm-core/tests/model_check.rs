@@ -25,6 +25,11 @@
 //! homed elsewhere at any moment the state machine allows it (a bounded
 //! cache under pressure), interleaved with everything else.
 //!
+//! With `pushes`, a home may also push a read-only copy of any of its pages
+//! to any rank that holds none (`Mrsw::push`, what the engine does at
+//! barrier entries) at any moment, crossing that rank's own requests,
+//! evictions and frees.
+//!
 //! A program may free the pages (`Free`: the collective free of a segment
 //! spanning them, as the engine runs it): each rank gives up its copies
 //! and tells every rank (`Freed`); a home that heard from every rank and
@@ -167,6 +172,8 @@ struct World {
     /// Evictions still allowed (bounds the state space: each eviction
     /// can be followed by a refetch, and so on).
     evictions_left: usize,
+    /// Pushes still allowed (`Mrsw::push`, bounded as evictions are).
+    pushes_left: usize,
     freeing: Vec<Freeing>,
 }
 
@@ -180,6 +187,9 @@ struct Model {
     /// Evictions of copies of pages homed elsewhere, by any rank at any
     /// time, in one run.
     evictions: usize,
+    /// Pushes of read-only copies by homes to ranks that did not ask, at
+    /// any time, in one run.
+    pushes: usize,
     /// First touches populate ahead, as the engine does by default.
     populate: bool,
     /// The longest run of pages a first touch took in any state explored.
@@ -205,6 +215,7 @@ impl Model {
             time: vec![0; self.n],
             last_write: vec![0; self.pages],
             evictions_left: self.evictions,
+            pushes_left: self.pushes,
             freeing: vec![
                 Freeing {
                     released: false,
@@ -393,6 +404,21 @@ impl Model {
                 self.apply(&mut s, rank, actions, None)?;
                 next.push(s);
             }
+            // A home hands a read-only copy to a rank that did not ask.
+            // (The engine pushes no page of a segment it is freeing.)
+            let may_push = w.pushes_left > 0 && !w.freeing[rank].released;
+            for page in (0..self.pages).filter(|_| may_push) {
+                for to in (0..self.n).filter(|to| *to != rank) {
+                    let mut s = w.clone();
+                    let actions = s.nodes[rank].push(page, to).map_err(|e| e.to_string())?;
+                    if actions.is_empty() {
+                        continue;
+                    }
+                    s.pushes_left -= 1;
+                    self.apply(&mut s, rank, actions, None)?;
+                    next.push(s);
+                }
+            }
             // A home resets its pages once every rank has freed them.
             if let Some(s) = self.reset_homes(w, rank)? {
                 next.push(s);
@@ -563,6 +589,7 @@ fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
         programs,
         home: None,
         evictions: 0,
+        pushes: 0,
         populate: true,
         longest_populated: Default::default(),
     });
@@ -581,6 +608,28 @@ fn check_programs_evicting(
         programs,
         home,
         evictions,
+        pushes: 0,
+        populate: true,
+        longest_populated: Default::default(),
+    });
+}
+
+/// Up to `pushes` pushes by homes (and `evictions` evictions) anywhere in
+/// every run.
+fn check_programs_pushing(
+    programs: Vec<Vec<Op>>,
+    pages: usize,
+    home: Option<usize>,
+    evictions: usize,
+    pushes: usize,
+) {
+    check_model(Model {
+        n: programs.len(),
+        pages,
+        programs,
+        home,
+        evictions,
+        pushes,
         populate: true,
         longest_populated: Default::default(),
     });
@@ -633,6 +682,7 @@ fn three_ranks_two_pages_writers_and_readers_cross_every_fault_asking_the_home()
         programs,
         home: None,
         evictions: 0,
+        pushes: 0,
         populate: false,
         longest_populated: Default::default(),
     });
@@ -692,6 +742,7 @@ fn runs_lost_together_are_asked_back_together() {
         programs,
         home: Some(0),
         evictions: 0,
+        pushes: 0,
         populate: true,
         longest_populated: Default::default(),
     });
@@ -775,6 +826,7 @@ fn a_free_of_pages_homed_at_one_rank_crosses_its_transactions() {
         programs,
         home: Some(0),
         evictions: 0,
+        pushes: 0,
         populate: true,
         longest_populated: Default::default(),
     });
@@ -796,6 +848,7 @@ fn a_home_first_touching_its_pages_while_others_write_and_read_them() {
         programs,
         home: Some(0),
         evictions: 0,
+        pushes: 0,
         populate: true,
         longest_populated: Default::default(),
     });
@@ -817,6 +870,7 @@ fn a_home_first_reading_its_pages_while_others_write_and_read_them() {
         programs,
         home: Some(0),
         evictions: 1,
+        pushes: 0,
         populate: true,
         longest_populated: Default::default(),
     });
@@ -838,8 +892,61 @@ fn a_home_first_touches_its_pages_again_after_a_free() {
         programs,
         home: Some(0),
         evictions: 0,
+        pushes: 0,
         populate: true,
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
+}
+
+#[test]
+fn pushed_copies_cross_the_readers_own_requests_and_writes() {
+    // The home pushes its page to readers that are asking for it, writing
+    // it, or holding nothing, while the home writes it again: every read
+    // still returns the last write.
+    check_programs_pushing(
+        vec![
+            vec![Write(0), Write(0)],
+            vec![Read(0), Write(0), Read(0)],
+            vec![Read(0), Read(0)],
+        ],
+        1,
+        Some(0),
+        0,
+        2,
+    );
+}
+
+#[test]
+fn pushed_copies_of_a_producer_s_pages_and_a_consumer_s_writes() {
+    // Pages spread round-robin: each rank produces one and consumes the
+    // other's, as a stencil's boundary rows; homes push while the copies
+    // move, and a pushed copy may be evicted.
+    check_programs_pushing(
+        vec![
+            vec![Write(0), Read(1), Write(0), Read(1)],
+            vec![Write(1), Read(0), Write(1), Read(0)],
+        ],
+        2,
+        None,
+        1,
+        3,
+    );
+}
+
+#[test]
+fn pushed_copies_cross_a_free() {
+    // A push may reach a rank freeing the pages: the pages still start
+    // anew after the free.
+    check_programs_pushing(
+        vec![
+            vec![Write(0), Free, Read(0)],
+            vec![Read(0), Free, Write(0)],
+            vec![Free, Read(0)],
+        ],
+        1,
+        Some(0),
+        0,
+        2,
+    );
 }

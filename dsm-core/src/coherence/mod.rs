@@ -207,4 +207,7 @@ pub struct ProtocolCounters {
     /// transaction in progress (multi-reader), or until the page's own
     /// fetch or hold ends (migratory).
     pub deferred: u64,
+    /// Read-only copies a home handed to ranks that did not ask
+    /// (multi-reader `push`).
+    pub pushed: u64,
 }

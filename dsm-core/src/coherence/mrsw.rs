@@ -52,6 +52,22 @@
 //! notice), and a recall of the given-back writable copy is ignored (the
 //! write-back answers it). The page remembers what it evicted until its
 //! next grant, and only those crossings are accepted.
+//!
+//! Push (`push`): a home may hand a read-only copy to a rank that did not
+//! ask for it, through the same transaction a read request from that rank
+//! would start (recalling the writer's copy first, its own included). The
+//! engine pushes, at a barrier entry, the pages whose readers lost them to
+//! a write: producer/consumer codes (a stencil's boundary rows) then read
+//! them after the barrier without a fault. The grant may cross a request of
+//! the reader's: a read grant is installed whatever the rank asked for (a
+//! write request in flight then finds the copy and is granted as an
+//! upgrade), and the home answers nothing to a read request from a rank it
+//! counts among the readers (only a push can have crossed it: a rank asks
+//! only for a page it holds no copy of, and its eviction notice or
+//! invalidation acknowledgement would arrive before a later request). A
+//! read grant that reaches a rank after it released the page for a
+//! collective free (a push, or the answer to a request a push answered) is
+//! declined as an eviction, and the home's reset waits for that notice.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -103,6 +119,9 @@ struct LocalPage {
     /// command the home sent before the eviction notice reached it may
     /// still arrive (see the module documentation).
     evicted: Option<Copy>,
+    /// Released for a collective free (`release_for_free`) and not
+    /// forgotten yet: a push that crossed the release is declined.
+    freeing: bool,
 }
 
 impl LocalPage {
@@ -112,6 +131,7 @@ impl LocalPage {
         held_until: 0,
         lost: None,
         evicted: None,
+        freeing: false,
     };
 }
 
@@ -521,6 +541,32 @@ impl Mrsw {
         self.local.get(page).and_then(|l| l.lost)
     }
 
+    /// Home: hands a read-only copy of `page` to `to`, which holds none and
+    /// did not ask (see the module documentation), as a read request from
+    /// `to` would. No actions when the page is not homed here, is private
+    /// or sealed, has a transaction or queued requests, or `to` already
+    /// holds a copy (as a reader or its writer).
+    pub fn push(&mut self, page: usize, to: Rank) -> Actions {
+        if to >= self.size
+            || to == self.rank
+            || self.home_of(page) != self.rank
+            || self.private_or_beyond(page)
+        {
+            return Ok(Vec::new());
+        }
+        let hp = self.home_entry(page);
+        let holds = match &hp.dir {
+            Directory::Uncached => false,
+            Directory::Shared(readers) => readers.contains(&to),
+            Directory::Exclusive(owner) => *owner == to,
+        };
+        if holds || hp.sealed || hp.txn.is_some() || !hp.queue.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.counters.pushed += 1;
+        self.start_transaction(page, to, Access::Read)
+    }
+
     /// Gives up this rank's copy of `page`, homed elsewhere, to make room
     /// in its cache: a read-only copy is dropped and its home told, a
     /// writable one is given back to its home with its bytes. Does
@@ -629,7 +675,9 @@ impl Mrsw {
         let actions = self.evict(page, Time::MAX)?;
         // Given up: a command that crosses the notice must not wait for
         // the hold to end (it is answered by the notice, or acknowledged).
-        self.local(page)?.held_until = 0;
+        let lp = self.local(page)?;
+        lp.held_until = 0;
+        lp.freeing = true;
         Ok(actions)
     }
 
@@ -638,10 +686,17 @@ impl Mrsw {
     /// (acknowledgements of invalidations crossed by evictions may still
     /// be due).
     pub fn home_idle(&self, page: usize) -> bool {
+        let me = self.rank;
         self.free_ready(page)
-            && self
-                .home_page_if_any(page)
-                .is_none_or(|h| h.txn.is_none() && h.queue.is_empty())
+            && self.home_page_if_any(page).is_none_or(|h| {
+                // Another reader after every rank released the page: a read
+                // grant (a push, or the answer to a request a push already
+                // answered) reached it after its release, and it declines
+                // it (`local_read_grant`): its notice is on the way.
+                let declining = matches!(&h.dir, Directory::Shared(readers)
+                    if readers.iter().any(|r| *r != me));
+                h.txn.is_none() && h.queue.is_empty() && !declining
+            })
     }
 
     /// Free, second step: this home forgets `page` (homed here, not
@@ -824,6 +879,11 @@ impl Mrsw {
                     page,
                     write: false,
                 }])
+            }
+            // A rank asks only for a page it holds no copy of: a push that
+            // crossed the request answered it.
+            (Access::Read, Directory::Shared(readers)) if readers.contains(&requester) => {
+                Ok(Vec::new())
             }
             (Access::Read, Directory::Shared(readers)) => {
                 readers.insert(requester);
@@ -1196,8 +1256,10 @@ impl Mrsw {
         }
         let hold = self.min_hold;
         let lp = self.local(page)?;
-        let expected = if write { Access::Write } else { Access::Read };
-        if lp.pending != Some(expected) {
+        if !write && carries_bytes {
+            return self.local_read_grant(page, now);
+        }
+        if lp.pending != Some(Access::Write) {
             return Err(Self::unexpected(page, from, "a grant it did not ask for"));
         }
         lp.pending = None;
@@ -1209,13 +1271,6 @@ impl Mrsw {
         }
         let lp = self.local(page)?;
         match (write, carries_bytes, lp.copy) {
-            (false, true, Copy::Invalid) => {
-                lp.copy = Copy::Shared;
-                Ok(vec![Action::Install {
-                    page,
-                    writable: false,
-                }])
-            }
             (true, false, Copy::Shared) => {
                 lp.copy = Copy::Modified;
                 Ok(vec![Action::MakeWritable { page }])
@@ -1231,6 +1286,58 @@ impl Mrsw {
                 page,
                 from,
                 "a grant that does not fit this rank's copy",
+            )),
+        }
+    }
+
+    /// A read grant from `page`'s home: the answer to this rank's read
+    /// request, or a push (which may have crossed a request of its own:
+    /// see the module documentation).
+    fn local_read_grant(&mut self, page: usize, now: Time) -> Actions {
+        let hold = self.min_hold;
+        let homed_elsewhere = self.home_of(page) != self.rank;
+        let home = self.home_of(page);
+        let lp = self.local(page)?;
+        if lp.freeing {
+            if lp.copy != Copy::Invalid || lp.pending.is_some() {
+                return Err(Self::unexpected(
+                    page,
+                    home,
+                    "a read grant for a page this rank asked for while freeing it",
+                ));
+            }
+            // A read grant that crossed this rank's release for a free (a
+            // push, or the answer to a request a push answered): declined
+            // as an eviction, which the home's reset waits for.
+            lp.evicted = Some(Copy::Shared);
+            return Ok(vec![Action::Send {
+                to: home,
+                msg: Msg::Evicted { page: page as u64 },
+            }]);
+        }
+        let asked = lp.pending == Some(Access::Read);
+        if asked {
+            lp.pending = None;
+        }
+        match lp.copy {
+            Copy::Invalid => {
+                lp.copy = Copy::Shared;
+                lp.lost = None;
+                lp.evicted = None;
+                if asked {
+                    // A thread waits for it: kept until it got to use it.
+                    lp.held_until = now.saturating_add(hold);
+                }
+                self.cached += usize::from(homed_elsewhere);
+                Ok(vec![Action::Install {
+                    page,
+                    writable: false,
+                }])
+            }
+            Copy::Shared | Copy::Modified => Err(Self::unexpected(
+                page,
+                self.home_of(page),
+                "a read grant for a page it holds",
             )),
         }
     }

@@ -167,6 +167,11 @@ impl Engine {
         self.frees.values().any(Freeing::stalled_here)
     }
 
+    /// True while a free of the segment holding `page` is under way here.
+    pub(super) fn frees_page(&self, page: usize) -> bool {
+        self.frees.values().any(|f| f.pages().contains(&page))
+    }
+
     /// Takes every free under way as far as it can go now.
     pub(super) fn advance_frees(&mut self) -> Result<(), DsmError> {
         let epochs: Vec<u64> = self.frees.keys().copied().collect();
@@ -254,6 +259,7 @@ impl Engine {
         if !homed.iter().all(|p| node.home_idle(*p)) {
             return Ok(());
         }
+        self.consumers.forget(pages.clone());
         for page in homed {
             let actions = self.counted(|node| match node {
                 Node::Mrsw(n) => n.reset_home_page(page),

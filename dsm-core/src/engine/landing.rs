@@ -111,7 +111,14 @@ impl Engine {
             let rc = self.rc.contains(page);
             let actions = match &mut self.node {
                 _ if rc => self.release.on_read_grant(from, page)?,
-                Node::Mrsw(node) => node.on_read_grant(from, page, now)?,
+                Node::Mrsw(node) => {
+                    let pushed = !node.awaits_read_grant(page, from);
+                    let actions = node.on_read_grant(from, page, now)?;
+                    if pushed {
+                        self.pushed_here(page);
+                    }
+                    actions
+                }
                 Node::Migratory(_) => {
                     return Err(DsmError::Protocol(format!(
                         "rank {from} sent read grants of the multi-reader protocol, but this rank runs the migratory one"

@@ -38,6 +38,7 @@ mod intake;
 mod landing;
 mod memory;
 mod protocol;
+mod push;
 mod readahead;
 mod report;
 mod segments;
@@ -214,6 +215,8 @@ pub(crate) struct Engine {
     free_epoch: u64,
     /// Collective frees under way here, by number (`free.rs`).
     frees: BTreeMap<u64, free::Freeing>,
+    /// Readers of pages homed here that get them pushed at barriers.
+    consumers: push::Consumers,
     /// Ids of the segments freed (a second free of one is an error).
     freed_segments: FxHashSet<u32>,
     /// Rank 0: freed segments not yet forgotten by every rank, by id.
@@ -349,6 +352,7 @@ impl Engine {
             finds: BTreeMap::new(),
             free_epoch: 0,
             frees: BTreeMap::new(),
+            consumers: push::Consumers::default(),
             freed_segments: FxHashSet::default(),
             forgetting: BTreeMap::new(),
             settling: Vec::new(),
@@ -386,6 +390,14 @@ impl Engine {
     /// Requests up to `depth` pages ahead of sequential read streams.
     pub fn with_prefetch(mut self, depth: usize) -> Engine {
         self.stream.max_depth = depth;
+        self
+    }
+
+    /// Pushes a page to a reader that asked for it again after losing it
+    /// to a write, at each barrier entry after the page is written again,
+    /// up to `limit` times without a request of its own (0: off).
+    pub fn with_push(mut self, limit: u32) -> Engine {
+        self.consumers.limit = limit;
         self
     }
 

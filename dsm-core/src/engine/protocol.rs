@@ -188,6 +188,26 @@ impl Engine {
                 let actions = if page_of(&msg).is_some_and(|p| self.rc.contains(p)) {
                     self.release.on_message(from, &msg)?
                 } else {
+                    match msg {
+                        Msg::ReadReq { page } if from != self.rank => {
+                            self.consumers.asked(page as usize, from)
+                        }
+                        Msg::InvalidateAck { page } | Msg::Evicted { page }
+                            if from != self.rank =>
+                        {
+                            self.consumers.lost(page as usize, from)
+                        }
+                        Msg::Grant {
+                            page, write: false, ..
+                        } if from != self.rank => {
+                            if let Node::Mrsw(n) = &self.node {
+                                if !n.awaits_read_grant(page as usize, from) {
+                                    self.pushed_here(page as usize);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
                     self.counted(|node| match node {
                         Node::Mrsw(n) => n.on_message(from, &msg, now),
                         Node::Migratory(_) => Ok(Vec::new()),

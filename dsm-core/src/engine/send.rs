@@ -102,7 +102,7 @@ impl Engine {
     /// lock). Any delivery order is one the network could have chosen: the
     /// only order kept is per sender, and this sender's messages stay in
     /// order (see [`Outbox::take_plain_to`]).
-    fn handle_own_messages(&mut self) -> Result<(), DsmError> {
+    pub(super) fn handle_own_messages(&mut self) -> Result<(), DsmError> {
         if self.handling_own {
             return Ok(());
         }

@@ -68,6 +68,11 @@ impl Engine {
         if sync.ends_holds() {
             self.end_holds()?;
         }
+        if matches!(sync, AfterRelease::Barrier(_)) {
+            // After the holds end: pushed copies are dropped at once, and a
+            // push recalls this rank's own writable copy at once.
+            self.push_at_barrier()?;
+        }
         self.after_release.push_back(sync);
         if self.after_release.len() == 1 {
             self.start_release()?;

@@ -1,0 +1,178 @@
+//! Pushing pages to their consumers at barriers (multi-reader protocol,
+//! `DSM_PUSH`), for producer/consumer codes such as a stencil's boundary
+//! rows, written by their home each step and read by a neighbour after the
+//! barrier:
+//!
+//! * a reader that asks for a page again after losing it (to a write, or
+//!   dropped) becomes one of its consumers at the home;
+//! * at each barrier entry, after its writes, the home pushes every page
+//!   it wrote since (its directory says: exclusive here) to its consumers
+//!   that hold no copy (`Mrsw::push`): the copy travels ahead of the
+//!   barrier's messages, and the consumer reads it after the barrier
+//!   without a fault;
+//! * at its next barrier entry the consumer drops the pushed copy (an
+//!   eviction, the home told): the home's next write then takes no
+//!   invalidation round trip, and is pushed again at the next barrier.
+//!
+//! So a step costs the consumer no fault and the home no interruption
+//! mid-step. A reader that stops using a page is not told apart from one
+//! that uses it (a mapped page's reads are invisible): after `limit`
+//! pushes without a request of its own the pair is dropped, until the
+//! reader asks again (one fault in `limit + 1` steps for a real consumer,
+//! `limit` pages sent for nothing to one that stopped).
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use super::protocol::Carried;
+use super::{Engine, Node};
+use crate::coherence::mrsw::{Copy, Directory};
+use crate::error::DsmError;
+use crate::stats::Stats;
+use crate::Rank;
+
+/// Most (page, reader) pairs remembered as lost: past it the record starts
+/// over (what it forgets costs one fault more, not a wrong result).
+const MOST_LOST: usize = 1 << 16;
+
+/// The home's record of which readers consume its pages, and the copies
+/// pushed to this rank as a reader.
+#[derive(Default)]
+pub(super) struct Consumers {
+    /// Pushes to a consumer without a request of its own before the pair
+    /// is dropped (0: pushing off).
+    pub(super) limit: u32,
+    /// (page, reader) pairs whose copy went (a write's invalidation, or
+    /// the reader dropped it), not asked for since.
+    lost: FxHashSet<(usize, Rank)>,
+    /// Consumers: pairs asked for again after a loss, with the pushes
+    /// since the reader's last request.
+    pushes: FxHashMap<(usize, Rank), u32>,
+    /// Pages other homes pushed to this rank, with the barriers it had
+    /// passed when each arrived: a copy pushed at barrier `e` serves this
+    /// rank's step after it and is dropped at its next barrier entry.
+    received: Vec<(usize, u64)>,
+}
+
+impl Consumers {
+    /// `reader` asked for `page` (homed here).
+    pub(super) fn asked(&mut self, page: usize, reader: Rank) {
+        if self.limit == 0 {
+            return;
+        }
+        if self.lost.remove(&(page, reader)) {
+            self.pushes.insert((page, reader), 0);
+        } else if let Some(pushes) = self.pushes.get_mut(&(page, reader)) {
+            *pushes = 0;
+        }
+    }
+
+    /// `reader`'s copy of `page` (homed here) went: a write took it, or the
+    /// reader dropped it.
+    pub(super) fn lost(&mut self, page: usize, reader: Rank) {
+        if self.limit == 0 || self.pushes.contains_key(&(page, reader)) {
+            return;
+        }
+        if self.lost.len() >= MOST_LOST {
+            self.lost.clear();
+        }
+        self.lost.insert((page, reader));
+    }
+
+    /// A copy of `page` arrived that this rank did not ask for, after it
+    /// passed `passed` barriers.
+    pub(super) fn pushed_here(&mut self, page: usize, passed: u64) {
+        self.received.push((page, passed));
+    }
+
+    /// Forgets the pages of `pages` (a segment freed).
+    pub(super) fn forget(&mut self, pages: std::ops::Range<usize>) {
+        self.lost.retain(|(page, _)| !pages.contains(page));
+        self.pushes.retain(|(page, _), _| !pages.contains(page));
+        self.received.retain(|(page, _)| !pages.contains(page));
+    }
+}
+
+impl Engine {
+    /// A copy of `page` arrived that this rank did not ask for (a push).
+    pub(super) fn pushed_here(&mut self, page: usize) {
+        let passed = self.barrier_epoch - u64::from(self.barrier_waiter.is_some());
+        self.consumers.pushed_here(page, passed);
+    }
+
+    /// At a barrier entry: drops the copies pushed here since the last one,
+    /// pushes the pages written here since to their consumers, and carries
+    /// out what the pushes asked of this rank itself (a write-protect of
+    /// its own writable copy), so the copies leave ahead of the entry.
+    pub(super) fn push_at_barrier(&mut self) -> Result<(), DsmError> {
+        if self.consumers.limit == 0 {
+            return Ok(());
+        }
+        let now = self.now();
+        // This entry is barrier `entry`; a copy that arrived after barrier
+        // `entry - 2` was passed (while this rank worked towards barrier
+        // `entry - 1` or waited in it: pushed at it) served the step that
+        // ends here. One that arrived later is for the next step.
+        let entry = self.barrier_epoch + 1;
+        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.consumers.received)
+            .into_iter()
+            .partition(|(_, passed)| passed + 2 <= entry);
+        self.consumers.received = kept;
+        for (page, _) in due {
+            let Node::Mrsw(node) = &mut self.node else {
+                return Ok(());
+            };
+            if node.copy_of(page) == Some(Copy::Shared) && node.evictable(page, now) {
+                let actions = node.evict(page, now)?;
+                self.apply(actions, Carried::Nothing)?;
+            }
+        }
+        if self.consumers.pushes.is_empty() {
+            return Ok(());
+        }
+        let me = self.rank;
+        let Node::Mrsw(node) = &self.node else {
+            return Ok(());
+        };
+        // Pages written here since their last push (or never pushed): their
+        // consumers get them, all of them (the first push shares the page).
+        let mut pairs: Vec<(usize, Rank)> = self
+            .consumers
+            .pushes
+            .keys()
+            .copied()
+            .filter(|(page, _)| {
+                node.directory(*page) == Some(&Directory::Exclusive(me))
+                    && !self.rc.contains(*page)
+                    && !self.frees_page(*page)
+            })
+            .collect();
+        pairs.sort_unstable();
+        for (page, reader) in pairs {
+            let pushes = self.consumers.pushes.get(&(page, reader)).copied();
+            if pushes.is_some_and(|n| n >= self.consumers.limit) {
+                // Pushed `limit` times with no request: dropped until the
+                // reader asks again.
+                self.consumers.pushes.remove(&(page, reader));
+                self.consumers.lost.insert((page, reader));
+                continue;
+            }
+            let actions = self.counted(|node| match node {
+                Node::Mrsw(n) => n.push(page, reader),
+                Node::Migratory(_) => Ok(Vec::new()),
+            })?;
+            if actions.is_empty() {
+                continue;
+            }
+            if let Some(pushes) = self.consumers.pushes.get_mut(&(page, reader)) {
+                *pushes += 1;
+            }
+            Stats::add(&self.stats.pages_pushed, 1);
+            self.apply(actions, Carried::Nothing)?;
+            // This rank's own copy is recalled through a message to itself:
+            // handled now, the page is shared and the next consumer's push
+            // finds no transaction under way.
+            self.handle_own_messages()?;
+        }
+        Ok(())
+    }
+}
