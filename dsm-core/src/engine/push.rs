@@ -78,10 +78,45 @@ impl Consumers {
         self.lost.insert((page, reader));
     }
 
+    /// Whether to push `page` to its consumer `reader` now: false once it
+    /// had `limit` pushes without a request of its own (the pair is then
+    /// dropped, until the reader asks again after a loss). The caller
+    /// counts the push with `pushed` if it happens.
+    fn due(&mut self, page: usize, reader: Rank) -> bool {
+        match self.pushes.get(&(page, reader)) {
+            Some(n) if *n < self.limit => true,
+            Some(_) => {
+                self.pushes.remove(&(page, reader));
+                self.lost.insert((page, reader));
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// `page` was pushed to its consumer `reader`.
+    fn pushed(&mut self, page: usize, reader: Rank) {
+        if let Some(n) = self.pushes.get_mut(&(page, reader)) {
+            *n += 1;
+        }
+    }
+
     /// A copy of `page` arrived that this rank did not ask for, after it
     /// passed `passed` barriers.
     pub(super) fn pushed_here(&mut self, page: usize, passed: u64) {
         self.received.push((page, passed));
+    }
+
+    /// The copies pushed here that served the step ending at barrier entry
+    /// number `entry`: those that arrived after barrier `entry - 2` was
+    /// passed (while this rank worked towards barrier `entry - 1` or waited
+    /// in it, so pushed at it). One that arrived later is for the next step.
+    fn served(&mut self, entry: u64) -> Vec<usize> {
+        let (due, kept) = std::mem::take(&mut self.received)
+            .into_iter()
+            .partition(|(_, passed)| passed + 2 <= entry);
+        self.received = kept;
+        due.into_iter().map(|(page, _)| page).collect()
     }
 
     /// Forgets the pages of `pages` (a segment freed).
@@ -108,16 +143,7 @@ impl Engine {
             return Ok(());
         }
         let now = self.now();
-        // This entry is barrier `entry`; a copy that arrived after barrier
-        // `entry - 2` was passed (while this rank worked towards barrier
-        // `entry - 1` or waited in it: pushed at it) served the step that
-        // ends here. One that arrived later is for the next step.
-        let entry = self.barrier_epoch + 1;
-        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.consumers.received)
-            .into_iter()
-            .partition(|(_, passed)| passed + 2 <= entry);
-        self.consumers.received = kept;
-        for (page, _) in due {
+        for page in self.consumers.served(self.barrier_epoch + 1) {
             let Node::Mrsw(node) = &mut self.node else {
                 return Ok(());
             };
@@ -148,12 +174,7 @@ impl Engine {
             .collect();
         pairs.sort_unstable();
         for (page, reader) in pairs {
-            let pushes = self.consumers.pushes.get(&(page, reader)).copied();
-            if pushes.is_some_and(|n| n >= self.consumers.limit) {
-                // Pushed `limit` times with no request: dropped until the
-                // reader asks again.
-                self.consumers.pushes.remove(&(page, reader));
-                self.consumers.lost.insert((page, reader));
+            if !self.consumers.due(page, reader) {
                 continue;
             }
             let actions = self.counted(|node| match node {
@@ -163,9 +184,7 @@ impl Engine {
             if actions.is_empty() {
                 continue;
             }
-            if let Some(pushes) = self.consumers.pushes.get_mut(&(page, reader)) {
-                *pushes += 1;
-            }
+            self.consumers.pushed(page, reader);
             Stats::add(&self.stats.pages_pushed, 1);
             self.apply(actions, Carried::Nothing)?;
             // This rank's own copy is recalled through a message to itself:
@@ -174,5 +193,86 @@ impl Engine {
             self.handle_own_messages()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Consumers;
+
+    fn consumers(limit: u32) -> Consumers {
+        Consumers {
+            limit,
+            ..Consumers::default()
+        }
+    }
+
+    #[test]
+    fn a_reader_becomes_a_consumer_by_asking_again_after_a_loss() {
+        let mut c = consumers(8);
+        c.asked(3, 1);
+        assert!(!c.due(3, 1), "a first request is no pattern yet");
+        c.lost(3, 1);
+        assert!(!c.due(3, 1));
+        c.asked(3, 1);
+        assert!(c.due(3, 1));
+        assert!(!c.due(3, 2), "another reader is not one");
+        assert!(!c.due(4, 1), "nor another page");
+    }
+
+    #[test]
+    fn a_consumer_that_never_asks_is_dropped_after_the_limit_until_it_asks_again() {
+        let mut c = consumers(2);
+        c.lost(7, 1);
+        c.asked(7, 1);
+        for _ in 0..2 {
+            assert!(c.due(7, 1));
+            c.pushed(7, 1);
+            // Its drop of the pushed copy does not make it new again.
+            c.lost(7, 1);
+        }
+        assert!(!c.due(7, 1), "limit reached");
+        assert!(!c.due(7, 1), "and dropped");
+        c.asked(7, 1);
+        assert!(c.due(7, 1), "asking again after the loss re-arms it");
+        c.pushed(7, 1);
+        c.asked(7, 1);
+        c.pushed(7, 1);
+        assert!(c.due(7, 1), "a request of its own resets the count");
+    }
+
+    #[test]
+    fn pushing_off_records_nothing() {
+        let mut c = consumers(0);
+        c.lost(1, 1);
+        c.asked(1, 1);
+        assert!(!c.due(1, 1));
+    }
+
+    #[test]
+    fn a_pushed_copy_serves_the_step_after_the_barrier_it_was_pushed_at() {
+        let mut c = consumers(8);
+        // Passed 4 barriers: working towards entry 5 (or waiting in it);
+        // the copy was pushed at barrier 5 and serves the step up to 6.
+        c.pushed_here(10, 4);
+        // Already past barrier 5: pushed at 5 all the same, arrived late.
+        c.pushed_here(11, 5);
+        assert!(c.served(5).is_empty());
+        assert_eq!(c.served(6), vec![10]);
+        assert_eq!(c.served(7), vec![11]);
+    }
+
+    #[test]
+    fn a_freed_segment_s_pages_are_forgotten() {
+        let mut c = consumers(8);
+        c.lost(5, 1);
+        c.asked(5, 1);
+        c.lost(9, 1);
+        c.pushed_here(6, 0);
+        c.forget(4..8);
+        assert!(!c.due(5, 1));
+        assert!(c.served(10).is_empty());
+        c.asked(9, 1);
+        assert!(c.due(9, 1), "pages outside the range are kept");
     }
 }
