@@ -321,20 +321,33 @@ impl Engine {
         if actions.iter().any(|a| matches!(a, Action::Send { .. })) {
             self.fetch_started.insert(fault.page, Instant::now());
         }
+        let regaining = matches!(&self.node, Node::Mrsw(n) if n.lost(fault.page).is_some());
+        // A page homed here: its request goes to this rank itself and is
+        // answered as it is applied (the grant ends the loss), so the pages
+        // lost with it are asked for first (a home's boundary row after a
+        // push recalled it: one fault instead of one a page).
+        let home_here = matches!(&self.node, Node::Mrsw(n) if n.home_of(fault.page) == self.rank);
+        let regained_here = if home_here && regaining {
+            Some(self.regain_after(fault.page, fault.write)?)
+        } else {
+            None
+        };
         self.apply(actions, Carried::Nothing)?;
         let ahead = if fault.write {
             0..0
         } else {
             self.stream.on_read_fault(fault.page)
         };
-        let regaining = matches!(&self.node, Node::Mrsw(n) if n.lost(fault.page).is_some());
         if !ahead.is_empty() || regaining {
             // The demand request leaves alone, ahead of the batch asked for
             // with it. Otherwise it leaves when the lock is let go
             // (`serve_here`), with other threads' requests queued meanwhile.
             self.flush()?;
         }
-        let regained = self.regain_after(fault.page, fault.write)?;
+        let regained = match regained_here {
+            Some(regained) => regained,
+            None => self.regain_after(fault.page, fault.write)?,
+        };
         if !fault.write {
             self.prefetch(ahead)?;
             if regained > 0 {
