@@ -1295,8 +1295,8 @@ impl Mrsw {
     /// see the module documentation).
     fn local_read_grant(&mut self, page: usize, now: Time) -> Actions {
         let hold = self.min_hold;
-        let homed_elsewhere = self.home_of(page) != self.rank;
         let home = self.home_of(page);
+        let homed_elsewhere = home != self.rank;
         let lp = self.local(page)?;
         if lp.freeing {
             if lp.copy != Copy::Invalid || lp.pending.is_some() {
@@ -1336,7 +1336,7 @@ impl Mrsw {
             }
             Copy::Shared | Copy::Modified => Err(Self::unexpected(
                 page,
-                self.home_of(page),
+                home,
                 "a read grant for a page it holds",
             )),
         }
