@@ -401,7 +401,7 @@ impl Dsm {
             self.transport.poll_answers()
         };
         self.serve(make(tx))?;
-        crate::transport::poll_with_answers(&mut answers, self.wait_spin, || !rx.is_empty());
+        crate::sched::poll_with_answers(&mut answers, self.wait_spin, || !rx.is_empty());
         // Ended before sleeping: a poll holds back the receive threads'
         // wake-ups.
         drop(answers);

@@ -26,7 +26,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::transport::Rank;
+use crate::transport::{AnswerPoll, Rank};
 
 /// Polls `done` for up to `spin` before a thread goes to sleep on what it
 /// waits for: an event seen meanwhile costs no wake-up. True once `done`
@@ -43,6 +43,22 @@ pub fn poll_until(spin: Duration, mut done: impl FnMut() -> bool) -> bool {
         }
         std::hint::spin_loop();
     }
+}
+
+/// Polls `done` for up to `spin`, as [`poll_until`], handing on meanwhile
+/// what `answers` (a [`crate::transport::Transport::poll_answers`]) can
+/// read.
+pub fn poll_with_answers(
+    answers: &mut Option<Box<dyn AnswerPoll + '_>>,
+    spin: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    poll_until(spin, || {
+        if let Some(answers) = answers.as_mut() {
+            answers.receive();
+        }
+        done()
+    })
 }
 
 /// Which CPU a rank's service threads are pinned to.

@@ -118,21 +118,6 @@ pub trait AnswerPoll {
     fn receive(&mut self);
 }
 
-/// Polls `done` for up to `spin`, as [`crate::sched::poll_until`], handing
-/// on meanwhile what `answers` (a [`Transport::poll_answers`]) can read.
-pub fn poll_with_answers(
-    answers: &mut Option<Box<dyn AnswerPoll + '_>>,
-    spin: Duration,
-    mut done: impl FnMut() -> bool,
-) -> bool {
-    crate::sched::poll_until(spin, || {
-        if let Some(answers) = answers.as_mut() {
-            answers.receive();
-        }
-        done()
-    })
-}
-
 /// What [`Transport::try_send_parts`] did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrySent {

@@ -216,7 +216,7 @@ pub(crate) fn signal_fault_server(
         // The poll of the rings ends with the polling: a thread asleep must
         // not hold back the receive threads' wake-ups.
         let poll = move |spin, done: &dyn Fn() -> bool| {
-            crate::transport::poll_with_answers(&mut answers, spin, done);
+            crate::sched::poll_with_answers(&mut answers, spin, done);
         };
         if waiters.wait(ticket, spin, SIGNAL_WAIT, poll) {
             waiting.leave();
