@@ -48,6 +48,12 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// this long for it before reporting the bare exit.
 const LAST_WORDS: Duration = Duration::from_millis(500);
 /// Forwarded to every rank, which prints a hang report; the job goes on.
+/// How long a rank's exit with `EXIT_FATAL` that names a lost peer is held
+/// back for that peer's own report (killed, crashed, exited): the peer is
+/// the cause, and should be what dsmexec names. A survivor already waits
+/// `SECONDARY_FAILURE_DELAY` (0.5 s) before it exits; a victim's dsmwrap
+/// that ran late on a loaded machine still gets this long.
+const OWN_REPORT_WAIT: Duration = Duration::from_secs(2);
 const HANG_REPORT_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
 
 /// Everything dsmexec was asked to do.
@@ -177,7 +183,20 @@ struct Runner {
     accepting: Arc<AtomicBool>,
     outputs: Vec<JoinHandle<()>>,
     outcome: Option<Outcome>,
+    /// A survivor's failure waiting for its lost peer's report
+    /// (`OWN_REPORT_WAIT`).
+    held_back: Option<HeldBack>,
     job_id: String,
+}
+
+/// A rank's failure held back until `until` for the report of `peer`,
+/// the rank it lost.
+struct HeldBack {
+    slot: usize,
+    status: ExitCause,
+    likely_cause: Option<String>,
+    peer: usize,
+    until: Instant,
 }
 
 fn say(msg: impl AsRef<str>) {
@@ -308,6 +327,7 @@ fn start(spec: JobSpec) -> Result<Runner, String> {
         accepting: Arc::clone(&accepting),
         outputs: Vec::new(),
         outcome: None,
+        held_back: None,
         job_id,
         spec,
     };
@@ -767,73 +787,72 @@ impl Runner {
                     p.control_gone = true;
                 }
             }
-            let event = match self.events.recv_timeout(Duration::from_millis(100)) {
-                Ok(e) => e,
-                Err(_) => continue,
-            };
             let failed_before = self.outcome.is_some();
-            match event {
-                Event::Connected {
-                    slot,
-                    stream,
-                    first,
-                } => self.connected(slot, stream, first),
-                Event::FromWrap { slot, msg } => match msg {
-                    WrapToExec::Started { pid } => {
-                        self.procs[slot].program_pid = Some(Pid::from_raw(pid))
-                    }
-                    WrapToExec::Exited {
-                        status,
-                        likely_cause,
-                    } => {
-                        self.procs[slot].result = Some(status);
-                        if !status.success() {
-                            let message = self.failure_message(slot, status, likely_cause);
-                            self.fail(Outcome::RankFailed { cause: status }, message);
+            if let Ok(event) = self.events.recv_timeout(Duration::from_millis(100)) {
+                match event {
+                    Event::Connected {
+                        slot,
+                        stream,
+                        first,
+                    } => self.connected(slot, stream, first),
+                    Event::FromWrap { slot, msg } => match msg {
+                        WrapToExec::Started { pid } => {
+                            self.procs[slot].program_pid = Some(Pid::from_raw(pid))
+                        }
+                        WrapToExec::Exited {
+                            status,
+                            likely_cause,
+                        } => {
+                            self.procs[slot].result = Some(status);
+                            if !status.success() {
+                                self.rank_failed(slot, status, likely_cause);
+                            }
+                        }
+                        WrapToExec::Hello { .. } | WrapToExec::ProgramError { .. } => {}
+                    },
+                    Event::WrapGone { slot, reason } => {
+                        self.procs[slot].control_gone = true;
+                        self.procs[slot].control = None;
+                        if self.procs[slot].result.is_none() && self.procs[slot].listen.is_some() {
+                            let code = self.procs[slot]
+                                .process_status
+                                .map(|s| ExitCause::from_status(s).shell_code())
+                                .filter(|c| *c != 0)
+                                .unwrap_or(255);
+                            let message =
+                                format!("lost contact with {}: {reason}", self.name(slot));
+                            self.fail(Outcome::RankLost { code }, message);
                         }
                     }
-                    WrapToExec::Hello { .. } | WrapToExec::ProgramError { .. } => {}
-                },
-                Event::WrapGone { slot, reason } => {
-                    self.procs[slot].control_gone = true;
-                    self.procs[slot].control = None;
-                    if self.procs[slot].result.is_none() && self.procs[slot].listen.is_some() {
-                        let code = self.procs[slot]
-                            .process_status
-                            .map(|s| ExitCause::from_status(s).shell_code())
-                            .filter(|c| *c != 0)
-                            .unwrap_or(255);
-                        let message = format!("lost contact with {}: {reason}", self.name(slot));
-                        self.fail(Outcome::RankLost { code }, message);
+                    Event::ProcessExited { slot, status } => self.process_exited(slot, status),
+                    Event::Signal(signo) if signo == HANG_REPORT_SIGNAL => {
+                        say("SIGUSR1: every rank prints what its threads wait for");
+                        for p in &mut self.procs {
+                            p.send(&ExecToWrap::Signal { signo });
+                        }
                     }
-                }
-                Event::ProcessExited { slot, status } => self.process_exited(slot, status),
-                Event::Signal(signo) if signo == HANG_REPORT_SIGNAL => {
-                    say("SIGUSR1: every rank prints what its threads wait for");
-                    for p in &mut self.procs {
-                        p.send(&ExecToWrap::Signal { signo });
-                    }
-                }
-                Event::Signal(signo) => {
-                    if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
-                        say(format!(
-                            "second {}: killing every rank now",
+                    Event::Signal(signo) => {
+                        if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
+                            say(format!(
+                                "second {}: killing every rank now",
+                                signal_name(signo)
+                            ));
+                            kill_at = Some(Instant::now());
+                            continue;
+                        }
+                        let message = format!(
+                            "received {}, forwarding it to every rank",
                             signal_name(signo)
-                        ));
-                        kill_at = Some(Instant::now());
-                        continue;
+                        );
+                        self.fail(Outcome::Interrupted(signo), message);
+                        for p in &mut self.procs {
+                            p.send(&ExecToWrap::Signal { signo });
+                        }
+                        kill_at.get_or_insert(Instant::now() + self.spec.grace);
                     }
-                    let message = format!(
-                        "received {}, forwarding it to every rank",
-                        signal_name(signo)
-                    );
-                    self.fail(Outcome::Interrupted(signo), message);
-                    for p in &mut self.procs {
-                        p.send(&ExecToWrap::Signal { signo });
-                    }
-                    kill_at.get_or_insert(Instant::now() + self.spec.grace);
                 }
             }
+            self.release_held_back(Instant::now());
             if !failed_before
                 && self.outcome.is_some()
                 && !matches!(self.outcome, Some(Outcome::Interrupted(_)))
@@ -842,6 +861,67 @@ impl Runner {
                 self.stop_all(grace);
                 kill_at = Some(Instant::now() + grace + LINGER);
             }
+        }
+        // Every process ended: a failure still held back is the job's.
+        self.release_held_back(Instant::now());
+    }
+
+    /// `slot` failed with `status`: the job's failure, unless it is a
+    /// survivor's exit naming a lost peer that has not reported yet (held
+    /// back for it), or another such exit while one is held back.
+    fn rank_failed(&mut self, slot: usize, status: ExitCause, likely_cause: Option<String>) {
+        if self.outcome.is_none() {
+            if let Some(peer) = self.unreported_lost_peer(slot, status) {
+                if self.held_back.is_none() {
+                    self.held_back = Some(HeldBack {
+                        slot,
+                        status,
+                        likely_cause,
+                        peer,
+                        until: Instant::now() + OWN_REPORT_WAIT,
+                    });
+                }
+                return;
+            }
+        }
+        let message = self.failure_message(slot, status, likely_cause);
+        self.fail(Outcome::RankFailed { cause: status }, message);
+    }
+
+    /// The rank `slot` ended for losing (status `EXIT_FATAL`, its last
+    /// line naming it), when that rank neither reported nor ended yet and
+    /// did not stop responding (then it never will report).
+    fn unreported_lost_peer(&self, slot: usize, status: ExitCause) -> Option<usize> {
+        if status != ExitCause::Code(EXIT_FATAL) {
+            return None;
+        }
+        let last = self.procs[slot]
+            .last_stderr
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        let lost = LostPeer::find_in(&last).filter(|lost| !lost.not_responding())?;
+        let peer = self.procs.get(lost.rank)?;
+        (peer.result.is_none() && peer.process_status.is_none()).then_some(lost.rank)
+    }
+
+    /// Ends a hold-back once its peer reported or ended, or its time ran
+    /// out: the held failure becomes the job's if none came first.
+    fn release_held_back(&mut self, now: Instant) {
+        let Some(held) = &self.held_back else {
+            return;
+        };
+        let peer = &self.procs[held.peer];
+        let over = self.outcome.is_some()
+            || peer.result.is_some()
+            || peer.process_status.is_some()
+            || now >= held.until;
+        if !over {
+            return;
+        }
+        if let Some(held) = self.held_back.take() {
+            let message = self.failure_message(held.slot, held.status, held.likely_cause);
+            self.fail(Outcome::RankFailed { cause: held.status }, message);
         }
     }
 

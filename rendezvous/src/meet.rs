@@ -872,9 +872,11 @@ mod tests {
     #[test]
     fn rank_zero_names_missing_ranks_and_tells_the_others() {
         let dir = temp_dir("missing");
-        let s = settings(&dir, 1.5);
+        // Rank 1 must register within rank 0's window even on a loaded
+        // machine; it waits far longer than rank 0, which tells it the end.
+        let s = settings(&dir, 5.0);
         let one = {
-            let s = s.clone();
+            let s = settings(&dir, 30.0);
             thread::spawn(move || join(&job(1, 3, "k2"), &s))
         };
         let err = join(&job(0, 3, "k2"), &s).unwrap_err();
@@ -919,9 +921,10 @@ mod tests {
     #[test]
     fn sizes_that_disagree_are_named() {
         let dir = temp_dir("size");
-        let s = settings(&dir, 2.0);
+        // As above: rank 1 has time to find rank 0's file under load.
+        let s = settings(&dir, 5.0);
         let one = {
-            let s = s.clone();
+            let s = settings(&dir, 30.0);
             thread::spawn(move || join(&job(1, 2, "k5"), &s))
         };
         let err = join(&job(0, 3, "k5"), &s).unwrap_err();

@@ -344,7 +344,20 @@ pub fn compile_c_example(name: &str) -> PathBuf {
 /// Compiles the C program at `source` (relative to the repository root)
 /// against the built libdsm and POSIX threads (`cc`, rpath to the target
 /// directory) into the target directory as `exe_name`; returns its path.
+/// Once per test process and name: tests running in parallel must not
+/// start a program while another one's linker rewrites it.
 pub fn compile_c(source: &str, exe_name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, exe)) = built.iter().find(|(name, _)| name == exe_name) {
+        return exe.clone();
+    }
+    let exe = compile_c_now(source, exe_name);
+    built.push((exe_name.to_string(), exe.clone()));
+    exe
+}
+
+fn compile_c_now(source: &str, exe_name: &str) -> PathBuf {
     let out_dir = bin("dsmexec")
         .parent()
         .expect("target directory")

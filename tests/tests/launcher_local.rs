@@ -167,7 +167,9 @@ fn ranks_ignoring_sigterm_are_killed_after_the_grace_period() {
     let token = unique_token("ignore");
     let mut job = Running::start(
         dsmexec(
-            &["--grace", "1", "-n", "3", &testprog(), &token, "ignore"],
+            // Long enough for every rank to print that it ignored the
+            // SIGTERM before the SIGKILL, on a loaded machine too.
+            &["--grace", "3", "-n", "3", &testprog(), &token, "ignore"],
             &dir,
         ),
         LIMIT,

@@ -76,8 +76,11 @@ fn stop_scenario(mode: &str, victim: usize) {
         messages.first().is_some_and(|m| m.starts_with(&expected)),
         "dsmexec's first message should start with {expected:?}: {messages:?}\n{out:?}"
     );
+    // Within the timeout in the common case; twice it when a survivor's
+    // heartbeat thread was starved (late by three intervals) and forgave
+    // every silence (`Liveness::forgive`), plus the exit and the teardown.
     assert!(
-        took < Duration::from_secs(TIMEOUT_S + 5),
+        took < Duration::from_secs(2 * TIMEOUT_S + 7),
         "the job took {took:?} to end after the SIGSTOP (DSM_PEER_TIMEOUT={TIMEOUT_S})\n{out:?}"
     );
     assert_no_leftovers(&token, Duration::from_secs(10));
