@@ -599,15 +599,15 @@ fn cross_process_read_write_send() {
     if !device_or_skip("cross_process_read_write_send") {
         return;
     }
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
+    // Both listeners held until both ports are read: two distinct ports.
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(listeners);
     let ports = format!("{},{}", ports[0], ports[1]);
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..2)
