@@ -19,7 +19,10 @@
 //! * `fault_latency_shm/raw_round_trip_16B_4KiB` and
 //!   `fault_latency_shm/dsm_remote_read_fault_4KiB_sigbus`: the same over
 //!   rings in shared memory, as co-located ranks talk (TCP runs only), with
-//!   the ratio to the loopback TCP fault of the run;
+//!   the ratio to the loopback TCP fault of the run; beside them
+//!   `fault_latency_shm/raw_polled_round_trip_16B_4KiB`, the round trip as
+//!   a fault makes it (answered in the receive thread, the answer polled
+//!   for by the asking thread), the least a fault's exchange takes;
 //! * with RDMA, `fault_latency_rdma/...` for the same two figures (the DSM
 //!   over `transport_rdma::connect_job`, as `dsm::init` does it) plus
 //!   `fault_latency_rdma/raw_rdma_read_4KiB`, a one-sided READ.
@@ -124,6 +127,62 @@ fn raw_round_trip(c: &mut Criterion, group: &str, t: &[Arc<dyn Transport>], out:
     let request = [1u8; 16];
     time_exchanges(c, (group, "raw_round_trip_16B_4KiB"), out, || {
         client.send(1, &request).expect("request");
+        let reply = client.recv().expect("reply");
+        assert_eq!(reply.payload.len(), PAGE_SIZE);
+    });
+    client.send(1, b"stop").expect("stop");
+    echo.join().expect("echo thread");
+}
+
+/// The round trip of [`raw_round_trip`] the way a fault makes it: the
+/// server answers in its receive thread (the engine's inline delivery at a
+/// home), and the client polls its links for the answer itself
+/// ([`Transport::poll_answers`], taken before the request leaves) for up
+/// to `spin` before it sleeps, as a faulting thread with `DSM_WAIT_SPIN_US`.
+/// The least the transport takes for a fault's exchange: the limit a
+/// fault is held against, beside the plain round trip.
+fn polled_round_trip(
+    c: &mut Criterion,
+    group: &str,
+    t: &[Arc<dyn Transport>],
+    spin: Duration,
+    out: &Samples,
+) {
+    let (client, server) = (Arc::clone(&t[0]), Arc::clone(&t[1]));
+    let page = vec![7u8; PAGE_SIZE];
+    let replier = Arc::clone(&server);
+    // A reply the receive thread cannot send without waiting is left to
+    // the echo thread below (handed back, queued).
+    let answered_inline = server.deliver_inline(Box::new(move |m| {
+        if m.payload == b"stop" {
+            return Some(m);
+        }
+        match replier.try_send_parts(m.from, &[&page]) {
+            Ok(dsm_core::transport::TrySent::WouldWait) | Err(_) => Some(m),
+            Ok(_) => None,
+        }
+    }));
+    assert!(
+        answered_inline,
+        "the transport answers in its receive thread"
+    );
+    let echo = thread::spawn(move || {
+        let page = vec![7u8; PAGE_SIZE];
+        while let Ok(m) = server.recv() {
+            if m.payload == b"stop" {
+                return;
+            }
+            server.finish_sends().expect("a reply's rest");
+            server.send(m.from, &page).expect("reply");
+        }
+    });
+    let inbox = client.inbox();
+    let request = [1u8; 16];
+    time_exchanges(c, (group, "raw_polled_round_trip_16B_4KiB"), out, || {
+        let mut answers = client.poll_answers();
+        client.send(1, &request).expect("request");
+        dsm_core::sched::poll_with_answers(&mut answers, spin, || !inbox.is_empty());
+        drop(answers);
         let reply = client.recv().expect("reply");
         assert_eq!(reply.payload.len(), PAGE_SIZE);
     });
@@ -400,12 +459,24 @@ fn fault_latency(c: &mut Criterion) {
 /// `fault_latency_shm` pair, beside the loopback TCP fault of this run.
 fn co_located(c: &mut Criterion, tcp_fault: &Samples) {
     let group = "fault_latency_shm";
-    let [raw, fault] = std::array::from_fn(|_| Samples::default());
+    let [raw, polled, fault] = std::array::from_fn(|_| Samples::default());
     raw_round_trip(
         c,
         group,
         &pair_with(&Selected::Tcp, dsm_bench::shm_options),
         &raw,
+    );
+    // The faulting thread's poll: `DSM_WAIT_SPIN_US` for two ranks here.
+    let spin = Config::from_env()
+        .ok()
+        .and_then(|config| config.wait_spin)
+        .unwrap_or_else(|| dsm_core::config::auto_wait_spin(2));
+    polled_round_trip(
+        c,
+        group,
+        &pair_with(&Selected::Tcp, dsm_bench::shm_options),
+        spin,
+        &polled,
     );
     let by_signal = (group, "dsm_remote_read_fault_4KiB_sigbus");
     dsm_read_fault(
@@ -420,6 +491,7 @@ fn co_located(c: &mut Criterion, tcp_fault: &Samples) {
         group,
         &[
             ("raw_round_trip_16B_4KiB", &raw),
+            ("raw_polled_round_trip_16B_4KiB", &polled),
             ("dsm_remote_read_fault_4KiB_sigbus", &fault),
         ],
     );
