@@ -65,6 +65,10 @@ pub enum TransportError {
 /// timeout (a stopped or wedged process).
 pub const NOT_RESPONDING: &str = "not responding";
 
+/// A [`TransportError::PeerLost`] reason: the peer's end of the connection
+/// closed without the goodbye of a clean shutdown (its process ended).
+pub const CLOSED_WITHOUT_GOODBYE: &str = "connection closed without goodbye (process died?)";
+
 /// A peer loss as a rank reports it (`lost rank R on host H: reason`),
 /// read back from that text: the launcher names the lost rank from the
 /// line of the rank that noticed.
@@ -96,6 +100,13 @@ impl LostPeer {
     /// or failed connection.
     pub fn not_responding(&self) -> bool {
         self.reason.starts_with(NOT_RESPONDING)
+    }
+
+    /// Whether the peer's end of the connection closed or was reset: its
+    /// process most likely ended, and has a status of its own to report
+    /// (where a timed-out connection says the peer may be unreachable).
+    pub fn closed(&self) -> bool {
+        self.reason.starts_with(CLOSED_WITHOUT_GOODBYE) || self.reason.contains("reset by peer")
     }
 }
 

@@ -47,13 +47,15 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 /// before; the message travels a different path than the exit, so wait
 /// this long for it before reporting the bare exit.
 const LAST_WORDS: Duration = Duration::from_millis(500);
-/// Forwarded to every rank, which prints a hang report; the job goes on.
-/// How long a rank's exit with `EXIT_FATAL` that names a lost peer is held
-/// back for that peer's own report (killed, crashed, exited): the peer is
-/// the cause, and should be what dsmexec names. A survivor already waits
-/// `SECONDARY_FAILURE_DELAY` (0.5 s) before it exits; a victim's dsmwrap
-/// that ran late on a loaded machine still gets this long.
+/// How long a rank's exit with `EXIT_FATAL` that names a peer whose
+/// connection closed is held back for that peer's own report (killed,
+/// crashed, exited): the peer is the cause, and should be what dsmexec
+/// names. A survivor already waits `SECONDARY_FAILURE_DELAY` (0.5 s) before
+/// it exits; a victim's dsmwrap that ran late on a loaded machine still
+/// gets this long.
 const OWN_REPORT_WAIT: Duration = Duration::from_secs(2);
+
+/// Forwarded to every rank, which prints a hang report; the job goes on.
 const HANG_REPORT_SIGNAL: i32 = signal_hook::consts::SIGUSR1;
 
 /// Everything dsmexec was asked to do.
@@ -890,7 +892,8 @@ impl Runner {
 
     /// The rank `slot` ended for losing (status `EXIT_FATAL`, its last
     /// line naming it), when that rank neither reported nor ended yet and
-    /// did not stop responding (then it never will report).
+    /// its connection closed (its process ended: its report is on the way;
+    /// a silent or unreachable peer may never report).
     fn unreported_lost_peer(&self, slot: usize, status: ExitCause) -> Option<usize> {
         if status != ExitCause::Code(EXIT_FATAL) {
             return None;
@@ -900,7 +903,7 @@ impl Runner {
             .lock()
             .map(|l| l.clone())
             .unwrap_or_default();
-        let lost = LostPeer::find_in(&last).filter(|lost| !lost.not_responding())?;
+        let lost = LostPeer::find_in(&last).filter(LostPeer::closed)?;
         let peer = self.procs.get(lost.rank)?;
         (peer.result.is_none() && peer.process_status.is_none()).then_some(lost.rank)
     }

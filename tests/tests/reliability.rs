@@ -1035,19 +1035,36 @@ fn link_cut_between_hosts() {
         .filter(|l| l.starts_with("dsmexec:"))
         .collect();
     assert!(!messages.is_empty(), "{}", out.dump());
-    for rank in 0..2 {
+    // Each of ranks 0 and 1 reports the loss of the cut host, or of the
+    // other one when that one, having named the cut host, ended first (its
+    // closed connection can reach a rank before its own timeout expires).
+    let loss_line = |rank: usize| {
         let host = &cluster.hosts[rank];
-        let prefix = format!(
-            "[{rank} {host} stderr] dsm: rank {rank} on {host}: lost rank 2 on host {cut_host}:"
-        );
-        let at = out
-            .stderr
+        let prefix = format!("[{rank} {host} stderr] dsm: rank {rank} on {host}: lost rank ");
+        out.stderr
             .iter()
             .position(|l| l.starts_with(&prefix))
-            .map(|i| out.stderr_at[i]);
-        let Some(at) = at else {
-            panic!("rank {rank} did not name the cut host\n{}", out.dump());
+            .map(|i| (out.stderr[i][prefix.len()..].to_string(), out.stderr_at[i]))
+    };
+    let names_cut_host = |rank: usize| {
+        loss_line(rank).is_some_and(|(lost, _)| lost.starts_with(&format!("2 on host {cut_host}:")))
+    };
+    assert!(
+        names_cut_host(0) || names_cut_host(1),
+        "no rank named the cut host\n{}",
+        out.dump()
+    );
+    for rank in 0..2 {
+        let other = 1 - rank;
+        let Some((lost, at)) = loss_line(rank) else {
+            panic!("rank {rank} reported no loss\n{}", out.dump());
         };
+        assert!(
+            names_cut_host(rank)
+                || (lost.starts_with(&format!("{other} on host ")) && names_cut_host(other)),
+            "rank {rank} named neither the cut host nor a rank that had: {lost}\n{}",
+            out.dump()
+        );
         let detected = at.saturating_duration_since(cut_at);
         eprintln!("link cut: rank {rank} reported the loss {detected:?} after the cut");
         // The timeout, plus keepalive's one-second granularity and the
@@ -1061,7 +1078,8 @@ fn link_cut_between_hosts() {
         );
     }
     // Detection within the timeout (+ the probe granularity; twice it
-    // after a forgiving starved heartbeat thread), then the launcher's stop (grace 2 s, 2 s linger) for the unreachable host.
+    // after a forgiving starved heartbeat thread), then the launcher's stop
+    // (grace 2 s, 2 s linger) for the unreachable host.
     assert!(
         took < Duration::from_secs(2 * TIMEOUT_S + 12),
         "took {took:?}\n{}",

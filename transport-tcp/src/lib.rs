@@ -1022,7 +1022,7 @@ impl<R: Read> Frames<R> {
                 return false;
             }
             Err(WireError::Closed) => {
-                self.report_lost("connection closed without goodbye (process died?)".into());
+                self.report_lost(dsm_core::transport::CLOSED_WITHOUT_GOODBYE.into());
                 return false;
             }
             Err(e) => {
