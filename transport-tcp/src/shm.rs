@@ -76,13 +76,14 @@ pub(crate) fn spin_from_env() -> Result<Option<Duration>, OptionsError> {
     let Ok(text) = std::env::var(ENV_SHM_SPIN_US) else {
         return Ok(None);
     };
-    if text.trim().is_empty() {
+    // `auto` (as for the other polls) or nothing: the rule of `auto_spin`.
+    if text.trim().is_empty() || text.trim() == "auto" {
         return Ok(None);
     }
     let micros: u64 = text.trim().parse().map_err(|_| OptionsError {
         name: ENV_SHM_SPIN_US,
         value: text.clone(),
-        why: "expected a number of microseconds (0: sleep at once)".into(),
+        why: "expected a number of microseconds (0: sleep at once) or `auto`".into(),
     })?;
     Ok(Some(Duration::from_micros(micros.min(1_000_000))))
 }
@@ -247,7 +248,7 @@ pub(crate) fn watch_connection(
 ) {
     let mut byte = [0u8; 1];
     let why = match socket.read(&mut byte) {
-        Ok(0) => "connection closed without goodbye (process died?)".to_string(),
+        Ok(0) => dsm_core::transport::CLOSED_WITHOUT_GOODBYE.to_string(),
         Ok(_) => "protocol violation: data on the connection of a pair using shared memory".into(),
         Err(e) => format!("connection failed: {e}"),
     };
