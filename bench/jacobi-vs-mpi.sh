@@ -13,8 +13,10 @@ Usage: bench/jacobi-vs-mpi.sh [OPTIONS] [N [SWEEPS]]
 Runs Jacobi on an N x N grid of doubles (default 2048), SWEEPS sweeps
 (default 50), on RANKS local processes, ROUNDS times in turn:
   mpi    mpirun -np RANKS --mca btl self,vader jacobi_mpi N SWEEPS
-  dsm-c  dsmexec -n RANKS jacobi_dsm N SWEEPS
-  rust   dsmexec -n RANKS kernels jacobi N SWEEPS
+  dsm-c  dsmexec -n RANKS --bind-to core jacobi_dsm N SWEEPS
+  rust   dsmexec -n RANKS --bind-to core kernels jacobi N SWEEPS
+(--bind-to core where RANKS <= the CPUs, as mpirun binds ranks to cores
+then; with more ranks neither is bound)
 then the median time of each and the medians of the per-round ratios
 dsm-c/mpi, rust/dsm-c and rust/mpi. Fails (exit 1) if a run fails or if
 the checksums differ: MPI and DSM C bit for bit (%.17g), Rust (which prints
@@ -118,6 +120,11 @@ if [[ -z "${DSM_SPACE_SIZE:-}" ]]; then
 fi
 
 mpirun_args=(-np "$ranks" --oversubscribe --mca btl self,vader)
+# mpirun binds each rank to a core when they fit: the DSM ranks too.
+dsmexec_args=(-n "$ranks")
+if ((ranks <= $(nproc))); then
+  dsmexec_args+=(--bind-to core)
+fi
 if ((EUID == 0)); then
   mpirun_args+=(--allow-run-as-root) # Open MPI refuses root without it
 fi
@@ -144,11 +151,11 @@ mismatch() {
   exit 1
 }
 
-echo "jacobi ${n}x${n}, $sweeps sweeps, $ranks ranks, $rounds rounds; DSM_SPACE_SIZE=$DSM_SPACE_SIZE; binaries from $bin_dir"
+echo "jacobi ${n}x${n}, $sweeps sweeps, $ranks ranks, $rounds rounds; DSM_SPACE_SIZE=$DSM_SPACE_SIZE; dsmexec ${dsmexec_args[*]}; binaries from $bin_dir"
 mpi_t=() dsm_t=() rust_t=() checksum=
 for ((round = 1; round <= rounds; round++)); do
   run mpi mpirun "${mpirun_args[@]}" "$scratch/jacobi_mpi" "$n" "$sweeps"
-  run dsm "$bin_dir/dsmexec" -n "$ranks" "$scratch/jacobi_dsm" "$n" "$sweeps"
+  run dsm "$bin_dir/dsmexec" "${dsmexec_args[@]}" "$scratch/jacobi_dsm" "$n" "$sweeps"
   echo "round $round mpi:   $(grep -o 'jacobi n=.*' "$scratch/mpi.out")"
   echo "round $round dsm-c: $(grep -o 'jacobi n=.*' "$scratch/dsm.out")"
   mpi_sum="$(field "$scratch/mpi.out" checksum)"
@@ -160,7 +167,7 @@ for ((round = 1; round <= rounds; round++)); do
   mpi_t+=("$(field "$scratch/mpi.out" seconds)")
   dsm_t+=("$(field "$scratch/dsm.out" seconds)")
   if ((rust)); then
-    run rust "$bin_dir/dsmexec" -n "$ranks" "$bin_dir/kernels" jacobi "$n" "$sweeps"
+    run rust "$bin_dir/dsmexec" "${dsmexec_args[@]}" "$bin_dir/kernels" jacobi "$n" "$sweeps"
     line="$(grep -o 'rank 0: jacobi .*' "$scratch/rust.out")"
     echo "round $round rust:  $line"
     rust_sum="$(sed -n 's/.*checksum \([0-9.eE+-]*\) .*/\1/p' <<<"$line")"

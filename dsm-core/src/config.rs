@@ -158,6 +158,11 @@ pub struct Config {
     pub engine_cpu: EngineCpu,
     /// How the service threads ask to be scheduled (`DSM_SERVICE_SCHED`).
     pub service_sched: ServiceSched,
+    /// `DSM_BIND=core`: the thread that starts the DSM (and the threads it
+    /// creates afterwards) runs on the rank's service CPU only, as
+    /// `mpirun --bind-to core` binds a rank: the rank's memory is then used
+    /// on one CPU, so changing its pages' protection interrupts no other.
+    pub bind_to_core: bool,
     /// A page that arrived for a local fault stays at least this long before
     /// it is handed on, so the faulting thread always gets to use it (the
     /// Mirage time window); without it, pages can ping-pong forever.
@@ -234,6 +239,7 @@ impl Default for Config {
             protocol: Protocol::Mrsw,
             engine_cpu: EngineCpu::Auto,
             service_sched: ServiceSched::Auto,
+            bind_to_core: false,
             min_hold: Duration::from_micros(500),
             stats: StatsOutput::Off,
             stats_file: None,
@@ -304,6 +310,7 @@ impl Config {
     /// | `DSM_SPACE_SIZE` | size: bytes, or with a unit `K M G T`, or `Np` pages | `100p` (the seed's 100 pages) |
     /// | `DSM_PROTOCOL` | `mrsw` (multi-reader, sequentially consistent), `release` (release consistency, multiple writers per page) or `migratory` (the seed's) | `mrsw` |
     /// | `DSM_ENGINE_CPU` | CPU of the engine and the other service threads: `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
+    /// | `DSM_BIND` | `core`: the thread that starts the DSM, and those it creates later, run on the rank's service CPU (`DSM_ENGINE_CPU`) only; `none` | `none` |
     /// | `DSM_SERVICE_SCHED` | `auto` (service threads `SCHED_FIFO` 1 where permitted, else a short fair slice) or `fair` (never real-time) | `auto` |
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on (a barrier entry or an unlock ends the wait) | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
@@ -362,6 +369,13 @@ impl Config {
         if let Some(v) = get("DSM_ENGINE_CPU") {
             self.engine_cpu = EngineCpu::parse(&v)
                 .ok_or_else(|| err("DSM_ENGINE_CPU", &v, "expected auto, none or a CPU number"))?;
+        }
+        if let Some(v) = get("DSM_BIND") {
+            self.bind_to_core = match v.trim() {
+                "core" => true,
+                "none" | "" => false,
+                _ => return Err(err("DSM_BIND", &v, "expected core or none")),
+            };
         }
         if let Some(v) = get(ServiceSched::ENV) {
             self.service_sched = ServiceSched::parse(&v).ok_or_else(|| {

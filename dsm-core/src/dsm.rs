@@ -202,6 +202,16 @@ impl Dsm {
             )),
         };
         let cpu = config.engine_cpu.for_rank(rank);
+        if config.bind_to_core {
+            match cpu {
+                Some(cpu) if crate::sched::bind_calling_thread(cpu) => {
+                    tracing::info!("rank {rank}: bound to CPU {cpu} (DSM_BIND=core)")
+                }
+                _ => tracing::warn!(
+                    "rank {rank}: DSM_BIND=core, but no CPU to bind to (DSM_ENGINE_CPU gives {cpu:?}); running unbound"
+                ),
+            }
+        }
         let service_sched = config.service_sched;
         let (inputs_tx, inputs_rx) = crossbeam_channel::unbounded();
         let host = hosts.get(rank).cloned().unwrap_or_default();

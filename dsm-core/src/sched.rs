@@ -118,6 +118,13 @@ fn pin_current_thread(cpu: usize) -> bool {
         .is_some_and(core_affinity::set_for_current)
 }
 
+/// `DSM_BIND=core`: runs the calling thread (and the threads it creates
+/// from now on) on `cpu` only; false, and nothing changed, where `cpu` is
+/// not one this process may use.
+pub fn bind_calling_thread(cpu: usize) -> bool {
+    pin_current_thread(cpu)
+}
+
 /// True when the process may use two CPUs per rank this host runs of the
 /// job (`local_ranks`): one for the application, one for its service
 /// threads, which may then poll instead of sleeping.

@@ -319,3 +319,46 @@ fn one_rank_reads_more_than_its_cache_holds_and_every_page_is_exact() {
     let peak = number_after("peak RSS ");
     assert!(peak < 64 + 16 + 128, "peak RSS {peak} MiB: {line}");
 }
+
+/// `--bind-to core` puts each rank's joining thread, and the threads it
+/// starts afterwards, on its service CPU alone (rank mod the CPUs this
+/// process may use, in order), as mpirun binds ranks; without it they keep
+/// the launcher's CPUs.
+#[test]
+fn bind_to_core_puts_each_rank_on_its_service_cpu() {
+    let probe = bin("dsmprobe").display().to_string();
+    let host = short_hostname();
+    let usable: Vec<String> = {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        (0..nix::sched::CpuSet::count())
+            .filter(|c| set.is_set(*c).unwrap_or(false))
+            .map(|c| c.to_string())
+            .collect()
+    };
+    let cpus_of = |out: &Finished, rank: usize| {
+        out.lines_of(rank, &host, "stdout")
+            .iter()
+            .find_map(|l| {
+                l.strip_prefix(&format!("rank {rank} cpus "))
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("rank {rank} printed no CPUs: {out:?}"))
+    };
+    let out = job(&[], &["--bind-to", "core", "-n", "2", &probe, "affinity"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for rank in 0..2 {
+        let cpu = &usable[rank % usable.len()];
+        assert_eq!(cpus_of(&out, rank), format!("{cpu} / {cpu}"), "{out:?}");
+    }
+    assert_start_error(
+        &[("DSM_BIND", "socket")],
+        &["-n", "2", &probe, "join"],
+        "DSM_BIND=\"socket\": expected core or none",
+    );
+    let out = job(&[("DSM_BIND", "none")], &["-n", "2", &probe, "affinity"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let all = usable.join(",");
+    for rank in 0..2 {
+        assert_eq!(cpus_of(&out, rank), format!("{all} / {all}"), "{out:?}");
+    }
+}

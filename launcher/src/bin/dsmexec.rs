@@ -79,9 +79,35 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     stats_report: Option<PathBuf>,
 
+    /// Bind each rank (the thread that starts the DSM and those it creates later) to its service CPU, rank mod the host's CPUs, as `mpirun --bind-to core` does (sets DSM_BIND for the ranks). Not for ranks running several compute threads: they would share that one CPU
+    #[arg(long, value_name = "core|none")]
+    bind_to: Option<BindTo>,
+
     /// [MACHINEFILE] PROGRAM [ARGS]...
     #[arg(trailing_var_arg = true, required = true, value_name = "ARGS")]
     rest: Vec<String>,
+}
+
+/// `--bind-to`: the ranks' `DSM_BIND`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BindTo {
+    /// One CPU per rank.
+    Core,
+    /// No binding.
+    None,
+}
+
+/// With `--bind-to`, the ranks' `DSM_BIND`, whatever the environment said.
+fn with_binding(mut env: Vec<(String, String)>, bind: Option<BindTo>) -> Vec<(String, String)> {
+    if let Some(bind) = bind {
+        env.retain(|(name, _)| name != "DSM_BIND");
+        let value = match bind {
+            BindTo::Core => "core",
+            BindTo::None => "none",
+        };
+        env.push(("DSM_BIND".into(), value.into()));
+    }
+    env
 }
 
 fn usage_error(message: impl AsRef<str>) -> ! {
@@ -210,7 +236,10 @@ fn main() {
         prefix: !cli.no_prefix,
         grace: seconds("grace", cli.grace),
         startup_timeout: seconds("startup-timeout", cli.startup_timeout),
-        env: with_stats_report(exported_env(&cli.export), cli.stats_report.is_some()),
+        env: with_binding(
+            with_stats_report(exported_env(&cli.export), cli.stats_report.is_some()),
+            cli.bind_to,
+        ),
         bind: cli.bind,
         local_name,
         stats_report: cli.stats_report,

@@ -3,7 +3,9 @@
 //! then joins the job (which must refuse to map over it);
 //! `dsmprobe join` just joins and finalizes;
 //! `dsmprobe alloc BYTES` joins, and rank 0 allocates a segment of BYTES
-//! homed at the last rank.
+//! homed at the last rank;
+//! `dsmprobe affinity` joins, then prints `rank R cpus A / B`: the CPUs
+//! the joining thread (A) and a thread started after it (B) may run on.
 
 use std::num::NonZeroUsize;
 
@@ -30,6 +32,21 @@ fn main() {
         .then(|| std::env::args().nth(2)?.parse().ok())
         .flatten();
     let run = |d: dsm::Dsm| {
+        if mode == "affinity" {
+            let cpus = || {
+                let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+                    .expect("sched_getaffinity");
+                (0..nix::sched::CpuSet::count())
+                    .filter(|c| set.is_set(*c).unwrap_or(false))
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let later = std::thread::spawn(cpus)
+                .join()
+                .expect("a thread started later");
+            println!("rank {} cpus {} / {later}", d.rank(), cpus());
+        }
         if let (Some(bytes), 0) = (bytes, d.rank()) {
             let home = d.size() - 1;
             d.alloc(bytes, dsm::Placement::Localized(home))?;
