@@ -204,7 +204,7 @@ impl Dsm {
         let cpu = config.engine_cpu.for_rank(rank);
         if config.bind_to_core {
             match cpu {
-                Some(cpu) if crate::sched::bind_calling_thread(cpu) => {
+                Some(cpu) if crate::sched::pin_current_thread(cpu) => {
                     tracing::info!("rank {rank}: bound to CPU {cpu} (DSM_BIND=core)")
                 }
                 _ => tracing::warn!(

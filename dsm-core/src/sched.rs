@@ -111,18 +111,13 @@ fn usable_cpus() -> Vec<usize> {
         .collect()
 }
 
-/// Pins the calling thread to `cpu`; false when that CPU is not usable.
-fn pin_current_thread(cpu: usize) -> bool {
+/// Pins the calling thread (and the threads it creates from now on) to
+/// `cpu`; false, and nothing changed, when that CPU is not usable. Service
+/// threads, and with `DSM_BIND=core` the thread that starts the DSM.
+pub(crate) fn pin_current_thread(cpu: usize) -> bool {
     core_affinity::get_core_ids()
         .and_then(|ids| ids.into_iter().find(|c| c.id == cpu))
         .is_some_and(core_affinity::set_for_current)
-}
-
-/// `DSM_BIND=core`: runs the calling thread (and the threads it creates
-/// from now on) on `cpu` only; false, and nothing changed, where `cpu` is
-/// not one this process may use.
-pub fn bind_calling_thread(cpu: usize) -> bool {
-    pin_current_thread(cpu)
 }
 
 /// True when the process may use two CPUs per rank this host runs of the

@@ -790,82 +790,91 @@ impl Runner {
                 }
             }
             let failed_before = self.outcome.is_some();
-            if let Ok(event) = self.events.recv_timeout(Duration::from_millis(100)) {
-                match event {
-                    Event::Connected {
-                        slot,
-                        stream,
-                        first,
-                    } => self.connected(slot, stream, first),
-                    Event::FromWrap { slot, msg } => match msg {
-                        WrapToExec::Started { pid } => {
-                            self.procs[slot].program_pid = Some(Pid::from_raw(pid))
-                        }
-                        WrapToExec::Exited {
-                            status,
-                            likely_cause,
-                        } => {
-                            self.procs[slot].result = Some(status);
-                            if !status.success() {
-                                self.rank_failed(slot, status, likely_cause);
-                            }
-                        }
-                        WrapToExec::Hello { .. } | WrapToExec::ProgramError { .. } => {}
-                    },
-                    Event::WrapGone { slot, reason } => {
-                        self.procs[slot].control_gone = true;
-                        self.procs[slot].control = None;
-                        if self.procs[slot].result.is_none() && self.procs[slot].listen.is_some() {
-                            let code = self.procs[slot]
-                                .process_status
-                                .map(|s| ExitCause::from_status(s).shell_code())
-                                .filter(|c| *c != 0)
-                                .unwrap_or(255);
-                            let message =
-                                format!("lost contact with {}: {reason}", self.name(slot));
-                            self.fail(Outcome::RankLost { code }, message);
+            let Ok(event) = self.events.recv_timeout(Duration::from_millis(100)) else {
+                self.settle(failed_before, &mut kill_at);
+                continue;
+            };
+            match event {
+                Event::Connected {
+                    slot,
+                    stream,
+                    first,
+                } => self.connected(slot, stream, first),
+                Event::FromWrap { slot, msg } => match msg {
+                    WrapToExec::Started { pid } => {
+                        self.procs[slot].program_pid = Some(Pid::from_raw(pid))
+                    }
+                    WrapToExec::Exited {
+                        status,
+                        likely_cause,
+                    } => {
+                        self.procs[slot].result = Some(status);
+                        if !status.success() {
+                            self.rank_failed(slot, status, likely_cause);
                         }
                     }
-                    Event::ProcessExited { slot, status } => self.process_exited(slot, status),
-                    Event::Signal(signo) if signo == HANG_REPORT_SIGNAL => {
-                        say("SIGUSR1: every rank prints what its threads wait for");
-                        for p in &mut self.procs {
-                            p.send(&ExecToWrap::Signal { signo });
-                        }
-                    }
-                    Event::Signal(signo) => {
-                        if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
-                            say(format!(
-                                "second {}: killing every rank now",
-                                signal_name(signo)
-                            ));
-                            kill_at = Some(Instant::now());
-                            continue;
-                        }
-                        let message = format!(
-                            "received {}, forwarding it to every rank",
-                            signal_name(signo)
-                        );
-                        self.fail(Outcome::Interrupted(signo), message);
-                        for p in &mut self.procs {
-                            p.send(&ExecToWrap::Signal { signo });
-                        }
-                        kill_at.get_or_insert(Instant::now() + self.spec.grace);
+                    WrapToExec::Hello { .. } | WrapToExec::ProgramError { .. } => {}
+                },
+                Event::WrapGone { slot, reason } => {
+                    self.procs[slot].control_gone = true;
+                    self.procs[slot].control = None;
+                    if self.procs[slot].result.is_none() && self.procs[slot].listen.is_some() {
+                        let code = self.procs[slot]
+                            .process_status
+                            .map(|s| ExitCause::from_status(s).shell_code())
+                            .filter(|c| *c != 0)
+                            .unwrap_or(255);
+                        let message = format!("lost contact with {}: {reason}", self.name(slot));
+                        self.fail(Outcome::RankLost { code }, message);
                     }
                 }
+                Event::ProcessExited { slot, status } => self.process_exited(slot, status),
+                Event::Signal(signo) if signo == HANG_REPORT_SIGNAL => {
+                    say("SIGUSR1: every rank prints what its threads wait for");
+                    for p in &mut self.procs {
+                        p.send(&ExecToWrap::Signal { signo });
+                    }
+                }
+                Event::Signal(signo) => {
+                    if matches!(self.outcome, Some(Outcome::Interrupted(_))) {
+                        say(format!(
+                            "second {}: killing every rank now",
+                            signal_name(signo)
+                        ));
+                        kill_at = Some(Instant::now());
+                        continue;
+                    }
+                    let message = format!(
+                        "received {}, forwarding it to every rank",
+                        signal_name(signo)
+                    );
+                    self.fail(Outcome::Interrupted(signo), message);
+                    for p in &mut self.procs {
+                        p.send(&ExecToWrap::Signal { signo });
+                    }
+                    kill_at.get_or_insert(Instant::now() + self.spec.grace);
+                }
             }
-            self.release_held_back(Instant::now());
-            if !failed_before
-                && self.outcome.is_some()
-                && !matches!(self.outcome, Some(Outcome::Interrupted(_)))
-            {
-                let grace = self.spec.grace;
-                self.stop_all(grace);
-                kill_at = Some(Instant::now() + grace + LINGER);
-            }
+            self.settle(failed_before, &mut kill_at);
         }
         // Every process ended: a failure still held back is the job's.
         self.release_held_back(Instant::now());
+    }
+
+    /// After an event (or a quiet 100 ms): a held-back failure whose time
+    /// came becomes the job's, and a failure new since `failed_before`
+    /// (other than a forwarded signal) stops every rank, SIGKILL after the
+    /// grace.
+    fn settle(&mut self, failed_before: bool, kill_at: &mut Option<Instant>) {
+        self.release_held_back(Instant::now());
+        if !failed_before
+            && self.outcome.is_some()
+            && !matches!(self.outcome, Some(Outcome::Interrupted(_)))
+        {
+            let grace = self.spec.grace;
+            self.stop_all(grace);
+            *kill_at = Some(Instant::now() + grace + LINGER);
+        }
     }
 
     /// `slot` failed with `status`: the job's failure, unless it is a
