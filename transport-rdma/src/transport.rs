@@ -11,13 +11,25 @@
 //!   sender's queue pair retries (rnr_retry = infinite): back-pressure, no loss.
 //! * Every queue is bounded: send buffers (a pool), send-queue slots per peer
 //!   (a semaphore), the inbox (`inbox_capacity` messages).
-//! * Two completion threads sleep on completion channels: one for receives,
-//!   one for sends / READs / WRITEs (which wake the waiting caller). Both are
-//!   pinned to one CPU (`DSM_RDMA_POLL_CPU`, see [`PollCpu`]). A thread
-//!   waiting for an answer may poll the receive queue itself
-//!   ([`Transport::poll_answers`]): polling and handing on what it gives is
-//!   done under one lock (`Shared::receiving`), which the receive thread
-//!   never holds while it sleeps, so messages keep their order.
+//! * A completion queue is armed (raises an event on the channel at its
+//!   next completion) only by a thread about to sleep on it: while threads
+//!   poll, a completion costs no event (soft-RoCE raises it inside the
+//!   sender's post) and wakes no one.
+//! * Two completion threads, both pinned to one CPU (`DSM_RDMA_POLL_CPU`,
+//!   see [`PollCpu`]). The receive thread polls (`DSM_RDMA_SPIN_US`), then
+//!   sleeps on its channel. A thread waiting for an answer may poll the
+//!   receive queue itself ([`Transport::poll_answers`]): polling and handing
+//!   on what it gives is done under one lock (`Shared::receiving`), which
+//!   the receive thread never holds while it sleeps, so messages keep their
+//!   order. Send completions are settled by whoever needs one
+//!   (`Shared::reap_sends`): a sender out of buffers or send-queue slots, a
+//!   caller polling for its own READ or WRITE; the send completion thread
+//!   sleeps on its channel only while such a thread waits (`SendWait`), and
+//!   otherwise looks every `TICK` for a failed send to report.
+//! * A reply produced in a receive thread (the consumer's inline handler)
+//!   leaves from there when its buffer, send-queue slots and the peer's send
+//!   lock are all free, a page by RDMA WRITE included
+//!   (`Shared::try_send_page`): no hand-off to another thread.
 //! * Pages ([`Transport::send_page`]) move by one-sided RDMA WRITE into the
 //!   receiver's *landing arena* (one registered slot of 4096 bytes per page
 //!   of the shared space, registered once at connect and announced in the
@@ -385,48 +397,56 @@ pub struct RemoteRegion {
 
 /// A counting semaphore (send-queue slots).
 struct Slots {
-    free: Mutex<usize>,
+    /// Free slots, and how many threads wait for one.
+    free: Mutex<(usize, usize)>,
     cv: Condvar,
 }
 
 impl Slots {
     fn new(n: usize) -> Self {
         Slots {
-            free: Mutex::new(n),
+            free: Mutex::new((n, 0)),
             cv: Condvar::new(),
         }
     }
 
     fn acquire(&self, until: Instant) -> bool {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
+        while free.0 == 0 {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
+            free.1 += 1;
             free = self
                 .cv
                 .wait_timeout(free, left.min(TICK))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            free.1 -= 1;
         }
-        *free -= 1;
+        free.0 -= 1;
         true
     }
 
     /// Takes a slot if one is free now.
     fn try_acquire(&self) -> bool {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = *free > 0;
+        let taken = free.0 > 0;
         if taken {
-            *free -= 1;
+            free.0 -= 1;
         }
         taken
     }
 
+    /// Gives a slot back; wakes a waiter only if there is one (a notify is
+    /// a system call, paid per send completion otherwise).
     fn release(&self) {
-        *self.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.cv.notify_one();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.0 += 1;
+        if free.1 > 0 {
+            self.cv.notify_one();
+        }
     }
 }
 
@@ -474,6 +494,15 @@ struct Shared {
     send_mr: Arc<MemoryRegion>,
     pool: (Sender<usize>, Receiver<usize>),
     pending: Mutex<HashMap<u64, Pending>>,
+    /// Taken to poll `send_cq` and settle what it gives (`reap_sends`): by a
+    /// sender that needs a buffer or a send-queue slot, a caller waiting
+    /// for its READ or WRITE, or the send completion thread.
+    reaping: Mutex<Vec<verbs::Completion>>,
+    /// How many threads wait for a send completion right now (see
+    /// `SendWait`): while none does, `send_cq` stays unarmed, so a
+    /// completion raises no event and wakes no thread.
+    send_waiters: Mutex<usize>,
+    send_waiters_cv: Condvar,
     next_id: AtomicU64,
     inbox: (Sender<Incoming>, Receiver<Incoming>),
     /// Buffers large messages are reassembled into.
@@ -832,6 +861,9 @@ impl RdmaTransport {
             send_mr,
             pool,
             pending: Mutex::new(HashMap::new()),
+            reaping: Mutex::new(Vec::with_capacity(SEND_REAP_BATCH)),
+            send_waiters: Mutex::new(0),
+            send_waiters_cv: Condvar::new(),
             next_id: AtomicU64::new(0),
             inbox: crossbeam_channel::bounded(opts.inbox_capacity.max(1)),
             goodbyes: Mutex::new(0),
@@ -1000,7 +1032,7 @@ impl RdmaTransport {
         let peer = s.peer(rank)?;
         s.check_usable(rank, peer)?;
         let deadline = Instant::now() + s.opts.op_timeout;
-        if !peer.sq.acquire(deadline) {
+        if !s.acquire_sq(peer, deadline) {
             return Err(RdmaError::Timeout {
                 op: op_name,
                 rank,
@@ -1033,7 +1065,7 @@ impl RdmaTransport {
             peer.sq.release();
             return Err(e.into());
         }
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match s.wait_for_completion(&rx, deadline) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(s.lose(rank, format!("RDMA {op_name} failed: {e}")).into()),
             // The request stays in `pending` (and its region in the queue
@@ -1247,13 +1279,82 @@ impl Shared {
         };
         self.check_usable(to, peer)?;
         let _order = peer.send_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = match self.pool.1.recv_timeout(self.opts.op_timeout) {
+        let slot = match self.take_buffer() {
             Ok(s) => s,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(self.lost_error(to, "no send buffer became free (peer not receiving?)"))
             }
             Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Shutdown),
         };
+        let until = Instant::now() + self.opts.op_timeout;
+        if !self.acquire_sq(peer, until) {
+            let _ = self.pool.0.try_send(slot);
+            return Err(self.lose(
+                to,
+                format!("sending page {page} failed: the send queue stayed full"),
+            ));
+        }
+        if !self.acquire_sq(peer, until) {
+            peer.sq.release();
+            let _ = self.pool.0.try_send(slot);
+            return Err(self.lose(
+                to,
+                format!("sending page {page} failed: the send queue stayed full"),
+            ));
+        }
+        self.post_page(to, (peer, arena), slot, header, page, data)
+    }
+
+    /// `send_page` for a thread that must not wait: only if the peer's send
+    /// lock, a send buffer and two send-queue slots are all free at once;
+    /// `None` if the page would not go by RDMA WRITE.
+    fn try_send_page(
+        &self,
+        to: Rank,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Option<Result<TrySent, TransportError>> {
+        let (peer, arena) = self.page_target(to, page, header.len(), data.len())?;
+        if let Err(e) = self.check_usable(to, peer) {
+            return Some(Err(e));
+        }
+        let _order = match peer.send_lock.try_lock() {
+            Ok(order) => order,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Some(Ok(TrySent::WouldWait)),
+        };
+        let Some(slot) = self.try_take_buffer() else {
+            return Some(Ok(TrySent::WouldWait));
+        };
+        if !self.try_acquire_sq(peer) {
+            let _ = self.pool.0.try_send(slot);
+            return Some(Ok(TrySent::WouldWait));
+        }
+        if !self.try_acquire_sq(peer) {
+            peer.sq.release();
+            let _ = self.pool.0.try_send(slot);
+            return Some(Ok(TrySent::WouldWait));
+        }
+        Some(
+            self.post_page(to, (peer, arena), slot, header, page, data)
+                .map(|()| TrySent::Sent),
+        )
+    }
+
+    /// Posts the WRITE of `data` into `to`'s arena slot for `page` and the
+    /// SEND of its marker, out of pool buffer `slot`, with two send-queue
+    /// slots the caller holds (all given back if posting fails). The caller
+    /// holds the peer's send lock.
+    fn post_page(
+        &self,
+        to: Rank,
+        (peer, arena): (&Peer, RemoteRegion),
+        slot: usize,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
         let base = slot * self.opts.slot_size;
         let marker = encode_page_marker(page, header);
         let posted = self
@@ -1261,14 +1362,6 @@ impl Shared {
             .write_bytes(base, data)
             .and_then(|_| self.send_mr.write_bytes(base + PAGE_BYTES, &marker))
             .and_then(|_| {
-                let until = Instant::now() + self.opts.op_timeout;
-                if !peer.sq.acquire(until) {
-                    return Err(VerbsError::Invalid("the send queue stayed full".into()));
-                }
-                if !peer.sq.acquire(until) {
-                    peer.sq.release();
-                    return Err(VerbsError::Invalid("the send queue stayed full".into()));
-                }
                 let (write_id, send_id) = (self.new_id(), self.new_id());
                 self.pending_lock().insert(
                     send_id,
@@ -1296,11 +1389,11 @@ impl Shared {
                     .post_send_pair((write_id, op, &[write]), (send_id, SendOp::Send, &[send]))
                     .inspect_err(|_| {
                         self.pending_lock().remove(&send_id);
-                        peer.sq.release();
-                        peer.sq.release();
                     })
             });
         if let Err(e) = posted {
+            peer.sq.release();
+            peer.sq.release();
             let _ = self.pool.0.try_send(slot);
             return Err(self.lose(to, format!("sending page {page} failed: {e}")));
         }
@@ -1319,9 +1412,8 @@ impl Shared {
         let (offset, header) = decode_page_marker(body, arena.len() / PAGE_BYTES)?;
         let mut payload = Vec::with_capacity(header.len() + PAGE_BYTES);
         payload.extend_from_slice(header);
-        payload.resize(header.len() + PAGE_BYTES, 0);
         arena
-            .read_bytes(offset, &mut payload[header.len()..])
+            .append_to(offset, PAGE_BYTES, &mut payload)
             .map_err(|e| e.to_string())?;
         Ok(payload)
     }
@@ -1364,7 +1456,7 @@ impl Shared {
             let header = if left > 0 { FRAG_MORE } else { kind_last };
             let timeout =
                 || self.lost_error(to, "no send buffer became free (peer not receiving?)");
-            let slot = match self.pool.1.recv_timeout(self.opts.op_timeout) {
+            let slot = match self.take_buffer() {
                 Ok(s) => s,
                 Err(RecvTimeoutError::Timeout) => return Err(timeout()),
                 Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Shutdown),
@@ -1392,7 +1484,7 @@ impl Shared {
                 off = 0;
             }
             let posted = res.and_then(|_| {
-                if !peer.sq.acquire(Instant::now() + self.opts.op_timeout) {
+                if !self.acquire_sq(peer, Instant::now() + self.opts.op_timeout) {
                     return Err(VerbsError::Invalid("the send queue stayed full".into()));
                 }
                 self.post_buffer(to, peer, slot, n + 1)
@@ -1460,10 +1552,10 @@ impl Shared {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Ok(TrySent::WouldWait),
         };
-        let Ok(slot) = self.pool.1.try_recv() else {
+        let Some(slot) = self.try_take_buffer() else {
             return Ok(TrySent::WouldWait);
         };
-        if !peer.sq.try_acquire() {
+        if !self.try_acquire_sq(peer) {
             let _ = self.pool.0.try_send(slot);
             return Ok(TrySent::WouldWait);
         }
@@ -1532,9 +1624,19 @@ fn recv_loop(s: Arc<Shared>) {
                 return;
             }
             Ok(0) if looked_since.elapsed() >= s.opts.poll_spin => {
+                // Armed only now (see `CompletionQueue::arm`), then one
+                // more look for what came before the arm.
+                let armed = s.recv_cq.arm().and_then(|()| {
+                    let mut receiving = s.receiving.lock().unwrap_or_else(|p| p.into_inner());
+                    s.take_receives(&mut receiving)
+                });
                 // Sleeps without the lock: a polling thread may take what
                 // arrives meanwhile (the event still ends this sleep).
-                if let Err(e) = s.recv_cq.sleep_until_event(TICK) {
+                let slept = match armed {
+                    Ok(0) => s.recv_cq.sleep_until_event(TICK),
+                    other => other.map(drop),
+                };
+                if let Err(e) = slept {
                     tracing::error!("rank {}: receive completion queue: {e}", s.rank);
                     return;
                 }
@@ -1649,26 +1751,89 @@ impl Shared {
     }
 }
 
+/// Send completions taken per poll.
+const SEND_REAP_BATCH: usize = 64;
+
+/// The send completion thread: settles send completions when no one else
+/// does. While no thread waits for one (`Shared::send_waiters`), it looks
+/// every `TICK` (for a failed send to report) and the queue stays unarmed:
+/// a send's completion then costs no event and no wake-up, its buffer and
+/// send-queue slot being taken back by the next sender that needs them.
 fn send_completion_loop(s: Arc<Shared>) {
     pin_poller(&s);
-    let mut wcs = Vec::with_capacity(64);
     while !s.stop.load(Ordering::SeqCst) {
-        wcs.clear();
-        if let Err(e) = s.send_cq.wait(&mut wcs, 64, s.opts.poll_spin, TICK) {
+        let reaped = s.reap_sends();
+        let waited = match reaped {
+            Ok(0) => {
+                let waiters = s.send_waiters.lock().unwrap_or_else(|p| p.into_inner());
+                if *waiters == 0 {
+                    drop(
+                        s.send_waiters_cv
+                            .wait_timeout(waiters, TICK)
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                    Ok(())
+                } else {
+                    drop(waiters);
+                    s.sleep_for_sends()
+                }
+            }
+            other => other.map(drop),
+        };
+        if let Err(e) = waited {
             tracing::error!("rank {}: send completion queue: {e}", s.rank);
             return;
         }
-        for wc in &wcs {
+    }
+}
+
+/// A thread waiting for a send completion (a free buffer or send-queue
+/// slot, its READ or WRITE), for as long as it lives: the send completion
+/// thread then sleeps on the armed queue instead of looking every `TICK`.
+struct SendWait<'a>(&'a Shared);
+
+impl<'a> SendWait<'a> {
+    fn new(s: &'a Shared) -> Self {
+        *s.send_waiters.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        s.send_waiters_cv.notify_all();
+        SendWait(s)
+    }
+}
+
+impl Drop for SendWait<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .send_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) -= 1;
+    }
+}
+
+impl Shared {
+    /// Polls the send completion queue once, unless another thread is, and
+    /// settles what it gives: buffers back to the pool, send-queue slots
+    /// released, waiting READs and WRITEs answered, a failed send losing
+    /// its peer. How many completions.
+    fn reap_sends(&self) -> Result<usize, VerbsError> {
+        let mut wcs = match self.reaping.try_lock() {
+            Ok(wcs) => wcs,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(0),
+        };
+        wcs.clear();
+        let taken = self.send_cq.poll(&mut wcs, SEND_REAP_BATCH)?;
+        for wc in wcs.iter() {
             // Unknown ids: the unsignaled WRITE of a page, reported only when
             // it failed; the SEND posted after it is flushed and reports that.
-            let Some(p) = s.pending_lock().remove(&wc.wr_id) else {
+            let Some(p) = self.pending_lock().remove(&wc.wr_id) else {
                 continue;
             };
             let (rank, wrs) = match &p {
                 Pending::Buffer { peer, wrs, .. } => (*peer, *wrs),
                 Pending::Waiter { peer, .. } => (*peer, 1),
             };
-            if let Ok(peer) = s.peer(rank) {
+            if let Ok(peer) = self.peer(rank) {
                 peer.qp.complete(wc.wr_id);
                 for _ in 0..wrs {
                     peer.sq.release();
@@ -1676,9 +1841,9 @@ fn send_completion_loop(s: Arc<Shared>) {
             }
             match p {
                 Pending::Buffer { slot, .. } => {
-                    let _ = s.pool.0.try_send(slot);
+                    let _ = self.pool.0.try_send(slot);
                     if !wc.ok() {
-                        s.lose(rank, format!("send failed: {}", wc.error()));
+                        self.lose(rank, format!("send failed: {}", wc.error()));
                     }
                 }
                 Pending::Waiter { tx, .. } => {
@@ -1686,6 +1851,87 @@ fn send_completion_loop(s: Arc<Shared>) {
                 }
             }
         }
+        Ok(taken)
+    }
+
+    /// Polls the send completion queue for `poll_spin`, then arms it and
+    /// sleeps until its next completion (or `TICK`).
+    fn sleep_for_sends(&self) -> Result<(), VerbsError> {
+        let start = Instant::now();
+        while start.elapsed() < self.opts.poll_spin {
+            if self.reap_sends()? > 0 {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        self.send_cq.arm()?;
+        if self.reap_sends()? == 0 {
+            self.send_cq.sleep_until_event(TICK)?;
+        }
+        Ok(())
+    }
+
+    /// The answer of a READ or WRITE this thread posted: polled for here
+    /// (`poll_spin`), so that it costs no wake-up, then waited for.
+    fn wait_for_completion(
+        &self,
+        rx: &Receiver<Result<(), VerbsError>>,
+        deadline: Instant,
+    ) -> Result<Result<(), VerbsError>, RecvTimeoutError> {
+        let start = Instant::now();
+        while start.elapsed() < self.opts.poll_spin {
+            let _ = self.reap_sends();
+            if let Ok(answer) = rx.try_recv() {
+                return Ok(answer);
+            }
+            std::hint::spin_loop();
+        }
+        let _waiting = SendWait::new(self);
+        let _ = self.reap_sends();
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// A free send buffer: at once if the pool has one, else after settling
+    /// the send completions there are, else waiting for one (at most
+    /// `op_timeout`).
+    fn take_buffer(&self) -> Result<usize, RecvTimeoutError> {
+        if let Some(slot) = self.try_take_buffer() {
+            return Ok(slot);
+        }
+        let _waiting = SendWait::new(self);
+        let _ = self.reap_sends();
+        self.pool.1.recv_timeout(self.opts.op_timeout)
+    }
+
+    /// A free send buffer if there is one now, after settling the send
+    /// completions there are if need be.
+    fn try_take_buffer(&self) -> Option<usize> {
+        if let Ok(slot) = self.pool.1.try_recv() {
+            return Some(slot);
+        }
+        let _ = self.reap_sends();
+        self.pool.1.try_recv().ok()
+    }
+
+    /// A send-queue slot of `peer`: at once if one is free, else after
+    /// settling the send completions there are, else waiting until `until`.
+    fn acquire_sq(&self, peer: &Peer, until: Instant) -> bool {
+        if self.try_acquire_sq(peer) {
+            return true;
+        }
+        let _waiting = SendWait::new(self);
+        let _ = self.reap_sends();
+        peer.sq.acquire(until)
+    }
+
+    /// A send-queue slot of `peer` if one is free now, after settling the
+    /// send completions there are if need be.
+    fn try_acquire_sq(&self, peer: &Peer) -> bool {
+        if peer.sq.try_acquire() {
+            return true;
+        }
+        let _ = self.reap_sends();
+        peer.sq.try_acquire()
     }
 }
 
@@ -1750,8 +1996,9 @@ impl Transport for RdmaTransport {
         self.shared.boot.finish_sends()
     }
 
-    /// A page that would go by RDMA WRITE is left to `send_page` (the
-    /// thread that may wait); one that would go by SEND is tried as such.
+    /// A page that would go by RDMA WRITE is posted if its send resources
+    /// are all free now (`Shared::try_send_page`); one that would go by SEND
+    /// is tried as such.
     fn try_send_page(
         &self,
         to: Rank,
@@ -1762,12 +2009,8 @@ impl Transport for RdmaTransport {
         if let Some(boot) = self.shared.boot_for(to) {
             return boot.try_send_page(to, header, page, data);
         }
-        if self
-            .shared
-            .page_target(to, page, header.len(), data.len())
-            .is_some()
-        {
-            return Ok(TrySent::WouldWait);
+        if let Some(tried) = self.shared.try_send_page(to, header, page, data) {
+            return tried;
         }
         let sent = self.shared.try_send_frame(to, &[header, data])?;
         if sent == TrySent::Sent && to != self.shared.rank {
@@ -1881,8 +2124,12 @@ impl Transport for RdmaTransport {
                 .0;
         }
         drop(count);
-        while !s.pending_lock().is_empty() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(1));
+        {
+            let _waiting = SendWait::new(s);
+            while !s.pending_lock().is_empty() && Instant::now() < deadline {
+                let _ = s.reap_sends();
+                thread::sleep(Duration::from_millis(1));
+            }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = s.boot.shutdown(left.max(Duration::from_millis(100))) {

@@ -488,9 +488,31 @@ impl MemoryRegion {
 
     /// A copy of `len` bytes at `offset`.
     pub fn to_vec(&self, offset: usize, len: usize) -> Result<Vec<u8>, VerbsError> {
-        let mut v = vec![0; len];
-        self.read_bytes(offset, &mut v)?;
+        let mut v = Vec::new();
+        self.append_to(offset, len, &mut v)?;
         Ok(v)
+    }
+
+    /// Appends `len` bytes of the region at `offset` to `out`, with no
+    /// zeroing of the room first (a page received is 4 KiB written once,
+    /// not twice).
+    pub fn append_to(
+        &self,
+        offset: usize,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), VerbsError> {
+        self.check(offset, len)?;
+        out.reserve(len);
+        // SAFETY: the source is in bounds (checked) of memory valid for the
+        // region's lifetime; `reserve` made room for `len` bytes after the
+        // vector's end, which the copy initializes before `set_len` counts
+        // them; the two cannot overlap (the vector's buffer is its own).
+        unsafe {
+            ptr::copy_nonoverlapping(self.addr.add(offset), out.as_mut_ptr().add(out.len()), len);
+            out.set_len(out.len() + len);
+        }
+        Ok(())
     }
 }
 
@@ -557,7 +579,7 @@ impl Completion {
 
 impl CompletionQueue {
     /// Creates a queue of at least `entries` entries with its own
-    /// (non-blocking) completion channel, armed for the first event.
+    /// (non-blocking) completion channel, not armed (see [`Self::arm`]).
     pub fn new(ctx: &Arc<Context>, entries: usize) -> Result<Arc<Self>, VerbsError> {
         // SAFETY: live context.
         let channel = unsafe { sys::ibv_create_comp_channel(ctx.raw()) };
@@ -588,18 +610,7 @@ impl CompletionQueue {
         if !nonblock {
             return Err(last_err("fcntl(O_NONBLOCK) on the completion channel"));
         }
-        out.arm()?;
         Ok(out)
-    }
-
-    /// Asks for an event on the channel at the next completion.
-    fn arm(&self) -> Result<(), VerbsError> {
-        // SAFETY: live CQ.
-        let rc = unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
-        if rc != 0 {
-            return Err(rc_err("ibv_req_notify_cq", rc));
-        }
-        Ok(())
     }
 
     /// Takes up to `max` completions without waiting.
@@ -655,14 +666,34 @@ impl CompletionQueue {
             }
             std::hint::spin_loop();
         }
+        self.arm()?;
+        let n = self.poll(out, max)?;
+        if n > 0 {
+            return Ok(n);
+        }
         self.sleep_until_event(timeout)?;
         self.poll(out, max)
     }
 
-    /// Sleeps until the channel's next event (a completion since the CQ was
-    /// last armed: one that came before the call ends it at once) or
-    /// `timeout`, then arms the CQ again. The completions stay in the CQ
-    /// for whoever polls it next.
+    /// Arms the CQ for an event at its next completion. The CQ is left
+    /// unarmed while its threads poll: an armed CQ raises an event at each
+    /// completion, which the adapter's driver (soft-RoCE: inside the
+    /// sender's post) delivers whether or not anyone sleeps on it. A caller
+    /// about to sleep arms first, then polls once more (a completion that
+    /// came before the arm raises no event), then sleeps.
+    pub fn arm(&self) -> Result<(), VerbsError> {
+        // SAFETY: live CQ.
+        let rc = unsafe { sys::ibv_req_notify_cq(self.cq.as_ptr(), 0) };
+        if rc != 0 {
+            return Err(rc_err("ibv_req_notify_cq", rc));
+        }
+        Ok(())
+    }
+
+    /// Sleeps until the channel's next event (one raised since the CQ was
+    /// last armed, see [`Self::arm`], ends it at once) or `timeout`. The
+    /// completions stay in the CQ for whoever polls it next; the CQ is not
+    /// armed again.
     pub fn sleep_until_event(&self, timeout: Duration) -> Result<(), VerbsError> {
         // SAFETY: the channel is alive as long as `self`.
         let fd = unsafe { self.channel.as_ref().fd };
@@ -689,9 +720,7 @@ impl CompletionQueue {
                 }
             }
         }
-        // Re-armed before anyone polls again, so that no completion slips
-        // between that poll and the next sleep.
-        self.arm()
+        Ok(())
     }
 }
 
