@@ -21,7 +21,8 @@
 //!   receive queue itself ([`Transport::poll_answers`]): polling and handing
 //!   on what it gives is done under one lock (`Shared::receiving`), which
 //!   the receive thread never holds while it sleeps, so messages keep their
-//!   order. Send completions are settled by whoever needs one
+//!   order; while such a poll lives the receive thread neither polls nor
+//!   arms the queue (`Shared::wait_out_pollers`). Send completions are settled by whoever needs one
 //!   (`Shared::reap_sends`): a sender out of buffers or send-queue slots, a
 //!   caller polling for its own READ or WRITE; the send completion thread
 //!   sleeps on its channel only while such a thread waits (`SendWait`), and
@@ -503,6 +504,11 @@ struct Shared {
     /// completion raises no event and wakes no thread.
     send_waiters: Mutex<usize>,
     send_waiters_cv: Condvar,
+    /// How many threads poll `recv_cq` for their answers right now
+    /// (`RdmaPoll`): while any does, the receive thread leaves the queue to
+    /// them, unarmed, and waits on `pollers_cv` for the last to stop.
+    pollers: Mutex<usize>,
+    pollers_cv: Condvar,
     next_id: AtomicU64,
     inbox: (Sender<Incoming>, Receiver<Incoming>),
     /// Buffers large messages are reassembled into.
@@ -864,6 +870,8 @@ impl RdmaTransport {
             reaping: Mutex::new(Vec::with_capacity(SEND_REAP_BATCH)),
             send_waiters: Mutex::new(0),
             send_waiters_cv: Condvar::new(),
+            pollers: Mutex::new(0),
+            pollers_cv: Condvar::new(),
             next_id: AtomicU64::new(0),
             inbox: crossbeam_channel::bounded(opts.inbox_capacity.max(1)),
             goodbyes: Mutex::new(0),
@@ -1585,10 +1593,33 @@ struct Receiving {
 }
 
 /// A thread's poll of the receive completion queue (and of the rings of
-/// co-located peers), see [`Transport::poll_answers`].
+/// co-located peers), see [`Transport::poll_answers`]. While one lives, the
+/// receive thread neither polls nor arms the queue: what arrives costs no
+/// event and wakes no thread.
 struct RdmaPoll<'a> {
     shared: &'a Shared,
     rings: Option<Box<dyn AnswerPoll + 'a>>,
+}
+
+impl<'a> RdmaPoll<'a> {
+    fn new(shared: &'a Shared, rings: Option<Box<dyn AnswerPoll + 'a>>) -> Self {
+        *shared.pollers.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        RdmaPoll { shared, rings }
+    }
+}
+
+impl Drop for RdmaPoll<'_> {
+    fn drop(&mut self) {
+        let mut pollers = self
+            .shared
+            .pollers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *pollers -= 1;
+        if *pollers == 0 {
+            self.shared.pollers_cv.notify_one();
+        }
+    }
 }
 
 impl AnswerPoll for RdmaPoll<'_> {
@@ -1623,6 +1654,7 @@ fn recv_loop(s: Arc<Shared>) {
                 tracing::error!("rank {}: receive completion queue: {e}", s.rank);
                 return;
             }
+            Ok(0) if s.wait_out_pollers() => looked_since = Instant::now(),
             Ok(0) if looked_since.elapsed() >= s.opts.poll_spin => {
                 // Armed only now (see `CompletionQueue::arm`), then one
                 // more look for what came before the arm.
@@ -1649,6 +1681,21 @@ fn recv_loop(s: Arc<Shared>) {
 }
 
 impl Shared {
+    /// While threads poll the receive queue for their answers (`RdmaPoll`),
+    /// waits (at most `TICK`) for the last to stop; whether there were any.
+    fn wait_out_pollers(&self) -> bool {
+        let pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        if *pollers == 0 {
+            return false;
+        }
+        drop(
+            self.pollers_cv
+                .wait_timeout_while(pollers, TICK, |n| *n > 0)
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        true
+    }
+
     /// Polls the receive completion queue once and hands on what it gives,
     /// in order (the caller holds `receiving`); how many completions.
     fn take_receives(&self, receiving: &mut Receiving) -> Result<usize, VerbsError> {
@@ -2048,10 +2095,7 @@ impl Transport for RdmaTransport {
         } else {
             None
         };
-        Some(Box::new(RdmaPoll {
-            shared: &self.shared,
-            rings,
-        }))
+        Some(Box::new(RdmaPoll::new(&self.shared, rings)))
     }
 
     fn deliver_inline(&self, handler: InlineDelivery) -> bool {
