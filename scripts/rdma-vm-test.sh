@@ -20,7 +20,10 @@
 #      with a summary of the ratios at the end.
 #      Default: a quick smoke run (debug build, ~1 s per figure; its figures are
 #      indicative only). --bench: the release build with criterion's full settings,
-#      plus transport-rdma's read_lat example.
+#      plus transport-rdma's read_lat example and faultlat (the fault an
+#      application sees: over the adapter, the same with waits polled
+#      (DSM_WAIT_SPIN_US=1000000), and over shared memory, what co-located
+#      ranks use by default).
 #
 #   usage: scripts/rdma-vm-test.sh [--bench]
 #
@@ -70,9 +73,13 @@ for b in dsmexec dsmwrap exemple roundrobin contention; do
   [ -x "$TARGET/debug/$b" ] || { echo "rdma-vm-test: $TARGET/debug/$b was not built" >&2; exit 1; }
 done
 bench_bin=
+faultlat_dir=
 if [ "$BENCH" = 1 ]; then
   cargo build --release -p transport-rdma --example read_lat --quiet
   bench_bin="$TARGET/release/examples/read_lat"
+  # faultlat (examples/src/bin/faultlat.rs): the fault seen by an application.
+  cargo build --release -p dsm-launcher -p dsm-examples --quiet
+  faultlat_dir="$TARGET/release"
   cargo bench -p dsm-bench --bench fault_latency --bench write_fault --bench scan --no-run 2>&1 | tee "$build_log" >&2
   fault_args="--bench --noplot"
   ib_iters=5000
@@ -195,6 +202,26 @@ grep -q "rank 3: transport rdma (device.*co-located rank(s) 2 through shared mem
 grep -Eq "transport rdma: [1-9][0-9]* pages sent by RDMA WRITE" "$log" ||
   fail "mixed: no page crossed hosts by RDMA WRITE"
 
+# faultlat MODE ENV...: rank 0 of 2 reads 500 pages of rank 1 once each,
+# median fault in /tmp/faultlat-MODE.txt. Run before the criterion suites:
+# after them (the 64 MiB scans above all) the polled figure came out 965 us
+# in one boot, against 575-624 us in a fresh guest (cause not traced).
+faultlat() {
+  mode=$1
+  shift
+  echo "=== faultlat 500, $*"
+  env DSM_TRANSPORT=rdma DSM_PREFETCH=0 DSM_SPACE_SIZE=64M "$@" timeout 300 \
+    "$FAULTLAT_DIR/dsmexec" -n 2 "$FAULTLAT_DIR/faultlat" 500 >/tmp/faultlat.log 2>&1 ||
+    fail "faultlat ($*)"
+  grep "remote read fault" /tmp/faultlat.log
+  sed -n "s/.*remote read fault .* median \([0-9.]*\) us.*/\1/p" /tmp/faultlat.log >"/tmp/faultlat-$mode.txt"
+}
+if [ -n "$FAULTLAT_DIR" ]; then
+  faultlat adapter DSM_RDMA_LOCAL=rdma
+  faultlat polled DSM_RDMA_LOCAL=rdma DSM_WAIT_SPIN_US=1000000
+  faultlat shm
+fi
+
 for mode in write send; do
   echo "=== fault_latency bench, DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode ($FAULT_ARGS)"
   DSM_TRANSPORT=rdma DSM_RDMA_PAGES=$mode CRITERION_HOME=/tmp/criterion-$mode "$FAULT_BIN" $FAULT_ARGS \
@@ -273,6 +300,11 @@ ratio_line "raw SEND/RECV round trip 16 B / 4 KiB" "$(figure fault_latency_rdma 
 ratio_line "write fault" "$(figure write_fault_rdma_2_ranks dsm_remote_write_fault_4KiB /tmp/write.log)" "$read_lat" ib_read_lat
 ratio_line "upgrade, 1 sharer" "$(figure write_fault_rdma_2_ranks dsm_upgrade_1_sharer /tmp/write.log)" "$read_lat" ib_read_lat
 ratio_line "upgrade, 3 sharers" "$(figure write_fault_rdma_4_ranks dsm_upgrade_3_sharers /tmp/write.log)" "$read_lat" ib_read_lat
+if [ -n "$FAULTLAT_DIR" ]; then
+  ratio_line "faultlat read fault over the adapter" "$(cat /tmp/faultlat-adapter.txt)" "$read_lat" ib_read_lat
+  ratio_line "the same, waits polled (DSM_WAIT_SPIN_US=1000000)" "$(cat /tmp/faultlat-polled.txt)" "$read_lat" ib_read_lat
+  ratio_line "the same, default DSM_RDMA_LOCAL=shm (co-located ranks)" "$(cat /tmp/faultlat-shm.txt)" "$read_lat" ib_read_lat
+fi
 scan=$(sed -n "s/^scan_rdma_2_ranks: dsm_cold_scan_64MiB \([0-9.]*\) MB\/s.*/\1/p" /tmp/scan.log 2>/dev/null | tail -1)
 if [ -n "$scan" ] && [ -n "$write_bw" ]; then
   awk -v s="$scan" -v b="$write_bw" '\''BEGIN { printf "cold scan of 64 MiB: %.1f MB/s, %.0f%% of ib_write_bw\n", s, 100 * s / b }'\''
@@ -285,9 +317,9 @@ if [ -n "$failed" ]; then
 fi
 echo "rdma-vm-test: all passed"
 '
-export DSM_TEST_REQUIRE_RDMA=1 RDMA_CRATE_DIR="$ROOT/transport-rdma" RDMA_BENCH_BIN="$bench_bin" \
+export DSM_TEST_REQUIRE_RDMA=1 RDMA_CRATE_DIR="$ROOT/transport-rdma" RDMA_BENCH_BIN="$bench_bin" FAULTLAT_DIR="$faultlat_dir" \
   DSM_BIN_DIR="$TARGET/debug" FAULT_BIN="$fault_bin" WRITE_BIN="$write_bin" SCAN_BIN="$scan_bin" FAULT_ARGS="$fault_args" IB_ITERS="$ib_iters"
-export RXE_ENV="${RXE_ENV:-} DSM_TEST_REQUIRE_RDMA RDMA_CRATE_DIR RDMA_BENCH_BIN DSM_BIN_DIR FAULT_BIN WRITE_BIN SCAN_BIN FAULT_ARGS IB_ITERS"
+export RXE_ENV="${RXE_ENV:-} DSM_TEST_REQUIRE_RDMA RDMA_CRATE_DIR RDMA_BENCH_BIN FAULTLAT_DIR DSM_BIN_DIR FAULT_BIN WRITE_BIN SCAN_BIN FAULT_ARGS IB_ITERS"
 set +e
 RXE_SHARE="${RXE_SHARE:-$ROOT}" "$ROOT/scripts/run-in-rxe-vm.sh" sh -c "$guest" sh "${bins[@]}"
 rc=$?

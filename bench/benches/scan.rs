@@ -19,7 +19,9 @@
 //!   configured read-ahead (`DSM_PREFETCH`, default 1024). Between scans
 //!   (not timed) rank 0 writes the first word of every page from 4
 //!   threads, which invalidates rank 1's copies, so every scan starts cold;
-//!   the two ranks meet in barriers around it.
+//!   the two ranks meet in barriers around it. The homes run with
+//!   `DSM_PUSH=0` (unless it is set): a push at that barrier would bring
+//!   the pages back before the timed scan.
 //! * `scan_2_ranks/dsm_cold_scan_64MiB_cache_16MiB`: the same with the
 //!   reader's cache bounded to 16 MiB (`Dsm::set_cache_size`), a quarter of
 //!   what it reads: it evicts as it goes.
@@ -372,6 +374,12 @@ fn job(
     for boot in boots {
         let mut command = Command::new(&exe);
         command.env(HOME_ROLE, layout.name());
+        if std::env::var_os("DSM_PUSH").is_none() {
+            // A push at the barrier between scans would carry every page
+            // to the reader before its timed scan, which would then
+            // measure no transfer at all.
+            command.env("DSM_PUSH", "0");
+        }
         let inherited = boot.hand_over(&mut command).expect("handing a home over");
         homes
             .0
