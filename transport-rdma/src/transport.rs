@@ -256,7 +256,7 @@ impl RdmaOptions {
     /// | `DSM_RDMA_DEVICE` | device name, e.g. `rxe0`, `mlx5_0` | first with an active port |
     /// | `DSM_RDMA_PORT` | port number | the device's first active port |
     /// | `DSM_RDMA_GID_INDEX` | GID index | first IPv4-mapped GID on RoCE |
-    /// | `DSM_RDMA_SPIN_US` | µs the completion threads poll before sleeping, or `auto` ([`auto_poll_spin`]) | `auto` |
+    /// | `DSM_RDMA_SPIN_US` | µs the receive completion thread polls before sleeping (the send completion thread too, while a thread waits for a send completion, and the caller of a READ or WRITE for its own), or `auto` ([`auto_poll_spin`]) | `auto` |
     /// | `DSM_RDMA_PAGES` | `write` (RDMA WRITE into the landing arena) or `send` (SEND/RECV) | `write` |
     /// | `DSM_RDMA_POLL_CPU` | `auto` (rank mod CPUs), `none`, or a CPU number | `auto` |
     /// | `DSM_RDMA_LOCAL` | co-located peers: `shm` (through the bootstrap transport's shared memory when it has it, `DSM_SHM`) or `rdma` (the adapter's loopback) | `shm` |
