@@ -1641,6 +1641,11 @@ impl AnswerPoll for RdmaPoll<'_> {
 /// Receive completions taken per poll.
 const RECEIVE_BATCH: usize = 64;
 
+/// Longest the receive thread leaves its queue to polling threads before
+/// it looks itself: a poll is created before its thread takes the engine's
+/// lock, and a thread blocked there polls nothing meanwhile.
+const POLLERS_WAIT: Duration = Duration::from_millis(10);
+
 fn recv_loop(s: Arc<Shared>) {
     pin_poller(&s);
     let mut looked_since = Instant::now();
@@ -1682,7 +1687,8 @@ fn recv_loop(s: Arc<Shared>) {
 
 impl Shared {
     /// While threads poll the receive queue for their answers (`RdmaPoll`),
-    /// waits (at most `TICK`) for the last to stop; whether there were any.
+    /// waits (at most `POLLERS_WAIT`) for the last to stop; whether there
+    /// were any.
     fn wait_out_pollers(&self) -> bool {
         let pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
         if *pollers == 0 {
@@ -1690,7 +1696,7 @@ impl Shared {
         }
         drop(
             self.pollers_cv
-                .wait_timeout_while(pollers, TICK, |n| *n > 0)
+                .wait_timeout_while(pollers, POLLERS_WAIT, |n| *n > 0)
                 .unwrap_or_else(|p| p.into_inner()),
         );
         true
