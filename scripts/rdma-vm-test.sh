@@ -147,6 +147,8 @@ dsm_job() {
   while [ "$r" -lt "$n" ]; do
     grep -q "rank $r: transport rdma (device" "$log" ||
       fail "$name: rank $r did not log that it uses the RDMA transport"
+    grep -q "rank $r: transport rdma (device.*messages over SEND/RECV, up to [1-9][0-9]* B inline" "$log" ||
+      fail "$name: rank $r does not send small messages inline"
     if [ "$mode" = write ]; then
       grep -q "rank $r: transport rdma (device.*page data by RDMA WRITE into a landing arena of [1-9]" "$log" ||
         fail "$name: rank $r did not log a landing arena"

@@ -68,9 +68,10 @@ pub fn connect_job(
         )
     };
     tracing::info!(
-        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, {pages_by}{local}; completion threads poll {} us before sleeping)",
+        "rank {rank}: transport rdma (device {name}, port {}, GID index {}; messages over SEND/RECV, up to {} B inline, {pages_by}{local}; completion threads poll {} us before sleeping)",
         cfg.port,
         cfg.gid_index,
+        transport.inline_limit(),
         opts.poll_spin.as_micros()
     );
     Ok(transport)

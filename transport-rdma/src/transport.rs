@@ -27,6 +27,9 @@
 //!   caller polling for its own READ or WRITE; the send completion thread
 //!   sleeps on its channel only while such a thread waits (`SendWait`), and
 //!   otherwise looks every `TICK` for a failed send to report.
+//! * A message of up to 256 bytes (`INLINE_BYTES`, when the provider grants
+//!   it) travels inline: copied into its SEND at post time, out of no send
+//!   buffer.
 //! * A reply produced in a receive thread (the consumer's inline handler)
 //!   leaves from there when its buffer, send-queue slots and the peer's send
 //!   lock are all free, a page by RDMA WRITE included
@@ -463,7 +466,15 @@ struct Peer {
     arena: Option<RemoteRegion>,
 }
 
+/// Inline data asked for per queue pair: a message of up to this many
+/// bytes (its fragment header included) is copied into its SEND at post
+/// time, out of no send buffer (requests, acknowledgements, grants without
+/// page bytes, barrier messages).
+const INLINE_BYTES: usize = 256;
+
 enum Pending {
+    /// An inline SEND (no pool buffer); it took a send-queue slot.
+    Inline { peer: Rank },
     /// The last of `wrs` work requests (a SEND, or an unsignaled WRITE then
     /// a SEND) from the pool buffer `slot`; each took a send-queue slot.
     Buffer { peer: Rank, slot: usize, wrs: usize },
@@ -737,6 +748,7 @@ impl RdmaTransport {
                 QpCaps {
                     max_send_wr: sq_depth,
                     max_recv_wr: opts.recv_depth as u32,
+                    max_inline_data: INLINE_BYTES as u32,
                 },
                 device.port,
             )?;
@@ -919,6 +931,19 @@ impl RdmaTransport {
     /// The device the transport was connected on.
     pub fn device(&self) -> &Arc<RdmaDevice> {
         &self.shared.device
+    }
+
+    /// Most bytes of a message (its one-byte fragment header included)
+    /// sent inline, copied into the SEND at post time: the least any
+    /// peer's queue pair was granted, at most 256 (0: none inline).
+    pub fn inline_limit(&self) -> usize {
+        self.shared
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| p.qp.inline_limit().min(INLINE_BYTES))
+            .min()
+            .unwrap_or(0)
     }
 
     /// Pages of this rank's landing arena (0: none; peers send it pages by SEND).
@@ -1455,6 +1480,14 @@ impl Shared {
         }
         let chunk = self.opts.slot_size - 1;
         let _order = peer.send_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(frame) = self.inline_frame(peer, kind_last, parts) {
+            let posted = if self.acquire_sq(peer, Instant::now() + self.opts.op_timeout) {
+                self.post_inline(to, peer, frame.bytes())
+            } else {
+                Err(VerbsError::Invalid("the send queue stayed full".into()))
+            };
+            return posted.map_err(|e| self.lose(to, format!("send failed: {e}")));
+        }
         let mut part = 0;
         let mut off = 0;
         let mut left = total;
@@ -1505,6 +1538,35 @@ impl Shared {
                 return Ok(());
             }
         }
+    }
+
+    /// `[kind][parts...]` as one frame if it fits the peer's inline limit.
+    fn inline_frame(&self, peer: &Peer, kind: u8, parts: &[&[u8]]) -> Option<InlineFrame> {
+        let total = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+        if total > peer.qp.inline_limit().min(INLINE_BYTES) {
+            return None;
+        }
+        let mut frame = InlineFrame {
+            bytes: [0; INLINE_BYTES],
+            len: 1,
+        };
+        frame.bytes[0] = kind;
+        for part in parts {
+            frame.bytes[frame.len..frame.len + part.len()].copy_from_slice(part);
+            frame.len += part.len();
+        }
+        Some(frame)
+    }
+
+    /// Posts `frame` to `to` as an inline SEND, with a send-queue slot the
+    /// caller holds (given back if posting fails).
+    fn post_inline(&self, to: Rank, peer: &Peer, frame: &[u8]) -> Result<(), VerbsError> {
+        let id = self.new_id();
+        self.pending_lock().insert(id, Pending::Inline { peer: to });
+        peer.qp.post_send_inline(id, frame).inspect_err(|_| {
+            self.pending_lock().remove(&id);
+            peer.sq.release();
+        })
     }
 
     /// Posts a SEND of the first `len` bytes of send buffer `slot` to `to`,
@@ -1560,6 +1622,15 @@ impl Shared {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Ok(TrySent::WouldWait),
         };
+        if let Some(frame) = self.inline_frame(peer, FRAG_LAST, parts) {
+            if !self.try_acquire_sq(peer) {
+                return Ok(TrySent::WouldWait);
+            }
+            return match self.post_inline(to, peer, frame.bytes()) {
+                Ok(()) => Ok(TrySent::Sent),
+                Err(e) => Err(self.lose(to, format!("send failed: {e}"))),
+            };
+        }
         let Some(slot) = self.try_take_buffer() else {
             return Ok(TrySent::WouldWait);
         };
@@ -1582,6 +1653,18 @@ impl Shared {
             return Err(self.lose(to, format!("send failed: {e}")));
         }
         Ok(TrySent::Sent)
+    }
+}
+
+/// A message small enough to travel inline, built on the stack.
+struct InlineFrame {
+    bytes: [u8; INLINE_BYTES],
+    len: usize,
+}
+
+impl InlineFrame {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -1884,7 +1967,7 @@ impl Shared {
             };
             let (rank, wrs) = match &p {
                 Pending::Buffer { peer, wrs, .. } => (*peer, *wrs),
-                Pending::Waiter { peer, .. } => (*peer, 1),
+                Pending::Inline { peer } | Pending::Waiter { peer, .. } => (*peer, 1),
             };
             if let Ok(peer) = self.peer(rank) {
                 peer.qp.complete(wc.wr_id);
@@ -1895,6 +1978,11 @@ impl Shared {
             match p {
                 Pending::Buffer { slot, .. } => {
                     let _ = self.pool.0.try_send(slot);
+                    if !wc.ok() {
+                        self.lose(rank, format!("send failed: {}", wc.error()));
+                    }
+                }
+                Pending::Inline { .. } => {
                     if !wc.ok() {
                         self.lose(rank, format!("send failed: {}", wc.error()));
                     }

@@ -802,6 +802,9 @@ pub enum SendOp {
 /// its `wr_id`, which the completion poller does for every completion.
 pub struct QueuePair {
     qp: NonNull<sys::ibv_qp>,
+    /// Most bytes a SEND may carry inline (copied into the work request at
+    /// post time, no buffer held), as the provider granted it.
+    inline_limit: usize,
     in_flight: Mutex<HashMap<u64, Vec<Arc<MemoryRegion>>>>,
     port: PortConfig,
     _send_cq: Arc<CompletionQueue>,
@@ -821,6 +824,9 @@ pub struct QpCaps {
     pub max_send_wr: u32,
     /// Work requests the receive queue holds at once.
     pub max_recv_wr: u32,
+    /// Bytes of inline data to ask for (0: none). A provider that refuses
+    /// the amount gets a queue pair without.
+    pub max_inline_data: u32,
 }
 
 impl QueuePair {
@@ -843,11 +849,19 @@ impl QueuePair {
         init.cap.max_recv_sge = 1;
         init.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
         init.sq_sig_all = 0;
+        init.cap.max_inline_data = caps.max_inline_data;
         // SAFETY: live PD and CQs (held by the new value); valid attributes.
-        let qp = unsafe { sys::ibv_create_qp(pd.pd.as_ptr(), &mut init) };
+        let mut qp = unsafe { sys::ibv_create_qp(pd.pd.as_ptr(), &mut init) };
+        if qp.is_null() && caps.max_inline_data > 0 {
+            init.cap.max_inline_data = 0;
+            // SAFETY: as above.
+            qp = unsafe { sys::ibv_create_qp(pd.pd.as_ptr(), &mut init) };
+        }
         let qp = NonNull::new(qp).ok_or_else(|| last_err("ibv_create_qp"))?;
         let out = Arc::new(QueuePair {
             qp,
+            // ibv_create_qp wrote back the capabilities granted.
+            inline_limit: init.cap.max_inline_data as usize,
             in_flight: Mutex::new(HashMap::new()),
             port,
             _send_cq: Arc::clone(send_cq),
@@ -993,6 +1007,40 @@ impl QueuePair {
         let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
         if rc != 0 {
             self.complete(wr_id);
+            return Err(rc_err("ibv_post_send", rc));
+        }
+        Ok(())
+    }
+
+    /// Most bytes [`Self::post_send_inline`] takes.
+    pub fn inline_limit(&self) -> usize {
+        self.inline_limit
+    }
+
+    /// Posts one signaled SEND of `data`, carried inline: the provider
+    /// copies the bytes during the call, so no registered buffer is held
+    /// until the completion. At most [`Self::inline_limit`] bytes.
+    pub fn post_send_inline(&self, wr_id: u64, data: &[u8]) -> Result<(), VerbsError> {
+        if data.len() > self.inline_limit {
+            return Err(VerbsError::Invalid(format!(
+                "{} bytes inline, the queue pair takes {}",
+                data.len(),
+                self.inline_limit
+            )));
+        }
+        let mut sge = sys::ibv_sge {
+            addr: data.as_ptr() as u64,
+            length: data.len() as u32,
+            lkey: 0,
+        };
+        let mut wr = Self::send_wr(wr_id, SendOp::Send, std::slice::from_mut(&mut sge));
+        wr.send_flags |= sys::ibv_send_flags::IBV_SEND_INLINE.0;
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: live QP; the one sge points at `data`, which lives for the
+        // call, and an inline SEND is copied into the work request before
+        // ibv_post_send returns (no lkey is used, nothing is held).
+        let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), &mut wr, &mut bad) };
+        if rc != 0 {
             return Err(rc_err("ibv_post_send", rc));
         }
         Ok(())
