@@ -645,36 +645,6 @@ impl CompletionQueue {
         Ok(total)
     }
 
-    /// Waits for completions: returns what is there, else polls for `spin`,
-    /// else sleeps on the channel for at most `timeout` and returns what
-    /// arrived (possibly nothing).
-    pub fn wait(
-        &self,
-        out: &mut Vec<Completion>,
-        max: usize,
-        spin: Duration,
-        timeout: Duration,
-    ) -> Result<usize, VerbsError> {
-        let start = std::time::Instant::now();
-        loop {
-            let n = self.poll(out, max)?;
-            if n > 0 {
-                return Ok(n);
-            }
-            if start.elapsed() >= spin {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        self.arm()?;
-        let n = self.poll(out, max)?;
-        if n > 0 {
-            return Ok(n);
-        }
-        self.sleep_until_event(timeout)?;
-        self.poll(out, max)
-    }
-
     /// Arms the CQ for an event at its next completion. The CQ is left
     /// unarmed while its threads poll: an armed CQ raises an event at each
     /// completion, which the adapter's driver (soft-RoCE: inside the
