@@ -1319,16 +1319,7 @@ impl Shared {
             }
             Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Shutdown),
         };
-        let until = Instant::now() + self.opts.op_timeout;
-        if !self.acquire_sq(peer, until) {
-            let _ = self.pool.0.try_send(slot);
-            return Err(self.lose(
-                to,
-                format!("sending page {page} failed: the send queue stayed full"),
-            ));
-        }
-        if !self.acquire_sq(peer, until) {
-            peer.sq.release();
+        if !self.acquire_sq_pair(peer, Some(Instant::now() + self.opts.op_timeout)) {
             let _ = self.pool.0.try_send(slot);
             return Err(self.lose(
                 to,
@@ -1360,12 +1351,7 @@ impl Shared {
         let Some(slot) = self.try_take_buffer() else {
             return Some(Ok(TrySent::WouldWait));
         };
-        if !self.try_acquire_sq(peer) {
-            let _ = self.pool.0.try_send(slot);
-            return Some(Ok(TrySent::WouldWait));
-        }
-        if !self.try_acquire_sq(peer) {
-            peer.sq.release();
+        if !self.acquire_sq_pair(peer, None) {
             let _ = self.pool.0.try_send(slot);
             return Some(Ok(TrySent::WouldWait));
         }
@@ -1373,6 +1359,24 @@ impl Shared {
             self.post_page(to, (peer, arena), slot, header, page, data)
                 .map(|()| TrySent::Sent),
         )
+    }
+
+    /// The two send-queue slots of a page's WRITE and marker SEND: waiting
+    /// until `until`, or (`None`) only if both are free now; none held on
+    /// failure.
+    fn acquire_sq_pair(&self, peer: &Peer, until: Option<Instant>) -> bool {
+        let one = || match until {
+            Some(until) => self.acquire_sq(peer, until),
+            None => self.try_acquire_sq(peer),
+        };
+        if !one() {
+            return false;
+        }
+        if !one() {
+            peer.sq.release();
+            return false;
+        }
+        true
     }
 
     /// Posts the WRITE of `data` into `to`'s arena slot for `page` and the
