@@ -81,8 +81,12 @@ impl FaultDelivery {
 }
 
 /// The wait poll of `DSM_WAIT_SPIN_US=auto` where CPUs are not
-/// oversubscribed: about a loopback round trip on the 2-vCPU VM measured.
-pub const AUTO_WAIT_SPIN: Duration = Duration::from_micros(60);
+/// oversubscribed: long enough to cover a bulk-synchronous step's
+/// imbalance at a barrier (Jacobi 2048² at 2 ranks: a sweep's compute
+/// varies by 0.2-0.4 ms at p90), where a sleeping waiter pays a wake-up of
+/// its idle CPU (25-55 µs on the 2-vCPU VM). Past the first
+/// [`crate::sched::HOT_WAIT_POLL`] the poll yields its CPU between looks.
+pub const AUTO_WAIT_SPIN: Duration = Duration::from_millis(1);
 
 /// `DSM_WAIT_SPIN_US=auto` for a host running `local_ranks` of the job's
 /// ranks: [`AUTO_WAIT_SPIN`] if the process may use at least as many
@@ -192,8 +196,9 @@ pub struct Config {
     pub spin: Duration,
     /// How long a thread waiting on the DSM (for the page it faulted on,
     /// with SIGBUS delivery; for a lock, a barrier or another API call's
-    /// answer) polls before it sleeps (0: sleep at once). Its CPU has
-    /// nothing else of this thread's to do meanwhile, unless ranks
+    /// answer) polls before it sleeps (0: sleep at once), yielding its CPU
+    /// between looks after the first [`crate::sched::HOT_WAIT_POLL`]. Its
+    /// CPU has nothing else of this thread's to do meanwhile, unless ranks
     /// outnumber CPUs: then polling ranks take the CPU the ones they wait
     /// for need (a barrier at 4 ranks on 2 CPUs: 69 -> 171 µs). `None`
     /// (auto): [`AUTO_WAIT_SPIN`] when this host runs no more of the job's
@@ -320,7 +325,7 @@ impl Config {
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
-    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds, or `auto` (60 when the host runs no more ranks than CPUs, else 0) | `auto` |
+    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds (past the first 60 the poll yields its CPU between looks), or `auto` (1000 when the host runs no more ranks than CPUs, else 0) | `auto` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |

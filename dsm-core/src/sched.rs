@@ -45,20 +45,44 @@ pub fn poll_until(spin: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Polls `done` for up to `spin`, as [`poll_until`], handing on meanwhile
-/// what `answers` (a [`crate::transport::Transport::poll_answers`]) can
-/// read.
+/// How long a waiting application thread polls flat out before it yields
+/// its CPU between looks ([`poll_with_answers`]): about a round trip
+/// between co-located ranks, so the common answer costs no system call.
+pub const HOT_WAIT_POLL: Duration = Duration::from_micros(60);
+
+/// A waiting application thread's poll (its faulted page, a barrier's or a
+/// lock's answer): polls `done` for up to `spin`, handing on meanwhile what
+/// `answers` (a [`crate::transport::Transport::poll_answers`]) can read.
+/// After [`HOT_WAIT_POLL`] it yields its CPU between looks
+/// (`sched_yield`): a thread of this CPU with work to do runs instead,
+/// and a long wait (a barrier's partner still computing) is still seen at
+/// once when nothing else runs, as MPI waits. Not for the real-time
+/// service threads, whose yield would leave normal threads nothing.
+/// Safe in a signal handler: no allocation, the vDSO clock and
+/// `sched_yield` only.
 pub fn poll_with_answers(
     answers: &mut Option<Box<dyn AnswerPoll + '_>>,
     spin: Duration,
     mut done: impl FnMut() -> bool,
 ) -> bool {
-    poll_until(spin, || {
+    let mut look = || {
         if let Some(answers) = answers.as_mut() {
             answers.receive();
         }
         done()
-    })
+    };
+    let start = Instant::now();
+    if poll_until(spin.min(HOT_WAIT_POLL), &mut look) {
+        return true;
+    }
+    let until = start + spin;
+    while Instant::now() < until {
+        std::thread::yield_now();
+        if look() {
+            return true;
+        }
+    }
+    false
 }
 
 /// Which CPU a rank's service threads are pinned to.
