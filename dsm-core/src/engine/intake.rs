@@ -328,11 +328,18 @@ impl Engine {
         // push recalled it: one fault instead of one a page).
         let home_here = matches!(&self.node, Node::Mrsw(n) if n.home_of(fault.page) == self.rank);
         let regained_here = if home_here && regaining {
-            Some(self.regain_after(fault.page, fault.write)?)
+            // The run and the page made writable (or mapped) again in one
+            // system call: the first page's change is staged after the
+            // others', ahead of their run.
+            Some(self.in_runs(|this| {
+                let regained = this.regain_after(fault.page, fault.write)?;
+                this.apply(actions, Carried::Nothing)?;
+                Ok(regained)
+            })?)
         } else {
+            self.apply(actions, Carried::Nothing)?;
             None
         };
-        self.apply(actions, Carried::Nothing)?;
         let ahead = if fault.write {
             0..0
         } else {

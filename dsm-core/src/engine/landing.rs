@@ -363,6 +363,13 @@ impl Engine {
             RunOp::MakeWritable => self.supersede_home_copy(page),
         }
         let run = &self.staged;
+        if run.count > 0 && run.op == op && op != RunOp::InstallReadOnly && page + 1 == run.first {
+            // The page just before the run (a fault's own page after the
+            // run it regained): no bytes to put in front, so it joins it.
+            self.staged.first = page;
+            self.staged.count += 1;
+            return Ok(true);
+        }
         if run.count == 0 || run.op != op || run.first + run.count != page {
             self.run_staged()?;
             self.staged.op = op;

@@ -332,12 +332,23 @@ impl Engine {
     /// into runs of consecutive pages, as a batch's are (one system call
     /// and one TLB shootdown per run); every one is done on return.
     pub(super) fn apply_in_runs(&mut self, actions: Vec<Action>) -> Result<(), DsmError> {
+        self.in_runs(|this| this.apply(actions, Carried::Nothing))
+    }
+
+    /// Runs `work` as a batch's work runs: the page operations it applies
+    /// are staged into runs of consecutive pages, and every one is done on
+    /// return.
+    pub(super) fn in_runs<T>(
+        &mut self,
+        work: impl FnOnce(&mut Self) -> Result<T, DsmError>,
+    ) -> Result<T, DsmError> {
         self.run_staged()?;
         let outer = self.batch_clock.replace(self.now());
-        let applied = self.apply(actions, Carried::Nothing);
+        let done = work(self);
         self.batch_clock = outer;
-        applied?;
-        self.run_staged()
+        let done = done?;
+        self.run_staged()?;
+        Ok(done)
     }
 
     /// Carries out the state machine's actions. `current` is the message
