@@ -16,8 +16,9 @@ pub const DEFAULT_PAGES: usize = 100;
 pub const DEFAULT_POPULATE: usize = 64;
 
 /// `DSM_PUSH`'s default: pushes of a page to a reader without a request of
-/// its own before the home stops (one fault in 9 left for a reader that
-/// keeps consuming, at most 8 pages sent for nothing to one that stopped).
+/// its own before the home stops (at most 8 pages sent for nothing to a
+/// reader that stopped; one that keeps consuming asks again, and its limit
+/// doubles each time, up to 16 times this).
 pub const DEFAULT_PUSH: u32 = 8;
 /// Pages of dropped frames a memfd-backed space keeps for their next
 /// install by default ([`Config::memfd_retain`], in bytes): 256 MiB per rank.
@@ -183,10 +184,11 @@ pub struct Config {
     /// too, all zeros and writable (`DSM_POPULATE`; 0: off, a first touch
     /// asks the home, itself, as any fault does).
     pub populate: usize,
-    /// Most pushes of a page to a reader at barriers without a request of
-    /// its own (`DSM_PUSH`; 0: off): a home pushes a page, at its barrier
-    /// entry, to a reader that asked for it again after losing it to a
-    /// write (multi-reader protocol).
+    /// Pushes of a page to a reader at barriers without a request of its
+    /// own before they stop (`DSM_PUSH`; 0: off), doubled for a reader
+    /// that asks again after they stopped, up to 16 times: a home pushes a
+    /// page, at its barrier entry, to a reader that asked for it again
+    /// after losing it to a write (multi-reader protocol).
     pub push: u32,
     /// What the space's memory is made of (`DSM_BACKING`).
     pub backing: SpaceBacking,
@@ -320,7 +322,7 @@ impl Config {
     /// | `DSM_MIN_HOLD_US` | minimum time a fetched page stays before moving on (a barrier entry or an unlock ends the wait) | `500` |
     /// | `DSM_PREFETCH` | most pages read ahead of a sequential read stream (0: off) | `1024` |
     /// | `DSM_POPULATE` | most pages a first touch maps at once: a fault on a never-touched page homed at this rank (or private) also maps the untouched pages after it in its segment, zeros, writable, in one system call (0: off, one fault per page) | `64` |
-    /// | `DSM_PUSH` | at a barrier entry, a home pushes the pages it wrote to the readers that asked for them again after losing them to a write, up to this many times without a new request (0: off) | `8` |
+    /// | `DSM_PUSH` | at a barrier entry, a home pushes the pages it wrote to the readers that asked for them again after losing them to a write, up to this many times without a new request, then twice as many for a reader that asks again, up to 16 times this (0: off) | `8` |
     /// | `DSM_BACKING` | `anon` (private memory, pages installed by copy), `memfd` (a memfd mapped twice, pages mapped in place), or `auto` (memfd where the kernel can) | `auto` |
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |

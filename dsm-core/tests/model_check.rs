@@ -395,7 +395,14 @@ impl Model {
                 }
                 let mut s = w.clone();
                 s.evictions_left -= 1;
-                let actions = s.nodes[rank].evict(page, now).map_err(|e| e.to_string())?;
+                // Where homes push, a reader's drop is a consumer's drop
+                // of a copy a push served: lost, to be asked back in a run.
+                let actions = if self.pushes > 0 {
+                    s.nodes[rank].evict_served_push(page, now)
+                } else {
+                    s.nodes[rank].evict(page, now)
+                }
+                .map_err(|e| e.to_string())?;
                 if actions.is_empty() {
                     return Err(format!(
                         "rank {rank}: page {page} evictable but not evicted"
@@ -931,6 +938,23 @@ fn pushed_copies_of_a_producer_s_pages_and_a_consumer_s_writes() {
         None,
         1,
         3,
+    );
+}
+
+#[test]
+fn pushed_copies_a_consumer_dropped_are_asked_back_in_a_run() {
+    // Both pages homed at rank 0, which writes them in turn while it
+    // pushes them; the consumer reads them in turn, and a copy it drops
+    // counts as lost: its next fault asks back the page after it too.
+    check_programs_pushing(
+        vec![
+            vec![Write(0), Write(1), Write(0), Write(1)],
+            vec![Read(0), Read(1), Read(0), Read(1)],
+        ],
+        2,
+        Some(0),
+        1,
+        2,
     );
 }
 

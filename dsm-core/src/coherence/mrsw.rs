@@ -574,6 +574,20 @@ impl Mrsw {
     /// has a request or command in flight, or is still within its minimum
     /// hold (the thread that faulted for it may not have used it yet).
     pub fn evict(&mut self, page: usize, now: Time) -> Actions {
+        self.evict_as(page, now, None)
+    }
+
+    /// Evicts `page` as [`Mrsw::evict`] does, a read-only copy counting as
+    /// lost to a write, as an invalidation would: a consumer's drop of a
+    /// copy a push served (`DSM_PUSH`). When its pushes stop, its next
+    /// fault then asks back the run of pages it dropped with it in one
+    /// round trip (`regain_ahead`) instead of faulting on each. Asking
+    /// back is only ever read requests, which the rank could make anyway.
+    pub fn evict_served_push(&mut self, page: usize, now: Time) -> Actions {
+        self.evict_as(page, now, Some(Access::Read))
+    }
+
+    fn evict_as(&mut self, page: usize, now: Time, lost: Option<Access>) -> Actions {
         let home = self.home_of(page);
         if home == self.rank || self.private_or_beyond(page) {
             return Ok(Vec::new());
@@ -597,7 +611,7 @@ impl Mrsw {
             Copy::Modified => vec![Action::EvictWriteBack { to: home, page }],
         };
         lp.copy = Copy::Invalid;
-        lp.lost = None;
+        lp.lost = if evicted == Copy::Shared { lost } else { None };
         lp.evicted = Some(evicted);
         self.cached -= 1;
         Ok(actions)

@@ -17,9 +17,12 @@
 //! So a step costs the consumer no fault and the home no interruption
 //! mid-step. A reader that stops using a page is not told apart from one
 //! that uses it (a mapped page's reads are invisible): after `limit`
-//! pushes without a request of its own the pair is dropped, until the
-//! reader asks again (one fault in `limit + 1` steps for a real consumer,
-//! `limit` pages sent for nothing to one that stopped).
+//! pushes without a request of its own the pair expires, until the
+//! reader asks again. A reader that asks again after its pair expired was
+//! still consuming: its pair's limit doubles (up to `MOST_LIMIT_DOUBLINGS`
+//! times), so a steady consumer faults once in `limit + 1` steps, then in
+//! `2 limit + 1`, and so on, while one that stopped costs at most its
+//! pair's limit in pages sent for nothing.
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -30,23 +33,38 @@ use crate::error::DsmError;
 use crate::stats::Stats;
 use crate::Rank;
 
-/// Most (page, reader) pairs remembered as lost: past it the record starts
-/// over (what it forgets costs one fault more, not a wrong result).
+/// Most (page, reader) pairs remembered as lost, or as consumers whose
+/// pushes expired: past it the record starts over (what it forgets costs
+/// one fault more, not a wrong result).
 const MOST_LOST: usize = 1 << 16;
+
+/// How many times a consumer's limit doubles, each time it asks again
+/// after its pushes expired: 8 pushes become at most 8 x 2^4 = 128.
+const MOST_LIMIT_DOUBLINGS: u32 = 4;
+
+/// A consumer: a (page, reader) pair asked for again after a loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Consumer {
+    /// Pushes since the reader's last request.
+    pushes: u32,
+    /// Pushes without a request of its own before the pair expires.
+    limit: u32,
+    /// The pair reached its limit: no pushes until the reader asks again.
+    expired: bool,
+}
 
 /// The home's record of which readers consume its pages, and the copies
 /// pushed to this rank as a reader.
 #[derive(Default)]
 pub(super) struct Consumers {
-    /// Pushes to a consumer without a request of its own before the pair
-    /// is dropped (0: pushing off).
+    /// Pushes to a new consumer without a request of its own before the
+    /// pair expires (0: pushing off).
     pub(super) limit: u32,
     /// (page, reader) pairs whose copy went (a write's invalidation, or
     /// the reader dropped it), not asked for since.
     lost: FxHashSet<(usize, Rank)>,
-    /// Consumers: pairs asked for again after a loss, with the pushes
-    /// since the reader's last request.
-    pushes: FxHashMap<(usize, Rank), u32>,
+    /// Consumers, expired ones included (they keep their limit).
+    pushes: FxHashMap<(usize, Rank), Consumer>,
     /// Pages other homes pushed to this rank, with the barriers it had
     /// passed when each arrived: a copy pushed at barrier `e` serves this
     /// rank's step after it and is dropped at its next barrier entry.
@@ -59,10 +77,26 @@ impl Consumers {
         if self.limit == 0 {
             return;
         }
-        if self.lost.remove(&(page, reader)) {
-            self.pushes.insert((page, reader), 0);
-        } else if let Some(pushes) = self.pushes.get_mut(&(page, reader)) {
-            *pushes = 0;
+        if let Some(consumer) = self.pushes.get_mut(&(page, reader)) {
+            if consumer.expired {
+                // Still reading: it faulted for want of a push.
+                consumer.expired = false;
+                consumer.limit = consumer
+                    .limit
+                    .saturating_mul(2)
+                    .min(self.limit << MOST_LIMIT_DOUBLINGS);
+            }
+            consumer.pushes = 0;
+        } else if self.lost.remove(&(page, reader)) {
+            if self.pushes.len() >= MOST_LOST {
+                self.pushes.retain(|_, c| !c.expired);
+            }
+            let consumer = Consumer {
+                pushes: 0,
+                limit: self.limit,
+                expired: false,
+            };
+            self.pushes.insert((page, reader), consumer);
         }
     }
 
@@ -79,15 +113,15 @@ impl Consumers {
     }
 
     /// Whether to push `page` to its consumer `reader` now: false once it
-    /// had `limit` pushes without a request of its own (the pair is then
-    /// dropped, until the reader asks again after a loss). The caller
-    /// counts the push with `pushed` if it happens.
+    /// had its limit of pushes without a request of its own (the pair then
+    /// expires, until the reader asks again). The caller counts the push
+    /// with `pushed` if it happens.
     fn due(&mut self, page: usize, reader: Rank) -> bool {
-        match self.pushes.get(&(page, reader)) {
-            Some(n) if *n < self.limit => true,
-            Some(_) => {
-                self.pushes.remove(&(page, reader));
-                self.lost.insert((page, reader));
+        match self.pushes.get_mut(&(page, reader)) {
+            Some(c) if c.expired => false,
+            Some(c) if c.pushes < c.limit => true,
+            Some(c) => {
+                c.expired = true;
                 false
             }
             None => false,
@@ -96,8 +130,8 @@ impl Consumers {
 
     /// `page` was pushed to its consumer `reader`.
     fn pushed(&mut self, page: usize, reader: Rank) {
-        if let Some(n) = self.pushes.get_mut(&(page, reader)) {
-            *n += 1;
+        if let Some(c) = self.pushes.get_mut(&(page, reader)) {
+            c.pushes += 1;
         }
     }
 
@@ -148,11 +182,11 @@ impl Engine {
                 return Ok(());
             };
             if node.copy_of(page) == Some(Copy::Shared) && node.evictable(page, now) {
-                let actions = node.evict(page, now)?;
+                let actions = node.evict_served_push(page, now)?;
                 self.apply(actions, Carried::Nothing)?;
             }
         }
-        if self.consumers.pushes.is_empty() {
+        if self.consumers.pushes.values().all(|c| c.expired) {
             return Ok(());
         }
         let me = self.rank;
@@ -164,8 +198,9 @@ impl Engine {
         let mut pairs: Vec<(usize, Rank)> = self
             .consumers
             .pushes
-            .keys()
-            .copied()
+            .iter()
+            .filter(|(_, c)| !c.expired)
+            .map(|(pair, _)| *pair)
             .filter(|(page, _)| {
                 node.directory(*page) == Some(&Directory::Exclusive(me))
                     && !self.rc.contains(*page)
@@ -220,25 +255,54 @@ mod tests {
         assert!(!c.due(4, 1), "nor another page");
     }
 
+    /// Pushes `page` to `reader` while due (its drop of each pushed copy
+    /// told, as a consumer's barrier does); how many.
+    fn push_until_expired(c: &mut Consumers, page: usize, reader: usize) -> u32 {
+        let mut pushes = 0;
+        while c.due(page, reader) {
+            c.pushed(page, reader);
+            // Its drop of the pushed copy does not make it new again.
+            c.lost(page, reader);
+            pushes += 1;
+            assert!(pushes <= 1000, "a consumer's pushes never expire");
+        }
+        pushes
+    }
+
     #[test]
-    fn a_consumer_that_never_asks_is_dropped_after_the_limit_until_it_asks_again() {
+    fn a_consumer_that_never_asks_expires_after_the_limit_until_it_asks_again() {
         let mut c = consumers(2);
         c.lost(7, 1);
         c.asked(7, 1);
-        for _ in 0..2 {
-            assert!(c.due(7, 1));
-            c.pushed(7, 1);
-            // Its drop of the pushed copy does not make it new again.
-            c.lost(7, 1);
-        }
-        assert!(!c.due(7, 1), "limit reached");
-        assert!(!c.due(7, 1), "and dropped");
+        assert_eq!(push_until_expired(&mut c, 7, 1), 2, "limit reached");
+        assert!(!c.due(7, 1), "and expired");
         c.asked(7, 1);
-        assert!(c.due(7, 1), "asking again after the loss re-arms it");
+        assert!(c.due(7, 1), "asking again after it expired re-arms it");
         c.pushed(7, 1);
         c.asked(7, 1);
         c.pushed(7, 1);
         assert!(c.due(7, 1), "a request of its own resets the count");
+    }
+
+    #[test]
+    fn a_consumer_that_keeps_asking_after_expiring_gets_doubling_limits_up_to_a_bound() {
+        let mut c = consumers(2);
+        c.lost(7, 1);
+        c.asked(7, 1);
+        let mut limits = Vec::new();
+        for _ in 0..7 {
+            limits.push(push_until_expired(&mut c, 7, 1));
+            c.asked(7, 1);
+        }
+        assert_eq!(limits, [2, 4, 8, 16, 32, 32, 32]);
+        // A request before the limit is reached keeps the limit.
+        c.pushed(7, 1);
+        c.asked(7, 1);
+        assert_eq!(push_until_expired(&mut c, 7, 1), 32);
+        // Another reader of the page starts at the base limit.
+        c.lost(7, 2);
+        c.asked(7, 2);
+        assert_eq!(push_until_expired(&mut c, 7, 2), 2);
     }
 
     #[test]
