@@ -82,23 +82,46 @@ impl FaultDelivery {
 }
 
 /// The wait poll of `DSM_WAIT_SPIN_US=auto` where CPUs are not
+/// oversubscribed: about a loopback round trip on the 2-vCPU VM measured.
+pub const AUTO_WAIT_SPIN: Duration = Duration::from_micros(60);
+
+/// A barrier's wait poll under `DSM_WAIT_SPIN_US=auto` where CPUs are not
 /// oversubscribed: long enough to cover a bulk-synchronous step's
-/// imbalance at a barrier (Jacobi 2048² at 2 ranks: a sweep's compute
-/// varies by 0.2-0.4 ms at p90), where a sleeping waiter pays a wake-up of
-/// its idle CPU (25-55 µs on the 2-vCPU VM). Past the first
+/// imbalance (Jacobi 2048² at 2 ranks: a sweep's compute varies by
+/// 0.2-0.4 ms at p90), which a sleeping waiter ends with a wake-up of its
+/// idle CPU (25-55 µs on the 2-vCPU VM). Past the first
 /// [`crate::sched::HOT_WAIT_POLL`] the poll yields its CPU between looks.
-pub const AUTO_WAIT_SPIN: Duration = Duration::from_millis(1);
+/// Other waits keep [`AUTO_WAIT_SPIN`]: their answer is a round trip away,
+/// and a longer poll there moved co-located faults between CPUs (the
+/// criterion fault 12 -> 37 µs in 3 runs of 4, unbound).
+pub const AUTO_BARRIER_SPIN: Duration = Duration::from_millis(1);
 
 /// `DSM_WAIT_SPIN_US=auto` for a host running `local_ranks` of the job's
 /// ranks: [`AUTO_WAIT_SPIN`] if the process may use at least as many
 /// CPUs, else no polling.
 pub fn auto_wait_spin(local_ranks: usize) -> Duration {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if local_ranks <= cpus {
+    if cpu_per_rank(local_ranks) {
         AUTO_WAIT_SPIN
     } else {
         Duration::ZERO
     }
+}
+
+/// A barrier's poll under `DSM_WAIT_SPIN_US=auto`: [`AUTO_BARRIER_SPIN`]
+/// where [`auto_wait_spin`] polls at all.
+pub fn auto_barrier_spin(local_ranks: usize) -> Duration {
+    if cpu_per_rank(local_ranks) {
+        AUTO_BARRIER_SPIN
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Whether the process may use a CPU for each of the `local_ranks` ranks
+/// of the job on this host.
+fn cpu_per_rank(local_ranks: usize) -> bool {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    local_ranks <= cpus
 }
 
 /// The bound on the pages a rank holds from other homes (`DSM_CACHE_SIZE`).
@@ -203,8 +226,9 @@ pub struct Config {
     /// CPU has nothing else of this thread's to do meanwhile, unless ranks
     /// outnumber CPUs: then polling ranks take the CPU the ones they wait
     /// for need (a barrier at 4 ranks on 2 CPUs: 69 -> 171 µs). `None`
-    /// (auto): [`AUTO_WAIT_SPIN`] when this host runs no more of the job's
-    /// ranks than the process may use CPUs, else 0.
+    /// (auto): [`AUTO_WAIT_SPIN`] ([`AUTO_BARRIER_SPIN`] for a barrier)
+    /// when this host runs no more of the job's ranks than the process may
+    /// use CPUs, else 0.
     pub wait_spin: Option<Duration>,
     /// How faults reach the engine (`DSM_FAULTS`).
     pub faults: FaultDelivery,
@@ -327,7 +351,7 @@ impl Config {
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
-    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds (past the first 60 the poll yields its CPU between looks), or `auto` (1000 when the host runs no more ranks than CPUs, else 0) | `auto` |
+    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds (past the first 60 the poll yields its CPU between looks), or `auto` (60, and 1000 for a barrier, when the host runs no more ranks than CPUs, else 0) | `auto` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
@@ -580,6 +604,8 @@ mod tests {
     fn waits_poll_only_where_cpus_are_not_oversubscribed() {
         assert_eq!(auto_wait_spin(1), AUTO_WAIT_SPIN, "one rank has a CPU");
         assert_eq!(auto_wait_spin(usize::MAX), Duration::ZERO);
+        assert_eq!(auto_barrier_spin(1), AUTO_BARRIER_SPIN);
+        assert_eq!(auto_barrier_spin(usize::MAX), Duration::ZERO);
     }
 
     #[test]

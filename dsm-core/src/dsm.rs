@@ -80,6 +80,8 @@ pub struct Dsm {
     barrier_lock: Mutex<()>,
     /// `Config::wait_spin` resolved for this host (`auto`).
     wait_spin: Duration,
+    /// The same for a barrier's wait (`config::auto_barrier_spin`).
+    barrier_spin: Duration,
     /// `Config::cache` resolved for this host, in bytes (`None`: no bound).
     cache_bytes: Mutex<Option<usize>>,
     faults: Option<Arc<FaultHandler>>,
@@ -156,6 +158,9 @@ impl Dsm {
         let wait_spin = config
             .wait_spin
             .unwrap_or_else(|| crate::config::auto_wait_spin(local_ranks.max(1)));
+        let barrier_spin = config
+            .wait_spin
+            .unwrap_or_else(|| crate::config::auto_barrier_spin(local_ranks.max(1)));
         let cache_bytes = match config.protocol {
             Protocol::Mrsw | Protocol::Release => {
                 let ram = crate::memory::node_total().map_or(u64::MAX, |(ram, _)| ram);
@@ -325,6 +330,7 @@ impl Dsm {
             stats,
             barrier_lock: Mutex::new(()),
             wait_spin,
+            barrier_spin,
             cache_bytes: Mutex::new(cache_bytes),
             faults: Some(faults),
             region: Some(region),
@@ -394,7 +400,7 @@ impl Dsm {
     pub fn barrier(&self) -> Result<(), DsmError> {
         let _one_at_a_time = self.barrier_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _waiting = self.waiting.guard(WaitFor::Barrier);
-        self.ask(Input::Barrier)
+        self.ask_polling(self.barrier_spin, Input::Barrier)
     }
 
     /// Serves an API call here and waits for its answer, polling for it
@@ -404,14 +410,23 @@ impl Dsm {
     /// the request leaves, as a faulting thread does): the message that
     /// brings the answer wakes no receive thread either.
     fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Input) -> Result<T, DsmError> {
+        self.ask_polling(self.wait_spin, make)
+    }
+
+    /// [`Dsm::ask`], polling for up to `spin`.
+    fn ask_polling<T>(
+        &self,
+        spin: Duration,
+        make: impl FnOnce(Reply<T>) -> Input,
+    ) -> Result<T, DsmError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let mut answers = if self.wait_spin.is_zero() {
+        let mut answers = if spin.is_zero() {
             None
         } else {
             self.transport.poll_answers()
         };
         self.serve(make(tx))?;
-        crate::sched::poll_with_answers(&mut answers, self.wait_spin, || !rx.is_empty());
+        crate::sched::poll_with_answers(&mut answers, spin, || !rx.is_empty());
         // Ended before sleeping: a poll holds back the receive threads'
         // wake-ups.
         drop(answers);
