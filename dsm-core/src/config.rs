@@ -226,9 +226,11 @@ pub struct Config {
     /// CPU has nothing else of this thread's to do meanwhile, unless ranks
     /// outnumber CPUs: then polling ranks take the CPU the ones they wait
     /// for need (a barrier at 4 ranks on 2 CPUs: 69 -> 171 µs). `None`
-    /// (auto): [`AUTO_WAIT_SPIN`] ([`AUTO_BARRIER_SPIN`] for a barrier)
-    /// when this host runs no more of the job's ranks than the process may
-    /// use CPUs, else 0.
+    /// (auto): [`AUTO_WAIT_SPIN`] ([`AUTO_BARRIER_SPIN`] for a barrier;
+    /// for a faulting thread twice its rank's recent waits for a page, at
+    /// least [`AUTO_WAIT_SPIN`]: `sigbus::PagePoll::Adaptive`) when this
+    /// host runs no more of the job's ranks than the process may use CPUs,
+    /// else 0.
     pub wait_spin: Option<Duration>,
     /// How faults reach the engine (`DSM_FAULTS`).
     pub faults: FaultDelivery,
@@ -351,7 +353,7 @@ impl Config {
     /// | `DSM_CACHE_SIZE` | most bytes of pages homed elsewhere a rank holds (evicted beyond): a size (`512M`, `2G`), a percentage of the node's memory (`10%`), `auto` (a quarter of the node's memory split among the job's ranks on the host) or `unlimited` | `auto` |
     /// | `DSM_MEMFD_RETAIN` | with a memfd: size of the dropped pages whose frames are kept for their next fetch (beyond it, all are released; at most `DSM_CACHE_SIZE`) | `256M` |
     /// | `DSM_SPIN_US` | how long the fault and engine threads poll for work before sleeping | `0` |
-    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds (past the first 60 the poll yields its CPU between looks), or `auto` (60, and 1000 for a barrier, when the host runs no more ranks than CPUs, else 0) | `auto` |
+    /// | `DSM_WAIT_SPIN_US` | how long a thread waiting on the DSM (its faulted page with SIGBUS delivery, a lock, a barrier) polls before it sleeps: microseconds (past the first 60 the poll yields its CPU between looks), or `auto` (where the host runs no more ranks than CPUs: a faulting thread twice its recent waits for a page, 60 to 2000; a barrier 1000; other calls 60; else 0) | `auto` |
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |

@@ -17,6 +17,7 @@ use crate::hang::{self, Reporter, ThreadReport, WaitFor, Waiting};
 use crate::proto::SegmentInfo;
 use crate::sched;
 use crate::segment::{Consistency, Placement, Segment};
+use crate::sigbus::PagePoll;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::{Rank, Transport, TransportError};
 
@@ -269,12 +270,17 @@ impl Dsm {
                 (Some(reader), Some(stop_write), None)
             }
             FaultDelivery::Sigbus => {
+                // `auto`: as long as pages have recently taken to come.
+                let page_poll = match config.wait_spin {
+                    None if !wait_spin.is_zero() => PagePoll::Adaptive { floor: wait_spin },
+                    _ => PagePoll::Fixed(wait_spin),
+                };
                 let server = engine::signal_fault_server(
                     engine_state,
                     Arc::clone(&transport),
                     faults_served,
                     failures,
-                    wait_spin,
+                    page_poll,
                     Arc::clone(&waiting),
                 );
                 let registration = crate::sigbus::register(region.base(), region.len(), server)

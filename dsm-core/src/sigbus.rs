@@ -22,7 +22,9 @@
 //! touch the shared space's missing pages (it only touches pages it holds),
 //! as with the fault thread.
 
-use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -47,7 +49,32 @@ pub struct Waiters {
     /// wait (bench `concurrent_faults`).
     waiting_now: AtomicUsize,
     polling_limit: usize,
+    /// The recent waits for a page that an install ended, in nanoseconds
+    /// (a moving average; 0: none yet), for [`PagePoll::Adaptive`].
+    typical_wait_ns: AtomicU64,
 }
+
+/// How long a faulting thread polls for its page before it sleeps
+/// (`DSM_WAIT_SPIN_US`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagePoll {
+    /// This long (`DSM_WAIT_SPIN_US` set; zero: it sleeps at once).
+    Fixed(Duration),
+    /// Twice as long as pages have recently taken to come, at least
+    /// `floor` and at most [`MOST_PAGE_POLL`] (`auto`, where the ranks of
+    /// this host have a CPU each): about a round trip on this machine and
+    /// network, so a page that comes as fast as usual finds its thread
+    /// awake, whether a round trip takes 10 µs (shared memory) or 1 ms
+    /// (the soft-RoCE VM), where a sleeping thread's wake-up costs about as
+    /// much again.
+    Adaptive {
+        /// The shortest poll: `DSM_WAIT_SPIN_US`'s `auto` value.
+        floor: Duration,
+    },
+}
+
+/// The longest poll [`PagePoll::Adaptive`] takes.
+pub const MOST_PAGE_POLL: Duration = Duration::from_millis(2);
 
 /// What a thread about to wait for a page has seen: its bucket's epoch
 /// before it asked for the page; and whether it polls before it sleeps.
@@ -74,11 +101,41 @@ impl Default for Waiters {
             waiting: std::array::from_fn(|_| AtomicU32::new(0)),
             waiting_now: AtomicUsize::new(0),
             polling_limit: (cpus / 4).max(1),
+            typical_wait_ns: AtomicU64::new(0),
         }
     }
 }
 
 impl Waiters {
+    /// How long a thread about to wait for a page polls first, as `poll`
+    /// says.
+    pub fn poll_for(&self, poll: PagePoll) -> Duration {
+        match poll {
+            PagePoll::Fixed(spin) => spin,
+            PagePoll::Adaptive { floor } => {
+                let typical = Duration::from_nanos(self.typical_wait_ns.load(Relaxed));
+                typical
+                    .saturating_mul(2)
+                    .clamp(floor, MOST_PAGE_POLL.max(floor))
+            }
+        }
+    }
+
+    /// A wait for a page that an install ended took `waited`, request
+    /// included: counted in the moving average (weight 1/8) that
+    /// [`PagePoll::Adaptive`] follows. Two threads recording at once may
+    /// lose one sample, which an average can spare.
+    pub fn waited(&self, waited: Duration) {
+        let sample = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.typical_wait_ns.load(Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.typical_wait_ns.store(new, Relaxed);
+    }
+
     /// Called before the fault is served: any install of the page's bucket
     /// from now on ends the wait. The thread counts as waiting from here:
     /// only so many threads poll at once (`polling_limit`), the others
@@ -367,4 +424,30 @@ fn not_ours(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc:
     }
     // SAFETY: signal() is async-signal-safe.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PagePoll, Waiters, MOST_PAGE_POLL};
+    use std::time::Duration;
+
+    #[test]
+    fn an_adaptive_poll_follows_twice_the_recent_waits_within_its_bounds() {
+        let w = Waiters::default();
+        let floor = Duration::from_micros(60);
+        let adaptive = PagePoll::Adaptive { floor };
+        assert_eq!(w.poll_for(adaptive), floor, "no wait seen yet");
+        w.waited(Duration::from_micros(500));
+        assert_eq!(w.poll_for(adaptive), Duration::from_micros(1000));
+        for _ in 0..100 {
+            w.waited(Duration::from_micros(10));
+        }
+        assert_eq!(w.poll_for(adaptive), floor, "fast pages: the floor");
+        for _ in 0..100 {
+            w.waited(Duration::from_millis(50));
+        }
+        assert_eq!(w.poll_for(adaptive), MOST_PAGE_POLL, "capped");
+        let fixed = Duration::from_micros(7);
+        assert_eq!(w.poll_for(PagePoll::Fixed(fixed)), fixed, "a set value");
+    }
 }

@@ -26,6 +26,7 @@ use crate::error::DsmError;
 use crate::fault::{Fault, FaultHandler};
 use crate::hang::{WaitFor, Waiting};
 use crate::proto::Msg;
+use crate::sigbus::PagePoll;
 use crate::stats::Stats;
 use crate::transport::{Incoming, InlineDelivery, PayloadPlacement, Transport};
 use crate::{proto, Message, Rank};
@@ -180,7 +181,7 @@ pub(crate) fn signal_fault_server(
     transport: Arc<dyn Transport>,
     faults: Arc<FaultHandler>,
     events: Sender<Input>,
-    spin: Duration,
+    page_poll: PagePoll,
     waiting: Arc<Waiting>,
 ) -> crate::sigbus::Server {
     Box::new(move |page, write| {
@@ -190,6 +191,8 @@ pub(crate) fn signal_fault_server(
         // Registered for hang reports: a thread still waiting for its page
         // re-enters here at each retry, so the wait stays on record.
         waiting.enter(WaitFor::Page { page, write });
+        let spin = waiters.poll_for(page_poll);
+        let asked = Instant::now();
         let ticket = waiters.prepare(page, spin);
         // Before the request leaves: its answer must find the poll.
         let mut answers = if ticket.polls() {
@@ -219,6 +222,7 @@ pub(crate) fn signal_fault_server(
             crate::sched::poll_with_answers(&mut answers, spin, done);
         };
         if waiters.wait(ticket, spin, SIGNAL_WAIT, poll) {
+            waiters.waited(asked.elapsed());
             waiting.leave();
         } else {
             waiting.pause();
