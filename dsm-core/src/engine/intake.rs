@@ -192,7 +192,8 @@ pub(crate) fn signal_fault_server(
         // re-enters here at each retry, so the wait stays on record.
         waiting.enter(WaitFor::Page { page, write });
         let spin = waiters.poll_for(page_poll);
-        let asked = Instant::now();
+        // Timed only for an adaptive poll, the one reader of the average.
+        let asked = matches!(page_poll, PagePoll::Adaptive { .. }).then(Instant::now);
         let ticket = waiters.prepare(page, spin);
         // Before the request leaves: its answer must find the poll.
         let mut answers = if ticket.polls() {
@@ -222,7 +223,9 @@ pub(crate) fn signal_fault_server(
             crate::sched::poll_with_answers(&mut answers, spin, done);
         };
         if waiters.wait(ticket, spin, SIGNAL_WAIT, poll) {
-            waiters.waited(asked.elapsed());
+            if let Some(asked) = asked {
+                waiters.waited(asked.elapsed());
+            }
             waiting.leave();
         } else {
             waiting.pause();
