@@ -352,8 +352,8 @@ pub enum Msg {
     Diff {
         /// The page.
         page: u64,
-        /// Runs of changed words, in increasing order, not overlapping.
-        runs: Vec<DiffRun>,
+        /// The changed words.
+        runs: DiffRuns,
     },
     /// Release consistency, home -> writer: the diff of `page` is applied.
     DiffAck {
@@ -362,13 +362,59 @@ pub enum Msg {
     },
 }
 
-/// Consecutive changed words of a page ([`Msg::Diff`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DiffRun {
-    /// Index of the first word (8 bytes each) in the page.
-    pub first_word: u16,
-    /// The words' new values, little-endian as in memory.
-    pub words: Vec<u64>,
+/// The words of a page a writer changed ([`Msg::Diff`]): runs of
+/// consecutive words, in increasing order, none empty, none overlapping.
+/// Kept flat (one list of run heads, one of words) so that a diff of many
+/// scattered words costs two allocations, not one per run (ranks writing
+/// interleaved slots make a run of every word they wrote).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct DiffRuns {
+    /// Each run's first word and length in words.
+    heads: Vec<(u16, u16)>,
+    /// The runs' new values, run after run, little-endian as in memory.
+    words: Vec<u64>,
+}
+
+impl DiffRuns {
+    /// No word changed.
+    pub fn new() -> DiffRuns {
+        DiffRuns::default()
+    }
+
+    /// Adds word `index` of the page, changed to `value`: it extends the
+    /// last run when it follows it. Words are added in increasing order.
+    pub fn push(&mut self, index: usize, value: u64) {
+        match self.heads.last_mut() {
+            Some((first, len)) if *first as usize + *len as usize == index => *len += 1,
+            _ => self.heads.push((index as u16, 1)),
+        }
+        self.words.push(value);
+    }
+
+    /// True when no word changed.
+    pub fn is_empty(&self) -> bool {
+        self.heads.is_empty()
+    }
+
+    /// Words changed.
+    pub fn words(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Each run as its first word's index and its values, in order.
+    pub fn runs(&self) -> impl Iterator<Item = (usize, &[u64])> {
+        let mut rest = &self.words[..];
+        self.heads.iter().map(move |&(first, len)| {
+            let (run, tail) = rest.split_at((len as usize).min(rest.len()));
+            rest = tail;
+            (first as usize, run)
+        })
+    }
+
+    /// Bytes the runs take on the wire after the page number.
+    fn wire_len(&self) -> usize {
+        2 + 4 * self.heads.len() + 8 * self.words.len()
+    }
 }
 
 /// Why bytes received are not a well-formed DSM message.
@@ -696,12 +742,13 @@ impl Msg {
             Msg::FindSegment { page } => Msg::page_only(&mut out, FIND_SEGMENT, *page),
             Msg::DiffAck { page } => Msg::page_only(&mut out, DIFF_ACK, *page),
             Msg::Diff { page, runs } => {
+                out.reserve(9 + runs.wire_len());
                 Msg::page_only(&mut out, DIFF, *page);
-                out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
-                for run in runs {
-                    out.extend_from_slice(&run.first_word.to_le_bytes());
-                    out.extend_from_slice(&(run.words.len() as u16).to_le_bytes());
-                    for word in &run.words {
+                out.extend_from_slice(&(runs.heads.len() as u16).to_le_bytes());
+                for (first, words) in runs.runs() {
+                    out.extend_from_slice(&(first as u16).to_le_bytes());
+                    out.extend_from_slice(&(words.len() as u16).to_le_bytes());
+                    for word in words {
                         out.extend_from_slice(&word.to_le_bytes());
                     }
                 }
@@ -998,7 +1045,10 @@ fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
     let page = u64_at(bytes, 1);
     let count = u16::from_le_bytes([bytes[9], bytes[10]]) as usize;
     let mut at = 11;
-    let mut runs = Vec::with_capacity(count.min(PAGE_WORDS));
+    let mut runs = DiffRuns {
+        heads: Vec::with_capacity(count.min(PAGE_WORDS)),
+        words: Vec::with_capacity(bytes.len().saturating_sub(11) / 8),
+    };
     let mut next_free = 0usize;
     for _ in 0..count {
         let head = bytes.get(at..at + 4).ok_or(bad("diff run header"))?;
@@ -1009,14 +1059,11 @@ fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
         }
         at += 4;
         let body = bytes.get(at..at + 8 * len).ok_or(bad("diff run words"))?;
-        let words = body
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-            .collect();
-        runs.push(DiffRun {
-            first_word: first as u16,
-            words,
-        });
+        runs.words.extend(
+            body.chunks_exact(8)
+                .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])),
+        );
+        runs.heads.push((first as u16, len as u16));
         at += 8 * len;
         next_free = first + len;
     }
@@ -1139,16 +1186,13 @@ mod tests {
             Msg::DiffAck { page: 12 },
             Msg::Diff {
                 page: 13,
-                runs: vec![
-                    DiffRun {
-                        first_word: 0,
-                        words: vec![1, 2],
-                    },
-                    DiffRun {
-                        first_word: 511,
-                        words: vec![u64::MAX],
-                    },
-                ],
+                runs: {
+                    let mut runs = DiffRuns::new();
+                    for (i, v) in [(0, 1), (1, 2), (511, u64::MAX)] {
+                        runs.push(i, v);
+                    }
+                    runs
+                },
             },
             Msg::FoundSegment {
                 page: 10,

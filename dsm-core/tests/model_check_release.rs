@@ -27,7 +27,7 @@ use std::collections::{HashSet, VecDeque};
 
 use dsm_core::coherence::release::Release;
 use dsm_core::coherence::Action;
-use dsm_core::proto::{DiffRun, Msg, Payload};
+use dsm_core::proto::{DiffRuns, Msg, Payload};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Op {
@@ -403,13 +403,13 @@ impl Model {
                     },
                     M::Diff(p, changed) => Msg::Diff {
                         page: *p as u64,
-                        runs: changed
-                            .iter()
-                            .map(|&(i, v)| DiffRun {
-                                first_word: i as u16,
-                                words: vec![v],
-                            })
-                            .collect(),
+                        runs: {
+                            let mut runs = DiffRuns::new();
+                            for &(i, v) in changed {
+                                runs.push(i, v);
+                            }
+                            runs
+                        },
                     },
                     M::DiffAck(p) => Msg::DiffAck { page: *p as u64 },
                 };

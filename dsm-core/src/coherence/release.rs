@@ -565,6 +565,7 @@ impl Release {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::DiffRuns;
 
     fn grant(page: u64) -> Msg {
         Msg::Grant {
@@ -680,7 +681,7 @@ mod tests {
         let mut home = Release::new(0, 2, 2);
         let diff = Msg::Diff {
             page: 0,
-            runs: Vec::new(),
+            runs: DiffRuns::new(),
         };
         assert_eq!(
             home.on_message(1, &diff).unwrap(),
@@ -702,7 +703,7 @@ mod tests {
                 1,
                 &Msg::Diff {
                     page: 1,
-                    runs: Vec::new()
+                    runs: DiffRuns::new()
                 }
             )
             .is_err());

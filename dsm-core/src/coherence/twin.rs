@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::config::{PAGE_SIZE, PAGE_WORDS};
-use crate::proto::DiffRun;
+use crate::proto::DiffRuns;
 
 /// A page's words as they were when it was made writable.
 pub type Twin = Box<[u64; PAGE_WORDS]>;
@@ -55,10 +55,11 @@ fn check_bytes(page: &[u8]) -> Result<(), DiffError> {
 }
 
 /// The twin of `page`, the bytes of a write-protected copy (nothing
-/// stores to it meanwhile).
-pub fn take_twin(page: &[u8]) -> Result<Twin, DiffError> {
+/// stores to it meanwhile), in `spare` if given (a twin done with: a page
+/// allocation per write fault costs more than the copy).
+pub fn take_twin(page: &[u8], spare: Option<Twin>) -> Result<Twin, DiffError> {
     check_bytes(page)?;
-    let mut twin = Box::new([0u64; PAGE_WORDS]);
+    let mut twin = spare.unwrap_or_else(|| Box::new([0u64; PAGE_WORDS]));
     bytemuck::cast_slice_mut::<u64, u8>(&mut twin[..]).copy_from_slice(page);
     Ok(twin)
 }
@@ -66,11 +67,11 @@ pub fn take_twin(page: &[u8]) -> Result<Twin, DiffError> {
 /// The runs of words of `page` that differ from `twin`, in order. `page`
 /// is the bytes of the copy, write-protected for the comparison (a store
 /// meanwhile would fault, and wait).
-pub fn diff(page: &[u8], twin: &[u64; PAGE_WORDS]) -> Result<Vec<DiffRun>, DiffError> {
+pub fn diff(page: &[u8], twin: &[u64; PAGE_WORDS]) -> Result<DiffRuns, DiffError> {
     check_bytes(page)?;
     let then: &[u8] = bytemuck::cast_slice(&twin[..]);
     let block = 8 * BLOCK_WORDS;
-    let mut runs: Vec<DiffRun> = Vec::new();
+    let mut runs = DiffRuns::new();
     for (b, (now, old)) in page
         .chunks_exact(block)
         .zip(then.chunks_exact(block))
@@ -84,18 +85,8 @@ pub fn diff(page: &[u8], twin: &[u64; PAGE_WORDS]) -> Result<Vec<DiffRun>, DiffE
             let mut bytes = [0u8; 8];
             bytes.copy_from_slice(word);
             let value = u64::from_ne_bytes(bytes);
-            if value == twin[i] {
-                continue;
-            }
-            match runs.last_mut() {
-                // The last run ends right before this word: it grows.
-                Some(run) if run.first_word as usize + run.words.len() == i => {
-                    run.words.push(value)
-                }
-                _ => runs.push(DiffRun {
-                    first_word: i as u16,
-                    words: vec![value],
-                }),
+            if value != twin[i] {
+                runs.push(i, value);
             }
         }
     }
@@ -104,17 +95,16 @@ pub fn diff(page: &[u8], twin: &[u64; PAGE_WORDS]) -> Result<Vec<DiffRun>, DiffE
 
 /// Writes the runs' words into `page` (the home's copy); the other words
 /// are left as they are.
-pub fn apply(page: &[AtomicU64], runs: &[DiffRun]) -> Result<(), DiffError> {
+pub fn apply(page: &[AtomicU64], runs: &DiffRuns) -> Result<(), DiffError> {
     check_page(page)?;
-    for run in runs {
-        let first = run.first_word as usize;
+    for (first, words) in runs.runs() {
         let target = page
-            .get(first..first + run.words.len())
+            .get(first..first + words.len())
             .ok_or(DiffError::BeyondPage {
                 first,
-                len: run.words.len(),
+                len: words.len(),
             })?;
-        for (w, v) in target.iter().zip(&run.words) {
+        for (w, v) in target.iter().zip(words) {
             w.store(*v, Relaxed);
         }
     }
@@ -153,43 +143,38 @@ mod tests {
     #[test]
     fn an_unchanged_page_has_an_empty_diff() {
         let page = page_of(&[7; PAGE_WORDS]);
-        let twin = take_twin(&bytes(&page)).unwrap();
-        assert_eq!(diff(&bytes(&page), &twin).unwrap(), Vec::new());
+        let twin = take_twin(&bytes(&page), None).unwrap();
+        assert!(diff(&bytes(&page), &twin).unwrap().is_empty());
     }
 
     #[test]
     fn adjacent_changed_words_make_one_run() {
         let page = page_of(&[0; PAGE_WORDS]);
-        let twin = take_twin(&bytes(&page)).unwrap();
+        let twin = take_twin(&bytes(&page), None).unwrap();
         for (i, v) in [(3, 1), (4, 2), (5, 3), (9, 4), (PAGE_WORDS - 1, 5)] {
             page[i].store(v, Relaxed);
         }
         let runs = diff(&bytes(&page), &twin).unwrap();
-        let shape: Vec<(u16, Vec<u64>)> =
-            runs.into_iter().map(|r| (r.first_word, r.words)).collect();
+        let shape: Vec<(usize, Vec<u64>)> = runs.runs().map(|(i, w)| (i, w.to_vec())).collect();
         assert_eq!(
             shape,
-            vec![
-                (3, vec![1, 2, 3]),
-                (9, vec![4]),
-                (PAGE_WORDS as u16 - 1, vec![5])
-            ]
+            vec![(3, vec![1, 2, 3]), (9, vec![4]), (PAGE_WORDS - 1, vec![5])]
         );
     }
 
     #[test]
     fn a_run_past_the_page_or_a_short_page_is_refused() {
         let page = page_of(&[0; PAGE_WORDS]);
-        let run = DiffRun {
-            first_word: PAGE_WORDS as u16 - 1,
-            words: vec![1, 2],
-        };
+        // Made by hand: `DiffRuns::push` and the decoder never make one.
+        let mut run = DiffRuns::new();
+        run.push(PAGE_WORDS - 1, 1);
+        run.push(PAGE_WORDS, 2);
         assert!(matches!(
-            apply(&page, &[run]),
+            apply(&page, &run),
             Err(DiffError::BeyondPage { .. })
         ));
         assert_eq!(
-            take_twin(&bytes(&page[1..])).unwrap_err(),
+            take_twin(&bytes(&page[1..]), None).unwrap_err(),
             DiffError::NotAPage(PAGE_WORDS - 1)
         );
     }
@@ -205,7 +190,7 @@ mod tests {
             first_a in any::<bool>(),
         ) {
             let (a, b) = (page_of(&base), page_of(&base));
-            let (twin_a, twin_b) = (take_twin(&bytes(&a)).unwrap(), take_twin(&bytes(&b)).unwrap());
+            let (twin_a, twin_b) = (take_twin(&bytes(&a), None).unwrap(), take_twin(&bytes(&b), None).unwrap());
             let mut expected = base.clone();
             for (i, v, by_a) in &writes {
                 // Word i belongs to writer a if even, b if odd: no race.

@@ -283,6 +283,8 @@ pub(crate) struct Engine {
     pages_since_memory_check: usize,
     /// Release consistency: the twins of this rank's dirty copies.
     twins: FxHashMap<usize, Twin>,
+    /// Twins done with, kept for the next write faults (`SPARE_TWINS`).
+    spare_twins: Vec<Twin>,
     /// Release consistency: synchronizations waiting for a release, in
     /// order (`sync.rs`); the first one's release is under way.
     after_release: VecDeque<sync::AfterRelease>,
@@ -376,6 +378,7 @@ impl Engine {
             cache: Cache::new(pages),
             pages_since_memory_check: 0,
             twins: FxHashMap::default(),
+            spare_twins: Vec::new(),
             after_release: VecDeque::new(),
         }
     }

@@ -44,6 +44,10 @@ pub(super) enum Carried<'a> {
 /// large share of a 64 MiB stream without allocating.
 const SPARE_PAGES: usize = 4096;
 
+/// Most twins kept for reuse (256 KiB): enough for the pages a rank writes
+/// between two releases in the kernels measured, small beside its cache.
+const SPARE_TWINS: usize = 64;
+
 /// A page holding `bytes`, in a spare buffer when there is one.
 pub(super) fn filled_page(spares: &mut Vec<PageData>, bytes: &[u8]) -> PageData {
     if bytes.len() == PAGE_SIZE {
@@ -313,12 +317,15 @@ impl Engine {
         };
         self.faults.write_protect(page, 1)?;
         let runs = twin::diff(self.faults.mapped_page(page), &twin)?;
+        if self.spare_twins.len() < SPARE_TWINS {
+            self.spare_twins.push(twin);
+        }
         if runs.is_empty() {
             let actions = self.release.diff_empty(page)?;
             return self.apply(actions, Carried::Nothing);
         }
         Stats::add(&self.stats.diffs_sent, 1);
-        let words = runs.iter().map(|r| r.words.len() as u64).sum();
+        let words = runs.words() as u64;
         Stats::add(&self.stats.diff_words_sent, words);
         let msg = Msg::Diff {
             page: page as u64,
@@ -560,7 +567,8 @@ impl Engine {
                 Action::Settled { page } => self.settled(page)?,
                 Action::TakeTwin { page } => {
                     // Installed write-protected: read in place.
-                    let twin = twin::take_twin(self.faults.mapped_page(page))?;
+                    let twin =
+                        twin::take_twin(self.faults.mapped_page(page), self.spare_twins.pop())?;
                     self.twins.insert(page, twin);
                 }
                 Action::SendDiff { to, page } => self.send_diff(to, page)?,
