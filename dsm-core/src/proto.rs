@@ -55,6 +55,7 @@ const FOUND_SEGMENT: u8 = 35;
 /// acknowledgement (see [`crate::coherence::release`]).
 const DIFF: u8 = 36;
 const DIFF_ACK: u8 = 37;
+const COPY_REQ: u8 = 38;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
@@ -180,11 +181,17 @@ pub enum Msg {
     BarrierEnter {
         /// The barrier's number: every rank counts its barriers from 1.
         epoch: u64,
+        /// Release consistency: the diffs this rank sent each home (rank,
+        /// count) just before, unacknowledged (`Diff::barrier`).
+        diffs: Vec<(u32, u32)>,
     },
     /// Rank 0 -> every rank (itself too): all ranks reached barrier `epoch`.
     BarrierRelease {
         /// The barrier's number, as in its `BarrierEnter`.
         epoch: u64,
+        /// Release consistency: how many diffs the entries carried to this
+        /// rank, which it applies before it passes the barrier.
+        diffs_due: u32,
     },
     /// Multi-reader protocol, requester -> home: a read-only copy of `page`.
     ReadReq {
@@ -354,6 +361,19 @@ pub enum Msg {
         page: u64,
         /// The changed words.
         runs: DiffRuns,
+        /// `Some(epoch)`: sent by the release of the writer's entry into
+        /// barrier `epoch`, which counts it (no acknowledgement); `None`:
+        /// acknowledged with `DiffAck` (a lock's release).
+        barrier: Option<u64>,
+    },
+    /// Release consistency, rank -> home: a copy of `page`, for a rank that
+    /// passed `barriers` barriers: answered (`Grant`, read) once every diff
+    /// of those barriers reached the home.
+    CopyReq {
+        /// The page wanted.
+        page: u64,
+        /// Barriers the requester passed.
+        barriers: u64,
     },
     /// Release consistency, home -> writer: the diff of `page` is applied.
     DiffAck {
@@ -659,13 +679,24 @@ impl Msg {
             Msg::PageGrant { page, data } => {
                 return Msg::grant_header(*page as usize, data.is_some())
             }
-            Msg::BarrierEnter { epoch } => {
+            Msg::BarrierEnter { epoch, diffs } => {
+                out.reserve(13 + 8 * diffs.len());
                 out.push(BARRIER_ENTER);
                 out.extend_from_slice(&epoch.to_le_bytes());
+                out.extend_from_slice(&(diffs.len() as u32).to_le_bytes());
+                for (home, count) in diffs {
+                    out.extend_from_slice(&home.to_le_bytes());
+                    out.extend_from_slice(&count.to_le_bytes());
+                }
             }
-            Msg::BarrierRelease { epoch } => {
+            Msg::BarrierRelease { epoch, diffs_due } => {
                 out.push(BARRIER_RELEASE);
                 out.extend_from_slice(&epoch.to_le_bytes());
+                out.extend_from_slice(&diffs_due.to_le_bytes());
+            }
+            Msg::CopyReq { page, barriers } => {
+                Msg::page_only(&mut out, COPY_REQ, *page);
+                out.extend_from_slice(&barriers.to_le_bytes());
             }
             Msg::ReadReq { page } => Msg::page_only(&mut out, READ_REQ, *page),
             Msg::WriteReq { page } => Msg::page_only(&mut out, WRITE_REQ, *page),
@@ -741,9 +772,15 @@ impl Msg {
             Msg::Lookup { page } => Msg::page_only(&mut out, LOOKUP, *page),
             Msg::FindSegment { page } => Msg::page_only(&mut out, FIND_SEGMENT, *page),
             Msg::DiffAck { page } => Msg::page_only(&mut out, DIFF_ACK, *page),
-            Msg::Diff { page, runs } => {
-                out.reserve(9 + runs.wire_len());
+            Msg::Diff {
+                page,
+                runs,
+                barrier,
+            } => {
+                out.reserve(17 + runs.wire_len());
                 Msg::page_only(&mut out, DIFF, *page);
+                // 0: acknowledged (barriers are numbered from 1).
+                out.extend_from_slice(&barrier.unwrap_or(0).to_le_bytes());
                 out.extend_from_slice(&(runs.heads.len() as u16).to_le_bytes());
                 for (first, words) in runs.runs() {
                     out.extend_from_slice(&(first as u16).to_le_bytes());
@@ -886,13 +923,33 @@ impl Msg {
                     data: None,
                 })
             }
-            BARRIER_ENTER | BARRIER_RELEASE => {
-                expect(9)?;
-                let epoch = u64_at(bytes, 1);
-                Ok(if kind == BARRIER_ENTER {
-                    Msg::BarrierEnter { epoch }
-                } else {
-                    Msg::BarrierRelease { epoch }
+            BARRIER_ENTER => {
+                if bytes.len() < 13 {
+                    expect(13)?;
+                }
+                let count = u32_at(bytes, 9) as usize;
+                expect(13usize.saturating_add(count.saturating_mul(8)))?;
+                let diffs = bytes[13..]
+                    .chunks_exact(8)
+                    .map(|pair| (u32_at(pair, 0), u32_at(pair, 4)))
+                    .collect();
+                Ok(Msg::BarrierEnter {
+                    epoch: u64_at(bytes, 1),
+                    diffs,
+                })
+            }
+            BARRIER_RELEASE => {
+                expect(13)?;
+                Ok(Msg::BarrierRelease {
+                    epoch: u64_at(bytes, 1),
+                    diffs_due: u32_at(bytes, 9),
+                })
+            }
+            COPY_REQ => {
+                expect(17)?;
+                Ok(Msg::CopyReq {
+                    page: u64_at(bytes, 1),
+                    barriers: u64_at(bytes, 9),
                 })
             }
             READ_REQ | WRITE_REQ | INVALIDATE | INVALIDATE_ACK | EVICTED => {
@@ -1031,23 +1088,25 @@ impl Msg {
     }
 }
 
-/// A [`Msg::Diff`]: page, run count, then each run's first word, word count
-/// and words; runs in order, inside the page, none empty.
+/// A [`Msg::Diff`]: page, barrier (0: none), run count, then each run's
+/// first word, word count and words; runs in order, inside the page, none
+/// empty.
 fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
     let bad = |what: &'static str| ProtoError::BadField { kind: DIFF, what };
-    if bytes.len() < 11 {
+    if bytes.len() < 19 {
         return Err(ProtoError::BadLength {
             kind: DIFF,
             len: bytes.len(),
-            expected: 11,
+            expected: 19,
         });
     }
     let page = u64_at(bytes, 1);
-    let count = u16::from_le_bytes([bytes[9], bytes[10]]) as usize;
-    let mut at = 11;
+    let barrier = Some(u64_at(bytes, 9)).filter(|&epoch| epoch != 0);
+    let count = u16::from_le_bytes([bytes[17], bytes[18]]) as usize;
+    let mut at = 19;
     let mut runs = DiffRuns {
         heads: Vec::with_capacity(count.min(PAGE_WORDS)),
-        words: Vec::with_capacity(bytes.len().saturating_sub(11) / 8),
+        words: Vec::with_capacity(bytes.len().saturating_sub(19) / 8),
     };
     let mut next_free = 0usize;
     for _ in 0..count {
@@ -1074,7 +1133,11 @@ fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
             expected: at,
         });
     }
-    Ok(Msg::Diff { page, runs })
+    Ok(Msg::Diff {
+        page,
+        runs,
+        barrier,
+    })
 }
 
 #[cfg(test)]
@@ -1103,8 +1166,22 @@ mod tests {
             page: 9,
             data: Some(page),
         });
-        round_trip(Msg::BarrierEnter { epoch: 5 });
-        round_trip(Msg::BarrierRelease { epoch: 6 });
+        round_trip(Msg::BarrierEnter {
+            epoch: 5,
+            diffs: Vec::new(),
+        });
+        round_trip(Msg::BarrierEnter {
+            epoch: 5,
+            diffs: vec![(1, 3), (7, u32::MAX)],
+        });
+        round_trip(Msg::BarrierRelease {
+            epoch: 6,
+            diffs_due: 4,
+        });
+        round_trip(Msg::CopyReq {
+            page: 3,
+            barriers: 9,
+        });
         let page = Arc::new([7u8; PAGE_SIZE]);
         for m in [
             Msg::ReadReq { page: 1 },
@@ -1193,6 +1270,12 @@ mod tests {
                     }
                     runs
                 },
+                barrier: Some(2),
+            },
+            Msg::Diff {
+                page: 13,
+                runs: DiffRuns::new(),
+                barrier: None,
             },
             Msg::FoundSegment {
                 page: 10,

@@ -83,22 +83,58 @@ impl LockTable {
 }
 
 /// Rank 0's record of barrier arrivals per epoch: who arrived, so that a
-/// hang report can name who did not.
+/// hang report can name who did not, and the diffs (release consistency)
+/// their entries say they sent to each rank.
 #[derive(Debug, Default)]
 pub struct BarrierCounter {
-    arrivals: HashMap<u64, Vec<Rank>>,
+    arrivals: HashMap<u64, Arrivals>,
+}
+
+#[derive(Debug, Default)]
+struct Arrivals {
+    ranks: Vec<Rank>,
+    /// Diffs sent to each rank (by index) by the ranks arrived.
+    diffs_to: Vec<u32>,
+}
+
+/// A barrier entry's count of diffs names a rank outside the job.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("rank {from}'s barrier entry counts diffs sent to rank {to}, in a job of {size} ranks")]
+pub struct NoSuchHome {
+    /// The entering rank.
+    pub from: Rank,
+    /// The rank it named.
+    pub to: u32,
+    /// Ranks in the job.
+    pub size: usize,
 }
 
 impl BarrierCounter {
-    /// Counts `rank`'s arrival; true when all `size` ranks have arrived.
-    pub fn arrive(&mut self, epoch: u64, rank: Rank, size: usize) -> bool {
+    /// Counts `rank`'s arrival, with the diffs it sent each home (rank,
+    /// count). Once all `size` ranks have arrived: the diffs due at each
+    /// rank, by rank.
+    pub fn arrive(
+        &mut self,
+        epoch: u64,
+        rank: Rank,
+        size: usize,
+        diffs: &[(u32, u32)],
+    ) -> Result<Option<Vec<u32>>, NoSuchHome> {
         let arrived = self.arrivals.entry(epoch).or_default();
-        arrived.push(rank);
-        if arrived.len() == size {
-            self.arrivals.remove(&epoch);
-            return true;
+        arrived.diffs_to.resize(size, 0);
+        for &(to, count) in diffs {
+            let due = arrived.diffs_to.get_mut(to as usize).ok_or(NoSuchHome {
+                from: rank,
+                to,
+                size,
+            })?;
+            *due = due.saturating_add(count);
         }
-        false
+        arrived.ranks.push(rank);
+        if arrived.ranks.len() == size {
+            return Ok(self.arrivals.remove(&epoch).map(|a| a.diffs_to));
+        }
+        Ok(None)
     }
 
     /// Barriers some ranks reached and others not yet: each epoch with the
@@ -108,7 +144,7 @@ impl BarrierCounter {
             .arrivals
             .iter()
             .map(|(epoch, arrived)| {
-                let missing = (0..size).filter(|r| !arrived.contains(r)).collect();
+                let missing = (0..size).filter(|r| !arrived.ranks.contains(r)).collect();
                 (*epoch, missing)
             })
             .collect();
@@ -145,12 +181,13 @@ mod tests {
     #[test]
     fn barrier_releases_at_the_last_arrival() {
         let mut b = BarrierCounter::default();
-        assert!(!b.arrive(1, 2, 3));
-        assert!(!b.arrive(1, 0, 3));
+        assert_eq!(b.arrive(1, 2, 3, &[(0, 2)]), Ok(None));
+        assert_eq!(b.arrive(1, 0, 3, &[(1, 1), (2, 1)]), Ok(None));
         assert_eq!(b.incomplete(3), vec![(1, vec![1])]);
-        assert!(b.arrive(1, 1, 3));
+        assert_eq!(b.arrive(1, 1, 3, &[(0, 1)]), Ok(Some(vec![3, 1, 1])));
         assert!(b.incomplete(3).is_empty());
-        assert!(b.arrive(2, 0, 1));
+        assert_eq!(b.arrive(2, 0, 1, &[]), Ok(Some(vec![0])));
+        assert!(b.arrive(3, 0, 2, &[(2, 1)]).is_err());
     }
 
     #[test]

@@ -94,9 +94,14 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             page: pg,
             data: fill.map(page),
         }),
-        p.prop_map(|epoch| Msg::BarrierEnter { epoch }),
-        p.prop_map(|epoch| Msg::BarrierRelease { epoch }),
+        (
+            p,
+            proptest::collection::vec((any::<u32>(), any::<u32>()), 0..4)
+        )
+            .prop_map(|(epoch, diffs)| Msg::BarrierEnter { epoch, diffs }),
+        (p, any::<u32>()).prop_map(|(epoch, diffs_due)| Msg::BarrierRelease { epoch, diffs_due }),
         p.prop_map(|page| Msg::ReadReq { page }),
+        (p, any::<u64>()).prop_map(|(page, barriers)| Msg::CopyReq { page, barriers }),
         p.prop_map(|page| Msg::WriteReq { page }),
         p.prop_map(|page| Msg::Invalidate { page }),
         p.prop_map(|page| Msg::InvalidateAck { page }),

@@ -3,8 +3,10 @@
 //! or kernel.
 //!
 //! A world of N ranks runs small programs of word reads and writes on P
-//! pages of W words, and barriers (a release, then, once every rank's
-//! release is done, an acquire). Every reachable state is explored
+//! pages of W words, and barriers (a release whose diffs travel
+//! unacknowledged, counted per home; once every rank entered, each rank
+//! learns how many diffs the barrier carried to it, waits for them, then
+//! acquires). Every reachable state is explored
 //! (breadth first, deduplicated): any order of message deliveries between
 //! different pairs of ranks (in order within a pair), of program steps and
 //! of extra read faults a rank's other threads, or its read-ahead, could
@@ -42,10 +44,11 @@ enum Op {
 /// A message in flight, with the words it carries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum M {
-    ReadReq(usize),
+    /// page, barriers its sender passed
+    CopyReq(usize, u64),
     Grant(usize, Vec<u64>),
-    /// page, (word, value) changed
-    Diff(usize, Vec<(usize, u64)>),
+    /// page, (word, value) changed, barrier that counts it (else acknowledged)
+    Diff(usize, Vec<(usize, u64)>, Option<u64>),
     DiffAck(usize),
 }
 
@@ -53,10 +56,17 @@ enum M {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum InBarrier {
     No,
-    /// Released: waits for its acknowledgements.
-    Releasing,
+    /// Released: waits for its acknowledgements (`passed`: a release again
+    /// after the barrier was passed, before the acquire).
+    Releasing {
+        passed: bool,
+    },
     /// Its release is done: waits for the others.
     Arrived,
+    /// Every rank entered: waits for the diffs the barrier carried here.
+    Passing,
+    /// Its diffs are in: may acquire.
+    Passed,
 }
 
 /// A rank's mapped copy of a page: its words, and whether it is writable.
@@ -75,6 +85,8 @@ struct World {
     master: Vec<Vec<u64>>,
     pc: Vec<usize>,
     barrier: Vec<InBarrier>,
+    /// Per barrier (from 1), the diffs its entries carried to each rank.
+    due: Vec<Vec<u32>>,
     /// Extra read faults still allowed (bounds the state space).
     extra_faults_left: usize,
 }
@@ -152,6 +164,7 @@ impl Model {
             master: vec![vec![0; self.words]; self.pages],
             pc: vec![0; self.n],
             barrier: vec![InBarrier::No; self.n],
+            due: Vec::new(),
             extra_faults_left: self.extra_faults,
         }
     }
@@ -170,7 +183,7 @@ impl Model {
             match action {
                 Action::Send { to, msg } => {
                     let m = match msg {
-                        Msg::ReadReq { page } => M::ReadReq(page as usize),
+                        Msg::CopyReq { page, barriers } => M::CopyReq(page as usize, barriers),
                         Msg::DiffAck { page } => M::DiffAck(page as usize),
                         other => return Err(format!("rank {rank} sends {other:?}")),
                     };
@@ -216,7 +229,7 @@ impl Model {
                     }
                     copy.1 = true;
                 }
-                Action::SendDiff { to, page } => {
+                Action::SendDiff { to, page, barrier } => {
                     let copy = w.mem[rank][page]
                         .as_mut()
                         .ok_or(format!("rank {rank} diffs page {page} it does not hold"))?;
@@ -229,14 +242,16 @@ impl Model {
                         .map(|i| (i, copy.0[i]))
                         .collect();
                     if changed.is_empty() {
-                        let more = w.nodes[rank].diff_empty(page).map_err(|e| e.to_string())?;
+                        let more = w.nodes[rank]
+                            .diff_empty(page, barrier)
+                            .map_err(|e| e.to_string())?;
                         self.apply(w, rank, more, carried)?;
                     } else {
-                        w.links[rank * n + to].push_back(M::Diff(page, changed));
+                        w.links[rank * n + to].push_back(M::Diff(page, changed, barrier));
                     }
                 }
                 Action::ApplyDiff { page } => {
-                    let M::Diff(p, changed) = carried else {
+                    let M::Diff(p, changed, _) = carried else {
                         return Err(format!(
                             "rank {rank} applies a diff of page {page} it was not sent"
                         ));
@@ -256,11 +271,31 @@ impl Model {
                     }
                     w.mem[rank][page] = None;
                 }
-                Action::Released => {
-                    if w.barrier[rank] != InBarrier::Releasing {
-                        return Err(format!("rank {rank}: a release done it did not start"));
+                Action::Released => match w.barrier[rank] {
+                    InBarrier::Releasing { passed: false } => {
+                        // The entry leaves, with its count of diffs per home.
+                        let epoch = self.epoch_of(rank, w.pc[rank]) + 1;
+                        if w.due.len() < epoch {
+                            w.due.resize(epoch, vec![0; n]);
+                        }
+                        for (home, count) in w.nodes[rank].take_barrier_diffs() {
+                            w.due[epoch - 1][home] += count;
+                        }
+                        w.barrier[rank] = InBarrier::Arrived;
                     }
-                    w.barrier[rank] = InBarrier::Arrived;
+                    InBarrier::Releasing { passed: true } => w.barrier[rank] = InBarrier::Passed,
+                    _ => return Err(format!("rank {rank}: a release done it did not start")),
+                },
+                Action::BarrierDiffsIn { epoch } => {
+                    if w.barrier[rank] != InBarrier::Passing
+                        || epoch as usize != self.epoch_of(rank, w.pc[rank]) + 1
+                    {
+                        return Err(format!(
+                            "rank {rank}: the diffs of barrier {epoch} in, while {:?}",
+                            w.barrier[rank]
+                        ));
+                    }
+                    w.barrier[rank] = InBarrier::Passed;
                 }
                 Action::Wake { .. } => {}
                 other => return Err(format!("release protocol emitted {other:?}")),
@@ -303,41 +338,65 @@ impl Model {
             let pc = w.pc[rank];
             match self.programs[rank].get(pc).copied() {
                 None => {}
-                Some(Op::Barrier) => match w.barrier[rank] {
-                    InBarrier::No => {
-                        let mut s = w.clone();
-                        s.barrier[rank] = InBarrier::Releasing;
-                        let actions = s.nodes[rank].release().map_err(|e| e.to_string())?;
-                        self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
-                        next.push(s);
-                    }
-                    InBarrier::Releasing => {}
-                    InBarrier::Arrived => {
-                        // Every rank arrived at this barrier (or went past it).
-                        let epoch = self.epoch_of(rank, pc);
-                        let all = (0..n).all(|r| {
-                            w.barrier[r] == InBarrier::Arrived && self.epoch_of(r, w.pc[r]) == epoch
-                                || self.epoch_of(r, w.pc[r]) > epoch
-                        });
-                        if all && w.nodes[rank].dirty_pages() > 0 {
+                Some(Op::Barrier) => {
+                    let epoch = self.epoch_of(rank, pc) + 1;
+                    match w.barrier[rank] {
+                        InBarrier::No => {
+                            let mut s = w.clone();
+                            s.barrier[rank] = InBarrier::Releasing { passed: false };
+                            let actions = s.nodes[rank]
+                                .release(Some(epoch as u64))
+                                .map_err(|e| e.to_string())?;
+                            self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+                            next.push(s);
+                        }
+                        InBarrier::Releasing { .. } | InBarrier::Passing => {}
+                        InBarrier::Arrived => {
+                            // Every rank entered this barrier (or went past
+                            // it): its release reaches this rank.
+                            let all = (0..n).all(|r| {
+                                let at = self.epoch_of(r, w.pc[r]) + 1;
+                                at > epoch
+                                    || at == epoch
+                                        && !matches!(
+                                            w.barrier[r],
+                                            InBarrier::No | InBarrier::Releasing { passed: false }
+                                        )
+                            });
+                            if all {
+                                let mut s = w.clone();
+                                s.barrier[rank] = InBarrier::Passing;
+                                let due = s.due[epoch - 1][rank];
+                                let actions = s.nodes[rank]
+                                    .barrier_released(epoch as u64, due)
+                                    .map_err(|e| e.to_string())?;
+                                self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+                                next.push(s);
+                            }
+                        }
+                        InBarrier::Passed if w.nodes[rank].dirty_pages() > 0 => {
                             // A copy came back writable since the release
                             // (asked for again at an earlier acquire): the
-                            // engine releases again before the acquire.
+                            // engine releases again, acknowledged, before
+                            // the acquire.
                             let mut s = w.clone();
-                            s.barrier[rank] = InBarrier::Releasing;
-                            let actions = s.nodes[rank].release().map_err(|e| e.to_string())?;
-                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            s.barrier[rank] = InBarrier::Releasing { passed: true };
+                            let actions = s.nodes[rank].release(None).map_err(|e| e.to_string())?;
+                            self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             next.push(s);
-                        } else if all {
+                        }
+                        InBarrier::Passed => {
                             let mut s = w.clone();
-                            let actions = s.nodes[rank].acquire().map_err(|e| e.to_string())?;
-                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            let actions = s.nodes[rank]
+                                .acquire(Some(epoch as u64))
+                                .map_err(|e| e.to_string())?;
+                            self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             s.barrier[rank] = InBarrier::No;
                             s.pc[rank] += 1;
                             next.push(s);
                         }
                     }
-                },
+                }
                 Some(op @ (Op::Read(page, word) | Op::Write(page, word))) => {
                     let mut s = w.clone();
                     let write = matches!(op, Op::Write(..)).then(|| Model::value(rank, pc));
@@ -356,7 +415,7 @@ impl Model {
                             let actions = s.nodes[rank]
                                 .on_fault(page, write.is_some())
                                 .map_err(|e| e.to_string())?;
-                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             if s != *w {
                                 next.push(s);
                             }
@@ -379,7 +438,7 @@ impl Model {
                                 node.on_fault(page, false)
                             }
                             .map_err(|e| e.to_string())?;
-                            self.apply(&mut s, rank, actions, &M::ReadReq(0))?;
+                            self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             next.push(s);
                         }
                     }
@@ -395,13 +454,16 @@ impl Model {
                 let mut s = w.clone();
                 s.links[from * n + to].pop_front();
                 let msg = match &m {
-                    M::ReadReq(p) => Msg::ReadReq { page: *p as u64 },
+                    M::CopyReq(p, barriers) => Msg::CopyReq {
+                        page: *p as u64,
+                        barriers: *barriers,
+                    },
                     M::Grant(p, _) => Msg::Grant {
                         page: *p as u64,
                         write: false,
                         payload: Payload::Zero,
                     },
-                    M::Diff(p, changed) => Msg::Diff {
+                    M::Diff(p, changed, barrier) => Msg::Diff {
                         page: *p as u64,
                         runs: {
                             let mut runs = DiffRuns::new();
@@ -410,6 +472,7 @@ impl Model {
                             }
                             runs
                         },
+                        barrier: *barrier,
                     },
                     M::DiffAck(p) => Msg::DiffAck { page: *p as u64 },
                 };

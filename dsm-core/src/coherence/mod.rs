@@ -137,6 +137,10 @@ pub enum Action {
         to: Rank,
         /// Page index in the shared space.
         page: usize,
+        /// `Some(epoch)`: the release of barrier `epoch`'s entry, whose
+        /// diffs the barrier counts instead of the home acknowledging them
+        /// (`Msg::Diff::barrier`); `None`: acknowledged (`Msg::DiffAck`).
+        barrier: Option<u64>,
     },
     /// Release consistency, home: write the diff being handled into the
     /// home's copy of `page` (mapping it first, zeros, if never touched).
@@ -144,9 +148,17 @@ pub enum Action {
         /// Page index in the shared space.
         page: usize,
     },
-    /// Release consistency: every diff of the release is acknowledged; the
-    /// synchronization waiting on it may go on.
+    /// Release consistency: every diff of the release is acknowledged (or,
+    /// for a barrier entry, sent and counted); the synchronization waiting
+    /// on it may go on.
     Released,
+    /// Release consistency: every diff that barrier `epoch`'s entries
+    /// carried to this rank is applied (and every earlier barrier's): the
+    /// barrier may be passed here.
+    BarrierDiffsIn {
+        /// The barrier's number.
+        epoch: u64,
+    },
     /// The home finished sealing or flushing `page`: no writable copy is
     /// left and the home's copy is current.
     Settled {

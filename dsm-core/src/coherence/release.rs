@@ -7,17 +7,22 @@
 //! home reads and writes it in place and never faults on it again. Other
 //! ranks keep copies, and several ranks may write the same page at once:
 //!
-//! * read fault: `ReadReq` to the home, whose grant (`Grant`, read) is
+//! * read fault: `CopyReq` to the home, whose grant (`Grant`, read) is
 //!   installed write-protected (a clean copy);
 //! * write fault: on a clean copy, the rank keeps a twin of the page (its
 //!   bytes as they are) and makes it writable, with no message (a dirty
 //!   copy); on no copy, it fetches one first, then does the same;
 //! * release (before an unlock, a barrier, a lock request): every dirty
 //!   copy is write-protected and compared with its twin, and the words that
-//!   differ go to the home (`Diff`), which writes them into its master copy
-//!   and acknowledges (`DiffAck`); the release is done once every diff is
-//!   acknowledged, so whoever synchronizes with this rank afterwards finds
-//!   the writes at the homes;
+//!   differ go to the home (`Diff`), which writes them into its master copy.
+//!   Before an unlock or a lock request the home acknowledges each
+//!   (`DiffAck`) and the release is done once all are, so whoever
+//!   synchronizes with this rank afterwards finds the writes at the homes.
+//!   Before a barrier entry nothing waits: the entry counts the diffs sent
+//!   to each home, the barrier's release tells each home how many it gets,
+//!   and a home passes the barrier, and answers a request of a rank that
+//!   passed it (`CopyReq` carries the barriers its sender passed), only
+//!   once they are all applied;
 //! * acquire (after a lock grant, a barrier's release): every clean copy
 //!   of a page homed elsewhere is dropped, so the next access fetches what
 //!   the homes hold now; those this rank wrote since the last acquire are
@@ -38,7 +43,7 @@
 //! Checked exhaustively in `tests/model_check_release.rs` (no lost diff;
 //! data-race-free programs read what sequential consistency allows).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Action, CoherenceError};
 use crate::pages::{PageSet, PageTable};
@@ -67,6 +72,26 @@ pub enum RcCopy {
     /// A writable copy with its twin: the words that differ from the twin
     /// are this rank's writes since the copy was taken.
     Dirty,
+}
+
+/// The diffs barrier entries carry without acknowledgement: those this
+/// rank's release for its next entry sent, and, as a home, those that
+/// reached it and the requests that wait for them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct BarrierDiffs {
+    /// Diffs sent by the release for this rank's next barrier entry, per
+    /// home (what the entry carries).
+    sent: BTreeMap<Rank, u32>,
+    /// Diffs applied here, per barrier not yet complete here.
+    applied: BTreeMap<u64, u32>,
+    /// The last barrier whose diffs to this rank are all applied.
+    complete: u64,
+    /// The barrier released and the diffs its entries carried here, while
+    /// some have yet to arrive.
+    awaited: Option<(u64, u32)>,
+    /// Copy requests of ranks past a barrier not complete here: (sender,
+    /// page, barriers the sender passed), in order of arrival.
+    deferred: Vec<(Rank, usize, u64)>,
 }
 
 /// What a rank's release is waiting for.
@@ -107,6 +132,9 @@ pub struct Release {
     /// reading a neighbour's row again, in grids that alternate).
     dropped: PageSet,
     releasing: Releasing,
+    /// Barriers this rank passed (what its copy requests carry).
+    passed: u64,
+    barrier_diffs: BarrierDiffs,
 }
 
 /// Most pages a fault on a dropped copy asks for with it (64 KiB).
@@ -129,6 +157,8 @@ impl Release {
             written: BTreeSet::new(),
             dropped: PageSet::new(pages),
             releasing: Releasing::default(),
+            passed: 0,
+            barrier_diffs: BarrierDiffs::default(),
         }
     }
 
@@ -184,9 +214,11 @@ impl Release {
     }
 
     /// Nothing in flight: no fetch, no unacknowledged diff, no release
-    /// waiting.
+    /// waiting, no request waiting for a barrier's diffs.
     pub fn quiescent(&self) -> bool {
         self.releasing == Releasing::default()
+            && self.barrier_diffs.awaited.is_none()
+            && self.barrier_diffs.deferred.is_empty()
             && self
                 .held
                 .iter()
@@ -241,10 +273,7 @@ impl Release {
                         stale: false,
                     },
                 );
-                let mut asks = vec![Action::Send {
-                    to: home,
-                    msg: Msg::ReadReq { page: page as u64 },
-                }];
+                let mut asks = vec![self.copy_request(page)];
                 if self.dropped.remove(page) {
                     // The pages dropped with it after it, read last step:
                     // most likely read again now.
@@ -293,10 +322,19 @@ impl Release {
                 stale: false,
             },
         );
-        Ok(vec![Action::Send {
-            to: home,
-            msg: Msg::ReadReq { page: page as u64 },
-        }])
+        Ok(vec![self.copy_request(page)])
+    }
+
+    /// The request for a copy of `page` to its home, which answers once
+    /// it has every diff of the barriers this rank passed.
+    fn copy_request(&self, page: usize) -> Action {
+        Action::Send {
+            to: self.home_of(page),
+            msg: Msg::CopyReq {
+                page: page as u64,
+                barriers: self.passed,
+            },
+        }
     }
 
     /// A message from `from`.
@@ -308,8 +346,14 @@ impl Release {
             });
         }
         match *msg {
-            Msg::ReadReq { page } => {
-                let page = self.page_homed_here(page, from, "a read request")?;
+            Msg::CopyReq { page, barriers } => {
+                let page = self.page_homed_here(page, from, "a copy request")?;
+                if barriers > self.barrier_diffs.complete {
+                    // Diffs of a barrier the sender passed may still be on
+                    // their way here: answered once they are in.
+                    self.barrier_diffs.deferred.push((from, page, barriers));
+                    return Ok(Vec::new());
+                }
                 // A page its home never touched is all zeros: granted as such.
                 Ok(vec![Action::GrantFromBacking {
                     to: from,
@@ -322,20 +366,31 @@ impl Release {
                 write: false,
                 ref payload,
             } if !matches!(payload, Payload::Upgrade) => self.on_read_grant(from, page as usize),
-            Msg::Diff { page, .. } => {
+            Msg::Diff { page, barrier, .. } => {
                 let page = self.page_homed_here(page, from, "a diff")?;
                 let mut actions = Vec::with_capacity(3);
                 if self.mapped_here.insert(page) {
                     // Never touched here: mapped (zeros) to take the words.
                     actions.push(Action::InstallZero { page });
                 }
-                actions.extend([
-                    Action::ApplyDiff { page },
-                    Action::Send {
+                actions.push(Action::ApplyDiff { page });
+                match barrier {
+                    None => actions.push(Action::Send {
                         to: from,
                         msg: Msg::DiffAck { page: page as u64 },
-                    },
-                ]);
+                    }),
+                    Some(epoch) => {
+                        if epoch <= self.barrier_diffs.complete {
+                            return Err(CoherenceError::Unexpected {
+                                page,
+                                from,
+                                what: "a diff of a barrier whose diffs were all in",
+                            });
+                        }
+                        *self.barrier_diffs.applied.entry(epoch).or_default() += 1;
+                        actions.extend(self.barrier_diffs_in());
+                    }
+                }
                 Ok(actions)
             }
             Msg::DiffAck { page } => {
@@ -399,10 +454,7 @@ impl Release {
                     stale: false,
                 },
             );
-            return Ok(vec![Action::Send {
-                to: from,
-                msg: Msg::ReadReq { page: page as u64 },
-            }]);
+            return Ok(vec![self.copy_request(page)]);
         }
         let mut actions = vec![Action::Install {
             page,
@@ -421,7 +473,12 @@ impl Release {
     /// copies' diffs go to their homes, each copy clean again. The release
     /// is done when [`Action::Released`] comes out, now or once the last
     /// acknowledgement arrives. One release at a time.
-    pub fn release(&mut self) -> Actions {
+    ///
+    /// `barrier: Some(epoch)`: the release of this rank's entry into
+    /// barrier `epoch`. Its diffs are not acknowledged: the release is done
+    /// once they are sent, and [`Release::take_barrier_diffs`] gives the
+    /// count per home that the entry carries.
+    pub fn release(&mut self, barrier: Option<u64>) -> Actions {
         if self.releasing.waiting {
             return Err(CoherenceError::Unexpected {
                 page: 0,
@@ -435,31 +492,106 @@ impl Release {
                 *c = RcCopy::Clean;
             }
             self.written.insert(page);
-            actions.push(Action::SendDiff {
-                to: self.home_of(page),
-                page,
-            });
+            let to = self.home_of(page);
+            if barrier.is_some() {
+                *self.barrier_diffs.sent.entry(to).or_default() += 1;
+            }
+            actions.push(Action::SendDiff { to, page, barrier });
         }
-        self.releasing.acks_due += actions.len();
+        if barrier.is_none() {
+            self.releasing.acks_due += actions.len();
+        }
         self.releasing.waiting = true;
         actions.extend(self.release_done());
         Ok(actions)
     }
 
     /// The diff of `page` (an [`Action::SendDiff`] of the release under
-    /// way) turned out empty: nothing changed since the twin, nothing is
-    /// sent, and the page is not one this rank writes every step (the next
-    /// acquire does not ask for it again).
-    pub fn diff_empty(&mut self, page: usize) -> Actions {
-        if self.releasing.acks_due == 0 || !self.written.remove(&page) {
+    /// way, for `barrier` as it said) turned out empty: nothing changed
+    /// since the twin, nothing is sent, and the page is not one this rank
+    /// writes every step (the next acquire does not ask for it again).
+    pub fn diff_empty(&mut self, page: usize, barrier: Option<u64>) -> Actions {
+        let home = self.home_of(page);
+        let counted = match barrier {
+            None => self.releasing.acks_due > 0,
+            Some(_) => self.barrier_diffs.sent.get(&home).is_some_and(|&n| n > 0),
+        };
+        if !counted || !self.written.remove(&page) {
             return Err(CoherenceError::Unexpected {
                 page,
                 from: self.rank,
                 what: "an empty diff it did not send",
             });
         }
-        self.releasing.acks_due -= 1;
-        Ok(self.release_done())
+        match barrier {
+            None => {
+                self.releasing.acks_due -= 1;
+                Ok(self.release_done())
+            }
+            Some(_) => {
+                if let Some(n) = self.barrier_diffs.sent.get_mut(&home) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.barrier_diffs.sent.remove(&home);
+                    }
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// The diffs the release for this rank's barrier entry sent, per home
+    /// (none left counted after).
+    pub fn take_barrier_diffs(&mut self) -> Vec<(Rank, u32)> {
+        std::mem::take(&mut self.barrier_diffs.sent)
+            .into_iter()
+            .collect()
+    }
+
+    /// Barrier `epoch` was released; its entries carried `due` diffs to
+    /// this rank. [`Action::BarrierDiffsIn`] comes out once they are all
+    /// applied (now, or as the last arrives), with the copies requested by
+    /// ranks past the barrier, held back until then. Barriers are released
+    /// in order, each once every rank entered it.
+    pub fn barrier_released(&mut self, epoch: u64, due: u32) -> Actions {
+        if epoch <= self.barrier_diffs.complete || self.barrier_diffs.awaited.is_some() {
+            return Err(CoherenceError::Unexpected {
+                page: 0,
+                from: 0,
+                what: "a barrier released twice, or before the one before it",
+            });
+        }
+        self.barrier_diffs.awaited = Some((epoch, due));
+        Ok(self.barrier_diffs_in())
+    }
+
+    /// Completes the barrier awaited if every diff it carried here is in:
+    /// answers the requests that waited for it.
+    fn barrier_diffs_in(&mut self) -> Vec<Action> {
+        let diffs = &mut self.barrier_diffs;
+        let Some((epoch, due)) = diffs.awaited else {
+            return Vec::new();
+        };
+        if diffs.applied.get(&epoch).copied().unwrap_or(0) < due {
+            return Vec::new();
+        }
+        diffs.awaited = None;
+        diffs.complete = epoch;
+        diffs.applied.retain(|&e, _| e > epoch);
+        let mut actions = Vec::new();
+        diffs.deferred.retain(|&(to, page, barriers)| {
+            if barriers > epoch {
+                return true;
+            }
+            actions.push(Action::GrantFromBacking {
+                to,
+                page,
+                write: false,
+            });
+            false
+        });
+        actions.push(Action::BarrierDiffsIn { epoch });
+        actions
     }
 
     fn release_done(&mut self) -> Vec<Action> {
@@ -479,13 +611,19 @@ impl Release {
     /// (the caller releases again while one is: another thread's write, or
     /// a copy that came back writable): a dirty copy would keep words older
     /// than the acquire.
-    pub fn acquire(&mut self) -> Actions {
+    ///
+    /// `barrier: Some(epoch)`: the acquire of barrier `epoch` passed (the
+    /// requests that follow carry it); `None`: of a lock granted.
+    pub fn acquire(&mut self, barrier: Option<u64>) -> Actions {
         if self.releasing.waiting || !self.dirty.is_empty() {
             return Err(CoherenceError::Unexpected {
                 page: self.dirty.first().copied().unwrap_or(0),
                 from: self.rank,
                 what: "an acquire before its release completed",
             });
+        }
+        if let Some(epoch) = barrier {
+            self.passed = self.passed.max(epoch);
         }
         let mut actions = Vec::new();
         let mut refetch = Vec::new();
@@ -506,10 +644,7 @@ impl Release {
                     };
                     self.set(page, fetching);
                     actions.push(Action::DropPage { page });
-                    refetch.push(Action::Send {
-                        to: self.home_of(page),
-                        msg: Msg::ReadReq { page: page as u64 },
-                    });
+                    refetch.push(self.copy_request(page));
                 }
                 Some(RcCopy::Clean) => {
                     self.set(page, RcCopy::Invalid);
@@ -586,7 +721,10 @@ mod tests {
                 actions,
                 vec![Action::Send {
                     to: 0,
-                    msg: Msg::ReadReq { page: 0 }
+                    msg: Msg::CopyReq {
+                        page: 0,
+                        barriers: 0
+                    }
                 }]
             );
             let actions = node.on_message(0, &grant(0)).unwrap();
@@ -594,8 +732,15 @@ mod tests {
             assert!(actions.contains(&Action::MakeWritable { page: 0 }));
             assert_eq!(node.copy_of(0), Some(RcCopy::Dirty));
         }
-        let released = a.release().unwrap();
-        assert_eq!(released, vec![Action::SendDiff { to: 0, page: 0 }]);
+        let released = a.release(None).unwrap();
+        assert_eq!(
+            released,
+            vec![Action::SendDiff {
+                to: 0,
+                page: 0,
+                barrier: None
+            }]
+        );
         assert!(!a.quiescent());
         assert_eq!(
             a.on_message(0, &Msg::DiffAck { page: 0 }).unwrap(),
@@ -606,12 +751,15 @@ mod tests {
         // Written since the last acquire: dropped and asked for again,
         // to come back writable with its twin.
         assert_eq!(
-            a.acquire().unwrap(),
+            a.acquire(None).unwrap(),
             vec![
                 Action::DropPage { page: 0 },
                 Action::Send {
                     to: 0,
-                    msg: Msg::ReadReq { page: 0 }
+                    msg: Msg::CopyReq {
+                        page: 0,
+                        barriers: 0
+                    }
                 }
             ]
         );
@@ -622,12 +770,16 @@ mod tests {
         // Not written this time: its diff is empty, nothing is sent, and
         // the next acquire only drops it.
         assert_eq!(
-            a.release().unwrap(),
-            vec![Action::SendDiff { to: 0, page: 0 }]
+            a.release(None).unwrap(),
+            vec![Action::SendDiff {
+                to: 0,
+                page: 0,
+                barrier: None
+            }]
         );
-        assert_eq!(a.diff_empty(0).unwrap(), vec![Action::Released]);
-        assert!(a.diff_empty(0).is_err());
-        assert_eq!(a.acquire().unwrap(), vec![Action::DropPage { page: 0 }]);
+        assert_eq!(a.diff_empty(0, None).unwrap(), vec![Action::Released]);
+        assert!(a.diff_empty(0, None).is_err());
+        assert_eq!(a.acquire(None).unwrap(), vec![Action::DropPage { page: 0 }]);
     }
 
     /// The read requests among `actions`, by page.
@@ -636,7 +788,7 @@ mod tests {
             .iter()
             .filter_map(|a| match a {
                 Action::Send {
-                    msg: Msg::ReadReq { page },
+                    msg: Msg::CopyReq { page, .. },
                     ..
                 } => Some(*page),
                 _ => None,
@@ -652,8 +804,8 @@ mod tests {
             assert_eq!(asked(&node.on_fault(page, false).unwrap()), [page as u64]);
             node.on_message(0, &grant(page as u64)).unwrap();
         }
-        assert_eq!(node.release().unwrap(), vec![Action::Released]);
-        assert_eq!(asked(&node.acquire().unwrap()), Vec::<u64>::new());
+        assert_eq!(node.release(None).unwrap(), vec![Action::Released]);
+        assert_eq!(asked(&node.acquire(None).unwrap()), Vec::<u64>::new());
         // Pages 1-3 read last step, dropped together: asked for together.
         assert_eq!(asked(&node.on_fault(1, false).unwrap()), [1, 2, 3]);
         // Already on their way: a fault on one waits for it.
@@ -671,8 +823,8 @@ mod tests {
         for page in 0..8 {
             node.on_message(0, &grant(page)).unwrap();
         }
-        node.acquire().unwrap();
-        node.acquire().unwrap();
+        node.acquire(None).unwrap();
+        node.acquire(None).unwrap();
         assert_eq!(asked(&node.on_fault(6, false).unwrap()), [6, 7]);
     }
 
@@ -682,6 +834,7 @@ mod tests {
         let diff = Msg::Diff {
             page: 0,
             runs: DiffRuns::new(),
+            barrier: None,
         };
         assert_eq!(
             home.on_message(1, &diff).unwrap(),
@@ -703,30 +856,98 @@ mod tests {
                 1,
                 &Msg::Diff {
                     page: 1,
-                    runs: DiffRuns::new()
+                    runs: DiffRuns::new(),
+                    barrier: None,
                 }
             )
             .is_err());
     }
 
     #[test]
+    fn a_home_answers_ranks_past_a_barrier_once_its_diffs_are_in() {
+        // Rank 1 writes page 0 (homed at rank 0) and enters barrier 1: its
+        // diff travels unacknowledged, counted in the entry.
+        let mut writer = Release::new(1, 3, 2);
+        writer.on_fault(0, true).unwrap();
+        writer.on_message(0, &grant(0)).unwrap();
+        assert_eq!(
+            writer.release(Some(1)).unwrap(),
+            vec![
+                Action::SendDiff {
+                    to: 0,
+                    page: 0,
+                    barrier: Some(1)
+                },
+                Action::Released
+            ]
+        );
+        assert_eq!(writer.take_barrier_diffs(), vec![(0, 1)]);
+        assert!(writer.take_barrier_diffs().is_empty());
+        // Rank 2 passed the barrier before the diff reached the home: its
+        // request waits, as does the home's own passing.
+        let mut home = Release::new(0, 3, 2);
+        let ask = Msg::CopyReq {
+            page: 0,
+            barriers: 1,
+        };
+        assert_eq!(home.on_message(2, &ask).unwrap(), Vec::new());
+        assert_eq!(home.barrier_released(1, 1).unwrap(), Vec::new());
+        assert!(!home.quiescent());
+        let diff = Msg::Diff {
+            page: 0,
+            runs: DiffRuns::new(),
+            barrier: Some(1),
+        };
+        assert_eq!(
+            home.on_message(1, &diff).unwrap(),
+            vec![
+                Action::InstallZero { page: 0 },
+                Action::ApplyDiff { page: 0 },
+                Action::GrantFromBacking {
+                    to: 2,
+                    page: 0,
+                    write: false
+                },
+                Action::BarrierDiffsIn { epoch: 1 }
+            ]
+        );
+        assert!(home.quiescent());
+        // A request of a rank behind is answered at once; a late diff of a
+        // barrier complete is an error.
+        let behind = Msg::CopyReq {
+            page: 0,
+            barriers: 0,
+        };
+        assert_eq!(home.on_message(1, &behind).unwrap().len(), 1);
+        assert!(home.on_message(1, &diff).is_err());
+        // Nothing carried: passed at once.
+        assert_eq!(
+            home.barrier_released(2, 0).unwrap(),
+            vec![Action::BarrierDiffsIn { epoch: 2 }]
+        );
+    }
+
+    #[test]
     fn a_release_with_nothing_dirty_is_done_at_once() {
         let mut node = Release::new(1, 2, 2);
-        assert_eq!(node.release().unwrap(), vec![Action::Released]);
-        assert_eq!(node.acquire().unwrap(), Vec::new());
+        assert_eq!(node.release(None).unwrap(), vec![Action::Released]);
+        assert_eq!(node.acquire(None).unwrap(), Vec::new());
     }
 
     #[test]
     fn a_fetch_that_crossed_an_acquire_is_asked_again() {
         let mut node = Release::new(1, 2, 2);
         node.on_fault(0, false).unwrap();
-        node.release().unwrap();
-        node.acquire().unwrap();
+        node.release(None).unwrap();
+        node.acquire(None).unwrap();
         assert_eq!(
             node.on_message(0, &grant(0)).unwrap(),
             vec![Action::Send {
                 to: 0,
-                msg: Msg::ReadReq { page: 0 }
+                msg: Msg::CopyReq {
+                    page: 0,
+                    barriers: 0
+                }
             }]
         );
         assert_eq!(

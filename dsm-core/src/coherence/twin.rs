@@ -203,8 +203,8 @@ mod tests {
             }
             let diff_a = diff(&bytes(&a), &twin_a).unwrap();
             let diff_b = diff(&bytes(&b), &twin_b).unwrap();
-            let wire = Msg::Diff { page: 1, runs: diff_a.clone() }.encode();
-            prop_assert_eq!(Msg::decode(&wire).unwrap(), Msg::Diff { page: 1, runs: diff_a.clone() });
+            let sent = Msg::Diff { page: 1, runs: diff_a.clone(), barrier: None };
+            prop_assert_eq!(Msg::decode(&sent.encode()).unwrap(), sent);
             let home = page_of(&base);
             if first_a {
                 apply(&home, &diff_a).unwrap();

@@ -309,7 +309,8 @@ fn page_of(msg: &Msg) -> Option<usize> {
         | Msg::Grant { page, .. }
         | Msg::Denied { page }
         | Msg::Diff { page, .. }
-        | Msg::DiffAck { page } => Some(*page as usize),
+        | Msg::DiffAck { page }
+        | Msg::CopyReq { page, .. } => Some(*page as usize),
         _ => None,
     }
 }

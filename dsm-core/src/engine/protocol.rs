@@ -309,7 +309,7 @@ impl Engine {
     /// Release consistency: write-protects this rank's dirty copy of
     /// `page`, so no store lands during the comparison, and sends the
     /// words that differ from its twin to the home.
-    fn send_diff(&mut self, to: Rank, page: usize) -> Result<(), DsmError> {
+    fn send_diff(&mut self, to: Rank, page: usize, barrier: Option<u64>) -> Result<(), DsmError> {
         let Some(twin) = self.twins.remove(&page) else {
             return Err(DsmError::Protocol(format!(
                 "a diff of page {page}, which has no twin"
@@ -321,7 +321,7 @@ impl Engine {
             self.spare_twins.push(twin);
         }
         if runs.is_empty() {
-            let actions = self.release.diff_empty(page)?;
+            let actions = self.release.diff_empty(page, barrier)?;
             return self.apply(actions, Carried::Nothing);
         }
         Stats::add(&self.stats.diffs_sent, 1);
@@ -330,6 +330,7 @@ impl Engine {
         let msg = Msg::Diff {
             page: page as u64,
             runs,
+            barrier,
         };
         self.out.send(to, msg.header());
         Ok(())
@@ -571,7 +572,7 @@ impl Engine {
                         twin::take_twin(self.faults.mapped_page(page), self.spare_twins.pop())?;
                     self.twins.insert(page, twin);
                 }
-                Action::SendDiff { to, page } => self.send_diff(to, page)?,
+                Action::SendDiff { to, page, barrier } => self.send_diff(to, page, barrier)?,
                 Action::ApplyDiff { page } => {
                     let Carried::Msg(Msg::Diff { runs, .. }) = current else {
                         return Err(DsmError::Protocol(format!(
@@ -581,6 +582,7 @@ impl Engine {
                     twin::apply(self.faults.page_words(page), runs)?;
                 }
                 Action::Released => self.released()?,
+                Action::BarrierDiffsIn { epoch } => self.barrier_diffs_in(epoch)?,
             }
         }
         Ok(())

@@ -95,9 +95,13 @@ impl Engine {
     }
 
     /// Sends the diffs of this rank's dirty copies for the first
-    /// synchronization waiting; `released` follows once they are in.
+    /// synchronization waiting; `released` follows once they are in (for a
+    /// barrier entry, once they are sent: the entry counts them).
     fn start_release(&mut self) -> Result<(), DsmError> {
-        let actions = self.release.release()?;
+        // The first synchronization waiting: every barrier before it entered.
+        let barrier = matches!(self.after_release.front(), Some(AfterRelease::Barrier(_)))
+            .then_some(self.barrier_epoch + 1);
+        let actions = self.release.release(barrier)?;
         self.apply(actions, Carried::Nothing)
     }
 
@@ -135,12 +139,12 @@ impl Engine {
                 Ok(())
             }
             AfterRelease::BarrierPassed(reply) => {
-                self.acquire()?;
+                self.acquire(Some(self.barrier_epoch))?;
                 let _ = reply.send(Ok(()));
                 Ok(())
             }
             AfterRelease::LockGranted { ticket, reply } => {
-                self.acquire()?;
+                self.acquire(None)?;
                 let _ = reply.send(Ok(ticket));
                 Ok(())
             }
@@ -149,36 +153,40 @@ impl Engine {
 
     /// Release consistency: drops this rank's copies of other homes' pages
     /// (in runs of consecutive pages), so the next access reads what the
-    /// homes hold now.
-    fn acquire(&mut self) -> Result<(), DsmError> {
-        let actions = self.release.acquire()?;
+    /// homes hold now. `barrier`: the barrier passed, if that is the
+    /// acquire.
+    fn acquire(&mut self, barrier: Option<u64>) -> Result<(), DsmError> {
+        let actions = self.release.acquire(barrier)?;
         self.apply_in_runs(actions)
     }
 
     pub(super) fn on_barrier_message(&mut self, from: Rank, msg: Msg) -> Result<(), DsmError> {
         match msg {
-            Msg::BarrierEnter { epoch } => {
+            Msg::BarrierEnter { epoch, diffs } => {
                 if self.rank != 0 {
                     return Err(DsmError::Protocol(format!(
                         "rank {from} sent a barrier entry to rank {}",
                         self.rank
                     )));
                 }
-                if self.barrier_arrivals.arrive(epoch, from, self.size) {
-                    let release = Msg::BarrierRelease { epoch }.header();
-                    for rank in 0..self.size {
-                        self.out.send(rank, release.clone());
+                let arrived = self
+                    .barrier_arrivals
+                    .arrive(epoch, from, self.size, &diffs)
+                    .map_err(|e| DsmError::Protocol(e.to_string()))?;
+                if let Some(diffs_due) = arrived {
+                    for (rank, diffs_due) in diffs_due.into_iter().enumerate() {
+                        let release = Msg::BarrierRelease { epoch, diffs_due };
+                        self.out.send(rank, release.header());
                     }
                 }
                 Ok(())
             }
-            Msg::BarrierRelease { epoch } => {
-                if epoch == self.barrier_epoch {
-                    if let Some(waiter) = self.barrier_waiter.take() {
-                        return self.synchronize(AfterRelease::BarrierPassed(waiter));
-                    }
-                }
-                Ok(())
+            Msg::BarrierRelease { epoch, diffs_due } => {
+                // Every rank hears every release: as a home it then counts
+                // the diffs the barrier carried to it, and passes the
+                // barrier once they are in (`Action::BarrierDiffsIn`).
+                let actions = self.release.barrier_released(epoch, diffs_due)?;
+                self.apply(actions, Carried::Nothing)
             }
             other => Err(DsmError::Protocol(format!(
                 "from rank {from}: unexpected {other:?}"
@@ -189,13 +197,27 @@ impl Engine {
     pub(super) fn start_barrier(&mut self, reply: Reply<()>) -> Result<(), DsmError> {
         self.barrier_epoch += 1;
         self.barrier_waiter = Some(reply);
-        self.out.send(
-            0,
-            Msg::BarrierEnter {
-                epoch: self.barrier_epoch,
+        let enter = Msg::BarrierEnter {
+            epoch: self.barrier_epoch,
+            diffs: self
+                .release
+                .take_barrier_diffs()
+                .into_iter()
+                .map(|(home, count)| (home as u32, count))
+                .collect(),
+        };
+        self.out.send(0, enter.header());
+        Ok(())
+    }
+
+    /// Every diff barrier `epoch` carried here is in: the barrier is
+    /// passed here, if this rank waits at it.
+    pub(super) fn barrier_diffs_in(&mut self, epoch: u64) -> Result<(), DsmError> {
+        if epoch == self.barrier_epoch {
+            if let Some(waiter) = self.barrier_waiter.take() {
+                return self.synchronize(AfterRelease::BarrierPassed(waiter));
             }
-            .header(),
-        );
+        }
         Ok(())
     }
 
