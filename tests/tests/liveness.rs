@@ -256,8 +256,9 @@ fn a_wait_past_dsm_hang_report_s_is_reported_by_the_rank_itself() {
     hang_report_scenario(Ask::Threshold);
 }
 
-/// Release consistency's side of a hang report: a barrier whose release
-/// waits for a stopped home's acknowledgement of a diff says so.
+/// Release consistency's side of a hang report: an unlock whose release
+/// waits for a stopped home's acknowledgement of a diff says so (the
+/// barrier behind it waits too).
 #[test]
 fn a_hang_report_names_a_release_waiting_for_its_diffs() {
     const N: usize = 3;
@@ -291,7 +292,7 @@ fn a_hang_report_names_a_release_waiting_for_its_diffs() {
     assert!(
         report.iter().any(|l| l
             == &format!(
-                "dsm: rank {waiter}: releasing before a barrier entry: 1 diff(s) sent to their homes not acknowledged yet"
+                "dsm: rank {waiter}: releasing before an unlock: 1 diff(s) sent to their homes not acknowledged yet"
             )),
         "{report:#?}\n{out:?}"
     );

@@ -208,6 +208,16 @@ impl Release {
         self.releasing.acks_due
     }
 
+    /// The barrier released whose diffs to this rank are not all in yet,
+    /// as (barrier, diffs applied, diffs due), and the copy requests held
+    /// back meanwhile: what a hang report says of it.
+    pub fn barrier_diffs_awaited(&self) -> Option<(u64, u32, u32, usize)> {
+        let diffs = &self.barrier_diffs;
+        let (epoch, due) = diffs.awaited?;
+        let applied = diffs.applied.get(&epoch).copied().unwrap_or(0);
+        Some((epoch, applied, due, diffs.deferred.len()))
+    }
+
     /// Pages holding writes not yet sent to their homes.
     pub fn dirty_pages(&self) -> usize {
         self.dirty.len()

@@ -72,6 +72,11 @@ impl Engine {
                 self.release.diffs_unacknowledged()
             ));
         }
+        if let Some((epoch, applied, due, held)) = self.release.barrier_diffs_awaited() {
+            lines.push(format!(
+                "barrier {epoch} released: {applied} of the {due} diff(s) its entries carried here applied, {held} copy request(s) held back until all are"
+            ));
+        }
         if self.barrier_waiter.is_some() {
             lines.push(format!(
                 "in barrier {}, whose arrivals rank 0 counts",

@@ -106,22 +106,27 @@ fn main() {
             idle();
         }
         "release" => {
+            // A lock's release waits for its diffs' acknowledgements (a
+            // barrier entry's does not: the barrier counts them).
             let waiter = (victim + 1) % size;
             let word = &words[(victim % size) * per_page + 1];
             if rank == waiter {
                 word.store(1, Relaxed);
             }
             dsm.barrier().unwrap_or_else(|e| fail(e.to_string()));
-            // The page back here before the victim may be stopped.
+            // A lock homed at the waiter; its acquire drops the copies, so
+            // the page comes back here before the victim may be stopped.
+            let lock = (rank == waiter).then(|| {
+                dsm.lock(waiter as u64)
+                    .unwrap_or_else(|e| fail(e.to_string()))
+            });
             let before = word.load(Relaxed);
             say(format!("rank {rank} pid {pid} ready ({before})"));
-            if rank != waiter {
-                idle();
-            }
+            let Some(lock) = lock else { idle() };
             wait_for(&go);
             say(format!("rank {rank} touching"));
             word.store(2, Relaxed);
-            let result = dsm.barrier();
+            let result = lock.unlock().and_then(|()| dsm.barrier());
             say(format!("rank {rank} left the barrier: {result:?}"));
             idle();
         }
