@@ -209,6 +209,16 @@ impl Model {
                     }
                     w.mem[rank][page] = Some((words.clone(), false));
                 }
+                Action::InstallTwinned { page } => {
+                    let M::Grant(p, words) = carried else {
+                        return Err(format!("rank {rank} installs page {page} without a grant"));
+                    };
+                    if *p != page || w.mem[rank][page].is_some() {
+                        return Err(format!("rank {rank} installs page {page} wrongly"));
+                    }
+                    w.mem[rank][page] = Some((words.clone(), true));
+                    w.twin[rank][page] = Some(words.clone());
+                }
                 Action::InstallZero { page } => {
                     if self.homes[page] != rank {
                         return Err(format!("rank {rank} maps page {page} as its home"));

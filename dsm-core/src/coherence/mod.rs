@@ -130,6 +130,13 @@ pub enum Action {
         /// Page index in the shared space.
         page: usize,
     },
+    /// Release consistency: map the granted bytes of `page` (fetched to be
+    /// written) writable, keeping a twin of them: `Install`, `TakeTwin`
+    /// and `MakeWritable` in one step.
+    InstallTwinned {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Release consistency: write-protect `page`, compare it with its twin,
     /// send the words that differ to `to` (`Msg::Diff`), drop the twin.
     SendDiff {

@@ -466,17 +466,16 @@ impl Release {
             );
             return Ok(vec![self.copy_request(page)]);
         }
-        let mut actions = vec![Action::Install {
+        if write {
+            // Its twin is the granted bytes: mapped writable at once.
+            self.set(page, RcCopy::Dirty);
+            return Ok(vec![Action::InstallTwinned { page }]);
+        }
+        self.set(page, RcCopy::Clean);
+        Ok(vec![Action::Install {
             page,
             writable: false,
-        }];
-        if write {
-            self.set(page, RcCopy::Dirty);
-            actions.extend([Action::TakeTwin { page }, Action::MakeWritable { page }]);
-        } else {
-            self.set(page, RcCopy::Clean);
-        }
-        Ok(actions)
+        }])
     }
 
     /// A release (before an unlock, a barrier, a lock request): the dirty
@@ -738,8 +737,7 @@ mod tests {
                 }]
             );
             let actions = node.on_message(0, &grant(0)).unwrap();
-            assert!(actions.contains(&Action::TakeTwin { page: 0 }));
-            assert!(actions.contains(&Action::MakeWritable { page: 0 }));
+            assert_eq!(actions, vec![Action::InstallTwinned { page: 0 }]);
             assert_eq!(node.copy_of(0), Some(RcCopy::Dirty));
         }
         let released = a.release(None).unwrap();
@@ -775,7 +773,7 @@ mod tests {
         );
         assert!(!a.quiescent());
         let back = a.on_message(0, &grant(0)).unwrap();
-        assert!(back.contains(&Action::TakeTwin { page: 0 }), "{back:?}");
+        assert_eq!(back, vec![Action::InstallTwinned { page: 0 }]);
         assert_eq!(a.copy_of(0), Some(RcCopy::Dirty));
         // Not written this time: its diff is empty, nothing is sent, and
         // the next acquire only drops it.

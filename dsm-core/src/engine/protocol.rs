@@ -315,7 +315,7 @@ impl Engine {
                 "a diff of page {page}, which has no twin"
             )));
         };
-        self.faults.write_protect(page, 1)?;
+        // Write-protected by `protect_for_diffs`: read in place.
         let runs = twin::diff(self.faults.mapped_page(page), &twin)?;
         if self.spare_twins.len() < SPARE_TWINS {
             self.spare_twins.push(twin);
@@ -571,6 +571,12 @@ impl Engine {
                     let twin =
                         twin::take_twin(self.faults.mapped_page(page), self.spare_twins.pop())?;
                     self.twins.insert(page, twin);
+                }
+                Action::InstallTwinned { page } => {
+                    let data = carried_page(current, &self.zero_page, page)?;
+                    let twin = twin::take_twin(data, self.spare_twins.pop())?;
+                    self.twins.insert(page, twin);
+                    self.faults.install(page, data)?;
                 }
                 Action::SendDiff { to, page, barrier } => self.send_diff(to, page, barrier)?,
                 Action::ApplyDiff { page } => {

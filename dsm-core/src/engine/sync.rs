@@ -11,6 +11,7 @@
 
 use super::protocol::Carried;
 use super::{Engine, Node, Reply};
+use crate::coherence::Action;
 use crate::error::DsmError;
 use crate::proto::Msg;
 use crate::Rank;
@@ -102,7 +103,33 @@ impl Engine {
         let barrier = matches!(self.after_release.front(), Some(AfterRelease::Barrier(_)))
             .then_some(self.barrier_epoch + 1);
         let actions = self.release.release(barrier)?;
+        self.protect_for_diffs(&actions)?;
         self.apply(actions, Carried::Nothing)
+    }
+
+    /// Write-protects the pages whose diffs `actions` send, before any is
+    /// compared with its twin (a store meanwhile waits in a fault): one
+    /// system call per run of consecutive pages.
+    fn protect_for_diffs(&self, actions: &[Action]) -> Result<(), DsmError> {
+        let mut run: Option<(usize, usize)> = None;
+        let pages = actions.iter().filter_map(|a| match a {
+            Action::SendDiff { page, .. } => Some(*page),
+            _ => None,
+        });
+        for page in pages {
+            run = match run {
+                Some((first, count)) if first + count == page => Some((first, count + 1)),
+                Some((first, count)) => {
+                    self.faults.write_protect(first, count)?;
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+        if let Some((first, count)) = run {
+            self.faults.write_protect(first, count)?;
+        }
+        Ok(())
     }
 
     /// The release of the first synchronization waiting is done: it goes
