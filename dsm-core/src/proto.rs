@@ -272,6 +272,12 @@ pub enum Msg {
         lock: u64,
         /// The ticket of the request granted.
         ticket: u64,
+        /// The most barriers a releaser of a lock homed here had passed:
+        /// the requester takes the lock once every diff of those barriers
+        /// reached it, and asks homes for copies as if it had passed them
+        /// (barrier diffs are not acknowledged, so a write released by a
+        /// barrier, then ordered by a lock, may still be on its way).
+        barriers: u64,
     },
     /// Holder -> home: `lock` is free again; the next in line gets it.
     LockRelease {
@@ -279,6 +285,8 @@ pub enum Msg {
         lock: u64,
         /// The ticket it was granted under.
         ticket: u64,
+        /// Barriers the releasing rank passed.
+        barriers: u64,
     },
     /// Segment registry at the reference rank (0). Any rank -> rank 0:
     /// carve a segment off the heap.
@@ -712,16 +720,29 @@ impl Msg {
                 Msg::page_only(&mut out, EVICTED_WRITE_BACK, *page)
             }
             Msg::Denied { page } => Msg::page_only(&mut out, DENIED, *page),
-            Msg::LockAcquire { lock, ticket }
-            | Msg::LockGrant { lock, ticket }
-            | Msg::LockRelease { lock, ticket } => {
+            Msg::LockAcquire { lock, ticket } => {
+                out.push(LOCK_ACQUIRE);
+                out.extend_from_slice(&lock.to_le_bytes());
+                out.extend_from_slice(&ticket.to_le_bytes());
+            }
+            Msg::LockGrant {
+                lock,
+                ticket,
+                barriers,
+            }
+            | Msg::LockRelease {
+                lock,
+                ticket,
+                barriers,
+            } => {
+                out.reserve(25);
                 out.push(match self {
-                    Msg::LockAcquire { .. } => LOCK_ACQUIRE,
                     Msg::LockGrant { .. } => LOCK_GRANT,
                     _ => LOCK_RELEASE,
                 });
                 out.extend_from_slice(&lock.to_le_bytes());
                 out.extend_from_slice(&ticket.to_le_bytes());
+                out.extend_from_slice(&barriers.to_le_bytes());
             }
             Msg::AllocReq {
                 ticket,
@@ -1005,13 +1026,29 @@ impl Msg {
                     _ => Msg::FindSegment { page },
                 })
             }
-            LOCK_ACQUIRE | LOCK_GRANT | LOCK_RELEASE => {
+            LOCK_ACQUIRE => {
                 expect(17)?;
-                let (lock, ticket) = (u64_at(bytes, 1), u64_at(bytes, 9));
-                Ok(match kind {
-                    LOCK_ACQUIRE => Msg::LockAcquire { lock, ticket },
-                    LOCK_GRANT => Msg::LockGrant { lock, ticket },
-                    _ => Msg::LockRelease { lock, ticket },
+                Ok(Msg::LockAcquire {
+                    lock: u64_at(bytes, 1),
+                    ticket: u64_at(bytes, 9),
+                })
+            }
+            LOCK_GRANT | LOCK_RELEASE => {
+                expect(25)?;
+                let (lock, ticket, barriers) =
+                    (u64_at(bytes, 1), u64_at(bytes, 9), u64_at(bytes, 17));
+                Ok(if kind == LOCK_GRANT {
+                    Msg::LockGrant {
+                        lock,
+                        ticket,
+                        barriers,
+                    }
+                } else {
+                    Msg::LockRelease {
+                        lock,
+                        ticket,
+                        barriers,
+                    }
                 })
             }
             ALLOC_REQ => {
@@ -1228,8 +1265,16 @@ mod tests {
             },
             Msg::Denied { page: 8 },
             Msg::LockAcquire { lock: 1, ticket: 2 },
-            Msg::LockGrant { lock: 3, ticket: 4 },
-            Msg::LockRelease { lock: 5, ticket: 6 },
+            Msg::LockGrant {
+                lock: 3,
+                ticket: 4,
+                barriers: 7,
+            },
+            Msg::LockRelease {
+                lock: 5,
+                ticket: 6,
+                barriers: 8,
+            },
             Msg::AllocReq {
                 ticket: 1,
                 pages: 10,

@@ -20,6 +20,10 @@ struct LockState {
 #[derive(Debug, Default)]
 pub struct LockTable {
     locks: HashMap<u64, LockState>,
+    /// The most barriers a rank releasing one of these locks had passed
+    /// (what every grant carries: one number for all the locks, which
+    /// makes a taker wait at most for a barrier every rank entered).
+    barriers: u64,
 }
 
 /// A release of a lock by a request that does not hold it (a protocol
@@ -47,8 +51,19 @@ impl LockTable {
         None
     }
 
-    /// A release by the holder; returns the next holder to grant, in FIFO order.
-    pub fn release(&mut self, lock: u64, who: Holder) -> Result<Option<Holder>, NotHeld> {
+    /// The most barriers a releaser of these locks had passed, for grants.
+    pub fn barriers(&self) -> u64 {
+        self.barriers
+    }
+
+    /// A release by the holder, which had passed `barriers` barriers;
+    /// returns the next holder to grant, in FIFO order.
+    pub fn release(
+        &mut self,
+        lock: u64,
+        who: Holder,
+        barriers: u64,
+    ) -> Result<Option<Holder>, NotHeld> {
         let not_held = NotHeld {
             lock,
             rank: who.0,
@@ -58,6 +73,7 @@ impl LockTable {
         if state.holder != Some(who) {
             return Err(not_held);
         }
+        self.barriers = self.barriers.max(barriers);
         state.holder = state.queue.pop_front();
         let next = state.holder;
         if next.is_none() {
@@ -165,17 +181,19 @@ mod tests {
         assert_eq!(t.acquire(7, (0, 30)), None);
         assert_eq!(t.acquire(8, (2, 21)), Some((2, 21)));
         assert_eq!(
-            t.release(7, (2, 20)),
+            t.release(7, (2, 20), 0),
             Err(NotHeld {
                 lock: 7,
                 rank: 2,
                 ticket: 20
             })
         );
-        assert_eq!(t.release(7, (1, 10)), Ok(Some((2, 20))));
-        assert_eq!(t.release(7, (2, 20)), Ok(Some((0, 30))));
-        assert_eq!(t.release(7, (0, 30)), Ok(None));
-        assert!(t.release(7, (0, 30)).is_err());
+        assert_eq!(t.release(7, (1, 10), 3), Ok(Some((2, 20))));
+        assert_eq!(t.release(7, (2, 20), 1), Ok(Some((0, 30))));
+        assert_eq!(t.barriers(), 3);
+        assert_eq!(t.release(7, (0, 30), 0), Ok(None));
+        assert!(t.release(7, (0, 30), 9).is_err());
+        assert_eq!(t.barriers(), 3);
     }
 
     #[test]

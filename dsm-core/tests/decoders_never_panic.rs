@@ -124,8 +124,18 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         }),
         p.prop_map(|page| Msg::Denied { page }),
         (p, any::<u64>()).prop_map(|(lock, ticket)| Msg::LockAcquire { lock, ticket }),
-        (p, any::<u64>()).prop_map(|(lock, ticket)| Msg::LockGrant { lock, ticket }),
-        (p, any::<u64>()).prop_map(|(lock, ticket)| Msg::LockRelease { lock, ticket }),
+        (p, any::<u64>(), any::<u64>()).prop_map(|(lock, ticket, barriers)| Msg::LockGrant {
+            lock,
+            ticket,
+            barriers
+        }),
+        (p, any::<u64>(), any::<u64>()).prop_map(|(lock, ticket, barriers)| {
+            Msg::LockRelease {
+                lock,
+                ticket,
+                barriers,
+            }
+        }),
         (p, any::<u64>(), any::<u8>(), any::<u32>()).prop_map(|(ticket, pages, kind, rank)| {
             Msg::AllocReq {
                 ticket,

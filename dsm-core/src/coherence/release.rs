@@ -208,6 +208,23 @@ impl Release {
         self.releasing.acks_due
     }
 
+    /// Barriers this rank passed, as its copy requests say.
+    pub fn barriers_passed(&self) -> u64 {
+        self.passed
+    }
+
+    /// The last barrier whose diffs to this rank are all in.
+    pub fn barriers_complete(&self) -> u64 {
+        self.barrier_diffs.complete
+    }
+
+    /// A lock taken after a rank that had passed `barriers` barriers let it
+    /// go: what that rank saw, this one must (its copy requests say it
+    /// passed them too, so homes answer once those barriers' diffs are in).
+    pub fn lock_taken_after(&mut self, barriers: u64) {
+        self.passed = self.passed.max(barriers);
+    }
+
     /// The barrier released whose diffs to this rank are not all in yet,
     /// as (barrier, diffs applied, diffs due), and the copy requests held
     /// back meanwhile: what a hang report says of it.
@@ -933,6 +950,30 @@ mod tests {
             home.barrier_released(2, 0).unwrap(),
             vec![Action::BarrierDiffsIn { epoch: 2 }]
         );
+    }
+
+    #[test]
+    fn a_lock_taken_after_a_rank_past_a_barrier_asks_as_if_past_it_too() {
+        // Rank 1's thread takes a lock that rank 2 released after passing
+        // barrier 3, while rank 1's own barrier thread has not passed it:
+        // the copy it asks for must hold barrier 3's diffs.
+        let mut node = Release::new(1, 3, 2);
+        assert_eq!(node.barriers_passed(), 0);
+        node.lock_taken_after(3);
+        node.acquire(None).unwrap();
+        assert_eq!(
+            node.on_fault(0, false).unwrap(),
+            vec![Action::Send {
+                to: 0,
+                msg: Msg::CopyReq {
+                    page: 0,
+                    barriers: 3
+                }
+            }]
+        );
+        // Passing an older barrier later does not lower it.
+        node.acquire(Some(2)).unwrap();
+        assert_eq!(node.barriers_passed(), 3);
     }
 
     #[test]

@@ -203,6 +203,9 @@ pub(crate) struct Engine {
     /// This rank's lock requests not granted yet, by ticket: the lock and
     /// the caller to answer.
     lock_waiters: HashMap<u64, (u64, Reply<u64>)>,
+    /// Lock grants (barriers their releasers had passed, ticket) waiting
+    /// for those barriers' diffs to be in here (`sync.rs`).
+    grants_awaiting_diffs: Vec<(u64, u64)>,
     locks: LockTable,
     alloc_waiters: HashMap<u64, (Reply<SegmentInfo>, Option<Vec<u8>>)>,
     /// Collective allocations this rank asked for so far (their numbers).
@@ -348,6 +351,7 @@ impl Engine {
             parked: BTreeMap::new(),
             next_ticket: 1,
             lock_waiters: HashMap::new(),
+            grants_awaiting_diffs: Vec::new(),
             locks: LockTable::default(),
             alloc_waiters: HashMap::new(),
             coalloc_epoch: 0,

@@ -57,7 +57,12 @@ impl Engine {
                 started.elapsed().as_secs_f64()
             ));
         }
-        let mut locks: Vec<u64> = self.lock_waiters.values().map(|(lock, _)| *lock).collect();
+        let mut locks: Vec<u64> = self
+            .lock_waiters
+            .iter()
+            .filter(|(ticket, _)| !self.grants_awaiting_diffs.iter().any(|(_, t)| t == *ticket))
+            .map(|(_, (lock, _))| *lock)
+            .collect();
         locks.sort_unstable();
         for lock in locks {
             lines.push(format!(
@@ -71,6 +76,13 @@ impl Engine {
                 sync.name(),
                 self.release.diffs_unacknowledged()
             ));
+        }
+        for (barriers, ticket) in &self.grants_awaiting_diffs {
+            if let Some((lock, _)) = self.lock_waiters.get(ticket) {
+                lines.push(format!(
+                    "lock {lock} granted, taken once the diffs of barrier {barriers} are all in here"
+                ));
+            }
         }
         if let Some((epoch, applied, due, held)) = self.release.barrier_diffs_awaited() {
             lines.push(format!(

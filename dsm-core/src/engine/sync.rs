@@ -238,14 +238,38 @@ impl Engine {
     }
 
     /// Every diff barrier `epoch` carried here is in: the barrier is
-    /// passed here, if this rank waits at it.
+    /// passed here, if this rank waits at it, and the lock grants that
+    /// waited for those diffs go on.
     pub(super) fn barrier_diffs_in(&mut self, epoch: u64) -> Result<(), DsmError> {
         if epoch == self.barrier_epoch {
             if let Some(waiter) = self.barrier_waiter.take() {
-                return self.synchronize(AfterRelease::BarrierPassed(waiter));
+                self.synchronize(AfterRelease::BarrierPassed(waiter))?;
             }
         }
+        let (ready, waiting) = std::mem::take(&mut self.grants_awaiting_diffs)
+            .into_iter()
+            .partition(|&(barriers, _)| barriers <= epoch);
+        self.grants_awaiting_diffs = waiting;
+        for (barriers, ticket) in ready {
+            self.lock_granted(ticket, barriers)?;
+        }
         Ok(())
+    }
+
+    /// The lock request `ticket` is granted, after a release by a rank
+    /// that had passed `barriers` barriers: the caller takes it once every
+    /// diff of those barriers is in here (a home's own threads read its
+    /// master copy directly), with the acquire.
+    fn lock_granted(&mut self, ticket: u64, barriers: u64) -> Result<(), DsmError> {
+        if barriers > self.release.barriers_complete() {
+            self.grants_awaiting_diffs.push((barriers, ticket));
+            return Ok(());
+        }
+        self.release.lock_taken_after(barriers);
+        match self.lock_waiters.remove(&ticket) {
+            Some((_, reply)) => self.synchronize(AfterRelease::LockGranted { ticket, reply }),
+            None => Ok(()),
+        }
     }
 
     /// An API call's lock request, sent to the lock's home.
@@ -260,10 +284,22 @@ impl Engine {
 
     /// An API call's release of a lock it holds with `ticket`.
     pub(super) fn release_lock(&mut self, lock: u64, ticket: u64) {
-        self.out.send(
-            self.lock_home(lock),
-            Msg::LockRelease { lock, ticket }.header(),
-        );
+        let release = Msg::LockRelease {
+            lock,
+            ticket,
+            barriers: self.release.barriers_passed(),
+        };
+        self.out.send(self.lock_home(lock), release.header());
+    }
+
+    /// Grants `lock` to the request `ticket` of `rank`.
+    fn grant_lock(&mut self, rank: Rank, lock: u64, ticket: u64) {
+        let grant = Msg::LockGrant {
+            lock,
+            ticket,
+            barriers: self.locks.barriers(),
+        };
+        self.out.send(rank, grant.header());
     }
 
     /// The rank that queues `lock`'s requests.
@@ -278,25 +314,25 @@ impl Engine {
         match msg {
             Msg::LockAcquire { lock, ticket } => {
                 if let Some((rank, ticket)) = self.locks.acquire(lock, (from, ticket)) {
-                    self.out
-                        .send(rank, Msg::LockGrant { lock, ticket }.header());
+                    self.grant_lock(rank, lock, ticket);
                 }
             }
-            Msg::LockRelease { lock, ticket } => {
+            Msg::LockRelease {
+                lock,
+                ticket,
+                barriers,
+            } => {
                 let next = self
                     .locks
-                    .release(lock, (from, ticket))
+                    .release(lock, (from, ticket), barriers)
                     .map_err(|e| DsmError::Protocol(e.to_string()))?;
                 if let Some((rank, ticket)) = next {
-                    self.out
-                        .send(rank, Msg::LockGrant { lock, ticket }.header());
+                    self.grant_lock(rank, lock, ticket);
                 }
             }
-            Msg::LockGrant { ticket, .. } => {
-                if let Some((_, reply)) = self.lock_waiters.remove(&ticket) {
-                    return self.synchronize(AfterRelease::LockGranted { ticket, reply });
-                }
-            }
+            Msg::LockGrant {
+                ticket, barriers, ..
+            } => return self.lock_granted(ticket, barriers),
             other => {
                 return Err(DsmError::Protocol(format!(
                     "from rank {from}: unexpected {other:?}"
