@@ -226,13 +226,19 @@ impl Release {
     }
 
     /// The barrier released whose diffs to this rank are not all in yet,
-    /// as (barrier, diffs applied, diffs due), and the copy requests held
-    /// back meanwhile: what a hang report says of it.
-    pub fn barrier_diffs_awaited(&self) -> Option<(u64, u32, u32, usize)> {
+    /// as (barrier, diffs applied, diffs due): what a hang report says.
+    pub fn barrier_diffs_awaited(&self) -> Option<(u64, u32, u32)> {
         let diffs = &self.barrier_diffs;
         let (epoch, due) = diffs.awaited?;
         let applied = diffs.applied.get(&epoch).copied().unwrap_or(0);
-        Some((epoch, applied, due, diffs.deferred.len()))
+        Some((epoch, applied, due))
+    }
+
+    /// Copy requests held back until a barrier's diffs are in here, and
+    /// the last barrier complete here (for a hang report).
+    pub fn copy_requests_held(&self) -> (usize, u64) {
+        let diffs = &self.barrier_diffs;
+        (diffs.deferred.len(), diffs.complete)
     }
 
     /// Pages holding writes not yet sent to their homes.

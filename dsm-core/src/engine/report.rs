@@ -84,9 +84,16 @@ impl Engine {
                 ));
             }
         }
-        if let Some((epoch, applied, due, held)) = self.release.barrier_diffs_awaited() {
+        if let Some((epoch, applied, due)) = self.release.barrier_diffs_awaited() {
             lines.push(format!(
-                "barrier {epoch} released: {applied} of the {due} diff(s) its entries carried here applied, {held} copy request(s) held back until all are"
+                "barrier {epoch} released: {applied} of the {due} diff(s) its entries carried here applied"
+            ));
+        }
+        let (held, complete) = self.release.copy_requests_held();
+        if held > 0 {
+            lines.push(format!(
+                "{held} copy request(s) held back until the diffs of barrier {} are all in here",
+                complete + 1
             ));
         }
         if self.barrier_waiter.is_some() {
