@@ -6,7 +6,12 @@
 //! pages of W words, and barriers (a release whose diffs travel
 //! unacknowledged, counted per home; once every rank entered, each rank
 //! learns how many diffs the barrier carried to it, waits for them, then
-//! acquires). Every reachable state is explored
+//! acquires), and a lock (release, request, grant carrying the barriers its
+//! releasers passed, wait for those barriers' diffs, acquire; an unlock
+//! releases, acknowledged, first). A rank may run a second thread of lock
+//! operations and reads beside the first (one release at a time per rank,
+//! as the engine queues them): a read under the lock must see a write an
+//! earlier holder made before its unlock. Every reachable state is explored
 //! (breadth first, deduplicated): any order of message deliveries between
 //! different pairs of ranks (in order within a pair), of program steps and
 //! of extra read faults a rank's other threads, or its read-ahead, could
@@ -37,8 +42,42 @@ enum Op {
     Read(usize, usize),
     /// Write word `.1` of page `.0` (a value unique to this op).
     Write(usize, usize),
-    /// A barrier: release, wait for every rank, acquire.
+    /// A barrier: release, wait for every rank, acquire (thread 0 only).
     Barrier,
+    /// Take the lock (the model's one lock): release, request, grant,
+    /// acquire.
+    Lock,
+    /// Let the lock go: release (acknowledged), then the unlock.
+    Unlock,
+}
+
+/// Where a thread is in a lock operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum InLock {
+    Idle,
+    /// The release before a lock request: waits for its acknowledgements.
+    Releasing,
+    /// Requested: waits for the lock to be free.
+    Waiting,
+    /// Granted after releasers that had passed `.0` barriers: waits for
+    /// those barriers' diffs here, then acquires.
+    Granted(u64),
+    /// A release again before the acquire (a copy dirty since).
+    Rereleasing(u64),
+    /// Holds the lock.
+    Holding,
+    /// The release before the unlock.
+    Unlocking,
+}
+
+/// The model's one lock, as its home keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct LockState {
+    holder: Option<(usize, usize)>,
+    /// The most barriers a releaser had passed (what a grant carries).
+    barriers: u64,
+    /// Every unlock so far: (rank, thread, pc of the unlock).
+    history: Vec<(usize, usize, usize)>,
 }
 
 /// A message in flight, with the words it carries.
@@ -87,6 +126,16 @@ struct World {
     barrier: Vec<InBarrier>,
     /// Per barrier (from 1), the diffs its entries carried to each rank.
     due: Vec<Vec<u32>>,
+    /// Each rank's second thread's position in its program.
+    pc1: Vec<usize>,
+    /// Each thread's lock operation under way (rank, thread).
+    in_lock: Vec<[InLock; 2]>,
+    /// Each thread's count of unlocks in the history when it took the lock.
+    seen: Vec<[usize; 2]>,
+    /// The thread whose release runs at each rank (one at a time, as the
+    /// engine queues them).
+    releasing: Vec<Option<usize>>,
+    lock: LockState,
     /// Extra read faults still allowed (bounds the state space).
     extra_faults_left: usize,
 }
@@ -98,6 +147,10 @@ struct Model {
     /// Page p is homed at `homes[p]`.
     homes: Vec<usize>,
     programs: Vec<Vec<Op>>,
+    /// Each rank's second thread (none if empty): locks and reads only,
+    /// no barrier and no write (the expected values below follow the
+    /// first threads' writes).
+    second: Vec<Vec<Op>>,
     extra_faults: usize,
 }
 
@@ -165,6 +218,11 @@ impl Model {
             pc: vec![0; self.n],
             barrier: vec![InBarrier::No; self.n],
             due: Vec::new(),
+            pc1: vec![0; self.n],
+            in_lock: vec![[InLock::Idle; 2]; self.n],
+            seen: vec![[0; 2]; self.n],
+            releasing: vec![None; self.n],
+            lock: LockState::default(),
             extra_faults_left: self.extra_faults,
         }
     }
@@ -281,7 +339,21 @@ impl Model {
                     }
                     w.mem[rank][page] = None;
                 }
-                Action::Released => match w.barrier[rank] {
+                Action::Released
+                    if w.releasing[rank].is_some_and(|t| {
+                        matches!(
+                            w.in_lock[rank][t],
+                            InLock::Releasing | InLock::Rereleasing(_) | InLock::Unlocking
+                        )
+                    }) =>
+                {
+                    let thread = w.releasing[rank].take().unwrap();
+                    self.lock_released(w, rank, thread)?;
+                }
+                Action::Released => match std::mem::take(&mut w.releasing[rank])
+                    .map(|_| w.barrier[rank])
+                    .unwrap_or(InBarrier::No)
+                {
                     InBarrier::Releasing { passed: false } => {
                         // The entry leaves, with its count of diffs per home.
                         let epoch = self.epoch_of(rank, w.pc[rank]) + 1;
@@ -314,6 +386,128 @@ impl Model {
         Ok(())
     }
 
+    /// The program of `thread` of `rank`.
+    fn program(&self, rank: usize, thread: usize) -> &[Op] {
+        match thread {
+            0 => &self.programs[rank],
+            _ => self.second.get(rank).map_or(&[], |p| &p[..]),
+        }
+    }
+
+    fn pc(w: &World, rank: usize, thread: usize) -> usize {
+        if thread == 0 {
+            w.pc[rank]
+        } else {
+            w.pc1[rank]
+        }
+    }
+
+    fn advance(w: &mut World, rank: usize, thread: usize) {
+        if thread == 0 {
+            w.pc[rank] += 1;
+        } else {
+            w.pc1[rank] += 1;
+        }
+    }
+
+    /// The release `thread` of `rank` started for a lock operation is done.
+    fn lock_released(&self, w: &mut World, rank: usize, thread: usize) -> Result<(), String> {
+        w.in_lock[rank][thread] = match w.in_lock[rank][thread] {
+            InLock::Releasing => InLock::Waiting,
+            InLock::Rereleasing(barriers) => InLock::Granted(barriers),
+            InLock::Unlocking => {
+                let pc = Model::pc(w, rank, thread);
+                w.lock.holder = None;
+                w.lock.barriers = w.lock.barriers.max(w.nodes[rank].barriers_passed());
+                w.lock.history.push((rank, thread, pc));
+                Model::advance(w, rank, thread);
+                InLock::Idle
+            }
+            other => {
+                return Err(format!(
+                    "rank {rank} thread {thread}: a release done while {other:?}"
+                ))
+            }
+        };
+        Ok(())
+    }
+
+    /// What a read of a word by a thread holding the lock must see, if the
+    /// write of it is ordered before: the one write of that word (by a
+    /// first thread) comes before an unlock that came before this lock.
+    fn expected_under_lock(
+        &self,
+        w: &World,
+        rank: usize,
+        thread: usize,
+        page: usize,
+        word: usize,
+    ) -> Option<u64> {
+        let (writer, at) = self.programs.iter().enumerate().find_map(|(r, p)| {
+            p.iter()
+                .position(|op| *op == Op::Write(page, word))
+                .map(|i| (r, i))
+        })?;
+        if writer == rank && thread == 0 {
+            return None;
+        }
+        let seen = w.seen[rank][thread];
+        w.lock.history[..seen]
+            .iter()
+            .any(|&(r, t, pc)| r == writer && t == 0 && pc > at)
+            .then(|| Model::value(writer, at))
+    }
+
+    /// The steps of a lock operation of `thread` of `rank` at `op`.
+    fn lock_step(
+        &self,
+        w: &World,
+        rank: usize,
+        thread: usize,
+        op: Op,
+        next: &mut Vec<World>,
+    ) -> Result<(), String> {
+        let state = w.in_lock[rank][thread];
+        let free_to_release = w.releasing[rank].is_none();
+        let mut s = w.clone();
+        match (op, state) {
+            (Op::Lock, InLock::Idle) | (Op::Unlock, InLock::Holding) if free_to_release => {
+                s.in_lock[rank][thread] = if op == Op::Lock {
+                    InLock::Releasing
+                } else {
+                    InLock::Unlocking
+                };
+                s.releasing[rank] = Some(thread);
+                let actions = s.nodes[rank].release(None).map_err(|e| e.to_string())?;
+                self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+            }
+            (Op::Lock, InLock::Waiting) if w.lock.holder.is_none() => {
+                s.lock.holder = Some((rank, thread));
+                s.in_lock[rank][thread] = InLock::Granted(w.lock.barriers);
+            }
+            (Op::Lock, InLock::Granted(barriers))
+                if free_to_release && w.nodes[rank].barriers_complete() >= barriers =>
+            {
+                s.nodes[rank].lock_taken_after(barriers);
+                if s.nodes[rank].dirty_pages() > 0 {
+                    s.in_lock[rank][thread] = InLock::Rereleasing(barriers);
+                    s.releasing[rank] = Some(thread);
+                    let actions = s.nodes[rank].release(None).map_err(|e| e.to_string())?;
+                    self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+                } else {
+                    let actions = s.nodes[rank].acquire(None).map_err(|e| e.to_string())?;
+                    self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+                    s.seen[rank][thread] = s.lock.history.len();
+                    s.in_lock[rank][thread] = InLock::Holding;
+                    Model::advance(&mut s, rank, thread);
+                }
+            }
+            _ => return Ok(()),
+        }
+        next.push(s);
+        Ok(())
+    }
+
     /// Reads (or writes) the word if this rank's mapping allows it.
     fn access(
         &self,
@@ -340,6 +534,56 @@ impl Model {
         }
     }
 
+    /// A read or write of `thread` of `rank`: done if mapped (a read
+    /// checked against what sequential consistency gives), else a fault.
+    fn access_step(
+        &self,
+        w: &World,
+        rank: usize,
+        thread: usize,
+        op: Op,
+        next: &mut Vec<World>,
+    ) -> Result<(), String> {
+        let (Op::Read(page, word) | Op::Write(page, word)) = op else {
+            return Err(format!("{op:?} is no access"));
+        };
+        let pc = Model::pc(w, rank, thread);
+        let mut s = w.clone();
+        let write = matches!(op, Op::Write(..)).then(|| Model::value(rank, pc));
+        match self.access(&mut s, rank, page, word, write) {
+            Some(v) => {
+                let expected = if write.is_some() {
+                    None
+                } else if w.in_lock[rank][thread] == InLock::Holding {
+                    self.expected_under_lock(w, rank, thread, page, word)
+                } else if thread == 0 {
+                    Some(self.expected(rank, pc))
+                } else {
+                    None
+                };
+                if let (None, Some(want)) = (write, expected) {
+                    if v != want {
+                        return Err(format!(
+                            "rank {rank} thread {thread} op {pc} {op:?} read {v}, sequential consistency gives {want}"
+                        ));
+                    }
+                }
+                Model::advance(&mut s, rank, thread);
+                next.push(s);
+            }
+            None => {
+                let actions = s.nodes[rank]
+                    .on_fault(page, write.is_some())
+                    .map_err(|e| e.to_string())?;
+                self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+                if s != *w {
+                    next.push(s);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every successor of `w`, or the first error found.
     fn successors(&self, w: &World) -> Result<Vec<World>, String> {
         let n = self.n;
@@ -351,16 +595,17 @@ impl Model {
                 Some(Op::Barrier) => {
                     let epoch = self.epoch_of(rank, pc) + 1;
                     match w.barrier[rank] {
-                        InBarrier::No => {
+                        InBarrier::No if w.releasing[rank].is_none() => {
                             let mut s = w.clone();
                             s.barrier[rank] = InBarrier::Releasing { passed: false };
+                            s.releasing[rank] = Some(0);
                             let actions = s.nodes[rank]
                                 .release(Some(epoch as u64))
                                 .map_err(|e| e.to_string())?;
                             self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             next.push(s);
                         }
-                        InBarrier::Releasing { .. } | InBarrier::Passing => {}
+                        InBarrier::No | InBarrier::Releasing { .. } | InBarrier::Passing => {}
                         InBarrier::Arrived => {
                             // Every rank entered this barrier (or went past
                             // it): its release reaches this rank.
@@ -391,6 +636,7 @@ impl Model {
                             // the acquire.
                             let mut s = w.clone();
                             s.barrier[rank] = InBarrier::Releasing { passed: true };
+                            s.releasing[rank] = Some(0);
                             let actions = s.nodes[rank].release(None).map_err(|e| e.to_string())?;
                             self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             next.push(s);
@@ -407,31 +653,16 @@ impl Model {
                         }
                     }
                 }
-                Some(op @ (Op::Read(page, word) | Op::Write(page, word))) => {
-                    let mut s = w.clone();
-                    let write = matches!(op, Op::Write(..)).then(|| Model::value(rank, pc));
-                    match self.access(&mut s, rank, page, word, write) {
-                        Some(v) => {
-                            if write.is_none() && v != self.expected(rank, pc) {
-                                return Err(format!(
-                                    "rank {rank} op {pc} {op:?} read {v}, sequential consistency gives {}",
-                                    self.expected(rank, pc)
-                                ));
-                            }
-                            s.pc[rank] += 1;
-                            next.push(s);
-                        }
-                        None => {
-                            let actions = s.nodes[rank]
-                                .on_fault(page, write.is_some())
-                                .map_err(|e| e.to_string())?;
-                            self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
-                            if s != *w {
-                                next.push(s);
-                            }
-                        }
-                    }
+                Some(op @ (Op::Lock | Op::Unlock)) => self.lock_step(w, rank, 0, op, &mut next)?,
+                Some(op @ (Op::Read(..) | Op::Write(..))) => {
+                    self.access_step(w, rank, 0, op, &mut next)?
                 }
+            }
+            match self.program(rank, 1).get(w.pc1[rank]).copied() {
+                None => {}
+                Some(op @ (Op::Lock | Op::Unlock)) => self.lock_step(w, rank, 1, op, &mut next)?,
+                Some(op @ Op::Read(..)) => self.access_step(w, rank, 1, op, &mut next)?,
+                Some(other) => return Err(format!("a second thread runs {other:?}")),
             }
             // Another thread of this rank reads a page homed elsewhere, or
             // the engine reads it ahead of a sequential stream.
@@ -497,7 +728,9 @@ impl Model {
     }
 
     fn finished(&self, w: &World) -> Result<(), String> {
-        let done = (0..self.n).all(|r| w.pc[r] == self.programs[r].len());
+        let done = (0..self.n)
+            .all(|r| w.pc[r] == self.programs[r].len() && w.pc1[r] == self.program(r, 1).len())
+            && w.lock.holder.is_none();
         if !done || !w.nodes.iter().all(Release::quiescent) || w.links.iter().any(|l| !l.is_empty())
         {
             return Err(format!("stuck: {w:?}"));
@@ -545,7 +778,7 @@ impl Model {
     }
 }
 
-use Op::{Barrier, Read, Write};
+use Op::{Barrier, Lock, Read, Unlock, Write};
 
 #[test]
 fn two_writers_of_one_page_homed_at_a_third_rank_lose_no_word() {
@@ -578,6 +811,7 @@ fn two_writers_of_one_page_homed_at_a_third_rank_lose_no_word() {
             ],
             vec![Barrier, Barrier, Read(0, 0), Read(0, 1)],
         ],
+        second: Vec::new(),
         extra_faults: 0,
     };
     let states = model.run();
@@ -610,6 +844,7 @@ fn the_home_writes_its_own_page_beside_a_remote_writer() {
                 Read(0, 1),
             ],
         ],
+        second: Vec::new(),
         extra_faults: 0,
     };
     model.run();
@@ -643,6 +878,7 @@ fn fetches_by_other_threads_across_barriers_never_leave_stale_words() {
             ],
             vec![Barrier, Barrier, Read(0, 0), Read(0, 1)],
         ],
+        second: Vec::new(),
         extra_faults: 2,
     };
     let states = model.run();
@@ -671,6 +907,7 @@ fn a_page_asked_again_at_an_acquire_holds_every_writer_of_that_barrier() {
                 Read(1, 1),
             ],
         ],
+        second: Vec::new(),
         extra_faults: 0,
     };
     let states = model.run();
@@ -693,8 +930,37 @@ fn a_page_asked_again_after_one_barrier_is_not_taken_for_the_next() {
             vec![Barrier, Write(0, 1), Barrier, Read(0, 0)],
             vec![Barrier, Barrier, Read(0, 0), Read(0, 1)],
         ],
+        second: Vec::new(),
         extra_faults: 0,
     };
     let states = model.run();
     assert!(states > 100, "{states} states");
+}
+
+#[test]
+fn a_lock_taken_after_a_rank_past_a_barrier_reads_that_barrier_s_writes() {
+    // Rank 1 writes word 0 of page 0 (homed at rank 0), passes the barrier,
+    // then takes and lets go the lock. A second thread of rank 2 and one of
+    // the home take the lock while their first threads may still be inside
+    // the barrier, whose diff may still be on its way: holding the lock
+    // after rank 1's unlock, each must read rank 1's word.
+    let model = Model {
+        n: 3,
+        pages: 1,
+        words: 1,
+        homes: vec![0],
+        programs: vec![
+            vec![Barrier],
+            vec![Write(0, 0), Barrier, Lock, Unlock],
+            vec![Barrier],
+        ],
+        second: vec![
+            vec![Lock, Read(0, 0), Unlock],
+            Vec::new(),
+            vec![Lock, Read(0, 0), Unlock],
+        ],
+        extra_faults: 0,
+    };
+    let states = model.run();
+    assert!(states > 1000, "{states} states");
 }
