@@ -964,3 +964,25 @@ fn a_lock_taken_after_a_rank_past_a_barrier_reads_that_barrier_s_writes() {
     let states = model.run();
     assert!(states > 1000, "{states} states");
 }
+
+#[test]
+fn writes_released_by_an_unlock_reach_the_next_holder_and_the_next_barrier() {
+    // Rank 1 writes under the lock (its diff acknowledged before the
+    // unlock leaves); rank 2 reads under the lock, and after the barrier,
+    // as does the home.
+    let model = Model {
+        n: 3,
+        pages: 1,
+        words: 1,
+        homes: vec![0],
+        programs: vec![
+            vec![Barrier, Read(0, 0)],
+            vec![Lock, Write(0, 0), Unlock, Barrier],
+            vec![Lock, Read(0, 0), Unlock, Barrier, Read(0, 0)],
+        ],
+        second: Vec::new(),
+        extra_faults: 1,
+    };
+    let states = model.run();
+    assert!(states > 1000, "{states} states");
+}
