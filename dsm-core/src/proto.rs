@@ -945,10 +945,8 @@ impl Msg {
                 })
             }
             BARRIER_ENTER => {
-                if bytes.len() < 13 {
-                    expect(13)?;
-                }
-                let count = u32_at(bytes, 9) as usize;
+                // Too short for its count: 0 pairs, and the length is wrong.
+                let count = bytes.get(9..13).map_or(0, |_| u32_at(bytes, 9) as usize);
                 expect(13usize.saturating_add(count.saturating_mul(8)))?;
                 let diffs = bytes[13..]
                     .chunks_exact(8)

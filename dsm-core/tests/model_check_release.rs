@@ -339,35 +339,33 @@ impl Model {
                     }
                     w.mem[rank][page] = None;
                 }
-                Action::Released
-                    if w.releasing[rank].is_some_and(|t| {
-                        matches!(
-                            w.in_lock[rank][t],
-                            InLock::Releasing | InLock::Rereleasing(_) | InLock::Unlocking
-                        )
-                    }) =>
-                {
-                    let thread = w.releasing[rank].take().unwrap();
-                    self.lock_released(w, rank, thread)?;
-                }
-                Action::Released => match std::mem::take(&mut w.releasing[rank])
-                    .map(|_| w.barrier[rank])
-                    .unwrap_or(InBarrier::No)
-                {
-                    InBarrier::Releasing { passed: false } => {
-                        // The entry leaves, with its count of diffs per home.
-                        let epoch = self.epoch_of(rank, w.pc[rank]) + 1;
-                        if w.due.len() < epoch {
-                            w.due.resize(epoch, vec![0; n]);
+                Action::Released => {
+                    let Some(thread) = w.releasing[rank].take() else {
+                        return Err(format!("rank {rank}: a release done it did not start"));
+                    };
+                    let in_lock = matches!(
+                        w.in_lock[rank][thread],
+                        InLock::Releasing | InLock::Rereleasing(_) | InLock::Unlocking
+                    );
+                    match w.barrier[rank] {
+                        _ if in_lock => self.lock_released(w, rank, thread)?,
+                        InBarrier::Releasing { passed: false } => {
+                            // The entry leaves, with its count of diffs per home.
+                            let epoch = self.epoch_of(rank, w.pc[rank]) + 1;
+                            if w.due.len() < epoch {
+                                w.due.resize(epoch, vec![0; n]);
+                            }
+                            for (home, count) in w.nodes[rank].take_barrier_diffs() {
+                                w.due[epoch - 1][home] += count;
+                            }
+                            w.barrier[rank] = InBarrier::Arrived;
                         }
-                        for (home, count) in w.nodes[rank].take_barrier_diffs() {
-                            w.due[epoch - 1][home] += count;
+                        InBarrier::Releasing { passed: true } => {
+                            w.barrier[rank] = InBarrier::Passed
                         }
-                        w.barrier[rank] = InBarrier::Arrived;
+                        _ => return Err(format!("rank {rank}: a release done it did not start")),
                     }
-                    InBarrier::Releasing { passed: true } => w.barrier[rank] = InBarrier::Passed,
-                    _ => return Err(format!("rank {rank}: a release done it did not start")),
-                },
+                }
                 Action::BarrierDiffsIn { epoch } => {
                     if w.barrier[rank] != InBarrier::Passing
                         || epoch as usize != self.epoch_of(rank, w.pc[rank]) + 1

@@ -543,33 +543,31 @@ impl Release {
     /// since the twin, nothing is sent, and the page is not one this rank
     /// writes every step (the next acquire does not ask for it again).
     pub fn diff_empty(&mut self, page: usize, barrier: Option<u64>) -> Actions {
-        let home = self.home_of(page);
-        let counted = match barrier {
-            None => self.releasing.acks_due > 0,
-            Some(_) => self.barrier_diffs.sent.get(&home).is_some_and(|&n| n > 0),
+        let not_sent = CoherenceError::Unexpected {
+            page,
+            from: self.rank,
+            what: "an empty diff it did not send",
         };
-        if !counted || !self.written.remove(&page) {
-            return Err(CoherenceError::Unexpected {
-                page,
-                from: self.rank,
-                what: "an empty diff it did not send",
-            });
-        }
-        match barrier {
-            None => {
-                self.releasing.acks_due -= 1;
-                Ok(self.release_done())
+        if barrier.is_some() {
+            // Counted for the entry, not acknowledged: uncounted again.
+            let home = self.home_of(page);
+            let Some(count) = self.barrier_diffs.sent.get_mut(&home).filter(|n| **n > 0) else {
+                return Err(not_sent);
+            };
+            if !self.written.remove(&page) {
+                return Err(not_sent);
             }
-            Some(_) => {
-                if let Some(n) = self.barrier_diffs.sent.get_mut(&home) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.barrier_diffs.sent.remove(&home);
-                    }
-                }
-                Ok(Vec::new())
+            *count -= 1;
+            if *count == 0 {
+                self.barrier_diffs.sent.remove(&home);
             }
+            return Ok(Vec::new());
         }
+        if self.releasing.acks_due == 0 || !self.written.remove(&page) {
+            return Err(not_sent);
+        }
+        self.releasing.acks_due -= 1;
+        Ok(self.release_done())
     }
 
     /// The diffs the release for this rank's barrier entry sent, per home

@@ -111,23 +111,18 @@ impl Engine {
     /// compared with its twin (a store meanwhile waits in a fault): one
     /// system call per run of consecutive pages.
     fn protect_for_diffs(&self, actions: &[Action]) -> Result<(), DsmError> {
-        let mut run: Option<(usize, usize)> = None;
-        let pages = actions.iter().filter_map(|a| match a {
-            Action::SendDiff { page, .. } => Some(*page),
-            _ => None,
-        });
-        for page in pages {
-            run = match run {
-                Some((first, count)) if first + count == page => Some((first, count + 1)),
-                Some((first, count)) => {
-                    self.faults.write_protect(first, count)?;
-                    Some((page, 1))
-                }
-                None => Some((page, 1)),
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for action in actions {
+            let Action::SendDiff { page, .. } = *action else {
+                continue;
             };
+            match runs.last_mut() {
+                Some(run) if run.end == page => run.end += 1,
+                _ => runs.push(page..page + 1),
+            }
         }
-        if let Some((first, count)) = run {
-            self.faults.write_protect(first, count)?;
+        for run in runs {
+            self.faults.write_protect(run.start, run.len())?;
         }
         Ok(())
     }
