@@ -181,17 +181,27 @@ pub enum Msg {
     BarrierEnter {
         /// The barrier's number: every rank counts its barriers from 1.
         epoch: u64,
-        /// Release consistency: the diffs this rank sent each home (rank,
-        /// count) just before, unacknowledged (`Diff::barrier`).
-        diffs: Vec<(u32, u32)>,
+        /// Release consistency: the diffs of the pages this rank wrote
+        /// since its last barrier entry (its copies and its master copies),
+        /// one per page, in page order (the writer named is the sender).
+        updates: PageDiffs,
+        /// Release consistency: the pages whose diffs this rank's lock
+        /// releases sent to their homes since its last barrier entry.
+        lock_written: Vec<u64>,
     },
     /// Rank 0 -> every rank (itself too): all ranks reached barrier `epoch`.
     BarrierRelease {
         /// The barrier's number, as in its `BarrierEnter`.
         epoch: u64,
-        /// Release consistency: how many diffs the entries carried to this
-        /// rank, which it applies before it passes the barrier.
-        diffs_due: u32,
+        /// Release consistency: every entry's diffs, in the order a rank
+        /// applies them to the copies it holds: by page, the home's diff
+        /// first, then the other writers' by rank (a home skips its own:
+        /// its master may hold later words, from unlocks).
+        updates: PageDiffs,
+        /// Release consistency: every entry's `lock_written`, in order,
+        /// each page once: the copies of them go (their homes have the
+        /// words).
+        lock_written: Vec<u64>,
     },
     /// Multi-reader protocol, requester -> home: a read-only copy of `page`.
     ReadReq {
@@ -369,10 +379,6 @@ pub enum Msg {
         page: u64,
         /// The changed words.
         runs: DiffRuns,
-        /// `Some(epoch)`: sent by the release of the writer's entry into
-        /// barrier `epoch`, which counts it (no acknowledgement); `None`:
-        /// acknowledged with `DiffAck` (a lock's release).
-        barrier: Option<u64>,
     },
     /// Release consistency, rank -> home: a copy of `page`, for a rank that
     /// passed `barriers` barriers: answered (`Grant`, read) once every diff
@@ -389,6 +395,11 @@ pub enum Msg {
         page: u64,
     },
 }
+
+/// Pages and the words of each that a writer changed, as barrier messages
+/// carry them ([`Msg::BarrierEnter`], [`Msg::BarrierRelease`]): (writer's
+/// rank, page, words).
+pub type PageDiffs = Vec<(u32, u64, DiffRuns)>;
 
 /// The words of a page a writer changed ([`Msg::Diff`]): runs of
 /// consecutive words, in increasing order, none empty, none overlapping.
@@ -442,6 +453,54 @@ impl DiffRuns {
     /// Bytes the runs take on the wire after the page number.
     fn wire_len(&self) -> usize {
         2 + 4 * self.heads.len() + 8 * self.words.len()
+    }
+
+    /// On the wire: the run count, then each run's first word, word count
+    /// and words.
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.heads.len() as u16).to_le_bytes());
+        for (first, words) in self.runs() {
+            out.extend_from_slice(&(first as u16).to_le_bytes());
+            out.extend_from_slice(&(words.len() as u16).to_le_bytes());
+            for word in words {
+                out.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+    }
+
+    /// The runs [`DiffRuns::put`] wrote at `at` in a message of `kind`, and
+    /// where they end; runs in order, inside the page, none empty.
+    fn read(bytes: &[u8], at: usize, kind: u8) -> Result<(DiffRuns, usize), ProtoError> {
+        let bad = |what: &'static str| ProtoError::BadField { kind, what };
+        let count = bytes.get(at..at + 2).ok_or(bad("diff run count"))?;
+        let count = u16::from_le_bytes([count[0], count[1]]) as usize;
+        let mut at = at + 2;
+        // At most a page of words, and no more than the bytes left hold.
+        let words = (bytes.len().saturating_sub(at) / 8).min(PAGE_WORDS);
+        let mut runs = DiffRuns {
+            heads: Vec::with_capacity(count.min(PAGE_WORDS)),
+            words: Vec::with_capacity(words),
+        };
+        let mut next_free = 0usize;
+        for _ in 0..count {
+            let head = bytes.get(at..at + 4).ok_or(bad("diff run header"))?;
+            let first = u16::from_le_bytes([head[0], head[1]]) as usize;
+            let len = u16::from_le_bytes([head[2], head[3]]) as usize;
+            if len == 0 || first < next_free || first + len > PAGE_WORDS {
+                return Err(bad("diff run (empty, out of order or beyond the page)"));
+            }
+            at += 4;
+            let body = bytes.get(at..at + 8 * len).ok_or(bad("diff run words"))?;
+            for w in body.chunks_exact(8) {
+                runs.words.push(u64::from_le_bytes([
+                    w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+                ]));
+            }
+            runs.heads.push((first as u16, len as u16));
+            at += 8 * len;
+            next_free = first + len;
+        }
+        Ok((runs, at))
     }
 }
 
@@ -687,21 +746,16 @@ impl Msg {
             Msg::PageGrant { page, data } => {
                 return Msg::grant_header(*page as usize, data.is_some())
             }
-            Msg::BarrierEnter { epoch, diffs } => {
-                out.reserve(13 + 8 * diffs.len());
-                out.push(BARRIER_ENTER);
-                out.extend_from_slice(&epoch.to_le_bytes());
-                out.extend_from_slice(&(diffs.len() as u32).to_le_bytes());
-                for (home, count) in diffs {
-                    out.extend_from_slice(&home.to_le_bytes());
-                    out.extend_from_slice(&count.to_le_bytes());
-                }
-            }
-            Msg::BarrierRelease { epoch, diffs_due } => {
-                out.push(BARRIER_RELEASE);
-                out.extend_from_slice(&epoch.to_le_bytes());
-                out.extend_from_slice(&diffs_due.to_le_bytes());
-            }
+            Msg::BarrierEnter {
+                epoch,
+                updates,
+                lock_written,
+            } => put_barrier(&mut out, BARRIER_ENTER, *epoch, updates, lock_written),
+            Msg::BarrierRelease {
+                epoch,
+                updates,
+                lock_written,
+            } => put_barrier(&mut out, BARRIER_RELEASE, *epoch, updates, lock_written),
             Msg::CopyReq { page, barriers } => {
                 Msg::page_only(&mut out, COPY_REQ, *page);
                 out.extend_from_slice(&barriers.to_le_bytes());
@@ -793,23 +847,10 @@ impl Msg {
             Msg::Lookup { page } => Msg::page_only(&mut out, LOOKUP, *page),
             Msg::FindSegment { page } => Msg::page_only(&mut out, FIND_SEGMENT, *page),
             Msg::DiffAck { page } => Msg::page_only(&mut out, DIFF_ACK, *page),
-            Msg::Diff {
-                page,
-                runs,
-                barrier,
-            } => {
-                out.reserve(17 + runs.wire_len());
+            Msg::Diff { page, runs } => {
+                out.reserve(9 + runs.wire_len());
                 Msg::page_only(&mut out, DIFF, *page);
-                // 0: acknowledged (barriers are numbered from 1).
-                out.extend_from_slice(&barrier.unwrap_or(0).to_le_bytes());
-                out.extend_from_slice(&(runs.heads.len() as u16).to_le_bytes());
-                for (first, words) in runs.runs() {
-                    out.extend_from_slice(&(first as u16).to_le_bytes());
-                    out.extend_from_slice(&(words.len() as u16).to_le_bytes());
-                    for word in words {
-                        out.extend_from_slice(&word.to_le_bytes());
-                    }
-                }
+                runs.put(&mut out);
             }
             Msg::Free {
                 step,
@@ -945,23 +986,19 @@ impl Msg {
                 })
             }
             BARRIER_ENTER => {
-                // Too short for its count: 0 pairs, and the length is wrong.
-                let count = bytes.get(9..13).map_or(0, |_| u32_at(bytes, 9) as usize);
-                expect(13usize.saturating_add(count.saturating_mul(8)))?;
-                let diffs = bytes[13..]
-                    .chunks_exact(8)
-                    .map(|pair| (u32_at(pair, 0), u32_at(pair, 4)))
-                    .collect();
+                let (epoch, updates, lock_written) = decode_barrier(bytes)?;
                 Ok(Msg::BarrierEnter {
-                    epoch: u64_at(bytes, 1),
-                    diffs,
+                    epoch,
+                    updates,
+                    lock_written,
                 })
             }
             BARRIER_RELEASE => {
-                expect(13)?;
+                let (epoch, updates, lock_written) = decode_barrier(bytes)?;
                 Ok(Msg::BarrierRelease {
-                    epoch: u64_at(bytes, 1),
-                    diffs_due: u32_at(bytes, 9),
+                    epoch,
+                    updates,
+                    lock_written,
                 })
             }
             COPY_REQ => {
@@ -1123,44 +1160,16 @@ impl Msg {
     }
 }
 
-/// A [`Msg::Diff`]: page, barrier (0: none), run count, then each run's
-/// first word, word count and words; runs in order, inside the page, none
-/// empty.
+/// A [`Msg::Diff`]: page, then its runs ([`DiffRuns::put`]).
 fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
-    let bad = |what: &'static str| ProtoError::BadField { kind: DIFF, what };
-    if bytes.len() < 19 {
+    if bytes.len() < 11 {
         return Err(ProtoError::BadLength {
             kind: DIFF,
             len: bytes.len(),
-            expected: 19,
+            expected: 11,
         });
     }
-    let page = u64_at(bytes, 1);
-    let barrier = Some(u64_at(bytes, 9)).filter(|&epoch| epoch != 0);
-    let count = u16::from_le_bytes([bytes[17], bytes[18]]) as usize;
-    let mut at = 19;
-    let mut runs = DiffRuns {
-        heads: Vec::with_capacity(count.min(PAGE_WORDS)),
-        words: Vec::with_capacity(bytes.len().saturating_sub(19) / 8),
-    };
-    let mut next_free = 0usize;
-    for _ in 0..count {
-        let head = bytes.get(at..at + 4).ok_or(bad("diff run header"))?;
-        let first = u16::from_le_bytes([head[0], head[1]]) as usize;
-        let len = u16::from_le_bytes([head[2], head[3]]) as usize;
-        if len == 0 || first < next_free || first + len > PAGE_WORDS {
-            return Err(bad("diff run (empty, out of order or beyond the page)"));
-        }
-        at += 4;
-        let body = bytes.get(at..at + 8 * len).ok_or(bad("diff run words"))?;
-        runs.words.extend(
-            body.chunks_exact(8)
-                .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])),
-        );
-        runs.heads.push((first as u16, len as u16));
-        at += 8 * len;
-        next_free = first + len;
-    }
+    let (runs, at) = DiffRuns::read(bytes, 9, DIFF)?;
     if at != bytes.len() {
         return Err(ProtoError::BadLength {
             kind: DIFF,
@@ -1169,10 +1178,75 @@ fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
         });
     }
     Ok(Msg::Diff {
-        page,
+        page: u64_at(bytes, 1),
         runs,
-        barrier,
     })
+}
+
+/// A barrier message: kind, epoch, diff count, then each diff's writer,
+/// page and runs, then the count of pages written under locks and each
+/// page.
+fn put_barrier(out: &mut Vec<u8>, kind: u8, epoch: u64, updates: &PageDiffs, locked: &[u64]) {
+    let diffs: usize = updates.iter().map(|(_, _, r)| 12 + r.wire_len()).sum();
+    out.reserve(17 + diffs + 8 * locked.len());
+    out.push(kind);
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
+    for (writer, page, runs) in updates {
+        out.extend_from_slice(&writer.to_le_bytes());
+        out.extend_from_slice(&page.to_le_bytes());
+        runs.put(out);
+    }
+    out.extend_from_slice(&(locked.len() as u32).to_le_bytes());
+    for page in locked {
+        out.extend_from_slice(&page.to_le_bytes());
+    }
+}
+
+/// The fields of a barrier message ([`put_barrier`]).
+fn decode_barrier(bytes: &[u8]) -> Result<(u64, PageDiffs, Vec<u64>), ProtoError> {
+    let kind = bytes.first().copied().unwrap_or(0);
+    if bytes.len() < 13 {
+        return Err(ProtoError::BadLength {
+            kind,
+            len: bytes.len(),
+            expected: 13,
+        });
+    }
+    let count = u32_at(bytes, 9) as usize;
+    let mut at = 13;
+    // Each diff takes at least 14 bytes: no allocation beyond the message.
+    let mut updates = Vec::with_capacity(count.min(bytes.len() / 14));
+    for _ in 0..count {
+        let (writer, page) = bytes
+            .get(at..at + 12)
+            .map(|_| (u32_at(bytes, at), u64_at(bytes, at + 4)))
+            .ok_or(ProtoError::BadField {
+                kind,
+                what: "writer and page of a barrier's diff",
+            })?;
+        let (runs, next) = DiffRuns::read(bytes, at + 12, kind)?;
+        updates.push((writer, page, runs));
+        at = next;
+    }
+    let count = bytes.get(at..at + 4).ok_or(ProtoError::BadField {
+        kind,
+        what: "count of pages written under locks",
+    })?;
+    let count = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    let expected = (at + 4).saturating_add(count.saturating_mul(8));
+    if bytes.len() != expected {
+        return Err(ProtoError::BadLength {
+            kind,
+            len: bytes.len(),
+            expected,
+        });
+    }
+    let locked = bytes[at + 4..]
+        .chunks_exact(8)
+        .map(|p| u64_at(p, 0))
+        .collect();
+    Ok((u64_at(bytes, 1), updates, locked))
 }
 
 #[cfg(test)]
@@ -1203,15 +1277,22 @@ mod tests {
         });
         round_trip(Msg::BarrierEnter {
             epoch: 5,
-            diffs: Vec::new(),
+            updates: Vec::new(),
+            lock_written: Vec::new(),
         });
+        let mut runs = DiffRuns::new();
+        for (i, v) in [(0, 1), (2, 2), (511, u64::MAX)] {
+            runs.push(i, v);
+        }
         round_trip(Msg::BarrierEnter {
             epoch: 5,
-            diffs: vec![(1, 3), (7, u32::MAX)],
+            updates: vec![(2, 1, runs.clone()), (2, 7, DiffRuns::new())],
+            lock_written: vec![3],
         });
         round_trip(Msg::BarrierRelease {
             epoch: 6,
-            diffs_due: 4,
+            updates: vec![(0, 1, runs.clone()), (3, 1, runs), (1, 9, DiffRuns::new())],
+            lock_written: vec![2, u64::MAX],
         });
         round_trip(Msg::CopyReq {
             page: 3,
@@ -1313,12 +1394,10 @@ mod tests {
                     }
                     runs
                 },
-                barrier: Some(2),
             },
             Msg::Diff {
                 page: 13,
                 runs: DiffRuns::new(),
-                barrier: None,
             },
             Msg::FoundSegment {
                 page: 10,

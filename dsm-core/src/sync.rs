@@ -99,58 +99,55 @@ impl LockTable {
 }
 
 /// Rank 0's record of barrier arrivals per epoch: who arrived, so that a
-/// hang report can name who did not, and the diffs (release consistency)
-/// their entries say they sent to each rank.
-#[derive(Debug, Default)]
-pub struct BarrierCounter {
-    arrivals: HashMap<u64, Arrivals>,
+/// hang report can name who did not, and what their entries carry (release
+/// consistency: their diffs), which the release hands to every rank.
+#[derive(Debug)]
+pub struct BarrierCounter<T> {
+    arrivals: HashMap<u64, Arrivals<T>>,
 }
 
-#[derive(Debug, Default)]
-struct Arrivals {
+impl<T> Default for BarrierCounter<T> {
+    fn default() -> Self {
+        BarrierCounter {
+            arrivals: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Arrivals<T> {
     ranks: Vec<Rank>,
-    /// Diffs sent to each rank (by index) by the ranks arrived.
-    diffs_to: Vec<u32>,
+    /// What the entries carried, with the rank of each.
+    carried: Vec<(Rank, T)>,
 }
 
-/// A barrier entry's count of diffs names a rank outside the job.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("rank {from}'s barrier entry counts diffs sent to rank {to}, in a job of {size} ranks")]
-pub struct NoSuchHome {
-    /// The entering rank.
-    pub from: Rank,
-    /// The rank it named.
-    pub to: u32,
-    /// Ranks in the job.
-    pub size: usize,
+impl<T> Default for Arrivals<T> {
+    fn default() -> Self {
+        Arrivals {
+            ranks: Vec::new(),
+            carried: Vec::new(),
+        }
+    }
 }
 
-impl BarrierCounter {
-    /// Counts `rank`'s arrival, with the diffs it sent each home (rank,
-    /// count). Once all `size` ranks have arrived: the diffs due at each
-    /// rank, by rank.
+impl<T> BarrierCounter<T> {
+    /// Counts `rank`'s arrival, with what its entry carries. Once all
+    /// `size` ranks have arrived: what every entry carried, with its rank,
+    /// in order of arrival.
     pub fn arrive(
         &mut self,
         epoch: u64,
         rank: Rank,
         size: usize,
-        diffs: &[(u32, u32)],
-    ) -> Result<Option<Vec<u32>>, NoSuchHome> {
+        carried: T,
+    ) -> Option<Vec<(Rank, T)>> {
         let arrived = self.arrivals.entry(epoch).or_default();
-        arrived.diffs_to.resize(size, 0);
-        for &(to, count) in diffs {
-            let due = arrived.diffs_to.get_mut(to as usize).ok_or(NoSuchHome {
-                from: rank,
-                to,
-                size,
-            })?;
-            *due = due.saturating_add(count);
-        }
+        arrived.carried.push((rank, carried));
         arrived.ranks.push(rank);
         if arrived.ranks.len() == size {
-            return Ok(self.arrivals.remove(&epoch).map(|a| a.diffs_to));
+            return self.arrivals.remove(&epoch).map(|a| a.carried);
         }
-        Ok(None)
+        None
     }
 
     /// Barriers some ranks reached and others not yet: each epoch with the
@@ -199,13 +196,15 @@ mod tests {
     #[test]
     fn barrier_releases_at_the_last_arrival() {
         let mut b = BarrierCounter::default();
-        assert_eq!(b.arrive(1, 2, 3, &[(0, 2)]), Ok(None));
-        assert_eq!(b.arrive(1, 0, 3, &[(1, 1), (2, 1)]), Ok(None));
+        assert_eq!(b.arrive(1, 2, 3, 'a'), None);
+        assert_eq!(b.arrive(1, 0, 3, 'b'), None);
         assert_eq!(b.incomplete(3), vec![(1, vec![1])]);
-        assert_eq!(b.arrive(1, 1, 3, &[(0, 1)]), Ok(Some(vec![3, 1, 1])));
+        assert_eq!(
+            b.arrive(1, 1, 3, 'c'),
+            Some(vec![(2, 'a'), (0, 'b'), (1, 'c')])
+        );
         assert!(b.incomplete(3).is_empty());
-        assert_eq!(b.arrive(2, 0, 1, &[]), Ok(Some(vec![0])));
-        assert!(b.arrive(3, 0, 2, &[(2, 1)]).is_err());
+        assert_eq!(b.arrive(2, 0, 1, 'd'), Some(vec![(0, 'd')]));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::io::{self, Read, Write};
 
 use dsm_core::auth::{self, JobSecret};
-use dsm_core::proto::{self, Msg, Payload, SegmentInfo};
+use dsm_core::proto::{self, DiffRuns, Msg, PageDiffs, Payload, SegmentInfo};
 use dsm_core::wire::{self, WireError};
 use dsm_core::PAGE_SIZE;
 use proptest::prelude::*;
@@ -79,6 +79,22 @@ fn page(fill: u8) -> std::sync::Arc<[u8; PAGE_SIZE]> {
     std::sync::Arc::new([fill; PAGE_SIZE])
 }
 
+/// The words of a page changed: up to 8, at distinct indices.
+fn arb_runs() -> impl Strategy<Value = DiffRuns> {
+    proptest::collection::btree_map(0usize..512, any::<u64>(), 0..8).prop_map(|words| {
+        let mut runs = DiffRuns::new();
+        for (index, value) in words {
+            runs.push(index, value);
+        }
+        runs
+    })
+}
+
+/// A barrier message's diffs: up to 4 pages.
+fn arb_page_diffs() -> impl Strategy<Value = PageDiffs> {
+    proptest::collection::vec((any::<u32>(), any::<u64>(), arb_runs()), 0..4)
+}
+
 /// Valid messages of every kind.
 fn arb_msg() -> impl Strategy<Value = Msg> {
     let p = any::<u64>();
@@ -94,12 +110,21 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             page: pg,
             data: fill.map(page),
         }),
-        (
-            p,
-            proptest::collection::vec((any::<u32>(), any::<u32>()), 0..4)
-        )
-            .prop_map(|(epoch, diffs)| Msg::BarrierEnter { epoch, diffs }),
-        (p, any::<u32>()).prop_map(|(epoch, diffs_due)| Msg::BarrierRelease { epoch, diffs_due }),
+        (p, arb_page_diffs(), proptest::collection::vec(p, 0..3)).prop_map(
+            |(epoch, updates, lock_written)| Msg::BarrierEnter {
+                epoch,
+                updates,
+                lock_written
+            }
+        ),
+        (p, arb_page_diffs(), proptest::collection::vec(p, 0..3)).prop_map(
+            |(epoch, updates, lock_written)| Msg::BarrierRelease {
+                epoch,
+                updates,
+                lock_written
+            }
+        ),
+        (p, arb_runs()).prop_map(|(page, runs)| Msg::Diff { page, runs }),
         p.prop_map(|page| Msg::ReadReq { page }),
         (p, any::<u64>()).prop_map(|(page, barriers)| Msg::CopyReq { page, barriers }),
         p.prop_map(|page| Msg::WriteReq { page }),

@@ -138,16 +138,21 @@ pub enum Action {
         page: usize,
     },
     /// Release consistency: write-protect `page`, compare it with its twin,
-    /// send the words that differ to `to` (`Msg::Diff`), drop the twin.
+    /// send the words that differ to `to` (`Msg::Diff`, acknowledged by
+    /// `Msg::DiffAck`), drop the twin.
     SendDiff {
         /// The page's home.
-        to: Rank,
+        to: usize,
         /// Page index in the shared space.
         page: usize,
-        /// `Some(epoch)`: the release of barrier `epoch`'s entry, whose
-        /// diffs the barrier counts instead of the home acknowledging them
-        /// (`Msg::Diff::barrier`); `None`: acknowledged (`Msg::DiffAck`).
-        barrier: Option<u64>,
+    },
+    /// Release consistency, before a barrier entry: write-protect `page`
+    /// (a copy or a master copy), compare it with its twin, add the words
+    /// that differ to the entry (`Msg::BarrierEnter::updates`), drop the
+    /// twin.
+    CollectDiff {
+        /// Page index in the shared space.
+        page: usize,
     },
     /// Release consistency, home: write the diff being handled into the
     /// home's copy of `page` (mapping it first, zeros, if never touched).
@@ -155,13 +160,29 @@ pub enum Action {
         /// Page index in the shared space.
         page: usize,
     },
+    /// Release consistency: write the diffs of `page` that the barrier
+    /// release being handled carries into this rank's copy (or master
+    /// copy: all but its own diff, which is in it already, maybe under
+    /// later words from unlocks) and into its twin, in the release's order
+    /// (twinned and writable by the actions before).
+    ApplyUpdates {
+        /// Page index in the shared space.
+        page: usize,
+    },
+    /// Release consistency, home: write-protect the master copy of `page`
+    /// before its first copy leaves, so the home's next store takes a twin
+    /// (its writes then reach the copies with its barrier diffs).
+    Protect {
+        /// Page index in the shared space.
+        page: usize,
+    },
     /// Release consistency: every diff of the release is acknowledged (or,
-    /// for a barrier entry, sent and counted); the synchronization waiting
-    /// on it may go on.
+    /// for a barrier entry, collected); the synchronization waiting on it
+    /// may go on.
     Released,
-    /// Release consistency: every diff that barrier `epoch`'s entries
-    /// carried to this rank is applied (and every earlier barrier's): the
-    /// barrier may be passed here.
+    /// Release consistency: barrier `epoch`'s release was handled here (its
+    /// diffs written into the copies and master copies this rank holds):
+    /// the barrier may be passed here.
     BarrierDiffsIn {
         /// The barrier's number.
         epoch: u64,

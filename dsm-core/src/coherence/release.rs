@@ -4,41 +4,45 @@
 //! `engine/protocol.rs`).
 //!
 //! Every page has a home whose own mapping is the page's master copy: the
-//! home reads and writes it in place and never faults on it again. Other
-//! ranks keep copies, and several ranks may write the same page at once:
+//! home reads and writes it in place. Other ranks keep copies, and several
+//! ranks may write the same page at once:
 //!
 //! * read fault: `CopyReq` to the home, whose grant (`Grant`, read) is
-//!   installed write-protected (a clean copy);
-//! * write fault: on a clean copy, the rank keeps a twin of the page (its
-//!   bytes as they are) and makes it writable, with no message (a dirty
-//!   copy); on no copy, it fetches one first, then does the same;
-//! * release (before an unlock, a barrier, a lock request): every dirty
-//!   copy is write-protected and compared with its twin, and the words that
-//!   differ go to the home (`Diff`), which writes them into its master copy.
-//!   Before an unlock or a lock request the home acknowledges each
-//!   (`DiffAck`) and the release is done once all are, so whoever
-//!   synchronizes with this rank afterwards finds the writes at the homes.
-//!   Before a barrier entry nothing waits: the entry counts the diffs sent
-//!   to each home, the barrier's release tells each home how many it gets,
-//!   and a home passes the barrier, and answers a request of a rank that
-//!   passed it (`CopyReq` carries the barriers its sender passed), only
-//!   once they are all applied;
-//! * acquire (after a lock grant, a barrier's release): every clean copy
-//!   of a page homed elsewhere is dropped, so the next access fetches what
-//!   the homes hold now; those this rank wrote since the last acquire are
-//!   asked for again at once, to come back writable with a twin (iterative
-//!   programs write the same pages each step; an empty diff at the next
-//!   release is not sent, and stops that). A fetch in flight across the
-//!   acquire may carry bytes of before it: its grant is not installed, the
-//!   page is asked for again. No copy is dirty at an acquire: the engine
-//!   releases again first if one became dirty since the release.
+//!   installed write-protected (a clean copy). The first grant of a master
+//!   copy write-protects it too: from then on the home's stores to it are
+//!   twinned like a copy's, so that they reach the copies;
+//! * write fault: on a clean copy (or a protected master), the rank keeps
+//!   a twin of the page (its bytes as they are) and makes it writable, with
+//!   no message (a dirty copy); on no copy, it fetches one first;
+//! * lock release (before an unlock or a lock request): every dirty copy
+//!   is write-protected and compared with its twin, and the words that
+//!   differ go to the home (`Diff`), which writes them into its master copy
+//!   and acknowledges each (`DiffAck`); the release is done once all are,
+//!   so whoever takes the lock next finds the writes at the homes. The
+//!   pages are remembered for the next barrier entry (`lock_written`);
+//! * lock acquire: every clean copy of a page homed elsewhere is dropped,
+//!   so the next access fetches what the homes hold now; those this rank
+//!   wrote since are asked for again at once, to come back writable with a
+//!   twin. No copy is dirty then: the engine releases again first if one
+//!   became dirty since the release;
+//! * barrier: the entry carries the diffs of every dirty copy and twinned
+//!   master copy (each protected again), and the pages its lock releases
+//!   wrote; once every rank entered, the release carries all of them to
+//!   every rank (by page, the home's diff first). Each rank writes the
+//!   diffs into the copies and master copies it holds (and their twins, so
+//!   they are not sent back), which stay mapped: no copy is dropped, no
+//!   page fetched again, and the pages written last step are writable at
+//!   once. Copies of pages written under a lock go (their homes have those
+//!   words). A rank's copy request carries the barriers whose release it
+//!   handled, and the home answers it once it handled them too; a fetch in
+//!   flight when its page's diffs arrive is asked again.
 //!
 //! What programs see: a data-race-free program (conflicting accesses of
 //! different ranks ordered by locks or barriers) sees sequential
 //! consistency. A racy one may read stale words (a copy fetched before
-//! another rank's write is read until the next acquire), and two ranks
-//! writing the same word between two synchronizations leave one of the two
-//! values (the last diff the home applied), never a mix of bytes of a word.
+//! another rank's write is read until the next barrier or lock), and two
+//! ranks writing the same word between two synchronizations leave one of
+//! the two values, never a mix of bytes of a word.
 //!
 //! Checked exhaustively in `tests/model_check_release.rs` (no lost diff;
 //! data-race-free programs read what sequential consistency allows).
@@ -74,24 +78,16 @@ pub enum RcCopy {
     Dirty,
 }
 
-/// The diffs barrier entries carry without acknowledgement: those this
-/// rank's release for its next entry sent, and, as a home, those that
-/// reached it and the requests that wait for them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-struct BarrierDiffs {
-    /// Diffs sent by the release for this rank's next barrier entry, per
-    /// home (what the entry carries).
-    sent: BTreeMap<Rank, u32>,
-    /// Diffs applied here, per barrier not yet complete here.
-    applied: BTreeMap<u64, u32>,
-    /// The last barrier whose diffs to this rank are all applied.
-    complete: u64,
-    /// The barrier released and the diffs its entries carried here, while
-    /// some have yet to arrive.
-    awaited: Option<(u64, u32)>,
-    /// Copy requests of ranks past a barrier not complete here: (sender,
-    /// page, barriers the sender passed), in order of arrival.
-    deferred: Vec<(Rank, usize, u64)>,
+/// A master copy that other ranks may hold copies of (one was granted):
+/// its home's writes are tracked with a twin, as a copy's are, so that
+/// they reach the copies with the home's barrier diffs. A master copy
+/// never granted is written freely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Master {
+    /// Write-protected: the home's next store takes a twin.
+    Protected,
+    /// Writable, with its twin.
+    Twinned,
 }
 
 /// What a rank's release is waiting for.
@@ -115,26 +111,43 @@ pub struct Release {
     home: PageTable<u32>,
     /// Pages homed here that this rank has mapped (its master copies).
     mapped_here: BTreeSet<usize>,
-    /// Pages homed elsewhere that this rank holds or fetches: what an
+    /// Pages homed elsewhere that this rank holds or fetches: what a lock's
     /// acquire drops (kept apart so an acquire costs the copies, not the
     /// space).
     held: BTreeSet<usize>,
     /// Pages with a twin (dirty copies), in page order.
     dirty: BTreeSet<usize>,
-    /// Pages whose diffs were sent since the last acquire: the next
-    /// acquire asks their homes for them again at once (an iterative
-    /// program writes the same pages every step), one round trip for all
-    /// instead of one fault after another.
+    /// Pages whose diffs were sent or collected since the last lock
+    /// acquire: the next one asks their homes for them again at once (an
+    /// iterative program writes the same pages every step), one round trip
+    /// for all instead of one fault after another.
     written: BTreeSet<usize>,
-    /// Clean copies acquires dropped and not asked for since (pages read
-    /// in an earlier step): a fault on one asks for the run of them after
+    /// Clean copies dropped (by a lock's acquire, or as written under a
+    /// lock at a barrier) and not asked for since (pages read in an
+    /// earlier step): a fault on one asks for the run of them after
     /// it too, up to `REFETCH_RUN` pages, in one round trip (a stencil
     /// reading a neighbour's row again, in grids that alternate).
     dropped: PageSet,
+    /// Master copies granted to other ranks (see [`Master`]).
+    masters: BTreeMap<usize, Master>,
+    /// Pages whose diffs this rank's lock releases sent to their homes
+    /// since its last barrier entry (what the next entry names: the other
+    /// ranks' copies of them go at that barrier).
+    lock_written: BTreeSet<usize>,
+    /// Copies a barrier said were written under a lock that were dirty
+    /// when its release was handled: dropped once released (acknowledged)
+    /// before the barrier returns.
+    drop_after_release: BTreeSet<usize>,
     releasing: Releasing,
-    /// Barriers this rank passed (what its copy requests carry).
+    /// Barriers whose release this rank handled (what its copy requests
+    /// carry), or that a lock's earlier holder had passed.
     passed: u64,
-    barrier_diffs: BarrierDiffs,
+    /// The last barrier whose release this rank handled: its diffs are in
+    /// the copies and master copies here.
+    complete: u64,
+    /// Copy requests of ranks past a barrier not complete here: (sender,
+    /// page, barriers the sender passed), in order of arrival.
+    deferred: Vec<(Rank, usize, u64)>,
 }
 
 /// Most pages a fault on a dropped copy asks for with it (64 KiB).
@@ -156,9 +169,13 @@ impl Release {
             dirty: BTreeSet::new(),
             written: BTreeSet::new(),
             dropped: PageSet::new(pages),
+            masters: BTreeMap::new(),
+            lock_written: BTreeSet::new(),
+            drop_after_release: BTreeSet::new(),
             releasing: Releasing::default(),
             passed: 0,
-            barrier_diffs: BarrierDiffs::default(),
+            complete: 0,
+            deferred: Vec::new(),
         }
     }
 
@@ -213,9 +230,10 @@ impl Release {
         self.passed
     }
 
-    /// The last barrier whose diffs to this rank are all in.
+    /// The last barrier whose release this rank handled (its diffs are
+    /// in here).
     pub fn barriers_complete(&self) -> u64 {
-        self.barrier_diffs.complete
+        self.complete
     }
 
     /// A lock taken after a rank that had passed `barriers` barriers let it
@@ -225,20 +243,10 @@ impl Release {
         self.passed = self.passed.max(barriers);
     }
 
-    /// The barrier released whose diffs to this rank are not all in yet,
-    /// as (barrier, diffs applied, diffs due): what a hang report says.
-    pub fn barrier_diffs_awaited(&self) -> Option<(u64, u32, u32)> {
-        let diffs = &self.barrier_diffs;
-        let (epoch, due) = diffs.awaited?;
-        let applied = diffs.applied.get(&epoch).copied().unwrap_or(0);
-        Some((epoch, applied, due))
-    }
-
-    /// Copy requests held back until a barrier's diffs are in here, and
-    /// the last barrier complete here (for a hang report).
+    /// Copy requests held back until a barrier's release is handled here,
+    /// and the last barrier handled (for a hang report).
     pub fn copy_requests_held(&self) -> (usize, u64) {
-        let diffs = &self.barrier_diffs;
-        (diffs.deferred.len(), diffs.complete)
+        (self.deferred.len(), self.complete)
     }
 
     /// Pages holding writes not yet sent to their homes.
@@ -247,11 +255,11 @@ impl Release {
     }
 
     /// Nothing in flight: no fetch, no unacknowledged diff, no release
-    /// waiting, no request waiting for a barrier's diffs.
+    /// waiting, no request waiting for a barrier's release.
     pub fn quiescent(&self) -> bool {
         self.releasing == Releasing::default()
-            && self.barrier_diffs.awaited.is_none()
-            && self.barrier_diffs.deferred.is_empty()
+            && self.deferred.is_empty()
+            && self.drop_after_release.is_empty()
             && self
                 .held
                 .iter()
@@ -290,9 +298,18 @@ impl Release {
         self.check(page)?;
         let home = self.home_of(page);
         if home == self.rank {
-            // The master copy: mapped once, writable, never taken away.
+            // The master copy: mapped once, never taken away; writable
+            // unless granted to others (then twinned at the first store
+            // after each barrier entry).
             if self.mapped_here.insert(page) {
                 return Ok(vec![Action::InstallZero { page }]);
+            }
+            if write && self.masters.get(&page) == Some(&Master::Protected) {
+                self.masters.insert(page, Master::Twinned);
+                return Ok(vec![
+                    Action::TakeTwin { page },
+                    Action::MakeWritable { page },
+                ]);
             }
             return Ok(vec![Action::Wake { page }]);
         }
@@ -381,49 +398,29 @@ impl Release {
         match *msg {
             Msg::CopyReq { page, barriers } => {
                 let page = self.page_homed_here(page, from, "a copy request")?;
-                if barriers > self.barrier_diffs.complete {
-                    // Diffs of a barrier the sender passed may still be on
-                    // their way here: answered once they are in.
-                    self.barrier_diffs.deferred.push((from, page, barriers));
+                if barriers > self.complete {
+                    // The sender handled a barrier's release that this rank
+                    // has not: answered once its diffs are in here.
+                    self.deferred.push((from, page, barriers));
                     return Ok(Vec::new());
                 }
-                // A page its home never touched is all zeros: granted as such.
-                Ok(vec![Action::GrantFromBacking {
-                    to: from,
-                    page,
-                    write: false,
-                }])
+                Ok(self.grant_master(from, page))
             }
             Msg::Grant {
                 page,
                 write: false,
                 ref payload,
             } if !matches!(payload, Payload::Upgrade) => self.on_read_grant(from, page as usize),
-            Msg::Diff { page, barrier, .. } => {
+            Msg::Diff { page, .. } => {
                 let page = self.page_homed_here(page, from, "a diff")?;
-                let mut actions = Vec::with_capacity(3);
-                if self.mapped_here.insert(page) {
-                    // Never touched here: mapped (zeros) to take the words.
-                    actions.push(Action::InstallZero { page });
-                }
+                // Into the master's twinned mapping: the words reach the
+                // other copies with the home's next barrier diff.
+                let mut actions = self.twin_master(page);
                 actions.push(Action::ApplyDiff { page });
-                match barrier {
-                    None => actions.push(Action::Send {
-                        to: from,
-                        msg: Msg::DiffAck { page: page as u64 },
-                    }),
-                    Some(epoch) => {
-                        if epoch <= self.barrier_diffs.complete {
-                            return Err(CoherenceError::Unexpected {
-                                page,
-                                from,
-                                what: "a diff of a barrier whose diffs were all in",
-                            });
-                        }
-                        *self.barrier_diffs.applied.entry(epoch).or_default() += 1;
-                        actions.extend(self.barrier_diffs_in());
-                    }
-                }
+                actions.push(Action::Send {
+                    to: from,
+                    msg: Msg::DiffAck { page: page as u64 },
+                });
                 Ok(actions)
             }
             Msg::DiffAck { page } => {
@@ -443,6 +440,48 @@ impl Release {
                 what: "a message of another protocol",
             }),
         }
+    }
+
+    /// Grants `to` a copy of the master of `page`: the first grant
+    /// write-protects it (mapping it first, zeros, if never touched), so
+    /// that the home's stores from then on are twinned.
+    fn grant_master(&mut self, to: Rank, page: usize) -> Vec<Action> {
+        let mut actions = Vec::with_capacity(3);
+        if let std::collections::btree_map::Entry::Vacant(new) = self.masters.entry(page) {
+            new.insert(Master::Protected);
+            if self.mapped_here.insert(page) {
+                actions.push(Action::InstallZero { page });
+            }
+            actions.push(Action::Protect { page });
+        }
+        actions.push(Action::GrantFromBacking {
+            to,
+            page,
+            write: false,
+        });
+        actions
+    }
+
+    /// Makes the master of `page` writable with its twin, mapping it
+    /// first (zeros) if never touched, to write diffs into it.
+    fn twin_master(&mut self, page: usize) -> Vec<Action> {
+        let mut actions = Vec::with_capacity(4);
+        if self.mapped_here.insert(page) {
+            actions.push(Action::InstallZero { page });
+        }
+        match self.masters.insert(page, Master::Twinned) {
+            Some(Master::Twinned) => {}
+            Some(Master::Protected) => {
+                actions.extend([Action::TakeTwin { page }, Action::MakeWritable { page }])
+            }
+            None => actions.extend([
+                // Written freely so far: protected before its twin is read.
+                Action::Protect { page },
+                Action::TakeTwin { page },
+                Action::MakeWritable { page },
+            ]),
+        }
+        actions
     }
 
     fn page_homed_here(
@@ -506,11 +545,11 @@ impl Release {
     /// is done when [`Action::Released`] comes out, now or once the last
     /// acknowledgement arrives. One release at a time.
     ///
-    /// `barrier: Some(epoch)`: the release of this rank's entry into
-    /// barrier `epoch`. Its diffs are not acknowledged: the release is done
-    /// once they are sent, and [`Release::take_barrier_diffs`] gives the
-    /// count per home that the entry carries.
-    pub fn release(&mut self, barrier: Option<u64>) -> Actions {
+    /// `barrier`: the release of this rank's next barrier entry. The diffs
+    /// of its dirty copies and of its twinned master copies are collected
+    /// into the entry ([`Action::CollectDiff`]) instead, and reach every
+    /// rank with the barrier's release: the release is done at once.
+    pub fn release(&mut self, barrier: bool) -> Actions {
         if self.releasing.waiting {
             return Err(CoherenceError::Unexpected {
                 page: 0,
@@ -519,18 +558,28 @@ impl Release {
             });
         }
         let mut actions = Vec::with_capacity(self.dirty.len() + 1);
-        for page in std::mem::take(&mut self.dirty) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &page in &dirty {
             if let Some(c) = self.local.get_mut(page) {
                 *c = RcCopy::Clean;
             }
             self.written.insert(page);
-            let to = self.home_of(page);
-            if barrier.is_some() {
-                *self.barrier_diffs.sent.entry(to).or_default() += 1;
-            }
-            actions.push(Action::SendDiff { to, page, barrier });
         }
-        if barrier.is_none() {
+        if barrier {
+            let mut pages = dirty;
+            for (&page, master) in self.masters.iter_mut() {
+                if *master == Master::Twinned {
+                    *master = Master::Protected;
+                    pages.insert(page);
+                }
+            }
+            actions.extend(pages.into_iter().map(|page| Action::CollectDiff { page }));
+        } else {
+            self.lock_written.extend(dirty.iter().copied());
+            actions.extend(dirty.into_iter().map(|page| Action::SendDiff {
+                to: self.home_of(page),
+                page,
+            }));
             self.releasing.acks_due += actions.len();
         }
         self.releasing.waiting = true;
@@ -538,90 +587,124 @@ impl Release {
         Ok(actions)
     }
 
-    /// The diff of `page` (an [`Action::SendDiff`] of the release under
-    /// way, for `barrier` as it said) turned out empty: nothing changed
-    /// since the twin, nothing is sent, and the page is not one this rank
-    /// writes every step (the next acquire does not ask for it again).
-    pub fn diff_empty(&mut self, page: usize, barrier: Option<u64>) -> Actions {
-        let not_sent = CoherenceError::Unexpected {
-            page,
-            from: self.rank,
-            what: "an empty diff it did not send",
-        };
-        if barrier.is_some() {
-            // Counted for the entry, not acknowledged: uncounted again.
-            let home = self.home_of(page);
-            let Some(count) = self.barrier_diffs.sent.get_mut(&home).filter(|n| **n > 0) else {
-                return Err(not_sent);
-            };
-            if !self.written.remove(&page) {
-                return Err(not_sent);
-            }
-            *count -= 1;
-            if *count == 0 {
-                self.barrier_diffs.sent.remove(&home);
-            }
+    /// The diff of `page` (an [`Action::SendDiff`] or
+    /// [`Action::CollectDiff`] of the release under way) turned out empty:
+    /// nothing changed since the twin, nothing is sent, and the page is not
+    /// one this rank writes every step (the next lock's acquire does not
+    /// ask for it again).
+    pub fn diff_empty(&mut self, page: usize, collected: bool) -> Actions {
+        let written = self.written.remove(&page);
+        if collected {
             return Ok(Vec::new());
         }
-        if self.releasing.acks_due == 0 || !self.written.remove(&page) {
-            return Err(not_sent);
+        if self.releasing.acks_due == 0 || !written {
+            return Err(CoherenceError::Unexpected {
+                page,
+                from: self.rank,
+                what: "an empty diff it did not send",
+            });
         }
+        self.lock_written.remove(&page);
         self.releasing.acks_due -= 1;
         Ok(self.release_done())
     }
 
-    /// The diffs the release for this rank's barrier entry sent, per home
-    /// (none left counted after).
-    pub fn take_barrier_diffs(&mut self) -> Vec<(Rank, u32)> {
-        std::mem::take(&mut self.barrier_diffs.sent)
-            .into_iter()
-            .collect()
+    /// The pages whose diffs this rank's lock releases sent since its last
+    /// barrier entry, for the entry being sent (none left after).
+    pub fn take_lock_written(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.lock_written).into_iter().collect()
     }
 
-    /// Barrier `epoch` was released; its entries carried `due` diffs to
-    /// this rank. [`Action::BarrierDiffsIn`] comes out once they are all
-    /// applied (now, or as the last arrives), with the copies requested by
-    /// ranks past the barrier, held back until then. Barriers are released
-    /// in order, each once every rank entered it.
-    pub fn barrier_released(&mut self, epoch: u64, due: u32) -> Actions {
-        if epoch <= self.barrier_diffs.complete || self.barrier_diffs.awaited.is_some() {
+    /// Barrier `epoch` was released, carrying the diffs of `pages` (in
+    /// order, each once) and naming `lock_written`, pages written under
+    /// locks before some rank's entry: the copies of those go (their homes
+    /// have the words; a dirty one once released, see
+    /// [`Release::drop_lock_written`]). The copies and master copies this rank holds
+    /// take them ([`Action::ApplyUpdates`], twinned and writable first, so
+    /// that only this rank's own stores differ from the twin), a fetch of
+    /// one in flight is asked again when its grant arrives (it may have
+    /// been answered before the home took the diffs; a page no diff names
+    /// did not change), and the copy requests of
+    /// ranks past the barrier are answered. [`Action::BarrierDiffsIn`]
+    /// ends the actions. Barriers are released in order, each once every
+    /// rank entered it.
+    pub fn barrier_released(
+        &mut self,
+        epoch: u64,
+        pages: impl IntoIterator<Item = usize>,
+        lock_written: impl IntoIterator<Item = usize>,
+    ) -> Actions {
+        if epoch <= self.complete {
             return Err(CoherenceError::Unexpected {
                 page: 0,
                 from: 0,
                 what: "a barrier released twice, or before the one before it",
             });
         }
-        self.barrier_diffs.awaited = Some((epoch, due));
-        Ok(self.barrier_diffs_in())
-    }
-
-    /// Completes the barrier awaited if every diff it carried here is in:
-    /// answers the requests that waited for it.
-    fn barrier_diffs_in(&mut self) -> Vec<Action> {
-        let diffs = &mut self.barrier_diffs;
-        let Some((epoch, due)) = diffs.awaited else {
-            return Vec::new();
-        };
-        if diffs.applied.get(&epoch).copied().unwrap_or(0) < due {
-            return Vec::new();
-        }
-        diffs.awaited = None;
-        diffs.complete = epoch;
-        diffs.applied.retain(|&e, _| e > epoch);
-        let mut actions = Vec::new();
-        diffs.deferred.retain(|&(to, page, barriers)| {
-            if barriers > epoch {
-                return true;
+        let mut drops = Vec::new();
+        for page in lock_written {
+            self.check(page)?;
+            if self.home_of(page) == self.rank {
+                continue;
             }
-            actions.push(Action::GrantFromBacking {
-                to,
-                page,
-                write: false,
-            });
-            false
-        });
+            match self.copy_of(page).unwrap_or(RcCopy::Invalid) {
+                RcCopy::Clean => {
+                    self.set(page, RcCopy::Invalid);
+                    self.dropped.insert(page);
+                    drops.push(Action::DropPage { page });
+                }
+                RcCopy::Dirty => {
+                    self.drop_after_release.insert(page);
+                }
+                RcCopy::Fetching { write, .. } => {
+                    self.set(page, RcCopy::Fetching { write, stale: true })
+                }
+                RcCopy::Invalid => {}
+            }
+        }
+        let mut twins = Vec::new();
+        let mut applies = Vec::new();
+        for page in pages {
+            self.check(page)?;
+            if self.home_of(page) == self.rank {
+                twins.extend(self.twin_master(page));
+                applies.push(Action::ApplyUpdates { page });
+                continue;
+            }
+            match self.copy_of(page).unwrap_or(RcCopy::Invalid) {
+                RcCopy::Clean => {
+                    self.set(page, RcCopy::Dirty);
+                    twins.extend([Action::TakeTwin { page }, Action::MakeWritable { page }]);
+                    applies.push(Action::ApplyUpdates { page });
+                }
+                RcCopy::Dirty => applies.push(Action::ApplyUpdates { page }),
+                RcCopy::Fetching { write, .. } => {
+                    self.set(page, RcCopy::Fetching { write, stale: true })
+                }
+                RcCopy::Invalid => {}
+            }
+        }
+        // The drops first, every twin taken next, then the protections
+        // lifted (in runs of consecutive pages), then the words written.
+        let (writable, twins): (Vec<Action>, Vec<Action>) = twins
+            .into_iter()
+            .partition(|a| matches!(a, Action::MakeWritable { .. }));
+        let mut actions = drops;
+        actions.extend(twins);
+        actions.extend(writable);
+        actions.extend(applies);
+        self.complete = epoch;
+        self.passed = self.passed.max(epoch);
+        let deferred = std::mem::take(&mut self.deferred);
+        for (to, page, barriers) in deferred {
+            if barriers > epoch {
+                self.deferred.push((to, page, barriers));
+            } else {
+                actions.extend(self.grant_master(to, page));
+            }
+        }
         actions.push(Action::BarrierDiffsIn { epoch });
-        actions
+        Ok(actions)
     }
 
     fn release_done(&mut self) -> Vec<Action> {
@@ -633,27 +716,54 @@ impl Release {
         }
     }
 
-    /// An acquire (after a lock grant, a barrier's release): every copy of
-    /// a page homed elsewhere is dropped, and those this rank wrote since
-    /// the last acquire are asked for again at once, writable (most likely
-    /// written again); a fetch in flight is asked again when its grant
-    /// arrives. It follows a completed release with no copy dirty since
-    /// (the caller releases again while one is: another thread's write, or
-    /// a copy that came back writable): a dirty copy would keep words older
-    /// than the acquire.
-    ///
-    /// `barrier: Some(epoch)`: the acquire of barrier `epoch` passed (the
-    /// requests that follow carry it); `None`: of a lock granted.
-    pub fn acquire(&mut self, barrier: Option<u64>) -> Actions {
+    /// True when a barrier's release named a copy written under a lock
+    /// that was dirty here: the caller releases (acknowledged) before
+    /// [`Release::drop_lock_written`].
+    pub fn lock_written_dirty(&self) -> bool {
+        !self.drop_after_release.is_empty()
+    }
+
+    /// Drops the copies a barrier's release named as written under a lock
+    /// that were dirty then (released since: clean now, their writes at
+    /// their homes; the caller releases first, [`Release::lock_written_dirty`]).
+    pub fn drop_lock_written(&mut self) -> Actions {
+        if self.drop_after_release.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.releasing.waiting || !self.dirty.is_empty() {
+            return Err(CoherenceError::Unexpected {
+                page: self.dirty.first().copied().unwrap_or(0),
+                from: self.rank,
+                what: "a drop of copies written under a lock before their release",
+            });
+        }
+        let mut actions = Vec::new();
+        for page in std::mem::take(&mut self.drop_after_release) {
+            if self.copy_of(page) == Some(RcCopy::Clean) {
+                self.set(page, RcCopy::Invalid);
+                self.dropped.insert(page);
+                actions.push(Action::DropPage { page });
+            }
+        }
+        Ok(actions)
+    }
+
+    /// The acquire of a lock granted: every copy of a page homed elsewhere
+    /// is dropped, and those this rank wrote since the last acquire are
+    /// asked for again at once, writable (most likely written again); a
+    /// fetch in flight is asked again when its grant arrives. It follows a
+    /// completed release with no copy dirty since (the caller releases
+    /// again while one is: another thread's write, a copy that came back
+    /// writable, or one a barrier's diffs went into): a dirty copy would
+    /// keep words older than the acquire. (A barrier needs no acquire: its
+    /// release brings every diff to the copies, [`Release::barrier_released`].)
+    pub fn acquire(&mut self) -> Actions {
         if self.releasing.waiting || !self.dirty.is_empty() {
             return Err(CoherenceError::Unexpected {
                 page: self.dirty.first().copied().unwrap_or(0),
                 from: self.rank,
                 what: "an acquire before its release completed",
             });
-        }
-        if let Some(epoch) = barrier {
-            self.passed = self.passed.max(epoch);
         }
         let mut actions = Vec::new();
         let mut refetch = Vec::new();
@@ -701,6 +811,14 @@ impl Release {
     pub fn release_for_free(&mut self, page: usize) -> Vec<Action> {
         self.written.remove(&page);
         self.dropped.remove(page);
+        self.lock_written.remove(&page);
+        self.drop_after_release.remove(&page);
+        // A master's twin goes with the copies' (the engine drops them all):
+        // writable and untracked again, its home's writes to freed memory
+        // are not sent.
+        if self.masters.remove(&page) == Some(Master::Protected) {
+            return vec![Action::MakeWritable { page }];
+        }
         match self.copy_of(page) {
             Some(RcCopy::Clean | RcCopy::Dirty) => {
                 self.set(page, RcCopy::Invalid);
@@ -714,6 +832,7 @@ impl Release {
     /// page's rank): its master copy is forgotten (the engine unmaps it).
     pub fn reset_home_page(&mut self, page: usize) {
         self.mapped_here.remove(&page);
+        self.masters.remove(&page);
     }
 
     /// Drops a clean copy to make room (a bounded cache). `None`, and
@@ -761,15 +880,8 @@ mod tests {
             assert_eq!(actions, vec![Action::InstallTwinned { page: 0 }]);
             assert_eq!(node.copy_of(0), Some(RcCopy::Dirty));
         }
-        let released = a.release(None).unwrap();
-        assert_eq!(
-            released,
-            vec![Action::SendDiff {
-                to: 0,
-                page: 0,
-                barrier: None
-            }]
-        );
+        let released = a.release(false).unwrap();
+        assert_eq!(released, vec![Action::SendDiff { to: 0, page: 0 }]);
         assert!(!a.quiescent());
         assert_eq!(
             a.on_message(0, &Msg::DiffAck { page: 0 }).unwrap(),
@@ -780,7 +892,7 @@ mod tests {
         // Written since the last acquire: dropped and asked for again,
         // to come back writable with its twin.
         assert_eq!(
-            a.acquire(None).unwrap(),
+            a.acquire().unwrap(),
             vec![
                 Action::DropPage { page: 0 },
                 Action::Send {
@@ -799,16 +911,12 @@ mod tests {
         // Not written this time: its diff is empty, nothing is sent, and
         // the next acquire only drops it.
         assert_eq!(
-            a.release(None).unwrap(),
-            vec![Action::SendDiff {
-                to: 0,
-                page: 0,
-                barrier: None
-            }]
+            a.release(false).unwrap(),
+            vec![Action::SendDiff { to: 0, page: 0 }]
         );
-        assert_eq!(a.diff_empty(0, None).unwrap(), vec![Action::Released]);
-        assert!(a.diff_empty(0, None).is_err());
-        assert_eq!(a.acquire(None).unwrap(), vec![Action::DropPage { page: 0 }]);
+        assert_eq!(a.diff_empty(0, false).unwrap(), vec![Action::Released]);
+        assert!(a.diff_empty(0, false).is_err());
+        assert_eq!(a.acquire().unwrap(), vec![Action::DropPage { page: 0 }]);
     }
 
     /// The read requests among `actions`, by page.
@@ -833,8 +941,8 @@ mod tests {
             assert_eq!(asked(&node.on_fault(page, false).unwrap()), [page as u64]);
             node.on_message(0, &grant(page as u64)).unwrap();
         }
-        assert_eq!(node.release(None).unwrap(), vec![Action::Released]);
-        assert_eq!(asked(&node.acquire(None).unwrap()), Vec::<u64>::new());
+        assert_eq!(node.release(false).unwrap(), vec![Action::Released]);
+        assert_eq!(asked(&node.acquire().unwrap()), Vec::<u64>::new());
         // Pages 1-3 read last step, dropped together: asked for together.
         assert_eq!(asked(&node.on_fault(1, false).unwrap()), [1, 2, 3]);
         // Already on their way: a fault on one waits for it.
@@ -852,8 +960,8 @@ mod tests {
         for page in 0..8 {
             node.on_message(0, &grant(page)).unwrap();
         }
-        node.acquire(None).unwrap();
-        node.acquire(None).unwrap();
+        node.acquire().unwrap();
+        node.acquire().unwrap();
         assert_eq!(asked(&node.on_fault(6, false).unwrap()), [6, 7]);
     }
 
@@ -863,13 +971,16 @@ mod tests {
         let diff = Msg::Diff {
             page: 0,
             runs: DiffRuns::new(),
-            barrier: None,
         };
         assert_eq!(
             home.on_message(1, &diff).unwrap(),
             vec![
-                // Never touched at its home: mapped first.
+                // Never touched at its home: mapped first, then twinned
+                // (the words reach the copies with its next barrier diff).
                 Action::InstallZero { page: 0 },
+                Action::Protect { page: 0 },
+                Action::TakeTwin { page: 0 },
+                Action::MakeWritable { page: 0 },
                 Action::ApplyDiff { page: 0 },
                 Action::Send {
                     to: 1,
@@ -886,52 +997,54 @@ mod tests {
                 &Msg::Diff {
                     page: 1,
                     runs: DiffRuns::new(),
-                    barrier: None,
                 }
             )
             .is_err());
     }
 
     #[test]
-    fn a_home_answers_ranks_past_a_barrier_once_its_diffs_are_in() {
+    fn a_barrier_carries_the_diffs_into_every_copy_and_answers_ranks_past_it() {
         // Rank 1 writes page 0 (homed at rank 0) and enters barrier 1: its
-        // diff travels unacknowledged, counted in the entry.
+        // diff is collected into the entry.
         let mut writer = Release::new(1, 3, 2);
         writer.on_fault(0, true).unwrap();
         writer.on_message(0, &grant(0)).unwrap();
         assert_eq!(
-            writer.release(Some(1)).unwrap(),
+            writer.release(true).unwrap(),
+            vec![Action::CollectDiff { page: 0 }, Action::Released]
+        );
+        assert_eq!(writer.copy_of(0), Some(RcCopy::Clean));
+        // The release brings it back: the copy is twinned, made writable
+        // and takes the barrier's diffs; no acquire drops it.
+        assert_eq!(
+            writer.barrier_released(1, [0], []).unwrap(),
             vec![
-                Action::SendDiff {
-                    to: 0,
-                    page: 0,
-                    barrier: Some(1)
-                },
-                Action::Released
+                Action::TakeTwin { page: 0 },
+                Action::MakeWritable { page: 0 },
+                Action::ApplyUpdates { page: 0 },
+                Action::BarrierDiffsIn { epoch: 1 }
             ]
         );
-        assert_eq!(writer.take_barrier_diffs(), vec![(0, 1)]);
-        assert!(writer.take_barrier_diffs().is_empty());
-        // Rank 2 passed the barrier before the diff reached the home: its
-        // request waits, as does the home's own passing.
+        assert_eq!(writer.copy_of(0), Some(RcCopy::Dirty));
+        assert_eq!(writer.barriers_passed(), 1);
+        // Rank 2 handled the release before the home: its request waits.
         let mut home = Release::new(0, 3, 2);
         let ask = Msg::CopyReq {
             page: 0,
             barriers: 1,
         };
         assert_eq!(home.on_message(2, &ask).unwrap(), Vec::new());
-        assert_eq!(home.barrier_released(1, 1).unwrap(), Vec::new());
         assert!(!home.quiescent());
-        let diff = Msg::Diff {
-            page: 0,
-            runs: DiffRuns::new(),
-            barrier: Some(1),
-        };
         assert_eq!(
-            home.on_message(1, &diff).unwrap(),
+            home.barrier_released(1, [0], []).unwrap(),
             vec![
+                // Never touched at its home: mapped and protected first,
                 Action::InstallZero { page: 0 },
-                Action::ApplyDiff { page: 0 },
+                Action::Protect { page: 0 },
+                Action::TakeTwin { page: 0 },
+                Action::MakeWritable { page: 0 },
+                Action::ApplyUpdates { page: 0 },
+                // then the request answered.
                 Action::GrantFromBacking {
                     to: 2,
                     page: 0,
@@ -941,19 +1054,126 @@ mod tests {
             ]
         );
         assert!(home.quiescent());
-        // A request of a rank behind is answered at once; a late diff of a
-        // barrier complete is an error.
+        // The twinned master's diff goes with the home's next entry.
+        assert_eq!(
+            home.release(true).unwrap(),
+            vec![Action::CollectDiff { page: 0 }, Action::Released]
+        );
+        // A request of a rank behind is answered at once; a barrier
+        // released twice is an error.
         let behind = Msg::CopyReq {
             page: 0,
             barriers: 0,
         };
         assert_eq!(home.on_message(1, &behind).unwrap().len(), 1);
-        assert!(home.on_message(1, &diff).is_err());
+        assert!(home.barrier_released(1, [], []).is_err());
         // Nothing carried: passed at once.
         assert_eq!(
-            home.barrier_released(2, 0).unwrap(),
+            home.barrier_released(2, [], []).unwrap(),
             vec![Action::BarrierDiffsIn { epoch: 2 }]
         );
+    }
+
+    #[test]
+    fn a_master_granted_once_twins_its_home_s_stores() {
+        let mut home = Release::new(0, 2, 2);
+        assert_eq!(
+            home.on_fault(0, true).unwrap(),
+            vec![Action::InstallZero { page: 0 }]
+        );
+        // Written freely until its first copy leaves, write-protected first.
+        assert_eq!(
+            home.on_fault(0, true).unwrap(),
+            vec![Action::Wake { page: 0 }]
+        );
+        let ask = Msg::CopyReq {
+            page: 0,
+            barriers: 0,
+        };
+        assert_eq!(
+            home.on_message(1, &ask).unwrap(),
+            vec![
+                Action::Protect { page: 0 },
+                Action::GrantFromBacking {
+                    to: 1,
+                    page: 0,
+                    write: false
+                }
+            ]
+        );
+        assert_eq!(home.on_message(1, &ask).unwrap().len(), 1);
+        // The next store takes a twin, whose diff the entry collects.
+        assert_eq!(
+            home.on_fault(0, true).unwrap(),
+            vec![
+                Action::TakeTwin { page: 0 },
+                Action::MakeWritable { page: 0 }
+            ]
+        );
+        assert_eq!(home.release(false).unwrap(), vec![Action::Released]);
+        assert_eq!(
+            home.release(true).unwrap(),
+            vec![Action::CollectDiff { page: 0 }, Action::Released]
+        );
+        assert_eq!(home.diff_empty(0, true).unwrap(), Vec::new());
+        // A lock's diff goes into the twinned master (acknowledged).
+        let diff = Msg::Diff {
+            page: 0,
+            runs: DiffRuns::new(),
+        };
+        assert_eq!(
+            home.on_message(1, &diff).unwrap(),
+            vec![
+                Action::TakeTwin { page: 0 },
+                Action::MakeWritable { page: 0 },
+                Action::ApplyDiff { page: 0 },
+                Action::Send {
+                    to: 1,
+                    msg: Msg::DiffAck { page: 0 }
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn copies_written_under_a_lock_go_at_the_barrier_a_dirty_one_once_released() {
+        // Rank 1 holds pages 0 (clean) and 1 (dirty: another thread wrote
+        // it during the barrier); the barrier names both as written under
+        // a lock by another rank.
+        let mut node = Release::new(1, 2, 2);
+        node.set_home(0..2, 0);
+        for page in 0..2 {
+            node.on_fault(page, false).unwrap();
+            node.on_message(0, &grant(page as u64)).unwrap();
+        }
+        node.on_fault(1, true).unwrap();
+        assert_eq!(
+            node.barrier_released(1, [], [0, 1]).unwrap(),
+            vec![
+                Action::DropPage { page: 0 },
+                Action::BarrierDiffsIn { epoch: 1 }
+            ]
+        );
+        assert!(node.lock_written_dirty());
+        assert!(!node.quiescent());
+        // Released (acknowledged) first, then dropped.
+        assert!(node.drop_lock_written().is_err());
+        assert_eq!(
+            node.release(false).unwrap(),
+            vec![Action::SendDiff { to: 0, page: 1 }]
+        );
+        assert_eq!(
+            node.on_message(0, &Msg::DiffAck { page: 1 }).unwrap(),
+            vec![Action::Released]
+        );
+        assert_eq!(
+            node.drop_lock_written().unwrap(),
+            vec![Action::DropPage { page: 1 }]
+        );
+        assert!(node.quiescent());
+        assert_eq!(node.take_lock_written(), vec![1]);
+        // A fault asks for both again, in one run.
+        assert_eq!(asked(&node.on_fault(0, false).unwrap()), [0, 1]);
     }
 
     #[test]
@@ -964,7 +1184,7 @@ mod tests {
         let mut node = Release::new(1, 3, 2);
         assert_eq!(node.barriers_passed(), 0);
         node.lock_taken_after(3);
-        node.acquire(None).unwrap();
+        node.acquire().unwrap();
         assert_eq!(
             node.on_fault(0, false).unwrap(),
             vec![Action::Send {
@@ -976,23 +1196,23 @@ mod tests {
             }]
         );
         // Passing an older barrier later does not lower it.
-        node.acquire(Some(2)).unwrap();
+        node.barrier_released(2, [], []).unwrap();
         assert_eq!(node.barriers_passed(), 3);
     }
 
     #[test]
     fn a_release_with_nothing_dirty_is_done_at_once() {
         let mut node = Release::new(1, 2, 2);
-        assert_eq!(node.release(None).unwrap(), vec![Action::Released]);
-        assert_eq!(node.acquire(None).unwrap(), Vec::new());
+        assert_eq!(node.release(false).unwrap(), vec![Action::Released]);
+        assert_eq!(node.acquire().unwrap(), Vec::new());
     }
 
     #[test]
     fn a_fetch_that_crossed_an_acquire_is_asked_again() {
         let mut node = Release::new(1, 2, 2);
         node.on_fault(0, false).unwrap();
-        node.release(None).unwrap();
-        node.acquire(None).unwrap();
+        node.release(false).unwrap();
+        node.acquire().unwrap();
         assert_eq!(
             node.on_message(0, &grant(0)).unwrap(),
             vec![Action::Send {

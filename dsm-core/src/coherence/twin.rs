@@ -111,6 +111,21 @@ pub fn apply(page: &[AtomicU64], runs: &DiffRuns) -> Result<(), DiffError> {
     Ok(())
 }
 
+/// Writes the runs' words into `twin` too (diffs a barrier brought: they
+/// are not this rank's writes, so its next diff must not send them).
+pub fn apply_to_twin(twin: &mut [u64; PAGE_WORDS], runs: &DiffRuns) -> Result<(), DiffError> {
+    for (first, words) in runs.runs() {
+        let target = twin
+            .get_mut(first..first + words.len())
+            .ok_or(DiffError::BeyondPage {
+                first,
+                len: words.len(),
+            })?;
+        target.copy_from_slice(words);
+    }
+    Ok(())
+}
+
 /// Copies `page`'s words into `out`, each whole (a home's master copy
 /// granted while its own threads may write it).
 pub fn copy_words(page: &[AtomicU64], out: &mut [u8; PAGE_SIZE]) -> Result<(), DiffError> {
@@ -203,7 +218,7 @@ mod tests {
             }
             let diff_a = diff(&bytes(&a), &twin_a).unwrap();
             let diff_b = diff(&bytes(&b), &twin_b).unwrap();
-            let sent = Msg::Diff { page: 1, runs: diff_a.clone(), barrier: None };
+            let sent = Msg::Diff { page: 1, runs: diff_a.clone() };
             prop_assert_eq!(Msg::decode(&sent.encode()).unwrap(), sent);
             let home = page_of(&base);
             if first_a {

@@ -26,7 +26,7 @@ use crate::error::DsmError;
 use crate::fault::FaultHandler;
 use crate::outbox::Outbox;
 use crate::pages::{PageMap, PageSet};
-use crate::proto::{Msg, PageData, SegmentInfo};
+use crate::proto::{Msg, PageData, PageDiffs, SegmentInfo};
 use crate::segment::{kind_name, Registry};
 use crate::stats::Stats;
 use crate::sync::{BarrierCounter, LockTable};
@@ -195,7 +195,9 @@ pub(crate) struct Engine {
     fetch_started: FxHashMap<usize, Instant>,
     barrier_epoch: u64,
     barrier_waiter: Option<Reply<()>>,
-    barrier_arrivals: BarrierCounter,
+    /// Rank 0: arrivals per barrier, with the diffs and the pages written
+    /// under locks each entry carried.
+    barrier_arrivals: BarrierCounter<(PageDiffs, Vec<u64>)>,
     registry: Registry,
     /// Events per looked-up page, in arrival order.
     parked: BTreeMap<usize, Vec<Parked>>,
@@ -284,8 +286,12 @@ pub(crate) struct Engine {
     cache: Cache,
     /// Pages received or stored as home since memory was last checked.
     pages_since_memory_check: usize,
-    /// Release consistency: the twins of this rank's dirty copies.
+    /// Release consistency: the twins of this rank's dirty copies and
+    /// twinned master copies.
     twins: FxHashMap<usize, Twin>,
+    /// Release consistency: the diffs collected for this rank's next
+    /// barrier entry, in page order.
+    barrier_updates: PageDiffs,
     /// Twins done with, kept for the next write faults (`SPARE_TWINS`).
     spare_twins: Vec<Twin>,
     /// Release consistency: synchronizations waiting for a release, in
@@ -383,6 +389,7 @@ impl Engine {
             cache: Cache::new(pages),
             pages_since_memory_check: 0,
             twins: FxHashMap::default(),
+            barrier_updates: Vec::new(),
             spare_twins: Vec::new(),
             after_release: VecDeque::new(),
         }

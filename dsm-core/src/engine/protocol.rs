@@ -10,7 +10,7 @@ use crate::coherence::{twin, Action};
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
 use crate::outbox::PageSource;
-use crate::proto::{Msg, PageData, Payload};
+use crate::proto::{Msg, PageData, PageDiffs, Payload};
 use crate::stats::Stats;
 use crate::{proto, Rank};
 use std::sync::Arc;
@@ -38,6 +38,8 @@ pub(super) enum Carried<'a> {
     Msg(&'a Msg),
     /// This rank's own copy, in its mapping (its write-back to itself).
     OwnCopy,
+    /// A barrier release's diffs, ordered by page (release consistency).
+    Updates(&'a PageDiffs),
 }
 
 /// Most spare page buffers kept (16 MiB): enough for a home to turn over a
@@ -306,33 +308,39 @@ impl Engine {
         Ok(())
     }
 
-    /// Release consistency: write-protects this rank's dirty copy of
-    /// `page`, so no store lands during the comparison, and sends the
-    /// words that differ from its twin to the home.
-    fn send_diff(&mut self, to: Rank, page: usize, barrier: Option<u64>) -> Result<(), DsmError> {
+    /// Release consistency: the words of `page` (write-protected by
+    /// `protect_for_diffs`, so no store lands during the comparison) that
+    /// differ from its twin, sent to the home (`to`) or, for a barrier
+    /// entry (`None`), collected into it.
+    fn send_diff(&mut self, to: Option<Rank>, page: usize) -> Result<(), DsmError> {
         let Some(twin) = self.twins.remove(&page) else {
             return Err(DsmError::Protocol(format!(
                 "a diff of page {page}, which has no twin"
             )));
         };
-        // Write-protected by `protect_for_diffs`: read in place.
         let runs = twin::diff(self.faults.mapped_page(page), &twin)?;
         if self.spare_twins.len() < SPARE_TWINS {
             self.spare_twins.push(twin);
         }
         if runs.is_empty() {
-            let actions = self.release.diff_empty(page, barrier)?;
+            let actions = self.release.diff_empty(page, to.is_none())?;
             return self.apply(actions, Carried::Nothing);
         }
         Stats::add(&self.stats.diffs_sent, 1);
         let words = runs.words() as u64;
         Stats::add(&self.stats.diff_words_sent, words);
-        let msg = Msg::Diff {
-            page: page as u64,
-            runs,
-            barrier,
-        };
-        self.out.send(to, msg.header());
+        match to {
+            Some(home) => {
+                let msg = Msg::Diff {
+                    page: page as u64,
+                    runs,
+                };
+                self.out.send(home, msg.header());
+            }
+            None => self
+                .barrier_updates
+                .push((self.rank as u32, page as u64, runs)),
+        }
         Ok(())
     }
 
@@ -567,7 +575,9 @@ impl Engine {
                 }
                 Action::Settled { page } => self.settled(page)?,
                 Action::TakeTwin { page } => {
-                    // Installed write-protected: read in place.
+                    // Installed write-protected (staged page operations
+                    // done first): read in place.
+                    self.run_staged()?;
                     let twin =
                         twin::take_twin(self.faults.mapped_page(page), self.spare_twins.pop())?;
                     self.twins.insert(page, twin);
@@ -578,8 +588,34 @@ impl Engine {
                     self.twins.insert(page, twin);
                     self.faults.install(page, data)?;
                 }
-                Action::SendDiff { to, page, barrier } => self.send_diff(to, page, barrier)?,
+                Action::SendDiff { to, page } => self.send_diff(Some(to), page)?,
+                Action::CollectDiff { page } => self.send_diff(None, page)?,
+                Action::ApplyUpdates { page } => {
+                    let Carried::Updates(updates) = current else {
+                        return Err(DsmError::Protocol(format!(
+                            "barrier diffs of page {page} applied without a release"
+                        )));
+                    };
+                    // Made writable first (the staged runs done).
+                    self.run_staged()?;
+                    let key = page as u64;
+                    let first = updates.partition_point(|(_, p, _)| *p < key);
+                    // At its home, the home's own diff is in its master
+                    // already, maybe under later words (from unlocks).
+                    let own = self.release.home_of(page) == self.rank;
+                    let words = self.faults.page_words(page);
+                    let mut twin = self.twins.get_mut(&page);
+                    let diffs = updates[first..].iter().take_while(|(_, p, _)| *p == key);
+                    for (_, _, runs) in diffs.filter(|(w, ..)| !own || *w as usize != self.rank) {
+                        twin::apply(words, runs)?;
+                        if let Some(twin) = twin.as_deref_mut() {
+                            twin::apply_to_twin(twin, runs)?;
+                        }
+                    }
+                }
+                Action::Protect { page } => self.faults.write_protect(page, 1)?,
                 Action::ApplyDiff { page } => {
+                    self.run_staged()?;
                     let Carried::Msg(Msg::Diff { runs, .. }) = current else {
                         return Err(DsmError::Protocol(format!(
                             "a diff of page {page} applied without one"

@@ -80,19 +80,14 @@ impl Engine {
         for (barriers, ticket) in &self.grants_awaiting_diffs {
             if let Some((lock, _)) = self.lock_waiters.get(ticket) {
                 lines.push(format!(
-                    "lock {lock} granted, taken once the diffs of barrier {barriers} are all in here"
+                    "lock {lock} granted, taken once the release of barrier {barriers} is handled here"
                 ));
             }
-        }
-        if let Some((epoch, applied, due)) = self.release.barrier_diffs_awaited() {
-            lines.push(format!(
-                "barrier {epoch} released: {applied} of the {due} diff(s) its entries carried here applied"
-            ));
         }
         let (held, complete) = self.release.copy_requests_held();
         if held > 0 {
             lines.push(format!(
-                "{held} copy request(s) held back until the diffs of barrier {} are all in here",
+                "{held} copy request(s) held back until the release of barrier {} is handled here",
                 complete + 1
             ));
         }

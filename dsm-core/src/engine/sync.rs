@@ -4,10 +4,13 @@
 //! waiting caller answered with the ticket it releases the lock with).
 //!
 //! Under release consistency (`DSM_PROTOCOL=release`) each of them is also
-//! a release and, where it waits for others, an acquire: the rank's writes
-//! reach their homes before its barrier entry, lock request or unlock
-//! leaves (`synchronize`), and its copies of other homes' pages are
-//! dropped before a barrier or a lock grant returns to the caller.
+//! a release and, where it waits for others, an acquire (`synchronize`):
+//! before a lock request or an unlock leaves, the rank's writes reach
+//! their homes, and its copies of other homes' pages are dropped before a
+//! lock grant returns to the caller; a barrier entry carries the diffs of
+//! every page the rank wrote, rank 0 hands them all to every rank with the
+//! release, and each writes them into the copies it holds before the
+//! barrier returns.
 
 use super::protocol::Carried;
 use super::{Engine, Node, Reply};
@@ -48,12 +51,15 @@ impl AfterRelease {
         matches!(self, AfterRelease::Barrier(_) | AfterRelease::Unlock { .. })
     }
 
-    /// An acquire: it drops the copies, so no copy may be dirty then.
+    /// A lock's acquire: it drops the copies, so no copy may be dirty
+    /// then.
     fn acquires(&self) -> bool {
-        matches!(
-            self,
-            AfterRelease::BarrierPassed(_) | AfterRelease::LockGranted { .. }
-        )
+        matches!(self, AfterRelease::LockGranted { .. })
+    }
+
+    /// A barrier passed.
+    fn passes_barrier(&self) -> bool {
+        matches!(self, AfterRelease::BarrierPassed(_))
     }
 }
 
@@ -97,11 +103,15 @@ impl Engine {
 
     /// Sends the diffs of this rank's dirty copies for the first
     /// synchronization waiting; `released` follows once they are in (for a
-    /// barrier entry, once they are sent: the entry counts them).
+    /// barrier entry, once they are collected: the entry carries them).
     fn start_release(&mut self) -> Result<(), DsmError> {
-        // The first synchronization waiting: every barrier before it entered.
-        let barrier = matches!(self.after_release.front(), Some(AfterRelease::Barrier(_)))
-            .then_some(self.barrier_epoch + 1);
+        let front = self.after_release.front();
+        if front.is_some_and(AfterRelease::passes_barrier) && !self.release.lock_written_dirty() {
+            // Nothing to release: the barrier's diffs are in the copies,
+            // which stay dirty (twinned) for the next entry.
+            return self.released();
+        }
+        let barrier = matches!(front, Some(AfterRelease::Barrier(_)));
         let actions = self.release.release(barrier)?;
         self.protect_for_diffs(&actions)?;
         self.apply(actions, Carried::Nothing)
@@ -113,7 +123,7 @@ impl Engine {
     fn protect_for_diffs(&self, actions: &[Action]) -> Result<(), DsmError> {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
         for action in actions {
-            let Action::SendDiff { page, .. } = *action else {
+            let (Action::SendDiff { page, .. } | Action::CollectDiff { page }) = *action else {
                 continue;
             };
             match runs.last_mut() {
@@ -135,10 +145,12 @@ impl Engine {
                 "a release completed that no synchronization waited for".into(),
             ));
         };
-        if sync.acquires() && self.release.dirty_pages() > 0 {
+        let drops_lock_written = sync.passes_barrier() && self.release.lock_written_dirty();
+        if (sync.acquires() || drops_lock_written) && self.release.dirty_pages() > 0 {
             // Copies dirtied while the diffs travelled (another thread's
-            // stores, or a page that came back writable): released too
-            // before the acquire, which drops every copy.
+            // stores, a page that came back writable or took a barrier's
+            // diffs): released too before the acquire, which drops every
+            // copy.
             self.after_release.push_front(sync);
             return self.start_release();
         }
@@ -161,54 +173,98 @@ impl Engine {
                 Ok(())
             }
             AfterRelease::BarrierPassed(reply) => {
-                self.acquire(Some(self.barrier_epoch))?;
+                // The release's diffs are in the copies already; copies
+                // written under a lock that were dirty then go now.
+                let actions = self.release.drop_lock_written()?;
+                self.apply_in_runs(actions)?;
                 let _ = reply.send(Ok(()));
                 Ok(())
             }
             AfterRelease::LockGranted { ticket, reply } => {
-                self.acquire(None)?;
+                // Release consistency: this rank's copies of other homes'
+                // pages go (in runs of consecutive pages), so the next
+                // access reads what the homes hold now.
+                let actions = self.release.acquire()?;
+                self.apply_in_runs(actions)?;
                 let _ = reply.send(Ok(ticket));
                 Ok(())
             }
         }
     }
 
-    /// Release consistency: drops this rank's copies of other homes' pages
-    /// (in runs of consecutive pages), so the next access reads what the
-    /// homes hold now. `barrier`: the barrier passed, if that is the
-    /// acquire.
-    fn acquire(&mut self, barrier: Option<u64>) -> Result<(), DsmError> {
-        let actions = self.release.acquire(barrier)?;
-        self.apply_in_runs(actions)
-    }
-
     pub(super) fn on_barrier_message(&mut self, from: Rank, msg: Msg) -> Result<(), DsmError> {
         match msg {
-            Msg::BarrierEnter { epoch, diffs } => {
+            Msg::BarrierEnter {
+                epoch,
+                updates,
+                lock_written,
+            } => {
                 if self.rank != 0 {
                     return Err(DsmError::Protocol(format!(
                         "rank {from} sent a barrier entry to rank {}",
                         self.rank
                     )));
                 }
-                let arrived = self
-                    .barrier_arrivals
-                    .arrive(epoch, from, self.size, &diffs)
-                    .map_err(|e| DsmError::Protocol(e.to_string()))?;
-                if let Some(diffs_due) = arrived {
-                    for (rank, diffs_due) in diffs_due.into_iter().enumerate() {
-                        let release = Msg::BarrierRelease { epoch, diffs_due };
-                        self.out.send(rank, release.header());
-                    }
+                let Some(arrivals) =
+                    self.barrier_arrivals
+                        .arrive(epoch, from, self.size, (updates, lock_written))
+                else {
+                    return Ok(());
+                };
+                let mut updates = Vec::new();
+                let mut lock_written = Vec::new();
+                for (writer, (diffs, pages)) in arrivals {
+                    // Each diff's writer is the rank whose entry carried it.
+                    let named = diffs
+                        .into_iter()
+                        .map(|(_, page, runs)| (writer as u32, page, runs));
+                    updates.extend(named);
+                    lock_written.extend(pages);
+                }
+                lock_written.sort_unstable();
+                lock_written.dedup();
+                // The order every rank writes them in: a word in two diffs
+                // of one barrier was written under a lock by one of them,
+                // and a home's master took the other's unlock (or its own
+                // write) first; the home's diff goes first.
+                let release = &self.release;
+                updates.sort_by_key(|&(writer, page, _)| {
+                    let home = release.home_of(page as usize) as u32;
+                    (page, writer != home, writer)
+                });
+                let release = Msg::BarrierRelease {
+                    epoch,
+                    updates,
+                    lock_written,
+                }
+                .header();
+                for rank in 0..self.size {
+                    self.out.send(rank, release.clone());
                 }
                 Ok(())
             }
-            Msg::BarrierRelease { epoch, diffs_due } => {
-                // Every rank hears every release: as a home it then counts
-                // the diffs the barrier carried to it, and passes the
-                // barrier once they are in (`Action::BarrierDiffsIn`).
-                let actions = self.release.barrier_released(epoch, diffs_due)?;
-                self.apply(actions, Carried::Nothing)
+            Msg::BarrierRelease {
+                epoch,
+                updates,
+                lock_written,
+            } => {
+                // Every rank hears every release: it drops its copies of
+                // pages written under locks, writes the diffs into the
+                // copies and master copies it holds, then passes the
+                // barrier (`Action::BarrierDiffsIn`).
+                // The pages with diffs to write here (a home's own diff of
+                // its master is in it already).
+                let me = self.rank;
+                let mut pages: Vec<usize> = updates
+                    .iter()
+                    .map(|&(writer, page, _)| (writer as usize, page as usize))
+                    .filter(|&(writer, page)| writer != me || self.release.home_of(page) != me)
+                    .map(|(_, page)| page)
+                    .collect();
+                pages.dedup();
+                let locked = lock_written.iter().map(|&p| p as usize);
+                let actions = self.release.barrier_released(epoch, pages, locked)?;
+                self.in_runs(|this| this.apply(actions, Carried::Updates(&updates)))
             }
             other => Err(DsmError::Protocol(format!(
                 "from rank {from}: unexpected {other:?}"
@@ -221,20 +277,21 @@ impl Engine {
         self.barrier_waiter = Some(reply);
         let enter = Msg::BarrierEnter {
             epoch: self.barrier_epoch,
-            diffs: self
+            updates: std::mem::take(&mut self.barrier_updates),
+            lock_written: self
                 .release
-                .take_barrier_diffs()
+                .take_lock_written()
                 .into_iter()
-                .map(|(home, count)| (home as u32, count))
+                .map(|p| p as u64)
                 .collect(),
         };
         self.out.send(0, enter.header());
         Ok(())
     }
 
-    /// Every diff barrier `epoch` carried here is in: the barrier is
-    /// passed here, if this rank waits at it, and the lock grants that
-    /// waited for those diffs go on.
+    /// Barrier `epoch`'s release was handled here (its diffs are in): the
+    /// barrier is passed here, if this rank waits at it, and the lock
+    /// grants that waited for those diffs go on.
     pub(super) fn barrier_diffs_in(&mut self, epoch: u64) -> Result<(), DsmError> {
         if epoch == self.barrier_epoch {
             if let Some(waiter) = self.barrier_waiter.take() {
