@@ -93,7 +93,7 @@ enum M {
     DiffAck(usize),
     /// What a barrier release carries (never in a link): in order, each
     /// diff's writer, page and words changed.
-    Updates(Vec<(usize, usize, Vec<(usize, u64)>)>),
+    Updates(Vec<(usize, usize, Changed)>),
 }
 
 /// Where a rank is in a barrier.
