@@ -183,7 +183,7 @@ pub enum Msg {
         epoch: u64,
         /// Release consistency: the diffs of the pages this rank wrote
         /// since its last barrier entry (its copies and its master copies),
-        /// one per page, in page order (the writer named is the sender).
+        /// one per page, in page order.
         updates: PageDiffs,
         /// Release consistency: the pages whose diffs this rank's lock
         /// releases sent to their homes since its last barrier entry.
@@ -193,10 +193,10 @@ pub enum Msg {
     BarrierRelease {
         /// The barrier's number, as in its `BarrierEnter`.
         epoch: u64,
-        /// Release consistency: every entry's diffs, in the order a rank
-        /// applies them to the copies it holds: by page, the home's diff
-        /// first, then the other writers' by rank (a home skips its own:
-        /// its master may hold later words, from unlocks).
+        /// Release consistency: for every page some entry wrote, in page
+        /// order, its entries' diffs merged into one (the home's first,
+        /// then the other writers' by rank); to the page's home, without
+        /// its own (its master may hold later words, from unlocks).
         updates: PageDiffs,
         /// Release consistency: every entry's `lock_written`, in order,
         /// each page once: the copies of them go (their homes have the
@@ -396,10 +396,9 @@ pub enum Msg {
     },
 }
 
-/// Pages and the words of each that a writer changed, as barrier messages
-/// carry them ([`Msg::BarrierEnter`], [`Msg::BarrierRelease`]): (writer's
-/// rank, page, words).
-pub type PageDiffs = Vec<(u32, u64, DiffRuns)>;
+/// Pages and the words of each that changed, as barrier messages carry
+/// them ([`Msg::BarrierEnter`], [`Msg::BarrierRelease`]).
+pub type PageDiffs = Vec<(u64, DiffRuns)>;
 
 /// The words of a page a writer changed ([`Msg::Diff`]): runs of
 /// consecutive words, in increasing order, none empty, none overlapping.
@@ -1183,17 +1182,15 @@ fn decode_diff(bytes: &[u8]) -> Result<Msg, ProtoError> {
     })
 }
 
-/// A barrier message: kind, epoch, diff count, then each diff's writer,
-/// page and runs, then the count of pages written under locks and each
-/// page.
+/// A barrier message: kind, epoch, diff count, then each diff's page and
+/// runs, then the count of pages written under locks and each page.
 fn put_barrier(out: &mut Vec<u8>, kind: u8, epoch: u64, updates: &PageDiffs, locked: &[u64]) {
-    let diffs: usize = updates.iter().map(|(_, _, r)| 12 + r.wire_len()).sum();
+    let diffs: usize = updates.iter().map(|(_, r)| 8 + r.wire_len()).sum();
     out.reserve(17 + diffs + 8 * locked.len());
     out.push(kind);
     out.extend_from_slice(&epoch.to_le_bytes());
     out.extend_from_slice(&(updates.len() as u32).to_le_bytes());
-    for (writer, page, runs) in updates {
-        out.extend_from_slice(&writer.to_le_bytes());
+    for (page, runs) in updates {
         out.extend_from_slice(&page.to_le_bytes());
         runs.put(out);
     }
@@ -1215,18 +1212,19 @@ fn decode_barrier(bytes: &[u8]) -> Result<(u64, PageDiffs, Vec<u64>), ProtoError
     }
     let count = u32_at(bytes, 9) as usize;
     let mut at = 13;
-    // Each diff takes at least 14 bytes: no allocation beyond the message.
-    let mut updates = Vec::with_capacity(count.min(bytes.len() / 14));
+    // Each diff takes at least 10 bytes: no allocation beyond the message.
+    let mut updates = Vec::with_capacity(count.min(bytes.len() / 10));
     for _ in 0..count {
-        let (writer, page) = bytes
-            .get(at..at + 12)
-            .map(|_| (u32_at(bytes, at), u64_at(bytes, at + 4)))
-            .ok_or(ProtoError::BadField {
-                kind,
-                what: "writer and page of a barrier's diff",
-            })?;
-        let (runs, next) = DiffRuns::read(bytes, at + 12, kind)?;
-        updates.push((writer, page, runs));
+        let page =
+            bytes
+                .get(at..at + 8)
+                .map(|_| u64_at(bytes, at))
+                .ok_or(ProtoError::BadField {
+                    kind,
+                    what: "page of a barrier's diff",
+                })?;
+        let (runs, next) = DiffRuns::read(bytes, at + 8, kind)?;
+        updates.push((page, runs));
         at = next;
     }
     let count = bytes.get(at..at + 4).ok_or(ProtoError::BadField {
@@ -1286,12 +1284,12 @@ mod tests {
         }
         round_trip(Msg::BarrierEnter {
             epoch: 5,
-            updates: vec![(2, 1, runs.clone()), (2, 7, DiffRuns::new())],
+            updates: vec![(1, runs.clone()), (7, DiffRuns::new())],
             lock_written: vec![3],
         });
         round_trip(Msg::BarrierRelease {
             epoch: 6,
-            updates: vec![(0, 1, runs.clone()), (3, 1, runs), (1, 9, DiffRuns::new())],
+            updates: vec![(1, runs.clone()), (1, runs), (9, DiffRuns::new())],
             lock_written: vec![2, u64::MAX],
         });
         round_trip(Msg::CopyReq {

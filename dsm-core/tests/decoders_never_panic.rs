@@ -92,7 +92,7 @@ fn arb_runs() -> impl Strategy<Value = DiffRuns> {
 
 /// A barrier message's diffs: up to 4 pages.
 fn arb_page_diffs() -> impl Strategy<Value = PageDiffs> {
-    proptest::collection::vec((any::<u32>(), any::<u64>(), arb_runs()), 0..4)
+    proptest::collection::vec((any::<u64>(), arb_runs()), 0..4)
 }
 
 /// Valid messages of every kind.

@@ -111,6 +111,32 @@ pub fn apply(page: &[AtomicU64], runs: &DiffRuns) -> Result<(), DiffError> {
     Ok(())
 }
 
+/// The diffs merged into one, applied in the order given (a word in two
+/// takes the later's value): what a page's copy takes in one step.
+pub fn merge<'a>(diffs: impl IntoIterator<Item = &'a DiffRuns>) -> Result<DiffRuns, DiffError> {
+    let mut words = [0u64; PAGE_WORDS];
+    let mut changed = [false; PAGE_WORDS];
+    for diff in diffs {
+        for (first, run) in diff.runs() {
+            let end = first + run.len();
+            let beyond = DiffError::BeyondPage {
+                first,
+                len: run.len(),
+            };
+            words
+                .get_mut(first..end)
+                .ok_or(beyond)?
+                .copy_from_slice(run);
+            changed[first..end].fill(true);
+        }
+    }
+    let mut merged = DiffRuns::new();
+    for (index, _) in changed.iter().enumerate().filter(|(_, c)| **c) {
+        merged.push(index, words[index]);
+    }
+    Ok(merged)
+}
+
 /// Writes the runs' words into `twin` too (diffs a barrier brought: they
 /// are not this rank's writes, so its next diff must not send them).
 pub fn apply_to_twin(twin: &mut [u64; PAGE_WORDS], runs: &DiffRuns) -> Result<(), DiffError> {
@@ -141,6 +167,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn merged_diffs_keep_the_later_value_of_a_word_in_page_order() {
+        let diff = |words: &[(usize, u64)]| {
+            let mut runs = DiffRuns::new();
+            for &(i, v) in words {
+                runs.push(i, v);
+            }
+            runs
+        };
+        let home = diff(&[(0, 1), (1, 1), (511, 1)]);
+        let writer = diff(&[(1, 2), (2, 2)]);
+        let merged = merge([&home, &writer]).unwrap();
+        assert_eq!(merged, diff(&[(0, 1), (1, 2), (2, 2), (511, 1)]));
+        assert_eq!(merged.runs().count(), 2);
+        assert!(merge([]).unwrap().is_empty());
+    }
     use crate::proto::Msg;
     use proptest::prelude::*;
 

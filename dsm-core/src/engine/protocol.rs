@@ -337,9 +337,7 @@ impl Engine {
                 };
                 self.out.send(home, msg.header());
             }
-            None => self
-                .barrier_updates
-                .push((self.rank as u32, page as u64, runs)),
+            None => self.barrier_updates.push((page as u64, runs)),
         }
         Ok(())
     }
@@ -599,14 +597,10 @@ impl Engine {
                     // Made writable first (the staged runs done).
                     self.run_staged()?;
                     let key = page as u64;
-                    let first = updates.partition_point(|(_, p, _)| *p < key);
-                    // At its home, the home's own diff is in its master
-                    // already, maybe under later words (from unlocks).
-                    let own = self.release.home_of(page) == self.rank;
+                    let first = updates.partition_point(|(p, _)| *p < key);
                     let words = self.faults.page_words(page);
                     let mut twin = self.twins.get_mut(&page);
-                    let diffs = updates[first..].iter().take_while(|(_, p, _)| *p == key);
-                    for (_, _, runs) in diffs.filter(|(w, ..)| !own || *w as usize != self.rank) {
+                    for (_, runs) in updates[first..].iter().take_while(|(p, _)| *p == key) {
                         twin::apply(words, runs)?;
                         if let Some(twin) = twin.as_deref_mut() {
                             twin::apply_to_twin(twin, runs)?;

@@ -14,9 +14,10 @@
 
 use super::protocol::Carried;
 use super::{Engine, Node, Reply};
+use crate::coherence::twin;
 use crate::coherence::Action;
 use crate::error::DsmError;
-use crate::proto::Msg;
+use crate::proto::{DiffRuns, Msg, PageDiffs};
 use crate::Rank;
 
 /// A synchronization that goes on once this rank's release is done.
@@ -211,35 +212,22 @@ impl Engine {
                 else {
                     return Ok(());
                 };
-                let mut updates = Vec::new();
+                let mut diffs = Vec::new();
                 let mut lock_written = Vec::new();
-                for (writer, (diffs, pages)) in arrivals {
-                    // Each diff's writer is the rank whose entry carried it.
-                    let named = diffs
-                        .into_iter()
-                        .map(|(_, page, runs)| (writer as u32, page, runs));
-                    updates.extend(named);
+                for (writer, (entry, pages)) in arrivals {
+                    diffs.extend(entry.into_iter().map(|(page, runs)| (page, writer, runs)));
                     lock_written.extend(pages);
                 }
                 lock_written.sort_unstable();
                 lock_written.dedup();
-                // The order every rank writes them in: a word in two diffs
-                // of one barrier was written under a lock by one of them,
-                // and a home's master took the other's unlock (or its own
-                // write) first; the home's diff goes first.
-                let release = &self.release;
-                updates.sort_by_key(|&(writer, page, _)| {
-                    let home = release.home_of(page as usize) as u32;
-                    (page, writer != home, writer)
-                });
-                let release = Msg::BarrierRelease {
-                    epoch,
-                    updates,
-                    lock_written,
-                }
-                .header();
-                for rank in 0..self.size {
-                    self.out.send(rank, release.clone());
+                let releases = self.merge_barrier_diffs(diffs)?;
+                for (rank, updates) in releases.into_iter().enumerate() {
+                    let release = Msg::BarrierRelease {
+                        epoch,
+                        updates,
+                        lock_written: lock_written.clone(),
+                    };
+                    self.out.send(rank, release.header());
                 }
                 Ok(())
             }
@@ -252,15 +240,7 @@ impl Engine {
                 // pages written under locks, writes the diffs into the
                 // copies and master copies it holds, then passes the
                 // barrier (`Action::BarrierDiffsIn`).
-                // The pages with diffs to write here (a home's own diff of
-                // its master is in it already).
-                let me = self.rank;
-                let mut pages: Vec<usize> = updates
-                    .iter()
-                    .map(|&(writer, page, _)| (writer as usize, page as usize))
-                    .filter(|&(writer, page)| writer != me || self.release.home_of(page) != me)
-                    .map(|(_, page)| page)
-                    .collect();
+                let mut pages: Vec<usize> = updates.iter().map(|(p, _)| *p as usize).collect();
                 pages.dedup();
                 let locked = lock_written.iter().map(|&p| p as usize);
                 let actions = self.release.barrier_released(epoch, pages, locked)?;
@@ -270,6 +250,44 @@ impl Engine {
                 "from rank {from}: unexpected {other:?}"
             ))),
         }
+    }
+
+    /// Rank 0: each rank's part of a barrier's release from the diffs its
+    /// entries carried, (page, writer, words): for every page, its diffs
+    /// merged into one in the order every copy takes them (the home's
+    /// first, then the other writers' by rank: a word in two diffs of one
+    /// barrier was written under a lock by the later writer, after the
+    /// home's master took the earlier unlock, or its own write); the home
+    /// gets the merge of the others' only (its master has its own words,
+    /// maybe under later ones from unlocks).
+    fn merge_barrier_diffs(
+        &self,
+        mut diffs: Vec<(u64, Rank, DiffRuns)>,
+    ) -> Result<Vec<PageDiffs>, DsmError> {
+        let release = &self.release;
+        diffs.sort_by_key(|&(page, writer, _)| {
+            let home = release.home_of(page as usize);
+            (page, writer != home, writer)
+        });
+        let mut releases = vec![Vec::new(); self.size];
+        for page_diffs in diffs.chunk_by(|a, b| a.0 == b.0) {
+            let page = page_diffs[0].0;
+            let home = release.home_of(page as usize);
+            let all = twin::merge(page_diffs.iter().map(|(_, _, runs)| runs))?;
+            let others = page_diffs.iter().filter(|(_, writer, _)| *writer != home);
+            let for_home = if page_diffs[0].1 == home {
+                twin::merge(others.map(|(_, _, runs)| runs))?
+            } else {
+                all.clone()
+            };
+            for (rank, updates) in releases.iter_mut().enumerate() {
+                let merged = if rank == home { &for_home } else { &all };
+                if !merged.is_empty() {
+                    updates.push((page, merged.clone()));
+                }
+            }
+        }
+        Ok(releases)
     }
 
     pub(super) fn start_barrier(&mut self, reply: Reply<()>) -> Result<(), DsmError> {
