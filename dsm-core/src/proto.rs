@@ -490,11 +490,10 @@ impl DiffRuns {
             }
             at += 4;
             let body = bytes.get(at..at + 8 * len).ok_or(bad("diff run words"))?;
-            for w in body.chunks_exact(8) {
-                runs.words.push(u64::from_le_bytes([
-                    w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-                ]));
-            }
+            runs.words.extend(
+                body.chunks_exact(8)
+                    .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])),
+            );
             runs.heads.push((first as u16, len as u16));
             at += 8 * len;
             next_free = first + len;

@@ -34,7 +34,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use dsm_core::coherence::release::Release;
+use dsm_core::coherence::release::{Release, ReleaseFor};
 use dsm_core::coherence::Action;
 use dsm_core::proto::{DiffRuns, Msg, Payload};
 
@@ -162,9 +162,9 @@ struct Model {
     /// Page p is homed at `homes[p]`.
     homes: Vec<usize>,
     programs: Vec<Vec<Op>>,
-    /// Each rank's second thread (none if empty): locks and reads only,
-    /// no barrier and no write (the expected values below follow the
-    /// first threads' writes).
+    /// Each rank's second thread (none if empty): locks, reads, and
+    /// writes holding the lock (of words only read holding it: such a
+    /// write is ordered with no barrier); no barrier.
     second: Vec<Vec<Op>>,
     extra_faults: usize,
 }
@@ -204,7 +204,7 @@ impl Model {
     /// writers are ordered by the lock, several in one epoch maybe, so
     /// what a read gives follows the writes as they happened.
     fn lock_protected(&self, page: usize, word: usize) -> bool {
-        self.programs.iter().any(|program| {
+        self.programs.iter().chain(&self.second).any(|program| {
             let mut holding = false;
             program.iter().any(|op| {
                 match op {
@@ -421,10 +421,14 @@ impl Model {
                     // At its home, all but the home's own diff.
                     let own = |writer: usize| writer == rank && self.homes[page] == rank;
                     let diffs = updates.iter().filter(|(w, p, _)| *p == page && !own(*w));
+                    // But for the words this rank changed since its twin
+                    // (later ones: its other thread's, under the lock).
                     for (_, _, changed) in diffs {
                         for &(i, v) in changed {
-                            words[i] = v;
-                            twin[i] = v;
+                            if words[i] == twin[i] {
+                                words[i] = v;
+                                twin[i] = v;
+                            }
                         }
                     }
                 }
@@ -609,7 +613,9 @@ impl Model {
                     InLock::Unlocking
                 };
                 s.releasing[rank] = Some(thread);
-                let actions = s.nodes[rank].release(false).map_err(|e| e.to_string())?;
+                let actions = s.nodes[rank]
+                    .release(ReleaseFor::Lock)
+                    .map_err(|e| e.to_string())?;
                 self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
             }
             (Op::Lock, InLock::Waiting) if w.lock.holder.is_none() => {
@@ -623,7 +629,9 @@ impl Model {
                 if s.nodes[rank].dirty_pages() > 0 {
                     s.in_lock[rank][thread] = InLock::Rereleasing(barriers);
                     s.releasing[rank] = Some(thread);
-                    let actions = s.nodes[rank].release(false).map_err(|e| e.to_string())?;
+                    let actions = s.nodes[rank]
+                        .release(ReleaseFor::Lock)
+                        .map_err(|e| e.to_string())?;
                     self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                 } else {
                     let actions = s.nodes[rank].acquire().map_err(|e| e.to_string())?;
@@ -683,12 +691,20 @@ impl Model {
         };
         let pc = Model::pc(w, rank, thread);
         let mut s = w.clone();
-        let write = matches!(op, Op::Write(..)).then(|| Model::value(rank, pc));
+        // A value unique to this op (a second thread's apart from the first's).
+        let unique = Model::value(rank, pc) + 500 * thread as u64;
+        let write = matches!(op, Op::Write(..)).then_some(unique);
         match self.access(&mut s, rank, page, word, write) {
             Some(v) => {
                 let holding = w.in_lock[rank][thread] == InLock::Holding;
                 if let (Some(v), true) = (write, holding) {
-                    let epoch = self.epoch_of(rank, w.pc[rank]);
+                    // A second thread's write is ordered with no barrier:
+                    // read after one only holding the lock.
+                    let epoch = if thread == 0 {
+                        self.epoch_of(rank, w.pc[rank])
+                    } else {
+                        usize::MAX - 1
+                    };
                     s.lock_writes.push((page, word, v, epoch));
                 }
                 let protected = self.lock_protected(page, word);
@@ -753,7 +769,16 @@ impl Model {
                             let mut s = w.clone();
                             s.barrier[rank] = InBarrier::Releasing;
                             s.releasing[rank] = Some(0);
-                            let actions = s.nodes[rank].release(true).map_err(|e| e.to_string())?;
+                            // Another thread holding the lock: its writes go
+                            // to the homes, acknowledged, as for a lock.
+                            let release_for = if w.in_lock[rank].contains(&InLock::Holding) {
+                                ReleaseFor::BarrierUnderLock
+                            } else {
+                                ReleaseFor::Barrier
+                            };
+                            let actions = s.nodes[rank]
+                                .release(release_for)
+                                .map_err(|e| e.to_string())?;
                             self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
                             next.push(s);
                         }
@@ -814,6 +839,9 @@ impl Model {
                 None => {}
                 Some(op @ (Op::Lock | Op::Unlock)) => self.lock_step(w, rank, 1, op, &mut next)?,
                 Some(op @ Op::Read(..)) => self.access_step(w, rank, 1, op, &mut next)?,
+                Some(op @ Op::Write(..)) if w.in_lock[rank][1] == InLock::Holding => {
+                    self.access_step(w, rank, 1, op, &mut next)?
+                }
                 Some(other) => return Err(format!("a second thread runs {other:?}")),
             }
             // Another thread of this rank reads a page homed elsewhere, or
@@ -1199,6 +1227,34 @@ fn lock_ordered_writers_of_one_word_leave_the_last_one_s_value_across_a_barrier(
         ],
         second: Vec::new(),
         extra_faults: 1,
+    };
+    let states = model.run();
+    assert!(states > 200, "{states} states");
+}
+
+#[test]
+fn a_write_under_a_lock_during_a_barrier_survives_the_barrier_s_older_diff() {
+    // The home writes word 0 of its page under the lock, lets it go and
+    // enters the barrier, its diff carrying that word. Rank 1's second
+    // thread may take the lock meanwhile (its first thread inside the
+    // barrier) and write the word; the barrier's release, handled after,
+    // must not roll it back. A second thread of the home reads it under
+    // the lock. Rank 1 reads the page first, so the master is granted,
+    // hence twinned.
+    let model = Model {
+        n: 2,
+        pages: 1,
+        words: 2,
+        homes: vec![0],
+        programs: vec![
+            vec![Barrier, Lock, Write(0, 0), Unlock, Barrier],
+            vec![Read(0, 1), Barrier, Barrier],
+        ],
+        second: vec![
+            vec![Lock, Read(0, 0), Unlock],
+            vec![Lock, Write(0, 0), Unlock],
+        ],
+        extra_faults: 0,
     };
     let states = model.run();
     assert!(states > 200, "{states} states");

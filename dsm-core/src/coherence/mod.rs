@@ -160,11 +160,12 @@ pub enum Action {
         /// Page index in the shared space.
         page: usize,
     },
-    /// Release consistency: write the diffs of `page` that the barrier
-    /// release being handled carries into this rank's copy (or master
-    /// copy: all but its own diff, which is in it already, maybe under
-    /// later words from unlocks) and into its twin, in the release's order
-    /// (twinned and writable by the actions before).
+    /// Release consistency: write the merged diff of `page` that the
+    /// barrier release being handled carries into this rank's copy (or
+    /// master copy: the merge of the others' diffs) and into its twin,
+    /// but for the words this rank changed since the twin (later ones:
+    /// `twin::apply_unless_changed`); twinned and writable by the actions
+    /// before.
     ApplyUpdates {
         /// Page index in the shared space.
         page: usize,

@@ -90,6 +90,23 @@ enum Master {
     Twinned,
 }
 
+/// What a release is for ([`Release::release`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseFor {
+    /// A lock request or an unlock: the dirty copies' diffs go to their
+    /// homes, acknowledged.
+    Lock,
+    /// A barrier entry: the diffs of the dirty copies and twinned master
+    /// copies are collected into it.
+    Barrier,
+    /// A barrier entry while another thread of the rank holds a lock: the
+    /// copies' diffs go to their homes, acknowledged, as for a lock (that
+    /// thread's writes must be at the homes when it lets the lock go,
+    /// which may be before the barrier's release), the masters' are
+    /// collected.
+    BarrierUnderLock,
+}
+
 /// What a rank's release is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 struct Releasing {
@@ -299,8 +316,9 @@ impl Release {
         let home = self.home_of(page);
         if home == self.rank {
             // The master copy: mapped once, never taken away; writable
-            // unless granted to others (then twinned at the first store
-            // after each barrier entry).
+            // unless granted to others: then protected at each barrier
+            // entry and twinned again at the home's first store (or when
+            // diffs are written into it).
             if self.mapped_here.insert(page) {
                 return Ok(vec![Action::InstallZero { page }]);
             }
@@ -545,11 +563,11 @@ impl Release {
     /// is done when [`Action::Released`] comes out, now or once the last
     /// acknowledgement arrives. One release at a time.
     ///
-    /// `barrier`: the release of this rank's next barrier entry. The diffs
-    /// of its dirty copies and of its twinned master copies are collected
-    /// into the entry ([`Action::CollectDiff`]) instead, and reach every
-    /// rank with the barrier's release: the release is done at once.
-    pub fn release(&mut self, barrier: bool) -> Actions {
+    /// For a barrier entry, the diffs of its dirty copies (but under a
+    /// lock another thread holds) and of its twinned master copies are
+    /// collected into the entry ([`Action::CollectDiff`]) instead, and
+    /// reach every rank with the barrier's release ([`ReleaseFor`]).
+    pub fn release(&mut self, release_for: ReleaseFor) -> Actions {
         if self.releasing.waiting {
             return Err(CoherenceError::Unexpected {
                 page: 0,
@@ -565,15 +583,9 @@ impl Release {
             }
             self.written.insert(page);
         }
-        if barrier {
-            let mut pages = dirty;
-            for (&page, master) in self.masters.iter_mut() {
-                if *master == Master::Twinned {
-                    *master = Master::Protected;
-                    pages.insert(page);
-                }
-            }
-            actions.extend(pages.into_iter().map(|page| Action::CollectDiff { page }));
+        let mut collected = BTreeSet::new();
+        if release_for == ReleaseFor::Barrier {
+            collected = dirty;
         } else {
             self.lock_written.extend(dirty.iter().copied());
             actions.extend(dirty.into_iter().map(|page| Action::SendDiff {
@@ -581,6 +593,19 @@ impl Release {
                 page,
             }));
             self.releasing.acks_due += actions.len();
+        }
+        if release_for != ReleaseFor::Lock {
+            for (&page, master) in self.masters.iter_mut() {
+                if *master == Master::Twinned {
+                    *master = Master::Protected;
+                    collected.insert(page);
+                }
+            }
+            actions.extend(
+                collected
+                    .into_iter()
+                    .map(|page| Action::CollectDiff { page }),
+            );
         }
         self.releasing.waiting = true;
         actions.extend(self.release_done());
@@ -880,7 +905,7 @@ mod tests {
             assert_eq!(actions, vec![Action::InstallTwinned { page: 0 }]);
             assert_eq!(node.copy_of(0), Some(RcCopy::Dirty));
         }
-        let released = a.release(false).unwrap();
+        let released = a.release(ReleaseFor::Lock).unwrap();
         assert_eq!(released, vec![Action::SendDiff { to: 0, page: 0 }]);
         assert!(!a.quiescent());
         assert_eq!(
@@ -911,7 +936,7 @@ mod tests {
         // Not written this time: its diff is empty, nothing is sent, and
         // the next acquire only drops it.
         assert_eq!(
-            a.release(false).unwrap(),
+            a.release(ReleaseFor::Lock).unwrap(),
             vec![Action::SendDiff { to: 0, page: 0 }]
         );
         assert_eq!(a.diff_empty(0, false).unwrap(), vec![Action::Released]);
@@ -941,7 +966,10 @@ mod tests {
             assert_eq!(asked(&node.on_fault(page, false).unwrap()), [page as u64]);
             node.on_message(0, &grant(page as u64)).unwrap();
         }
-        assert_eq!(node.release(false).unwrap(), vec![Action::Released]);
+        assert_eq!(
+            node.release(ReleaseFor::Lock).unwrap(),
+            vec![Action::Released]
+        );
         assert_eq!(asked(&node.acquire().unwrap()), Vec::<u64>::new());
         // Pages 1-3 read last step, dropped together: asked for together.
         assert_eq!(asked(&node.on_fault(1, false).unwrap()), [1, 2, 3]);
@@ -1010,7 +1038,7 @@ mod tests {
         writer.on_fault(0, true).unwrap();
         writer.on_message(0, &grant(0)).unwrap();
         assert_eq!(
-            writer.release(true).unwrap(),
+            writer.release(ReleaseFor::Barrier).unwrap(),
             vec![Action::CollectDiff { page: 0 }, Action::Released]
         );
         assert_eq!(writer.copy_of(0), Some(RcCopy::Clean));
@@ -1056,7 +1084,7 @@ mod tests {
         assert!(home.quiescent());
         // The twinned master's diff goes with the home's next entry.
         assert_eq!(
-            home.release(true).unwrap(),
+            home.release(ReleaseFor::Barrier).unwrap(),
             vec![Action::CollectDiff { page: 0 }, Action::Released]
         );
         // A request of a rank behind is answered at once; a barrier
@@ -1110,9 +1138,12 @@ mod tests {
                 Action::MakeWritable { page: 0 }
             ]
         );
-        assert_eq!(home.release(false).unwrap(), vec![Action::Released]);
         assert_eq!(
-            home.release(true).unwrap(),
+            home.release(ReleaseFor::Lock).unwrap(),
+            vec![Action::Released]
+        );
+        assert_eq!(
+            home.release(ReleaseFor::Barrier).unwrap(),
             vec![Action::CollectDiff { page: 0 }, Action::Released]
         );
         assert_eq!(home.diff_empty(0, true).unwrap(), Vec::new());
@@ -1159,7 +1190,7 @@ mod tests {
         // Released (acknowledged) first, then dropped.
         assert!(node.drop_lock_written().is_err());
         assert_eq!(
-            node.release(false).unwrap(),
+            node.release(ReleaseFor::Lock).unwrap(),
             vec![Action::SendDiff { to: 0, page: 1 }]
         );
         assert_eq!(
@@ -1203,7 +1234,10 @@ mod tests {
     #[test]
     fn a_release_with_nothing_dirty_is_done_at_once() {
         let mut node = Release::new(1, 2, 2);
-        assert_eq!(node.release(false).unwrap(), vec![Action::Released]);
+        assert_eq!(
+            node.release(ReleaseFor::Lock).unwrap(),
+            vec![Action::Released]
+        );
         assert_eq!(node.acquire().unwrap(), Vec::new());
     }
 
@@ -1211,7 +1245,7 @@ mod tests {
     fn a_fetch_that_crossed_an_acquire_is_asked_again() {
         let mut node = Release::new(1, 2, 2);
         node.on_fault(0, false).unwrap();
-        node.release(false).unwrap();
+        node.release(ReleaseFor::Lock).unwrap();
         node.acquire().unwrap();
         assert_eq!(
             node.on_message(0, &grant(0)).unwrap(),

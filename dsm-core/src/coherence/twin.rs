@@ -137,17 +137,33 @@ pub fn merge<'a>(diffs: impl IntoIterator<Item = &'a DiffRuns>) -> Result<DiffRu
     Ok(merged)
 }
 
-/// Writes the runs' words into `twin` too (diffs a barrier brought: they
-/// are not this rank's writes, so its next diff must not send them).
-pub fn apply_to_twin(twin: &mut [u64; PAGE_WORDS], runs: &DiffRuns) -> Result<(), DiffError> {
+/// Writes a barrier's merged diff into a twinned `page` and its `twin`,
+/// but for the words this rank changed since the twin was taken (still
+/// changing: the application's threads may store meanwhile): those are
+/// later than any word of the barrier (written after this rank's entry,
+/// under a lock taken after the barrier's writers let it go, or racing
+/// with them), and the next diff sends them. Each word is replaced only if
+/// it still holds its twin's value, atomically.
+pub fn apply_unless_changed(
+    page: &[AtomicU64],
+    twin: &mut [u64; PAGE_WORDS],
+    runs: &DiffRuns,
+) -> Result<(), DiffError> {
+    check_page(page)?;
     for (first, words) in runs.runs() {
-        let target = twin
-            .get_mut(first..first + words.len())
-            .ok_or(DiffError::BeyondPage {
-                first,
-                len: words.len(),
-            })?;
-        target.copy_from_slice(words);
+        let beyond = DiffError::BeyondPage {
+            first,
+            len: words.len(),
+        };
+        let end = first + words.len();
+        let (Some(target), Some(old)) = (page.get(first..end), twin.get_mut(first..end)) else {
+            return Err(beyond);
+        };
+        for ((word, old), &new) in target.iter().zip(old).zip(words) {
+            if word.compare_exchange(*old, new, Relaxed, Relaxed).is_ok() {
+                *old = new;
+            }
+        }
     }
     Ok(())
 }

@@ -116,8 +116,9 @@ impl Engine {
             self.cache.queued.remove(page);
             if self.rc.contains(page) {
                 // Release consistency: a clean copy goes without a word (its
-                // home keeps no directory); a dirty one waits for its diff,
-                // a fetch for its grant.
+                // home keeps no directory); a dirty one waits for its diff
+                // (one that took a barrier's diffs, until the next entry), a
+                // fetch for its grant.
                 match self.release.copy_of(page) {
                     Some(RcCopy::Invalid) | None => {}
                     Some(RcCopy::Clean) => {

@@ -208,6 +208,10 @@ pub(crate) struct Engine {
     /// Lock grants (barriers their releasers had passed, ticket) waiting
     /// for those barriers' diffs to be in here (`sync.rs`).
     grants_awaiting_diffs: Vec<(u64, u64)>,
+    /// Locks this rank's threads hold (granted, their unlock's release not
+    /// done): a barrier entry meanwhile sends its copies' diffs to their
+    /// homes, acknowledged (`ReleaseFor::BarrierUnderLock`).
+    locks_held: usize,
     locks: LockTable,
     alloc_waiters: HashMap<u64, (Reply<SegmentInfo>, Option<Vec<u8>>)>,
     /// Collective allocations this rank asked for so far (their numbers).
@@ -358,6 +362,7 @@ impl Engine {
             next_ticket: 1,
             lock_waiters: HashMap::new(),
             grants_awaiting_diffs: Vec::new(),
+            locks_held: 0,
             locks: LockTable::default(),
             alloc_waiters: HashMap::new(),
             coalloc_epoch: 0,

@@ -599,12 +599,13 @@ impl Engine {
                     let key = page as u64;
                     let first = updates.partition_point(|(p, _)| *p < key);
                     let words = self.faults.page_words(page);
-                    let mut twin = self.twins.get_mut(&page);
+                    let Some(twin) = self.twins.get_mut(&page) else {
+                        return Err(DsmError::Protocol(format!(
+                            "barrier diffs of page {page}, which has no twin"
+                        )));
+                    };
                     for (_, runs) in updates[first..].iter().take_while(|(p, _)| *p == key) {
-                        twin::apply(words, runs)?;
-                        if let Some(twin) = twin.as_deref_mut() {
-                            twin::apply_to_twin(twin, runs)?;
-                        }
+                        twin::apply_unless_changed(words, twin, runs)?;
                     }
                 }
                 Action::Protect { page } => self.faults.write_protect(page, 1)?,

@@ -4,16 +4,19 @@
 //! waiting caller answered with the ticket it releases the lock with).
 //!
 //! Under release consistency (`DSM_PROTOCOL=release`) each of them is also
-//! a release and, where it waits for others, an acquire (`synchronize`):
-//! before a lock request or an unlock leaves, the rank's writes reach
-//! their homes, and its copies of other homes' pages are dropped before a
-//! lock grant returns to the caller; a barrier entry carries the diffs of
-//! every page the rank wrote, rank 0 hands them all to every rank with the
-//! release, and each writes them into the copies it holds before the
+//! a release (`synchronize`): before a lock request or an unlock leaves,
+//! the rank's writes reach their homes, and its copies of other homes'
+//! pages are dropped before a lock grant returns to the caller (the
+//! acquire); a barrier entry carries the diffs of every page the rank
+//! wrote (but for copies written while another of its threads holds a
+//! lock, whose diffs go to their homes first, acknowledged), rank 0 merges
+//! them and hands each rank its part with the release, and each writes
+//! them into the copies it holds before the
 //! barrier returns.
 
 use super::protocol::Carried;
 use super::{Engine, Node, Reply};
+use crate::coherence::release::ReleaseFor;
 use crate::coherence::twin;
 use crate::coherence::Action;
 use crate::error::DsmError;
@@ -28,7 +31,8 @@ pub(crate) enum AfterRelease {
     Lock { lock: u64, reply: Reply<u64> },
     /// Let the lock go.
     Unlock { lock: u64, ticket: u64 },
-    /// The barrier was passed: acquire, then answer the caller.
+    /// The barrier was passed (its diffs are in the copies): copies written
+    /// under a lock that were dirty go, then the caller is answered.
     BarrierPassed(Reply<()>),
     /// The lock was granted: acquire, then answer the caller.
     LockGranted { ticket: u64, reply: Reply<u64> },
@@ -41,7 +45,7 @@ impl AfterRelease {
             AfterRelease::Barrier(_) => "a barrier entry",
             AfterRelease::Lock { .. } => "a lock request",
             AfterRelease::Unlock { .. } => "an unlock",
-            AfterRelease::BarrierPassed(_) => "the acquire of a barrier passed",
+            AfterRelease::BarrierPassed(_) => "the return from a barrier passed",
             AfterRelease::LockGranted { .. } => "the acquire of a lock granted",
         }
     }
@@ -69,9 +73,10 @@ impl Engine {
     /// one release at a time, in the order they were asked for, each taking
     /// the writes made before it (with no dirty copy, as under the
     /// sequentially consistent protocols, it is done at once). A barrier
-    /// passed or a lock granted goes through here too: its acquire waits
-    /// for a thread's unlock still releasing, and for the copies dirtied
-    /// since the last release.
+    /// passed or a lock granted goes through here too, behind a thread's
+    /// unlock still releasing: a lock's acquire releases the copies dirtied
+    /// since the last release first, a barrier passed needs no release
+    /// (but before it drops copies written under a lock that were dirty).
     pub(super) fn synchronize(&mut self, sync: AfterRelease) -> Result<(), DsmError> {
         if sync.ends_holds() {
             self.end_holds()?;
@@ -112,8 +117,15 @@ impl Engine {
             // which stay dirty (twinned) for the next entry.
             return self.released();
         }
-        let barrier = matches!(front, Some(AfterRelease::Barrier(_)));
-        let actions = self.release.release(barrier)?;
+        let release_for = match front {
+            // Another thread's writes under a lock it holds must be at the
+            // homes when it lets the lock go, maybe before this barrier's
+            // release: they go now, acknowledged.
+            Some(AfterRelease::Barrier(_)) if self.locks_held > 0 => ReleaseFor::BarrierUnderLock,
+            Some(AfterRelease::Barrier(_)) => ReleaseFor::Barrier,
+            _ => ReleaseFor::Lock,
+        };
+        let actions = self.release.release(release_for)?;
         self.protect_for_diffs(&actions)?;
         self.apply(actions, Carried::Nothing)
     }
@@ -170,6 +182,7 @@ impl Engine {
                 Ok(())
             }
             AfterRelease::Unlock { lock, ticket } => {
+                self.locks_held = self.locks_held.saturating_sub(1);
                 self.release_lock(lock, ticket);
                 Ok(())
             }
@@ -187,6 +200,7 @@ impl Engine {
                 // access reads what the homes hold now.
                 let actions = self.release.acquire()?;
                 self.apply_in_runs(actions)?;
+                self.locks_held += 1;
                 let _ = reply.send(Ok(ticket));
                 Ok(())
             }
@@ -242,7 +256,17 @@ impl Engine {
                 // barrier (`Action::BarrierDiffsIn`).
                 let mut pages: Vec<usize> = updates.iter().map(|(p, _)| *p as usize).collect();
                 pages.dedup();
-                let locked = lock_written.iter().map(|&p| p as usize);
+                let locked: Vec<usize> = lock_written.iter().map(|&p| p as usize).collect();
+                if let Some(page) = pages
+                    .iter()
+                    .chain(&locked)
+                    .copied()
+                    .find(|&p| !self.rc.contains(p))
+                {
+                    return Err(DsmError::Protocol(format!(
+                        "barrier {epoch}'s release names page {page}, which is not release-consistent"
+                    )));
+                }
                 let actions = self.release.barrier_released(epoch, pages, locked)?;
                 self.in_runs(|this| this.apply(actions, Carried::Updates(&updates)))
             }
