@@ -27,15 +27,20 @@
 //!   became dirty since the release;
 //! * barrier: the entry carries the diffs of every dirty copy and twinned
 //!   master copy (each protected again), and the pages its lock releases
-//!   wrote; once every rank entered, the release carries all of them to
-//!   every rank (by page, the home's diff first). Each rank writes the
-//!   diffs into the copies and master copies it holds (and their twins, so
-//!   they are not sent back), which stay mapped: no copy is dropped, no
-//!   page fetched again, and the pages written last step are writable at
-//!   once. Copies of pages written under a lock go (their homes have those
-//!   words). A rank's copy request carries the barriers whose release it
-//!   handled, and the home answers it once it handled them too; a fetch in
-//!   flight when its page's diffs arrive is asked again.
+//!   wrote ([`ReleaseFor::Barrier`]; while another thread of the rank holds
+//!   a lock, the copies' diffs go to their homes, acknowledged, instead:
+//!   [`ReleaseFor::BarrierUnderLock`]). Once every rank entered, rank 0
+//!   merges each page's diffs (the home's first, then the others' by rank)
+//!   and the release carries the merges to every rank (to a page's home,
+//!   the merge of the others'). Each rank writes them into the copies and
+//!   master copies it holds, and their twins, but for the words it changed
+//!   since the twin (later ones); the copies stay mapped: no copy is
+//!   dropped, no page fetched again, and the pages written last step are
+//!   writable at once. Copies of pages written under a lock go (their
+//!   homes have those words). A rank's copy request carries the barriers
+//!   whose release it handled, and the home answers it once it handled
+//!   them too; a fetch in flight when its page's diffs arrive is asked
+//!   again.
 //!
 //! What programs see: a data-race-free program (conflicting accesses of
 //! different ranks ordered by locks or barriers) sees sequential
