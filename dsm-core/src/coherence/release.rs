@@ -139,10 +139,11 @@ pub struct Release {
     held: BTreeSet<usize>,
     /// Pages with a twin (dirty copies), in page order.
     dirty: BTreeSet<usize>,
-    /// Pages whose diffs were sent or collected since the last lock
-    /// acquire: the next one asks their homes for them again at once (an
-    /// iterative program writes the same pages every step), one round trip
-    /// for all instead of one fault after another.
+    /// Pages whose diffs were sent or collected since the last barrier
+    /// passed or lock acquire: the next lock acquire asks their homes for
+    /// them again at once (an iterative program writes the same pages every
+    /// step), one round trip for all instead of one fault after another.
+    /// A barrier keeps the copies, so it starts the set again.
     written: BTreeSet<usize>,
     /// Clean copies dropped (by a lock's acquire, or as written under a
     /// lock at a barrier) and not asked for since (pages read in an
@@ -725,6 +726,9 @@ impl Release {
         actions.extend(applies);
         self.complete = epoch;
         self.passed = self.passed.max(epoch);
+        // The copies written before stay mapped and writable: a lock's
+        // acquire after this asks again only for pages written since.
+        self.written.clear();
         let deferred = std::mem::take(&mut self.deferred);
         for (to, page, barriers) in deferred {
             if barriers > epoch {
