@@ -52,9 +52,11 @@ pub struct Stats {
     pub pages_landed: AtomicU64,
     /// Read-only copies of pages homed elsewhere dropped to bound the cache.
     pub evictions_clean: AtomicU64,
-    /// Writable copies given back to their home to bound the cache.
+    /// Writable copies given back to their home to bound the cache (under
+    /// release consistency, their diffs sent).
     pub evictions_written_back: AtomicU64,
-    /// Bytes of those write-backs.
+    /// Bytes of those write-backs (whole pages; a release-consistent
+    /// copy's diff counts among the diffs sent).
     pub bytes_written_back: AtomicU64,
     /// Most bytes of pages homed elsewhere held at once.
     pub peak_cached_bytes: AtomicU64,
@@ -116,7 +118,8 @@ pub struct StatsSnapshot {
     pub pages_landed: u64,
     /// Read-only copies dropped to bound the cache.
     pub evictions_clean: u64,
-    /// Writable copies given back to their home to bound the cache.
+    /// Writable copies given back to their home to bound the cache (under
+    /// release consistency, their diffs sent).
     pub evictions_written_back: u64,
     /// Diffs of dirty copies sent to their homes (release consistency).
     #[serde(default)]

@@ -17,7 +17,9 @@
 //! (breadth first, deduplicated): any order of message deliveries between
 //! different pairs of ranks (in order within a pair), of program steps and
 //! of extra read faults a rank's other threads, or its read-ahead, could
-//! take at any moment (a fetch that may cross a barrier). Checked:
+//! take at any moment (a fetch that may cross a barrier), and of evictions
+//! a bounded cache could make at any moment (a dirty copy's diff sent,
+//! acknowledged, and the copy dropped). Checked:
 //! * the state machine never reports a protocol error;
 //! * a data-race-free program reads what sequential consistency gives: a
 //!   word this rank wrote since the last barrier reads its own last value,
@@ -150,6 +152,8 @@ struct World {
     lock: LockState,
     /// Extra read faults still allowed (bounds the state space).
     extra_faults_left: usize,
+    /// Evictions still allowed (bounds the state space).
+    evictions_left: usize,
     /// Writes made holding the lock, in the order made (the lock's order):
     /// page, word, value, and the writer's epoch (barriers it passed).
     lock_writes: Vec<(usize, usize, u64, usize)>,
@@ -167,6 +171,9 @@ struct Model {
     /// write is ordered with no barrier); no barrier.
     second: Vec<Vec<Op>>,
     extra_faults: usize,
+    /// Copies a rank may give up at any moment, as a bounded cache does
+    /// (`Release::evict`: a dirty one sends its diff first).
+    evictions: usize,
 }
 
 impl Model {
@@ -269,6 +276,7 @@ impl Model {
             releasing: vec![None; self.n],
             lock: LockState::default(),
             extra_faults_left: self.extra_faults,
+            evictions_left: self.evictions,
             lock_writes: Vec::new(),
         }
     }
@@ -866,6 +874,24 @@ impl Model {
                 }
             }
         }
+        // A bounded cache gives up a copy at any moment.
+        if w.evictions_left > 0 {
+            for rank in 0..n {
+                for page in (0..self.pages).filter(|&p| self.homes[p] != rank) {
+                    if w.mem[rank][page].is_none() {
+                        continue;
+                    }
+                    let mut s = w.clone();
+                    let actions = s.nodes[rank].evict(page);
+                    if actions.is_empty() {
+                        continue;
+                    }
+                    s.evictions_left -= 1;
+                    self.apply(&mut s, rank, actions, &M::CopyReq(0, 0))?;
+                    next.push(s);
+                }
+            }
+        }
         // Deliveries: the head of each link.
         for from in 0..n {
             for to in 0..n {
@@ -997,6 +1023,7 @@ fn two_writers_of_one_page_homed_at_a_third_rank_lose_no_word() {
         ],
         second: Vec::new(),
         extra_faults: 0,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 100, "{states} states");
@@ -1030,6 +1057,7 @@ fn the_home_writes_its_own_page_beside_a_remote_writer() {
         ],
         second: Vec::new(),
         extra_faults: 0,
+        evictions: 2,
     };
     model.run();
 }
@@ -1064,6 +1092,7 @@ fn fetches_by_other_threads_across_barriers_never_leave_stale_words() {
         ],
         second: Vec::new(),
         extra_faults: 2,
+        evictions: 0,
     };
     let states = model.run();
     assert!(states > 1000, "{states} states");
@@ -1093,6 +1122,7 @@ fn two_writers_read_each_other_s_words_after_a_barrier_their_home_lags_behind() 
         ],
         second: Vec::new(),
         extra_faults: 0,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 500, "{states} states");
@@ -1123,6 +1153,7 @@ fn copies_kept_across_barriers_take_the_home_s_own_writes() {
         ],
         second: Vec::new(),
         extra_faults: 1,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 1000, "{states} states");
@@ -1146,6 +1177,7 @@ fn a_page_asked_again_after_one_barrier_is_not_taken_for_the_next() {
         ],
         second: Vec::new(),
         extra_faults: 0,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 100, "{states} states");
@@ -1174,6 +1206,7 @@ fn a_lock_taken_after_a_rank_past_a_barrier_reads_that_barrier_s_writes() {
             vec![Lock, Read(0, 0), Unlock],
         ],
         extra_faults: 0,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 1000, "{states} states");
@@ -1196,6 +1229,7 @@ fn writes_released_by_an_unlock_reach_the_next_holder_and_the_next_barrier() {
         ],
         second: Vec::new(),
         extra_faults: 1,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 1000, "{states} states");
@@ -1227,6 +1261,7 @@ fn lock_ordered_writers_of_one_word_leave_the_last_one_s_value_across_a_barrier(
         ],
         second: Vec::new(),
         extra_faults: 1,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 200, "{states} states");
@@ -1255,6 +1290,7 @@ fn a_write_under_a_lock_during_a_barrier_survives_the_barrier_s_older_diff() {
             vec![Lock, Write(0, 0), Unlock],
         ],
         extra_faults: 0,
+        evictions: 2,
     };
     let states = model.run();
     assert!(states > 200, "{states} states");

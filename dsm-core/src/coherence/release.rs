@@ -161,6 +161,9 @@ pub struct Release {
     /// when its release was handled: dropped once released (acknowledged)
     /// before the barrier returns.
     drop_after_release: BTreeSet<usize>,
+    /// Dirty copies evicted whose diffs are not acknowledged yet
+    /// ([`Release::evict`]).
+    evicting: BTreeSet<usize>,
     releasing: Releasing,
     /// Barriers whose release this rank handled (what its copy requests
     /// carry), or that a lock's earlier holder had passed.
@@ -195,6 +198,7 @@ impl Release {
             masters: BTreeMap::new(),
             lock_written: BTreeSet::new(),
             drop_after_release: BTreeSet::new(),
+            evicting: BTreeSet::new(),
             releasing: Releasing::default(),
             passed: 0,
             complete: 0,
@@ -455,6 +459,7 @@ impl Release {
                         what: "an acknowledgement of a diff it was not sent",
                     });
                 }
+                self.evicting.remove(&(page as usize));
                 self.releasing.acks_due -= 1;
                 Ok(self.release_done())
             }
@@ -624,7 +629,7 @@ impl Release {
     /// one this rank writes every step (the next lock's acquire does not
     /// ask for it again).
     pub fn diff_empty(&mut self, page: usize, collected: bool) -> Actions {
-        let written = self.written.remove(&page);
+        let written = self.written.remove(&page) | self.evicting.remove(&page);
         if collected {
             return Ok(Vec::new());
         }
@@ -837,7 +842,9 @@ impl Release {
     /// it in flight, and no diff waiting for its acknowledgement (which
     /// names a page whose home is about to be forgotten).
     pub fn free_ready(&self, page: usize) -> bool {
-        !self.releasing.waiting && !matches!(self.copy_of(page), Some(RcCopy::Fetching { .. }))
+        !self.releasing.waiting
+            && self.evicting.is_empty()
+            && !matches!(self.copy_of(page), Some(RcCopy::Fetching { .. }))
     }
 
     /// A collective free's first step: this rank's copy of `page` goes,
@@ -869,14 +876,36 @@ impl Release {
         self.masters.remove(&page);
     }
 
-    /// Drops a clean copy to make room (a bounded cache). `None`, and
-    /// nothing done, for a copy that is dirty, being fetched, or absent.
-    pub fn evict(&mut self, page: usize) -> Option<Action> {
-        if self.copy_of(page) != Some(RcCopy::Clean) {
-            return None;
+    /// Gives up a copy to make room (a bounded cache). A clean copy is
+    /// dropped. A dirty one is released alone, as a lock's release would:
+    /// its diff goes to its home, acknowledged (the caller write-protects
+    /// the page first, as for any [`Action::SendDiff`]), the copy is
+    /// dropped at once, and the next barrier entry names the page among
+    /// those written under a lock (the other ranks' copies of it go at that
+    /// barrier). A later fetch of the page reaches the home after the diff
+    /// (one link, in order); a release waits for the acknowledgement like
+    /// its own. Nothing, and no change, for a copy being fetched or absent.
+    pub fn evict(&mut self, page: usize) -> Vec<Action> {
+        match self.copy_of(page) {
+            Some(RcCopy::Clean) => {
+                self.set(page, RcCopy::Invalid);
+                vec![Action::DropPage { page }]
+            }
+            Some(RcCopy::Dirty) => {
+                self.set(page, RcCopy::Invalid);
+                self.lock_written.insert(page);
+                self.evicting.insert(page);
+                self.releasing.acks_due += 1;
+                vec![
+                    Action::SendDiff {
+                        to: self.home_of(page),
+                        page,
+                    },
+                    Action::DropPage { page },
+                ]
+            }
+            _ => Vec::new(),
         }
-        self.set(page, RcCopy::Invalid);
-        Some(Action::DropPage { page })
     }
 }
 
@@ -1238,6 +1267,46 @@ mod tests {
         // Passing an older barrier later does not lower it.
         node.barrier_released(2, [], []).unwrap();
         assert_eq!(node.barriers_passed(), 3);
+    }
+
+    #[test]
+    fn an_evicted_dirty_copy_sends_its_diff_and_the_next_release_waits_for_it() {
+        // Page 0 is homed at rank 0; rank 1 writes it, then its cache
+        // gives it up.
+        let mut a = Release::new(1, 2, 8);
+        a.on_fault(0, true).unwrap();
+        a.on_message(0, &grant(0)).unwrap();
+        assert_eq!(a.copy_of(0), Some(RcCopy::Dirty));
+        assert_eq!(
+            a.evict(0),
+            vec![
+                Action::SendDiff { to: 0, page: 0 },
+                Action::DropPage { page: 0 }
+            ]
+        );
+        assert_eq!(a.copy_of(0), Some(RcCopy::Invalid));
+        assert_eq!(a.held(), 0);
+        assert!(!a.quiescent());
+        assert!(!a.free_ready(0), "a free waits for the acknowledgement");
+        // A barrier's release waits for it, and its entry names the page.
+        assert_eq!(a.release(ReleaseFor::Barrier).unwrap(), Vec::new());
+        assert_eq!(
+            a.on_message(0, &Msg::DiffAck { page: 0 }).unwrap(),
+            vec![Action::Released]
+        );
+        assert_eq!(a.take_lock_written(), vec![0]);
+        assert!(a.quiescent());
+        // An unwritten dirty copy's diff is empty: nothing to wait for.
+        a.on_fault(2, true).unwrap();
+        a.on_message(0, &grant(2)).unwrap();
+        assert_eq!(a.evict(2).len(), 2);
+        assert_eq!(a.diff_empty(2, false).unwrap(), Vec::new());
+        assert!(a.quiescent());
+        assert!(a.take_lock_written().is_empty());
+        // Nothing else goes: no copy, or one on its way.
+        assert!(a.evict(2).is_empty());
+        a.on_fault(4, false).unwrap();
+        assert!(a.evict(4).is_empty());
     }
 
     #[test]

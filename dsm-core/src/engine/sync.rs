@@ -133,7 +133,7 @@ impl Engine {
     /// Write-protects the pages whose diffs `actions` send, before any is
     /// compared with its twin (a store meanwhile waits in a fault): one
     /// system call per run of consecutive pages.
-    fn protect_for_diffs(&self, actions: &[Action]) -> Result<(), DsmError> {
+    pub(super) fn protect_for_diffs(&self, actions: &[Action]) -> Result<(), DsmError> {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
         for action in actions {
             let (Action::SendDiff { page, .. } | Action::CollectDiff { page }) = *action else {
