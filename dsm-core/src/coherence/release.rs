@@ -162,8 +162,18 @@ pub struct Release {
     /// before the barrier returns.
     drop_after_release: BTreeSet<usize>,
     /// Dirty copies evicted whose diffs are not acknowledged yet
-    /// ([`Release::evict`]).
+    /// ([`Release::evict`]): at most one a page (its next grant comes after
+    /// the acknowledgement, on the same link).
     evicting: BTreeSet<usize>,
+    /// Pages the diffs being sent added to `lock_written` (a page may be
+    /// there already from an earlier release of the interval): an empty
+    /// diff takes out only those.
+    lock_written_now: BTreeSet<usize>,
+    /// Between this rank's barrier entry and its handling of that
+    /// barrier's release: its entry may carry a diff of a dirty copy, and
+    /// a later diff of the same page sent to the home now would go under
+    /// that older one in the merge.
+    in_barrier: bool,
     releasing: Releasing,
     /// Barriers whose release this rank handled (what its copy requests
     /// carry), or that a lock's earlier holder had passed.
@@ -199,6 +209,8 @@ impl Release {
             lock_written: BTreeSet::new(),
             drop_after_release: BTreeSet::new(),
             evicting: BTreeSet::new(),
+            lock_written_now: BTreeSet::new(),
+            in_barrier: false,
             releasing: Releasing::default(),
             passed: 0,
             complete: 0,
@@ -460,6 +472,7 @@ impl Release {
                     });
                 }
                 self.evicting.remove(&(page as usize));
+                self.lock_written_now.remove(&(page as usize));
                 self.releasing.acks_due -= 1;
                 Ok(self.release_done())
             }
@@ -595,10 +608,16 @@ impl Release {
             self.written.insert(page);
         }
         let mut collected = BTreeSet::new();
+        self.in_barrier = release_for != ReleaseFor::Lock;
+        self.lock_written_now.clear();
         if release_for == ReleaseFor::Barrier {
             collected = dirty;
         } else {
-            self.lock_written.extend(dirty.iter().copied());
+            for &page in &dirty {
+                if self.lock_written.insert(page) {
+                    self.lock_written_now.insert(page);
+                }
+            }
             actions.extend(dirty.into_iter().map(|page| Action::SendDiff {
                 to: self.home_of(page),
                 page,
@@ -640,7 +659,9 @@ impl Release {
                 what: "an empty diff it did not send",
             });
         }
-        self.lock_written.remove(&page);
+        if self.lock_written_now.remove(&page) {
+            self.lock_written.remove(&page);
+        }
         self.releasing.acks_due -= 1;
         Ok(self.release_done())
     }
@@ -648,6 +669,7 @@ impl Release {
     /// The pages whose diffs this rank's lock releases sent since its last
     /// barrier entry, for the entry being sent (none left after).
     pub fn take_lock_written(&mut self) -> Vec<usize> {
+        self.lock_written_now.clear();
         std::mem::take(&mut self.lock_written).into_iter().collect()
     }
 
@@ -677,6 +699,7 @@ impl Release {
                 what: "a barrier released twice, or before the one before it",
             });
         }
+        self.in_barrier = false;
         let mut drops = Vec::new();
         for page in lock_written {
             self.check(page)?;
@@ -843,7 +866,7 @@ impl Release {
     /// names a page whose home is about to be forgotten).
     pub fn free_ready(&self, page: usize) -> bool {
         !self.releasing.waiting
-            && self.evicting.is_empty()
+            && !self.evicting.contains(&page)
             && !matches!(self.copy_of(page), Some(RcCopy::Fetching { .. }))
     }
 
@@ -853,6 +876,7 @@ impl Release {
         self.written.remove(&page);
         self.dropped.remove(page);
         self.lock_written.remove(&page);
+        self.lock_written_now.remove(&page);
         self.drop_after_release.remove(&page);
         // A master's twin goes with the copies' (the engine drops them all):
         // writable and untracked again, its home's writes to freed memory
@@ -884,16 +908,24 @@ impl Release {
     /// those written under a lock (the other ranks' copies of it go at that
     /// barrier). A later fetch of the page reaches the home after the diff
     /// (one link, in order); a release waits for the acknowledgement like
-    /// its own. Nothing, and no change, for a copy being fetched or absent.
+    /// its own. Nothing, and no change, for a copy being fetched or absent,
+    /// and for a dirty one while a release waits (which then waits only
+    /// for the evictions before it: a thread streaming stores cannot hold
+    /// it back) or between this rank's barrier entry and its release (the
+    /// entry may carry an older diff of the page, which the merge would
+    /// put over this one at the home).
     pub fn evict(&mut self, page: usize) -> Vec<Action> {
         match self.copy_of(page) {
             Some(RcCopy::Clean) => {
                 self.set(page, RcCopy::Invalid);
                 vec![Action::DropPage { page }]
             }
-            Some(RcCopy::Dirty) => {
+            Some(RcCopy::Dirty) if !self.releasing.waiting && !self.in_barrier => {
                 self.set(page, RcCopy::Invalid);
-                self.lock_written.insert(page);
+                self.lock_written_now.clear();
+                if self.lock_written.insert(page) {
+                    self.lock_written_now.insert(page);
+                }
                 self.evicting.insert(page);
                 self.releasing.acks_due += 1;
                 vec![
@@ -1296,15 +1328,38 @@ mod tests {
         );
         assert_eq!(a.take_lock_written(), vec![0]);
         assert!(a.quiescent());
-        // An unwritten dirty copy's diff is empty: nothing to wait for.
+        // Between the entry and the barrier's release a dirty copy stays:
+        // the entry may carry an older diff of it.
         a.on_fault(2, true).unwrap();
         a.on_message(0, &grant(2)).unwrap();
+        assert!(a.evict(2).is_empty());
+        assert_eq!(
+            a.barrier_released(1, Vec::new(), Vec::new()).unwrap(),
+            vec![Action::BarrierDiffsIn { epoch: 1 }]
+        );
+        // An unwritten dirty copy's diff is empty: nothing to wait for.
         assert_eq!(a.evict(2).len(), 2);
         assert_eq!(a.diff_empty(2, false).unwrap(), Vec::new());
         assert!(a.quiescent());
         assert!(a.take_lock_written().is_empty());
-        // Nothing else goes: no copy, or one on its way.
+        // While a release waits, a dirty copy stays: the release waits only
+        // for the evictions before it.
+        a.on_fault(6, true).unwrap();
+        a.on_message(0, &grant(6)).unwrap();
+        a.on_fault(0, true).unwrap();
+        a.on_message(0, &grant(0)).unwrap();
+        assert_eq!(
+            a.release(ReleaseFor::Lock).unwrap(),
+            vec![
+                Action::SendDiff { to: 0, page: 0 },
+                Action::SendDiff { to: 0, page: 6 }
+            ]
+        );
+        a.on_fault(2, true).unwrap();
+        a.on_message(0, &grant(2)).unwrap();
         assert!(a.evict(2).is_empty());
+        // Nothing else goes: no copy, or one on its way.
+        assert!(a.evict(4).is_empty());
         a.on_fault(4, false).unwrap();
         assert!(a.evict(4).is_empty());
     }

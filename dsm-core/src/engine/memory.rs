@@ -130,19 +130,23 @@ impl Engine {
             if self.rc.contains(page) {
                 // Release consistency: a clean copy goes without a word (its
                 // home keeps no directory); a dirty one sends its diff to its
-                // home first (`Release::evict`); a fetch waits for its grant.
+                // home first (`Release::evict`), unless a release or a
+                // barrier is under way; a fetch waits for its grant.
                 let stat = match self.release.copy_of(page) {
                     Some(RcCopy::Invalid) | None => continue,
                     Some(RcCopy::Clean) => &self.stats.evictions_clean,
                     Some(RcCopy::Dirty) => &self.stats.evictions_written_back,
-                    Some(RcCopy::Fetching { .. }) => {
-                        self.cache.installed(page);
-                        passed += 1;
-                        continue;
-                    }
+                    Some(RcCopy::Fetching { .. }) => &self.stats.evictions_clean,
                 };
-                Stats::add(stat, 1);
                 let actions = self.release.evict(page);
+                if actions.is_empty() {
+                    // Fetched, or dirty while a release or a barrier is
+                    // under way: not now.
+                    self.cache.installed(page);
+                    passed += 1;
+                    continue;
+                }
+                Stats::add(stat, 1);
                 self.protect_for_diffs(&actions)?;
                 self.apply(actions, Carried::Nothing)?;
                 continue;
