@@ -100,7 +100,7 @@ fn group(c: &mut Criterion, protocol: Protocol, tag: &str) {
         });
         let after = writer.stats();
         println!(
-            "{suite}/{name}: rank 1: {} write faults, {} copies written back, {} diffs sent",
+            "{suite}/{name}: rank 1: {} write faults, {} copies given back (evicted, or at the free), {} diffs sent",
             after.write_faults - before.write_faults,
             after.evictions_written_back - before.evictions_written_back,
             after.diffs_sent - before.diffs_sent,
