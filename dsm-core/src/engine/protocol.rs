@@ -9,6 +9,7 @@ use super::{page_of, Engine, Node};
 use crate::coherence::{twin, Action};
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
+use crate::fault::Installed;
 use crate::outbox::PageSource;
 use crate::proto::{Msg, PageData, PageDiffs, Payload};
 use crate::stats::Stats;
@@ -581,10 +582,19 @@ impl Engine {
                     self.twins.insert(page, twin);
                 }
                 Action::InstallTwinned { page } => {
+                    // A drop of the page staged earlier is done first.
+                    self.run_staged()?;
                     let data = carried_page(current, &self.zero_page, page)?;
                     let twin = twin::take_twin(data, self.spare_twins.pop())?;
                     self.twins.insert(page, twin);
-                    self.faults.install(page, data)?;
+                    if self.faults.install(page, data)? == Installed::AlreadyPresent {
+                        // The mapped bytes are not the grant's, so its twin
+                        // would make their diff wrong: never by the
+                        // protocol, and never silently.
+                        return Err(DsmError::Protocol(format!(
+                            "page {page} granted writable with a twin while already mapped"
+                        )));
+                    }
                 }
                 Action::SendDiff { to, page } => self.send_diff(Some(to), page)?,
                 Action::CollectDiff { page } => self.send_diff(None, page)?,
