@@ -607,24 +607,22 @@ impl Release {
             }
             self.written.insert(page);
         }
-        let mut collected = BTreeSet::new();
-        self.in_barrier = release_for != ReleaseFor::Lock;
-        self.lock_written_now.clear();
-        if release_for == ReleaseFor::Barrier {
-            collected = dirty;
-        } else {
-            for &page in &dirty {
-                if self.lock_written.insert(page) {
-                    self.lock_written_now.insert(page);
-                }
-            }
-            actions.extend(dirty.into_iter().map(|page| Action::SendDiff {
-                to: self.home_of(page),
-                page,
-            }));
-            self.releasing.acks_due += actions.len();
-        }
+        // Only the barrier's release ends `in_barrier`: a lock's release
+        // in between (another thread's) leaves it set.
         if release_for != ReleaseFor::Lock {
+            self.in_barrier = true;
+        }
+        self.lock_written_now.clear();
+        let (collected, sent) = if release_for == ReleaseFor::Barrier {
+            (dirty, BTreeSet::new())
+        } else {
+            (BTreeSet::new(), dirty)
+        };
+        // The collected diffs come first: the last sent one, if empty,
+        // completes the release at once, and the entry then leaves
+        // (`Action::Released`); it must carry them.
+        if release_for != ReleaseFor::Lock {
+            let mut collected = collected;
             for (&page, master) in self.masters.iter_mut() {
                 if *master == Master::Twinned {
                     *master = Master::Protected;
@@ -637,6 +635,16 @@ impl Release {
                     .map(|page| Action::CollectDiff { page }),
             );
         }
+        for &page in &sent {
+            if self.lock_written.insert(page) {
+                self.lock_written_now.insert(page);
+            }
+        }
+        self.releasing.acks_due += sent.len();
+        actions.extend(sent.into_iter().map(|page| Action::SendDiff {
+            to: self.home_of(page),
+            page,
+        }));
         self.releasing.waiting = true;
         actions.extend(self.release_done());
         Ok(actions)
@@ -1362,6 +1370,41 @@ mod tests {
         assert!(a.evict(4).is_empty());
         a.on_fault(4, false).unwrap();
         assert!(a.evict(4).is_empty());
+    }
+
+    #[test]
+    fn an_entry_under_a_lock_collects_the_masters_before_an_empty_diff_completes_it() {
+        // Rank 0 is home of page 0 (granted once, then written: twinned)
+        // and holds a writable copy of page 1, homed at rank 1.
+        let mut a = Release::new(0, 2, 2);
+        a.on_fault(0, true).unwrap();
+        let ask = Msg::CopyReq {
+            page: 0,
+            barriers: 0,
+        };
+        a.on_message(1, &ask).unwrap();
+        a.on_fault(0, true).unwrap();
+        a.on_fault(1, true).unwrap();
+        a.on_message(1, &grant(1)).unwrap();
+        // Another thread holds a lock: the copy's diff goes home, the
+        // master's is collected, first.
+        assert_eq!(
+            a.release(ReleaseFor::BarrierUnderLock).unwrap(),
+            vec![
+                Action::CollectDiff { page: 0 },
+                Action::SendDiff { to: 1, page: 1 }
+            ]
+        );
+        // The copy was not written: its empty diff completes the release,
+        // after the master's diff was collected.
+        assert_eq!(a.diff_empty(1, false).unwrap(), vec![Action::Released]);
+        // A lock's release during the barrier leaves the barrier's window
+        // open: a dirty copy is not evicted until its release is handled.
+        assert_eq!(a.release(ReleaseFor::Lock).unwrap(), vec![Action::Released]);
+        a.on_fault(1, true).unwrap();
+        assert!(a.evict(1).is_empty());
+        a.barrier_released(1, Vec::new(), Vec::new()).unwrap();
+        assert_eq!(a.evict(1).len(), 2);
     }
 
     #[test]

@@ -582,8 +582,6 @@ impl Engine {
                     self.twins.insert(page, twin);
                 }
                 Action::InstallTwinned { page } => {
-                    // A drop of the page staged earlier is done first.
-                    self.run_staged()?;
                     let data = carried_page(current, &self.zero_page, page)?;
                     let twin = twin::take_twin(data, self.spare_twins.pop())?;
                     self.twins.insert(page, twin);
