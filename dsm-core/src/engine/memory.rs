@@ -133,10 +133,9 @@ impl Engine {
                 // home first (`Release::evict`), unless a release or a
                 // barrier is under way; a fetch waits for its grant.
                 let stat = match self.release.copy_of(page) {
-                    Some(RcCopy::Invalid) | None => continue,
-                    Some(RcCopy::Clean) => &self.stats.evictions_clean,
+                    Some(RcCopy::Invalid) | None => continue, // lost since
                     Some(RcCopy::Dirty) => &self.stats.evictions_written_back,
-                    Some(RcCopy::Fetching { .. }) => &self.stats.evictions_clean,
+                    Some(_) => &self.stats.evictions_clean,
                 };
                 let actions = self.release.evict(page);
                 if actions.is_empty() {
