@@ -613,7 +613,7 @@ impl Release {
             self.in_barrier = true;
         }
         self.lock_written_now.clear();
-        let (collected, sent) = if release_for == ReleaseFor::Barrier {
+        let (mut collected, sent) = if release_for == ReleaseFor::Barrier {
             (dirty, BTreeSet::new())
         } else {
             (BTreeSet::new(), dirty)
@@ -622,7 +622,6 @@ impl Release {
         // completes the release at once, and the entry then leaves
         // (`Action::Released`); it must carry them.
         if release_for != ReleaseFor::Lock {
-            let mut collected = collected;
             for (&page, master) in self.masters.iter_mut() {
                 if *master == Master::Twinned {
                     *master = Master::Protected;
@@ -636,9 +635,7 @@ impl Release {
             );
         }
         for &page in &sent {
-            if self.lock_written.insert(page) {
-                self.lock_written_now.insert(page);
-            }
+            self.name_lock_written(page);
         }
         self.releasing.acks_due += sent.len();
         actions.extend(sent.into_iter().map(|page| Action::SendDiff {
@@ -672,6 +669,15 @@ impl Release {
         }
         self.releasing.acks_due -= 1;
         Ok(self.release_done())
+    }
+
+    /// `page`'s diff is being sent to its home: the next entry names it
+    /// (`lock_written`), and an empty diff takes it out again only if this
+    /// one put it there (`lock_written_now`).
+    fn name_lock_written(&mut self, page: usize) {
+        if self.lock_written.insert(page) {
+            self.lock_written_now.insert(page);
+        }
     }
 
     /// The pages whose diffs this rank's lock releases sent since its last
@@ -931,9 +937,7 @@ impl Release {
             Some(RcCopy::Dirty) if !self.releasing.waiting && !self.in_barrier => {
                 self.set(page, RcCopy::Invalid);
                 self.lock_written_now.clear();
-                if self.lock_written.insert(page) {
-                    self.lock_written_now.insert(page);
-                }
+                self.name_lock_written(page);
                 self.evicting.insert(page);
                 self.releasing.acks_due += 1;
                 vec![
