@@ -6,6 +6,7 @@
 //! job-secret [`auth`] handshake.
 
 pub mod auth;
+pub mod board;
 pub mod bootstrap;
 pub mod coherence;
 pub mod config;

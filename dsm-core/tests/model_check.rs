@@ -43,6 +43,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use dsm_core::board::word;
 use dsm_core::coherence::mrsw::{Copy, Mrsw};
 use dsm_core::coherence::{Action, ProtocolCounters};
 use dsm_core::proto::{Msg, Payload};
@@ -76,6 +77,22 @@ enum M {
 }
 
 impl M {
+    /// The page a protocol message is about (`None` for the free's notices).
+    fn page(&self) -> Option<usize> {
+        match *self {
+            M::ReadReq(p)
+            | M::WriteReq(p)
+            | M::Invalidate(p)
+            | M::InvalidateAck(p)
+            | M::Recall(p, _)
+            | M::WriteBack(p, _)
+            | M::Evicted(p)
+            | M::EvictedWriteBack(p, _)
+            | M::Grant(p, _, _) => Some(p),
+            M::Freed | M::Reset => None,
+        }
+    }
+
     fn from_msg(msg: &Msg, value: Option<u64>) -> M {
         match msg {
             Msg::ReadReq { page } => M::ReadReq(*page as usize),
@@ -175,6 +192,11 @@ struct World {
     /// Pushes still allowed (`Mrsw::push`, bounded as evictions are).
     pushes_left: usize,
     freeing: Vec<Freeing>,
+    /// Each page's word on its home's board (`dsm_core::board::word`).
+    board: Vec<u64>,
+    /// A rank's direct read under way: the page and the word it joined
+    /// (its engine's lock is held: nothing else happens at that rank).
+    direct: Vec<Option<(usize, u64)>>,
 }
 
 struct Model {
@@ -192,6 +214,12 @@ struct Model {
     pushes: usize,
     /// First touches populate ahead, as the engine does by default.
     populate: bool,
+    /// Every rank is co-located with every home: a read fault copies a
+    /// page its home publishes from the home's frame (`dsm_core::board`).
+    direct: bool,
+    /// Direct reads that installed their copy, and that gave up, in any
+    /// state explored.
+    direct_outcomes: std::cell::Cell<(usize, usize)>,
     /// The longest run of pages a first touch took in any state explored.
     longest_populated: std::cell::Cell<usize>,
 }
@@ -225,7 +253,81 @@ impl Model {
                 };
                 self.n
             ],
+            board: vec![0; self.pages],
+            direct: vec![None; self.n],
         }
+    }
+
+    /// Before a step of `page`'s home on it: the board retracted, the
+    /// readers that joined counted.
+    fn retract(&self, s: &mut World, page: usize) -> Result<(), String> {
+        if !self.direct {
+            return Ok(());
+        }
+        let joiners = word::joiners(s.board[page]);
+        s.board[page] = word::retracted(s.board[page]);
+        let ranks: Vec<usize> = (0..self.n).filter(|r| joiners & (1 << r) != 0).collect();
+        if ranks.is_empty() {
+            return Ok(());
+        }
+        let home = s.nodes[0].home_of(page);
+        s.nodes[home]
+            .add_direct_readers(page, &ranks)
+            .map_err(|e| format!("home {home} adding direct readers {ranks:?} of page {page}: {e}"))
+    }
+
+    /// After a step of `page`'s home on it: published again if the state
+    /// allows (the home's copy mapped, read-only, current).
+    fn publish(&self, s: &mut World, page: usize) {
+        if !self.direct {
+            return;
+        }
+        let home = s.nodes[0].home_of(page);
+        if let (Some(readers), Some(_)) = (s.nodes[home].direct_readable(page), s.mem[home][page]) {
+            let members = readers.iter().fold(0u64, |m, r| m | 1 << r);
+            s.board[page] = word::published(s.board[page], members);
+        }
+    }
+
+    /// The end of `rank`'s direct read of `page` (joined at `joined`): the
+    /// copy from the home's frame installed, or, if the home retracted the
+    /// page meanwhile, given up (the home counts the rank).
+    fn direct_finish(
+        &self,
+        w: &World,
+        rank: usize,
+        page: usize,
+        joined: u64,
+    ) -> Result<World, String> {
+        let mut s = w.clone();
+        s.direct[rank] = None;
+        let now = s.time[rank];
+        let home = s.nodes[rank].home_of(page);
+        if word::still(s.board[page], joined) {
+            let value = s.mem[home][page].ok_or(format!(
+                "rank {rank} reads page {page} from home {home}'s frame, which does not map it"
+            ))?;
+            s.nodes[rank]
+                .took_direct_copy(page, now)
+                .map_err(|e| e.to_string())?;
+            if s.mem[rank][page].is_some() {
+                return Err(format!(
+                    "rank {rank} copies page {page} over a present copy"
+                ));
+            }
+            s.mem[rank][page] = Some(value);
+            self.apply(&mut s, rank, Vec::new(), None)?;
+            let (copied, failed) = self.direct_outcomes.get();
+            self.direct_outcomes.set((copied + 1, failed));
+        } else {
+            let actions = s.nodes[rank]
+                .direct_read_failed(page, now)
+                .map_err(|e| e.to_string())?;
+            self.apply(&mut s, rank, actions, None)?;
+            let (copied, failed) = self.direct_outcomes.get();
+            self.direct_outcomes.set((copied, failed + 1));
+        }
+        Ok(s)
     }
 
     /// Carries out `actions` of `rank`; `value` is the page value of the
@@ -326,6 +428,10 @@ impl Model {
     fn successors(&self, w: &World) -> Result<Vec<World>, String> {
         let mut next = Vec::new();
         for rank in 0..self.n {
+            if let Some((page, joined)) = w.direct[rank] {
+                next.push(self.direct_finish(w, rank, page, joined)?);
+                continue;
+            }
             // A program step: perform the op if the copy allows it, else fault.
             let op = self.programs[rank].get(w.pc[rank]).copied();
             if op == Some(Op::Free) {
@@ -358,6 +464,16 @@ impl Model {
                         ));
                     }
                     s.pc[rank] += 1;
+                    next.push(s);
+                } else if let Some(joined) =
+                    (self.direct && !write && s.nodes[rank].may_read_directly(page))
+                        .then(|| word::joined(s.board[page], rank))
+                        .flatten()
+                {
+                    // As the engine does: a page its home publishes is
+                    // copied from the home's frame (joined, copied, checked).
+                    s.board[page] = joined;
+                    s.direct[rank] = Some((page, joined));
                     next.push(s);
                 } else {
                     // As the engine does: a first touch takes the page, and
@@ -417,12 +533,14 @@ impl Model {
             for page in (0..self.pages).filter(|_| may_push) {
                 for to in (0..self.n).filter(|to| *to != rank) {
                     let mut s = w.clone();
+                    self.retract(&mut s, page)?;
                     let actions = s.nodes[rank].push(page, to).map_err(|e| e.to_string())?;
                     if actions.is_empty() {
                         continue;
                     }
                     s.pushes_left -= 1;
                     self.apply(&mut s, rank, actions, None)?;
+                    self.publish(&mut s, page);
                     next.push(s);
                 }
             }
@@ -452,6 +570,9 @@ impl Model {
                 continue;
             }
             let (from, to) = (link / self.n, link % self.n);
+            if w.direct[to].is_some() {
+                continue;
+            }
             let mut s = w.clone();
             let m = s.links[link].pop_front().ok_or("empty link")?;
             let Some((msg, value)) = m.to_msg() else {
@@ -460,10 +581,18 @@ impl Model {
                 continue;
             };
             let now = s.time[to];
+            // A step of the page's home: retracted first, published after.
+            let home_step = m.page().filter(|p| s.nodes[to].home_of(*p) == to);
+            if let Some(page) = home_step {
+                self.retract(&mut s, page)?;
+            }
             let actions = s.nodes[to]
                 .on_message(from, &msg, now)
                 .map_err(|e| format!("rank {to} handling {m:?} from rank {from}: {e}"))?;
             self.apply(&mut s, to, actions, value)?;
+            if let Some(page) = home_step {
+                self.publish(&mut s, page);
+            }
             next.push(s);
         }
         Ok(next)
@@ -504,10 +633,16 @@ impl Model {
         let homed: Vec<usize> = (0..self.pages)
             .filter(|p| w.nodes[rank].home_of(*p) == rank)
             .collect();
-        if f.reset || f.freed_heard < self.n || !homed.iter().all(|p| w.nodes[rank].home_idle(*p)) {
+        if f.reset || f.freed_heard < self.n {
             return Ok(None);
         }
         let mut s = w.clone();
+        for &page in &homed {
+            self.retract(&mut s, page)?;
+        }
+        if !homed.iter().all(|p| s.nodes[rank].home_idle(*p)) {
+            return Ok(None);
+        }
         for page in homed {
             for other in (0..self.n).filter(|r| *r != rank) {
                 if s.mem[other][page].is_some() {
@@ -561,6 +696,25 @@ impl Model {
         Ok(())
     }
 
+    /// Only the equality of board versions matters: numbered afresh, the
+    /// board's own first, so that equivalent states are one.
+    fn number_versions(&self, w: &mut World) {
+        for page in 0..self.pages {
+            let mut seen = vec![word::version(w.board[page])];
+            let mut number = |v: u64| match seen.iter().position(|s| *s == v) {
+                Some(at) => at as u64,
+                None => {
+                    seen.push(v);
+                    seen.len() as u64 - 1
+                }
+            };
+            w.board[page] = word::with_version(w.board[page], number(word::version(w.board[page])));
+            for d in w.direct.iter_mut().flatten().filter(|d| d.0 == page) {
+                d.1 = word::with_version(d.1, number(word::version(d.1)));
+            }
+        }
+    }
+
     fn explore(&self, hold: u64) -> usize {
         let start = self.initial(hold);
         let mut seen: HashSet<World> = HashSet::from([start.clone()]);
@@ -578,7 +732,8 @@ impl Model {
                     w.nodes.iter().all(Mrsw::quiescent) && w.links.iter().all(VecDeque::is_empty);
                 assert!(done && quiet, "deadlock or lost request: {w:#?}");
             }
-            for s in next {
+            for mut s in next {
+                self.number_versions(&mut s);
                 if seen.insert(s.clone()) {
                     frontier.push_back(s);
                 }
@@ -598,6 +753,8 @@ fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
         evictions: 0,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -617,6 +774,8 @@ fn check_programs_evicting(
         evictions,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -638,16 +797,18 @@ fn check_programs_pushing(
         evictions,
         pushes,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
 }
 
 fn check_model(model: Model) {
-    check_model_populating(model);
+    check_model_populating(&model);
 }
 
 /// Explores `model`; returns the longest run of pages a first touch took.
-fn check_model_populating(model: Model) -> usize {
+fn check_model_populating(model: &Model) -> usize {
     let pages = model.pages;
     for hold in [0, 1] {
         let states = model.explore(hold);
@@ -691,6 +852,8 @@ fn three_ranks_two_pages_writers_and_readers_cross_every_fault_asking_the_home()
         evictions: 0,
         pushes: 0,
         populate: false,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -751,6 +914,8 @@ fn runs_lost_together_are_asked_back_together() {
         evictions: 0,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -835,6 +1000,8 @@ fn a_free_of_pages_homed_at_one_rank_crosses_its_transactions() {
         evictions: 0,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -849,7 +1016,7 @@ fn a_home_first_touching_its_pages_while_others_write_and_read_them() {
         vec![Read(1), Write(0)],
         vec![Write(1), Read(0)],
     ];
-    let longest = check_model_populating(Model {
+    let longest = check_model_populating(&Model {
         n: programs.len(),
         pages: 2,
         programs,
@@ -857,6 +1024,8 @@ fn a_home_first_touching_its_pages_while_others_write_and_read_them() {
         evictions: 0,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -871,7 +1040,7 @@ fn a_home_first_reading_its_pages_while_others_write_and_read_them() {
         vec![Write(0), Read(1)],
         vec![Read(1), Write(0)],
     ];
-    let longest = check_model_populating(Model {
+    let longest = check_model_populating(&Model {
         n: programs.len(),
         pages: 2,
         programs,
@@ -879,6 +1048,8 @@ fn a_home_first_reading_its_pages_while_others_write_and_read_them() {
         evictions: 1,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -893,7 +1064,7 @@ fn a_home_first_touches_its_pages_again_after_a_free() {
         vec![Read(1), Write(0), Free, Read(1)],
         vec![Free, Write(0)],
     ];
-    let longest = check_model_populating(Model {
+    let longest = check_model_populating(&Model {
         n: programs.len(),
         pages: 2,
         programs,
@@ -901,6 +1072,8 @@ fn a_home_first_touches_its_pages_again_after_a_free() {
         evictions: 0,
         pushes: 0,
         populate: true,
+        direct: false,
+        direct_outcomes: Default::default(),
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -972,5 +1145,99 @@ fn pushed_copies_cross_a_free() {
         Some(0),
         0,
         2,
+    );
+}
+
+/// Every rank co-located with every home: read faults copy published
+/// pages from the home's frame (with `evictions` and `pushes` anywhere).
+fn check_programs_reading_directly(
+    programs: Vec<Vec<Op>>,
+    pages: usize,
+    home: Option<usize>,
+    evictions: usize,
+    pushes: usize,
+) {
+    let model = Model {
+        n: programs.len(),
+        pages,
+        programs,
+        home,
+        evictions,
+        pushes,
+        populate: true,
+        direct: true,
+        direct_outcomes: Default::default(),
+        longest_populated: Default::default(),
+    };
+    check_model_populating(&model);
+    let (copied, failed) = model.direct_outcomes.get();
+    eprintln!("direct reads: {copied} copied, {failed} given up");
+    assert!(
+        copied > 0 && failed > 0,
+        "both outcomes of a direct read are explored"
+    );
+}
+
+#[test]
+fn direct_reads_cross_the_home_s_writes_and_evictions() {
+    // Rank 1's read downgrades the home's copy, which the home then
+    // publishes; the others copy it from the home's frame while the home
+    // writes it again, and evict what they copied.
+    check_programs_reading_directly(
+        vec![
+            vec![Write(0), Read(0), Write(0)],
+            vec![Read(0), Read(0), Write(0)],
+            vec![Read(0), Read(0)],
+        ],
+        1,
+        Some(0),
+        2,
+        0,
+    );
+}
+
+#[test]
+fn direct_reads_among_writers_and_readers_of_two_pages() {
+    check_programs_reading_directly(
+        vec![
+            vec![Write(0), Read(1)],
+            vec![Write(1), Read(0), Read(1)],
+            vec![Read(0), Write(0), Read(1)],
+        ],
+        2,
+        None,
+        1,
+        0,
+    );
+}
+
+#[test]
+fn direct_reads_cross_pushes() {
+    // A home pushes a copy to a rank that may be copying the page itself.
+    check_programs_reading_directly(
+        vec![
+            vec![Write(0), Read(0), Write(0)],
+            vec![Read(0), Read(0)],
+            vec![Read(0), Read(0)],
+        ],
+        1,
+        Some(0),
+        1,
+        2,
+    );
+}
+
+#[test]
+fn direct_reads_cross_a_free() {
+    check_programs_reading_directly(
+        vec![
+            vec![Write(0), Read(0), Free, Read(0)],
+            vec![Read(0), Free, Write(0)],
+            vec![Read(0), Read(0), Free, Read(0)],
+        ],
+        1,
+        Some(0),
+        1,
+        0,
     );
 }

@@ -635,6 +635,109 @@ impl Mrsw {
             })
     }
 
+    // ---- direct reads between co-located ranks (`crate::board`) ----
+
+    /// Reader: true when a read fault on `page` may copy it from its home's
+    /// frame instead of asking (homed elsewhere, no copy here, nothing in
+    /// flight for it: no request, no eviction notice the home may not have
+    /// handled, no free under way).
+    pub fn may_read_directly(&self, page: usize) -> bool {
+        self.home_of(page) != self.rank
+            && !self.private_or_beyond(page)
+            && !self.waiting.contains_key(&page)
+            && self.local.get(page).is_some_and(|l| {
+                l.copy == Copy::Invalid && l.pending.is_none() && l.evicted.is_none() && !l.freeing
+            })
+    }
+
+    /// Reader: this rank copied `page` from its home's frame, which counts
+    /// it among the readers (`add_direct_readers`): a read-only copy, held
+    /// as a grant is. Call only when `may_read_directly`.
+    pub fn took_direct_copy(&mut self, page: usize, now: Time) -> Result<(), CoherenceError> {
+        let hold = self.min_hold;
+        let home = self.home_of(page);
+        if !self.may_read_directly(page) {
+            return Err(Self::unexpected(
+                page,
+                home,
+                "a direct read of a page in flight",
+            ));
+        }
+        let lp = self.local(page)?;
+        lp.copy = Copy::Shared;
+        lp.lost = None;
+        lp.held_until = now.saturating_add(hold);
+        self.cached += 1;
+        Ok(())
+    }
+
+    /// Reader: a direct read of `page` failed after the home counted this
+    /// rank (it retracted the page during the copy): the copy is dropped
+    /// unused, as an eviction of a read-only copy, and the home told.
+    pub fn direct_read_failed(&mut self, page: usize, now: Time) -> Actions {
+        self.took_direct_copy(page, now)?;
+        let lp = self.local(page)?;
+        lp.held_until = 0;
+        let mut actions = self.evict(page, now)?;
+        debug_assert!(!actions.is_empty(), "a copy just taken is evictable");
+        // Nothing was mapped.
+        actions.retain(|a| !matches!(a, Action::DropPage { .. }));
+        Ok(actions)
+    }
+
+    /// Home: ranks that copied `page` from this rank's frame since its
+    /// last retraction are among its readers. Called before any step of
+    /// the protocol on the page (the board retracted first).
+    pub fn add_direct_readers(
+        &mut self,
+        page: usize,
+        ranks: &[Rank],
+    ) -> Result<(), CoherenceError> {
+        let me = self.rank;
+        let hp = self.home_page(page, me, "a direct read")?;
+        for &rank in ranks {
+            match &mut hp.dir {
+                Directory::Uncached => hp.dir = Directory::Shared(Readers::of(&[rank])),
+                Directory::Shared(readers) => {
+                    readers.insert(rank);
+                }
+                Directory::Exclusive(_) => {
+                    return Err(Self::unexpected(
+                        page,
+                        rank,
+                        "a direct read of a page held exclusively",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Home: the readers of `page` when a co-located rank may copy it from
+    /// this rank's frame now: its own copy is mapped read-only here and
+    /// current (no writer, no transaction, nothing queued or deferred).
+    pub fn direct_readable(&self, page: usize) -> Option<&[Rank]> {
+        if self.home_of(page) != self.rank
+            || self.private_or_beyond(page)
+            || self.waiting.contains_key(&page)
+            || !self
+                .local
+                .get(page)
+                .is_some_and(|l| l.copy == Copy::Shared && l.pending.is_none())
+        {
+            return None;
+        }
+        let hp = self.home_page_if_any(page)?;
+        if hp.txn.is_some() || !hp.queue.is_empty() {
+            return None;
+        }
+        match &hp.dir {
+            Directory::Uncached => Some(&[]),
+            Directory::Shared(readers) => Some(&readers.0),
+            Directory::Exclusive(_) => None,
+        }
+    }
+
     // ---- freeing a segment (collective: every rank takes part) ----
 
     /// Free, first step, at every rank: true when nothing is in flight for

@@ -1,0 +1,443 @@
+//! Direct reads between co-located ranks: a home's board of readable pages.
+//!
+//! A rank that is a page's home publishes, per page, one word in a memfd
+//! of its own (its board) while the page's current bytes are in its space's
+//! memfd frame, mapped read-only there, and no transaction runs on it. A
+//! co-located rank (the same kernel; the pair already talks over rings)
+//! then reads such a page straight from the home's frame, with no message
+//! and no thread of the home woken:
+//!
+//! 1. join: compare-and-swap its bit into the word's joiners, only while the
+//!    word says readable and does not count it among the readers already;
+//! 2. copy the page out of the home's space memfd (`pread`);
+//! 3. check the word still holds the version it joined: the copy is the
+//!    page's current bytes, and the home will count the reader.
+//!
+//! The home, before any step of its protocol on the page, retracts the word
+//! (clears all but the version, taking the joiners, whom it adds to the
+//! page's readers) and after the step publishes it again if the state
+//! allows, with a new version and the readers it knows among the co-located
+//! ranks (`members`). A reader the home already counts never joins: a read
+//! grant may then be on its way to it (a push). A reader whose check fails
+//! was taken by a retraction: it is counted, holds nothing, and says so as
+//! an eviction would. The protocol's side is in `coherence::mrsw` (the
+//! model checker runs it); this module is the shared memory.
+//!
+//! The board and the space's memfd are opened by the reader through
+//! `/proc/<pid>/fd/<n>` (allowed only to processes that could trace the
+//! home), after an offer on the pair's authenticated connection that names
+//! them and a random nonce written in the board's header.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+
+use crate::config::PAGE_SIZE;
+
+/// A board word's layout and the steps on it, as pure functions of the
+/// word (the model checker runs them on plain integers).
+pub mod word {
+    /// Most co-located readers one home's board serves (one joiner bit and
+    /// one member bit each).
+    pub const MAX_READERS: usize = 24;
+    const JOINERS: u64 = (1 << MAX_READERS) - 1;
+    const MEMBERS_SHIFT: u32 = MAX_READERS as u32;
+    const MEMBERS: u64 = JOINERS << MEMBERS_SHIFT;
+    const READABLE: u64 = 1 << (2 * MAX_READERS);
+    const VERSION_SHIFT: u32 = 2 * MAX_READERS as u32 + 1;
+    /// The version's bits (the rest of the word).
+    pub const VERSION: u64 = !0 << VERSION_SHIFT;
+
+    /// The word that publishes a page again after `old`: readable, the next
+    /// version, `members` (bits of the readers the home counts), no joiner.
+    pub fn published(old: u64, members: u64) -> u64 {
+        let version = (old & VERSION).wrapping_add(1 << VERSION_SHIFT) & VERSION;
+        version | READABLE | ((members << MEMBERS_SHIFT) & MEMBERS)
+    }
+
+    /// The word's version.
+    pub fn version(word: u64) -> u64 {
+        word >> VERSION_SHIFT
+    }
+
+    /// The word with its version replaced by `version` (the model checker
+    /// numbers versions afresh: only their equality matters).
+    pub fn with_version(word: u64, version: u64) -> u64 {
+        (word & !VERSION) | ((version << VERSION_SHIFT) & VERSION)
+    }
+
+    /// The word once retracted: the version only.
+    pub fn retracted(word: u64) -> u64 {
+        word & VERSION
+    }
+
+    /// The readers that joined, as bits.
+    pub fn joiners(word: u64) -> u64 {
+        word & JOINERS
+    }
+
+    /// True while the page may be read from the home's frame.
+    pub fn readable(word: u64) -> bool {
+        word & READABLE != 0
+    }
+
+    /// The word with reader `bit` joined, if it may join: the page is
+    /// readable and the home does not count it already.
+    pub fn joined(word: u64, bit: usize) -> Option<u64> {
+        let member = 1u64 << (MEMBERS_SHIFT as usize + bit);
+        (bit < MAX_READERS && readable(word) && word & member == 0).then_some(word | (1 << bit))
+    }
+
+    /// True when `now` is still the publication the reader joined (`at`):
+    /// its copy is current and it is counted as it joined.
+    pub fn still(now: u64, at: u64) -> bool {
+        readable(now) && now & VERSION == at & VERSION
+    }
+}
+
+/// What can go wrong setting up a board or reading a peer's.
+#[derive(Debug, thiserror::Error)]
+pub enum BoardError {
+    /// The memfd or its mapping could not be made.
+    #[error("creating the board of readable pages: {0}")]
+    Create(String),
+    /// A peer's board or space could not be opened or is not what it said.
+    #[error("opening rank {rank}'s {what}: {detail}")]
+    Open {
+        /// The peer.
+        rank: usize,
+        /// Which of its files.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+}
+
+const MAGIC: u64 = u64::from_le_bytes(*b"DSMBOARD");
+/// Header words: magic, nonce, pages; the page words start one page in.
+const HEADER_BYTES: usize = PAGE_SIZE;
+
+/// A board's memory: a shared mapping of its memfd, the words after the
+/// header.
+struct Mapping {
+    addr: usize,
+    len: usize,
+    pages: usize,
+}
+
+impl Mapping {
+    fn bytes_for(pages: usize) -> usize {
+        HEADER_BYTES + pages.div_ceil(PAGE_SIZE / 8) * PAGE_SIZE
+    }
+
+    fn map(fd: &OwnedFd, pages: usize) -> Result<Mapping, nix::errno::Errno> {
+        use nix::sys::mman::{MapFlags, ProtFlags};
+        let len = Self::bytes_for(pages);
+        let length = std::num::NonZeroUsize::new(len).ok_or(nix::errno::Errno::EINVAL)?;
+        // SAFETY: a new shared mapping of a memfd at an address the kernel
+        // picks: it replaces nothing. Its length is the board's size, which
+        // the creator set with `ftruncate` (checked by the opener).
+        let mapped = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }?;
+        Ok(Mapping {
+            addr: mapped.as_ptr() as usize,
+            len,
+            pages,
+        })
+    }
+
+    fn header(&self, index: usize) -> &AtomicU64 {
+        debug_assert!(index < 3);
+        // SAFETY: the header's first words, inside the live mapping, 8-byte
+        // aligned (page aligned base); shared memory other processes write
+        // only through atomics.
+        unsafe { &*((self.addr + index * 8) as *const AtomicU64) }
+    }
+
+    /// The word of `page`, if the board covers it.
+    fn word(&self, page: usize) -> Option<&AtomicU64> {
+        (page < self.pages).then(|| {
+            // SAFETY: inside the live mapping (`bytes_for` covers every
+            // page's word), 8-byte aligned; other processes touch it only
+            // through atomics.
+            unsafe { &*((self.addr + HEADER_BYTES + page * 8) as *const AtomicU64) }
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if let Some(ptr) = std::ptr::NonNull::new(self.addr as *mut std::ffi::c_void) {
+            // SAFETY: this mapping is ours; the references into it borrow
+            // `self`, so none outlive it.
+            let _ = unsafe { nix::sys::mman::munmap(ptr, self.len) };
+        }
+    }
+}
+
+/// A home's own board.
+pub struct OwnBoard {
+    memfd: OwnedFd,
+    mapping: Mapping,
+    nonce: u64,
+}
+
+impl OwnBoard {
+    /// A board for a space of `pages` pages, nothing readable.
+    pub fn create(pages: usize) -> Result<OwnBoard, BoardError> {
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| BoardError::Create(format!("{what}: {e}"));
+        let memfd =
+            nix::sys::memfd::memfd_create(c"dsm-board", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|e| fail("memfd_create", &e))?;
+        let len = Mapping::bytes_for(pages);
+        nix::unistd::ftruncate(&memfd, len as i64).map_err(|e| fail("sizing it", &e))?;
+        let mapping = Mapping::map(&memfd, pages).map_err(|e| fail("mapping it", &e))?;
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| fail("its nonce", &e))?;
+        let nonce = u64::from_le_bytes(nonce);
+        mapping.header(0).store(MAGIC, Ordering::Relaxed);
+        mapping.header(1).store(nonce, Ordering::Relaxed);
+        mapping.header(2).store(pages as u64, Ordering::Release);
+        Ok(OwnBoard {
+            memfd,
+            mapping,
+            nonce,
+        })
+    }
+
+    /// The descriptor number a peer opens through `/proc`.
+    pub fn fd_number(&self) -> i32 {
+        self.memfd.as_raw_fd()
+    }
+
+    /// The nonce in the header, which the peer checks.
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    /// Before a step of the protocol on `page`: nobody may read it from
+    /// the frame any more; returns the bits of the readers that joined.
+    pub fn retract(&self, page: usize) -> u64 {
+        self.mapping.word(page).map_or(0, |w| {
+            word::joiners(w.fetch_and(word::VERSION, Ordering::SeqCst))
+        })
+    }
+
+    /// After a step: `page` may be read from the frame, by readers other
+    /// than `members` (bits of the readers counted already). Call only
+    /// while retracted (no joiner can be set then).
+    pub fn publish(&self, page: usize, members: u64) {
+        if let Some(w) = self.mapping.word(page) {
+            let old = w.load(Ordering::Relaxed);
+            debug_assert!(!word::readable(old), "published twice");
+            w.store(word::published(old, members), Ordering::SeqCst);
+        }
+    }
+}
+
+/// A co-located home's board and space, opened by a reader.
+pub struct PeerFrames {
+    board: Mapping,
+    space: File,
+    /// This rank's bit on that board.
+    bit: usize,
+}
+
+/// What a home offers a co-located reader (sent over their connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    /// The home's process.
+    pub pid: u32,
+    /// Its space's memfd, as a descriptor number in that process.
+    pub space_fd: i32,
+    /// The inode of that memfd (checked once opened).
+    pub space_inode: u64,
+    /// Its board's memfd, as a descriptor number.
+    pub board_fd: i32,
+    /// The nonce in the board's header.
+    pub nonce: u64,
+    /// Pages the board covers.
+    pub pages: u64,
+    /// The reader's bit on the board.
+    pub bit: u8,
+}
+
+impl PeerFrames {
+    /// Opens what rank `rank` offered.
+    pub fn open(rank: usize, offer: &Offer) -> Result<PeerFrames, BoardError> {
+        let fail = |what: &'static str, detail: String| BoardError::Open { rank, what, detail };
+        let open = |fd: i32, write: bool, what: &'static str| {
+            let path = format!("/proc/{}/fd/{fd}", offer.pid);
+            File::options()
+                .read(true)
+                .write(write)
+                .open(&path)
+                .map_err(|e| fail(what, format!("{path}: {e}")))
+        };
+        if usize::from(offer.bit) >= word::MAX_READERS {
+            return Err(fail(
+                "board",
+                format!("reader bit {} out of range", offer.bit),
+            ));
+        }
+        let board_file = open(offer.board_fd, true, "board")?;
+        let size = board_file
+            .metadata()
+            .map_err(|e| fail("board", e.to_string()))?
+            .len();
+        let pages = usize::try_from(offer.pages).map_err(|e| fail("board", e.to_string()))?;
+        if size < Mapping::bytes_for(pages) as u64 {
+            return Err(fail(
+                "board",
+                format!("{size} bytes, short for {pages} pages"),
+            ));
+        }
+        let board = Mapping::map(&OwnedFd::from(board_file), pages)
+            .map_err(|e| fail("board", format!("mapping it: {e}")))?;
+        let (magic, nonce) = (
+            board.header(0).load(Ordering::Relaxed),
+            board.header(1).load(Ordering::Relaxed),
+        );
+        if magic != MAGIC || nonce != offer.nonce {
+            return Err(fail(
+                "board",
+                "not the board offered (nonce differs)".into(),
+            ));
+        }
+        let space = open(offer.space_fd, false, "space")?;
+        let inode = space
+            .metadata()
+            .map_err(|e| fail("space", e.to_string()))?
+            .ino();
+        if inode != offer.space_inode {
+            return Err(fail(
+                "space",
+                "not the memfd offered (inode differs)".into(),
+            ));
+        }
+        Ok(PeerFrames {
+            board,
+            space,
+            bit: usize::from(offer.bit),
+        })
+    }
+
+    /// Step 1: joins `page`'s readers if the home publishes it and does not
+    /// count this rank already; the word joined, for `finish`.
+    pub fn join(&self, page: usize) -> Option<u64> {
+        let w = self.board.word(page)?;
+        let mut now = w.load(Ordering::Relaxed);
+        loop {
+            let joined = word::joined(now, self.bit)?;
+            match w.compare_exchange_weak(now, joined, Ordering::SeqCst, Ordering::Relaxed) {
+                Ok(_) => return Some(joined),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+
+    /// Step 2: the page's bytes in the home's frame.
+    pub fn copy(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
+        self.space.read_exact_at(out, (page * PAGE_SIZE) as u64)
+    }
+
+    /// Step 3: true when the copy is current and this rank counted as a
+    /// reader; false when the home retracted the page meanwhile (this rank
+    /// is then counted all the same, and holds nothing).
+    pub fn finish(&self, page: usize, joined: u64) -> bool {
+        // The copy's loads come before the check's.
+        fence(Ordering::SeqCst);
+        self.board
+            .word(page)
+            .is_some_and(|w| word::still(w.load(Ordering::SeqCst), joined))
+    }
+}
+
+/// The inode of a descriptor (a space's memfd, for an offer).
+pub fn inode_of(fd: &impl AsFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd.as_fd()).ok().map(|s| s.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::word::*;
+    use super::*;
+
+    #[test]
+    fn a_reader_joins_only_a_readable_page_it_is_not_counted_on() {
+        let w = published(0, 0b10);
+        assert!(readable(w));
+        let joined = joined(w, 0).expect("readable, not a member");
+        assert_eq!(joiners(joined), 1);
+        assert!(super::word::joined(w, 1).is_none(), "a member never joins");
+        assert!(super::word::joined(retracted(w), 0).is_none());
+        assert!(still(joined, joined));
+    }
+
+    #[test]
+    fn a_retraction_or_a_new_publication_fails_the_check() {
+        let w = published(0, 0);
+        let joined = joined(w, 3).expect("joins");
+        let retracted = retracted(joined);
+        assert!(!still(retracted, joined));
+        assert!(!still(published(retracted, 0), joined), "a new version");
+        assert_eq!(joiners(joined), 1 << 3);
+    }
+
+    #[test]
+    fn versions_wrap_without_touching_the_other_fields() {
+        let mut w = 0;
+        for _ in 0..(1 << 16) {
+            w = published(retracted(w), 0);
+        }
+        assert!(readable(w));
+        assert_eq!(joiners(w), 0);
+    }
+
+    #[test]
+    fn a_reader_opens_a_board_and_reads_what_the_home_publishes() {
+        let pages = 10;
+        let home = OwnBoard::create(pages).expect("board");
+        let space = nix::sys::memfd::memfd_create(c"space", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .expect("memfd");
+        nix::unistd::ftruncate(&space, (pages * PAGE_SIZE) as i64).expect("size");
+        let file = File::from(space.try_clone().expect("dup"));
+        file.write_all_at(&[7u8; PAGE_SIZE], (3 * PAGE_SIZE) as u64)
+            .expect("write");
+        let offer = Offer {
+            pid: std::process::id(),
+            space_fd: space.as_raw_fd(),
+            space_inode: inode_of(&space).expect("inode"),
+            board_fd: home.fd_number(),
+            nonce: home.nonce(),
+            pages: pages as u64,
+            bit: 2,
+        };
+        let reader = PeerFrames::open(1, &offer).expect("opens");
+        assert!(reader.join(3).is_none(), "nothing published yet");
+        home.publish(3, 0);
+        let joined = reader.join(3).expect("published");
+        let mut page = [0u8; PAGE_SIZE];
+        reader.copy(3, &mut page).expect("copy");
+        assert_eq!(page[0], 7);
+        assert!(reader.finish(3, joined));
+        assert_eq!(home.retract(3), 1 << 2, "the home counts the reader");
+        assert!(!reader.finish(3, joined));
+        assert!(reader.join(99).is_none(), "beyond the board");
+        let wrong = Offer {
+            nonce: offer.nonce ^ 1,
+            ..offer
+        };
+        assert!(PeerFrames::open(1, &wrong).is_err());
+    }
+}
