@@ -242,6 +242,10 @@ pub struct Config {
     /// received straight into their frames (no copy from a receive
     /// buffer); false receives them into buffers.
     pub receive_in_frames: bool,
+    /// With a memfd, between ranks that share memory: a read fault on a
+    /// page its co-located home publishes copies it from the home's frame,
+    /// with no message (`crate::board`); false always asks the home.
+    pub direct_reads: bool,
     /// With a memfd: bytes of dropped pages whose frames are kept for their
     /// next install (beyond that, all are released).
     pub memfd_retain: usize,
@@ -285,6 +289,7 @@ impl Default for Config {
             faults: FaultDelivery::DEFAULT,
             receive_inline: true,
             receive_in_frames: true,
+            direct_reads: true,
             memfd_retain: DEFAULT_RETAINED_PAGES * PAGE_SIZE,
             cache: CacheSize::Auto,
             hang_report: Some(crate::hang::DEFAULT_HANG_REPORT),
@@ -357,6 +362,7 @@ impl Config {
     /// | `DSM_FAULTS` | `thread` (a fault thread reads userfaultfd events) or `sigbus` (the faulting thread serves its own fault in a SIGBUS handler; x86-64) | `sigbus` on x86-64, else `thread` |
     /// | `DSM_RECEIVE` | `inline` (a message is handled in the receive thread when the engine is free) or `queue` (always by the engine thread) | `inline` |
     /// | `DSM_RECEIVE_PAGES` | `frames` (with a memfd, runs of pages are received straight into their frames) or `buffer` (into a buffer, then copied) | `frames` |
+    /// | `DSM_DIRECT_READS` | `on` (with a memfd, a read fault on a page homed at a co-located rank that holds it read-only copies it from that rank's memory, with no message) or `off` (always ask the home) | `on` |
     /// | `DSM_HANG_REPORT_S` | seconds a thread may wait on a page, lock or barrier before the rank prints a hang report (what each thread waits for, and since when); `0` or `off`: only on SIGUSR1 | `300` |
     /// | `DSM_STATS` | `1` prints per-rank statistics at finalize; `json` writes them as one JSON document (to stderr, a line starting `dsm-stats-json: `, or to `DSM_STATS_FILE`) | off |
     /// | `DSM_STATS_FILE` | with `DSM_STATS=json`: the file to write, `%r` replaced by the rank (`stats-%r.json`) | stderr |
@@ -516,6 +522,13 @@ impl Config {
                 "frames" => true,
                 "buffer" => false,
                 _ => return Err(err("DSM_RECEIVE_PAGES", &v, "expected frames or buffer")),
+            };
+        }
+        if let Some(v) = get("DSM_DIRECT_READS") {
+            self.direct_reads = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "on" | "yes" | "true" => true,
+                "0" | "off" | "no" | "false" => false,
+                _ => return Err(err("DSM_DIRECT_READS", &v, "expected on or off")),
             };
         }
         if let Some(v) = get("DSM_STATS") {

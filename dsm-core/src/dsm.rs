@@ -238,6 +238,9 @@ impl Dsm {
             .with_push(config.push)
             .with_cache_limit(cache_bytes.map_or(usize::MAX, |bytes| bytes / PAGE_SIZE)),
         ));
+        if let (true, Some(space)) = (config.direct_reads, region.memfd()) {
+            engine::lock(&engine).share_frames(space)?;
+        }
         if config.receive_inline {
             transport.deliver_inline(engine::inline_delivery(
                 Arc::downgrade(&engine),

@@ -137,7 +137,7 @@ pub struct Region {
 struct Alias {
     addr: usize,
     len: usize,
-    _memfd: OwnedFd,
+    memfd: OwnedFd,
 }
 
 impl Drop for Alias {
@@ -272,7 +272,7 @@ impl Region {
             region.alias = Some(Arc::new(Alias {
                 addr: alias,
                 len,
-                _memfd: fd,
+                memfd: fd,
             }));
         }
         // Pages move one by one: a transparent huge page would make a 4 KiB
@@ -300,6 +300,13 @@ impl Region {
         } else {
             Backing::Anonymous
         }
+    }
+
+    /// With a memfd: the memfd itself (co-located ranks read pages from it,
+    /// `crate::board`).
+    pub fn memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.alias.as_ref().map(|a| a.memfd.as_fd())
     }
 
     /// With a memfd: the address of the alias mapping (same length as the
@@ -424,7 +431,7 @@ impl Region {
         region.alias = Some(Arc::new(Alias {
             addr: alias,
             len: PAGE_SIZE,
-            _memfd: fd,
+            memfd: fd,
         }));
         Ok(region)
     }

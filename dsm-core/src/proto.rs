@@ -56,6 +56,7 @@ const FOUND_SEGMENT: u8 = 35;
 const DIFF: u8 = 36;
 const DIFF_ACK: u8 = 37;
 const COPY_REQ: u8 = 38;
+const SHARE_FRAMES: u8 = 39;
 /// Bytes of a run of read grants before its pages.
 pub const READ_GRANT_RUN_HEAD: usize = 9;
 /// Largest batch a sender builds (bytes); bigger sets go as several batches.
@@ -389,6 +390,10 @@ pub enum Msg {
         /// Barriers the requester passed.
         barriers: u64,
     },
+    /// A home -> a co-located rank (one that shares memory with it): its
+    /// board of readable pages and its space's memfd, to open through
+    /// `/proc` for direct reads ([`crate::board`]).
+    ShareFrames(crate::board::Offer),
     /// Release consistency, home -> writer: the diff of `page` is applied.
     DiffAck {
         /// The page.
@@ -758,6 +763,16 @@ impl Msg {
                 Msg::page_only(&mut out, COPY_REQ, *page);
                 out.extend_from_slice(&barriers.to_le_bytes());
             }
+            Msg::ShareFrames(offer) => {
+                out.push(SHARE_FRAMES);
+                out.extend_from_slice(&offer.pid.to_le_bytes());
+                out.extend_from_slice(&offer.space_fd.to_le_bytes());
+                out.extend_from_slice(&offer.space_inode.to_le_bytes());
+                out.extend_from_slice(&offer.board_fd.to_le_bytes());
+                out.extend_from_slice(&offer.nonce.to_le_bytes());
+                out.extend_from_slice(&offer.pages.to_le_bytes());
+                out.push(offer.bit);
+            }
             Msg::ReadReq { page } => Msg::page_only(&mut out, READ_REQ, *page),
             Msg::WriteReq { page } => Msg::page_only(&mut out, WRITE_REQ, *page),
             Msg::Invalidate { page } => Msg::page_only(&mut out, INVALIDATE, *page),
@@ -998,6 +1013,18 @@ impl Msg {
                     updates,
                     lock_written,
                 })
+            }
+            SHARE_FRAMES => {
+                expect(38)?;
+                Ok(Msg::ShareFrames(crate::board::Offer {
+                    pid: u32_at(bytes, 1),
+                    space_fd: u32_at(bytes, 5) as i32,
+                    space_inode: u64_at(bytes, 9),
+                    board_fd: u32_at(bytes, 17) as i32,
+                    nonce: u64_at(bytes, 21),
+                    pages: u64_at(bytes, 29),
+                    bit: bytes[37],
+                }))
             }
             COPY_REQ => {
                 expect(17)?;
@@ -1295,6 +1322,15 @@ mod tests {
             page: 3,
             barriers: 9,
         });
+        round_trip(Msg::ShareFrames(crate::board::Offer {
+            pid: 41,
+            space_fd: 7,
+            space_inode: u64::MAX - 3,
+            board_fd: -1,
+            nonce: 0x0123_4567_89ab_cdef,
+            pages: 1 << 28,
+            bit: 23,
+        }));
         let page = Arc::new([7u8; PAGE_SIZE]);
         for m in [
             Msg::ReadReq { page: 1 },

@@ -44,6 +44,12 @@ pub struct Stats {
     /// Never-touched pages mapped with a first touch of the page before
     /// them (`DSM_POPULATE`): faults saved.
     pub pages_populated: AtomicU64,
+    /// Read faults served by copying the page from its co-located home's
+    /// frame (`DSM_DIRECT_READS`), and direct reads given up (the home
+    /// retracted the page during the copy).
+    pub direct_reads: AtomicU64,
+    /// Direct reads given up after the home counted this rank.
+    pub direct_reads_given_up: AtomicU64,
     /// Transport messages that carried several DSM messages.
     pub batches_sent: AtomicU64,
     /// Messages received and handled in the transport's receive thread.
@@ -110,6 +116,12 @@ pub struct StatsSnapshot {
     /// Never-touched pages mapped with a first touch of the page before them.
     #[serde(default)]
     pub pages_populated: u64,
+    /// Read faults served from a co-located home's frame.
+    #[serde(default)]
+    pub direct_reads: u64,
+    /// Direct reads given up (the home retracted the page meanwhile).
+    #[serde(default)]
+    pub direct_reads_given_up: u64,
     /// Transport messages that carried several DSM messages.
     pub batches_sent: u64,
     /// Messages handled in the transport's receive thread.
@@ -231,6 +243,8 @@ impl Stats {
             pages_regained: get(&self.pages_regained),
             pages_pushed: get(&self.pages_pushed),
             pages_populated: get(&self.pages_populated),
+            direct_reads: get(&self.direct_reads),
+            direct_reads_given_up: get(&self.direct_reads_given_up),
             batches_sent: get(&self.batches_sent),
             messages_inline: get(&self.messages_inline),
             pages_landed: get(&self.pages_landed),
@@ -287,7 +301,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} pushed {} populated {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} pushed {} populated {}; direct reads {} given up {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -302,6 +316,8 @@ impl std::fmt::Display for StatsSnapshot {
             self.pages_regained,
             self.pages_pushed,
             self.pages_populated,
+            self.direct_reads,
+            self.direct_reads_given_up,
             self.batches_sent,
             self.messages_inline,
             self.pages_landed,

@@ -256,6 +256,14 @@ impl Engine {
         } else {
             pages.clone().filter(|p| node.home_of(*p) == me).collect()
         };
+        // The readers that copied them directly count (and say when they
+        // released them) like any other.
+        for &page in &homed {
+            self.retract_direct(page)?;
+        }
+        let Node::Mrsw(node) = &self.node else {
+            return Ok(());
+        };
         if !homed.iter().all(|p| node.home_idle(*p)) {
             return Ok(());
         }

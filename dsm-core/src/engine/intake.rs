@@ -320,6 +320,9 @@ impl Engine {
             return Ok(());
         }
         let rc = self.rc.contains(fault.page);
+        if !fault.write && !rc && self.read_directly(fault.page)? {
+            return Ok(());
+        }
         let actions = match &mut self.node {
             _ if rc => self.release.on_fault(fault.page, fault.write)?,
             Node::Migratory(n) => n.on_fault(fault.page)?,

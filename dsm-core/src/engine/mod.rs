@@ -33,6 +33,7 @@ use crate::sync::{BarrierCounter, LockTable};
 use crate::transport::Incoming;
 use crate::{Rank, Transport};
 
+mod direct;
 mod free;
 mod intake;
 mod landing;
@@ -301,6 +302,8 @@ pub(crate) struct Engine {
     /// Release consistency: synchronizations waiting for a release, in
     /// order (`sync.rs`); the first one's release is under way.
     after_release: VecDeque<sync::AfterRelease>,
+    /// Direct reads between co-located ranks (`direct.rs`).
+    direct: direct::Direct,
 }
 
 /// How often the engine thread looks again at a collective free waiting
@@ -397,6 +400,7 @@ impl Engine {
             barrier_updates: Vec::new(),
             spare_twins: Vec::new(),
             after_release: VecDeque::new(),
+            direct: direct::Direct::new(size, pages),
         }
     }
 

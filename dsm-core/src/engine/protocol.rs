@@ -190,8 +190,21 @@ impl Engine {
                 self.received_page(page, wire_len);
                 self.apply(actions, Carried::Msg(&msg))
             }
+            Msg::ShareFrames(offer) => {
+                self.on_share_frames(from, &offer);
+                Ok(())
+            }
             msg => {
                 let now = self.now();
+                // A step of the page's home: co-located ranks stop reading
+                // it directly until it is done (`direct.rs`).
+                let home_step = page_of(&msg).filter(|p| {
+                    !self.rc.contains(*p)
+                        && matches!(&self.node, Node::Mrsw(n) if n.home_of(*p) == self.rank)
+                });
+                if let Some(page) = home_step {
+                    self.retract_direct(page)?;
+                }
                 let actions = if page_of(&msg).is_some_and(|p| self.rc.contains(p)) {
                     self.release.on_message(from, &msg)?
                 } else {
@@ -223,7 +236,11 @@ impl Engine {
                 if let Msg::Grant { page, .. } = msg {
                     self.received_page(page as usize, wire_len);
                 }
-                self.apply(actions, Carried::Msg(&msg))
+                self.apply(actions, Carried::Msg(&msg))?;
+                if let Some(page) = home_step {
+                    self.publish_direct(page);
+                }
+                Ok(())
             }
         }
     }

@@ -212,20 +212,21 @@ impl Engine {
             if !self.consumers.due(page, reader) {
                 continue;
             }
+            self.retract_direct(page)?;
             let actions = self.counted(|node| match node {
                 Node::Mrsw(n) => n.push(page, reader),
                 Node::Migratory(_) => Ok(Vec::new()),
             })?;
-            if actions.is_empty() {
-                continue;
+            if !actions.is_empty() {
+                self.consumers.pushed(page, reader);
+                Stats::add(&self.stats.pages_pushed, 1);
+                self.apply(actions, Carried::Nothing)?;
+                // This rank's own copy is recalled through a message to
+                // itself: handled now, the page is shared and the next
+                // consumer's push finds no transaction under way.
+                self.handle_own_messages()?;
             }
-            self.consumers.pushed(page, reader);
-            Stats::add(&self.stats.pages_pushed, 1);
-            self.apply(actions, Carried::Nothing)?;
-            // This rank's own copy is recalled through a message to itself:
-            // handled now, the page is shared and the next consumer's push
-            // finds no transaction under way.
-            self.handle_own_messages()?;
+            self.publish_direct(page);
         }
         Ok(())
     }

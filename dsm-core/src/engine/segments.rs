@@ -172,12 +172,14 @@ impl Engine {
             write_to,
         });
         for page in range {
+            self.retract_direct(page)?;
             let actions = match &mut self.node {
                 Node::Mrsw(n) if seal => n.seal(page)?,
                 Node::Mrsw(n) => n.settle(page)?,
                 Node::Migratory(_) => vec![Action::Settled { page }],
             };
             self.apply(actions, Carried::Nothing)?;
+            self.publish_direct(page);
         }
         Ok(())
     }

@@ -1,0 +1,198 @@
+//! Direct reads between co-located ranks (`crate::board`): this rank's
+//! board as the home of its pages (retracted before every step of the
+//! protocol on a page, published again after it when the page's own copy
+//! is mapped read-only and current), and the boards and frames of the
+//! co-located homes, from which a read fault copies a published page with
+//! no message.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use super::protocol::Carried;
+use super::{Engine, Node};
+use crate::board::{self, OwnBoard, PeerFrames};
+use crate::config::PAGE_SIZE;
+use crate::error::DsmError;
+use crate::pages::PageSet;
+use crate::proto::Msg;
+use crate::stats::Stats;
+use crate::Rank;
+
+pub(super) struct Direct {
+    /// This rank's board, if some co-located rank may read its pages.
+    own: Option<OwnBoard>,
+    /// Pages published on it (retracting any other costs nothing).
+    published: PageSet,
+    /// The co-located readers of this rank's board, by their bit.
+    readers: Vec<Rank>,
+    /// The co-located homes' boards and frames, by rank.
+    peers: Vec<Option<PeerFrames>>,
+    /// Where a page copied from a home's frame lands before it is mapped.
+    copy: Box<[u8; PAGE_SIZE]>,
+}
+
+impl Direct {
+    pub(super) fn new(size: usize, pages: usize) -> Direct {
+        Direct {
+            own: None,
+            published: PageSet::new(pages),
+            readers: Vec::new(),
+            peers: (0..size).map(|_| None).collect(),
+            copy: Box::new([0u8; PAGE_SIZE]),
+        }
+    }
+}
+
+impl Engine {
+    /// Creates this rank's board and offers it, with the space's memfd
+    /// (`space`), to every rank that shares memory with it (at most
+    /// `board::word::MAX_READERS`). Sequentially consistent protocol only;
+    /// without such a rank, or if the board cannot be made (logged), pages
+    /// are only ever asked for.
+    pub(crate) fn share_frames(&mut self, space: BorrowedFd<'_>) -> Result<(), DsmError> {
+        let Node::Mrsw(node) = &self.node else {
+            return Ok(());
+        };
+        let pages = node.pages();
+        let readers: Vec<Rank> = (0..self.size)
+            .filter(|r| *r != self.rank && self.transport.shares_memory_with(*r))
+            .take(board::word::MAX_READERS)
+            .collect();
+        if readers.is_empty() {
+            return Ok(());
+        }
+        let (own, space_inode) = match (OwnBoard::create(pages), board::inode_of(&space)) {
+            (Ok(own), Some(inode)) => (own, inode),
+            (Err(e), _) => {
+                tracing::warn!("rank {}: no direct reads of its pages: {e}", self.rank);
+                return Ok(());
+            }
+            (_, None) => return Ok(()),
+        };
+        for (bit, &reader) in readers.iter().enumerate() {
+            let offer = board::Offer {
+                pid: std::process::id(),
+                space_fd: space.as_raw_fd(),
+                space_inode,
+                board_fd: own.fd_number(),
+                nonce: own.nonce(),
+                pages: pages as u64,
+                bit: bit as u8,
+            };
+            self.transport
+                .send(reader, &Msg::ShareFrames(offer).encode())?;
+        }
+        self.direct.own = Some(own);
+        self.direct.readers = readers;
+        Ok(())
+    }
+
+    /// A co-located home offered its board and frames: opened, or left
+    /// (logged) if this process may not or the offer does not hold.
+    pub(super) fn on_share_frames(&mut self, from: Rank, offer: &board::Offer) {
+        let Some(slot) = self.direct.peers.get_mut(from) else {
+            return;
+        };
+        match PeerFrames::open(from, offer) {
+            Ok(frames) => {
+                tracing::debug!("rank {}: reads rank {from}'s pages directly", self.rank);
+                *slot = Some(frames);
+            }
+            Err(e) => tracing::warn!(
+                "rank {}: asking rank {from} for its pages (no direct reads): {e}",
+                self.rank
+            ),
+        }
+    }
+
+    /// A read fault on `page`: copied from its co-located home's frame if
+    /// the home publishes it (true: served). False when the page is to be
+    /// asked for; if the home counted this rank during the copy, the copy
+    /// was given up as an eviction first.
+    pub(super) fn read_directly(&mut self, page: usize) -> Result<bool, DsmError> {
+        let now = self.now();
+        let Node::Mrsw(node) = &mut self.node else {
+            return Ok(false);
+        };
+        let home = node.home_of(page);
+        let Some(Some(frames)) = self.direct.peers.get(home) else {
+            return Ok(false);
+        };
+        if !node.may_read_directly(page) {
+            return Ok(false);
+        }
+        let Some(joined) = frames.join(page) else {
+            return Ok(false);
+        };
+        let copied = frames.copy(page, &mut self.direct.copy);
+        if let Err(e) = &copied {
+            tracing::warn!("rank {}: reading rank {home}'s page {page}: {e}", self.rank);
+        }
+        if copied.is_ok() && frames.finish(page, joined) {
+            node.took_direct_copy(page, now)?;
+            self.faults.install_readonly(page, &self.direct.copy)?;
+            Stats::add(&self.stats.direct_reads, 1);
+            self.cache.installed(page);
+            Stats::raise(
+                &self.stats.peak_cached_bytes,
+                (self.cached() * PAGE_SIZE) as u64,
+            );
+            return Ok(true);
+        }
+        // Counted by the home (or about to be, after a failed copy) and
+        // holding nothing: said as an eviction.
+        let actions = node.direct_read_failed(page, now)?;
+        Stats::add(&self.stats.direct_reads_given_up, 1);
+        self.apply(actions, Carried::Nothing)?;
+        Ok(false)
+    }
+
+    /// Before a step of the protocol on `page` at this rank: if it is
+    /// homed here and published, co-located ranks stop reading it directly
+    /// and those that did are counted among its readers.
+    pub(super) fn retract_direct(&mut self, page: usize) -> Result<(), DsmError> {
+        let Some(own) = &self.direct.own else {
+            return Ok(());
+        };
+        if !self.direct.published.remove(page) {
+            return Ok(());
+        }
+        let joiners = own.retract(page);
+        if joiners == 0 {
+            return Ok(());
+        }
+        let ranks: Vec<Rank> = (0..self.direct.readers.len())
+            .filter(|bit| joiners & (1 << bit) != 0)
+            .map(|bit| self.direct.readers[bit])
+            .collect();
+        if let Node::Mrsw(node) = &mut self.node {
+            node.add_direct_readers(page, &ranks)?;
+        }
+        Ok(())
+    }
+
+    /// After a step of the protocol on `page`: published if it is homed
+    /// here, its own copy is this rank's read-only mapping and current, and
+    /// no transaction runs on it.
+    pub(super) fn publish_direct(&mut self, page: usize) {
+        let Some(own) = &self.direct.own else {
+            return;
+        };
+        if self.direct.published.contains(page)
+            || self.rc.contains(page)
+            || !self.home_copy_is_mapped(page)
+        {
+            return;
+        }
+        let Node::Mrsw(node) = &self.node else {
+            return;
+        };
+        let Some(readers) = node.direct_readable(page) else {
+            return;
+        };
+        let members = (0..self.direct.readers.len())
+            .filter(|bit| readers.contains(&self.direct.readers[*bit]))
+            .fold(0u64, |m, bit| m | 1 << bit);
+        own.publish(page, members);
+        self.direct.published.insert(page);
+    }
+}
