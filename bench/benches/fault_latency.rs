@@ -22,7 +22,11 @@
 //!   the ratio to the loopback TCP fault of the run; beside them
 //!   `fault_latency_shm/raw_polled_round_trip_16B_4KiB`, the round trip as
 //!   a fault makes it (answered in the receive thread, the answer polled
-//!   for by the asking thread), the least a fault's exchange takes;
+//!   for by the asking thread), the least a fault's exchange takes; and
+//!   `fault_latency_shm/dsm_read_fault_home_shared_4KiB_sigbus`, a read
+//!   fault on a page its home holds read-only (rank 0 does not rewrite the
+//!   pages; rank 1's copies go through a 64-page cache), which rank 1
+//!   copies from rank 0's frame with no message (`DSM_DIRECT_READS`);
 //! * with RDMA, `fault_latency_rdma/...` for the same two figures (the DSM
 //!   over `transport_rdma::connect_job`, as `dsm::init` does it) plus
 //!   `fault_latency_rdma/raw_rdma_read_4KiB`, a one-sided READ.
@@ -286,6 +290,7 @@ fn dsm_read_fault(
     t: Vec<Arc<dyn Transport>>,
     out: &Samples,
     reader_cache: Option<usize>,
+    home_rewrites: bool,
 ) {
     let hosts = vec!["localhost".to_string(); 2];
     let dsms: Vec<Dsm> = t
@@ -319,12 +324,25 @@ fn dsm_read_fault(
         .unzip();
     let mut next = 0;
     let mut generation = 0u64;
+    if !home_rewrites {
+        // Written once and read once (not timed): the home keeps its pages
+        // mapped read-only, the reader's copies go through its cache.
+        generation = 1;
+        for (&o, &r) in owner_words.iter().zip(&reader_words) {
+            // SAFETY: the pointers are into the mapped spaces of `owner` and
+            // `reader`, which live until `dsms` is dropped after the group.
+            unsafe { &*o }.store(generation, Relaxed);
+            assert_eq!(unsafe { &*r }.load(Relaxed), generation);
+        }
+    }
     let mut g = c.benchmark_group(group);
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                if next == pages.len() {
+                if next == pages.len() && !home_rewrites {
+                    next = 0;
+                } else if next == pages.len() {
                     // Every page read: rank 0 writes them all (not timed),
                     // which takes rank 1's copies away.
                     generation += 1;
@@ -351,9 +369,10 @@ fn dsm_read_fault(
     g.finish();
     let engine = reader.stats();
     println!(
-        "{group}: {name}: rank 1 engine: {} read faults, {} pages received, {} messages handled on receipt, {} pages evicted; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
+        "{group}: {name}: rank 1 engine: {} read faults, {} pages received, {} read directly, {} messages handled on receipt, {} pages evicted; fault seen -> page installed p50 {:.1} µs, p99 {:.1} µs",
         engine.read_faults,
         engine.pages_received,
+        engine.direct_reads,
         engine.messages_inline,
         engine.evictions_clean,
         engine.fault_latency_p50.as_secs_f64() * 1e6,
@@ -410,6 +429,7 @@ fn fault_latency(c: &mut Criterion) {
         transports,
         &fault,
         None,
+        true,
     );
     let by_signal = (group, "dsm_remote_read_fault_4KiB_sigbus");
     dsm_read_fault(
@@ -419,6 +439,7 @@ fn fault_latency(c: &mut Criterion) {
         pair(&kind),
         &fault_sigbus,
         None,
+        true,
     );
     let by_signal_evicting = (group, "dsm_remote_read_fault_4KiB_sigbus_evicting");
     dsm_read_fault(
@@ -428,6 +449,7 @@ fn fault_latency(c: &mut Criterion) {
         pair(&kind),
         &evicting,
         Some(64 * PAGE_SIZE),
+        true,
     );
     if let Selected::Rdma(port) = &kind {
         rdma_read(c, group, port, &read);
@@ -459,7 +481,7 @@ fn fault_latency(c: &mut Criterion) {
 /// `fault_latency_shm` pair, beside the loopback TCP fault of this run.
 fn co_located(c: &mut Criterion, tcp_fault: &Samples) {
     let group = "fault_latency_shm";
-    let [raw, polled, fault] = std::array::from_fn(|_| Samples::default());
+    let [raw, polled, fault, direct] = std::array::from_fn(|_| Samples::default());
     raw_round_trip(
         c,
         group,
@@ -486,6 +508,19 @@ fn co_located(c: &mut Criterion, tcp_fault: &Samples) {
         pair_with(&Selected::Tcp, dsm_bench::shm_options),
         &fault,
         None,
+        true,
+    );
+    // A page its home holds read-only (the home does not rewrite it; the
+    // reader's copies go through a 64-page cache): copied from the home's
+    // frame, with no message (`DSM_DIRECT_READS`).
+    dsm_read_fault(
+        c,
+        (group, "dsm_read_fault_home_shared_4KiB_sigbus"),
+        FaultDelivery::Sigbus,
+        pair_with(&Selected::Tcp, dsm_bench::shm_options),
+        &direct,
+        Some(64 * PAGE_SIZE),
+        false,
     );
     print_summary(
         group,
@@ -493,6 +528,7 @@ fn co_located(c: &mut Criterion, tcp_fault: &Samples) {
             ("raw_round_trip_16B_4KiB", &raw),
             ("raw_polled_round_trip_16B_4KiB", &polled),
             ("dsm_remote_read_fault_4KiB_sigbus", &fault),
+            ("dsm_read_fault_home_shared_4KiB_sigbus", &direct),
         ],
     );
     if let (Some((shm, ..)), Some((tcp, ..))) = (fault.summary(), tcp_fault.summary()) {

@@ -83,10 +83,14 @@ pub mod word {
     }
 
     /// The word with reader `bit` joined, if it may join: the page is
-    /// readable and the home does not count it already.
+    /// readable, the home does not count it already, and it has not joined
+    /// this publication before (an eviction notice of that copy may be on
+    /// its way: the home must count it once, before the notice).
     pub fn joined(word: u64, bit: usize) -> Option<u64> {
         let member = 1u64 << (MEMBERS_SHIFT as usize + bit);
-        (bit < MAX_READERS && readable(word) && word & member == 0).then_some(word | (1 << bit))
+        let joiner = 1u64 << bit;
+        (bit < MAX_READERS && readable(word) && word & (member | joiner) == 0)
+            .then_some(word | joiner)
     }
 
     /// True when `now` is still the publication the reader joined (`at`):
@@ -382,6 +386,10 @@ mod tests {
         assert!(super::word::joined(w, 1).is_none(), "a member never joins");
         assert!(super::word::joined(retracted(w), 0).is_none());
         assert!(still(joined, joined));
+        assert!(
+            super::word::joined(joined, 0).is_none(),
+            "once a publication"
+        );
     }
 
     #[test]

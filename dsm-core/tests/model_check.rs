@@ -1241,3 +1241,21 @@ fn direct_reads_cross_a_free() {
         0,
     );
 }
+
+#[test]
+fn direct_reads_of_copies_evicted_again_and_again() {
+    // Two readers copy, evict and copy again a page the home rewrites:
+    // each eviction notice must reach the home before the copy after it
+    // counts.
+    check_programs_reading_directly(
+        vec![
+            vec![Write(0), Read(0), Write(0)],
+            vec![Read(0), Read(0), Read(0)],
+            vec![Read(0), Read(0)],
+        ],
+        1,
+        Some(0),
+        3,
+        0,
+    );
+}

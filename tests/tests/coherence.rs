@@ -376,6 +376,51 @@ fn sequential_reads_racing_the_homes_writes_stay_coherent() {
     }
 }
 
+/// The direct reads of every rank of `out` (`DSM_STATS=1` lines).
+fn direct_reads(out: &Finished, ranks: usize) -> u64 {
+    (0..ranks)
+        .flat_map(|rank| out.lines_of(rank, &short_hostname(), "stderr"))
+        .filter_map(|line| {
+            let (_, after) = line.split_once("direct reads ")?;
+            after.split(' ').next()?.trim().parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Co-located ranks copy the pages their home holds read-only straight
+/// from its frame (`DSM_DIRECT_READS`, on by default, `dsm_core::board`):
+/// sealed pages, every value checked; and pages the home rewrites while
+/// two readers read them again and again through an 8-page cache, so
+/// that copies are evicted and copied again, and copies are retracted
+/// mid-copy: never a stale or half-written page, no lost store.
+#[test]
+fn direct_reads_between_co_located_ranks_stay_coherent() {
+    let env = [
+        ("DSM_SPACE_SIZE", "64M"),
+        ("DSM_BACKING", "memfd"),
+        ("DSM_PREFETCH", "0"),
+        ("DSM_STATS", "1"),
+    ];
+    let out = job(&env, 2, "faultlat", &["500"]);
+    if out.code != Some(0) && out.stderr.contains("is not available here") {
+        eprintln!("memfd backing not supported by this kernel, skipped: {out:?}");
+        return;
+    }
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // Every page but the first (read before the timing) comes directly.
+    assert!(direct_reads(&out, 2) >= 499, "{out:?}");
+    let cached = [env[0], env[1], env[2], env[3], ("DSM_CACHE_SIZE", "32K")];
+    let out = job(&cached, 3, "stress", &["scan", "20", "256"]);
+    out.expect_each_rank(3, "scan exact: 256 pages at round 20");
+    assert!(direct_reads(&out, 3) > 0, "{out:?}");
+    let out = job(&cached, 4, "stress", &["random", "4", "4000"]);
+    out.expect_each_rank(4, "random exact: 16 slots");
+    let off = [env[0], env[1], env[2], env[3], ("DSM_DIRECT_READS", "off")];
+    let out = job(&off, 2, "faultlat", &["500"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(direct_reads(&out, 2), 0, "{out:?}");
+}
+
 /// The memfd-backed space (pages written through an alias and mapped with
 /// UFFDIO_CONTINUE, or filled by UFFDIO_COPY when they have no frame; runs
 /// of read-ahead pages with one call per run, received straight into their

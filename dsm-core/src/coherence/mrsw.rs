@@ -638,21 +638,26 @@ impl Mrsw {
     // ---- direct reads between co-located ranks (`crate::board`) ----
 
     /// Reader: true when a read fault on `page` may copy it from its home's
-    /// frame instead of asking (homed elsewhere, no copy here, nothing in
-    /// flight for it: no request, no eviction notice the home may not have
-    /// handled, no free under way).
+    /// frame instead of asking (homed elsewhere, no copy here, no request
+    /// in flight, no free under way). The home's board says the rest: a
+    /// rank the home counts, whose eviction notice it has not handled yet,
+    /// does not join (`board::word::joined`).
     pub fn may_read_directly(&self, page: usize) -> bool {
         self.home_of(page) != self.rank
             && !self.private_or_beyond(page)
             && !self.waiting.contains_key(&page)
-            && self.local.get(page).is_some_and(|l| {
-                l.copy == Copy::Invalid && l.pending.is_none() && l.evicted.is_none() && !l.freeing
-            })
+            && self
+                .local
+                .get(page)
+                .is_some_and(|l| l.copy == Copy::Invalid && l.pending.is_none() && !l.freeing)
     }
 
     /// Reader: this rank copied `page` from its home's frame, which counts
     /// it among the readers (`add_direct_readers`): a read-only copy, held
-    /// as a grant is. Call only when `may_read_directly`.
+    /// as a grant is. Call only when `may_read_directly`. As after a grant,
+    /// no command about an earlier copy can still come: the home published
+    /// the page after it handled this rank's last eviction notice (or the
+    /// invalidation it crossed), with no transaction left.
     pub fn took_direct_copy(&mut self, page: usize, now: Time) -> Result<(), CoherenceError> {
         let hold = self.min_hold;
         let home = self.home_of(page);
@@ -666,6 +671,7 @@ impl Mrsw {
         let lp = self.local(page)?;
         lp.copy = Copy::Shared;
         lp.lost = None;
+        lp.evicted = None;
         lp.held_until = now.saturating_add(hold);
         self.cached += 1;
         Ok(())
