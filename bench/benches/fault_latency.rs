@@ -332,7 +332,9 @@ fn dsm_read_fault(
             // SAFETY: the pointers are into the mapped spaces of `owner` and
             // `reader`, which live until `dsms` is dropped after the group.
             unsafe { &*o }.store(generation, Relaxed);
-            assert_eq!(unsafe { &*r }.load(Relaxed), generation);
+            // SAFETY: as above.
+            let read = unsafe { &*r }.load(Relaxed);
+            assert_eq!(read, generation);
         }
     }
     let mut g = c.benchmark_group(group);
