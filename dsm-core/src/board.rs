@@ -350,9 +350,11 @@ impl PeerFrames {
         }
     }
 
-    /// Step 2: the page's bytes in the home's frame.
-    pub fn copy(&self, page: usize, out: &mut [u8; PAGE_SIZE]) -> std::io::Result<()> {
-        self.space.read_exact_at(out, (page * PAGE_SIZE) as u64)
+    /// Step 2: the bytes of the pages from `first` in the home's frames,
+    /// as many as `out` holds (whole pages).
+    pub fn copy(&self, first: usize, out: &mut [u8]) -> std::io::Result<()> {
+        debug_assert_eq!(out.len() % PAGE_SIZE, 0);
+        self.space.read_exact_at(out, (first * PAGE_SIZE) as u64)
     }
 
     /// Step 3: true when the copy is current and this rank counted as a
@@ -436,7 +438,7 @@ mod tests {
         home.publish(3, 0);
         let joined = reader.join(3).expect("published");
         let mut page = [0u8; PAGE_SIZE];
-        reader.copy(3, &mut page).expect("copy");
+        reader.copy(3, &mut page[..]).expect("copy");
         assert_eq!(page[0], 7);
         assert!(reader.finish(3, joined));
         assert_eq!(home.retract(3), 1 << 2, "the home counts the reader");

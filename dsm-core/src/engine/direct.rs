@@ -26,9 +26,15 @@ pub(super) struct Direct {
     readers: Vec<Rank>,
     /// The co-located homes' boards and frames, by rank.
     peers: Vec<Option<PeerFrames>>,
-    /// Where a page copied from a home's frame lands before it is mapped.
-    copy: Box<[u8; PAGE_SIZE]>,
+    /// The words a direct read joined, and which of them held, page by
+    /// page of its run (kept to spare an allocation per fault).
+    joined: Vec<u64>,
+    current: Vec<bool>,
 }
+
+/// Most pages one fault copies directly (a sequential stream's run):
+/// 256 KiB.
+pub(super) const DIRECT_RUN_MAX: usize = 64;
 
 impl Direct {
     pub(super) fn new(size: usize, pages: usize) -> Direct {
@@ -37,7 +43,8 @@ impl Direct {
             published: PageSet::new(pages),
             readers: Vec::new(),
             peers: (0..size).map(|_| None).collect(),
-            copy: Box::new([0u8; PAGE_SIZE]),
+            joined: Vec::new(),
+            current: Vec::new(),
         }
     }
 }
@@ -105,45 +112,108 @@ impl Engine {
     }
 
     /// A read fault on `page`: copied from its co-located home's frame if
-    /// the home publishes it (true: served). False when the page is to be
-    /// asked for; if the home counted this rank during the copy, the copy
-    /// was given up as an eviction first.
-    pub(super) fn read_directly(&mut self, page: usize) -> Result<bool, DsmError> {
+    /// the home publishes it, with the pages after it that may be read the
+    /// same way, up to `run` pages in all (one copy and one mapping call
+    /// for the run). `Some(end)`: the fault is served, pages up to `end`
+    /// were looked at. `None`: the page is to be asked for; if the home
+    /// counted this rank during the copy, the copy was given up as an
+    /// eviction first.
+    pub(super) fn read_directly(
+        &mut self,
+        page: usize,
+        run: usize,
+    ) -> Result<Option<usize>, DsmError> {
         let now = self.now();
         let Node::Mrsw(node) = &mut self.node else {
-            return Ok(false);
+            return Ok(None);
         };
         let home = node.home_of(page);
         let Some(Some(frames)) = self.direct.peers.get(home) else {
-            return Ok(false);
+            return Ok(None);
         };
-        if !node.may_read_directly(page) {
-            return Ok(false);
+        // Joined in order, up to the first page that may not be: of another
+        // home or segment, held or asked for here, not published.
+        let joined = &mut self.direct.joined;
+        joined.clear();
+        for p in page..(page + run.clamp(1, DIRECT_RUN_MAX)).min(node.pages()) {
+            let known = p == page || !self.registry.in_heap(p) || self.registry.find(p).is_some();
+            if !known
+                || self.rc.contains(p)
+                || node.home_of(p) != home
+                || !node.may_read_directly(p)
+            {
+                break;
+            }
+            match frames.join(p) {
+                Some(word) => joined.push(word),
+                None => break,
+            }
         }
-        let Some(joined) = frames.join(page) else {
-            return Ok(false);
+        if joined.is_empty() {
+            return Ok(None);
+        }
+        let end = page + joined.len();
+        // Copied straight into the pages' frames (the alias), which nothing
+        // maps or writes meanwhile: this rank holds them not, asks for them
+        // not, and holds the engine's lock.
+        let copied = match self.faults.landing(page, joined.len(), Vec::new()) {
+            Some(mut frames_here) => frames.copy(page, frames_here.bytes()),
+            None => Err(std::io::Error::other("no frames to copy into")),
         };
-        let copied = frames.copy(page, &mut self.direct.copy);
         if let Err(e) = &copied {
-            tracing::warn!("rank {}: reading rank {home}'s page {page}: {e}", self.rank);
+            tracing::warn!(
+                "rank {}: reading rank {home}'s pages {page}..{end}: {e}",
+                self.rank
+            );
         }
-        if copied.is_ok() && frames.finish(page, joined) {
-            node.took_direct_copy(page, now)?;
-            self.faults.install_readonly(page, &self.direct.copy)?;
-            Stats::add(&self.stats.direct_reads, 1);
-            self.cache.installed(page);
+        // Every page whose publication held through the copy is installed;
+        // the others were counted by the home meanwhile and are given up.
+        let mut current = std::mem::take(&mut self.direct.current);
+        current.clear();
+        current.extend(
+            joined
+                .iter()
+                .enumerate()
+                .map(|(i, word)| copied.is_ok() && frames.finish(page + i, *word)),
+        );
+        let mut given_up = Vec::new();
+        for (i, &ok) in current.iter().enumerate() {
+            if ok {
+                node.took_direct_copy(page + i, now)?;
+            } else {
+                given_up.extend(node.direct_read_failed(page + i, now)?);
+            }
+        }
+        let whole = current.iter().take_while(|ok| **ok).count();
+        if whole > 0 {
+            self.faults.install_landed_run(page, whole)?;
+        }
+        for (i, _) in current
+            .iter()
+            .enumerate()
+            .skip(whole)
+            .filter(|(_, ok)| **ok)
+        {
+            self.faults.install_landed_run(page + i, 1)?;
+        }
+        let installed = current.iter().filter(|ok| **ok).count();
+        for (i, _) in current.iter().enumerate().filter(|(_, ok)| **ok) {
+            self.cache.installed(page + i);
+        }
+        let served = current.first().copied().unwrap_or(false);
+        self.direct.current = current;
+        Stats::add(&self.stats.direct_reads, installed as u64);
+        if installed > 0 {
             Stats::raise(
                 &self.stats.peak_cached_bytes,
                 (self.cached() * PAGE_SIZE) as u64,
             );
-            return Ok(true);
         }
-        // Counted by the home (or about to be, after a failed copy) and
-        // holding nothing: said as an eviction.
-        let actions = node.direct_read_failed(page, now)?;
-        Stats::add(&self.stats.direct_reads_given_up, 1);
-        self.apply(actions, Carried::Nothing)?;
-        Ok(false)
+        if !given_up.is_empty() {
+            Stats::add(&self.stats.direct_reads_given_up, given_up.len() as u64);
+            self.apply(given_up, Carried::Nothing)?;
+        }
+        Ok(served.then_some(end))
     }
 
     /// Before a step of the protocol on `page` at this rank: if it is

@@ -16,6 +16,7 @@
 //! (`landing.rs`), which maps the page and wakes the thread
 //! ([`crate::sigbus::Waiters`]).
 
+use super::direct::DIRECT_RUN_MAX;
 use super::landing::{RunBytes, RunOp};
 use super::protocol::{filled_page, Carried};
 use super::segments::Parked;
@@ -320,8 +321,22 @@ impl Engine {
             return Ok(());
         }
         let rc = self.rc.contains(fault.page);
-        if !fault.write && !rc && self.read_directly(fault.page)? {
-            return Ok(());
+        let ahead = if fault.write {
+            0..0
+        } else {
+            self.stream.on_read_fault(fault.page)
+        };
+        if !fault.write && !rc {
+            // A stream copies a run of pages directly, as read-ahead would.
+            let run = if self.stream.streaming() {
+                DIRECT_RUN_MAX
+            } else {
+                1
+            };
+            if let Some(end) = self.read_directly(fault.page, run)? {
+                self.stream.copied_to(end);
+                return Ok(());
+            }
         }
         let actions = match &mut self.node {
             _ if rc => self.release.on_fault(fault.page, fault.write)?,
@@ -349,11 +364,6 @@ impl Engine {
         } else {
             self.apply(actions, Carried::Nothing)?;
             None
-        };
-        let ahead = if fault.write {
-            0..0
-        } else {
-            self.stream.on_read_fault(fault.page)
         };
         if !ahead.is_empty() || regaining {
             // The demand request leaves alone, ahead of the batch asked for

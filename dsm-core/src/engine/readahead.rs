@@ -42,6 +42,18 @@ impl Stream {
         self.requested_to = self.requested_to.max(to);
     }
 
+    /// True once the faults make a stream (read-ahead would start).
+    pub(super) fn streaming(&self) -> bool {
+        self.max_depth > 0 && self.run >= STREAM_MIN_RUN
+    }
+
+    /// The pages up to `to` (exclusive) were copied with the last fault
+    /// (direct reads): the next fault, at `to`, goes on with the stream,
+    /// and the pages after are not taken as requested.
+    pub(super) fn copied_to(&mut self, to: usize) {
+        self.requested_to = to;
+    }
+
     /// Records a read fault; returns the pages to request ahead.
     pub(super) fn on_read_fault(&mut self, page: usize) -> std::ops::Range<usize> {
         // The next page, or a page of the window requested ahead (those
