@@ -30,6 +30,8 @@ pub(super) struct Direct {
     /// page of its run (kept to spare an allocation per fault).
     joined: Vec<u64>,
     current: Vec<bool>,
+    /// Where the pages copied land before they are mapped.
+    copy: Vec<u8>,
 }
 
 /// Most pages one fault copies directly (a sequential stream's run):
@@ -45,6 +47,7 @@ impl Direct {
             peers: (0..size).map(|_| None).collect(),
             joined: Vec::new(),
             current: Vec::new(),
+            copy: Vec::new(),
         }
     }
 }
@@ -153,13 +156,9 @@ impl Engine {
             return Ok(None);
         }
         let end = page + joined.len();
-        // Copied straight into the pages' frames (the alias), which nothing
-        // maps or writes meanwhile: this rank holds them not, asks for them
-        // not, and holds the engine's lock.
-        let copied = match self.faults.landing(page, joined.len(), Vec::new()) {
-            Some(mut frames_here) => frames.copy(page, frames_here.bytes()),
-            None => Err(std::io::Error::other("no frames to copy into")),
-        };
+        let copy = &mut self.direct.copy;
+        copy.resize(joined.len() * PAGE_SIZE, 0);
+        let copied = frames.copy(page, copy);
         if let Err(e) = &copied {
             tracing::warn!(
                 "rank {}: reading rank {home}'s pages {page}..{end}: {e}",
@@ -186,7 +185,8 @@ impl Engine {
         }
         let whole = current.iter().take_while(|ok| **ok).count();
         if whole > 0 {
-            self.faults.install_landed_run(page, whole)?;
+            self.faults
+                .install_readonly_run(page, &self.direct.copy[..whole * PAGE_SIZE])?;
         }
         for (i, _) in current
             .iter()
@@ -194,7 +194,9 @@ impl Engine {
             .skip(whole)
             .filter(|(_, ok)| **ok)
         {
-            self.faults.install_landed_run(page + i, 1)?;
+            let at = i * PAGE_SIZE;
+            self.faults
+                .install_readonly_run(page + i, &self.direct.copy[at..at + PAGE_SIZE])?;
         }
         let installed = current.iter().filter(|ok| **ok).count();
         for (i, _) in current.iter().enumerate().filter(|(_, ok)| **ok) {
