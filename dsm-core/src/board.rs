@@ -357,6 +357,16 @@ impl PeerFrames {
         self.space.read_exact_at(out, (first * PAGE_SIZE) as u64)
     }
 
+    /// Before this rank drops its copy of `page`: true when its joiner bit
+    /// was still set (taken back now: the home never counted this rank,
+    /// and hears nothing of the drop); false when the home counted it.
+    pub fn withdraw(&self, page: usize) -> bool {
+        let joiner = 1u64 << self.bit;
+        self.board
+            .word(page)
+            .is_some_and(|w| w.fetch_and(!joiner, Ordering::SeqCst) & joiner != 0)
+    }
+
     /// Step 3: true when the copy is current and this rank counted as a
     /// reader; false when the home retracted the page meanwhile (this rank
     /// is then counted all the same, and holds nothing).
@@ -441,7 +451,12 @@ mod tests {
         reader.copy(3, &mut page[..]).expect("copy");
         assert_eq!(page[0], 7);
         assert!(reader.finish(3, joined));
+        assert!(reader.withdraw(3), "not counted yet: taken back");
+        assert_eq!(home.retract(3), 0);
+        home.publish(3, 0);
+        let joined = reader.join(3).expect("published again");
         assert_eq!(home.retract(3), 1 << 2, "the home counts the reader");
+        assert!(!reader.withdraw(3), "counted: the drop is told");
         assert!(!reader.finish(3, joined));
         assert!(reader.join(99).is_none(), "beyond the board");
         let wrong = Offer {

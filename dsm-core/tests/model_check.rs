@@ -511,9 +511,20 @@ impl Model {
                 }
                 let mut s = w.clone();
                 s.evictions_left -= 1;
+                // A copy taken directly that the home has not counted yet:
+                // the joiner bit taken back, nothing said (as the engine).
+                let joiner = 1u64 << rank;
+                let unseen = self.direct
+                    && s.nodes[rank].copy_of(page) == Some(Copy::Shared)
+                    && word::joiners(s.board[page]) & joiner != 0;
+                if unseen {
+                    s.board[page] &= !joiner;
+                }
                 // Where homes push, a reader's drop is a consumer's drop
                 // of a copy a push served: lost, to be asked back in a run.
-                let actions = if self.pushes > 0 {
+                let actions = if unseen {
+                    s.nodes[rank].evict_unseen(page, now)
+                } else if self.pushes > 0 {
                     s.nodes[rank].evict_served_push(page, now)
                 } else {
                     s.nodes[rank].evict(page, now)

@@ -691,6 +691,17 @@ impl Mrsw {
         Ok(actions)
     }
 
+    /// Reader: gives up a copy of `page` taken directly that its home has
+    /// not counted (this rank took its joiner bit back from the board): as
+    /// `evict`, but the home is told nothing, and no command about the copy
+    /// can come.
+    pub fn evict_unseen(&mut self, page: usize, now: Time) -> Actions {
+        let mut actions = self.evict(page, now)?;
+        actions.retain(|a| !matches!(a, Action::Send { .. }));
+        self.local(page)?.evicted = None;
+        Ok(actions)
+    }
+
     /// Home: ranks that copied `page` from this rank's frame since its
     /// last retraction are among its readers. Called before any step of
     /// the protocol on the page (the board retracted first).

@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use super::protocol::Carried;
 use super::{Engine, Node};
 use crate::board::{self, OwnBoard, PeerFrames};
+use crate::coherence::mrsw::Copy;
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
 use crate::pages::PageSet;
@@ -216,6 +217,20 @@ impl Engine {
             self.apply(given_up, Carried::Nothing)?;
         }
         Ok(served.then_some(end))
+    }
+
+    /// True when this rank's copy of `page` was copied directly and its
+    /// home has not counted it yet: it takes its joiner bit back, and the
+    /// copy may then go with no notice (`Mrsw::evict_unseen`). Call only
+    /// when about to evict the copy.
+    pub(super) fn unseen_direct_copy(&self, page: usize) -> bool {
+        let Node::Mrsw(node) = &self.node else {
+            return false;
+        };
+        match self.direct.peers.get(node.home_of(page)) {
+            Some(Some(frames)) => node.copy_of(page) == Some(Copy::Shared) && frames.withdraw(page),
+            _ => false,
+        }
     }
 
     /// Before a step of the protocol on `page` at this rank: if it is

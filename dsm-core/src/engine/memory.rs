@@ -150,7 +150,7 @@ impl Engine {
                 self.apply(actions, Carried::Nothing)?;
                 continue;
             }
-            let Node::Mrsw(node) = &mut self.node else {
+            let Node::Mrsw(node) = &self.node else {
                 return Ok(());
             };
             match node.copy_of(page) {
@@ -163,7 +163,16 @@ impl Engine {
                 Some(Copy::Shared) => Stats::add(&self.stats.evictions_clean, 1),
                 Some(Copy::Modified) => {}
             }
-            let actions = node.evict(page, now)?;
+            // Evictable, so it goes now: a direct copy the home never
+            // counted goes with no notice.
+            let unseen = self.unseen_direct_copy(page);
+            let Node::Mrsw(node) = &mut self.node else {
+                return Ok(());
+            };
+            let actions = match unseen {
+                true => node.evict_unseen(page, now)?,
+                false => node.evict(page, now)?,
+            };
             self.apply(actions, Carried::Nothing)?;
         }
         Ok(())
