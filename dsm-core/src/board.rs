@@ -131,13 +131,17 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn bytes_for(pages: usize) -> usize {
-        HEADER_BYTES + pages.div_ceil(PAGE_SIZE / 8) * PAGE_SIZE
+    /// The board's bytes for `pages` pages (`None`: beyond any size).
+    fn bytes_for(pages: usize) -> Option<usize> {
+        pages
+            .div_ceil(PAGE_SIZE / 8)
+            .checked_mul(PAGE_SIZE)?
+            .checked_add(HEADER_BYTES)
     }
 
     fn map(fd: &OwnedFd, pages: usize) -> Result<Mapping, nix::errno::Errno> {
         use nix::sys::mman::{MapFlags, ProtFlags};
-        let len = Self::bytes_for(pages);
+        let len = Self::bytes_for(pages).ok_or(nix::errno::Errno::EOVERFLOW)?;
         let length = std::num::NonZeroUsize::new(len).ok_or(nix::errno::Errno::EINVAL)?;
         // SAFETY: a new shared mapping of a memfd at an address the kernel
         // picks: it replaces nothing. Its length is the board's size, which
@@ -203,7 +207,7 @@ impl OwnBoard {
         let memfd =
             nix::sys::memfd::memfd_create(c"dsm-board", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
                 .map_err(|e| fail("memfd_create", &e))?;
-        let len = Mapping::bytes_for(pages);
+        let len = Mapping::bytes_for(pages).ok_or_else(|| fail("sizing it", &"too many pages"))?;
         nix::unistd::ftruncate(&memfd, len as i64).map_err(|e| fail("sizing it", &e))?;
         let mapping = Mapping::map(&memfd, pages).map_err(|e| fail("mapping it", &e))?;
         let mut nonce = [0u8; 8];
@@ -232,9 +236,13 @@ impl OwnBoard {
     /// Before a step of the protocol on `page`: nobody may read it from
     /// the frame any more; returns the bits of the readers that joined.
     pub fn retract(&self, page: usize) -> u64 {
-        self.mapping.word(page).map_or(0, |w| {
+        let joiners = self.mapping.word(page).map_or(0, |w| {
             word::joiners(w.fetch_and(word::VERSION, Ordering::SeqCst))
-        })
+        });
+        // Readers see the retraction before any change of the frame that
+        // follows (a full fence on every architecture, not only x86).
+        fence(Ordering::SeqCst);
+        joiners
     }
 
     /// After a step: `page` may be read from the frame, by readers other
@@ -280,13 +288,25 @@ impl PeerFrames {
     /// Opens what rank `rank` offered.
     pub fn open(rank: usize, offer: &Offer) -> Result<PeerFrames, BoardError> {
         let fail = |what: &'static str, detail: String| BoardError::Open { rank, what, detail };
+        // Non-blocking, and only a regular file (a memfd is one): if the
+        // home's process is gone and its pid reused, the descriptor may be
+        // anything, a FIFO whose open would block the engine.
         let open = |fd: i32, write: bool, what: &'static str| {
+            use std::os::unix::fs::OpenOptionsExt;
             let path = format!("/proc/{}/fd/{fd}", offer.pid);
-            File::options()
+            let file = File::options()
                 .read(true)
                 .write(write)
+                .custom_flags(libc::O_NONBLOCK)
                 .open(&path)
-                .map_err(|e| fail(what, format!("{path}: {e}")))
+                .map_err(|e| fail(what, format!("{path}: {e}")))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| fail(what, format!("{path}: {e}")))?;
+            if !meta.is_file() {
+                return Err(fail(what, format!("{path} is not a memfd")));
+            }
+            Ok((file, meta))
         };
         if usize::from(offer.bit) >= word::MAX_READERS {
             return Err(fail(
@@ -294,13 +314,10 @@ impl PeerFrames {
                 format!("reader bit {} out of range", offer.bit),
             ));
         }
-        let board_file = open(offer.board_fd, true, "board")?;
-        let size = board_file
-            .metadata()
-            .map_err(|e| fail("board", e.to_string()))?
-            .len();
+        let (board_file, meta) = open(offer.board_fd, true, "board")?;
+        let size = meta.len();
         let pages = usize::try_from(offer.pages).map_err(|e| fail("board", e.to_string()))?;
-        if size < Mapping::bytes_for(pages) as u64 {
+        if Mapping::bytes_for(pages).is_none_or(|need| size < need as u64) {
             return Err(fail(
                 "board",
                 format!("{size} bytes, short for {pages} pages"),
@@ -308,22 +325,19 @@ impl PeerFrames {
         }
         let board = Mapping::map(&OwnedFd::from(board_file), pages)
             .map_err(|e| fail("board", format!("mapping it: {e}")))?;
-        let (magic, nonce) = (
+        let (magic, nonce, covered) = (
             board.header(0).load(Ordering::Relaxed),
             board.header(1).load(Ordering::Relaxed),
+            board.header(2).load(Ordering::Acquire),
         );
-        if magic != MAGIC || nonce != offer.nonce {
+        if magic != MAGIC || nonce != offer.nonce || covered != offer.pages {
             return Err(fail(
                 "board",
                 "not the board offered (nonce differs)".into(),
             ));
         }
-        let space = open(offer.space_fd, false, "space")?;
-        let inode = space
-            .metadata()
-            .map_err(|e| fail("space", e.to_string()))?
-            .ino();
-        if inode != offer.space_inode {
+        let (space, meta) = open(offer.space_fd, false, "space")?;
+        if meta.ino() != offer.space_inode {
             return Err(fail(
                 "space",
                 "not the memfd offered (inode differs)".into(),

@@ -1270,3 +1270,20 @@ fn direct_reads_of_copies_evicted_again_and_again() {
         0,
     );
 }
+
+#[test]
+fn direct_reads_after_a_writable_copy_given_back_across_a_recall() {
+    // Rank 1 writes the page and gives its writable copy back while the
+    // home's read recalls it: the recall may still be on its way when the
+    // home publishes the page again, so rank 1 copies it by message first.
+    check_programs_reading_directly(
+        vec![
+            vec![Read(0), Write(0), Read(0)],
+            vec![Write(0), Read(0), Read(0)],
+        ],
+        1,
+        Some(0),
+        2,
+        1,
+    );
+}

@@ -641,23 +641,29 @@ impl Mrsw {
     /// frame instead of asking (homed elsewhere, no copy here, no request
     /// in flight, no free under way). The home's board says the rest: a
     /// rank the home counts, whose eviction notice it has not handled yet,
-    /// does not join (`board::word::joined`).
+    /// does not join (`board::word::joined`). After a writable copy given
+    /// back, the next copy comes by message: the write-back answers a
+    /// recall that crossed it, so the home may publish the page before that
+    /// recall reaches this rank, and only a grant, behind it on the same
+    /// link, ends the wait for it (the model checker found it).
     pub fn may_read_directly(&self, page: usize) -> bool {
         self.home_of(page) != self.rank
             && !self.private_or_beyond(page)
             && !self.waiting.contains_key(&page)
-            && self
-                .local
-                .get(page)
-                .is_some_and(|l| l.copy == Copy::Invalid && l.pending.is_none() && !l.freeing)
+            && self.local.get(page).is_some_and(|l| {
+                l.copy == Copy::Invalid
+                    && l.pending.is_none()
+                    && !l.freeing
+                    && l.evicted != Some(Copy::Modified)
+            })
     }
 
     /// Reader: this rank copied `page` from its home's frame, which counts
     /// it among the readers (`add_direct_readers`): a read-only copy, held
     /// as a grant is. Call only when `may_read_directly`. As after a grant,
-    /// no command about an earlier copy can still come: the home published
-    /// the page after it handled this rank's last eviction notice (or the
-    /// invalidation it crossed), with no transaction left.
+    /// no command about an earlier read-only copy can still come: the home
+    /// published the page with no transaction left, so it had this rank's
+    /// acknowledgement of any invalidation its eviction notice crossed.
     pub fn took_direct_copy(&mut self, page: usize, now: Time) -> Result<(), CoherenceError> {
         let hold = self.min_hold;
         let home = self.home_of(page);

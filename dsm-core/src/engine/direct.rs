@@ -21,6 +21,9 @@ use crate::Rank;
 pub(super) struct Direct {
     /// This rank's board, if some co-located rank may read its pages.
     own: Option<OwnBoard>,
+    /// This rank reads co-located homes' pages directly (it set up its
+    /// own board: `DSM_DIRECT_READS`): their offers are taken.
+    accept_offers: bool,
     /// Pages published on it (retracting any other costs nothing).
     published: PageSet,
     /// The co-located readers of this rank's board, by their bit.
@@ -43,6 +46,7 @@ impl Direct {
     pub(super) fn new(size: usize, pages: usize) -> Direct {
         Direct {
             own: None,
+            accept_offers: false,
             published: PageSet::new(pages),
             readers: Vec::new(),
             peers: (0..size).map(|_| None).collect(),
@@ -56,13 +60,14 @@ impl Direct {
 impl Engine {
     /// Creates this rank's board and offers it, with the space's memfd
     /// (`space`), to every rank that shares memory with it (at most
-    /// `board::word::MAX_READERS`). Sequentially consistent protocol only;
-    /// without such a rank, or if the board cannot be made (logged), pages
-    /// are only ever asked for.
+    /// `board::word::MAX_READERS`), and takes their offers. Sequentially
+    /// consistent protocol only; without such a rank, or if the board
+    /// cannot be made (logged), this rank's pages are only ever asked for.
     pub(crate) fn share_frames(&mut self, space: BorrowedFd<'_>) -> Result<(), DsmError> {
         let Node::Mrsw(node) = &self.node else {
             return Ok(());
         };
+        self.direct.accept_offers = true;
         let pages = node.pages();
         let readers: Vec<Rank> = (0..self.size)
             .filter(|r| *r != self.rank && self.transport.shares_memory_with(*r))
@@ -98,11 +103,24 @@ impl Engine {
     }
 
     /// A co-located home offered its board and frames: opened, or left
-    /// (logged) if this process may not or the offer does not hold.
+    /// (logged) if this process may not or the offer does not hold, or
+    /// this rank reads nothing directly (`DSM_DIRECT_READS=off`).
     pub(super) fn on_share_frames(&mut self, from: Rank, offer: &board::Offer) {
+        let pages = match &self.node {
+            Node::Mrsw(node) if self.direct.accept_offers => node.pages(),
+            _ => return,
+        };
         let Some(slot) = self.direct.peers.get_mut(from) else {
             return;
         };
+        if offer.pages != pages as u64 {
+            tracing::warn!(
+                "rank {}: asking rank {from} for its pages: its board covers {} pages, the space {pages}",
+                self.rank,
+                offer.pages
+            );
+            return;
+        }
         match PeerFrames::open(from, offer) {
             Ok(frames) => {
                 tracing::debug!("rank {}: reads rank {from}'s pages directly", self.rank);
@@ -127,6 +145,15 @@ impl Engine {
         page: usize,
         run: usize,
     ) -> Result<Option<usize>, DsmError> {
+        if !matches!(
+            self.direct.peers.get(self.home_of_page(page)),
+            Some(Some(_))
+        ) {
+            return Ok(None);
+        }
+        // A fault replayed inside a batch: a drop staged for a page of the
+        // run must happen before the run is mapped.
+        self.run_staged()?;
         let now = self.now();
         let Node::Mrsw(node) = &mut self.node else {
             return Ok(None);
@@ -200,6 +227,7 @@ impl Engine {
                 .install_readonly_run(page + i, &self.direct.copy[at..at + PAGE_SIZE])?;
         }
         let installed = current.iter().filter(|ok| **ok).count();
+        self.pages_since_memory_check += installed;
         for (i, _) in current.iter().enumerate().filter(|(_, ok)| **ok) {
             self.cache.installed(page + i);
         }
@@ -217,6 +245,13 @@ impl Engine {
             self.apply(given_up, Carried::Nothing)?;
         }
         Ok(served.then_some(end))
+    }
+
+    fn home_of_page(&self, page: usize) -> Rank {
+        match &self.node {
+            Node::Mrsw(node) => node.home_of(page),
+            Node::Migratory(_) => self.rank,
+        }
     }
 
     /// True when this rank's copy of `page` was copied directly and its

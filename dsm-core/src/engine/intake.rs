@@ -321,6 +321,7 @@ impl Engine {
             return Ok(());
         }
         let rc = self.rc.contains(fault.page);
+        let requested_before = self.stream.requested_to;
         let ahead = if fault.write {
             0..0
         } else {
@@ -334,7 +335,8 @@ impl Engine {
                 1
             };
             if let Some(end) = self.read_directly(fault.page, run)? {
-                self.stream.copied_to(end);
+                // The window computed for this fault was not asked for.
+                self.stream.requested_to = requested_before.max(end);
                 return Ok(());
             }
         }

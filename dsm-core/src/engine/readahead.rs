@@ -47,13 +47,6 @@ impl Stream {
         self.max_depth > 0 && self.run >= STREAM_MIN_RUN
     }
 
-    /// The pages up to `to` (exclusive) were copied with the last fault
-    /// (direct reads): the next fault, at `to`, goes on with the stream,
-    /// and the pages after are not taken as requested.
-    pub(super) fn copied_to(&mut self, to: usize) {
-        self.requested_to = to;
-    }
-
     /// Records a read fault; returns the pages to request ahead.
     pub(super) fn on_read_fault(&mut self, page: usize) -> std::ops::Range<usize> {
         // The next page, or a page of the window requested ahead (those
