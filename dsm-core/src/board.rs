@@ -297,7 +297,7 @@ impl PeerFrames {
             let file = File::options()
                 .read(true)
                 .write(write)
-                .custom_flags(libc::O_NONBLOCK)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
                 .open(&path)
                 .map_err(|e| fail(what, format!("{path}: {e}")))?;
             let meta = file
@@ -330,7 +330,13 @@ impl PeerFrames {
             board.header(1).load(Ordering::Relaxed),
             board.header(2).load(Ordering::Acquire),
         );
-        if magic != MAGIC || nonce != offer.nonce || covered != offer.pages {
+        if covered != offer.pages {
+            return Err(fail(
+                "board",
+                format!("it covers {covered} pages, not the {} offered", offer.pages),
+            ));
+        }
+        if magic != MAGIC || nonce != offer.nonce {
             return Err(fail(
                 "board",
                 "not the board offered (nonce differs)".into(),

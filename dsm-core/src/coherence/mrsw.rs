@@ -703,6 +703,14 @@ impl Mrsw {
     /// can come.
     pub fn evict_unseen(&mut self, page: usize, now: Time) -> Actions {
         let mut actions = self.evict(page, now)?;
+        if actions.is_empty() {
+            // The copy would stay while its home does not count it.
+            return Err(Self::unexpected(
+                page,
+                self.home_of(page),
+                "an unseen eviction of a copy that may not go now",
+            ));
+        }
         actions.retain(|a| !matches!(a, Action::Send { .. }));
         self.local(page)?.evicted = None;
         Ok(actions)

@@ -335,8 +335,14 @@ impl Engine {
                 1
             };
             if let Some(end) = self.read_directly(fault.page, run)? {
-                // The window computed for this fault was not asked for.
-                self.stream.requested_to = requested_before.max(end);
+                // The window computed for this fault was not asked for: a
+                // stream goes on from before it, a new one from this page.
+                let base = if self.stream.run == 0 {
+                    fault.page + 1
+                } else {
+                    requested_before
+                };
+                self.stream.requested_to = base.max(end);
                 return Ok(());
             }
         }
