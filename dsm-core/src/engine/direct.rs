@@ -33,7 +33,7 @@ pub(super) struct Direct {
     /// The words a direct read joined, and which of them held, page by
     /// page of its run (kept to spare an allocation per fault).
     joined: Vec<u64>,
-    current: Vec<bool>,
+    held: Vec<bool>,
     /// Where the pages copied land before they are mapped.
     copy: Vec<u8>,
 }
@@ -51,7 +51,7 @@ impl Direct {
             readers: Vec::new(),
             peers: (0..size).map(|_| None).collect(),
             joined: Vec::new(),
-            current: Vec::new(),
+            held: Vec::new(),
             copy: Vec::new(),
         }
     }
@@ -195,44 +195,39 @@ impl Engine {
         }
         // Every page whose publication held through the copy is installed;
         // the others were counted by the home meanwhile and are given up.
-        let mut current = std::mem::take(&mut self.direct.current);
-        current.clear();
-        current.extend(
+        let mut held = std::mem::take(&mut self.direct.held);
+        held.clear();
+        held.extend(
             joined
                 .iter()
                 .enumerate()
                 .map(|(i, word)| copied.is_ok() && frames.finish(page + i, *word)),
         );
         let mut given_up = Vec::new();
-        for (i, &ok) in current.iter().enumerate() {
+        for (i, &ok) in held.iter().enumerate() {
             if ok {
                 node.took_direct_copy(page + i, now)?;
             } else {
                 given_up.extend(node.direct_read_failed(page + i, now)?);
             }
         }
-        let whole = current.iter().take_while(|ok| **ok).count();
+        let whole = held.iter().take_while(|ok| **ok).count();
         if whole > 0 {
             self.faults
                 .install_readonly_run(page, &self.direct.copy[..whole * PAGE_SIZE])?;
         }
-        for (i, _) in current
-            .iter()
-            .enumerate()
-            .skip(whole)
-            .filter(|(_, ok)| **ok)
-        {
+        for (i, _) in held.iter().enumerate().skip(whole).filter(|(_, ok)| **ok) {
             let at = i * PAGE_SIZE;
             self.faults
                 .install_readonly_run(page + i, &self.direct.copy[at..at + PAGE_SIZE])?;
         }
-        let installed = current.iter().filter(|ok| **ok).count();
+        let installed = held.iter().filter(|ok| **ok).count();
         self.pages_since_memory_check += installed;
-        for (i, _) in current.iter().enumerate().filter(|(_, ok)| **ok) {
+        for (i, _) in held.iter().enumerate().filter(|(_, ok)| **ok) {
             self.cache.installed(page + i);
         }
-        let served = current.first().copied().unwrap_or(false);
-        self.direct.current = current;
+        let served = held.first().copied().unwrap_or(false);
+        self.direct.held = held;
         Stats::add(&self.stats.direct_reads, installed as u64);
         if installed > 0 {
             Stats::raise(
