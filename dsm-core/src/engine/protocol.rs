@@ -459,11 +459,15 @@ impl Engine {
                         self.faults.write_protect(page, 1)?;
                     }
                     let rank = self.rank;
+                    // A step of the home, also when a timer brings it (a
+                    // recall deferred by the copy's hold, as a seal's).
+                    self.retract_direct(page)?;
                     let actions = self.counted(|node| match node {
                         Node::Mrsw(n) => n.on_write_back(rank, page),
                         Node::Migratory(_) => Ok(Vec::new()),
                     })?;
                     self.apply(actions, Carried::OwnCopy)?;
+                    self.publish_direct(page);
                 }
                 Action::WriteBack {
                     to,
