@@ -139,28 +139,12 @@ impl Mapping {
             .checked_add(HEADER_BYTES)
     }
 
+    /// Its length is the board's size, which the creator set with
+    /// `ftruncate` (checked by the opener).
     fn map(fd: &OwnedFd, pages: usize) -> Result<Mapping, nix::errno::Errno> {
-        use nix::sys::mman::{MapFlags, ProtFlags};
         let len = Self::bytes_for(pages).ok_or(nix::errno::Errno::EOVERFLOW)?;
-        let length = std::num::NonZeroUsize::new(len).ok_or(nix::errno::Errno::EINVAL)?;
-        // SAFETY: a new shared mapping of a memfd at an address the kernel
-        // picks: it replaces nothing. Its length is the board's size, which
-        // the creator set with `ftruncate` (checked by the opener).
-        let mapped = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                length,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                fd,
-                0,
-            )
-        }?;
-        Ok(Mapping {
-            addr: mapped.as_ptr() as usize,
-            len,
-            pages,
-        })
+        let addr = crate::fault::map_shared_anywhere(fd, len)?;
+        Ok(Mapping { addr, len, pages })
     }
 
     fn header(&self, index: usize) -> &AtomicU64 {

@@ -369,11 +369,12 @@ impl Drop for Region {
 }
 
 /// Maps `len` bytes of `fd` shared, readable and writable, where the kernel
-/// picks (the alias of a memfd-backed space); returns the address.
-fn map_shared_anywhere(fd: &OwnedFd, len: usize) -> Result<usize, nix::errno::Errno> {
+/// picks (the alias of a memfd-backed space, a board of readable pages);
+/// returns the address.
+pub(crate) fn map_shared_anywhere(fd: &OwnedFd, len: usize) -> Result<usize, nix::errno::Errno> {
     use nix::sys::mman::{MapFlags, ProtFlags};
     let length = std::num::NonZeroUsize::new(len).ok_or(nix::errno::Errno::EINVAL)?;
-    // SAFETY: a new shared mapping of our memfd at an address the kernel
+    // SAFETY: a new shared mapping of a memfd at an address the kernel
     // picks: it cannot replace anything.
     let mapped = unsafe {
         nix::sys::mman::mmap(

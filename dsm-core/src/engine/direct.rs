@@ -145,10 +145,10 @@ impl Engine {
         page: usize,
         run: usize,
     ) -> Result<Option<usize>, DsmError> {
-        if !matches!(
-            self.direct.peers.get(self.home_of_page(page)),
-            Some(Some(_))
-        ) {
+        let co_located = self
+            .home_of(page)
+            .is_some_and(|home| matches!(self.direct.peers.get(home), Some(Some(_))));
+        if !co_located {
             return Ok(None);
         }
         // A fault replayed inside a batch: a drop staged for a page of the
@@ -240,13 +240,6 @@ impl Engine {
             self.apply(given_up, Carried::Nothing)?;
         }
         Ok(served.then_some(end))
-    }
-
-    fn home_of_page(&self, page: usize) -> Rank {
-        match &self.node {
-            Node::Mrsw(node) => node.home_of(page),
-            Node::Migratory(_) => self.rank,
-        }
     }
 
     /// True when this rank's copy of `page` was copied directly and its
