@@ -23,10 +23,22 @@
 //! an eviction would. The protocol's side is in `coherence::mrsw` (the
 //! model checker runs it); this module is the shared memory.
 //!
+//! A page the home holds writable (it wrote it last, nobody else holds a
+//! copy) is published too, marked writable, with the end of the home's
+//! hold on it. A reader then first write-protects the home's mapping of it
+//! itself, through the home's userfaultfd, and joins the very publication
+//! it saw: from then on a store of the home faults, and the home's fault
+//! retracts the page, counts the reader and asks for the page back as any
+//! writer would. A reader that write-protected the page but did not join
+//! leaves a protection the home's fault lifts again. A reader waits out the
+//! home's hold (the page goes by message meanwhile), as a request would:
+//! the home's thread that just wrote gets to store.
+//!
 //! The board and the space's memfd are opened by the reader through
-//! `/proc/<pid>/fd/<n>` (allowed only to processes that could trace the
-//! home), after an offer on the pair's authenticated connection that names
-//! them and a random nonce written in the board's header.
+//! `/proc/<pid>/fd/<n>`, the userfaultfd with `pidfd_getfd` (allowed only
+//! to processes that could trace the home), after an offer on the pair's
+//! authenticated connection that names them and a random nonce written in
+//! the board's header.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -45,15 +57,30 @@ pub mod word {
     const MEMBERS_SHIFT: u32 = MAX_READERS as u32;
     const MEMBERS: u64 = JOINERS << MEMBERS_SHIFT;
     const READABLE: u64 = 1 << (2 * MAX_READERS);
-    const VERSION_SHIFT: u32 = 2 * MAX_READERS as u32 + 1;
+    const WRITABLE: u64 = READABLE << 1;
+    const VERSION_SHIFT: u32 = 2 * MAX_READERS as u32 + 2;
     /// The version's bits (the rest of the word).
     pub const VERSION: u64 = !0 << VERSION_SHIFT;
 
     /// The word that publishes a page again after `old`: readable, the next
-    /// version, `members` (bits of the readers the home counts), no joiner.
-    pub fn published(old: u64, members: u64) -> u64 {
+    /// version, `members` (bits of the readers the home counts), no joiner;
+    /// `writable`: the home's mapping of the page is writable (a reader
+    /// write-protects it before it joins).
+    pub fn published(old: u64, members: u64, writable: bool) -> u64 {
         let version = (old & VERSION).wrapping_add(1 << VERSION_SHIFT) & VERSION;
-        version | READABLE | ((members << MEMBERS_SHIFT) & MEMBERS)
+        let writable = if writable { WRITABLE } else { 0 };
+        version | READABLE | writable | ((members << MEMBERS_SHIFT) & MEMBERS)
+    }
+
+    /// True when the publication is of a page the home holds writable.
+    pub fn writable(word: u64) -> bool {
+        word & WRITABLE != 0
+    }
+
+    /// True when `now` is the publication `seen` still (joiners aside).
+    pub fn same_publication(now: u64, seen: u64) -> bool {
+        let publication = VERSION | READABLE | WRITABLE;
+        now & publication == seen & publication
     }
 
     /// The word's version.
@@ -96,7 +123,7 @@ pub mod word {
     /// True when `now` is still the publication the reader joined (`at`):
     /// its copy is current and it is counted as it joined.
     pub fn still(now: u64, at: u64) -> bool {
-        readable(now) && now & VERSION == at & VERSION
+        readable(now) && same_publication(now, at)
     }
 }
 
@@ -119,8 +146,11 @@ pub enum BoardError {
 }
 
 const MAGIC: u64 = u64::from_le_bytes(*b"DSMBOARD");
-/// Header words: magic, nonce, pages; the page words start one page in.
+/// Header words: magic, nonce, pages, the time up to which the home's holds
+/// are void (`OwnBoard::end_holds`); the page words start one page in,
+/// then the pages' hold ends.
 const HEADER_BYTES: usize = PAGE_SIZE;
+const HOLDS_VOID_UNTIL: usize = 3;
 
 /// A board's memory: a shared mapping of its memfd, the words after the
 /// header.
@@ -131,11 +161,15 @@ struct Mapping {
 }
 
 impl Mapping {
+    /// The bytes of one array of a word per page, whole pages.
+    fn array_bytes(pages: usize) -> Option<usize> {
+        pages.div_ceil(PAGE_SIZE / 8).checked_mul(PAGE_SIZE)
+    }
+
     /// The board's bytes for `pages` pages (`None`: beyond any size).
     fn bytes_for(pages: usize) -> Option<usize> {
-        pages
-            .div_ceil(PAGE_SIZE / 8)
-            .checked_mul(PAGE_SIZE)?
+        Self::array_bytes(pages)?
+            .checked_mul(2)?
             .checked_add(HEADER_BYTES)
     }
 
@@ -148,7 +182,7 @@ impl Mapping {
     }
 
     fn header(&self, index: usize) -> &AtomicU64 {
-        debug_assert!(index < 3);
+        debug_assert!(index <= HOLDS_VOID_UNTIL);
         // SAFETY: the header's first words, inside the live mapping, 8-byte
         // aligned (page aligned base); shared memory other processes write
         // only through atomics.
@@ -162,6 +196,17 @@ impl Mapping {
             // page's word), 8-byte aligned; other processes touch it only
             // through atomics.
             unsafe { &*((self.addr + HEADER_BYTES + page * 8) as *const AtomicU64) }
+        })
+    }
+
+    /// The end of the home's hold on `page` (`CLOCK_MONOTONIC` nanoseconds),
+    /// if the board covers it.
+    fn hold_end(&self, page: usize) -> Option<&AtomicU64> {
+        let holds = HEADER_BYTES + Self::array_bytes(self.pages)?;
+        (page < self.pages).then(|| {
+            // SAFETY: inside the live mapping (`bytes_for` covers the second
+            // array), 8-byte aligned; touched only through atomics.
+            unsafe { &*((self.addr + holds + page * 8) as *const AtomicU64) }
         })
     }
 }
@@ -230,21 +275,48 @@ impl OwnBoard {
     }
 
     /// After a step: `page` may be read from the frame, by readers other
-    /// than `members` (bits of the readers counted already). Call only
-    /// while retracted (no joiner can be set then).
-    pub fn publish(&self, page: usize, members: u64) {
-        if let Some(w) = self.mapping.word(page) {
+    /// than `members` (bits of the readers counted already). `hold_end`:
+    /// the home holds the page writable, and its hold ends then
+    /// (`monotonic_ns`). Call only while retracted (no joiner can be set
+    /// then).
+    pub fn publish(&self, page: usize, members: u64, hold_end: Option<u64>) {
+        if let (Some(w), Some(hold)) = (self.mapping.word(page), self.mapping.hold_end(page)) {
             let old = w.load(Ordering::Relaxed);
             debug_assert!(!word::readable(old), "published twice");
-            w.store(word::published(old, members), Ordering::SeqCst);
+            if let Some(end) = hold_end {
+                hold.store(end, Ordering::Relaxed);
+            }
+            w.store(
+                word::published(old, members, hold_end.is_some()),
+                Ordering::SeqCst,
+            );
         }
     }
+
+    /// The home's holds granted before `now` (`monotonic_ns`) are over (a
+    /// barrier entry or an unlock: `Mrsw::end_holds`).
+    pub fn end_holds(&self, now: u64) {
+        self.mapping
+            .header(HOLDS_VOID_UNTIL)
+            .fetch_max(now, Ordering::Release);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of a host,
+/// in which a home writes its holds' ends on its board.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// A co-located home's board and space, opened by a reader.
 pub struct PeerFrames {
     board: Mapping,
     space: File,
+    /// The home's userfaultfd, through which this rank write-protects a
+    /// page the home holds writable (`None`: such pages are asked for).
+    home_faults: Option<crate::fault::PeerFaults>,
     /// This rank's bit on that board.
     bit: usize,
 }
@@ -266,6 +338,10 @@ pub struct Offer {
     pub pages: u64,
     /// The reader's bit on the board.
     pub bit: u8,
+    /// The home's userfaultfd, as a descriptor number.
+    pub faults_fd: i32,
+    /// Where the home maps its space.
+    pub base: u64,
 }
 
 impl PeerFrames {
@@ -333,23 +409,51 @@ impl PeerFrames {
                 "not the memfd offered (inode differs)".into(),
             ));
         }
+        // Without it, pages the home holds writable are asked for.
+        let home_faults = usize::try_from(offer.base)
+            .map_err(|e| e.to_string())
+            .and_then(|base| {
+                crate::fault::PeerFaults::take(offer.pid, offer.faults_fd, base)
+                    .map_err(|e| e.to_string())
+            })
+            .inspect_err(|e| {
+                tracing::debug!("rank {rank}'s userfaultfd: {e}: its written pages are asked for")
+            })
+            .ok();
         Ok(PeerFrames {
             board,
             space,
+            home_faults,
             bit: usize::from(offer.bit),
         })
     }
 
     /// Step 1: joins `page`'s readers if the home publishes it and does not
-    /// count this rank already; the word joined, for `finish`.
-    pub fn join(&self, page: usize) -> Option<u64> {
+    /// count this rank already; the word joined, for `finish`. A page the
+    /// home holds writable is first write-protected in the home's mapping,
+    /// once the home's hold on it is over (at `now`, `monotonic_ns`), and
+    /// only the publication seen before that is joined.
+    pub fn join(&self, page: usize, now: u64) -> Option<u64> {
         let w = self.board.word(page)?;
-        let mut now = w.load(Ordering::Relaxed);
+        let seen = w.load(Ordering::SeqCst);
+        word::joined(seen, self.bit)?;
+        if word::writable(seen) {
+            let hold_end = self.board.hold_end(page)?.load(Ordering::Relaxed);
+            let void = self.board.header(HOLDS_VOID_UNTIL).load(Ordering::Acquire);
+            if hold_end > now.max(void) {
+                return None;
+            }
+            self.home_faults.as_ref()?.write_protect(page).ok()?;
+        }
+        let mut current = seen;
         loop {
-            let joined = word::joined(now, self.bit)?;
-            match w.compare_exchange_weak(now, joined, Ordering::SeqCst, Ordering::Relaxed) {
+            if !word::same_publication(current, seen) {
+                return None;
+            }
+            let joined = word::joined(current, self.bit)?;
+            match w.compare_exchange_weak(current, joined, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => return Some(joined),
-                Err(seen) => now = seen,
+                Err(now) => current = now,
             }
         }
     }
@@ -395,7 +499,7 @@ mod tests {
 
     #[test]
     fn a_reader_joins_only_a_readable_page_it_is_not_counted_on() {
-        let w = published(0, 0b10);
+        let w = published(0, 0b10, false);
         assert!(readable(w));
         let joined = joined(w, 0).expect("readable, not a member");
         assert_eq!(joiners(joined), 1);
@@ -410,11 +514,14 @@ mod tests {
 
     #[test]
     fn a_retraction_or_a_new_publication_fails_the_check() {
-        let w = published(0, 0);
+        let w = published(0, 0, false);
         let joined = joined(w, 3).expect("joins");
         let retracted = retracted(joined);
         assert!(!still(retracted, joined));
-        assert!(!still(published(retracted, 0), joined), "a new version");
+        assert!(
+            !still(published(retracted, 0, false), joined),
+            "a new version"
+        );
         assert_eq!(joiners(joined), 1 << 3);
     }
 
@@ -422,7 +529,7 @@ mod tests {
     fn versions_wrap_without_touching_the_other_fields() {
         let mut w = 0;
         for _ in 0..(1 << 16) {
-            w = published(retracted(w), 0);
+            w = published(retracted(w), 0, false);
         }
         assert!(readable(w));
         assert_eq!(joiners(w), 0);
@@ -446,23 +553,25 @@ mod tests {
             nonce: home.nonce(),
             pages: pages as u64,
             bit: 2,
+            faults_fd: -1,
+            base: 0,
         };
         let reader = PeerFrames::open(1, &offer).expect("opens");
-        assert!(reader.join(3).is_none(), "nothing published yet");
-        home.publish(3, 0);
-        let joined = reader.join(3).expect("published");
+        assert!(reader.join(3, 0).is_none(), "nothing published yet");
+        home.publish(3, 0, None);
+        let joined = reader.join(3, 0).expect("published");
         let mut page = [0u8; PAGE_SIZE];
         reader.copy(3, &mut page[..]).expect("copy");
         assert_eq!(page[0], 7);
         assert!(reader.finish(3, joined));
         assert!(reader.withdraw(3), "not counted yet: taken back");
         assert_eq!(home.retract(3), 0);
-        home.publish(3, 0);
-        let joined = reader.join(3).expect("published again");
+        home.publish(3, 0, None);
+        let joined = reader.join(3, 0).expect("published again");
         assert_eq!(home.retract(3), 1 << 2, "the home counts the reader");
         assert!(!reader.withdraw(3), "counted: the drop is told");
         assert!(!reader.finish(3, joined));
-        assert!(reader.join(99).is_none(), "beyond the board");
+        assert!(reader.join(99, 0).is_none(), "beyond the board");
         let wrong = Offer {
             nonce: offer.nonce ^ 1,
             ..offer

@@ -17,7 +17,7 @@
 //!   thread instead of queueing events (`crate::sigbus`), and every install
 //!   also wakes the threads parked in that handler.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::{Arc, Mutex};
 
@@ -387,6 +387,55 @@ pub(crate) fn map_shared_anywhere(fd: &OwnedFd, len: usize) -> Result<usize, nix
         )
     }?;
     Ok(mapped.as_ptr() as usize)
+}
+
+/// A co-located home's userfaultfd, duplicated into this process
+/// (`pidfd_getfd`), through which a reader write-protects a page in the
+/// home's mapping (`board`: a direct read of a page the home holds
+/// writable). Its ioctls act on the home's address space.
+pub(crate) struct PeerFaults {
+    uffd: Uffd,
+    /// Where the home maps its space.
+    base: usize,
+}
+
+impl PeerFaults {
+    /// Takes descriptor `fd` of process `pid`, which must be a userfaultfd.
+    pub(crate) fn take(pid: u32, fd: i32, base: usize) -> Result<PeerFaults, nix::errno::Errno> {
+        let pid = libc::pid_t::try_from(pid).map_err(|_| nix::errno::Errno::ESRCH)?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if pidfd < 0 {
+            return Err(nix::errno::Errno::last());
+        }
+        // SAFETY: the system call just returned this descriptor; we own it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that
+        // process and flags, and returns a new descriptor (close-on-exec)
+        // or -1.
+        let taken = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if taken < 0 {
+            return Err(nix::errno::Errno::last());
+        }
+        // SAFETY: as above: a new descriptor we own.
+        let taken = unsafe { OwnedFd::from_raw_fd(taken as i32) };
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", taken.as_raw_fd()))
+            .map_err(|_| nix::errno::Errno::EBADF)?;
+        if link.as_os_str() != "anon_inode:[userfaultfd]" {
+            return Err(nix::errno::Errno::EBADF);
+        }
+        // SAFETY: a userfaultfd we own (checked just above).
+        let uffd = unsafe { Uffd::from_raw_fd(taken.into_raw_fd()) };
+        Ok(PeerFaults { uffd, base })
+    }
+
+    /// Write-protects the home's mapping of `page` (its stores fault from
+    /// now on; the TLBs are flushed when this returns).
+    pub(crate) fn write_protect(&self, page: usize) -> Result<(), userfaultfd::Error> {
+        let addr = self.base + page * PAGE_SIZE;
+        self.uffd.write_protect(addr as *mut _, PAGE_SIZE)
+    }
 }
 
 /// A new memfd of `len` bytes (its pages exist once written).
@@ -1044,6 +1093,11 @@ impl FaultHandler {
     pub fn fd(&self) -> BorrowedFd<'_> {
         // SAFETY: the descriptor is owned by `self.uffd`, which outlives the borrow.
         unsafe { BorrowedFd::borrow_raw(self.uffd.as_raw_fd()) }
+    }
+
+    /// Where the space is mapped.
+    pub fn base(&self) -> usize {
+        self.base
     }
 
     fn addr(&self, page: usize) -> usize {

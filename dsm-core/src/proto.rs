@@ -772,6 +772,8 @@ impl Msg {
                 out.extend_from_slice(&offer.nonce.to_le_bytes());
                 out.extend_from_slice(&offer.pages.to_le_bytes());
                 out.push(offer.bit);
+                out.extend_from_slice(&offer.faults_fd.to_le_bytes());
+                out.extend_from_slice(&offer.base.to_le_bytes());
             }
             Msg::ReadReq { page } => Msg::page_only(&mut out, READ_REQ, *page),
             Msg::WriteReq { page } => Msg::page_only(&mut out, WRITE_REQ, *page),
@@ -1015,7 +1017,7 @@ impl Msg {
                 })
             }
             SHARE_FRAMES => {
-                expect(38)?;
+                expect(50)?;
                 Ok(Msg::ShareFrames(crate::board::Offer {
                     pid: u32_at(bytes, 1),
                     space_fd: u32_at(bytes, 5) as i32,
@@ -1024,6 +1026,8 @@ impl Msg {
                     nonce: u64_at(bytes, 21),
                     pages: u64_at(bytes, 29),
                     bit: bytes[37],
+                    faults_fd: u32_at(bytes, 38) as i32,
+                    base: u64_at(bytes, 42),
                 }))
             }
             COPY_REQ => {
@@ -1330,6 +1334,8 @@ mod tests {
             nonce: 0x0123_4567_89ab_cdef,
             pages: 1 << 28,
             bit: 23,
+            faults_fd: 12,
+            base: 0x4000_0000,
         }));
         let page = Arc::new([7u8; PAGE_SIZE]);
         for m in [

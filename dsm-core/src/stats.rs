@@ -50,6 +50,9 @@ pub struct Stats {
     pub direct_reads: AtomicU64,
     /// Direct reads given up after the home counted this rank.
     pub direct_reads_given_up: AtomicU64,
+    /// Direct reads of pages their home held writable (this rank
+    /// write-protected them in the home's mapping first).
+    pub direct_reads_protected: AtomicU64,
     /// Transport messages that carried several DSM messages.
     pub batches_sent: AtomicU64,
     /// Messages received and handled in the transport's receive thread.
@@ -122,6 +125,9 @@ pub struct StatsSnapshot {
     /// Direct reads given up (the home retracted the page meanwhile).
     #[serde(default)]
     pub direct_reads_given_up: u64,
+    /// Direct reads of pages their home held writable.
+    #[serde(default)]
+    pub direct_reads_protected: u64,
     /// Transport messages that carried several DSM messages.
     pub batches_sent: u64,
     /// Messages handled in the transport's receive thread.
@@ -245,6 +251,7 @@ impl Stats {
             pages_populated: get(&self.pages_populated),
             direct_reads: get(&self.direct_reads),
             direct_reads_given_up: get(&self.direct_reads_given_up),
+            direct_reads_protected: get(&self.direct_reads_protected),
             batches_sent: get(&self.batches_sent),
             messages_inline: get(&self.messages_inline),
             pages_landed: get(&self.pages_landed),
@@ -301,7 +308,7 @@ impl std::fmt::Display for StatsSnapshot {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         write!(
             f,
-            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} pushed {} populated {}; direct reads {} given up {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
+            "dsm stats rank {}: faults read {} write {}; pages sent {} ({} B) received {} ({} B); requests forwarded {} deferred {}; grants served as home {}; pages prefetched {} regained {} pushed {} populated {}; direct reads {} ({} write-protected at the home) given up {}; batches sent {}; messages handled on receipt {}; pages received in place {}; evictions clean {} written back {} ({} B), peak cached {} B; diffs sent {} ({} words); remote fault latency us p50 {:.1} p90 {:.1} p99 {:.1} max {:.1} ({} faults)",
             self.rank,
             self.read_faults,
             self.write_faults,
@@ -317,6 +324,7 @@ impl std::fmt::Display for StatsSnapshot {
             self.pages_pushed,
             self.pages_populated,
             self.direct_reads,
+            self.direct_reads_protected,
             self.direct_reads_given_up,
             self.batches_sent,
             self.messages_inline,

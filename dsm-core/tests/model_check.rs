@@ -197,6 +197,13 @@ struct World {
     /// A rank's direct read under way: the page and the word it joined
     /// (its engine's lock is held: nothing else happens at that rank).
     direct: Vec<Option<(usize, u64)>>,
+    /// A rank's direct read of a page its home holds writable, after it
+    /// write-protected the home's mapping and before it joins: the page and
+    /// the word it saw (the engine's lock is held).
+    stealing: Vec<Option<(usize, u64)>>,
+    /// The home's mapping of each page write-protected by a reader (its
+    /// stores fault until the home lifts it).
+    protected: Vec<bool>,
 }
 
 struct Model {
@@ -220,6 +227,9 @@ struct Model {
     /// Direct reads that installed their copy, and that gave up, in any
     /// state explored.
     direct_outcomes: std::cell::Cell<(usize, usize)>,
+    /// Direct reads of pages the home held writable that installed their
+    /// copy, in any state explored.
+    steals: std::cell::Cell<usize>,
     /// The longest run of pages a first touch took in any state explored.
     longest_populated: std::cell::Cell<usize>,
 }
@@ -255,6 +265,8 @@ impl Model {
             ],
             board: vec![0; self.pages],
             direct: vec![None; self.n],
+            stealing: vec![None; self.n],
+            protected: vec![false; self.pages],
         }
     }
 
@@ -267,26 +279,52 @@ impl Model {
         let joiners = word::joiners(s.board[page]);
         s.board[page] = word::retracted(s.board[page]);
         let ranks: Vec<usize> = (0..self.n).filter(|r| joiners & (1 << r) != 0).collect();
-        if ranks.is_empty() {
-            return Ok(());
-        }
         let home = s.nodes[0].home_of(page);
-        s.nodes[home]
+        let converted = s.nodes[home]
             .add_direct_readers(page, &ranks)
-            .map_err(|e| format!("home {home} adding direct readers {ranks:?} of page {page}: {e}"))
+            .map_err(|e| {
+                format!("home {home} adding direct readers {ranks:?} of page {page}: {e}")
+            })?;
+        if converted {
+            // The home's mapping, read-only now, is its copy (as the engine).
+            s.backing[page] = s.mem[home][page].ok_or("a converted page not mapped")?;
+        }
+        Ok(())
     }
 
     /// After a step of `page`'s home on it: published again if the state
-    /// allows (the home's copy mapped, read-only, current).
+    /// allows (the home's copy mapped, read-only and current, or writable
+    /// and the only one).
     fn publish(&self, s: &mut World, page: usize) {
-        if !self.direct {
+        if !self.direct || word::readable(s.board[page]) {
             return;
         }
         let home = s.nodes[0].home_of(page);
-        if let (Some(readers), Some(_)) = (s.nodes[home].direct_readable(page), s.mem[home][page]) {
-            let members = readers.iter().fold(0u64, |m, r| m | 1 << r);
-            s.board[page] = word::published(s.board[page], members);
+        if s.mem[home][page].is_none() {
+            return;
         }
+        if s.nodes[home].direct_writable(page).is_some() {
+            s.board[page] = word::published(s.board[page], 0, true);
+        } else if let Some(readers) = s.nodes[home].direct_readable(page) {
+            let members = readers.iter().fold(0u64, |m, r| m | 1 << r);
+            s.board[page] = word::published(s.board[page], members, false);
+        }
+    }
+
+    /// The end of `rank`'s join of a page its home holds writable, which it
+    /// write-protected after seeing `seen`: joined if the home still
+    /// publishes that very publication, else given up (the fault will ask).
+    fn steal_join(&self, w: &World, rank: usize, page: usize, seen: u64) -> World {
+        let mut s = w.clone();
+        s.stealing[rank] = None;
+        let now = s.board[page];
+        if word::same_publication(now, seen) {
+            if let Some(joined) = word::joined(now, rank) {
+                s.board[page] = joined;
+                s.direct[rank] = Some((page, joined));
+            }
+        }
+        s
     }
 
     /// The end of `rank`'s direct read of `page` (joined at `joined`): the
@@ -317,6 +355,9 @@ impl Model {
             }
             s.mem[rank][page] = Some(value);
             self.apply(&mut s, rank, Vec::new(), None)?;
+            if word::writable(joined) {
+                self.steals.set(self.steals.get() + 1);
+            }
             let (copied, failed) = self.direct_outcomes.get();
             self.direct_outcomes.set((copied + 1, failed));
         } else {
@@ -340,6 +381,16 @@ impl Model {
         value: Option<u64>,
     ) -> Result<(), String> {
         for action in actions {
+            // The home's mapping of the page changes: a reader's protection
+            // goes with it (the engine's install, upgrade or drop).
+            if let Action::Install { page, .. }
+            | Action::MakeWritable { page }
+            | Action::DropPage { page } = action
+            {
+                if w.nodes[0].home_of(page) == rank {
+                    w.protected[page] = false;
+                }
+            }
             match action {
                 Action::Send { to, msg } => {
                     w.links[rank * self.n + to].push_back(M::from_msg(&msg, value))
@@ -356,6 +407,7 @@ impl Model {
                     self.longest_populated
                         .set(self.longest_populated.get().max(count));
                     for page in first..first + count {
+                        w.protected[page] = false;
                         if w.mem[rank][page].is_some() {
                             return Err(format!(
                                 "rank {rank} populates page {page} over a present copy"
@@ -412,7 +464,17 @@ impl Model {
 
     fn check(&self, w: &World) -> Result<(), String> {
         for page in 0..self.pages {
-            let copies: Vec<Copy> = w.nodes.iter().map(|n| n.copy_of(page).unwrap()).collect();
+            // A home's writable copy that a reader write-protected is read
+            // only until the home's next store faults.
+            let copies: Vec<Copy> = w
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(r, n)| match n.copy_of(page).unwrap() {
+                    Copy::Modified if w.protected[page] && n.home_of(page) == r => Copy::Shared,
+                    copy => copy,
+                })
+                .collect();
             let writers = copies.iter().filter(|c| **c == Copy::Modified).count();
             let readers = copies.iter().filter(|c| **c == Copy::Shared).count();
             if writers > 1 || (writers == 1 && readers > 0) {
@@ -432,6 +494,10 @@ impl Model {
                 next.push(self.direct_finish(w, rank, page, joined)?);
                 continue;
             }
+            if let Some((page, seen)) = w.stealing[rank] {
+                next.push(self.steal_join(w, rank, page, seen));
+                continue;
+            }
             // A program step: perform the op if the copy allows it, else fault.
             let op = self.programs[rank].get(w.pc[rank]).copied();
             if op == Some(Op::Free) {
@@ -446,12 +512,28 @@ impl Model {
                     Op::Free => unreachable!("handled above"),
                 };
                 let copy = s.nodes[rank].copy_of(page).unwrap();
+                let home = s.nodes[rank].home_of(page);
+                let protected = home == rank && s.protected[page];
                 let allowed = if write {
-                    copy == Copy::Modified
+                    copy == Copy::Modified && !protected
                 } else {
                     copy != Copy::Invalid
                 };
-                if allowed {
+                let mut lifted = false;
+                if write && copy == Copy::Modified && protected {
+                    // As the engine: the home's store faults on the
+                    // readers' protection; retracted, and made writable
+                    // again if no reader joined (else an upgrade follows).
+                    self.retract(&mut s, page)?;
+                    if s.nodes[rank].copy_of(page) == Some(Copy::Modified) {
+                        s.protected[page] = false;
+                        self.publish(&mut s, page);
+                        lifted = true;
+                    }
+                }
+                if lifted {
+                    next.push(s);
+                } else if allowed {
                     let current = s.mem[rank][page].ok_or("a valid copy is not mapped")?;
                     if write {
                         let v = (rank as u64 + 1) * 100 + s.pc[rank] as u64;
@@ -470,10 +552,19 @@ impl Model {
                         .then(|| word::joined(s.board[page], rank))
                         .flatten()
                 {
-                    // As the engine does: a page its home publishes is
-                    // copied from the home's frame (joined, copied, checked).
-                    s.board[page] = joined;
-                    s.direct[rank] = Some((page, joined));
+                    if word::writable(s.board[page]) {
+                        // A page the home holds writable: its mapping
+                        // write-protected first, then the publication seen
+                        // joined (next step).
+                        s.protected[page] = true;
+                        s.stealing[rank] = Some((page, s.board[page]));
+                    } else {
+                        // As the engine does: a page its home publishes is
+                        // copied from the home's frame (joined, copied,
+                        // checked).
+                        s.board[page] = joined;
+                        s.direct[rank] = Some((page, joined));
+                    }
                     next.push(s);
                 } else {
                     // As the engine does: a first touch takes the page, and
@@ -487,6 +578,7 @@ impl Model {
                     } else {
                         Vec::new()
                     };
+                    let populated = !actions.is_empty();
                     if actions.is_empty() {
                         actions = s.nodes[rank]
                             .on_fault(page, write)
@@ -499,6 +591,13 @@ impl Model {
                     }
                     if !actions.is_empty() {
                         self.apply(&mut s, rank, actions, None)?;
+                        // As the engine: the pages a first touch took are
+                        // published (writable) for co-located readers.
+                        for p in 0..self.pages {
+                            if populated && s.nodes[rank].home_of(p) == rank {
+                                self.publish(&mut s, p);
+                            }
+                        }
                         next.push(s);
                     }
                 }
@@ -581,7 +680,7 @@ impl Model {
                 continue;
             }
             let (from, to) = (link / self.n, link % self.n);
-            if w.direct[to].is_some() {
+            if w.direct[to].is_some() || w.stealing[to].is_some() {
                 continue;
             }
             let mut s = w.clone();
@@ -711,17 +810,27 @@ impl Model {
     /// board's own first, so that equivalent states are one.
     fn number_versions(&self, w: &mut World) {
         for page in 0..self.pages {
-            let mut seen = vec![word::version(w.board[page])];
-            let mut number = |v: u64| match seen.iter().position(|s| *s == v) {
-                Some(at) => at as u64,
-                None => {
-                    seen.push(v);
-                    seen.len() as u64 - 1
+            // The versions readers hold, other than the board's, numbered
+            // in order, then the board's above them all: the board's next
+            // version is new, as in the engine.
+            let board = word::version(w.board[page]);
+            let mut held: Vec<u64> = Vec::new();
+            let entries = w.direct.iter().chain(w.stealing.iter()).flatten();
+            for (_, v) in entries.filter(|e| e.0 == page) {
+                let v = word::version(*v);
+                if v != board && !held.contains(&v) {
+                    held.push(v);
                 }
+            }
+            let number = |v: u64| {
+                held.iter()
+                    .position(|h| *h == v)
+                    .map_or(held.len() as u64, |at| at as u64)
             };
-            w.board[page] = word::with_version(w.board[page], number(word::version(w.board[page])));
-            for d in w.direct.iter_mut().flatten().filter(|d| d.0 == page) {
-                d.1 = word::with_version(d.1, number(word::version(d.1)));
+            w.board[page] = word::with_version(w.board[page], number(board));
+            let entries = w.direct.iter_mut().chain(w.stealing.iter_mut()).flatten();
+            for e in entries.filter(|e| e.0 == page) {
+                e.1 = word::with_version(e.1, number(word::version(e.1)));
             }
         }
     }
@@ -766,6 +875,7 @@ fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -787,6 +897,7 @@ fn check_programs_evicting(
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -810,6 +921,7 @@ fn check_programs_pushing(
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -865,6 +977,7 @@ fn three_ranks_two_pages_writers_and_readers_cross_every_fault_asking_the_home()
         populate: false,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -927,6 +1040,7 @@ fn runs_lost_together_are_asked_back_together() {
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -1013,6 +1127,7 @@ fn a_free_of_pages_homed_at_one_rank_crosses_its_transactions() {
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
 }
@@ -1037,6 +1152,7 @@ fn a_home_first_touching_its_pages_while_others_write_and_read_them() {
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -1061,6 +1177,7 @@ fn a_home_first_reading_its_pages_while_others_write_and_read_them() {
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -1085,6 +1202,7 @@ fn a_home_first_touches_its_pages_again_after_a_free() {
         populate: true,
         direct: false,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -1167,7 +1285,7 @@ fn check_programs_reading_directly(
     home: Option<usize>,
     evictions: usize,
     pushes: usize,
-) {
+) -> usize {
     let model = Model {
         n: programs.len(),
         pages,
@@ -1178,15 +1296,18 @@ fn check_programs_reading_directly(
         populate: true,
         direct: true,
         direct_outcomes: Default::default(),
+        steals: Default::default(),
         longest_populated: Default::default(),
     };
     check_model_populating(&model);
     let (copied, failed) = model.direct_outcomes.get();
-    eprintln!("direct reads: {copied} copied, {failed} given up");
+    let steals = model.steals.get();
+    eprintln!("direct reads: {copied} copied ({steals} of pages the home held writable), {failed} given up");
     assert!(
         copied > 0 && failed > 0,
         "both outcomes of a direct read are explored"
     );
+    steals
 }
 
 #[test]
@@ -1285,5 +1406,27 @@ fn direct_reads_after_a_writable_copy_given_back_across_a_recall() {
         Some(0),
         2,
         1,
+    );
+}
+
+#[test]
+fn direct_reads_of_pages_the_home_holds_writable() {
+    // The home writes its page again and again; the readers write-protect
+    // it in the home's mapping and copy it, at any point of the home's
+    // stores, upgrades and lifts of their protection.
+    let steals = check_programs_reading_directly(
+        vec![
+            vec![Write(0), Write(0), Read(0), Write(0)],
+            vec![Read(0), Read(0), Read(0)],
+            vec![Read(0), Write(0)],
+        ],
+        1,
+        Some(0),
+        1,
+        0,
+    );
+    assert!(
+        steals > 0,
+        "pages the home holds writable are read directly"
     );
 }

@@ -376,22 +376,26 @@ fn sequential_reads_racing_the_homes_writes_stay_coherent() {
     }
 }
 
-/// The direct reads of every rank of `out` (`DSM_STATS=1` lines).
-fn direct_reads(out: &Finished, ranks: usize) -> u64 {
+/// The direct reads of every rank of `out` (`DSM_STATS=1` lines), and
+/// those of pages their home held writable.
+fn direct_reads(out: &Finished, ranks: usize) -> (u64, u64) {
     (0..ranks)
         .flat_map(|rank| out.lines_of(rank, &short_hostname(), "stderr"))
         .filter_map(|line| {
             let (_, after) = line.split_once("direct reads ")?;
-            after.split(' ').next()?.trim().parse::<u64>().ok()
+            let (all, after) = after.split_once(" (")?;
+            let protected = after.split(' ').next()?;
+            Some((all.parse::<u64>().ok()?, protected.parse::<u64>().ok()?))
         })
-        .sum()
+        .fold((0, 0), |(a, p), (all, protected)| (a + all, p + protected))
 }
 
 /// Co-located ranks copy the pages their home holds read-only straight
-/// from its frame (`DSM_DIRECT_READS`, on by default, `dsm_core::board`):
-/// sealed pages, every value checked; and pages the home rewrites while
-/// two readers read them again and again through an 8-page cache, so
-/// that copies are evicted and copied again, and copies are retracted
+/// from its frame (`DSM_DIRECT_READS`, on by default, `dsm_core::board`),
+/// and the pages it holds writable after write-protecting them in its
+/// mapping: sealed pages, every value checked; and pages the home rewrites
+/// while two readers read them again and again through an 8-page cache,
+/// so that copies are evicted and copied again, and copies are retracted
 /// mid-copy: never a stale or half-written page, no lost store.
 #[test]
 fn direct_reads_between_co_located_ranks_stay_coherent() {
@@ -410,17 +414,21 @@ fn direct_reads_between_co_located_ranks_stay_coherent() {
     }
     assert_eq!(out.code, Some(0), "{out:?}");
     // Every page comes directly.
-    assert!(direct_reads(&out, 2) >= 99, "{out:?}");
+    assert!(direct_reads(&out, 2).0 >= 99, "{out:?}");
     let cached = [env[0], env[1], env[2], env[3], ("DSM_CACHE_SIZE", "32K")];
     let out = job(&cached, 3, "stress", &["scan", "20", "256"]);
     out.expect_each_rank(3, "scan exact: 256 pages at round 20");
-    assert!(direct_reads(&out, 3) > 0, "{out:?}");
+    // The homes rewrite their pages each round: the readers write-protect
+    // them in the homes' mappings and copy them.
+    let (all, protected) = direct_reads(&out, 3);
+    assert!(all > 0 && protected > 0, "{out:?}");
     let out = job(&cached, 4, "stress", &["random", "4", "4000"]);
     out.expect_each_rank(4, "random exact: 16 slots");
+    assert!(direct_reads(&out, 4).1 > 0, "{out:?}");
     let off = [env[0], env[1], env[2], env[3], ("DSM_DIRECT_READS", "off")];
     let out = job(&off, 2, "faultlat", &["100"]);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(direct_reads(&out, 2), 0, "{out:?}");
+    assert_eq!(direct_reads(&out, 2).0, 0, "{out:?}");
 }
 
 /// The memfd-backed space (pages written through an alias and mapped with

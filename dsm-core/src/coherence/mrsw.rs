@@ -718,14 +718,30 @@ impl Mrsw {
 
     /// Home: ranks that copied `page` from this rank's frame since its
     /// last retraction are among its readers. Called before any step of
-    /// the protocol on the page (the board retracted first).
+    /// the protocol on the page (the board retracted first). True when
+    /// this rank held the page writable (`direct_writable`): the readers
+    /// write-protected it here themselves, its copy is read-only from now
+    /// on, and the caller makes its mapping the home's copy, as after a
+    /// write-back of its own.
     pub fn add_direct_readers(
         &mut self,
         page: usize,
         ranks: &[Rank],
-    ) -> Result<(), CoherenceError> {
+    ) -> Result<bool, CoherenceError> {
         let me = self.rank;
+        let Some(&first) = ranks.first() else {
+            return Ok(false);
+        };
+        let writable_here = self.direct_writable(page).is_some();
         let hp = self.home_page(page, me, "a direct read")?;
+        if writable_here {
+            let mut readers = Readers::of(ranks);
+            readers.insert(me);
+            hp.dir = Directory::Shared(readers);
+            let lp = self.local(page)?;
+            lp.copy = Copy::Shared;
+            return Ok(true);
+        }
         for &rank in ranks {
             match &mut hp.dir {
                 Directory::Uncached => hp.dir = Directory::Shared(Readers::of(&[rank])),
@@ -735,13 +751,37 @@ impl Mrsw {
                 Directory::Exclusive(_) => {
                     return Err(Self::unexpected(
                         page,
-                        rank,
-                        "a direct read of a page held exclusively",
+                        first,
+                        "a direct read of a page held exclusively elsewhere",
                     ))
                 }
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Home: when a co-located rank may copy `page` from this rank's frame
+    /// after write-protecting it here: this rank holds the only, writable
+    /// copy (it wrote it last), with nothing in flight. The end of this
+    /// rank's hold on it: a reader waits it out, as a request would.
+    pub fn direct_writable(&self, page: usize) -> Option<Time> {
+        let lp = self.local.get(page)?;
+        if self.home_of(page) != self.rank
+            || self.private_or_beyond(page)
+            || self.waiting.contains_key(&page)
+            || lp.copy != Copy::Modified
+            || lp.pending.is_some()
+        {
+            return None;
+        }
+        let hp = self.home_page_if_any(page)?;
+        let idle = hp.txn.is_none() && hp.queue.is_empty() && !hp.sealed;
+        (idle && hp.dir == Directory::Exclusive(self.rank)).then_some(lp.held_until)
+    }
+
+    /// Holds that end by this time no longer count (`end_holds`).
+    pub fn holds_void_until(&self) -> Time {
+        self.holds_void_until
     }
 
     /// Home: the readers of `page` when a co-located rank may copy it from

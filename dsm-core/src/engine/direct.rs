@@ -1,14 +1,14 @@
 //! Direct reads between co-located ranks (`crate::board`): this rank's
 //! board as the home of its pages (retracted before every step of the
 //! protocol on a page, published again after it when the page's own copy
-//! is mapped read-only and current), and the boards and frames of the
-//! co-located homes, from which a read fault copies a published page with
-//! no message.
+//! is mapped read-only and current, or writable and this rank's alone),
+//! and the boards and frames of the co-located homes, from which a read
+//! fault copies a published page with no message.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::protocol::Carried;
-use super::{Engine, Node};
+use super::{Engine, HomeCopy, Node};
 use crate::board::{self, OwnBoard, PeerFrames};
 use crate::coherence::mrsw::Copy;
 use crate::config::PAGE_SIZE;
@@ -36,6 +36,9 @@ pub(super) struct Direct {
     held: Vec<bool>,
     /// Where the pages copied land before they are mapped.
     copy: Vec<u8>,
+    /// `board::monotonic_ns` at the protocol clock's origin (`Engine::now`):
+    /// a hold's end on the board is in the host's clock.
+    epoch: u64,
 }
 
 /// Most pages one fault copies directly (a sequential stream's run):
@@ -53,6 +56,7 @@ impl Direct {
             joined: Vec::new(),
             held: Vec::new(),
             copy: Vec::new(),
+            epoch: 0,
         }
     }
 }
@@ -84,6 +88,7 @@ impl Engine {
             }
             (_, None) => return Ok(()),
         };
+        self.direct.epoch = board::monotonic_ns().saturating_sub(self.now());
         for (bit, &reader) in readers.iter().enumerate() {
             let offer = board::Offer {
                 pid: std::process::id(),
@@ -93,6 +98,8 @@ impl Engine {
                 nonce: own.nonce(),
                 pages: pages as u64,
                 bit: bit as u8,
+                faults_fd: self.faults.fd().as_raw_fd(),
+                base: self.faults.base() as u64,
             };
             self.transport
                 .send(reader, &Msg::ShareFrames(offer).encode())?;
@@ -162,6 +169,7 @@ impl Engine {
         let Some(Some(frames)) = self.direct.peers.get(home) else {
             return Ok(None);
         };
+        let clock = board::monotonic_ns();
         // Joined in order, up to the first page that may not be: of another
         // home or segment, held or asked for here, not published.
         let joined = &mut self.direct.joined;
@@ -175,7 +183,7 @@ impl Engine {
             {
                 break;
             }
-            match frames.join(p) {
+            match frames.join(p, clock) {
                 Some(word) => joined.push(word),
                 None => break,
             }
@@ -222,6 +230,10 @@ impl Engine {
                 .install_readonly_run(page + i, &self.direct.copy[at..at + PAGE_SIZE])?;
         }
         let installed = held.iter().filter(|ok| **ok).count();
+        let protected = (held.iter().zip(&self.direct.joined))
+            .filter(|(ok, word)| **ok && board::word::writable(**word))
+            .count();
+        Stats::add(&self.stats.direct_reads_protected, protected as u64);
         self.pages_since_memory_check += installed;
         for (i, _) in held.iter().enumerate().filter(|(_, ok)| **ok) {
             self.cache.installed(page + i);
@@ -258,7 +270,9 @@ impl Engine {
 
     /// Before a step of the protocol on `page` at this rank: if it is
     /// homed here and published, co-located ranks stop reading it directly
-    /// and those that did are counted among its readers.
+    /// and those that did are counted among its readers. If this rank held
+    /// it writable, they write-protected it: its mapping, read-only now, is
+    /// the home's copy.
     pub(super) fn retract_direct(&mut self, page: usize) -> Result<(), DsmError> {
         let Some(own) = &self.direct.own else {
             return Ok(());
@@ -275,34 +289,76 @@ impl Engine {
             .map(|bit| self.direct.readers[bit])
             .collect();
         if let Node::Mrsw(node) = &mut self.node {
-            node.add_direct_readers(page, &ranks)?;
+            if node.add_direct_readers(page, &ranks)? {
+                self.backing.insert(page, HomeCopy::Mapped);
+                // The readers' protection is the downgrade's.
+                self.protected_ahead.remove(page);
+            }
         }
         Ok(())
     }
 
+    /// A store of this rank faulted on `page`, which it holds writable: a
+    /// co-located reader write-protected it (`board`). Retracted (the
+    /// readers that joined are counted, and the page is read-only here
+    /// now: false, the fault asks as a store on a read-only copy does), or
+    /// made writable again when none joined (true: served).
+    pub(super) fn lift_readers_protection(&mut self, page: usize) -> Result<bool, DsmError> {
+        let rank = self.rank;
+        let writable_here = |node: &Node| {
+            matches!(node, Node::Mrsw(n)
+                if n.home_of(page) == rank && n.copy_of(page) == Some(Copy::Modified))
+        };
+        if self.direct.own.is_none() || self.rc.contains(page) || !writable_here(&self.node) {
+            return Ok(false);
+        }
+        self.retract_direct(page)?;
+        if !writable_here(&self.node) || self.protected_ahead.contains(page) {
+            // Read-only now, or protected ahead of a downgrade: the rest of
+            // the fault's path lifts what it must.
+            return Ok(false);
+        }
+        self.faults.make_writable(page)?;
+        self.publish_direct(page);
+        Ok(true)
+    }
+
     /// After a step of the protocol on `page`: published if it is homed
-    /// here, its own copy is this rank's read-only mapping and current, and
-    /// no transaction runs on it.
+    /// here, no transaction runs on it, and its own copy is this rank's
+    /// read-only mapping and current, or its only, writable copy.
     pub(super) fn publish_direct(&mut self, page: usize) {
         let Some(own) = &self.direct.own else {
             return;
         };
-        if self.direct.published.contains(page)
-            || self.rc.contains(page)
-            || !self.home_copy_is_mapped(page)
-        {
+        if self.direct.published.contains(page) || self.rc.contains(page) {
             return;
         }
         let Node::Mrsw(node) = &self.node else {
             return;
         };
+        if let Some(hold_end) = node.direct_writable(page) {
+            own.publish(page, 0, Some(self.direct.epoch + hold_end));
+            self.direct.published.insert(page);
+            return;
+        }
+        if !self.home_copy_is_mapped(page) {
+            return;
+        }
         let Some(readers) = node.direct_readable(page) else {
             return;
         };
         let members = (0..self.direct.readers.len())
             .filter(|bit| readers.contains(&self.direct.readers[*bit]))
             .fold(0u64, |m, bit| m | 1 << bit);
-        own.publish(page, members);
+        own.publish(page, members, None);
         self.direct.published.insert(page);
+    }
+
+    /// The holds of this rank's pages granted until now are over
+    /// (`Mrsw::end_holds`): so they are for the readers of its board.
+    pub(super) fn end_direct_holds(&self) {
+        if let (Some(own), Node::Mrsw(node)) = (&self.direct.own, &self.node) {
+            own.end_holds(self.direct.epoch + node.holds_void_until());
+        }
     }
 }

@@ -305,6 +305,9 @@ impl Engine {
             self.park(fault.page, Parked::Fault(fault));
             return Ok(());
         }
+        if fault.write && self.lift_readers_protection(fault.page)? {
+            return Ok(());
+        }
         if fault.write && self.protected_ahead.remove(fault.page) {
             // Still ours and writable: only the protection taken ahead of
             // a downgrade stopped the store (which will now protect it again).
@@ -411,14 +414,20 @@ impl Engine {
         if actions.is_empty() {
             return Ok(false);
         }
+        let mut populated = page..page;
         for action in &actions {
-            if let Action::InstallZeros { count, .. } = action {
+            if let Action::InstallZeros { first, count } = action {
                 Stats::add(&self.stats.pages_populated, *count as u64 - 1);
                 // New memory, as a grant's page is (`check_memory`).
                 self.pages_since_memory_check += count;
+                populated = *first..first + count;
             }
         }
         self.apply(actions, Carried::Nothing)?;
+        // Co-located ranks may read them directly once the hold is over.
+        for page in populated {
+            self.publish_direct(page);
+        }
         Ok(true)
     }
 

@@ -104,6 +104,7 @@ impl Engine {
             // The seed's protocol keeps its holds as they are.
             Node::Migratory(_) => return Ok(()),
         };
+        self.end_direct_holds();
         self.apply(actions, Carried::Nothing)
     }
 
