@@ -2,7 +2,8 @@
 //!
 //! A rank that is a page's home publishes, per page, one word in a memfd
 //! of its own (its board) while the page's current bytes are in its space's
-//! memfd frame, mapped read-only there, and no transaction runs on it. A
+//! memfd frame, mapped there (read-only, or writable by this rank alone,
+//! below), and no transaction runs on it. A
 //! co-located rank (the same kernel; the pair already talks over rings)
 //! then reads such a page straight from the home's frame, with no message
 //! and no thread of the home woken:
@@ -27,7 +28,8 @@
 //! copy) is published too, marked writable, with the end of the home's
 //! hold on it. A reader then first write-protects the home's mapping of it
 //! itself, through the home's userfaultfd, and joins the very publication
-//! it saw: from then on a store of the home faults, and the home's fault
+//! it saw (a 64-bit count of publications beside the word tells, where
+//! the word's version may have wrapped): from then on a store of the home faults, and the home's fault
 //! retracts the page, counts the reader and asks for the page back as any
 //! writer would. A reader that write-protected the page but did not join
 //! leaves a protection the home's fault lifts again. A reader waits out the
@@ -148,7 +150,7 @@ pub enum BoardError {
 const MAGIC: u64 = u64::from_le_bytes(*b"DSMBOARD");
 /// Header words: magic, nonce, pages, the time up to which the home's holds
 /// are void (`OwnBoard::end_holds`); the page words start one page in,
-/// then the pages' hold ends.
+/// then the pages' hold ends, then their counts of publications.
 const HEADER_BYTES: usize = PAGE_SIZE;
 const HOLDS_VOID_UNTIL: usize = 3;
 
@@ -169,7 +171,7 @@ impl Mapping {
     /// The board's bytes for `pages` pages (`None`: beyond any size).
     fn bytes_for(pages: usize) -> Option<usize> {
         Self::array_bytes(pages)?
-            .checked_mul(2)?
+            .checked_mul(3)?
             .checked_add(HEADER_BYTES)
     }
 
@@ -191,22 +193,28 @@ impl Mapping {
 
     /// The word of `page`, if the board covers it.
     fn word(&self, page: usize) -> Option<&AtomicU64> {
-        (page < self.pages).then(|| {
-            // SAFETY: inside the live mapping (`bytes_for` covers every
-            // page's word), 8-byte aligned; other processes touch it only
-            // through atomics.
-            unsafe { &*((self.addr + HEADER_BYTES + page * 8) as *const AtomicU64) }
-        })
+        self.array_word(0, page)
     }
 
     /// The end of the home's hold on `page` (`CLOCK_MONOTONIC` nanoseconds),
     /// if the board covers it.
     fn hold_end(&self, page: usize) -> Option<&AtomicU64> {
-        let holds = HEADER_BYTES + Self::array_bytes(self.pages)?;
-        (page < self.pages).then(|| {
-            // SAFETY: inside the live mapping (`bytes_for` covers the second
-            // array), 8-byte aligned; touched only through atomics.
-            unsafe { &*((self.addr + holds + page * 8) as *const AtomicU64) }
+        self.array_word(1, page)
+    }
+
+    /// How many times `page` was published (never wraps).
+    fn publications(&self, page: usize) -> Option<&AtomicU64> {
+        self.array_word(2, page)
+    }
+
+    /// The word of `page` in the page array `array` (0: the words, 1: the
+    /// hold ends, 2: the publication counts).
+    fn array_word(&self, array: usize, page: usize) -> Option<&AtomicU64> {
+        let start = HEADER_BYTES + array * Self::array_bytes(self.pages)?;
+        (array < 3 && page < self.pages).then(|| {
+            // SAFETY: inside the live mapping (`bytes_for` covers the three
+            // arrays), 8-byte aligned; touched only through atomics.
+            unsafe { &*((self.addr + start + page * 8) as *const AtomicU64) }
         })
     }
 }
@@ -280,12 +288,18 @@ impl OwnBoard {
     /// (`monotonic_ns`). Call only while retracted (no joiner can be set
     /// then).
     pub fn publish(&self, page: usize, members: u64, hold_end: Option<u64>) {
-        if let (Some(w), Some(hold)) = (self.mapping.word(page), self.mapping.hold_end(page)) {
+        let m = &self.mapping;
+        if let (Some(w), Some(hold), Some(count)) =
+            (m.word(page), m.hold_end(page), m.publications(page))
+        {
             let old = w.load(Ordering::Relaxed);
             debug_assert!(!word::readable(old), "published twice");
             if let Some(end) = hold_end {
                 hold.store(end, Ordering::Relaxed);
             }
+            // Before the word: a reader that sees this publication sees
+            // its count (the word's store releases both).
+            count.fetch_add(1, Ordering::Relaxed);
             w.store(
                 word::published(old, members, hold_end.is_some()),
                 Ordering::SeqCst,
@@ -368,6 +382,10 @@ impl PeerFrames {
             }
             Ok((file, meta))
         };
+        // The home's process first: once its board checks out below, the
+        // pid was the home's all along (a pid is reused only after its
+        // process is gone, which makes the descriptor useless).
+        let home_process = crate::fault::PeerFaults::process(offer.pid);
         if usize::from(offer.bit) >= word::MAX_READERS {
             return Err(fail(
                 "board",
@@ -410,14 +428,14 @@ impl PeerFrames {
             ));
         }
         // Without it, pages the home holds writable are asked for.
-        let home_faults = usize::try_from(offer.base)
-            .map_err(|e| e.to_string())
-            .and_then(|base| {
-                crate::fault::PeerFaults::take(offer.pid, offer.faults_fd, base)
-                    .map_err(|e| e.to_string())
+        let home_faults = home_process
+            .and_then(|process| {
+                crate::fault::PeerFaults::take(&process, offer.faults_fd, offer.base, pages)
             })
             .inspect_err(|e| {
-                tracing::debug!("rank {rank}'s userfaultfd: {e}: its written pages are asked for")
+                tracing::warn!(
+                    "taking rank {rank}'s userfaultfd (pidfd_getfd): {e}: the pages it writes are asked for by message (a kernel with Yama ptrace_scope >= 1 refuses it between sibling processes)"
+                )
             })
             .ok();
         Ok(PeerFrames {
@@ -435,6 +453,8 @@ impl PeerFrames {
     /// only the publication seen before that is joined.
     pub fn join(&self, page: usize, now: u64) -> Option<u64> {
         let w = self.board.word(page)?;
+        let count = self.board.publications(page)?;
+        let before = count.load(Ordering::SeqCst);
         let seen = w.load(Ordering::SeqCst);
         word::joined(seen, self.bit)?;
         if word::writable(seen) {
@@ -446,16 +466,26 @@ impl PeerFrames {
             self.home_faults.as_ref()?.write_protect(page).ok()?;
         }
         let mut current = seen;
-        loop {
+        let joined = loop {
             if !word::same_publication(current, seen) {
                 return None;
             }
             let joined = word::joined(current, self.bit)?;
             match w.compare_exchange_weak(current, joined, Ordering::SeqCst, Ordering::Relaxed) {
-                Ok(_) => return Some(joined),
+                Ok(_) => break joined,
                 Err(now) => current = now,
             }
+        };
+        if word::writable(seen) && count.load(Ordering::SeqCst) != before {
+            // The home published the page again since (the version wrapped
+            // around to the one seen): this protection may have been lifted
+            // meanwhile. The bit taken back, unless the home counted it
+            // already (then the check after the copy fails).
+            if self.withdraw(page) {
+                return None;
+            }
         }
+        Some(joined)
     }
 
     /// Step 2: the bytes of the pages from `first` in the home's frames,

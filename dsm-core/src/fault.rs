@@ -399,9 +399,13 @@ pub(crate) struct PeerFaults {
     base: usize,
 }
 
+/// A process, by a pidfd (`PeerFaults::process`).
+pub(crate) struct PeerProcess(OwnedFd);
+
 impl PeerFaults {
-    /// Takes descriptor `fd` of process `pid`, which must be a userfaultfd.
-    pub(crate) fn take(pid: u32, fd: i32, base: usize) -> Result<PeerFaults, nix::errno::Errno> {
+    /// Process `pid`, held by a pidfd: whatever becomes of the pid, the
+    /// pidfd names that process.
+    pub(crate) fn process(pid: u32) -> Result<PeerProcess, nix::errno::Errno> {
         let pid = libc::pid_t::try_from(pid).map_err(|_| nix::errno::Errno::ESRCH)?;
         // SAFETY: pidfd_open takes a pid and flags and returns a new
         // descriptor or -1.
@@ -410,11 +414,29 @@ impl PeerFaults {
             return Err(nix::errno::Errno::last());
         }
         // SAFETY: the system call just returned this descriptor; we own it.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        Ok(PeerProcess(unsafe { OwnedFd::from_raw_fd(pidfd as i32) }))
+    }
+
+    /// Takes descriptor `fd` of `process`, which must be a userfaultfd, for
+    /// a space of `pages` pages mapped at `base` there.
+    pub(crate) fn take(
+        process: &PeerProcess,
+        fd: i32,
+        base: u64,
+        pages: usize,
+    ) -> Result<PeerFaults, nix::errno::Errno> {
+        let base = usize::try_from(base).map_err(|_| nix::errno::Errno::EINVAL)?;
+        let fits = pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| base.checked_add(len))
+            .is_some();
+        if base % PAGE_SIZE != 0 || !fits {
+            return Err(nix::errno::Errno::EINVAL);
+        }
         // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that
         // process and flags, and returns a new descriptor (close-on-exec)
         // or -1.
-        let taken = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        let taken = unsafe { libc::syscall(libc::SYS_pidfd_getfd, process.0.as_raw_fd(), fd, 0) };
         if taken < 0 {
             return Err(nix::errno::Errno::last());
         }
@@ -431,7 +453,8 @@ impl PeerFaults {
     }
 
     /// Write-protects the home's mapping of `page` (its stores fault from
-    /// now on; the TLBs are flushed when this returns).
+    /// now on; the TLBs are flushed when this returns). `page` is below
+    /// the space's pages (`take`).
     pub(crate) fn write_protect(&self, page: usize) -> Result<(), userfaultfd::Error> {
         let addr = self.base + page * PAGE_SIZE;
         self.uffd.write_protect(addr as *mut _, PAGE_SIZE)

@@ -197,10 +197,11 @@ struct World {
     /// A rank's direct read under way: the page and the word it joined
     /// (its engine's lock is held: nothing else happens at that rank).
     direct: Vec<Option<(usize, u64)>>,
-    /// A rank's direct read of a page its home holds writable, after it
-    /// write-protected the home's mapping and before it joins: the page and
-    /// the word it saw (the engine's lock is held).
-    stealing: Vec<Option<(usize, u64)>>,
+    /// A rank's direct read of a page its home holds writable, from its
+    /// look at the word until it joins: the page, the word it saw, and
+    /// whether it write-protected the home's mapping yet (the engine's
+    /// lock is held).
+    stealing: Vec<Option<(usize, u64, bool)>>,
     /// The home's mapping of each page write-protected by a reader (its
     /// stores fault until the home lifts it).
     protected: Vec<bool>,
@@ -230,6 +231,10 @@ struct Model {
     /// Direct reads of pages the home held writable that installed their
     /// copy, in any state explored.
     steals: std::cell::Cell<usize>,
+    /// A reader's look at the word and its protection of the home's
+    /// mapping are two steps, so that the home may act in between (else
+    /// one, which keeps the other scenarios' state spaces small).
+    protect_apart: bool,
     /// The longest run of pages a first touch took in any state explored.
     longest_populated: std::cell::Cell<usize>,
 }
@@ -494,9 +499,20 @@ impl Model {
                 next.push(self.direct_finish(w, rank, page, joined)?);
                 continue;
             }
-            if let Some((page, seen)) = w.stealing[rank] {
-                next.push(self.steal_join(w, rank, page, seen));
-                continue;
+            match w.stealing[rank] {
+                Some((page, seen, false)) => {
+                    // The protection lands, whatever the home did since.
+                    let mut s = w.clone();
+                    s.protected[page] = true;
+                    s.stealing[rank] = Some((page, seen, true));
+                    next.push(s);
+                    continue;
+                }
+                Some((page, seen, true)) => {
+                    next.push(self.steal_join(w, rank, page, seen));
+                    continue;
+                }
+                None => {}
             }
             // A program step: perform the op if the copy allows it, else fault.
             let op = self.programs[rank].get(w.pc[rank]).copied();
@@ -555,9 +571,10 @@ impl Model {
                     if word::writable(s.board[page]) {
                         // A page the home holds writable: its mapping
                         // write-protected first, then the publication seen
-                        // joined (next step).
-                        s.protected[page] = true;
-                        s.stealing[rank] = Some((page, s.board[page]));
+                        // joined (the next steps).
+                        let apart = self.protect_apart;
+                        s.protected[page] |= !apart;
+                        s.stealing[rank] = Some((page, s.board[page], !apart));
                     } else {
                         // As the engine does: a page its home publishes is
                         // copied from the home's frame (joined, copied,
@@ -815,9 +832,10 @@ impl Model {
             // version is new, as in the engine.
             let board = word::version(w.board[page]);
             let mut held: Vec<u64> = Vec::new();
-            let entries = w.direct.iter().chain(w.stealing.iter()).flatten();
+            let stealing = w.stealing.iter().flatten().map(|e| (e.0, e.1));
+            let entries = w.direct.iter().flatten().copied().chain(stealing);
             for (_, v) in entries.filter(|e| e.0 == page) {
-                let v = word::version(*v);
+                let v = word::version(v);
                 if v != board && !held.contains(&v) {
                     held.push(v);
                 }
@@ -828,8 +846,10 @@ impl Model {
                     .map_or(held.len() as u64, |at| at as u64)
             };
             w.board[page] = word::with_version(w.board[page], number(board));
-            let entries = w.direct.iter_mut().chain(w.stealing.iter_mut()).flatten();
-            for e in entries.filter(|e| e.0 == page) {
+            for e in w.direct.iter_mut().flatten().filter(|e| e.0 == page) {
+                e.1 = word::with_version(e.1, number(word::version(e.1)));
+            }
+            for e in w.stealing.iter_mut().flatten().filter(|e| e.0 == page) {
                 e.1 = word::with_version(e.1, number(word::version(e.1)));
             }
         }
@@ -876,6 +896,7 @@ fn check_programs(programs: Vec<Vec<Op>>, pages: usize) {
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
 }
@@ -898,6 +919,7 @@ fn check_programs_evicting(
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
 }
@@ -922,6 +944,7 @@ fn check_programs_pushing(
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
 }
@@ -978,6 +1001,7 @@ fn three_ranks_two_pages_writers_and_readers_cross_every_fault_asking_the_home()
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
 }
@@ -1041,6 +1065,7 @@ fn runs_lost_together_are_asked_back_together() {
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
 }
@@ -1128,6 +1153,7 @@ fn a_free_of_pages_homed_at_one_rank_crosses_its_transactions() {
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
 }
@@ -1153,6 +1179,7 @@ fn a_home_first_touching_its_pages_while_others_write_and_read_them() {
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -1178,6 +1205,7 @@ fn a_home_first_reading_its_pages_while_others_write_and_read_them() {
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -1203,6 +1231,7 @@ fn a_home_first_touches_its_pages_again_after_a_free() {
         direct: false,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart: false,
         longest_populated: Default::default(),
     });
     assert_eq!(longest, 2, "a first touch takes both pages in some run");
@@ -1285,6 +1314,7 @@ fn check_programs_reading_directly(
     home: Option<usize>,
     evictions: usize,
     pushes: usize,
+    protect_apart: bool,
 ) -> usize {
     let model = Model {
         n: programs.len(),
@@ -1297,6 +1327,7 @@ fn check_programs_reading_directly(
         direct: true,
         direct_outcomes: Default::default(),
         steals: Default::default(),
+        protect_apart,
         longest_populated: Default::default(),
     };
     check_model_populating(&model);
@@ -1325,6 +1356,7 @@ fn direct_reads_cross_the_home_s_writes_and_evictions() {
         Some(0),
         2,
         0,
+        false,
     );
 }
 
@@ -1340,6 +1372,7 @@ fn direct_reads_among_writers_and_readers_of_two_pages() {
         None,
         1,
         0,
+        false,
     );
 }
 
@@ -1356,6 +1389,7 @@ fn direct_reads_cross_pushes() {
         Some(0),
         1,
         2,
+        false,
     );
 }
 
@@ -1371,6 +1405,7 @@ fn direct_reads_cross_a_free() {
         Some(0),
         1,
         0,
+        false,
     );
 }
 
@@ -1389,6 +1424,7 @@ fn direct_reads_of_copies_evicted_again_and_again() {
         Some(0),
         3,
         0,
+        false,
     );
 }
 
@@ -1406,6 +1442,7 @@ fn direct_reads_after_a_writable_copy_given_back_across_a_recall() {
         Some(0),
         2,
         1,
+        false,
     );
 }
 
@@ -1424,6 +1461,7 @@ fn direct_reads_of_pages_the_home_holds_writable() {
         Some(0),
         1,
         0,
+        true,
     );
     assert!(
         steals > 0,

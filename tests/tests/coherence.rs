@@ -419,12 +419,14 @@ fn direct_reads_between_co_located_ranks_stay_coherent() {
     let out = job(&cached, 3, "stress", &["scan", "20", "256"]);
     out.expect_each_rank(3, "scan exact: 256 pages at round 20");
     // The homes rewrite their pages each round: the readers write-protect
-    // them in the homes' mappings and copy them.
+    // them in the homes' mappings and copy them (unless this kernel
+    // refuses a home's userfaultfd to its siblings, as Yama may: said).
+    let may_protect = !out.stderr.contains("pidfd_getfd");
     let (all, protected) = direct_reads(&out, 3);
-    assert!(all > 0 && protected > 0, "{out:?}");
+    assert!(all > 0 && (protected > 0 || !may_protect), "{out:?}");
     let out = job(&cached, 4, "stress", &["random", "4", "4000"]);
     out.expect_each_rank(4, "random exact: 16 slots");
-    assert!(direct_reads(&out, 4).1 > 0, "{out:?}");
+    assert!(direct_reads(&out, 4).1 > 0 || !may_protect, "{out:?}");
     let off = [env[0], env[1], env[2], env[3], ("DSM_DIRECT_READS", "off")];
     let out = job(&off, 2, "faultlat", &["100"]);
     assert_eq!(out.code, Some(0), "{out:?}");

@@ -784,6 +784,11 @@ impl Mrsw {
         self.holds_void_until
     }
 
+    /// How long a grant is held at least (`DSM_MIN_HOLD_US`).
+    pub fn min_hold(&self) -> Time {
+        self.min_hold
+    }
+
     /// Home: the readers of `page` when a co-located rank may copy it from
     /// this rank's frame now: its own copy is mapped read-only here and
     /// current (no writer, no transaction, nothing queued or deferred).

@@ -7,6 +7,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use super::landing::RunOp;
 use super::protocol::Carried;
 use super::{Engine, HomeCopy, Node};
 use crate::board::{self, OwnBoard, PeerFrames};
@@ -39,6 +40,9 @@ pub(super) struct Direct {
     /// `board::monotonic_ns` at the protocol clock's origin (`Engine::now`):
     /// a hold's end on the board is in the host's clock.
     epoch: u64,
+    /// Pages to publish writable once the staged run that makes them
+    /// writable here is done (`Engine::run_staged`).
+    after_staged: Vec<usize>,
 }
 
 /// Most pages one fault copies directly (a sequential stream's run):
@@ -57,6 +61,7 @@ impl Direct {
             held: Vec::new(),
             copy: Vec::new(),
             epoch: 0,
+            after_staged: Vec::new(),
         }
     }
 }
@@ -319,7 +324,13 @@ impl Engine {
             return Ok(false);
         }
         self.faults.make_writable(page)?;
-        self.publish_direct(page);
+        // Held anew: the thread whose store faulted gets to store before a
+        // reader may protect the page again.
+        let hold = match &self.node {
+            Node::Mrsw(node) => self.now().saturating_add(node.min_hold()),
+            Node::Migratory(_) => 0,
+        };
+        self.publish_direct_held(page, hold);
         Ok(true)
     }
 
@@ -327,6 +338,12 @@ impl Engine {
     /// here, no transaction runs on it, and its own copy is this rank's
     /// read-only mapping and current, or its only, writable copy.
     pub(super) fn publish_direct(&mut self, page: usize) {
+        self.publish_direct_held(page, 0);
+    }
+
+    /// `publish_direct`, a page published writable held at least until
+    /// `hold` (the protocol's clock).
+    fn publish_direct_held(&mut self, page: usize, hold: u64) {
         let Some(own) = &self.direct.own else {
             return;
         };
@@ -337,7 +354,14 @@ impl Engine {
             return;
         };
         if let Some(hold_end) = node.direct_writable(page) {
-            own.publish(page, 0, Some(self.direct.epoch + hold_end));
+            let run = &self.staged;
+            if run.op == RunOp::MakeWritable && (run.first..run.first + run.count).contains(&page) {
+                // Still read-only here: a reader's protection would be
+                // lifted with no retraction.
+                self.direct.after_staged.push(page);
+                return;
+            }
+            own.publish(page, 0, Some(self.direct.epoch + hold_end.max(hold)));
             self.direct.published.insert(page);
             return;
         }
@@ -352,6 +376,13 @@ impl Engine {
             .fold(0u64, |m, bit| m | 1 << bit);
         own.publish(page, members, None);
         self.direct.published.insert(page);
+    }
+
+    /// The pages whose publication waited for the staged run just done.
+    pub(super) fn publish_after_staged(&mut self) {
+        for page in std::mem::take(&mut self.direct.after_staged) {
+            self.publish_direct(page);
+        }
     }
 
     /// The holds of this rank's pages granted until now are over

@@ -332,6 +332,7 @@ impl Engine {
         }
         self.staged.count = 0;
         self.staged.data.clear();
+        self.publish_after_staged();
         Ok(())
     }
 
