@@ -28,13 +28,16 @@
 //! copy) is published too, marked writable, with the end of the home's
 //! hold on it. A reader then first write-protects the home's mapping of it
 //! itself, through the home's userfaultfd, and joins the very publication
-//! it saw (a 64-bit count of publications beside the word tells, where
-//! the word's version may have wrapped): from then on a store of the home faults, and the home's fault
-//! retracts the page, counts the reader and asks for the page back as any
+//! it saw (a 64-bit count of publications beside the word tells, where the
+//! word's version may have wrapped): from then on a store of the home
+//! faults, and the home's fault retracts the page, counts the reader,
+//! write-protects its mapping itself and asks for the page back as any
 //! writer would. A reader that write-protected the page but did not join
-//! leaves a protection the home's fault lifts again. A reader waits out the
-//! home's hold (the page goes by message meanwhile), as a request would:
-//! the home's thread that just wrote gets to store.
+//! leaves a protection the home's fault lifts again (the page then held
+//! anew, so that the faulting thread stores first). A reader waits out the
+//! home's hold (the page goes by message meanwhile), as a request would.
+//! A page whose upgrade a batch staged is published once the staged run
+//! made it writable (`engine::direct`).
 //!
 //! The board and the space's memfd are opened by the reader through
 //! `/proc/<pid>/fd/<n>`, the userfaultfd with `pidfd_getfd` (allowed only
@@ -450,12 +453,13 @@ impl PeerFrames {
     /// count this rank already; the word joined, for `finish`. A page the
     /// home holds writable is first write-protected in the home's mapping,
     /// once the home's hold on it is over (at `now`, `monotonic_ns`), and
-    /// only the publication seen before that is joined.
+    /// only the publication seen before that is joined (`None` if the home
+    /// published the page again meanwhile).
     pub fn join(&self, page: usize, now: u64) -> Option<u64> {
         let w = self.board.word(page)?;
         let count = self.board.publications(page)?;
-        let before = count.load(Ordering::SeqCst);
         let seen = w.load(Ordering::SeqCst);
+        let before = count.load(Ordering::SeqCst);
         word::joined(seen, self.bit)?;
         if word::writable(seen) {
             let hold_end = self.board.hold_end(page)?.load(Ordering::Relaxed);
@@ -464,6 +468,11 @@ impl PeerFrames {
                 return None;
             }
             self.home_faults.as_ref()?.write_protect(page).ok()?;
+            if count.load(Ordering::SeqCst) != before {
+                // Published again since it was seen: the protection may
+                // have been lifted before it landed.
+                return None;
+            }
         }
         let mut current = seen;
         let joined = loop {
@@ -477,10 +486,11 @@ impl PeerFrames {
             }
         };
         if word::writable(seen) && count.load(Ordering::SeqCst) != before {
-            // The home published the page again since (the version wrapped
-            // around to the one seen): this protection may have been lifted
-            // meanwhile. The bit taken back, unless the home counted it
-            // already (then the check after the copy fails).
+            // Published again between the check above and the join (the
+            // version wrapped around to the one seen). The bit taken back;
+            // if the home counted it already, the check after the copy
+            // fails, and the home protected its own mapping when it
+            // counted it (it never relies on this protection).
             if self.withdraw(page) {
                 return None;
             }

@@ -174,6 +174,9 @@ fn hang_report_scenario(ask: Ask) {
     );
     // Long enough for the report to be asked for on a loaded machine.
     cmd.env("DSM_PEER_TIMEOUT", "8").env("DSM_FAULTS", "sigbus");
+    // The read asks the stopped home (else, co-located, it would copy the
+    // page from the home's memory without waiting).
+    cmd.env("DSM_DIRECT_READS", "off");
     cmd.env(
         "DSM_HANG_REPORT_S",
         if ask == Ask::Threshold { "1" } else { "off" },

@@ -415,6 +415,9 @@ fn kill_scenario(mode: &str, victim: usize) {
         &dir,
     );
     cmd.env_remove("DSM_PEER_TIMEOUT");
+    // A read fault asks the stopped home (else, co-located, it would copy
+    // the page from the home's memory without waiting).
+    cmd.env("DSM_DIRECT_READS", "off");
     let mut job = Job::start(cmd, Duration::from_secs(90));
     let ready = job.await_stdout(N, " ready");
     let pids: HashMap<u64, u64> = ready

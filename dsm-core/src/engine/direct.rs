@@ -41,8 +41,9 @@ pub(super) struct Direct {
     /// a hold's end on the board is in the host's clock.
     epoch: u64,
     /// Pages to publish writable once the staged run that makes them
-    /// writable here is done (`Engine::run_staged`).
-    after_staged: Vec<usize>,
+    /// writable here is done (`Engine::run_staged`), with the least hold
+    /// they are published with.
+    after_staged: Vec<(usize, u64)>,
 }
 
 /// Most pages one fault copies directly (a sequential stream's run):
@@ -293,11 +294,20 @@ impl Engine {
             .filter(|bit| joiners & (1 << bit) != 0)
             .map(|bit| self.direct.readers[bit])
             .collect();
+        // A copy taken as a request would have asked: a reader that lost
+        // the page before becomes its consumer, pushed to at barriers.
+        for &reader in &ranks {
+            self.consumers.asked(page, reader);
+        }
         if let Node::Mrsw(node) = &mut self.node {
             if node.add_direct_readers(page, &ranks)? {
+                // Read-only from now on: protected here too, whatever the
+                // readers' protection became (a late reader's may have
+                // been lifted), as a downgrade's own write-back does.
+                if !self.protected_ahead.remove(page) {
+                    self.faults.write_protect(page, 1)?;
+                }
                 self.backing.insert(page, HomeCopy::Mapped);
-                // The readers' protection is the downgrade's.
-                self.protected_ahead.remove(page);
             }
         }
         Ok(())
@@ -358,7 +368,9 @@ impl Engine {
             if run.op == RunOp::MakeWritable && (run.first..run.first + run.count).contains(&page) {
                 // Still read-only here: a reader's protection would be
                 // lifted with no retraction.
-                self.direct.after_staged.push(page);
+                if !self.direct.after_staged.iter().any(|(p, _)| *p == page) {
+                    self.direct.after_staged.push((page, hold));
+                }
                 return;
             }
             own.publish(page, 0, Some(self.direct.epoch + hold_end.max(hold)));
@@ -380,8 +392,8 @@ impl Engine {
 
     /// The pages whose publication waited for the staged run just done.
     pub(super) fn publish_after_staged(&mut self) {
-        for page in std::mem::take(&mut self.direct.after_staged) {
-            self.publish_direct(page);
+        for (page, hold) in std::mem::take(&mut self.direct.after_staged) {
+            self.publish_direct_held(page, hold);
         }
     }
 
