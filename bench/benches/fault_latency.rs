@@ -19,7 +19,9 @@
 //! * `fault_latency_shm/raw_round_trip_16B_4KiB` and
 //!   `fault_latency_shm/dsm_remote_read_fault_4KiB_sigbus`: the same over
 //!   rings in shared memory, as co-located ranks talk (TCP runs only), with
-//!   the ratio to the loopback TCP fault of the run; beside them
+//!   the ratio to the loopback TCP fault of the run (with
+//!   `DSM_DIRECT_READS`, the default, rank 1 write-protects the page in
+//!   rank 0's mapping and copies it from rank 0's memory, no message); beside them
 //!   `fault_latency_shm/raw_polled_round_trip_16B_4KiB`, the round trip as
 //!   a fault makes it (answered in the receive thread, the answer polled
 //!   for by the asking thread), the least a fault's exchange takes; and
@@ -35,7 +37,7 @@
 //! mapping (at a different address), userfaultfd, fault engine and transport
 //! endpoint, connected over loopback like the ranks of a one-machine job.
 //! Rank 1 reads the first word of a page homed at rank 0 that it does not
-//! hold: one request and one 4 KiB grant. When every such page has been
+//! hold: one request and one 4 KiB grant (over rings, a direct read). When every such page has been
 //! read, rank 0 writes them all (invalidating rank 1's copies) outside the
 //! timed part, and the reads start over.
 
