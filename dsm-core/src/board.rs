@@ -338,6 +338,22 @@ pub struct PeerFrames {
     bit: usize,
 }
 
+/// What a reader saw of a page's word before joining (`PeerFrames::look`).
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    seen: u64,
+    /// The page's count of publications when seen.
+    before: u64,
+}
+
+impl Look {
+    /// The home holds the page writable: this rank write-protects it in
+    /// the home's mapping before it joins (`PeerFrames::protect`).
+    pub fn needs_protection(&self) -> bool {
+        word::writable(self.seen)
+    }
+}
+
 /// What a home offers a co-located reader (sent over their connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offer {
@@ -449,30 +465,61 @@ impl PeerFrames {
         })
     }
 
-    /// Step 1: joins `page`'s readers if the home publishes it and does not
-    /// count this rank already; the word joined, for `finish`. A page the
-    /// home holds writable is first write-protected in the home's mapping,
-    /// once the home's hold on it is over (at `now`, `monotonic_ns`), and
-    /// only the publication seen before that is joined (`None` if the home
-    /// published the page again meanwhile).
+    /// Step 1 for one page: `look`, `protect` if it must be, `join_looked`.
+    /// The word joined, for `finish`.
     pub fn join(&self, page: usize, now: u64) -> Option<u64> {
-        let w = self.board.word(page)?;
-        let count = self.board.publications(page)?;
-        let seen = w.load(Ordering::SeqCst);
-        let before = count.load(Ordering::SeqCst);
+        let look = self.look(page, now)?;
+        if look.needs_protection() && !self.protect(page, 1) {
+            return None;
+        }
+        self.join_looked(page, look)
+    }
+
+    /// Step 1a: whether this rank may join `page`'s readers: the home
+    /// publishes it and does not count this rank already; for a page the
+    /// home holds writable, its hold is over (at `now`, `monotonic_ns`)
+    /// and this rank can write-protect it. What was seen, for the join.
+    pub fn look(&self, page: usize, now: u64) -> Option<Look> {
+        let seen = self.board.word(page)?.load(Ordering::SeqCst);
+        let before = self.board.publications(page)?.load(Ordering::SeqCst);
         word::joined(seen, self.bit)?;
         if word::writable(seen) {
             let hold_end = self.board.hold_end(page)?.load(Ordering::Relaxed);
             let void = self.board.header(HOLDS_VOID_UNTIL).load(Ordering::Acquire);
-            if hold_end > now.max(void) {
+            if hold_end > now.max(void) || self.home_faults.is_none() {
                 return None;
             }
-            self.home_faults.as_ref()?.write_protect(page).ok()?;
-            if count.load(Ordering::SeqCst) != before {
-                // Published again since it was seen: the protection may
-                // have been lifted before it landed.
-                return None;
-            }
+        }
+        Some(Look { seen, before })
+    }
+
+    /// Step 1b, for the pages the home holds writable (`Look::
+    /// needs_protection`): write-protects `count` pages from `first` in the
+    /// home's mapping, one system call (one TLB shootdown) for them all.
+    /// False if it could not (nothing to join then).
+    pub fn protect(&self, first: usize, count: usize) -> bool {
+        let covered = first
+            .checked_add(count)
+            .is_some_and(|end| end <= self.board.pages);
+        covered
+            && self
+                .home_faults
+                .as_ref()
+                .is_some_and(|faults| faults.write_protect(first, count).is_ok())
+    }
+
+    /// Step 1c: joins `page`'s readers in the very publication `look` saw
+    /// (protected since, if the home holds it writable); `None` if the home
+    /// retracted or published it again meanwhile.
+    pub fn join_looked(&self, page: usize, look: Look) -> Option<u64> {
+        let w = self.board.word(page)?;
+        let count = self.board.publications(page)?;
+        let Look { seen, before } = look;
+        let writable = word::writable(seen);
+        if writable && count.load(Ordering::SeqCst) != before {
+            // Published again since it was seen: the protection may have
+            // been lifted before it landed.
+            return None;
         }
         let mut current = seen;
         let joined = loop {
@@ -485,7 +532,7 @@ impl PeerFrames {
                 Err(now) => current = now,
             }
         };
-        if word::writable(seen) && count.load(Ordering::SeqCst) != before {
+        if writable && count.load(Ordering::SeqCst) != before {
             // Published again between the check above and the join (the
             // version wrapped around to the one seen). The bit taken back;
             // if the home counted it already, the check after the copy

@@ -452,12 +452,16 @@ impl PeerFaults {
         Ok(PeerFaults { uffd, base })
     }
 
-    /// Write-protects the home's mapping of `page` (its stores fault from
-    /// now on; the TLBs are flushed when this returns). `page` is below
-    /// the space's pages (`take`).
-    pub(crate) fn write_protect(&self, page: usize) -> Result<(), userfaultfd::Error> {
-        let addr = self.base + page * PAGE_SIZE;
-        self.uffd.write_protect(addr as *mut _, PAGE_SIZE)
+    /// Write-protects the home's mapping of `count` pages from `first` (its
+    /// stores fault from now on; the TLBs are flushed when this returns).
+    /// The pages are below the space's end (`take`).
+    pub(crate) fn write_protect(
+        &self,
+        first: usize,
+        count: usize,
+    ) -> Result<(), userfaultfd::Error> {
+        let addr = self.base + first * PAGE_SIZE;
+        self.uffd.write_protect(addr as *mut _, count * PAGE_SIZE)
     }
 }
 

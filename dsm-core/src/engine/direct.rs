@@ -31,8 +31,10 @@ pub(super) struct Direct {
     readers: Vec<Rank>,
     /// The co-located homes' boards and frames, by rank.
     peers: Vec<Option<PeerFrames>>,
-    /// The words a direct read joined, and which of them held, page by
-    /// page of its run (kept to spare an allocation per fault).
+    /// What a direct read saw of its run's words, the words it joined,
+    /// and which of them held, page by page (kept to spare allocations per
+    /// fault).
+    looks: Vec<board::Look>,
     joined: Vec<u64>,
     held: Vec<bool>,
     /// Where the pages copied land before they are mapped.
@@ -58,6 +60,7 @@ impl Direct {
             published: PageSet::new(pages),
             readers: Vec::new(),
             peers: (0..size).map(|_| None).collect(),
+            looks: Vec::new(),
             joined: Vec::new(),
             held: Vec::new(),
             copy: Vec::new(),
@@ -176,10 +179,13 @@ impl Engine {
             return Ok(None);
         };
         let clock = board::monotonic_ns();
-        // Joined in order, up to the first page that may not be: of another
-        // home or segment, held or asked for here, not published.
-        let joined = &mut self.direct.joined;
-        joined.clear();
+        // Looked at in order, up to the first page that may not be joined:
+        // of another home or segment, held or asked for here, not
+        // published; then the pages the home holds writable protected, a
+        // span of them at a time (one TLB shootdown a span); then joined in
+        // order, up to the first that fails.
+        let looks = &mut self.direct.looks;
+        looks.clear();
         for p in page..(page + run.clamp(1, DIRECT_RUN_MAX)).min(node.pages()) {
             let known = p == page || !self.registry.in_heap(p) || self.registry.find(p).is_some();
             if !known
@@ -189,7 +195,29 @@ impl Engine {
             {
                 break;
             }
-            match frames.join(p, clock) {
+            match frames.look(p, clock) {
+                Some(look) => looks.push(look),
+                None => break,
+            }
+        }
+        let mut at = 0;
+        while at < looks.len() {
+            let span = looks[at..]
+                .iter()
+                .take_while(|look| look.needs_protection())
+                .count();
+            if span > 0 && !frames.protect(page + at, span) {
+                // A protection left behind is lifted by the home's next
+                // store.
+                looks.truncate(at);
+                break;
+            }
+            at += span.max(1);
+        }
+        let joined = &mut self.direct.joined;
+        joined.clear();
+        for (i, look) in looks.iter().enumerate() {
+            match frames.join_looked(page + i, *look) {
                 Some(word) => joined.push(word),
                 None => break,
             }
