@@ -47,8 +47,8 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use dsm_bench::{
-    over_selected, over_selected_or_exit, print_figures, selected_transport, start_dsm,
-    tcp_options, Samples, WORDS_PER_PAGE,
+    over_selected, over_selected_or_exit, print_figures, selected_transport, shm_options,
+    start_dsm, Samples, WORDS_PER_PAGE,
 };
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::segment::Placement;
@@ -263,7 +263,7 @@ fn cold_scan(
 fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
     let boot = dsm_rendezvous::bootstrap_from_env()?;
     let rank = boot.rank;
-    let tcp = TcpTransport::connect(boot, &tcp_options(rank))?;
+    let tcp = TcpTransport::connect(boot, &shm_options(rank))?;
     let t = over_selected(&selected_transport("scan, a home"), tcp, SPACE_PAGES)?;
     let ranks = t.size();
     let data = vec![3u8; MSG];
@@ -386,7 +386,7 @@ fn job(
             .push(command.spawn().expect("starting a home's process"));
         drop(inherited);
     }
-    let tcp = TcpTransport::connect(reader_boot, &tcp_options(ranks - 1)).expect("TCP connects");
+    let tcp = TcpTransport::connect(reader_boot, &shm_options(ranks - 1)).expect("TCP connects");
     let t = over_selected_or_exit(kind, tcp, SPACE_PAGES);
     let mut g = c.benchmark_group(suite);
     g.sampling_mode(SamplingMode::Flat);

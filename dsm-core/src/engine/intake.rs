@@ -330,13 +330,17 @@ impl Engine {
         } else {
             self.stream.on_read_fault(fault.page)
         };
-        if !fault.write && !rc {
-            // A stream copies a run of pages directly, as read-ahead would.
-            let run = if self.stream.streaming() {
-                DIRECT_RUN_MAX
-            } else {
-                1
-            };
+        // A stream copies a run of pages directly, as read-ahead would; one
+        // whose pages alternate between other homes (round-robin over more
+        // than two ranks) is left to read-ahead, which asks each home for
+        // all its pages of the window at once, where a direct run would
+        // stop at every page.
+        let streaming = self.stream.streaming();
+        let next_home = self.home_of(fault.page + 1);
+        let homes_alternate =
+            streaming && next_home != self.home_of(fault.page) && next_home != Some(self.rank);
+        if !fault.write && !rc && !homes_alternate {
+            let run = if streaming { DIRECT_RUN_MAX } else { 1 };
             if let Some(end) = self.read_directly(fault.page, run)? {
                 // The window computed for this fault was not asked for: a
                 // stream goes on from before it, a new one from this page.
