@@ -466,8 +466,10 @@ impl PeerFrames {
     }
 
     /// Step 1 for one page: `look`, `protect` if it must be, `join_looked`.
-    /// The word joined, for `finish`.
-    pub fn join(&self, page: usize, now: u64) -> Option<u64> {
+    /// The word joined, for `finish` (the engine does these steps for a
+    /// run of pages at once).
+    #[cfg(test)]
+    fn join(&self, page: usize, now: u64) -> Option<u64> {
         let look = self.look(page, now)?;
         if look.needs_protection() && !self.protect(page, 1) {
             return None;

@@ -392,8 +392,7 @@ impl Engine {
             return;
         };
         if let Some(hold_end) = node.direct_writable(page) {
-            let run = &self.staged;
-            if run.op == RunOp::MakeWritable && (run.first..run.first + run.count).contains(&page) {
+            if self.staged.holds(RunOp::MakeWritable, page) {
                 // Still read-only here: a reader's protection would be
                 // lifted with no retraction.
                 if !self.direct.after_staged.iter().any(|(p, _)| *p == page) {

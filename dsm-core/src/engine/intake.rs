@@ -336,10 +336,12 @@ impl Engine {
         // all its pages of the window at once, where a direct run would
         // stop at every page.
         let streaming = self.stream.streaming();
-        let next_home = self.home_of(fault.page + 1);
-        let homes_alternate =
-            streaming && next_home != self.home_of(fault.page) && next_home != Some(self.rank);
-        if !fault.write && !rc && !homes_alternate {
+        let homes_alternate = |this: &Self| {
+            let next_home = this.home_of(fault.page + 1);
+            next_home != this.home_of(fault.page) && next_home != Some(this.rank)
+        };
+        let direct = !fault.write && !rc && (!streaming || !homes_alternate(self));
+        if direct {
             let run = if streaming { DIRECT_RUN_MAX } else { 1 };
             if let Some(end) = self.read_directly(fault.page, run)? {
                 // The window computed for this fault was not asked for: a

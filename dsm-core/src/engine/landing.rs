@@ -54,6 +54,13 @@ pub(super) struct StagedRun {
     pub(super) data: Vec<u8>,
 }
 
+impl StagedRun {
+    /// True when `page` waits in this run for `op`.
+    pub(super) fn holds(&self, op: RunOp, page: usize) -> bool {
+        self.op == op && (self.first..self.first + self.count).contains(&page)
+    }
+}
+
 /// Where the bytes of a run of read grants are.
 #[derive(Clone, Copy)]
 pub(super) enum RunBytes<'a> {
