@@ -319,17 +319,20 @@ impl Model {
     /// The end of `rank`'s join of a page its home holds writable, which it
     /// write-protected after seeing `seen`: joined if the home still
     /// publishes that very publication, else given up (the fault will ask).
-    fn steal_join(&self, w: &World, rank: usize, page: usize, seen: u64) -> World {
+    fn steal_join(&self, w: &World, rank: usize, page: usize, seen: u64) -> Result<World, String> {
         let mut s = w.clone();
         s.stealing[rank] = None;
         let now = s.board[page];
-        if word::same_publication(now, seen) {
-            if let Some(joined) = word::joined(now, rank) {
-                s.board[page] = joined;
-                s.direct[rank] = Some((page, joined));
-            }
+        if let Some(joined) = word::joined(now, rank).filter(|_| word::same_publication(now, seen))
+        {
+            s.board[page] = joined;
+            s.direct[rank] = Some((page, joined));
+        } else {
+            s.nodes[rank]
+                .direct_read_skipped(page)
+                .map_err(|e| e.to_string())?;
         }
-        s
+        Ok(s)
     }
 
     /// The end of `rank`'s direct read of `page` (joined at `joined`): the
@@ -509,7 +512,7 @@ impl Model {
                     continue;
                 }
                 Some((page, seen, true)) => {
-                    next.push(self.steal_join(w, rank, page, seen));
+                    next.push(self.steal_join(w, rank, page, seen)?);
                     continue;
                 }
                 None => {}
@@ -568,6 +571,11 @@ impl Model {
                         .then(|| word::joined(s.board[page], rank))
                         .flatten()
                 {
+                    // As the engine: the page counts as asked for until
+                    // the read ends.
+                    s.nodes[rank]
+                        .begin_direct_read(page)
+                        .map_err(|e| e.to_string())?;
                     if word::writable(s.board[page]) {
                         // A page the home holds writable: its mapping
                         // write-protected first, then the publication seen

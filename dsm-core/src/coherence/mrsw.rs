@@ -658,23 +658,55 @@ impl Mrsw {
             })
     }
 
-    /// Reader: this rank copied `page` from its home's frame, which counts
-    /// it among the readers (`add_direct_readers`): a read-only copy, held
-    /// as a grant is. Call only when `may_read_directly`. As after a grant,
-    /// no command about an earlier read-only copy can still come: the home
-    /// published the page with no transaction left, so it had this rank's
-    /// acknowledgement of any invalidation its eviction notice crossed.
-    pub fn took_direct_copy(&mut self, page: usize, now: Time) -> Result<(), CoherenceError> {
-        let hold = self.min_hold;
-        let home = self.home_of(page);
+    /// Reader: a direct read of `page` starts (`may_read_directly`). Until
+    /// it ends (`took_direct_copy`, `direct_read_failed`,
+    /// `direct_read_skipped`) the page counts as asked for: other faults on
+    /// it wait, read-ahead and regains pass it by. The caller handles no
+    /// message meanwhile (the engine holds them back), so no answer to a
+    /// request can meet this mark.
+    pub fn begin_direct_read(&mut self, page: usize) -> Result<(), CoherenceError> {
         if !self.may_read_directly(page) {
             return Err(Self::unexpected(
                 page,
-                home,
-                "a direct read of a page in flight",
+                self.home_of(page),
+                "a direct read of a page held or asked for",
             ));
         }
+        self.local(page)?.pending = Some(Access::Read);
+        Ok(())
+    }
+
+    /// Reader: the end of a direct read of `page` (`begin_direct_read`).
+    fn end_direct_read(&mut self, page: usize) -> Result<&mut LocalPage, CoherenceError> {
+        let home = self.home_of(page);
         let lp = self.local(page)?;
+        if lp.copy != Copy::Invalid || lp.pending != Some(Access::Read) {
+            return Err(Self::unexpected(
+                page,
+                home,
+                "the end of a direct read that did not begin",
+            ));
+        }
+        lp.pending = None;
+        Ok(lp)
+    }
+
+    /// Reader: a direct read of `page` that began joined nothing (the home
+    /// did not publish it, or published it again meanwhile): the page is as
+    /// before, and the fault asks for it.
+    pub fn direct_read_skipped(&mut self, page: usize) -> Result<(), CoherenceError> {
+        self.end_direct_read(page).map(|_| ())
+    }
+
+    /// Reader: this rank copied `page` from its home's frame, which counts
+    /// it among the readers (`add_direct_readers`): a read-only copy, held
+    /// as a grant is. As after a grant, no command about an earlier
+    /// read-only copy can still come: the home published the page with no
+    /// transaction left, so it had this rank's acknowledgement of any
+    /// invalidation its eviction notice crossed.
+    pub fn took_direct_copy(&mut self, page: usize, now: Time) -> Result<(), CoherenceError> {
+        let hold = self.min_hold;
+        let lp = self.end_direct_read(page)?;
         lp.copy = Copy::Shared;
         lp.lost = None;
         lp.evicted = None;
@@ -684,8 +716,9 @@ impl Mrsw {
     }
 
     /// Reader: a direct read of `page` failed after the home counted this
-    /// rank (it retracted the page during the copy): the copy is dropped
-    /// unused, as an eviction of a read-only copy, and the home told.
+    /// rank (it retracted the page during the copy, and may have let its
+    /// frame go since): the copy is dropped unused, as an eviction of a
+    /// read-only copy, and the home told.
     pub fn direct_read_failed(&mut self, page: usize, now: Time) -> Actions {
         self.took_direct_copy(page, now)?;
         let lp = self.local(page)?;

@@ -6,6 +6,8 @@
 //! fault copies a published page with no message.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Condvar, MutexGuard};
+use std::time::Duration;
 
 use super::landing::RunOp;
 use super::protocol::Carried;
@@ -14,6 +16,7 @@ use crate::board::{self, OwnBoard, PeerFrames};
 use crate::coherence::mrsw::Copy;
 use crate::config::PAGE_SIZE;
 use crate::error::DsmError;
+use crate::fault::{FaultError, FaultHandler};
 use crate::pages::PageSet;
 use crate::proto::Msg;
 use crate::stats::Stats;
@@ -29,16 +32,20 @@ pub(super) struct Direct {
     published: PageSet,
     /// The co-located readers of this rank's board, by their bit.
     readers: Vec<Rank>,
-    /// The co-located homes' boards and frames, by rank.
-    peers: Vec<Option<PeerFrames>>,
-    /// What a direct read saw of its run's words, the words it joined,
-    /// and which of them held, page by page (kept to spare allocations per
-    /// fault).
-    looks: Vec<board::Look>,
-    joined: Vec<u64>,
-    held: Vec<bool>,
-    /// Where the pages copied land before they are mapped.
-    copy: Vec<u8>,
+    /// The co-located homes' boards and frames, by rank (shared with the
+    /// direct reads under way).
+    peers: Vec<Option<Arc<PeerFrames>>>,
+    /// Direct reads planned and not ended yet: while there is one, this
+    /// rank handles no message (see [`DirectRead`]).
+    reading: usize,
+    /// The engine thread waits for the direct reads under way to end, to
+    /// handle messages: faults read directly under the lock meanwhile.
+    messages_wait: bool,
+    /// Signalled when the last direct read under way ends and
+    /// `messages_wait` is set.
+    ended: Arc<Condvar>,
+    /// Buffers of ended direct reads, kept to spare allocations per fault.
+    spare: Vec<Scratch>,
     /// `board::monotonic_ns` at the protocol clock's origin (`Engine::now`):
     /// a hold's end on the board is in the host's clock.
     epoch: u64,
@@ -52,6 +59,119 @@ pub(super) struct Direct {
 /// 256 KiB.
 pub(super) const DIRECT_RUN_MAX: usize = 64;
 
+/// Longest the engine thread waits, at a time, for the direct reads under
+/// way to end before it handles messages (a faulting thread descheduled in
+/// the middle of one); it then looks at its other inputs (a failure, a
+/// stop) and comes back.
+const DIRECT_READS_WAIT: Duration = Duration::from_millis(10);
+
+/// A direct read of a run of pages from a co-located home's frames, in
+/// three steps so that faults on different pages copy at once: planned
+/// under the engine's lock (`Engine::plan_direct_read`: the pages marked as
+/// asked for, so other threads' faults on them wait, read-ahead passes them
+/// by), carried out without it by the faulting thread
+/// ([`DirectRead::carry_out`]: joined, copied, checked, mapped), and ended
+/// under it again (`Engine::end_direct_read`: the copies taken). Between the
+/// first step and the last this rank handles no message (`Direct::
+/// reading`): as the model checker has it, a rank's direct read is one
+/// step to the protocol, and no command of the home about a copy it
+/// counted is acknowledged before the copy is recorded.
+pub(super) struct DirectRead {
+    frames: Arc<PeerFrames>,
+    first: usize,
+    /// Pages marked from `first`.
+    marked: usize,
+    scratch: Scratch,
+    /// Reading the home's frames failed (nothing mapped then).
+    copy_error: Option<std::io::Error>,
+    /// Mapping the pages that held failed (fatal).
+    mapped: Result<(), FaultError>,
+}
+
+/// What a direct read saw of its run's words, the words it joined, which
+/// of them held through the copy, and the pages copied.
+#[derive(Default)]
+pub(super) struct Scratch {
+    looks: Vec<board::Look>,
+    joined: Vec<u64>,
+    held: Vec<bool>,
+    copy: Vec<u8>,
+}
+
+impl DirectRead {
+    /// The second step, in the faulting thread without the engine's lock:
+    /// the marked pages looked at in order, up to the first that may not
+    /// be joined (not published, or held by the home); the pages the home
+    /// holds writable write-protected in its mapping, a span of them at a
+    /// time (one TLB shootdown a span); joined in order up to the first
+    /// that fails; copied; then every page whose publication held through
+    /// the copy is mapped (before the engine records it: no message is
+    /// handled meanwhile, so the home waits for this rank before any
+    /// store to it).
+    pub(super) fn carry_out(&mut self, faults: &FaultHandler) {
+        let (frames, first) = (&self.frames, self.first);
+        let Scratch {
+            looks,
+            joined,
+            held,
+            copy,
+        } = &mut self.scratch;
+        looks.clear();
+        joined.clear();
+        held.clear();
+        let clock = board::monotonic_ns();
+        for p in first..first + self.marked {
+            match frames.look(p, clock) {
+                Some(look) => looks.push(look),
+                None => break,
+            }
+        }
+        let mut at = 0;
+        while at < looks.len() {
+            let span = looks[at..]
+                .iter()
+                .take_while(|look| look.needs_protection())
+                .count();
+            if span > 0 && !frames.protect(first + at, span) {
+                // A protection left behind is lifted by the home's next
+                // store.
+                looks.truncate(at);
+                break;
+            }
+            at += span.max(1);
+        }
+        for (i, look) in looks.iter().enumerate() {
+            match frames.join_looked(first + i, *look) {
+                Some(word) => joined.push(word),
+                None => break,
+            }
+        }
+        if joined.is_empty() {
+            return;
+        }
+        copy.resize(joined.len() * PAGE_SIZE, 0);
+        let copied = frames.copy(first, copy);
+        held.extend(
+            joined
+                .iter()
+                .enumerate()
+                .map(|(i, word)| copied.is_ok() && frames.finish(first + i, *word)),
+        );
+        self.copy_error = copied.err();
+        let whole = held.iter().take_while(|ok| **ok).count();
+        self.mapped = (|| {
+            if whole > 0 {
+                faults.install_readonly_run(first, &copy[..whole * PAGE_SIZE])?;
+            }
+            for (i, _) in held.iter().enumerate().skip(whole).filter(|(_, ok)| **ok) {
+                let at = i * PAGE_SIZE;
+                faults.install_readonly_run(first + i, &copy[at..at + PAGE_SIZE])?;
+            }
+            Ok(())
+        })();
+    }
+}
+
 impl Direct {
     pub(super) fn new(size: usize, pages: usize) -> Direct {
         Direct {
@@ -60,10 +180,10 @@ impl Direct {
             published: PageSet::new(pages),
             readers: Vec::new(),
             peers: (0..size).map(|_| None).collect(),
-            looks: Vec::new(),
-            joined: Vec::new(),
-            held: Vec::new(),
-            copy: Vec::new(),
+            reading: 0,
+            messages_wait: false,
+            ended: Arc::new(Condvar::new()),
+            spare: Vec::new(),
             epoch: 0,
             after_staged: Vec::new(),
         }
@@ -140,7 +260,7 @@ impl Engine {
         match PeerFrames::open(from, offer) {
             Ok(frames) => {
                 tracing::debug!("rank {}: reads rank {from}'s pages directly", self.rank);
-                *slot = Some(frames);
+                *slot = Some(Arc::new(frames));
             }
             Err(e) => tracing::warn!(
                 "rank {}: asking rank {from} for its pages (no direct reads): {e}",
@@ -149,18 +269,17 @@ impl Engine {
         }
     }
 
-    /// A read fault on `page`: copied from its co-located home's frame if
-    /// the home publishes it, with the pages after it that may be read the
-    /// same way, up to `run` pages in all (one copy and one mapping call
-    /// for the run). `Some(end)`: the fault is served, pages up to `end`
-    /// were looked at. `None`: the page is to be asked for; if the home
-    /// counted this rank during the copy, the copy was given up as an
-    /// eviction first.
-    pub(super) fn read_directly(
+    /// A read fault on `page` whose home is co-located: plans a direct read
+    /// of it and of the pages after it that may be read the same way, up
+    /// to `run` pages in all (one copy and one mapping call for the run),
+    /// each marked as asked for (`Mrsw::begin_direct_read`). `None`: the
+    /// page is to be asked for. Carried out by [`DirectRead::carry_out`],
+    /// ended by [`Engine::end_direct_read`].
+    pub(super) fn plan_direct_read(
         &mut self,
         page: usize,
         run: usize,
-    ) -> Result<Option<usize>, DsmError> {
+    ) -> Result<Option<DirectRead>, DsmError> {
         let co_located = self
             .home_of(page)
             .is_some_and(|home| matches!(self.direct.peers.get(home), Some(Some(_))));
@@ -170,7 +289,6 @@ impl Engine {
         // A fault replayed inside a batch: a drop staged for a page of the
         // run must happen before the run is mapped.
         self.run_staged()?;
-        let now = self.now();
         let Node::Mrsw(node) = &mut self.node else {
             return Ok(None);
         };
@@ -178,14 +296,9 @@ impl Engine {
         let Some(Some(frames)) = self.direct.peers.get(home) else {
             return Ok(None);
         };
-        let clock = board::monotonic_ns();
-        // Looked at in order, up to the first page that may not be joined:
-        // of another home or segment, held or asked for here, not
-        // published; then the pages the home holds writable protected, a
-        // span of them at a time (one TLB shootdown a span); then joined in
-        // order, up to the first that fails.
-        let looks = &mut self.direct.looks;
-        looks.clear();
+        // Up to the first page that may not be read directly: of another
+        // home or segment, held or asked for here.
+        let mut marked = 0;
         for p in page..(page + run.clamp(1, DIRECT_RUN_MAX)).min(node.pages()) {
             let known = p == page || !self.registry.in_heap(p) || self.registry.find(p).is_some();
             if !known
@@ -195,85 +308,84 @@ impl Engine {
             {
                 break;
             }
-            match frames.look(p, clock) {
-                Some(look) => looks.push(look),
-                None => break,
-            }
+            node.begin_direct_read(p)?;
+            marked += 1;
         }
-        let mut at = 0;
-        while at < looks.len() {
-            let span = looks[at..]
-                .iter()
-                .take_while(|look| look.needs_protection())
-                .count();
-            if span > 0 && !frames.protect(page + at, span) {
-                // A protection left behind is lifted by the home's next
-                // store.
-                looks.truncate(at);
-                break;
-            }
-            at += span.max(1);
-        }
-        let joined = &mut self.direct.joined;
-        joined.clear();
-        for (i, look) in looks.iter().enumerate() {
-            match frames.join_looked(page + i, *look) {
-                Some(word) => joined.push(word),
-                None => break,
-            }
-        }
-        if joined.is_empty() {
+        if marked == 0 {
             return Ok(None);
         }
-        let end = page + joined.len();
-        let copy = &mut self.direct.copy;
-        copy.resize(joined.len() * PAGE_SIZE, 0);
-        let copied = frames.copy(page, copy);
-        if let Err(e) = &copied {
+        self.direct.reading += 1;
+        Ok(Some(DirectRead {
+            frames: Arc::clone(frames),
+            first: page,
+            marked,
+            scratch: self.direct.spare.pop().unwrap_or_default(),
+            copy_error: None,
+            mapped: Ok(()),
+        }))
+    }
+
+    /// The end of a direct read, under the engine's lock: the pages whose
+    /// publication held through the copy are this rank's read-only copies;
+    /// the others it joined were counted by the home meanwhile and are
+    /// given up as evictions; the rest of the run is as before. Threads
+    /// that waited on a page of the run are woken. `Some(end)`: the fault
+    /// is served, pages up to `end` were looked at.
+    pub(super) fn end_direct_read(&mut self, read: DirectRead) -> Result<Option<usize>, DsmError> {
+        self.direct.reading -= 1;
+        if self.direct.reading == 0 && self.direct.messages_wait {
+            self.direct.ended.notify_all();
+        }
+        let DirectRead {
+            frames,
+            first,
+            marked,
+            scratch,
+            copy_error,
+            mapped,
+        } = read;
+        drop(frames);
+        let now = self.now();
+        let Node::Mrsw(node) = &mut self.node else {
+            return Err(DsmError::Protocol(
+                "a direct read under another protocol".into(),
+            ));
+        };
+        let held = &scratch.held;
+        let end = first + held.len();
+        if let Some(e) = copy_error {
+            let home = node.home_of(first);
             tracing::warn!(
-                "rank {}: reading rank {home}'s pages {page}..{end}: {e}",
+                "rank {}: reading rank {home}'s pages {first}..{end}: {e}",
                 self.rank
             );
         }
-        // Every page whose publication held through the copy is installed;
-        // the others were counted by the home meanwhile and are given up.
-        let mut held = std::mem::take(&mut self.direct.held);
-        held.clear();
-        held.extend(
-            joined
-                .iter()
-                .enumerate()
-                .map(|(i, word)| copied.is_ok() && frames.finish(page + i, *word)),
-        );
         let mut given_up = Vec::new();
         for (i, &ok) in held.iter().enumerate() {
             if ok {
-                node.took_direct_copy(page + i, now)?;
+                node.took_direct_copy(first + i, now)?;
             } else {
-                given_up.extend(node.direct_read_failed(page + i, now)?);
+                given_up.extend(node.direct_read_failed(first + i, now)?);
             }
         }
-        let whole = held.iter().take_while(|ok| **ok).count();
-        if whole > 0 {
-            self.faults
-                .install_readonly_run(page, &self.direct.copy[..whole * PAGE_SIZE])?;
+        for p in end..first + marked {
+            node.direct_read_skipped(p)?;
         }
-        for (i, _) in held.iter().enumerate().skip(whole).filter(|(_, ok)| **ok) {
-            let at = i * PAGE_SIZE;
-            self.faults
-                .install_readonly_run(page + i, &self.direct.copy[at..at + PAGE_SIZE])?;
+        if let Some(waiters) = self.faults.waiters() {
+            waiters.woken_run(first, marked);
         }
+        mapped?;
         let installed = held.iter().filter(|ok| **ok).count();
-        let protected = (held.iter().zip(&self.direct.joined))
+        let protected = (held.iter().zip(&scratch.joined))
             .filter(|(ok, word)| **ok && board::word::writable(**word))
             .count();
         Stats::add(&self.stats.direct_reads_protected, protected as u64);
         self.pages_since_memory_check += installed;
         for (i, _) in held.iter().enumerate().filter(|(_, ok)| **ok) {
-            self.cache.installed(page + i);
+            self.cache.installed(first + i);
         }
         let served = held.first().copied().unwrap_or(false);
-        self.direct.held = held;
+        self.direct.spare.push(scratch);
         Stats::add(&self.stats.direct_reads, installed as u64);
         if installed > 0 {
             Stats::raise(
@@ -286,6 +398,35 @@ impl Engine {
             self.apply(given_up, Carried::Nothing)?;
         }
         Ok(served.then_some(end))
+    }
+
+    /// True while direct reads are under way: this rank handles no message
+    /// (a receive thread leaves it to the engine thread, which waits for
+    /// them to end).
+    pub(super) fn reading_directly(&self) -> bool {
+        self.direct.reading > 0
+    }
+
+    /// True when a fault's direct read may run without the engine's lock:
+    /// the engine thread does not wait to handle messages.
+    pub(super) fn direct_read_may_unlock(&self) -> bool {
+        !self.direct.messages_wait
+    }
+
+    /// The engine thread, with messages to handle while direct reads are
+    /// under way: waits for them to end, at most `DIRECT_READS_WAIT` (it
+    /// then looks at its other inputs and comes back); meanwhile faults
+    /// read directly under the lock, so the wait ends.
+    pub(super) fn wait_for_direct_reads(
+        mut this: MutexGuard<'_, Engine>,
+    ) -> MutexGuard<'_, Engine> {
+        let ended = Arc::clone(&this.direct.ended);
+        this.direct.messages_wait = true;
+        let (mut this, _) = ended
+            .wait_timeout_while(this, DIRECT_READS_WAIT, |this| this.reading_directly())
+            .unwrap_or_else(|p| p.into_inner());
+        this.direct.messages_wait = this.reading_directly();
+        this
     }
 
     /// True when this rank's copy of `page` was copied directly and its

@@ -16,7 +16,7 @@
 //! (`landing.rs`), which maps the page and wakes the thread
 //! ([`crate::sigbus::Waiters`]).
 
-use super::direct::DIRECT_RUN_MAX;
+use super::direct::{DirectRead, DIRECT_RUN_MAX};
 use super::landing::{RunBytes, RunOp};
 use super::protocol::{filled_page, Carried};
 use super::segments::Parked;
@@ -33,6 +33,7 @@ use crate::transport::{Incoming, InlineDelivery, PayloadPlacement, Transport};
 use crate::{proto, Message, Rank};
 use crossbeam_channel::{Receiver, Sender};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -40,16 +41,16 @@ use std::time::{Duration, Instant};
 /// Runs `work` (a fault, an API call) on the engine's state in the calling
 /// thread, then flushes its messages. A timer the work set is announced to
 /// the engine thread, whose wait was computed without it.
-pub(crate) fn serve_here(
+pub(crate) fn serve_here<T>(
     engine: &Mutex<Engine>,
     events: &Sender<Input>,
-    work: impl FnOnce(&mut Engine) -> Result<(), DsmError>,
-) -> Result<(), DsmError> {
-    let timer_set = {
+    work: impl FnOnce(&mut Engine) -> Result<T, DsmError>,
+) -> Result<T, DsmError> {
+    let (done, timer_set) = {
         let mut this = lock(engine);
         let before = this.next_deadline();
         let free_stalled_before = this.free_stalled();
-        work(&mut this)?;
+        let done = work(&mut this)?;
         let evict_behind = this.bound_memory()?;
         let after = this.next_deadline();
         // A free left waiting on this rank's requests needs the engine
@@ -61,12 +62,12 @@ pub(crate) fn serve_here(
         if !this.out.is_empty() {
             send_queued(engine, this)?;
         }
-        timer_set
+        (done, timer_set)
     };
     if timer_set {
         events.send(Input::Wake).map_err(|_| DsmError::Stopped)?;
     }
-    Ok(())
+    Ok(done)
 }
 
 /// The engine's handler for messages in the transport's receive threads
@@ -91,7 +92,9 @@ pub(crate) fn inline_delivery(
         let Ok(mut this) = engine.try_lock() else {
             return Some(message);
         };
-        if !this.serving || !inbox.is_empty() {
+        // During a direct read, messages wait for the engine thread (which
+        // waits for the read to end).
+        if !this.serving || !inbox.is_empty() || this.reading_directly() {
             return Some(message);
         }
         let before = this.next_deadline();
@@ -207,7 +210,17 @@ pub(crate) fn signal_fault_server(
             write,
             write_protect: false,
         };
-        let served = serve_here(&engine, &events, |this| this.on_fault(fault));
+        // A direct read copies and maps without the engine's lock: other
+        // threads' faults copy meanwhile.
+        let served = serve_here(&engine, &events, |this| this.begin_fault(fault, true)).and_then(
+            |pending| match pending {
+                None => Ok(()),
+                Some(mut pending) => {
+                    pending.read.carry_out(&faults);
+                    serve_here(&engine, &events, |this| this.end_fault(pending))
+                }
+            },
+        );
         if let Err(e) = served {
             let _ = events.send(Input::Failed(e));
             drop(answers);
@@ -299,20 +312,53 @@ pub(crate) fn read_faults(
     }
 }
 
+/// A fault whose direct read is under way, to carry out without the
+/// engine's lock (`DirectRead::carry_out`), then to end with
+/// [`Engine::end_fault`].
+pub(super) struct PendingFault {
+    fault: Fault,
+    pub(super) read: DirectRead,
+    /// The read-ahead window this fault's stream computed.
+    ahead: Range<usize>,
+    /// How far the stream had asked before this fault.
+    requested_before: usize,
+}
+
 impl Engine {
+    /// A fault served whole under the engine's lock (the fault thread's,
+    /// one replayed after its segment became known).
     pub(super) fn on_fault(&mut self, fault: Fault) -> Result<(), DsmError> {
+        match self.begin_fault(fault, false)? {
+            None => Ok(()),
+            Some(mut pending) => {
+                pending.read.carry_out(&self.faults);
+                self.end_fault(pending)
+            }
+        }
+    }
+
+    /// A fault's first step: served (first touch, a copy held here, a
+    /// direct read done under the lock) or asked for (`None`), or, when
+    /// `unlock` and the engine thread does not wait to handle messages, a
+    /// direct read left to the caller to carry out without the lock.
+    pub(super) fn begin_fault(
+        &mut self,
+        fault: Fault,
+        unlock: bool,
+    ) -> Result<Option<PendingFault>, DsmError> {
         if self.segment_unknown(fault.page) {
             self.park(fault.page, Parked::Fault(fault));
-            return Ok(());
+            return Ok(None);
         }
         if fault.write && self.lift_readers_protection(fault.page)? {
-            return Ok(());
+            return Ok(None);
         }
         if fault.write && self.protected_ahead.remove(fault.page) {
             // Still ours and writable: only the protection taken ahead of
             // a downgrade stopped the store (which will now protect it again).
             debug_assert!(!self.home_copy_is_mapped(fault.page), "a writable page");
-            return Ok(self.faults.make_writable(fault.page)?);
+            self.faults.make_writable(fault.page)?;
+            return Ok(None);
         }
         let counter = if fault.write {
             &self.stats.write_faults
@@ -321,7 +367,7 @@ impl Engine {
         };
         Stats::add(counter, 1);
         if self.first_touch(fault.page)? {
-            return Ok(());
+            return Ok(None);
         }
         let rc = self.rc.contains(fault.page);
         let requested_before = self.stream.requested_to;
@@ -343,18 +389,51 @@ impl Engine {
         let direct = !fault.write && !rc && (!streaming || !homes_alternate(self));
         if direct {
             let run = if streaming { DIRECT_RUN_MAX } else { 1 };
-            if let Some(end) = self.read_directly(fault.page, run)? {
-                // The window computed for this fault was not asked for: a
-                // stream goes on from before it, a new one from this page.
-                let base = if self.stream.run == 0 {
-                    fault.page + 1
-                } else {
-                    requested_before
+            if let Some(read) = self.plan_direct_read(fault.page, run)? {
+                let mut pending = PendingFault {
+                    fault,
+                    read,
+                    ahead,
+                    requested_before,
                 };
-                self.stream.requested_to = base.max(end);
-                return Ok(());
+                if unlock && self.direct_read_may_unlock() {
+                    return Ok(Some(pending));
+                }
+                pending.read.carry_out(&self.faults);
+                self.end_fault(pending)?;
+                return Ok(None);
             }
         }
+        self.ask_for(fault, rc, ahead)?;
+        Ok(None)
+    }
+
+    /// A fault's last step after its direct read: the read ended; if it did
+    /// not serve the fault, the page is asked for.
+    pub(super) fn end_fault(&mut self, pending: PendingFault) -> Result<(), DsmError> {
+        let PendingFault {
+            fault,
+            read,
+            ahead,
+            requested_before,
+        } = pending;
+        if let Some(end) = self.end_direct_read(read)? {
+            // The window computed for this fault was not asked for: a
+            // stream goes on from before it, a new one from this page.
+            let base = if self.stream.run == 0 {
+                fault.page + 1
+            } else {
+                requested_before
+            };
+            self.stream.requested_to = base.max(end);
+            return Ok(());
+        }
+        self.ask_for(fault, false, ahead)
+    }
+
+    /// A fault on a page neither held here nor read directly: asked for
+    /// (with the pages lost with it, and the stream's read-ahead window).
+    fn ask_for(&mut self, fault: Fault, rc: bool, ahead: Range<usize>) -> Result<(), DsmError> {
         let actions = match &mut self.node {
             _ if rc => self.release.on_fault(fault.page, fault.write)?,
             Node::Migratory(n) => n.on_fault(fault.page)?,

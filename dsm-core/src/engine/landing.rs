@@ -215,6 +215,7 @@ impl Engine {
         let pages = first..first.checked_add(count)?;
         let overlaps = |l: &Landed| l.first < pages.end && pages.start < l.first + l.count;
         if !self.serving
+            || self.reading_directly()
             || self.staged.count > 0
             || self.landing.iter().any(overlaps)
             || pages.clone().any(|p| !node.awaits_read_grant(p, from))

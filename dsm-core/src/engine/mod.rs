@@ -485,10 +485,18 @@ impl Engine {
             let _ = ready.ready_timeout(timeout);
             if !inbox.is_empty() {
                 let mut this = lock(engine);
+                if this.reading_directly() {
+                    this = Engine::wait_for_direct_reads(this);
+                }
                 // What has arrived is handled before the replies leave, so
                 // they leave together (bounded: the fault thread waits for
-                // the lock meanwhile).
-                for _ in 0..DRAIN_AT_ONCE {
+                // the lock meanwhile). Not during a direct read.
+                let drain = if this.reading_directly() {
+                    0
+                } else {
+                    DRAIN_AT_ONCE
+                };
+                for _ in 0..drain {
                     match inbox.try_recv() {
                         Ok(Ok(msg)) => this.on_message(msg)?,
                         Ok(Err(e)) => return Err(e.into()),
