@@ -4,7 +4,9 @@
 //! [`serve_here`], the transport's receive threads through
 //! [`inline_delivery`] and [`payload_placement`], the engine thread's own
 //! loop (`Engine::run`). Then a fault ([`Engine::on_fault`]: first touch,
-//! the protocol, read-ahead) or a message ([`Engine::on_payload`]: a
+//! a direct read, which a faulting thread carries out between
+//! [`Engine::begin_fault`] and [`Engine::end_fault`] without the lock, or
+//! the protocol and read-ahead) or a message ([`Engine::on_payload`]: a
 //! batch's parts in order, read grants to `landing`, a message about a
 //! segment not known yet parked, the rest to `Engine::handle`).
 //!
