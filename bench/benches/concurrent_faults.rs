@@ -1,27 +1,35 @@
 //! Concurrent read faults of one rank: 1, 2, 4 and 8 threads of rank 1,
 //! each reading its own 256 pages homed at rank 0 (no read-ahead: one
 //! remote fault per page), over loopback TCP (`concurrent_faults_tcp`)
-//! and over the rings co-located ranks use (`concurrent_faults_shm`).
+//! and over the rings co-located ranks use (`concurrent_faults_shm`, where
+//! the pages are read directly from rank 0's memory, `DSM_DIRECT_READS`).
 //! Criterion reports faults per second (throughput in elements); the
 //! summary prints each thread count's rate beside the single thread's of
 //! the same run. Faults on different pages should proceed in parallel and
 //! their requests share messages: the rate should grow with threads until
 //! the transport or the CPUs saturate.
 //!
-//! Both ranks live in this process (two `Dsm` instances at different
-//! addresses). Each batch reads a fresh segment homed at rank 0, which rank
-//! 0 filled and both free afterwards (not timed): pages rank 1 never held,
-//! so each read is one remote fault carrying 4 KiB (pages rank 1 lost to a
-//! write would be asked back with their neighbours). `bench/c/threaded_faults.c`
-//! is the same measurement through `dsm.h`, as separate processes.
+//! The ranks are processes, as in a job: the bench process is rank 1, the
+//! reader, and starts itself again as rank 0, the home
+//! (`DSM_BENCH_CONCURRENT_HOME` set to the transport, the loopback job
+//! handed over as dsmwrap does). Two ranks in one process would share one
+//! memory map, whose TLB shootdowns (a direct read write-protects the
+//! page in the home's mapping) would then reach the reader's own CPUs.
+//! Each batch reads a fresh segment homed at rank 0, which rank 0 filled
+//! and both free afterwards (not timed): pages rank 1 never held, so each
+//! read is one remote fault carrying 4 KiB (pages rank 1 lost to a write
+//! would be asked back with their neighbours). `bench/c/threaded_faults.c`
+//! is the same measurement through `dsm.h`.
 
 use std::hint::black_box;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
+use dsm_bench::{config, shm_options, spawn_ranks, tcp_options, WORDS_PER_PAGE};
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::{Config, Dsm, FaultDelivery, Placement, Transport, PAGE_SIZE};
 use transport_tcp::{TcpOptions, TcpTransport};
@@ -30,44 +38,62 @@ use transport_tcp::{TcpOptions, TcpTransport};
 const SPACE_PAGES: usize = 8192;
 const PAGES_PER_THREAD: usize = 256;
 const THREADS: [usize; 4] = [1, 2, 4, 8];
-const BASES: [usize; 2] = [0x2200_0000_0000, 0x2300_0000_0000];
-const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
+/// Set in the environment of the bench started again as rank 0: `tcp` or
+/// `shm`, the transport's options.
+const HOME_ROLE: &str = "DSM_BENCH_CONCURRENT_HOME";
+/// Words of the space's first page (homed at rank 0): the next batch's
+/// generation (0: the end), and its number of pages.
+const GENERATION_WORD: usize = 0;
+const PAGES_WORD: usize = 1;
 
-fn pair(options: fn(usize) -> TcpOptions) -> Vec<Arc<dyn Transport>> {
-    let boots = Bootstrap::loopback_group(2).expect("loopback job");
-    let handles: Vec<_> = boots
-        .into_iter()
-        .map(|b| {
-            let options = options(b.rank);
-            thread::spawn(move || -> Arc<dyn Transport> {
-                TcpTransport::connect(b, &options).expect("TCP connects")
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("connecting thread"))
-        .collect()
+/// The options of the transport a role names.
+fn options(over: &str) -> Option<fn(usize) -> TcpOptions> {
+    match over {
+        "tcp" => Some(tcp_options),
+        "shm" => Some(shm_options),
+        _ => None,
+    }
 }
 
-fn start(t: Vec<Arc<dyn Transport>>) -> Vec<Dsm> {
-    let hosts = vec!["localhost".to_string(); 2];
-    t.into_iter()
-        .zip(BASES)
-        .map(|(t, base)| {
-            let config = Config {
-                base,
-                size: SPACE_PAGES * PAGE_SIZE,
-                prefetch: 0,
-                faults: FaultDelivery::Sigbus,
-                ..Config::from_env().expect("DSM_* variables")
-            }
-            .validate()
-            .expect("bench configuration");
-            let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
-            Dsm::start(space, t, hosts.clone(), config).expect("starting the DSM")
-        })
-        .collect()
+/// The `Dsm` of `transport`'s rank: no read-ahead, faults served in the
+/// faulting thread.
+fn start(transport: Arc<dyn Transport>) -> Dsm {
+    let hosts = vec!["localhost".to_string(); transport.size()];
+    let config = Config {
+        prefetch: 0,
+        faults: FaultDelivery::Sigbus,
+        ..config(transport.rank(), SPACE_PAGES)
+    }
+    .validate()
+    .expect("bench configuration");
+    let space = Dsm::prepare(&config).expect("mapping the space (userfaultfd)");
+    Dsm::start(space, transport, hosts, config).expect("starting the DSM")
+}
+
+/// Rank 0, in a process the bench started: for each batch, allocates the
+/// segment with the reader, fills it, and frees it once read.
+fn home(over: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let options = options(over).ok_or("unknown transport")?;
+    let boot = dsm_rendezvous::bootstrap_from_env()?;
+    let rank = boot.rank;
+    let home = start(TcpTransport::connect(boot, &options(rank))?);
+    let words = home.words();
+    loop {
+        home.barrier()?;
+        let generation = words[GENERATION_WORD].load(Relaxed);
+        if generation == 0 {
+            break;
+        }
+        let pages = usize::try_from(words[PAGES_WORD].load(Relaxed))?;
+        let filled = home.coalloc(pages * PAGE_SIZE, Placement::Localized(0))?;
+        for p in filled.pages() {
+            words[p * WORDS_PER_PAGE].store(generation, Relaxed);
+        }
+        home.barrier()?;
+        home.free(filled)?;
+    }
+    home.finalize()?;
+    Ok(())
 }
 
 /// Faults per second of each thread count, as measured by criterion's
@@ -75,9 +101,14 @@ fn start(t: Vec<Arc<dyn Transport>>) -> Vec<Dsm> {
 #[derive(Default)]
 struct Rates(Vec<(usize, f64)>);
 
-fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) -> Rates {
-    let dsms = start(pair(options));
-    let (owner, reader) = (&dsms[0], &dsms[1]);
+fn concurrent(c: &mut Criterion, group: &str, over: &str) -> Rates {
+    let options = options(over).expect("a known transport");
+    let mut boots = Bootstrap::loopback_group(2).expect("loopback job");
+    let reader_boot = boots.pop().expect("the reader");
+    let homes = spawn_ranks(boots, (HOME_ROLE, over), &[]);
+    let rank = reader_boot.rank;
+    let reader = start(TcpTransport::connect(reader_boot, &options(rank)).expect("TCP connects"));
+    let words = reader.words();
     let mut generation = 0u64;
     let mut rates = Rates::default();
     let mut g = c.benchmark_group(group);
@@ -90,13 +121,20 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     generation += 1;
-                    let (filled, read) = fresh_segment(owner, reader, faults, generation);
+                    words[GENERATION_WORD].store(generation, Relaxed);
+                    words[PAGES_WORD].store(faults as u64, Relaxed);
+                    reader.barrier().expect("barrier");
+                    let read = reader
+                        .coalloc(faults * PAGE_SIZE, Placement::Localized(0))
+                        .expect("coalloc at rank 1");
+                    reader
+                        .barrier()
+                        .expect("barrier: rank 0 filled the segment");
                     let pages: Vec<usize> = read.pages().collect();
-                    let words = reader.words();
                     let expected = generation;
                     let t0 = Instant::now();
                     thread::scope(|s| {
-                        for part in pages[..faults].chunks(PAGES_PER_THREAD) {
+                        for part in pages.chunks(PAGES_PER_THREAD) {
                             s.spawn(move || {
                                 for &p in part {
                                     let w: &AtomicU64 = &words[p * WORDS_PER_PAGE];
@@ -107,10 +145,7 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
                         }
                     });
                     let d = t0.elapsed();
-                    thread::scope(|s| {
-                        s.spawn(|| owner.free(filled).expect("free at rank 0"));
-                        reader.free(read).expect("free at rank 1");
-                    });
+                    reader.free(read).expect("free at rank 1");
                     total += d;
                     timed += d;
                     counted += faults;
@@ -123,36 +158,13 @@ fn concurrent(c: &mut Criterion, group: &str, options: fn(usize) -> TcpOptions) 
             .push((threads, counted as f64 / timed.as_secs_f64().max(1e-9)));
     }
     g.finish();
-    dsm_bench::finalize(dsms);
-    rates
-}
-
-/// A segment of `pages` pages homed at rank 0, allocated by both ranks
-/// (collectively) and filled by rank 0 with `generation` in each page's
-/// first word; rank 0's handle, then rank 1's.
-fn fresh_segment(
-    owner: &Dsm,
-    reader: &Dsm,
-    pages: usize,
-    generation: u64,
-) -> (dsm_core::Segment, dsm_core::Segment) {
-    let bytes = pages * PAGE_SIZE;
-    let (filled, read) = thread::scope(|s| {
-        let at_owner = s.spawn(|| {
-            owner
-                .coalloc(bytes, Placement::Localized(0))
-                .expect("coalloc at rank 0")
-        });
-        let read = reader
-            .coalloc(bytes, Placement::Localized(0))
-            .expect("coalloc at rank 1");
-        (at_owner.join().expect("allocating thread"), read)
-    });
-    let words = owner.words();
-    for p in filled.pages() {
-        words[p * WORDS_PER_PAGE].store(generation, Relaxed);
+    words[GENERATION_WORD].store(0, Relaxed);
+    reader.barrier().expect("the last barrier");
+    reader.finalize().expect("finalize");
+    for status in homes.wait() {
+        assert!(status.success(), "rank 0's process failed: {status}");
     }
-    (filled, read)
+    rates
 }
 
 fn print_rates(group: &str, rates: &Rates) {
@@ -169,8 +181,8 @@ fn print_rates(group: &str, rates: &Rates) {
 }
 
 fn concurrent_faults(c: &mut Criterion) {
-    let tcp = concurrent(c, "concurrent_faults_tcp", dsm_bench::tcp_options);
-    let shm = concurrent(c, "concurrent_faults_shm", dsm_bench::shm_options);
+    let tcp = concurrent(c, "concurrent_faults_tcp", "tcp");
+    let shm = concurrent(c, "concurrent_faults_shm", "shm");
     print_rates("concurrent_faults_tcp", &tcp);
     print_rates("concurrent_faults_shm", &shm);
 }
@@ -183,4 +195,18 @@ criterion_group! {
         .measurement_time(Duration::from_secs(2));
     targets = concurrent_faults
 }
-criterion_main!(benches);
+fn main() -> ExitCode {
+    if let Some(role) = std::env::var_os(HOME_ROLE) {
+        let over = role.to_string_lossy();
+        return match home(&over) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("concurrent_faults, rank 0: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    ExitCode::SUCCESS
+}

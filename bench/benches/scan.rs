@@ -38,7 +38,7 @@
 //! profile of the scans alone (the untimed invalidations between them cost
 //! more).
 
-use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
@@ -48,7 +48,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use dsm_bench::{
     over_selected, over_selected_or_exit, print_figures, selected_transport, shm_options,
-    start_dsm, Samples, WORDS_PER_PAGE,
+    spawn_ranks, start_dsm, Samples, WORDS_PER_PAGE,
 };
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::segment::Placement;
@@ -325,27 +325,6 @@ fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The homes' processes: killed and reaped if the bench fails before they end.
-struct HomeProcesses(Vec<Child>);
-
-impl HomeProcesses {
-    fn wait(mut self) -> Vec<ExitStatus> {
-        std::mem::take(&mut self.0)
-            .into_iter()
-            .map(|mut child| child.wait().expect("waiting for a home"))
-            .collect()
-    }
-}
-
-impl Drop for HomeProcesses {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// MB/s (10^6 bytes per second) of `bytes` per sample at the median.
 fn mb_per_s(samples: &Samples, bytes: usize) -> Option<f64> {
     samples
@@ -369,23 +348,15 @@ fn job(
     let scans: Vec<Samples> = runs.iter().map(|_| Samples::default()).collect();
     let mut boots = Bootstrap::loopback_group(ranks).expect("loopback job");
     let reader_boot = boots.pop().expect("the reader");
-    let exe = std::env::current_exe().expect("the bench's own path");
-    let mut homes = HomeProcesses(Vec::new());
-    for boot in boots {
-        let mut command = Command::new(&exe);
-        command.env(HOME_ROLE, layout.name());
-        if std::env::var_os("DSM_PUSH").is_none() {
-            // A push at the barrier between scans would carry every page
-            // to the reader before its timed scan, which would then
-            // measure no transfer at all.
-            command.env("DSM_PUSH", "0");
-        }
-        let inherited = boot.hand_over(&mut command).expect("handing a home over");
-        homes
-            .0
-            .push(command.spawn().expect("starting a home's process"));
-        drop(inherited);
-    }
+    // A push at the barrier between scans would carry every page to the
+    // reader before its timed scan, which would then measure no transfer
+    // at all.
+    let no_push: &[(&str, &str)] = if std::env::var_os("DSM_PUSH").is_none() {
+        &[("DSM_PUSH", "0")]
+    } else {
+        &[]
+    };
+    let homes = spawn_ranks(boots, (HOME_ROLE, layout.name()), no_push);
     let tcp = TcpTransport::connect(reader_boot, &shm_options(ranks - 1)).expect("TCP connects");
     let t = over_selected_or_exit(kind, tcp, SPACE_PAGES);
     let mut g = c.benchmark_group(suite);

@@ -3,10 +3,12 @@
 //! Most multi-rank suites run every rank inside the bench process: one `Dsm`
 //! per rank, each with its own mapping (at its own address), userfaultfd,
 //! fault engine and TCP transport endpoint, connected over loopback like
-//! the ranks of a one-machine job. The `scan` suite runs its home rank as a
-//! second process (the bench binary started again, [`Bootstrap::hand_over`]).
+//! the ranks of a one-machine job. The `scan` and `concurrent_faults`
+//! suites run their home ranks as processes of their own (the bench binary
+//! started again, [`spawn_ranks`]).
 
 use std::hint::black_box;
+use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -332,4 +334,50 @@ pub fn raw_round_trip(
     });
     client.send(to, b"stop").expect("stop");
     echo.join().expect("echo thread");
+}
+
+/// The processes of a job's other ranks that a bench started
+/// ([`spawn_ranks`]): killed and reaped if the bench fails before they end.
+pub struct RankProcesses(Vec<Child>);
+
+impl RankProcesses {
+    /// Waits for every process to end: their exit statuses.
+    pub fn wait(mut self) -> Vec<ExitStatus> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|mut child| child.wait().expect("waiting for a rank's process"))
+            .collect()
+    }
+}
+
+impl Drop for RankProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts the bench binary again for each of `boots` (ranks of a loopback
+/// job, [`Bootstrap::loopback_group`]), as dsmwrap starts a rank: the
+/// rank's bootstrap handed over, `role` set in its environment (which the
+/// bench's `main` looks at), and `env` too.
+pub fn spawn_ranks(
+    boots: Vec<Bootstrap>,
+    role: (&str, &str),
+    env: &[(&str, &str)],
+) -> RankProcesses {
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let mut started = RankProcesses(Vec::new());
+    for boot in boots {
+        let mut command = Command::new(&exe);
+        command.env(role.0, role.1).envs(env.iter().copied());
+        let inherited = boot.hand_over(&mut command).expect("handing a rank over");
+        started
+            .0
+            .push(command.spawn().expect("starting a rank's process"));
+        drop(inherited);
+    }
+    started
 }
