@@ -37,6 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -190,6 +191,9 @@ pub(crate) fn signal_fault_server(
     page_poll: PagePoll,
     waiting: Arc<Waiting>,
 ) -> crate::sigbus::Server {
+    // Threads of this rank serving a fault now: one alone reads directly
+    // under the engine's lock, which saves taking it twice.
+    let serving = AtomicUsize::new(0);
     Box::new(move |page, write| {
         let Some(waiters) = faults.waiters() else {
             return;
@@ -212,9 +216,10 @@ pub(crate) fn signal_fault_server(
             write,
             write_protect: false,
         };
-        // A direct read copies and maps without the engine's lock: other
-        // threads' faults copy meanwhile.
-        let served = serve_here(&engine, &events, |this| this.begin_fault(fault, true)).and_then(
+        // With other threads faulting, a direct read copies and maps
+        // without the engine's lock: their faults copy meanwhile.
+        let others = serving.fetch_add(1, Relaxed) > 0;
+        let served = serve_here(&engine, &events, |this| this.begin_fault(fault, others)).and_then(
             |pending| match pending {
                 None => Ok(()),
                 Some(mut pending) => {
@@ -223,6 +228,7 @@ pub(crate) fn signal_fault_server(
                 }
             },
         );
+        serving.fetch_sub(1, Relaxed);
         if let Err(e) = served {
             let _ = events.send(Input::Failed(e));
             drop(answers);
