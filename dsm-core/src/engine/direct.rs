@@ -79,7 +79,7 @@ const DIRECT_READS_WAIT: Duration = Duration::from_millis(10);
 pub(super) struct DirectRead {
     frames: Arc<PeerFrames>,
     first: usize,
-    /// Pages marked from `first`.
+    /// Pages marked from `first`, each seen published (`Scratch::looks`).
     marked: usize,
     scratch: Scratch,
     /// Reading the home's frames failed (nothing mapped then).
@@ -98,16 +98,23 @@ pub(super) struct Scratch {
     copy: Vec<u8>,
 }
 
+impl Scratch {
+    fn clear(&mut self) {
+        self.looks.clear();
+        self.joined.clear();
+        self.held.clear();
+    }
+}
+
 impl DirectRead {
-    /// The second step, in the faulting thread without the engine's lock:
-    /// the marked pages looked at in order, up to the first that may not
-    /// be joined (not published, or held by the home); the pages the home
+    /// The second step, in the faulting thread without the engine's lock,
+    /// on the marked pages (each looked at when marked): the pages the home
     /// holds writable write-protected in its mapping, a span of them at a
     /// time (one TLB shootdown a span); joined in order up to the first
     /// that fails; copied; then every page whose publication held through
-    /// the copy is mapped (before the engine records it: no message is
-    /// handled meanwhile, so the home waits for this rank before any
-    /// store to it).
+    /// the copy is mapped (before the engine records it: no message from
+    /// another rank is handled meanwhile, so the home waits for this rank
+    /// before any store to it).
     pub(super) fn carry_out(&mut self, faults: &FaultHandler) {
         let (frames, first) = (&self.frames, self.first);
         let Scratch {
@@ -116,16 +123,6 @@ impl DirectRead {
             held,
             copy,
         } = &mut self.scratch;
-        looks.clear();
-        joined.clear();
-        held.clear();
-        let clock = board::monotonic_ns();
-        for p in first..first + self.marked {
-            match frames.look(p, clock) {
-                Some(look) => looks.push(look),
-                None => break,
-            }
-        }
         let mut at = 0;
         while at < looks.len() {
             let span = looks[at..]
@@ -296,9 +293,12 @@ impl Engine {
         let Some(Some(frames)) = self.direct.peers.get(home) else {
             return Ok(None);
         };
-        // Up to the first page that may not be read directly: of another
-        // home or segment, held or asked for here.
-        let mut marked = 0;
+        // Looked at in order, up to the first page that may not be read
+        // directly: of another home or segment, held or asked for here,
+        // not published (or held by the home).
+        let mut scratch = self.direct.spare.pop().unwrap_or_default();
+        scratch.clear();
+        let clock = board::monotonic_ns();
         for p in page..(page + run.clamp(1, DIRECT_RUN_MAX)).min(node.pages()) {
             let known = p == page || !self.registry.in_heap(p) || self.registry.find(p).is_some();
             if !known
@@ -308,10 +308,15 @@ impl Engine {
             {
                 break;
             }
+            match frames.look(p, clock) {
+                Some(look) => scratch.looks.push(look),
+                None => break,
+            }
             node.begin_direct_read(p)?;
-            marked += 1;
         }
+        let marked = scratch.looks.len();
         if marked == 0 {
+            self.direct.spare.push(scratch);
             return Ok(None);
         }
         self.direct.reading += 1;
@@ -319,7 +324,7 @@ impl Engine {
             frames: Arc::clone(frames),
             first: page,
             marked,
-            scratch: self.direct.spare.pop().unwrap_or_default(),
+            scratch,
             copy_error: None,
             mapped: Ok(()),
         }))
@@ -334,6 +339,9 @@ impl Engine {
     pub(super) fn end_direct_read(&mut self, read: DirectRead) -> Result<Option<usize>, DsmError> {
         self.direct.reading -= 1;
         if self.direct.reading == 0 && self.direct.messages_wait {
+            // Also after the engine thread's wait timed out: reads may let
+            // the lock go again.
+            self.direct.messages_wait = false;
             self.direct.ended.notify_all();
         }
         let DirectRead {

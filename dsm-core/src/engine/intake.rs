@@ -49,6 +49,17 @@ pub(crate) fn serve_here<T>(
     events: &Sender<Input>,
     work: impl FnOnce(&mut Engine) -> Result<T, DsmError>,
 ) -> Result<T, DsmError> {
+    serve_here_then(engine, events, work, |_| true)
+}
+
+/// [`serve_here`], flushing the messages only if `send_now` says so of what
+/// `work` returned (they are otherwise left to the caller's next call).
+fn serve_here_then<T>(
+    engine: &Mutex<Engine>,
+    events: &Sender<Input>,
+    work: impl FnOnce(&mut Engine) -> Result<T, DsmError>,
+    send_now: impl FnOnce(&T) -> bool,
+) -> Result<T, DsmError> {
     let (done, timer_set) = {
         let mut this = lock(engine);
         let before = this.next_deadline();
@@ -62,7 +73,7 @@ pub(crate) fn serve_here<T>(
         let timer_set = evict_behind || free_stalled || (after.is_some() && after != before);
         // With nothing to send, nothing is: a message a receive thread left
         // part-written is the engine thread's to finish (woken for it).
-        if !this.out.is_empty() {
+        if !this.out.is_empty() && send_now(&done) {
             send_queued(engine, this)?;
         }
         (done, timer_set)
@@ -218,16 +229,20 @@ pub(crate) fn signal_fault_server(
         };
         // With other threads faulting, a direct read copies and maps
         // without the engine's lock: their faults copy meanwhile.
+        // What is queued to send waits for the end of the read (while it
+        // is under way this rank handles no message, answers included).
         let others = serving.fetch_add(1, Relaxed) > 0;
-        let served = serve_here(&engine, &events, |this| this.begin_fault(fault, others)).and_then(
-            |pending| match pending {
-                None => Ok(()),
-                Some(mut pending) => {
-                    pending.read.carry_out(&faults);
-                    serve_here(&engine, &events, |this| this.end_fault(pending))
+        let begin = |this: &mut Engine| this.begin_fault(fault, others);
+        let served =
+            serve_here_then(&engine, &events, begin, Option::is_none).and_then(|pending| {
+                match pending {
+                    None => Ok(()),
+                    Some(mut pending) => {
+                        pending.read.carry_out(&faults);
+                        serve_here(&engine, &events, |this| this.end_fault(pending))
+                    }
                 }
-            },
-        );
+            });
         serving.fetch_sub(1, Relaxed);
         if let Err(e) = served {
             let _ = events.send(Input::Failed(e));
