@@ -415,6 +415,11 @@ impl Engine {
         self.direct.reading > 0
     }
 
+    /// How many direct reads are under way (for hang reports).
+    pub(super) fn direct_reads_under_way(&self) -> usize {
+        self.direct.reading
+    }
+
     /// True when a fault's direct read may run without the engine's lock:
     /// the engine thread does not wait to handle messages.
     pub(super) fn direct_read_may_unlock(&self) -> bool {

@@ -44,6 +44,12 @@ impl Engine {
     /// barrier), and as a manager the barriers and locks others wait on.
     pub(crate) fn waits_report(&self) -> Vec<String> {
         let mut lines = Vec::new();
+        if self.reading_directly() {
+            lines.push(format!(
+                "{} direct read(s) of a co-located home's pages under way (messages from other ranks wait for their end)",
+                self.direct_reads_under_way()
+            ));
+        }
         let mut fetches: Vec<(&usize, &Instant)> = self.fetch_started.iter().collect();
         fetches.sort_by_key(|(_, started)| **started);
         for (page, started) in fetches {
