@@ -430,15 +430,17 @@ impl Engine {
     /// under way: waits for them to end, at most `DIRECT_READS_WAIT` (it
     /// then looks at its other inputs and comes back); meanwhile faults
     /// read directly under the lock, so the wait ends.
-    pub(super) fn wait_for_direct_reads(
-        mut this: MutexGuard<'_, Engine>,
-    ) -> MutexGuard<'_, Engine> {
+    pub(super) fn wait_for_direct_reads(this: MutexGuard<'_, Engine>) -> MutexGuard<'_, Engine> {
         let ended = Arc::clone(&this.direct.ended);
-        this.direct.messages_wait = true;
-        let (mut this, _) = ended
-            .wait_timeout_while(this, DIRECT_READS_WAIT, |this| this.reading_directly())
+        // Set again at each look: the last read's end clears it, and a read
+        // may begin without the lock before this thread has it back.
+        let waits = |this: &mut Engine| {
+            this.direct.messages_wait = this.reading_directly();
+            this.direct.messages_wait
+        };
+        let (this, _) = ended
+            .wait_timeout_while(this, DIRECT_READS_WAIT, waits)
             .unwrap_or_else(|p| p.into_inner());
-        this.direct.messages_wait = this.reading_directly();
         this
     }
 

@@ -229,8 +229,8 @@ pub(crate) fn signal_fault_server(
         };
         // With other threads faulting, a direct read copies and maps
         // without the engine's lock: their faults copy meanwhile.
-        // What is queued to send waits for the end of the read (while it
-        // is under way this rank handles no message, answers included).
+        // What the first step queued to send leaves at the read's end (or
+        // with another thread's output), not from this thread during it.
         let others = serving.fetch_add(1, Relaxed) > 0;
         let begin = |this: &mut Engine| this.begin_fault(fault, others);
         let served =
