@@ -196,17 +196,5 @@ criterion_group! {
     targets = concurrent_faults
 }
 fn main() -> ExitCode {
-    if let Some(role) = std::env::var_os(HOME_ROLE) {
-        let over = role.to_string_lossy();
-        return match home(&over) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("concurrent_faults, rank 0: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    benches();
-    Criterion::default().configure_from_args().final_summary();
-    ExitCode::SUCCESS
+    dsm_bench::main_with_ranks(HOME_ROLE, "concurrent_faults, rank 0", home, benches)
 }

@@ -431,17 +431,10 @@ criterion_group! {
 }
 
 fn main() -> ExitCode {
-    if let Some(role) = std::env::var_os(HOME_ROLE) {
-        let layout = role.to_str().and_then(Layout::parse);
-        return match layout.ok_or("unknown layout".into()).and_then(home) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("scan, a home: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    benches();
-    Criterion::default().configure_from_args().final_summary();
-    ExitCode::SUCCESS
+    let as_home = |role: &str| {
+        Layout::parse(role)
+            .ok_or("unknown layout".into())
+            .and_then(home)
+    };
+    dsm_bench::main_with_ranks(HOME_ROLE, "scan, a home", as_home, benches)
 }

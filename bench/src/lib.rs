@@ -8,7 +8,7 @@
 //! started again, [`spawn_ranks`]).
 
 use std::hint::black_box;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -380,4 +380,30 @@ pub fn spawn_ranks(
         drop(inherited);
     }
     started
+}
+
+/// The `main` of a suite whose other ranks are the bench started again
+/// ([`spawn_ranks`]): with `role` in the environment, this process is such
+/// a rank, and runs `rank` on the role's value (`who` names it in an
+/// error); otherwise it runs the criterion `benches`.
+pub fn main_with_ranks(
+    role: &str,
+    who: &str,
+    rank: impl FnOnce(&str) -> Result<(), Box<dyn std::error::Error>>,
+    benches: fn(),
+) -> ExitCode {
+    let Some(value) = std::env::var_os(role) else {
+        benches();
+        criterion::Criterion::default()
+            .configure_from_args()
+            .final_summary();
+        return ExitCode::SUCCESS;
+    };
+    match rank(&value.to_string_lossy()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{who}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

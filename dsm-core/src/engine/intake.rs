@@ -351,13 +351,12 @@ impl Engine {
     /// A fault served whole under the engine's lock (the fault thread's,
     /// one replayed after its segment became known).
     pub(super) fn on_fault(&mut self, fault: Fault) -> Result<(), DsmError> {
-        match self.begin_fault(fault, false)? {
-            None => Ok(()),
-            Some(mut pending) => {
-                pending.read.carry_out(&self.faults);
-                self.end_fault(pending)
-            }
-        }
+        let pending = self.begin_fault(fault, false)?;
+        debug_assert!(
+            pending.is_none(),
+            "a direct read carried out under the lock"
+        );
+        Ok(())
     }
 
     /// A fault's first step: served (first touch, a copy held here, a
