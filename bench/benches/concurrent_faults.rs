@@ -7,7 +7,10 @@
 //! summary prints each thread count's rate beside the single thread's of
 //! the same run. Faults on different pages should proceed in parallel and
 //! their requests share messages: the rate should grow with threads until
-//! the transport or the CPUs saturate.
+//! the transport or the CPUs saturate. Beside them, measured first,
+//! `concurrent_faults_mechanism`: the same thread counts on a region whose
+//! faults the faulting thread serves itself with one `UFFDIO_COPY` (SIGBUS,
+//! no DSM), how far this machine lets a process's faults overlap at all.
 //!
 //! The ranks are processes, as in a job: the bench process is rank 1, the
 //! reader, and starts itself again as rank 0, the home
@@ -28,7 +31,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, BenchmarkGroup, Criterion, Throughput};
+use dsm_bench::mechanism::{SigbusCopy, SIGBUS_FILL};
 use dsm_bench::{config, shm_options, spawn_ranks, tcp_options, WORDS_PER_PAGE};
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::{Config, Dsm, FaultDelivery, Placement, Transport, PAGE_SIZE};
@@ -101,6 +106,80 @@ fn home(over: &str) -> Result<(), Box<dyn std::error::Error>> {
 #[derive(Default)]
 struct Rates(Vec<(usize, f64)>);
 
+/// Times `batch` (one batch of `threads` threads' faults, returning the
+/// time they took) under criterion as `{threads}_threads`, and returns the
+/// faults per second of all its timed batches.
+fn time_batches(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    threads: usize,
+    mut batch: impl FnMut() -> Duration,
+) -> f64 {
+    let faults = threads * PAGES_PER_THREAD;
+    g.throughput(Throughput::Elements(faults as u64));
+    let (mut timed, mut counted) = (Duration::ZERO, 0usize);
+    g.bench_function(format!("{threads}_threads"), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let took = batch();
+                total += took;
+                timed += took;
+                counted += faults;
+            }
+            total
+        })
+    });
+    counted as f64 / timed.as_secs_f64().max(1e-9)
+}
+
+/// Reads `pages` with one thread per `PAGES_PER_THREAD` of them, each
+/// thread its own in order (`read` loads and checks one page's first
+/// word); returns the time from the first thread's start to the last one's
+/// end.
+fn read_in_threads(pages: &[usize], read: impl Fn(usize) + Sync) -> Duration {
+    let read = &read;
+    let t0 = Instant::now();
+    thread::scope(|s| {
+        for part in pages.chunks(PAGES_PER_THREAD) {
+            s.spawn(move || part.iter().for_each(|&p| read(p)));
+        }
+    });
+    t0.elapsed()
+}
+
+/// The limit on this machine: the same batches on a region whose missing
+/// faults the faulting thread serves itself with one `UFFDIO_COPY` of
+/// 4 KiB (`dsm_bench::mechanism::SigbusCopy`), no DSM. Its rate grows with
+/// threads only as far as the CPUs (and the kernel's locks) let it: a DSM
+/// fault that never waits for another rank can scale no further.
+fn mechanism(c: &mut Criterion, group: &str) -> Rates {
+    let mut rates = Rates::default();
+    let most = THREADS.iter().max().copied().unwrap_or(1);
+    let mechanism = match SigbusCopy::new(most * PAGES_PER_THREAD) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("concurrent_faults: {e}; {group} skipped");
+            return rates;
+        }
+    };
+    let fill = u64::from_ne_bytes([SIGBUS_FILL; 8]);
+    mechanism.serve(|region| {
+        let mut g = c.benchmark_group(group);
+        for threads in THREADS {
+            let pages: Vec<usize> = (0..threads * PAGES_PER_THREAD).collect();
+            let rate = time_batches(&mut g, threads, || {
+                region.discard();
+                read_in_threads(&pages, |p| {
+                    assert_eq!(black_box(region.load(p)), fill, "a page missed its copy");
+                })
+            });
+            rates.0.push((threads, rate));
+        }
+        g.finish();
+    });
+    rates
+}
+
 fn concurrent(c: &mut Criterion, group: &str, over: &str) -> Rates {
     let options = options(over).expect("a known transport");
     let mut boots = Bootstrap::loopback_group(2).expect("loopback job");
@@ -114,48 +193,28 @@ fn concurrent(c: &mut Criterion, group: &str, over: &str) -> Rates {
     let mut g = c.benchmark_group(group);
     for threads in THREADS {
         let faults = threads * PAGES_PER_THREAD;
-        g.throughput(Throughput::Elements(faults as u64));
-        let (mut timed, mut counted) = (Duration::ZERO, 0usize);
-        g.bench_function(format!("{threads}_threads"), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    generation += 1;
-                    words[GENERATION_WORD].store(generation, Relaxed);
-                    words[PAGES_WORD].store(faults as u64, Relaxed);
-                    reader.barrier().expect("barrier");
-                    let read = reader
-                        .coalloc(faults * PAGE_SIZE, Placement::Localized(0))
-                        .expect("coalloc at rank 1");
-                    reader
-                        .barrier()
-                        .expect("barrier: rank 0 filled the segment");
-                    let pages: Vec<usize> = read.pages().collect();
-                    let expected = generation;
-                    let t0 = Instant::now();
-                    thread::scope(|s| {
-                        for part in pages.chunks(PAGES_PER_THREAD) {
-                            s.spawn(move || {
-                                for &p in part {
-                                    let w: &AtomicU64 = &words[p * WORDS_PER_PAGE];
-                                    let v = black_box(w.load(Relaxed));
-                                    assert_eq!(v, expected, "rank 1 read stale page data");
-                                }
-                            });
-                        }
-                    });
-                    let d = t0.elapsed();
-                    reader.free(read).expect("free at rank 1");
-                    total += d;
-                    timed += d;
-                    counted += faults;
-                }
-                total
-            })
+        let rate = time_batches(&mut g, threads, || {
+            generation += 1;
+            words[GENERATION_WORD].store(generation, Relaxed);
+            words[PAGES_WORD].store(faults as u64, Relaxed);
+            reader.barrier().expect("barrier");
+            let read = reader
+                .coalloc(faults * PAGE_SIZE, Placement::Localized(0))
+                .expect("coalloc at rank 1");
+            reader
+                .barrier()
+                .expect("barrier: rank 0 filled the segment");
+            let pages: Vec<usize> = read.pages().collect();
+            let expected = generation;
+            let took = read_in_threads(&pages, |p| {
+                let w: &AtomicU64 = &words[p * WORDS_PER_PAGE];
+                let v = black_box(w.load(Relaxed));
+                assert_eq!(v, expected, "rank 1 read stale page data");
+            });
+            reader.free(read).expect("free at rank 1");
+            took
         });
-        rates
-            .0
-            .push((threads, counted as f64 / timed.as_secs_f64().max(1e-9)));
+        rates.0.push((threads, rate));
     }
     g.finish();
     words[GENERATION_WORD].store(0, Relaxed);
@@ -181,10 +240,13 @@ fn print_rates(group: &str, rates: &Rates) {
 }
 
 fn concurrent_faults(c: &mut Criterion) {
+    // First, while no DSM has its SIGBUS handler installed in this process.
+    let limit = mechanism(c, "concurrent_faults_mechanism");
     let tcp = concurrent(c, "concurrent_faults_tcp", "tcp");
     let shm = concurrent(c, "concurrent_faults_shm", "shm");
     print_rates("concurrent_faults_tcp", &tcp);
     print_rates("concurrent_faults_shm", &shm);
+    print_rates("concurrent_faults_mechanism", &limit);
 }
 
 criterion_group! {

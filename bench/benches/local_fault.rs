@@ -44,7 +44,7 @@
 //! the pages absent again is not timed: `MADV_DONTNEED` (+ `PROT_NONE` for
 //! the SIGSEGV region), or a new one-rank DSM once all its pages were read.
 
-use std::ptr::{self, NonNull};
+use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
@@ -52,74 +52,19 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use dsm_bench::mechanism::{with_signal_handler, Mapping, SigbusCopy};
 use dsm_bench::{config, print_figures, print_ratio, transports, Samples, WORDS_PER_PAGE};
 use dsm_core::segment::Placement;
 use dsm_core::{Config, Dsm, FaultDelivery, PAGE_SIZE};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-use nix::sys::mman::{madvise, mmap_anonymous, mprotect, munmap, MapFlags, MmapAdvise, ProtFlags};
+use nix::sys::mman::ProtFlags;
 use nix::unistd::Pid;
-use std::os::fd::AsRawFd;
-use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
 /// Pages touched before the region is reset (16 MiB).
 const PAGES: usize = 4096;
 /// Pages of the one-rank DSM's space (64 MiB) before it is started anew.
 const DSM_PAGES: usize = 16384;
-
-/// An anonymous private mapping, unmapped on drop.
-struct Mapping {
-    addr: NonNull<std::ffi::c_void>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory owned by this value; threads only
-// reach it through raw addresses, and it outlives every thread using it.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; no Rust references into it are handed out.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(len: usize, prot: ProtFlags) -> Mapping {
-        let size = std::num::NonZeroUsize::new(len).expect("non-empty mapping");
-        // SAFETY: a new anonymous mapping at an address the kernel picks:
-        // it cannot alias anything.
-        let addr =
-            unsafe { mmap_anonymous(None, size, prot, MapFlags::MAP_PRIVATE) }.expect("mmap");
-        Mapping { addr, len }
-    }
-
-    fn start(&self) -> usize {
-        self.addr.as_ptr() as usize
-    }
-
-    /// Loads the first word of page `i` (faulting if it is absent).
-    fn load(&self, i: usize) -> u64 {
-        let p = (self.start() + i * PAGE_SIZE) as *const u64;
-        // SAFETY: page i lies inside the mapping; whatever handler serves its
-        // fault makes it readable before the load completes.
-        unsafe { ptr::read_volatile(p) }
-    }
-
-    /// Drops every page's contents: the next access faults again.
-    fn discard(&self) {
-        // SAFETY: MADV_DONTNEED on our own private anonymous mapping, which
-        // no Rust reference points into.
-        unsafe { madvise(self.addr, self.len, MmapAdvise::MADV_DONTNEED) }.expect("madvise");
-    }
-
-    fn protect(&self, prot: ProtFlags) {
-        // SAFETY: changes the protection of our own mapping, which no Rust
-        // reference points into.
-        unsafe { mprotect(self.addr, self.len, prot) }.expect("mprotect");
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the mapping is ours and no thread uses it any more.
-        let _ = unsafe { munmap(self.addr, self.len) };
-    }
-}
 
 // ---- the seed's mechanism: SIGSEGV + mprotect ----
 
@@ -159,27 +104,6 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     }
 }
 
-/// A SA_SIGINFO signal handler.
-type SignalHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
-
-/// Runs `body` with `handler` installed for `signal`, then puts back the
-/// handler found before (Rust's own).
-fn with_signal_handler(signal: libc::c_int, handler: SignalHandler, body: impl FnOnce()) {
-    // SAFETY: zeroed sigaction structs are valid (empty mask, no flags).
-    let (mut action, mut previous): (libc::sigaction, libc::sigaction) =
-        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-    action.sa_sigaction = handler as usize;
-    action.sa_flags = libc::SA_SIGINFO;
-    // SAFETY: the bench's handlers only use async-signal-safe calls on the
-    // region their caller set up before; the previous action is restored
-    // below.
-    let rc = unsafe { libc::sigaction(signal, &action, &mut previous) };
-    assert_eq!(rc, 0, "sigaction");
-    body();
-    // SAFETY: puts back the action found above.
-    unsafe { libc::sigaction(signal, &previous, ptr::null_mut()) };
-}
-
 /// Times first loads of the pages of `region`, each faulting once and
 /// resolved by whatever serves the region's faults; every PAGES pages
 /// `reset` makes them absent again (untimed).
@@ -214,7 +138,7 @@ fn sigsegv_mprotect(g: &mut BenchmarkGroup<'_, WallTime>, out: &Samples) {
     let region = Mapping::new(PAGES * PAGE_SIZE, ProtFlags::PROT_NONE);
     SEGV_SOURCE.store(source.as_ptr() as usize, SeqCst);
     SEGV_START.store(region.start(), SeqCst);
-    SEGV_END.store(region.start() + region.len, SeqCst);
+    SEGV_END.store(region.start() + region.len(), SeqCst);
     with_signal_handler(libc::SIGSEGV, on_segv, || {
         time_loads(g, "sigsegv_mprotect_4KiB", out, &region, |r| {
             r.discard();
@@ -322,7 +246,7 @@ fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize
         (PAGES + 1) * PAGE_SIZE,
         ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
     );
-    uffd.register_with_mode(region.addr.as_ptr(), region.len, RegisterMode::MISSING)
+    uffd.register_with_mode(region.as_ptr(), region.len(), RegisterMode::MISSING)
         .expect("UFFDIO_REGISTER");
     let stop_page = region.start() + PAGES * PAGE_SIZE;
     let source = vec![5u8; PAGE_SIZE];
@@ -345,76 +269,15 @@ fn uffd_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, cpu: Option<usize
 
 // ---- userfaultfd in SIGBUS mode: UFFDIO_COPY in the faulting thread ----
 
-/// The userfaultfd and region the SIGBUS handler serves (-1 / 0 when none).
-static SIGBUS_UFFD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-static SIGBUS_START: AtomicUsize = AtomicUsize::new(0);
-static SIGBUS_END: AtomicUsize = AtomicUsize::new(0);
-/// The 4 KiB the handler copies into each page.
-static SIGBUS_SOURCE: AtomicUsize = AtomicUsize::new(0);
-
-extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let (start, end) = (SIGBUS_START.load(SeqCst), SIGBUS_END.load(SeqCst));
-    if addr < start || addr >= end {
-        // Not ours: the default action ends the process on the retried access.
-        // SAFETY: signal() is async-signal-safe.
-        unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
-        return;
-    }
-    let mut copy = userfaultfd_sys::uffdio_copy {
-        dst: (addr & !(PAGE_SIZE - 1)) as u64,
-        src: SIGBUS_SOURCE.load(SeqCst) as u64,
-        len: PAGE_SIZE as u64,
-        // Nobody sleeps on the page in SIGBUS mode: no wake-up to do.
-        mode: userfaultfd_sys::UFFDIO_COPY_MODE_DONTWAKE,
-        copy: 0,
-    };
-    // SAFETY: UFFDIO_COPY (an ioctl: async-signal-safe) fills the missing
-    // page of the registered region that faulted from a 4 KiB source that
-    // lives until the handler is removed; `copy` lives across the call. A
-    // failure leaves the page missing, and the retried access faults again.
-    unsafe {
-        libc::ioctl(
-            SIGBUS_UFFD.load(SeqCst),
-            userfaultfd_sys::UFFDIO_COPY as _,
-            &mut copy,
-        )
-    };
-}
-
 fn uffd_sigbus_copy(g: &mut BenchmarkGroup<'_, WallTime>, name: &str, out: &Samples) {
-    let uffd = match UffdBuilder::new()
-        .close_on_exec(true)
-        .user_mode_only(true)
-        .require_features(FeatureFlags::SIGBUS)
-        .create()
-    {
-        Ok(u) => u,
+    let mechanism = match SigbusCopy::new(PAGES) {
+        Ok(m) => m,
         Err(e) => {
-            eprintln!("local_fault: no userfaultfd in SIGBUS mode ({e}); {name} skipped");
+            eprintln!("local_fault: {e}; {name} skipped");
             return;
         }
     };
-    let region = Mapping::new(
-        PAGES * PAGE_SIZE,
-        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-    );
-    uffd.register_with_mode(region.addr.as_ptr(), region.len, RegisterMode::MISSING)
-        .expect("UFFDIO_REGISTER");
-    let source = vec![5u8; PAGE_SIZE];
-    SIGBUS_SOURCE.store(source.as_ptr() as usize, SeqCst);
-    SIGBUS_UFFD.store(uffd.as_raw_fd(), SeqCst);
-    SIGBUS_START.store(region.start(), SeqCst);
-    SIGBUS_END.store(region.start() + region.len, SeqCst);
-    with_signal_handler(libc::SIGBUS, on_sigbus, || {
-        time_loads(g, name, out, &region, Mapping::discard)
-    });
-    SIGBUS_START.store(0, SeqCst);
-    SIGBUS_END.store(0, SeqCst);
-    SIGBUS_UFFD.store(-1, SeqCst);
-    drop(region);
-    drop(source);
+    mechanism.serve(|region| time_loads(g, name, out, region, Mapping::discard));
 }
 
 // ---- userfaultfd: minor fault on a memfd, UFFDIO_CONTINUE ----
@@ -440,22 +303,7 @@ impl TwiceMapped {
         // SAFETY: the descriptor was just created and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         nix::unistd::ftruncate(fd.as_fd(), len as i64)?;
-        let map = || -> std::io::Result<Mapping> {
-            let size = std::num::NonZeroUsize::new(len).expect("non-empty mapping");
-            // SAFETY: a new shared mapping of our memfd at an address the
-            // kernel picks: it cannot alias anything but the other view.
-            let addr = unsafe {
-                nix::sys::mman::mmap(
-                    None,
-                    size,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                    fd.as_fd(),
-                    0,
-                )
-            }?;
-            Ok(Mapping { addr, len })
-        };
+        let map = || Mapping::shared(fd.as_fd(), len);
         let (view, alias) = (map()?, map()?);
         Ok(TwiceMapped {
             view,
@@ -488,11 +336,9 @@ fn uffd_continue(
         // SAFETY: page i of the alias mapping, which nothing else references.
         unsafe { ptr::write_bytes(p, 5, PAGE_SIZE) };
     }
-    if let Err(e) = uffd.register_with_mode(
-        memory.view.addr.as_ptr(),
-        memory.view.len,
-        RegisterMode::MINOR,
-    ) {
+    if let Err(e) =
+        uffd.register_with_mode(memory.view.as_ptr(), memory.view.len(), RegisterMode::MINOR)
+    {
         eprintln!("local_fault: no minor faults on shmem ({e}); {name} skipped");
         return;
     }

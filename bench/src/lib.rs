@@ -7,6 +7,8 @@
 //! suites run their home ranks as processes of their own (the bench binary
 //! started again, [`spawn_ranks`]).
 
+pub mod mechanism;
+
 use std::hint::black_box;
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::sync::atomic::AtomicU64;
