@@ -139,7 +139,7 @@ fn sigsegv_mprotect(g: &mut BenchmarkGroup<'_, WallTime>, out: &Samples) {
     SEGV_SOURCE.store(source.as_ptr() as usize, SeqCst);
     SEGV_START.store(region.start(), SeqCst);
     SEGV_END.store(region.start() + region.len(), SeqCst);
-    with_signal_handler(libc::SIGSEGV, on_segv, || {
+    with_signal_handler(libc::SIGSEGV, on_segv, 0, || {
         time_loads(g, "sigsegv_mprotect_4KiB", out, &region, |r| {
             r.discard();
             r.protect(ProtFlags::PROT_NONE);

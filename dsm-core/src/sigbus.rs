@@ -21,7 +21,18 @@
 //! the default action would. The engine code the handler runs must never
 //! touch the shared space's missing pages (it only touches pages it holds),
 //! as with the fault thread.
+//!
+//! The handler is installed with `SA_NODEFER`: the thread's signal mask is
+//! then the same in the handler as outside it, so neither the delivery nor
+//! the return changes it, and a fault takes the process's signal lock twice
+//! (the kernel's raise and delivery) instead of four times; with many
+//! threads faulting at once that lock is what they queue on (bench
+//! `concurrent_faults_mechanism`). SIGBUS is therefore not blocked while a
+//! thread serves a fault: a nested one (a fault inside the fault path, a
+//! bug) is caught by a per-thread flag and ends the process, as the kernel
+//! did when it found SIGBUS blocked.
 
+use std::cell::Cell;
 use std::sync::atomic::{
     AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
 };
@@ -342,7 +353,9 @@ fn install_handler() -> Result<libc::sigaction, nix::errno::Errno> {
     action.sa_sigaction = handler as usize;
     // No SA_ONSTACK: the engine's fault path runs on the thread's own stack,
     // not on the small alternate stack Rust sets up for overflow reports.
-    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SA_NODEFER: see the module's notes (the mask unchanged spares the
+    // signal lock; `SERVING` stands in for the blocked SIGBUS).
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_NODEFER;
     // SAFETY: installs `on_sigbus` for SIGBUS and stores the previous action
     // in a live struct.
     if unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) } != 0 {
@@ -369,11 +382,43 @@ fn fault_was_write(context: *mut libc::c_void) -> bool {
     }
 }
 
+thread_local! {
+    /// Set while this thread is inside [`on_sigbus`]: SIGBUS is not blocked
+    /// there (`SA_NODEFER`), so a nested one is told apart by this flag.
+    static SERVING: Cell<bool> = const { Cell::new(false) };
+}
+
 extern "C" fn on_sigbus(
     signal: libc::c_int,
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
+    if SERVING.with(|serving| serving.replace(true)) {
+        nested_fault();
+        return;
+    }
+    serve_or_pass_on(signal, info, context);
+    SERVING.with(|serving| serving.set(false));
+}
+
+/// A SIGBUS raised while this thread was already handling one: the fault
+/// path touched a page it must not (or the signal came from elsewhere
+/// meanwhile). Says so, then makes the retried access end the process with
+/// the default action, as a SIGBUS blocked in the handler did.
+fn nested_fault() {
+    const MESSAGE: &[u8] =
+        b"dsm: SIGBUS inside the DSM's own fault handler (a fault path touched a missing page): ending the process\n";
+    // SAFETY: write(2) and signal() are async-signal-safe; MESSAGE is a
+    // static buffer of the given length.
+    unsafe {
+        libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+    }
+}
+
+/// The handler's work: the space the address belongs to serves the
+/// fault, or the signal goes on as if the DSM were not there.
+fn serve_or_pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
     for slot in &TABLE {

@@ -240,17 +240,14 @@ pub fn stop_process(pid: i32) {
     }
 }
 
-/// Whether thread `tid` runs the DSM's SIGBUS handler (SIGBUS is blocked
-/// while it does): where a thread waiting for a page sits with the default
-/// fault delivery.
-pub fn in_sigbus_handler(tid: u64) -> bool {
-    let status =
-        std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigBlk:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (libc::SIGBUS - 1)) != 0)
+/// Whether thread `tid`, which has just announced that it touches a page
+/// that cannot come, now sleeps waiting for it: in the kernel's userfaultfd
+/// handler (`DSM_FAULTS=thread`), or on a futex (the SIGBUS handler's wait
+/// for its page, the default delivery; the thread takes no contended lock
+/// between its announcement and its fault).
+pub fn waits_in_fault(tid: u64) -> bool {
+    let wchan = std::fs::read_to_string(format!("/proc/{tid}/wchan")).unwrap_or_default();
+    wchan.contains("userfault") || wchan.contains("futex")
 }
 
 /// A fresh, empty directory named `token` under the system's temporary

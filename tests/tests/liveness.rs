@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use dsm_tests::{
-    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, scratch_dir, short_hostname,
-    stop_process, unique_token, Running,
+    assert_no_leftovers, bin, dsmexec, scratch_dir, short_hostname, stop_process, unique_token,
+    waits_in_fault, Running,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -192,7 +192,7 @@ fn hang_report_scenario(ask: Ask) {
     job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
     if ask == Ask::Signal {
         let until = Instant::now() + Duration::from_secs(10);
-        while !in_sigbus_handler(waiter_pid.as_raw() as u64) {
+        while !waits_in_fault(waiter_pid.as_raw() as u64) {
             assert!(
                 Instant::now() < until,
                 "rank {waiter} never waited in its page fault"

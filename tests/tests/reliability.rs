@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::wire;
 use dsm_tests::{
-    assert_no_leftovers, bin, dsmexec, in_sigbus_handler, processes_with, scratch_dir,
-    short_hostname, stop_process, unique_token,
+    assert_no_leftovers, bin, dsmexec, processes_with, scratch_dir, short_hostname, stop_process,
+    unique_token, waits_in_fault,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -431,23 +431,14 @@ fn kill_scenario(mode: &str, victim: usize) {
             stop_process(victim_pid.as_raw());
             std::fs::write(&go, "").expect("go file");
             job.await_stdout(1, &format!("rank {waiter} touching"));
-            // The waiter's main thread parks in its fault: in the kernel's
-            // userfaultfd handler (DSM_FAULTS=thread), or on a futex inside
-            // the SIGBUS handler (SIGBUS then blocked for that thread, the
-            // default delivery). Wait (bounded) until it is there.
+            // The waiter's main thread parks in its fault. Wait (bounded)
+            // until it is there.
             let wpid = pids[&(waiter as u64)];
             let until = Instant::now() + Duration::from_secs(10);
-            loop {
-                let wchan =
-                    std::fs::read_to_string(format!("/proc/{wpid}/wchan")).unwrap_or_default();
-                if wchan.contains("userfault")
-                    || (wchan.contains("futex") && in_sigbus_handler(wpid))
-                {
-                    break;
-                }
+            while !waits_in_fault(wpid) {
                 assert!(
                     Instant::now() < until,
-                    "rank {waiter} never waited in its page fault (wchan {wchan:?})"
+                    "rank {waiter} never waited in its page fault"
                 );
                 thread::sleep(Duration::from_millis(10));
             }
