@@ -16,9 +16,9 @@
 //!   spaces live in one process in the benchmarks), removed when the
 //!   [`Registration`] is dropped, after every handler using it has left.
 //!
-//! A SIGBUS outside every registered space goes to the handler that was
-//! installed before (Rust's stack-overflow reporter), or ends the process as
-//! the default action would. The engine code the handler runs must never
+//! A SIGBUS outside every registered space (or sent by a process) goes to
+//! the handler that was installed before (Rust's stack-overflow reporter),
+//! or ends the process as the default action would. The engine code the handler runs must never
 //! touch the shared space's missing pages (it only touches pages it holds),
 //! as with the fault thread.
 //!
@@ -28,9 +28,11 @@
 //! (the kernel's raise and delivery) instead of four times; with many
 //! threads faulting at once that lock is what they queue on (bench
 //! `concurrent_faults_mechanism`). SIGBUS is therefore not blocked while a
-//! thread serves a fault: a nested one (a fault inside the fault path, a
-//! bug) is caught by a per-thread flag and ends the process, as the kernel
-//! did when it found SIGBUS blocked.
+//! thread serves a fault: a fault raised meanwhile in that thread (by the
+//! fault path, or by a program's signal handler that interrupted it) is
+//! caught by a per-thread flag and ends the process with a message, as the
+//! kernel ended it when it found SIGBUS blocked; a previous handler a
+//! SIGBUS is passed on to runs with SIGBUS blocked, as before.
 
 use std::cell::Cell;
 use std::sync::atomic::{
@@ -383,8 +385,9 @@ fn fault_was_write(context: *mut libc::c_void) -> bool {
 }
 
 thread_local! {
-    /// Set while this thread is inside [`on_sigbus`]: SIGBUS is not blocked
-    /// there (`SA_NODEFER`), so a nested one is told apart by this flag.
+    /// Set while this thread serves a fault of a space: SIGBUS is not
+    /// blocked there (`SA_NODEFER`), so a nested one is told apart by this
+    /// flag.
     static SERVING: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -393,34 +396,18 @@ extern "C" fn on_sigbus(
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
-    if SERVING.with(|serving| serving.replace(true)) {
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
+    // Sent by a process (kill, tgkill, sigqueue: si_code <= 0), not raised
+    // by an access: no fault to serve.
+    if code <= 0 {
+        not_ours(signal, info, context);
+        return;
+    }
+    if SERVING.with(Cell::get) {
         nested_fault();
         return;
     }
-    serve_or_pass_on(signal, info, context);
-    SERVING.with(|serving| serving.set(false));
-}
-
-/// A SIGBUS raised while this thread was already handling one: the fault
-/// path touched a page it must not (or the signal came from elsewhere
-/// meanwhile). Says so, then makes the retried access end the process with
-/// the default action, as a SIGBUS blocked in the handler did.
-fn nested_fault() {
-    const MESSAGE: &[u8] =
-        b"dsm: SIGBUS inside the DSM's own fault handler (a fault path touched a missing page): ending the process\n";
-    // SAFETY: write(2) and signal() are async-signal-safe; MESSAGE is a
-    // static buffer of the given length.
-    unsafe {
-        libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
-        libc::signal(libc::SIGBUS, libc::SIG_DFL);
-    }
-}
-
-/// The handler's work: the space the address belongs to serves the
-/// fault, or the signal goes on as if the DSM were not there.
-fn serve_or_pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
     for slot in &TABLE {
         if addr < slot.start.load(SeqCst) || addr >= slot.end.load(SeqCst) {
             continue;
@@ -432,7 +419,9 @@ fn serve_or_pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *m
             // SAFETY: a slot whose range is set holds a live server, and
             // `users` keeps `Registration::drop` from freeing it meanwhile.
             if let Some(server) = unsafe { server.as_ref() } {
+                SERVING.with(|serving| serving.set(true));
                 server((addr - start) / PAGE_SIZE, fault_was_write(context));
+                SERVING.with(|serving| serving.set(false));
             }
         }
         slot.users.fetch_sub(1, SeqCst);
@@ -441,29 +430,59 @@ fn serve_or_pass_on(signal: libc::c_int, info: *mut libc::siginfo_t, context: *m
     not_ours(signal, info, context);
 }
 
-/// A SIGBUS of no shared space: the previous handler's, or the default
-/// action (the retried access raises it again, now fatal).
+/// A fault raised while this thread was serving one: its fault path, or a
+/// signal handler of the program that interrupted it, touched memory it
+/// must not (a missing page of the space, a truncated file). A SIGBUS
+/// blocked in the handler made the kernel end the process; this says why
+/// and ends it the same way, at once.
+fn nested_fault() {
+    const MESSAGE: &[u8] = b"dsm: SIGBUS while this thread served a page fault of the shared space \
+(the fault path, or a signal handler that interrupted it, touched memory it must not): ending the process\n";
+    // SAFETY: write(2), signal() and raise() are async-signal-safe; MESSAGE
+    // is a static buffer of the given length. SIGBUS is not blocked here
+    // (SA_NODEFER), so the raise with the default action ends the process.
+    unsafe {
+        libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        libc::raise(libc::SIGBUS);
+    }
+}
+
+/// A SIGBUS of no shared space: the previous handler's, run as it would
+/// have been without the DSM (SIGBUS and its own mask blocked: ours are
+/// not, `SA_NODEFER`; a handler that leaves by `siglongjmp` restores the
+/// mask it saved), or the default action (the retried access raises it
+/// again, now fatal).
 fn not_ours(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     if let Some(Ok(previous)) = PREVIOUS.get() {
         let handler = previous.sa_sigaction;
-        if previous.sa_flags & libc::SA_SIGINFO != 0
-            && handler != libc::SIG_DFL
-            && handler != libc::SIG_IGN
-        {
-            // SAFETY: a SA_SIGINFO action's handler has this signature; it
-            // was installed for SIGBUS and gets the kernel's own arguments.
-            let chained: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                unsafe { std::mem::transmute(handler) };
-            chained(signal, info, context);
-            return;
-        }
-        if previous.sa_flags & libc::SA_SIGINFO == 0
-            && handler != libc::SIG_DFL
-            && handler != libc::SIG_IGN
-        {
-            // SAFETY: as above, for a plain handler.
-            let chained: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
-            chained(signal);
+        if handler != libc::SIG_DFL && handler != libc::SIG_IGN {
+            let mut blocked = previous.sa_mask;
+            // SAFETY: an uninitialised sigset_t is written by
+            // pthread_sigmask before use.
+            let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+            // SAFETY: sigaddset and pthread_sigmask (async-signal-safe) on
+            // sets that live across the calls.
+            unsafe {
+                if previous.sa_flags & libc::SA_NODEFER == 0 {
+                    libc::sigaddset(&mut blocked, libc::SIGBUS);
+                }
+                libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, &mut before);
+            }
+            if previous.sa_flags & libc::SA_SIGINFO != 0 {
+                // SAFETY: a SA_SIGINFO action's handler has this signature;
+                // it was installed for SIGBUS and gets the kernel's own
+                // arguments.
+                let chained: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    unsafe { std::mem::transmute(handler) };
+                chained(signal, info, context);
+            } else {
+                // SAFETY: as above, for a plain handler.
+                let chained: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+                chained(signal);
+            }
+            // SAFETY: puts back the mask found above (async-signal-safe).
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
             return;
         }
     }

@@ -2,7 +2,9 @@
 //! the handler finds the space, tells reads from writes (a missing page
 //! read or written, a store to a write-protected page), parks a thread
 //! until an install of its page wakes it, and leaves a SIGBUS outside
-//! every space fatal.
+//! every space fatal (or to the handler installed before, run with SIGBUS
+//! blocked as without the DSM); a fault inside a fault's service ends the
+//! process with a message.
 
 // A test reports failure by panicking: unwrap is its assertion.
 #![allow(clippy::unwrap_used)]
@@ -164,6 +166,100 @@ fn a_sigbus_outside_the_space_still_ends_the_process() {
         Some(libc::SIGBUS),
         "the child should die of SIGBUS, got {status:?}"
     );
+}
+
+/// Runs this test binary again as a child running only `test` (with
+/// [`CHILD`] set) and returns how it ended.
+fn run_child(test: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .expect("running the child")
+}
+
+#[test]
+fn a_fault_inside_a_faults_service_ends_the_process_with_a_message() {
+    if std::env::var_os(CHILD).is_some() {
+        let Some((region, _faults)) = sigbus_space(BASE + (3 << 30), 2) else {
+            std::process::exit(3);
+        };
+        let base = region.base();
+        // A server that touches the space's other missing page: a bug the
+        // handler must not serve (nor hang on).
+        let server: sigbus::Server = Box::new(move |_, _| {
+            // SAFETY: page 1 of the live region; its fault is the point.
+            let _ = unsafe { std::ptr::read_volatile((base + PAGE_SIZE) as *const u8) };
+        });
+        let _registered =
+            sigbus::register(region.base(), region.len(), server).expect("registering the space");
+        // SAFETY: page 0 of the live region, missing: served by the server.
+        let _ = unsafe { std::ptr::read_volatile(base as *const u8) };
+        std::process::exit(0);
+    }
+    let out = run_child("a_fault_inside_a_faults_service_ends_the_process_with_a_message");
+    use std::os::unix::process::ExitStatusExt;
+    if out.status.code() == Some(3) {
+        return; // no SIGBUS mode here: said by the child
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{stderr}");
+    assert!(
+        stderr.contains("dsm: SIGBUS while this thread served a page fault of the shared space"),
+        "{stderr}"
+    );
+}
+
+/// What the program's own SIGBUS handler saw: 10 if SIGBUS was blocked
+/// while it ran, 11 if not.
+extern "C" fn program_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: pthread_sigmask and _exit are async-signal-safe; the sets
+    // live across the calls.
+    unsafe {
+        let mut now: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut now);
+        let blocked = libc::sigismember(&now, libc::SIGBUS) == 1;
+        libc::_exit(if blocked { 10 } else { 11 });
+    }
+}
+
+#[test]
+fn a_sigbus_outside_the_space_reaches_the_programs_handler_with_sigbus_blocked() {
+    if std::env::var_os(CHILD).is_some() {
+        // SAFETY: zeroed sigaction is valid; installs a handler that only
+        // makes async-signal-safe calls, before the DSM chains to it.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = program_handler as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            assert_eq!(
+                libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let Some((region, _faults)) = sigbus_space(BASE + (4 << 30), 1) else {
+            std::process::exit(3);
+        };
+        let _registered = sigbus::register(region.base(), region.len(), Box::new(|_, _| {}))
+            .expect("registering the space");
+        let file = tempfile_in_target();
+        let map = unsafe_map_empty_file(&file);
+        // SAFETY: the mapping is live; reading it raises SIGBUS, which the
+        // program's handler ends the process on.
+        let _ = unsafe { std::ptr::read_volatile(map as *const u8) };
+        std::process::exit(0);
+    }
+    let out =
+        run_child("a_sigbus_outside_the_space_reaches_the_programs_handler_with_sigbus_blocked");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(3) => {} // no SIGBUS mode here: said by the child
+        code => assert_eq!(
+            code,
+            Some(10),
+            "10: SIGBUS blocked in the program's handler\n{stderr}"
+        ),
+    }
 }
 
 fn tempfile_in_target() -> std::fs::File {
