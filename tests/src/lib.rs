@@ -241,10 +241,11 @@ pub fn stop_process(pid: i32) {
 }
 
 /// Whether thread `tid`, which has just announced that it touches a page
-/// that cannot come, now sleeps waiting for it: in the kernel's userfaultfd
-/// handler (`DSM_FAULTS=thread`), or on a futex (the SIGBUS handler's wait
-/// for its page, the default delivery; the thread takes no contended lock
-/// between its announcement and its fault).
+/// that cannot come, now sleeps inside its fault: in the kernel's
+/// userfaultfd handler (`DSM_FAULTS=thread`), or on a futex in the SIGBUS
+/// handler (the engine's lock, or its page's wait, the default delivery;
+/// the thread takes no contended lock between its announcement and its
+/// fault). Needs `/proc/<tid>/wchan` readable.
 pub fn waits_in_fault(tid: u64) -> bool {
     let wchan = std::fs::read_to_string(format!("/proc/{tid}/wchan")).unwrap_or_default();
     wchan.contains("userfault") || wchan.contains("futex")
