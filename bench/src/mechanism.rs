@@ -214,13 +214,8 @@ impl SigbusCopy {
         })
     }
 
-    /// The registered region ([`Mapping::discard`] makes its pages missing
-    /// again).
-    pub fn region(&self) -> &Mapping {
-        &self.region
-    }
-
-    /// Runs `body` with the region's faults served by the SIGBUS handler.
+    /// Runs `body` on the region with its faults served by the SIGBUS
+    /// handler ([`Mapping::discard`] makes its pages missing again).
     pub fn serve<T>(&self, body: impl FnOnce(&Mapping) -> T) -> T {
         SIGBUS_SOURCE.store(self.source.as_ptr() as usize, SeqCst);
         SIGBUS_UFFD.store(self.uffd.as_raw_fd(), SeqCst);

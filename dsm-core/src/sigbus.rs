@@ -18,9 +18,9 @@
 //!
 //! A SIGBUS outside every registered space (or sent by a process) goes to
 //! the handler that was installed before (Rust's stack-overflow reporter),
-//! or ends the process as the default action would. The engine code the handler runs must never
-//! touch the shared space's missing pages (it only touches pages it holds),
-//! as with the fault thread.
+//! or ends the process as the default action would. The engine code the
+//! handler runs must never touch the shared space's missing pages (it only
+//! touches pages it holds), as with the fault thread.
 //!
 //! The handler is installed with `SA_NODEFER`: the thread's signal mask is
 //! then the same in the handler as outside it, so neither the delivery nor

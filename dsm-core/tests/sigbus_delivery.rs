@@ -128,7 +128,7 @@ fn parked_thread_sees_the_install(base: usize, spin: Duration) {
     assert_eq!(reader.join().expect("reader"), 0x0707_0707_0707_0707);
 }
 
-/// Set in the child process that raises a SIGBUS outside the space.
+/// Set in the child process a test runs ([`run_child`]).
 const CHILD: &str = "DSM_SIGBUS_TEST_CHILD";
 
 #[test]
@@ -139,24 +139,11 @@ fn a_sigbus_outside_the_space_still_ends_the_process() {
         };
         let _registered = sigbus::register(region.base(), region.len(), Box::new(|_, _| {}))
             .expect("registering the space");
-        // A mapping past the end of an empty file: its access is a real SIGBUS.
-        let file = tempfile_in_target();
-        let map = unsafe_map_empty_file(&file);
         eprintln!("child: touching a page past the end of an empty file");
-        // SAFETY: the mapping is live; reading it raises SIGBUS, which must
-        // end this process.
-        let _ = unsafe { std::ptr::read_volatile(map as *const u8) };
+        touch_past_the_end_of_a_file();
         std::process::exit(0);
     }
-    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "a_sigbus_outside_the_space_still_ends_the_process",
-            "--nocapture",
-        ])
-        .env(CHILD, "1")
-        .status()
-        .expect("running the child");
+    let status = run_child("a_sigbus_outside_the_space_still_ends_the_process").status;
     use std::os::unix::process::ExitStatusExt;
     if status.code() == Some(3) {
         return; // no SIGBUS mode here: said by the child
@@ -242,11 +229,7 @@ fn a_sigbus_outside_the_space_reaches_the_programs_handler_with_sigbus_blocked()
         };
         let _registered = sigbus::register(region.base(), region.len(), Box::new(|_, _| {}))
             .expect("registering the space");
-        let file = tempfile_in_target();
-        let map = unsafe_map_empty_file(&file);
-        // SAFETY: the mapping is live; reading it raises SIGBUS, which the
-        // program's handler ends the process on.
-        let _ = unsafe { std::ptr::read_volatile(map as *const u8) };
+        touch_past_the_end_of_a_file();
         std::process::exit(0);
     }
     let out =
@@ -260,6 +243,16 @@ fn a_sigbus_outside_the_space_reaches_the_programs_handler_with_sigbus_blocked()
             "10: SIGBUS blocked in the program's handler\n{stderr}"
         ),
     }
+}
+
+/// Reads a page of a mapping past the end of an empty file: a real SIGBUS,
+/// outside every space.
+fn touch_past_the_end_of_a_file() {
+    let file = tempfile_in_target();
+    let map = unsafe_map_empty_file(&file);
+    // SAFETY: the mapping is live; reading it raises SIGBUS, which the
+    // caller expects to end the process.
+    let _ = unsafe { std::ptr::read_volatile(map as *const u8) };
 }
 
 fn tempfile_in_target() -> std::fs::File {

@@ -240,15 +240,26 @@ pub fn stop_process(pid: i32) {
     }
 }
 
-/// Whether thread `tid`, which has just announced that it touches a page
-/// that cannot come, now sleeps inside its fault: in the kernel's
-/// userfaultfd handler (`DSM_FAULTS=thread`), or on a futex in the SIGBUS
-/// handler (the engine's lock, or its page's wait, the default delivery;
-/// the thread takes no contended lock between its announcement and its
-/// fault). Needs `/proc/<tid>/wchan` readable.
-pub fn waits_in_fault(tid: u64) -> bool {
-    let wchan = std::fs::read_to_string(format!("/proc/{tid}/wchan")).unwrap_or_default();
-    wchan.contains("userfault") || wchan.contains("futex")
+/// Waits (10 s at most, else panics naming `rank`) until thread `tid`,
+/// which has just announced that it touches a page that cannot come,
+/// sleeps inside its fault: in the kernel's userfaultfd handler
+/// (`DSM_FAULTS=thread`), or on a futex in the SIGBUS handler (the
+/// engine's lock, or its page's wait, the default delivery; the thread
+/// takes no contended lock between its announcement and its fault). Needs
+/// `/proc/<tid>/wchan` readable.
+pub fn await_wait_in_fault(tid: u64, rank: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let wchan = std::fs::read_to_string(format!("/proc/{tid}/wchan")).unwrap_or_default();
+        if wchan.contains("userfault") || wchan.contains("futex") {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "rank {rank} never waited in its page fault (wchan {wchan:?})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A fresh, empty directory named `token` under the system's temporary

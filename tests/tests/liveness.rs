@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use dsm_tests::{
-    assert_no_leftovers, bin, dsmexec, scratch_dir, short_hostname, stop_process, unique_token,
-    waits_in_fault, Running,
+    assert_no_leftovers, await_wait_in_fault, bin, dsmexec, scratch_dir, short_hostname,
+    stop_process, unique_token, Running,
 };
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -191,14 +191,7 @@ fn hang_report_scenario(ask: Ask) {
     std::fs::write(&go, "").expect("go file");
     job.await_lines(1, |l| l.contains(&format!("rank {waiter} touching")));
     if ask == Ask::Signal {
-        let until = Instant::now() + Duration::from_secs(10);
-        while !waits_in_fault(waiter_pid.as_raw() as u64) {
-            assert!(
-                Instant::now() < until,
-                "rank {waiter} never waited in its page fault"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        await_wait_in_fault(waiter_pid.as_raw() as u64, waiter);
         kill(Pid::from_raw(job.child.id() as i32), Signal::SIGUSR1).expect("SIGUSR1 to dsmexec");
     }
     let out = job.finish();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use dsm_core::auth::{self, JobSecret};
 use dsm_core::wire;
 use dsm_tests::{
-    assert_no_leftovers, bin, dsmexec, processes_with, scratch_dir, short_hostname, stop_process,
-    unique_token, waits_in_fault,
+    assert_no_leftovers, await_wait_in_fault, bin, dsmexec, processes_with, scratch_dir,
+    short_hostname, stop_process, unique_token,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -433,15 +433,7 @@ fn kill_scenario(mode: &str, victim: usize) {
             job.await_stdout(1, &format!("rank {waiter} touching"));
             // The waiter's main thread parks in its fault. Wait (bounded)
             // until it is there.
-            let wpid = pids[&(waiter as u64)];
-            let until = Instant::now() + Duration::from_secs(10);
-            while !waits_in_fault(wpid) {
-                assert!(
-                    Instant::now() < until,
-                    "rank {waiter} never waited in its page fault"
-                );
-                thread::sleep(Duration::from_millis(10));
-            }
+            await_wait_in_fault(pids[&(waiter as u64)], waiter);
         }
         "barrier" => {
             job.await_stdout(N - 1, "entering barrier");
