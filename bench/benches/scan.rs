@@ -9,10 +9,12 @@
 //! as dsmwrap does). The homes only serve; every figure is timed in the
 //! reader.
 //!
-//! * `scan_2_ranks/raw_stream_1MiB_messages`: rank 1 asks with a 2-byte
+//! * `scan_2_ranks/raw_stream_1MiB_messages`: in a job of its own (two
+//!   processes, the transport the DSM job uses), rank 1 asks with a 2-byte
 //!   message, rank 0 answers with 64 messages of 1 MiB; timed until the
 //!   last has arrived. Rank 1 hands each buffer back to the transport, as
-//!   the engine does.
+//!   the engine does. Its own job, because a DSM's first messages (a
+//!   co-located rank's frame offers) may reach a rank still streaming.
 //! * `scan_2_ranks/dsm_cold_scan_64MiB`: rank 0 allocates a 64 MiB segment
 //!   homed at itself (`Placement::Localized(0)`) and writes it; rank 1 then
 //!   reads every word of it in order: remote read faults, with the
@@ -26,7 +28,7 @@
 //!   reader's cache bounded to 16 MiB (`Dsm::set_cache_size`), a quarter of
 //!   what it reads: it evicts as it goes.
 //! * `scan_round_robin_2_ranks/...` and `scan_round_robin_4_ranks/...`:
-//!   the raw stream from rank 0, then a cold scan of 64 MiB of the seed's
+//!   the raw stream (its own two-process job), then a cold scan of 64 MiB of the seed's
 //!   fixed space, its pages spread round-robin (page p at rank p mod N):
 //!   every home writes its pages (the reader too), and the reader reads
 //!   pages from every home in turn, its read-ahead asking each home for
@@ -40,7 +42,6 @@
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -52,7 +53,7 @@ use dsm_bench::{
 };
 use dsm_core::bootstrap::Bootstrap;
 use dsm_core::segment::Placement;
-use dsm_core::{Dsm, Transport, PAGE_SIZE};
+use dsm_core::{Dsm, PAGE_SIZE};
 use transport_rdma::Selected;
 use transport_tcp::TcpTransport;
 
@@ -61,12 +62,17 @@ const SEGMENT: usize = 64 << 20;
 const SPACE_PAGES: usize = 4 * SEGMENT / PAGE_SIZE;
 const MSG: usize = 1 << 20;
 const MSGS_PER_ITER: usize = 64;
-/// Set in the environment of the bench started again as rank 0.
+/// Set in the environment of the bench started again as a home: the
+/// layout's name, or [`STREAM_ROLE`].
 const HOME_ROLE: &str = "DSM_BENCH_SCAN_HOME";
-/// Rank 1's request for a burst of the raw stream, and its signal that the
-/// DSM part begins.
+/// The role of the raw stream's sender, in a job of its own.
+const STREAM_ROLE: &str = "stream";
+/// The reader's request for a burst of the raw stream, and its signal that
+/// the stream is over.
 const STREAM_BURST: &[u8] = b"go";
-const STREAM_DONE: &[u8] = b"dsm";
+const STREAM_DONE: &[u8] = b"done";
+/// How long a rank of the raw stream's job waits for the other's goodbye.
+const STREAM_SHUTDOWN: Duration = Duration::from_secs(10);
 /// Words of the shared space's first page (homed at rank 0): the segment's
 /// offset in the space (each rank maps its space at its own address, as in
 /// the other suites), and the generation rank 0 writes next (0: finish).
@@ -127,7 +133,14 @@ fn scanned_data(dsm: &Dsm) -> &[AtomicU64] {
     &words[first..first + SEGMENT / 8]
 }
 
-fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, t: &Arc<dyn Transport>, out: &Samples) {
+/// The raw stream, timed in the reader of a two-process job whose rank 0
+/// ([`stream_sender`]) the bench starts again.
+fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, kind: &Selected, out: &Samples) {
+    let mut boots = Bootstrap::loopback_group(2).expect("loopback job");
+    let reader_boot = boots.pop().expect("the reader");
+    let sender = spawn_ranks(boots, (HOME_ROLE, STREAM_ROLE), &[]);
+    let tcp = TcpTransport::connect(reader_boot, &shm_options(1)).expect("TCP connects");
+    let t = over_selected_or_exit(kind, tcp, SPACE_PAGES);
     g.throughput(Throughput::Bytes((MSGS_PER_ITER * MSG) as u64));
     g.bench_function("raw_stream_1MiB_messages", |b| {
         b.iter_custom(|iters| {
@@ -147,12 +160,39 @@ fn raw_stream(g: &mut BenchmarkGroup<'_, WallTime>, t: &Arc<dyn Transport>, out:
             total
         })
     });
-    // Every home waits for this before its DSM starts: a DSM message (a
-    // barrier entry) reaching rank 0 while it streams would be taken for
-    // garbage.
-    for home in 0..t.size() - 1 {
-        t.send(home, STREAM_DONE).expect("ending the stream");
+    t.send(0, STREAM_DONE).expect("ending the stream");
+    t.shutdown(STREAM_SHUTDOWN)
+        .expect("closing the raw stream's job");
+    for status in sender.wait() {
+        assert!(status.success(), "the stream's sender failed: {status}");
     }
+}
+
+/// Rank 0 of the raw stream's job: sends a burst each time the reader
+/// asks, until it says the stream is over.
+fn stream_sender() -> Result<(), Box<dyn std::error::Error>> {
+    let boot = dsm_rendezvous::bootstrap_from_env()?;
+    let tcp = TcpTransport::connect(boot, &shm_options(0))?;
+    let t = over_selected(
+        &selected_transport("scan, the stream's sender"),
+        tcp,
+        SPACE_PAGES,
+    )?;
+    let data = vec![3u8; MSG];
+    loop {
+        let m = t.recv()?;
+        match m.payload.as_slice() {
+            STREAM_BURST => {
+                for _ in 0..MSGS_PER_ITER {
+                    t.send(1, &data)?;
+                }
+            }
+            STREAM_DONE => break,
+            other => return Err(format!("unexpected message of {} bytes", other.len()).into()),
+        }
+    }
+    t.shutdown(STREAM_SHUTDOWN)?;
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC now, in seconds (perf's `-k mono` clock).
@@ -257,28 +297,14 @@ fn cold_scan(
     );
 }
 
-/// A home, in a process the bench started: rank 0 streams when asked; then
-/// each holds its pages of the data and rewrites them between scans until
-/// told to finish.
+/// A home, in a process the bench started: each holds its pages of the
+/// data and rewrites them between scans until told to finish.
 fn home(layout: Layout) -> Result<(), Box<dyn std::error::Error>> {
     let boot = dsm_rendezvous::bootstrap_from_env()?;
     let rank = boot.rank;
     let tcp = TcpTransport::connect(boot, &shm_options(rank))?;
     let t = over_selected(&selected_transport("scan, a home"), tcp, SPACE_PAGES)?;
     let ranks = t.size();
-    let data = vec![3u8; MSG];
-    loop {
-        let m = t.recv()?;
-        match m.payload.as_slice() {
-            STREAM_BURST if rank == 0 => {
-                for _ in 0..MSGS_PER_ITER {
-                    t.send(ranks - 1, &data)?;
-                }
-            }
-            STREAM_DONE => break,
-            other => return Err(format!("unexpected message of {} bytes", other.len()).into()),
-        }
-    }
     let home = start_dsm(t, SPACE_PAGES);
     let offset = match layout {
         Layout::Localized if rank == 0 => {
@@ -332,8 +358,8 @@ fn mb_per_s(samples: &Samples, bytes: usize) -> Option<f64> {
         .map(|s| bytes as f64 / (s.median / 1e6) / 1e6)
 }
 
-/// One job of `ranks` processes: the raw stream from rank 0, then the
-/// reader's scans of the data laid out as `layout`, with each cache bound
+/// The raw stream (a job of its own), then one job of `ranks` processes:
+/// the reader's scans of the data laid out as `layout`, with each cache bound
 /// of `runs` (`None`: the configured one); the ratio of each scan to the
 /// raw stream is printed.
 fn job(
@@ -346,6 +372,10 @@ fn job(
 ) {
     let stream = Samples::default();
     let scans: Vec<Samples> = runs.iter().map(|_| Samples::default()).collect();
+    let mut g = c.benchmark_group(suite);
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(10);
+    raw_stream(&mut g, kind, &stream);
     let mut boots = Bootstrap::loopback_group(ranks).expect("loopback job");
     let reader_boot = boots.pop().expect("the reader");
     // A push at the barrier between scans would carry every page to the
@@ -359,10 +389,6 @@ fn job(
     let homes = spawn_ranks(boots, (HOME_ROLE, layout.name()), no_push);
     let tcp = TcpTransport::connect(reader_boot, &shm_options(ranks - 1)).expect("TCP connects");
     let t = over_selected_or_exit(kind, tcp, SPACE_PAGES);
-    let mut g = c.benchmark_group(suite);
-    g.sampling_mode(SamplingMode::Flat);
-    g.sample_size(10);
-    raw_stream(&mut g, &t, &stream);
     let reader = start_dsm(t, SPACE_PAGES);
     g.measurement_time(Duration::from_secs(20));
     let timed: Vec<(&str, Option<usize>, &Samples)> = runs
@@ -432,6 +458,9 @@ criterion_group! {
 
 fn main() -> ExitCode {
     let as_home = |role: &str| {
+        if role == STREAM_ROLE {
+            return stream_sender();
+        }
         Layout::parse(role)
             .ok_or("unknown layout".into())
             .and_then(home)
