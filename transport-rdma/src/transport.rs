@@ -771,9 +771,14 @@ impl RdmaTransport {
         // Collect the peers' endpoints (and early READY messages).
         let mut remote: Vec<RemoteInfo> = (0..size).map(|_| None).collect();
         let mut ready = vec![false; size];
-        let wait_for = |remote: &mut Vec<RemoteInfo>,
-                        ready: &mut Vec<bool>,
-                        done: &dyn Fn(&[RemoteInfo], &[bool]) -> bool|
+        // What a peer sent on the bootstrap connection after its READY: a
+        // peer that had every READY may already run its consumer, whose
+        // first messages (a co-located DSM's frame offers) can come before
+        // another peer's READY. Delivered first, in order, once set up.
+        let mut after_ready: Vec<Message> = Vec::new();
+        let mut wait_for = |remote: &mut Vec<RemoteInfo>,
+                            ready: &mut Vec<bool>,
+                            done: &dyn Fn(&[RemoteInfo], &[bool]) -> bool|
          -> Result<(), RdmaError> {
             while !done(remote, ready) {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -793,7 +798,14 @@ impl RdmaTransport {
                         msg.payload.len()
                     ))
                 };
-                if msg.from >= size || msg.from == rank || !msg.payload.starts_with(SETUP_MAGIC) {
+                if msg.from >= size || msg.from == rank {
+                    return Err(bad());
+                }
+                if ready[msg.from] {
+                    after_ready.push(msg);
+                    continue;
+                }
+                if !msg.payload.starts_with(SETUP_MAGIC) {
                     return Err(bad());
                 }
                 match msg.payload.get(SETUP_MAGIC.len()) {
@@ -896,6 +908,11 @@ impl RdmaTransport {
             boot_order: Mutex::new(()),
             boot,
         });
+        // Before any later bootstrap message can be delivered (no consumer
+        // handler yet, no watching thread), so the order holds.
+        for message in after_ready {
+            shared.deliver(Ok(message));
+        }
         if shared.via_boot.iter().any(|v| *v) {
             let weak = Arc::downgrade(&shared);
             let boot_inbox = shared.boot.inbox();

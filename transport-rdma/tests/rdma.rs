@@ -312,6 +312,116 @@ fn co_located_ranks_talk_through_shared_memory_the_others_over_rdma() {
     shutdown_all(ranks);
 }
 
+/// A bootstrap transport that holds its second message to `held_peer`
+/// (the READY that follows the endpoint) until `gate` opens.
+struct HoldingReady {
+    inner: Arc<TcpTransport>,
+    held_peer: usize,
+    sent_to_held: AtomicUsize,
+    gate: crossbeam_channel::Receiver<()>,
+}
+
+impl Transport for HoldingReady {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn send_parts(&self, to: usize, parts: &[&[u8]]) -> Result<(), dsm_core::TransportError> {
+        if to == self.held_peer && self.sent_to_held.fetch_add(1, Ordering::SeqCst) == 1 {
+            self.gate
+                .recv_timeout(LIMIT)
+                .expect("the gate opens within the limit");
+        }
+        self.inner.send_parts(to, parts)
+    }
+    fn inbox(&self) -> crossbeam_channel::Receiver<dsm_core::transport::Incoming> {
+        self.inner.inbox()
+    }
+    fn recv(&self) -> Result<dsm_core::Message, dsm_core::TransportError> {
+        self.inner.recv()
+    }
+    fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<dsm_core::Message>, dsm_core::TransportError> {
+        self.inner.recv_timeout(timeout)
+    }
+    fn shares_memory_with(&self, peer: usize) -> bool {
+        self.inner.shares_memory_with(peer)
+    }
+    fn shutdown(&self, timeout: Duration) -> Result<(), dsm_core::TransportError> {
+        self.inner.shutdown(timeout)
+    }
+}
+
+/// Ranks 0 and 1 share a host (their messages go through the rings of the
+/// bootstrap connection), rank 2 is elsewhere and its READY to rank 1 is
+/// held back. Rank 0, set up, sends rank 1 a message (as a DSM's frame
+/// offer is its first) while rank 1 still waits for that READY: rank 1's
+/// setup completes, and the message is the first it receives.
+#[test]
+fn a_message_sent_before_another_peers_ready_arrives_after_setup() {
+    if !device_or_skip("a_message_sent_before_another_peers_ready_arrives_after_setup") {
+        return;
+    }
+    let mut boots = Bootstrap::loopback_group(3).unwrap();
+    for boot in &mut boots {
+        for (peer, host) in boot.peers.iter_mut().zip(["h0", "h0", "h1"]) {
+            peer.host = host.to_string();
+        }
+    }
+    let opts = RdmaOptions {
+        local: LocalPath::Shm,
+        ..RdmaOptions::from_env().unwrap()
+    };
+    let (open_gate, gate) = crossbeam_channel::bounded(1);
+    let setups: Vec<_> = boots
+        .into_iter()
+        .map(|boot| {
+            let (opts, gate) = (opts.clone(), gate.clone());
+            thread::spawn(move || {
+                let rank = boot.rank;
+                let tcp = TcpTransport::connect(boot, &TcpOptions::default()).unwrap();
+                let boot: Arc<dyn Transport> = if rank == 2 {
+                    Arc::new(HoldingReady {
+                        inner: tcp,
+                        held_peer: 1,
+                        sent_to_held: AtomicUsize::new(0),
+                        gate,
+                    })
+                } else {
+                    tcp
+                };
+                let dev = RdmaDevice::open(&opts).unwrap();
+                let region = dev.alloc(REGION).unwrap();
+                let t = RdmaTransport::connect(boot, dev, vec![Arc::clone(&region)], &opts);
+                Rank {
+                    t: t.unwrap_or_else(|e| panic!("rank {rank}: setup: {e}")),
+                    region,
+                }
+            })
+        })
+        .collect();
+    let mut setups = setups.into_iter();
+    let rank0 = setups.next().unwrap().join().unwrap();
+    assert!(rank0.t.shares_memory_with(1));
+    rank0.t.send(1, b"sent before rank 2's READY").unwrap();
+    open_gate.send(()).unwrap();
+    let rest: Vec<Rank> = setups.map(|s| s.join().unwrap()).collect();
+    let m = rest[0]
+        .t
+        .recv_timeout(LIMIT)
+        .unwrap()
+        .expect("rank 0's message");
+    assert_eq!(
+        (m.from, m.payload.as_slice()),
+        (0, &b"sent before rank 2's READY"[..])
+    );
+    shutdown_all(std::iter::once(rank0).chain(rest).collect());
+}
+
 /// A thread polling for answers (`poll_answers`, as a faulting thread
 /// does) and the receive completion thread (and the rings' receive thread,
 /// for a co-located sender) share what arrives: rank 1 of ranks on hosts
