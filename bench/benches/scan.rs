@@ -5,9 +5,9 @@
 //!
 //! The ranks are processes, as in a job: the bench process is the last
 //! rank, the reader, and starts itself again for each other rank, a home
-//! (`DSM_BENCH_SCAN_HOME` set to the layout, the loopback job handed over
-//! as dsmwrap does). The homes only serve; every figure is timed in the
-//! reader.
+//! (`DSM_BENCH_SCAN_HOME` set to the layout, or to `stream` for the raw
+//! stream's sender; the loopback job handed over as dsmwrap does). The
+//! homes only serve; every figure is timed in the reader.
 //!
 //! * `scan_2_ranks/raw_stream_1MiB_messages`: in a job of its own (two
 //!   processes, the transport the DSM job uses), rank 1 asks with a 2-byte
@@ -28,8 +28,9 @@
 //!   reader's cache bounded to 16 MiB (`Dsm::set_cache_size`), a quarter of
 //!   what it reads: it evicts as it goes.
 //! * `scan_round_robin_2_ranks/...` and `scan_round_robin_4_ranks/...`:
-//!   the raw stream (its own two-process job), then a cold scan of 64 MiB of the seed's
-//!   fixed space, its pages spread round-robin (page p at rank p mod N):
+//!   the raw stream (its own two-process job), then a cold scan of 64 MiB
+//!   of the seed's fixed space, its pages spread round-robin (page p at
+//!   rank p mod N):
 //!   every home writes its pages (the reader too), and the reader reads
 //!   pages from every home in turn, its read-ahead asking each home for
 //!   its pages of the window.
@@ -465,5 +466,5 @@ fn main() -> ExitCode {
             .ok_or("unknown layout".into())
             .and_then(home)
     };
-    dsm_bench::main_with_ranks(HOME_ROLE, "scan, a home", as_home, benches)
+    dsm_bench::main_with_ranks(HOME_ROLE, "scan, a rank", as_home, benches)
 }

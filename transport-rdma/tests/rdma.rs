@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use dsm_core::auth::JobSecret;
 use dsm_core::bootstrap::{Bootstrap, PeerInfo};
-use dsm_core::transport::TrySent;
-use dsm_core::Transport;
+use dsm_core::transport::{AnswerPoll, Incoming, InlineDelivery, PayloadPlacement, TrySent};
+use dsm_core::{Transport, TransportError};
 use transport_rdma::{LocalPath, MemoryRegion, PageMode, RdmaDevice, RdmaOptions, RdmaTransport};
 use transport_tcp::{TcpOptions, TcpTransport};
 
@@ -312,60 +312,123 @@ fn co_located_ranks_talk_through_shared_memory_the_others_over_rdma() {
     shutdown_all(ranks);
 }
 
-/// A bootstrap transport that holds its second message to `held_peer`
-/// (the READY that follows the endpoint) until `gate` opens.
-struct HoldingReady {
+/// A bootstrap transport that passes everything on to its TCP transport,
+/// with two hooks for forcing an order: it holds its second message to
+/// `hold.0` (the READY that follows the endpoint) until `hold.1` gives the
+/// go, and gives `seen.1` the go once it received a message equal to
+/// `seen.0`.
+struct Hooked {
     inner: Arc<TcpTransport>,
-    held_peer: usize,
+    hold: Option<(usize, crossbeam_channel::Receiver<()>)>,
     sent_to_held: AtomicUsize,
-    gate: crossbeam_channel::Receiver<()>,
+    seen: Option<(&'static [u8], crossbeam_channel::Sender<()>)>,
 }
 
-impl Transport for HoldingReady {
+impl Hooked {
+    fn new(inner: Arc<TcpTransport>) -> Hooked {
+        Hooked {
+            inner,
+            hold: None,
+            sent_to_held: AtomicUsize::new(0),
+            seen: None,
+        }
+    }
+
+    fn received(&self, m: &dsm_core::Message) {
+        if let Some((payload, go)) = &self.seen {
+            if m.payload == *payload {
+                go.send(()).unwrap();
+            }
+        }
+    }
+}
+
+impl Transport for Hooked {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
     fn size(&self) -> usize {
         self.inner.size()
     }
-    fn send_parts(&self, to: usize, parts: &[&[u8]]) -> Result<(), dsm_core::TransportError> {
-        if to == self.held_peer && self.sent_to_held.fetch_add(1, Ordering::SeqCst) == 1 {
-            self.gate
-                .recv_timeout(LIMIT)
-                .expect("the gate opens within the limit");
+    fn send_parts(&self, to: usize, parts: &[&[u8]]) -> Result<(), TransportError> {
+        if let Some((peer, go)) = &self.hold {
+            if to == *peer && self.sent_to_held.fetch_add(1, Ordering::SeqCst) == 1 {
+                go.recv_timeout(LIMIT).expect("the go within the limit");
+            }
         }
         self.inner.send_parts(to, parts)
     }
-    fn inbox(&self) -> crossbeam_channel::Receiver<dsm_core::transport::Incoming> {
+    fn try_send_parts(&self, to: usize, parts: &[&[u8]]) -> Result<TrySent, TransportError> {
+        self.inner.try_send_parts(to, parts)
+    }
+    fn try_send_page(
+        &self,
+        to: usize,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<TrySent, TransportError> {
+        self.inner.try_send_page(to, header, page, data)
+    }
+    fn finish_sends(&self) -> Result<(), TransportError> {
+        self.inner.finish_sends()
+    }
+    fn send_page(
+        &self,
+        to: usize,
+        header: &[u8],
+        page: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        self.inner.send_page(to, header, page, data)
+    }
+    fn inbox(&self) -> crossbeam_channel::Receiver<Incoming> {
         self.inner.inbox()
     }
-    fn recv(&self) -> Result<dsm_core::Message, dsm_core::TransportError> {
-        self.inner.recv()
+    fn recv(&self) -> Result<dsm_core::Message, TransportError> {
+        let m = self.inner.recv()?;
+        self.received(&m);
+        Ok(m)
     }
-    fn recv_timeout(
-        &self,
-        timeout: Duration,
-    ) -> Result<Option<dsm_core::Message>, dsm_core::TransportError> {
-        self.inner.recv_timeout(timeout)
+    fn recv_timeout(&self, timeout: Duration) -> Result<Option<dsm_core::Message>, TransportError> {
+        let m = self.inner.recv_timeout(timeout)?;
+        if let Some(m) = &m {
+            self.received(m);
+        }
+        Ok(m)
+    }
+    fn deliver_inline(&self, handler: InlineDelivery) -> bool {
+        self.inner.deliver_inline(handler)
+    }
+    fn place_payloads(&self, placement: PayloadPlacement) -> bool {
+        self.inner.place_payloads(placement)
+    }
+    fn poll_answers(&self) -> Option<Box<dyn AnswerPoll + '_>> {
+        self.inner.poll_answers()
     }
     fn shares_memory_with(&self, peer: usize) -> bool {
         self.inner.shares_memory_with(peer)
     }
-    fn shutdown(&self, timeout: Duration) -> Result<(), dsm_core::TransportError> {
+    fn recycle(&self, payload: Vec<u8>) {
+        self.inner.recycle(payload)
+    }
+    fn shutdown(&self, timeout: Duration) -> Result<(), TransportError> {
         self.inner.shutdown(timeout)
     }
 }
 
 /// Ranks 0 and 1 share a host (their messages go through the rings of the
-/// bootstrap connection), rank 2 is elsewhere and its READY to rank 1 is
-/// held back. Rank 0, set up, sends rank 1 a message (as a DSM's frame
-/// offer is its first) while rank 1 still waits for that READY: rank 1's
-/// setup completes, and the message is the first it receives.
+/// bootstrap connection), rank 2 is elsewhere. Rank 2's READY to rank 1 is
+/// held back until rank 1's bootstrap connection has received a message
+/// rank 0 sent once set up (as a DSM's frame offer is its first): rank 1
+/// gets it while it still waits for that READY. Its setup completes, and
+/// the message is the first it receives.
 #[test]
 fn a_message_sent_before_another_peers_ready_arrives_after_setup() {
     if !device_or_skip("a_message_sent_before_another_peers_ready_arrives_after_setup") {
         return;
     }
+    const EARLY: &[u8] = b"sent before rank 2's READY";
     let mut boots = Bootstrap::loopback_group(3).unwrap();
     for boot in &mut boots {
         for (peer, host) in boot.peers.iter_mut().zip(["h0", "h0", "h1"]) {
@@ -376,27 +439,24 @@ fn a_message_sent_before_another_peers_ready_arrives_after_setup() {
         local: LocalPath::Shm,
         ..RdmaOptions::from_env().unwrap()
     };
-    let (open_gate, gate) = crossbeam_channel::bounded(1);
+    let (go, wait_for_go) = crossbeam_channel::bounded(1);
     let setups: Vec<_> = boots
         .into_iter()
         .map(|boot| {
-            let (opts, gate) = (opts.clone(), gate.clone());
+            let (opts, go, wait_for_go) = (opts.clone(), go.clone(), wait_for_go.clone());
             thread::spawn(move || {
                 let rank = boot.rank;
-                let tcp = TcpTransport::connect(boot, &TcpOptions::default()).unwrap();
-                let boot: Arc<dyn Transport> = if rank == 2 {
-                    Arc::new(HoldingReady {
-                        inner: tcp,
-                        held_peer: 1,
-                        sent_to_held: AtomicUsize::new(0),
-                        gate,
-                    })
-                } else {
-                    tcp
-                };
+                let mut hooked =
+                    Hooked::new(TcpTransport::connect(boot, &TcpOptions::default()).unwrap());
+                match rank {
+                    1 => hooked.seen = Some((EARLY, go)),
+                    2 => hooked.hold = Some((1, wait_for_go)),
+                    _ => {}
+                }
                 let dev = RdmaDevice::open(&opts).unwrap();
                 let region = dev.alloc(REGION).unwrap();
-                let t = RdmaTransport::connect(boot, dev, vec![Arc::clone(&region)], &opts);
+                let t =
+                    RdmaTransport::connect(Arc::new(hooked), dev, vec![Arc::clone(&region)], &opts);
                 Rank {
                     t: t.unwrap_or_else(|e| panic!("rank {rank}: setup: {e}")),
                     region,
@@ -407,18 +467,14 @@ fn a_message_sent_before_another_peers_ready_arrives_after_setup() {
     let mut setups = setups.into_iter();
     let rank0 = setups.next().unwrap().join().unwrap();
     assert!(rank0.t.shares_memory_with(1));
-    rank0.t.send(1, b"sent before rank 2's READY").unwrap();
-    open_gate.send(()).unwrap();
+    rank0.t.send(1, EARLY).unwrap();
     let rest: Vec<Rank> = setups.map(|s| s.join().unwrap()).collect();
     let m = rest[0]
         .t
         .recv_timeout(LIMIT)
         .unwrap()
         .expect("rank 0's message");
-    assert_eq!(
-        (m.from, m.payload.as_slice()),
-        (0, &b"sent before rank 2's READY"[..])
-    );
+    assert_eq!((m.from, m.payload.as_slice()), (0, EARLY));
     shutdown_all(std::iter::once(rank0).chain(rest).collect());
 }
 
