@@ -40,7 +40,7 @@ impl Mapping {
     /// A shared mapping of `len` bytes of `fd` from its start, readable
     /// and writable.
     pub fn shared(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
-        let size = std::num::NonZeroUsize::new(len).expect("non-empty mapping");
+        let size = std::num::NonZeroUsize::new(len).ok_or(std::io::ErrorKind::InvalidInput)?;
         // SAFETY: a new shared mapping of the caller's file at an address
         // the kernel picks: it aliases only other mappings of that file.
         let addr = unsafe {
